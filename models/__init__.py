@@ -1,0 +1,3 @@
+"""Models for jaxsample: a small Flax decoder, its tokenizer and checkpoints."""
+from models.config import DecoderConfig, PRESETS, preset
+from models.decoder import Decoder, DecoderLM, KVCache, init_cache, init_params

@@ -1,0 +1,241 @@
+"""A Llama-style decoder in Flax with a tied output projection and an explicit KV cache.
+
+The whole model in one file (nanoGPT style). Shapes use B = batch, T = tokens in this
+call, S = cache length, D = d_model, H = query heads, K = key/value heads, Dh = head
+width, V = vocabulary.
+
+    h = embedding[tokens]                                  # [B, T, D]
+    for each block:
+        h = h + Attention(RMSNorm(h))                      # RoPE, grouped-query, KV cache
+        h = h + SwiGLU(RMSNorm(h))
+    logits = RMSNorm(h) @ embedding.T                      # [B, T, V], tied projection
+
+`DecoderLM` binds a config to its parameters and implements the small model protocol
+that `jaxsample.generate` drives: `init_cache`, `prefill` and `decode`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models.config import DecoderConfig
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer: tuples of L arrays, each [B, S, K, Dh].
+
+    Position s of row b holds the key/value of that row's token at position s.
+    Which positions are valid is decided by the caller's positions (a query at
+    position t attends to cache positions <= t), so the cache needs no length field.
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[1]
+
+
+def init_cache(config: DecoderConfig, batch_size: int, max_len: int) -> KVCache:
+    """An all-zero cache for `batch_size` rows of up to `max_len` positions."""
+    shape = (batch_size, max_len, config.n_kv_heads, config.head_dim)
+    zeros = tuple(jnp.zeros(shape, config.jnp_dtype) for _ in range(config.n_layers))
+    return KVCache(k=zeros, v=tuple(jnp.zeros_like(z) for z in zeros))
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding, Hugging Face Llama convention (rotate-half).
+
+    Args:
+      x: [B, T, heads, Dh].
+      positions: [B, T] integer positions.
+    """
+    dh = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))  # [Dh/2]
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, Dh/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, Dh]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def _dense(features: int, name: str, dtype, std: float = 0.02) -> nn.Dense:
+    return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=dtype,
+                    kernel_init=nn.initializers.normal(std), name=name)
+
+
+def attend(q, k, v, mask):
+    """Grouped-query attention.
+
+    Args:
+      q: [B, T, H, Dh]; k, v: [B, S, K, Dh] with K dividing H.
+      mask: [B, T, S] bool, True where query t may attend to key s.
+    Returns:
+      [B, T, H * Dh].
+    """
+    b, t, h, dh = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(dh)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h * dh)
+
+
+class Block(nn.Module):
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x, positions, cache_kv):
+        """x: [B, T, D]; positions: [B, T]; cache_kv: None or (k, v), each [B, S, K, Dh]."""
+        c = self.config
+        dt = c.jnp_dtype
+        out_std = 0.02 / math.sqrt(2 * c.n_layers)
+
+        y = RMSNorm(c.norm_eps, dt, name="attn_norm")(x)
+        b, t, _ = y.shape
+        q = _dense(c.n_heads * c.head_dim, "q", dt)(y).reshape(b, t, c.n_heads, c.head_dim)
+        k = _dense(c.n_kv_heads * c.head_dim, "k", dt)(y).reshape(b, t, c.n_kv_heads, c.head_dim)
+        v = _dense(c.n_kv_heads * c.head_dim, "v", dt)(y).reshape(b, t, c.n_kv_heads, c.head_dim)
+        q = rope(q, positions, c.rope_theta)
+        k = rope(k, positions, c.rope_theta)
+
+        if cache_kv is None:  # Full forward: attend within this call, causally.
+            keys, values, key_pos = k, v, positions
+        else:  # Write this call's keys/values at their positions, then attend over the cache.
+            cache_k, cache_v = cache_kv
+            rows = jnp.arange(b)[:, None]
+            cache_k = cache_k.at[rows, positions].set(k.astype(cache_k.dtype), mode="drop")
+            cache_v = cache_v.at[rows, positions].set(v.astype(cache_v.dtype), mode="drop")
+            keys, values = cache_k, cache_v
+            key_pos = jnp.broadcast_to(jnp.arange(cache_k.shape[1]), (b, cache_k.shape[1]))
+            cache_kv = (cache_k, cache_v)
+        mask = key_pos[:, None, :] <= positions[:, :, None]  # [B, T, S] causal
+        attn = attend(q, keys, values, mask)
+        x = x + _dense(c.d_model, "o", dt, out_std)(attn)
+
+        y = RMSNorm(c.norm_eps, dt, name="mlp_norm")(x)
+        gate = _dense(c.d_ff, "gate", dt)(y)
+        up = _dense(c.d_ff, "up", dt)(y)
+        x = x + _dense(c.d_model, "down", dt, out_std)(nn.silu(gate) * up)
+        return x, cache_kv
+
+
+class Decoder(nn.Module):
+    """The decoder. `__call__` returns float32 logits and the updated cache."""
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions, cache: KVCache | None = None, hidden_index=None):
+        """
+        Args:
+          tokens: int32 [B, T].
+          positions: int32 [B, T], the position of each token in its row.
+          cache: None for a plain forward pass, else a `KVCache` to read and update.
+          hidden_index: None for logits at every position ([B, T, V]), or int32 [B]
+            to return only the logits at that position of each row ([B, V]).
+        Returns:
+          (logits, cache); cache is None when none was given.
+        """
+        c = self.config
+        embed = nn.Embed(c.vocab_size, c.d_model, dtype=c.jnp_dtype, param_dtype=c.jnp_dtype,
+                         embedding_init=nn.initializers.normal(0.02), name="embed")
+        x = embed(tokens)  # [B, T, D]
+        new_k, new_v = [], []
+        for i in range(c.n_layers):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            x, layer_cache = Block(c, name=f"layers_{i}")(x, positions, layer_cache)
+            if cache is not None:
+                new_k.append(layer_cache[0])
+                new_v.append(layer_cache[1])
+        if hidden_index is not None:
+            x = jnp.take_along_axis(x, hidden_index[:, None, None], axis=1)[:, 0]  # [B, D]
+        x = RMSNorm(c.norm_eps, c.jnp_dtype, name="final_norm")(x)
+        logits = embed.attend(x).astype(jnp.float32)  # tied projection: x @ embedding.T
+        return logits, (None if cache is None else KVCache(tuple(new_k), tuple(new_v)))
+
+
+def init_params(config: DecoderConfig, key: jax.Array):
+    """Randomly initialised parameters (normal(0.02); residual outputs scaled by 1/sqrt(2L))."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return Decoder(config).init(key, tokens, tokens)["params"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecoderLM:
+    """A decoder bound to its parameters: the model protocol `jaxsample.generate` drives.
+
+    It is a pytree (parameters are leaves, the config is static), so it can be passed
+    straight into jitted functions.
+
+    Example:
+      >>> import jax
+      >>> from models import DecoderLM, preset
+      >>> lm = DecoderLM.random(preset("tiny"), jax.random.key(0))
+      >>> logits = lm.forward(jax.numpy.zeros((1, 5), jax.numpy.int32))  # [1, 5, V]
+    """
+
+    params: dict
+    config: DecoderConfig = dataclasses.field(metadata=dict(static=True))
+
+    @classmethod
+    def random(cls, config: DecoderConfig, key: jax.Array) -> "DecoderLM":
+        return cls(params=init_params(config, key), config=config)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def _apply(self, *args, **kwargs):
+        return Decoder(self.config).apply({"params": self.params}, *args, **kwargs)
+
+    def forward(self, tokens: jax.Array) -> jax.Array:
+        """Full forward pass without cache: int32 [B, T] -> float32 logits [B, T, V]."""
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        return self._apply(tokens, positions)[0]
+
+    def init_cache(self, batch_size: int, max_len: int) -> KVCache:
+        return init_cache(self.config, batch_size, max_len)
+
+    def prefill(self, tokens: jax.Array, lengths: jax.Array, cache: KVCache):
+        """Runs right-padded prompts [B, P] through the model in one pass, filling the cache.
+
+        Padding sits after each row's real tokens and, by causality, never influences them.
+        Returns (logits at each row's last real token [B, V], cache).
+        """
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        return self._apply(tokens, positions, cache, hidden_index=lengths - 1)
+
+    def prefill_all(self, tokens: jax.Array, cache: KVCache):
+        """Like `prefill` but returns the logits at every prompt position [B, P, V]."""
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        return self._apply(tokens, positions, cache)
+
+    def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache):
+        """One token per row: tokens int32 [B] at positions int32 [B] -> (logits [B, V], cache)."""
+        logits, cache = self._apply(tokens[:, None], positions[:, None], cache)
+        return logits[:, 0], cache
