@@ -1,0 +1,96 @@
+"""jaxsample: pure, jitted, per-row token sampling for language models in JAX.
+
+Semantics follow ``shared/SAMPLING.md``: filters are pure ``logits -> logits``
+functions with traced (per-row) values, processors are pytrees composed with
+:func:`chain`, and :func:`sample` draws with an explicit (per-row) key.
+
+Example:
+  >>> import jax, jax.numpy as jnp, jaxsample as js
+  >>> logits = jnp.array([[1.2, 2.0, 3.5, 3.0, 1.8, 1.0]])
+  >>> c = js.default_chain(temperature=0.7, top_p=0.9)
+  >>> token = js.sample(jax.random.key(0), c(logits))
+"""
+
+# --- filters: logits[..., V] -> logits[..., V] --------------------------------------
+from jaxsample._filters import allow_tokens
+from jaxsample._filters import ban_tokens
+from jaxsample._filters import epsilon_cutoff
+from jaxsample._filters import eta_cutoff
+from jaxsample._filters import logit_bias
+from jaxsample._filters import min_p
+from jaxsample._filters import sparse_logit_bias
+from jaxsample._filters import temperature
+from jaxsample._filters import top_k
+from jaxsample._filters import top_n_sigma
+from jaxsample._filters import top_p
+from jaxsample._filters import typical_p
+
+# --- sampling and log-probs ----------------------------------------------------------
+from jaxsample._sampling import greedy
+from jaxsample._sampling import sample
+from jaxsample._sampling import token_logprobs
+
+# --- processors (pytrees), composition, one decode step ------------------------------
+from jaxsample._chain import AllowTokens
+from jaxsample._chain import BanTokens
+from jaxsample._chain import Chain
+from jaxsample._chain import EpsilonCutoff
+from jaxsample._chain import EtaCutoff
+from jaxsample._chain import LogitBias
+from jaxsample._chain import LogitsProcessor
+from jaxsample._chain import MinP
+from jaxsample._chain import SparseLogitBias
+from jaxsample._chain import StepOutput
+from jaxsample._chain import Temperature
+from jaxsample._chain import TopK
+from jaxsample._chain import TopNSigma
+from jaxsample._chain import TopP
+from jaxsample._chain import TypicalP
+from jaxsample._chain import chain
+from jaxsample._chain import default_chain
+from jaxsample._chain import sample_step
+
+# --- generation ----------------------------------------------------------------------
+# (generate exports go here)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # filters
+    "allow_tokens",
+    "ban_tokens",
+    "epsilon_cutoff",
+    "eta_cutoff",
+    "logit_bias",
+    "min_p",
+    "sparse_logit_bias",
+    "temperature",
+    "top_k",
+    "top_n_sigma",
+    "top_p",
+    "typical_p",
+    # sampling and log-probs
+    "greedy",
+    "sample",
+    "token_logprobs",
+    # processors, composition, one decode step
+    "AllowTokens",
+    "BanTokens",
+    "Chain",
+    "EpsilonCutoff",
+    "EtaCutoff",
+    "LogitBias",
+    "LogitsProcessor",
+    "MinP",
+    "SparseLogitBias",
+    "StepOutput",
+    "Temperature",
+    "TopK",
+    "TopNSigma",
+    "TopP",
+    "TypicalP",
+    "chain",
+    "default_chain",
+    "sample_step",
+    # generation (added by the generate module)
+]

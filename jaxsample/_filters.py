@@ -1,0 +1,520 @@
+"""Logit filters: pure functions ``logits[..., V] -> logits[..., V]``.
+
+Conventions (the contract is ``shared/SAMPLING.md``):
+
+* Same shape and dtype out as in; only the last axis is touched, so every filter works
+  on one row, on a batch, under ``jit``, ``vmap`` and ``lax.scan``. Work is done in
+  float32 (bf16 input is upcast exactly) and the result is cast back to the input dtype.
+* A removed token gets ``-inf``; a kept token keeps its logit *unchanged* (bit for bit).
+* Every numeric parameter is a Python number or an array broadcastable to
+  ``logits.shape[:-1]`` (one value per row). Values are traced: they are never used in
+  Python control flow, so changing one never recompiles.
+* Every truncation is "find a per-row threshold, keep ``score >= threshold``", with the
+  thresholds found by :mod:`jaxsample._select`. Ties at a boundary are therefore always
+  kept, and a sort-free selection keeps exactly the same set.
+* A truncation never empties a row: the ``min_tokens_to_keep`` highest-logit tokens (and
+  any ties with the last of them) always survive. Only explicit masks
+  (:func:`ban_tokens`, :func:`allow_tokens`, a ``-inf`` bias) can empty a row; a row
+  with no finite logit stays that way through every filter (all ``-inf``) and
+  :func:`jaxsample.sample` returns ``-1`` for it.
+* NaN: filters give no guarantee on a row that contains a NaN logit (other rows are
+  unaffected); :func:`jaxsample.sample` and :func:`jaxsample.greedy` return ``-1`` for
+  such a row. ``+inf`` logits are not supported and are treated the same way.
+* Invalid values known in Python raise ``ValueError`` naming the filter, the
+  parameter and the value; nothing is silently clamped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsample import _select
+from jaxsample import _validation as _val
+
+__all__ = [
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "typical_p",
+    "epsilon_cutoff",
+    "eta_cutoff",
+    "top_n_sigma",
+    "logit_bias",
+    "sparse_logit_bias",
+    "ban_tokens",
+    "allow_tokens",
+]
+
+Array = jax.Array
+ArrayLike = Any
+
+_F32 = jnp.float32
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _start(fn: str, logits: ArrayLike, **params: Any) -> tuple[Array, tuple[int, ...]]:
+    """Validates logits and the per-row parameter shapes; returns (logits, batch shape)."""
+    _val.check_logits(logits, fn)
+    logits = jnp.asarray(logits)
+    batch_shape = logits.shape[:-1]
+    for name, value in params.items():
+        _val.check_batch_shape(fn, name, value, batch_shape)
+    return logits, batch_shape
+
+
+def _per_row(value: ArrayLike, dtype=_F32) -> Array:
+    """A scalar or ``[...]`` parameter as ``[..., 1]``, to broadcast against ``[..., V]``."""
+    return jnp.asarray(value, dtype=dtype)[..., None]
+
+
+def _keep(logits: Array, keep: Array) -> Array:
+    """Kept tokens unchanged, removed ones ``-inf``; dtype preserved."""
+    return jnp.where(keep, logits, jnp.array(-jnp.inf, logits.dtype))
+
+
+def _top_m_value(x: Array, min_tokens_to_keep: int) -> Array:
+    """The ``min_tokens_to_keep``-th largest logit per row, ``[...]``."""
+    if min_tokens_to_keep == 1:
+        return jnp.max(x, axis=-1)
+    return _select.kth_largest(x, min_tokens_to_keep)
+
+
+def _entropy(logq: Array) -> Array:
+    """Shannon entropy (nats) ``H = -sum_i q_i ln q_i`` per row, ``0 ln 0 = 0``."""
+    q = jnp.exp(logq)
+    return -jnp.sum(jnp.where(q > 0, q * logq, 0.0), axis=-1)  # [...]
+
+
+def _truncate(logits: Array, threshold: Array, min_tokens_to_keep: int) -> Array:
+    """Keeps ``x >= threshold`` (a ``[...]`` logit threshold) plus the top-m tokens.
+
+    ``x >= t or x >= top_m`` is ``x >= min(t, top_m)``: still one threshold per row.
+    """
+    x = logits.astype(_F32)
+    threshold = jnp.minimum(threshold, _top_m_value(x, min_tokens_to_keep))
+    return _keep(logits, x >= threshold[..., None])
+
+
+# ----------------------------------------------------------------------------- temperature
+
+
+def temperature(logits: ArrayLike, t: ArrayLike) -> Array:
+    """Divides logits by a per-row temperature; ``t = 0`` means greedy for that row.
+
+    Math: ``out = logits / t`` for ``t > 0``. For ``t = 0`` only the arg-max token
+    survives (lowest index on an exact tie) with its logit unchanged; every other token
+    gets ``-inf``. ``t = 1`` is the identity. A batch can mix greedy and sampled rows.
+
+    Args:
+      logits: ``[..., V]`` floating array.
+      t: temperature ``>= 0`` (finite), scalar or broadcastable to ``logits.shape[:-1]``.
+
+    Returns:
+      ``[..., V]`` array of ``logits.dtype``.
+
+    Raises:
+      ValueError: for a concrete negative, infinite or NaN ``t``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> temperature(jnp.array([[1.0, 2.0], [1.0, 2.0]]), jnp.array([2.0, 0.0]))
+      Array([[ 0.5,  1. ],
+             [-inf,  2. ]], dtype=float32)
+    """
+    logits, _ = _start("temperature", logits, t=t)
+    _val.check_param("temperature", "t", t)
+    x = logits.astype(_F32)  # [..., V]
+    t = _per_row(t)  # [..., 1]
+    is_greedy = t == 0
+    scaled = x / jnp.where(is_greedy, 1.0, t)
+    top = jnp.argmax(x, axis=-1, keepdims=True)  # [..., 1], lowest index on ties
+    is_top = jnp.arange(x.shape[-1]) == top  # [..., V]
+    greedy = jnp.where(is_top, x, -jnp.inf)
+    return jnp.where(is_greedy, greedy, scaled).astype(logits.dtype)
+
+
+# ----------------------------------------------------------------------------- truncations
+
+
+def top_k(logits: ArrayLike, k: ArrayLike, *, min_tokens_to_keep: int = 1) -> Array:
+    """Keeps the tokens whose logit is at least the ``k``-th largest (ties kept).
+
+    Math: ``keep_i = x_i >= x_(k)`` where ``x_(k)`` is the k-th largest logit of the row
+    (transformers, vLLM). ``k = 0`` or ``k >= V`` is the identity (not greedy);
+    ``k = 1`` keeps the arg-max (and exact ties with it). ``k`` is raised to
+    ``min_tokens_to_keep`` when enabled.
+
+    Args:
+      logits: ``[..., V]`` floating array.
+      k: integer ``>= 0``, scalar or broadcastable to ``logits.shape[:-1]``. A static
+        Python int uses ``lax.top_k``; an array (traced) uses a sort.
+      min_tokens_to_keep: static int ``>= 1``.
+
+    Returns:
+      ``[..., V]`` array of ``logits.dtype``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> top_k(jnp.array([1.0, 3.0, 2.0, 3.0]), 1)
+      Array([-inf,   3., -inf,   3.], dtype=float32)
+    """
+    logits, _ = _start("top_k", logits, k=k)
+    _val.check_param("top_k", "k", k)
+    m = _val.check_min_tokens_to_keep("top_k", min_tokens_to_keep)
+    x = logits.astype(_F32)
+    vocab = x.shape[-1]
+    if isinstance(k, (int, np.integer)) and not isinstance(k, bool):
+        k_eff = vocab if (k <= 0 or k >= vocab) else max(int(k), m)
+        if k_eff >= vocab:
+            return logits
+        return _keep(logits, x >= _select.kth_largest(x, k_eff)[..., None])
+    k = jnp.asarray(k).astype(jnp.int32)  # [...] or scalar
+    k_eff = jnp.where((k <= 0) | (k >= vocab), vocab, jnp.maximum(k, m))
+    threshold = _select.kth_largest(x, k_eff)  # [...]
+    return _keep(logits, x >= threshold[..., None])
+
+
+def top_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -> Array:
+    """Nucleus filtering: the smallest high-probability set with mass ``>= p``.
+
+    Math: ``q = softmax(x)``; sort ``q`` descending; ``m`` = first position where the
+    running mass reaches ``p``; keep every token with ``q_i >= q_(m)`` (ties kept).
+    ``p = 1`` is the identity (transformers, vLLM).
+
+    Args:
+      logits: ``[..., V]`` floating array.
+      p: mass in ``(0, 1]``, scalar or broadcastable to ``logits.shape[:-1]``.
+      min_tokens_to_keep: static int ``>= 1``.
+
+    Returns:
+      ``[..., V]`` array of ``logits.dtype``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05]))
+      >>> jnp.isfinite(top_p(x, 0.7))
+      Array([ True,  True, False, False], dtype=bool)
+    """
+    logits, _ = _start("top_p", logits, p=p)
+    _val.check_param("top_p", "p", p)
+    m = _val.check_min_tokens_to_keep("top_p", min_tokens_to_keep)
+    x = logits.astype(_F32)
+    weights = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))  # [..., V] unnormalised q
+    threshold = _select.mass_threshold(x, weights, p)  # [...] logit threshold
+    return _truncate(logits, threshold, m)
+
+
+def min_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -> Array:
+    """Keeps tokens at least ``p`` times as likely as the most likely one.
+
+    Math: ``keep_i = q_i >= p * max(q)``, i.e. ``x_i >= max(x) + ln p`` (vLLM,
+    llama.cpp). Not ``x_i >= p * max(x)``, which is wrong for negative logits.
+    ``p = 0`` is the identity; ``p = 1`` keeps the arg-max and its ties.
+
+    Args:
+      logits: ``[..., V]`` floating array.
+      p: ratio in ``[0, 1]``, scalar or broadcastable to ``logits.shape[:-1]``.
+      min_tokens_to_keep: static int ``>= 1``.
+
+    Returns:
+      ``[..., V]`` array of ``logits.dtype``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05]))
+      >>> jnp.isfinite(min_p(x, 0.25))
+      Array([ True,  True,  True, False], dtype=bool)
+    """
+    logits, _ = _start("min_p", logits, p=p)
+    _val.check_param("min_p", "p", p)
+    m = _val.check_min_tokens_to_keep("min_p", min_tokens_to_keep)
+    x = logits.astype(_F32)
+    threshold = jnp.max(x, axis=-1) + jnp.log(jnp.asarray(p, _F32))  # [...]
+    return _truncate(logits, threshold, m)
+
+
+def typical_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -> Array:
+    """Locally typical filtering: the tokens whose surprisal is closest to the entropy.
+
+    Math: ``q = softmax(x)``, ``H = -sum q_i ln q_i``, ``score_i = |-ln q_i - H|``;
+    keep the smallest set of lowest-score tokens whose mass reaches ``p`` (ties in
+    score kept), as in transformers. Like every truncation here, the
+    ``min_tokens_to_keep`` highest-*logit* tokens are kept too (SAMPLING.md), so the
+    arg-max always survives. ``p = 1`` is the identity.
+
+    Args:
+      logits: ``[..., V]`` floating array.
+      p: mass in ``(0, 1]``, scalar or broadcastable to ``logits.shape[:-1]``.
+      min_tokens_to_keep: static int ``>= 1``.
+
+    Returns:
+      ``[..., V]`` array of ``logits.dtype``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.log(jnp.array([0.4, 0.3, 0.2, 0.1]))
+      >>> jnp.isfinite(typical_p(x, 0.5))  # typical set {0.3, 0.2}, plus the arg-max
+      Array([ True,  True,  True, False], dtype=bool)
+    """
+    logits, _ = _start("typical_p", logits, p=p)
+    _val.check_param("typical_p", "p", p)
+    m = _val.check_min_tokens_to_keep("typical_p", min_tokens_to_keep)
+    x = logits.astype(_F32)
+    logq = jax.nn.log_softmax(x, axis=-1)  # [..., V]
+    q = jnp.exp(logq)
+    entropy = _entropy(logq)  # [...]
+    score = -jnp.abs(-logq - entropy[..., None])  # [..., V], higher = more typical
+    threshold = _select.mass_threshold(score, q, p)  # [...] in score space
+    top = _top_m_value(x, m)  # [...]
+    keep = (score >= threshold[..., None]) | (x >= top[..., None])
+    return _keep(logits, keep)
+
+
+def epsilon_cutoff(
+    logits: ArrayLike, epsilon: ArrayLike, *, min_tokens_to_keep: int = 1
+) -> Array:
+    """Keeps tokens with probability at least ``epsilon`` (transformers).
+
+    Math: ``keep_i = q_i >= epsilon``, i.e. ``x_i >= logsumexp(x) + ln epsilon``.
+    ``epsilon = 0`` is the identity.
+
+    Args:
+      logits: ``[..., V]`` floating array.
+      epsilon: probability in ``[0, 1)``, scalar or broadcastable to
+        ``logits.shape[:-1]``.
+      min_tokens_to_keep: static int ``>= 1``.
+
+    Returns:
+      ``[..., V]`` array of ``logits.dtype``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05]))
+      >>> jnp.isfinite(epsilon_cutoff(x, 0.1))
+      Array([ True,  True,  True, False], dtype=bool)
+    """
+    logits, _ = _start("epsilon_cutoff", logits, epsilon=epsilon)
+    _val.check_param("epsilon_cutoff", "epsilon", epsilon)
+    m = _val.check_min_tokens_to_keep("epsilon_cutoff", min_tokens_to_keep)
+    x = logits.astype(_F32)
+    lse = jax.nn.logsumexp(x, axis=-1)  # [...]
+    threshold = lse + jnp.log(jnp.asarray(epsilon, _F32))
+    return _truncate(logits, threshold, m)
+
+
+def eta_cutoff(logits: ArrayLike, eta: ArrayLike, *, min_tokens_to_keep: int = 1) -> Array:
+    """Entropy-dependent probability cutoff (transformers).
+
+    Math: ``cutoff = min(eta, sqrt(eta) * exp(-H))`` with ``H`` the entropy of
+    ``q = softmax(x)``; ``keep_i = q_i >= cutoff``. ``eta = 0`` is the identity.
+
+    Args:
+      logits: ``[..., V]`` floating array.
+      eta: in ``[0, 1)``, scalar or broadcastable to ``logits.shape[:-1]``.
+      min_tokens_to_keep: static int ``>= 1``.
+
+    Returns:
+      ``[..., V]`` array of ``logits.dtype``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05]))
+      >>> jnp.isfinite(eta_cutoff(x, 0.3))  # cutoff = sqrt(0.3) * exp(-H) = 0.175
+      Array([ True,  True, False, False], dtype=bool)
+    """
+    logits, _ = _start("eta_cutoff", logits, eta=eta)
+    _val.check_param("eta_cutoff", "eta", eta)
+    m = _val.check_min_tokens_to_keep("eta_cutoff", min_tokens_to_keep)
+    x = logits.astype(_F32)
+    logq = jax.nn.log_softmax(x, axis=-1)
+    entropy = _entropy(logq)  # [...]
+    log_eta = jnp.log(jnp.asarray(eta, _F32))
+    log_cutoff = jnp.minimum(log_eta, 0.5 * log_eta - entropy)  # ln min(eta, sqrt(eta) e^-H)
+    threshold = jax.nn.logsumexp(x, axis=-1) + log_cutoff
+    return _truncate(logits, threshold, m)
+
+
+def top_n_sigma(logits: ArrayLike, n: ArrayLike, *, min_tokens_to_keep: int = 1) -> Array:
+    """Keeps logits within ``n`` standard deviations of the maximum (llama.cpp).
+
+    Math: ``keep_i = x_i >= max(x) - n * std(x)``, mean and (population) std over the
+    finite logits of the row. ``n = +inf`` is the identity; ``n = 0`` keeps the arg-max
+    and its ties.
+
+    Args:
+      logits: ``[..., V]`` floating array.
+      n: ``>= 0`` (``+inf`` allowed), scalar or broadcastable to ``logits.shape[:-1]``.
+      min_tokens_to_keep: static int ``>= 1``.
+
+    Returns:
+      ``[..., V]`` array of ``logits.dtype``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> jnp.isfinite(top_n_sigma(jnp.array([0.0, 1.0, 2.0, 3.0]), 1.0))
+      Array([False, False,  True,  True], dtype=bool)
+    """
+    logits, _ = _start("top_n_sigma", logits, n=n)
+    _val.check_param("top_n_sigma", "n", n)
+    m = _val.check_min_tokens_to_keep("top_n_sigma", min_tokens_to_keep)
+    x = logits.astype(_F32)
+    finite = jnp.isfinite(x)
+    count = jnp.maximum(jnp.sum(finite, axis=-1, keepdims=True), 1)  # [..., 1]
+    mean = jnp.sum(jnp.where(finite, x, 0.0), axis=-1, keepdims=True) / count
+    var = jnp.sum(jnp.where(finite, jnp.square(x - mean), 0.0), axis=-1) / count[..., 0]
+    std = jnp.sqrt(var)  # [...]
+    n = jnp.asarray(n, _F32)
+    # n = inf with std = 0 would give max - nan: the identity is explicit instead.
+    threshold = jnp.where(jnp.isinf(n), -jnp.inf, jnp.max(x, axis=-1) - n * std)
+    return _truncate(logits, threshold, m)
+
+
+# ----------------------------------------------------------------------------- biases, masks
+
+
+def logit_bias(logits: ArrayLike, bias: ArrayLike) -> Array:
+    """Adds a dense bias: ``out = logits + bias`` (computed in float32).
+
+    Args:
+      logits: ``[..., V]`` floating array.
+      bias: ``[V]`` or ``[..., V]`` floating array broadcastable to ``logits.shape``.
+        ``-inf`` entries ban tokens (and may empty a row).
+
+    Returns:
+      ``[..., V]`` array of ``logits.dtype``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> logit_bias(jnp.zeros(3), jnp.array([1.0, 0.0, -jnp.inf]))
+      Array([  1.,   0., -inf], dtype=float32)
+    """
+    _val.check_logits(logits, "logit_bias")
+    logits = jnp.asarray(logits)
+    shape = tuple(np.shape(bias))
+    try:
+        ok = len(shape) >= 1 and np.broadcast_shapes(shape, logits.shape) == logits.shape
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"logit_bias: bias must be [V] or [..., V] broadcastable to logits.shape = "
+            f"{logits.shape}, got bias of shape {shape}"
+        )
+    out = logits.astype(_F32) + jnp.asarray(bias).astype(_F32)
+    return out.astype(logits.dtype)
+
+
+def _row_scatter(
+    fn: str, logits: Array, token_ids: ArrayLike, values: Array | None, what: str
+) -> Array:
+    """Scatters per-row ``values`` at ``token_ids`` (``-1`` = padding) into ``[..., V]``.
+
+    ``what == "add"`` returns a float32 ``[..., V]`` of summed values; ``"mask"`` returns
+    a bool ``[..., V]`` that is True at the listed ids. Out-of-range ids are dropped.
+    """
+    batch_shape, vocab = logits.shape[:-1], logits.shape[-1]
+    _val.check_token_ids(fn, "token_ids", token_ids, vocab)
+    token_ids = jnp.asarray(token_ids)
+    n = token_ids.shape[-1]
+    _val.check_batch_shape(
+        fn, "token_ids.shape[:-1]", None, batch_shape, shape=token_ids.shape[:-1]
+    )
+    full = batch_shape + (n,)
+    rows = int(np.prod(batch_shape, dtype=np.int64))
+    ids = jnp.broadcast_to(token_ids, full).reshape(rows, n).astype(jnp.int32)  # [B, N]
+    ids = jnp.where(ids < 0, vocab, ids)  # padding -> out of range -> dropped
+    row_index = jnp.arange(rows)[:, None]  # [B, 1]
+    if what == "add":
+        vals = jnp.broadcast_to(values, full).reshape(rows, n).astype(_F32)
+        out = jnp.zeros((rows, vocab), _F32).at[row_index, ids].add(vals, mode="drop")
+    else:
+        out = jnp.zeros((rows, vocab), bool).at[row_index, ids].set(True, mode="drop")
+    return out.reshape(logits.shape)
+
+
+def sparse_logit_bias(logits: ArrayLike, token_ids: ArrayLike, values: ArrayLike) -> Array:
+    """Adds ``values`` at ``token_ids`` per row; ``-1`` ids are padding.
+
+    Math: ``out[..., v] = logits[..., v] + sum_{j : ids[..., j] = v} values[..., j]``
+    (repeated ids add up).
+
+    Args:
+      logits: ``[..., V]`` floating array.
+      token_ids: ``[N]`` or ``[..., N]`` integer array (leading axes broadcastable to
+        ``logits.shape[:-1]``), ids in ``[0, V)`` or ``-1`` for padding.
+      values: floating array broadcastable to ``token_ids``' ``[..., N]``.
+
+    Returns:
+      ``[..., V]`` array of ``logits.dtype``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> sparse_logit_bias(jnp.zeros(4), jnp.array([2, -1]), jnp.array([5.0, 9.0]))
+      Array([0., 0., 5., 0.], dtype=float32)
+    """
+    _val.check_logits(logits, "sparse_logit_bias")
+    logits = jnp.asarray(logits)
+    ids_shape = tuple(np.shape(token_ids))
+    full = logits.shape[:-1] + ids_shape[-1:]
+    try:
+        ok = np.broadcast_shapes(tuple(np.shape(values)), full) == full
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"sparse_logit_bias: values must broadcast to token_ids' shape {full}, "
+            f"got values of shape {tuple(np.shape(values))}"
+        )
+    delta = _row_scatter("sparse_logit_bias", logits, token_ids, jnp.asarray(values), "add")
+    return (logits.astype(_F32) + delta).astype(logits.dtype)
+
+
+def ban_tokens(logits: ArrayLike, token_ids: ArrayLike) -> Array:
+    """Sets the listed tokens to ``-inf``; ``-1`` ids are padding. May empty a row.
+
+    Args:
+      logits: ``[..., V]`` floating array.
+      token_ids: ``[N]`` or ``[..., N]`` integer array, ids in ``[0, V)`` or ``-1``.
+
+    Returns:
+      ``[..., V]`` array of ``logits.dtype``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> ban_tokens(jnp.zeros(4), jnp.array([1, -1, 3]))
+      Array([  0., -inf,   0., -inf], dtype=float32)
+    """
+    _val.check_logits(logits, "ban_tokens")
+    logits = jnp.asarray(logits)
+    listed = _row_scatter("ban_tokens", logits, token_ids, None, "mask")
+    return _keep(logits, ~listed)
+
+
+def allow_tokens(logits: ArrayLike, token_ids: ArrayLike) -> Array:
+    """Sets every token *not* listed to ``-inf``; ``-1`` ids are padding.
+
+    A row whose list is all padding is emptied (every logit ``-inf``).
+
+    Args:
+      logits: ``[..., V]`` floating array.
+      token_ids: ``[N]`` or ``[..., N]`` integer array, ids in ``[0, V)`` or ``-1``.
+
+    Returns:
+      ``[..., V]`` array of ``logits.dtype``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> allow_tokens(jnp.zeros(4), jnp.array([1, -1, 3]))
+      Array([-inf,   0., -inf,   0.], dtype=float32)
+    """
+    _val.check_logits(logits, "allow_tokens")
+    logits = jnp.asarray(logits)
+    listed = _row_scatter("allow_tokens", logits, token_ids, None, "mask")
+    return _keep(logits, listed)

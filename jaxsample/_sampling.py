@@ -1,0 +1,171 @@
+"""Drawing tokens from logits, greedy decoding and token log-probabilities.
+
+Invalid rows: a row is *valid* when it has at least one finite logit and contains no
+NaN (and no ``+inf``). :func:`sample` and :func:`greedy` return ``-1`` for an invalid
+row, e.g. one emptied by :func:`jaxsample.ban_tokens` / :func:`jaxsample.allow_tokens`;
+callers treat ``-1`` as "no token" (generation reports it as a finish reason).
+:func:`token_logprobs` returns NaN for such a row and for the token ``-1``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsample import _validation as _val
+
+__all__ = ["sample", "greedy", "token_logprobs", "as_typed_key"]
+
+Array = jax.Array
+ArrayLike = Any
+
+_F32 = jnp.float32
+
+
+def as_typed_key(key: ArrayLike) -> Array:
+    """Returns ``key`` as a new-style typed key array (``jax.random.key`` style).
+
+    Accepts typed keys of any shape and raw ``uint32`` keys (``jax.random.PRNGKey``
+    style, shape ``[..., 2]`` for the default implementation); the random bits are the
+    same either way, so a raw key and its wrapped form give the same draws.
+
+    Example:
+      >>> import jax
+      >>> as_typed_key(jax.random.PRNGKey(0)).shape
+      ()
+    """
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        return key
+    key = jnp.asarray(key)
+    if key.dtype != jnp.uint32:
+        raise ValueError(
+            f"key must be a typed PRNG key (jax.random.key) or a raw uint32 key "
+            f"(jax.random.PRNGKey), got an array of dtype {key.dtype}"
+        )
+    return jax.random.wrap_key_data(key)
+
+
+def _uniform_per_row(key: ArrayLike, batch_shape: tuple[int, ...]) -> Array:
+    """One ``U[0, 1)`` float32 per row: from one key, or row ``r`` from ``key[r]``."""
+    key = as_typed_key(key)
+    if key.shape == ():
+        return jax.random.uniform(key, batch_shape, _F32)
+    if key.shape != tuple(batch_shape):
+        raise ValueError(
+            f"sample: key must be one key or one key per row with shape "
+            f"logits.shape[:-1] = {tuple(batch_shape)}, got a key array of shape {key.shape}"
+        )
+    flat = key.reshape(-1)
+    u = jax.vmap(lambda k: jax.random.uniform(k, (), _F32))(flat)
+    return u.reshape(batch_shape)
+
+
+def _valid_rows(x: Array) -> tuple[Array, Array]:
+    """(valid ``[...]``, row max ``[..., 1]``) for float32 logits ``x``."""
+    row_max = jnp.max(x, axis=-1, keepdims=True)  # [..., 1]
+    valid = jnp.isfinite(row_max[..., 0]) & ~jnp.any(jnp.isnan(x), axis=-1)
+    return valid, row_max
+
+
+def sample(key: ArrayLike, logits: ArrayLike) -> Array:
+    """Draws one token per row with probability ``softmax(logits)``.
+
+    Inverse-CDF draw with one uniform number per row (no Gumbel noise over the
+    vocabulary): ``e = exp(x - max x)``, ``c = cumsum(e)``, ``W`` = the total mass,
+    ``u ~ U[0, 1)``; the token is the first ``i`` with ``c_i > u * W`` and ``e_i > 0``.
+    So a token with probability 0 (logit ``-inf``, or underflowed) is never drawn, and
+    token ``i`` is drawn with probability ``e_i / W`` up to float32 resolution
+    (``u`` has 23 random bits).
+
+    Args:
+      key: one PRNG key for the whole array (like ``jax.random.categorical``), or one
+        key per row with shape ``logits.shape[:-1]``; then a row's draw depends only on
+        its own key, so it is the same alone or at any position of any batch. Typed
+        (``jax.random.key``) and raw ``uint32`` (``jax.random.PRNGKey``) keys work.
+      logits: ``[..., V]`` floating array.
+
+    Returns:
+      ``int32[...]`` token ids; ``-1`` for a row with no finite logit or with a NaN
+      (or ``+inf``) logit.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> logits = jnp.log(jnp.array([[0.0, 1.0, 0.0], [0.5, 0.0, 0.5]]))
+      >>> sample(jax.random.key(0), logits)[0]
+      Array(1, dtype=int32)
+      >>> sample(jax.random.key(0), jnp.full(3, -jnp.inf))
+      Array(-1, dtype=int32)
+    """
+    _val.check_logits(logits, "sample")
+    logits = jnp.asarray(logits)
+    batch_shape = logits.shape[:-1]
+    u = _uniform_per_row(key, batch_shape)  # [...]
+    x = logits.astype(_F32)  # [..., V]
+    valid, row_max = _valid_rows(x)
+    e = jnp.exp(x - row_max)  # [..., V], the arg-max has e = 1
+    cdf = jnp.cumsum(e, axis=-1)  # [..., V]
+    live = e > 0
+    # The total is the largest running mass at a live token, so some live token has
+    # cdf > target even if a parallel prefix sum is not exactly monotone.
+    total = jnp.max(jnp.where(live, cdf, 0.0), axis=-1)  # [...]
+    target = jnp.minimum(u * total, jnp.nextafter(total, jnp.zeros_like(total)))
+    hit = (cdf > target[..., None]) & live  # [..., V]
+    token = jnp.argmax(hit, axis=-1).astype(jnp.int32)  # first hit
+    return jnp.where(valid, token, jnp.int32(-1))
+
+
+def greedy(logits: ArrayLike) -> Array:
+    """Arg-max per row, lowest index on ties; ``-1`` for an invalid row.
+
+    Args:
+      logits: ``[..., V]`` floating array.
+
+    Returns:
+      ``int32[...]``; ``-1`` for a row with no finite logit or with a NaN (or ``+inf``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> greedy(jnp.array([[1.0, 3.0, 3.0], [-jnp.inf, -jnp.inf, -jnp.inf]]))
+      Array([ 1, -1], dtype=int32)
+    """
+    _val.check_logits(logits, "greedy")
+    x = jnp.asarray(logits).astype(_F32)
+    valid, _ = _valid_rows(x)
+    return jnp.where(valid, jnp.argmax(x, axis=-1).astype(jnp.int32), jnp.int32(-1))
+
+
+def token_logprobs(logits: ArrayLike, tokens: ArrayLike) -> Array:
+    """``log_softmax(logits)[token]`` per row, in float32.
+
+    Used for both the raw log-prob (the model's logits) and the processed one (the
+    logits actually sampled from). A removed token (``-inf`` logit) gives ``-inf``; an
+    out-of-range token (``-1``) or an invalid row gives NaN.
+
+    Args:
+      logits: ``[..., V]`` floating array.
+      tokens: integer array broadcastable to ``logits.shape[:-1]``.
+
+    Returns:
+      ``float32[...]``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> token_logprobs(jnp.log(jnp.array([0.25, 0.75])), jnp.array(1))
+      Array(-0.28768203, dtype=float32)
+    """
+    _val.check_logits(logits, "token_logprobs")
+    logits = jnp.asarray(logits)
+    batch_shape, vocab = logits.shape[:-1], logits.shape[-1]
+    _val.check_batch_shape("token_logprobs", "tokens", tokens, batch_shape)
+    tokens = jnp.broadcast_to(jnp.asarray(tokens), batch_shape)
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"token_logprobs: tokens must be integers, got dtype {tokens.dtype}")
+    logp = jax.nn.log_softmax(logits.astype(_F32), axis=-1)  # [..., V]
+    index = jnp.clip(tokens, 0, vocab - 1).astype(jnp.int32)[..., None]
+    picked = jnp.take_along_axis(logp, index, axis=-1)[..., 0]
+    in_range = (tokens >= 0) & (tokens < vocab)
+    return jnp.where(in_range, picked, jnp.float32(np.nan))
