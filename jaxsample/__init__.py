@@ -51,7 +51,10 @@ from jaxsample._chain import default_chain
 from jaxsample._chain import sample_step
 
 # --- generation ----------------------------------------------------------------------
-# (generate exports go here)
+from jaxsample._generate import FinishReason
+from jaxsample._generate import GenerateOutput
+from jaxsample._generate import LanguageModel
+from jaxsample._generate import generate
 
 __version__ = "0.1.0"
 
@@ -92,5 +95,9 @@ __all__ = [
     "chain",
     "default_chain",
     "sample_step",
-    # generation (added by the generate module)
+    # generation
+    "FinishReason",
+    "GenerateOutput",
+    "LanguageModel",
+    "generate",
 ]

@@ -1,0 +1,210 @@
+"""Jitted generation: prefill, then a `lax.scan` decode loop driving a sampler chain.
+
+The loop talks to the model through a three-method protocol (`LanguageModel`), so any
+model that implements it works, not only `models.DecoderLM`:
+
+    cache = model.init_cache(B, S)
+    logits, cache = model.prefill(prompt_tokens, prompt_lengths, cache)   # [B, V]
+    logits, cache = model.decode(tokens, positions, cache)                # [B, V]
+
+Randomness: row b's token at generated index i is drawn with
+`fold_in(keys[b], i)`, so a row's tokens depend only on its own key, prompt and
+sampler values, never on its batch-mates or its position in the batch.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, NamedTuple, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsample._chain import Chain, Temperature, chain, sample_step
+
+
+class LanguageModel(Protocol):
+    """What `generate` needs from a model. Implementations should be pytrees (arrays as
+    leaves) or hashable; a hashable non-pytree model is treated as a static argument."""
+
+    vocab_size: int
+
+    def init_cache(self, batch_size: int, max_len: int) -> Any:
+        """An empty cache for `batch_size` rows of up to `max_len` positions."""
+
+    def prefill(self, tokens: jax.Array, lengths: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+        """Right-padded prompts int32 [B, P] with lengths [B] -> (float logits [B, V] at each
+        row's last real token, cache)."""
+
+    def decode(self, tokens: jax.Array, positions: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+        """One token per row, int32 [B] at positions [B] -> (float logits [B, V], cache)."""
+
+
+class FinishReason(enum.IntEnum):
+    """Why a row stopped (the values of `GenerateOutput.finish_reason`)."""
+
+    LENGTH = 0  #: reached max_new_tokens
+    STOP = 1  #: emitted one of the stop ids (the stop token is included in the output)
+    NO_VALID_TOKEN = 2  #: the sampler's logits had no finite value (a mask emptied the row) or a NaN
+
+
+class GenerateOutput(NamedTuple):
+    """Result of `generate`. N = max_new_tokens.
+
+    Attributes:
+      tokens: int32 [B, N]; positions at or after `lengths` hold `pad_id`.
+      lengths: int32 [B], generated tokens per row (a stop token counts).
+      logprobs_raw: float32 [B, N], log_softmax of the model's logits at the chosen token
+        (0 at padded positions).
+      logprobs_processed: float32 [B, N], log_softmax of the logits actually sampled from
+        (after the sampler chain) at the chosen token (0 at padded positions).
+      finish_reason: int32 [B], a `FinishReason`.
+    """
+
+    tokens: jax.Array
+    lengths: jax.Array
+    logprobs_raw: jax.Array
+    logprobs_processed: jax.Array
+    finish_reason: jax.Array
+
+
+def _row_keys(keys: jax.Array, batch: int) -> jax.Array:
+    """Normalises keys to typed per-row keys [B]."""
+    if not jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
+        keys = jax.random.wrap_key_data(keys)
+    if keys.shape == ():
+        raise ValueError("keys must hold one key per row (shape [B]); split or fold_in one key per row "
+                         "yourself, e.g. jax.random.split(key, B)")
+    if keys.shape != (batch,):
+        raise ValueError(f"keys must have shape [B] = ({batch},) (one key per row), got {keys.shape}")
+    return keys
+
+
+def _validate(prompt_tokens, prompt_lengths, max_new_tokens, cache_size, vocab_size, stop_ids):
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if prompt_tokens.ndim != 2:
+        raise ValueError(f"prompt_tokens must have shape [B, P], got {prompt_tokens.shape}")
+    b, p = prompt_tokens.shape
+    if prompt_lengths.shape != (b,):
+        raise ValueError(f"prompt_lengths must have shape [B] = ({b},), got {prompt_lengths.shape}")
+    if not jnp.issubdtype(prompt_tokens.dtype, jnp.integer):
+        raise ValueError(f"prompt_tokens must be integers, got dtype {prompt_tokens.dtype}")
+    if cache_size < p + max_new_tokens:
+        raise ValueError(f"cache_size={cache_size} is smaller than prompt length P={p} + "
+                         f"max_new_tokens={max_new_tokens} = {p + max_new_tokens}")
+    for s in stop_ids:
+        if not 0 <= s < vocab_size:
+            raise ValueError(f"stop id {s} is outside the vocabulary [0, {vocab_size})")
+    if isinstance(prompt_tokens, jax.core.Tracer) or isinstance(prompt_lengths, jax.core.Tracer):
+        return  # values unknown in Python: checked by the caller's own code
+    lengths = np.asarray(prompt_lengths)
+    bad = np.flatnonzero((lengths < 1) | (lengths > p))
+    if bad.size:
+        raise ValueError(f"prompt_lengths[{bad[0]}]={lengths[bad[0]]} is outside [1, P={p}]")
+    tokens = np.asarray(prompt_tokens)
+    real = np.arange(p)[None, :] < lengths[:, None]
+    bad = np.argwhere(real & ((tokens < 0) | (tokens >= vocab_size)))
+    if bad.size:
+        r, c = bad[0]
+        raise ValueError(f"prompt_tokens[{r}, {c}]={tokens[r, c]} is outside the vocabulary [0, {vocab_size})")
+
+
+def generate(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengths: jax.Array, keys: jax.Array, *,
+             max_new_tokens: int, sampler: Chain | None = None, stop_ids: Sequence[int] = (),
+             pad_id: int = 0, cache_size: int | None = None) -> GenerateOutput:
+    """Generates up to `max_new_tokens` tokens per row: prefill, then a jitted `lax.scan`.
+
+    Args:
+      model: a `LanguageModel` (e.g. `models.DecoderLM`).
+      prompt_tokens: int [B, P], right-padded prompts.
+      prompt_lengths: int [B], real tokens per row, in [1, P].
+      keys: B PRNG keys, one per row (typed `jax.random.key` or raw uint32 [B, 2]).
+      max_new_tokens: N, static.
+      sampler: a `Chain` of processors (values are traced: changing them never recompiles);
+        None means greedy (`chain(Temperature(0.0))`).
+      stop_ids: token ids that end a row (included in its output). Their count is static,
+        their values are traced.
+      pad_id: written after a row has finished.
+      cache_size: KV-cache length S (default P + N); must be >= P + N.
+
+    Returns:
+      A `GenerateOutput`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxsample as js
+      >>> from models import DecoderLM, preset
+      >>> lm = DecoderLM.random(preset("tiny"), jax.random.key(0))
+      >>> out = js.generate(lm, jnp.array([[256, 72, 105]]), jnp.array([3]),
+      ...                   jax.random.split(jax.random.key(1), 1), max_new_tokens=8,
+      ...                   sampler=js.default_chain(temperature=0.8, top_p=0.9))
+      >>> out.tokens.shape
+      (1, 8)
+    """
+    prompt_tokens = jnp.asarray(prompt_tokens) if not isinstance(prompt_tokens, jax.Array) else prompt_tokens
+    prompt_lengths = jnp.asarray(prompt_lengths) if not isinstance(prompt_lengths, jax.Array) else prompt_lengths
+    stop_ids = tuple(int(s) for s in stop_ids)
+    p = prompt_tokens.shape[-1] if prompt_tokens.ndim else 0
+    cache_size = p + max_new_tokens if cache_size is None else cache_size
+    _validate(prompt_tokens, prompt_lengths, max_new_tokens, cache_size, model.vocab_size, stop_ids)
+    keys = _row_keys(keys, prompt_tokens.shape[0])
+    sampler = chain(Temperature(0.0)) if sampler is None else sampler
+    stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
+    args = (prompt_tokens.astype(jnp.int32), prompt_lengths.astype(jnp.int32), keys, sampler, stops,
+            jnp.asarray(pad_id, jnp.int32))
+    if _is_pytree(model):
+        return _generate_traced_model(model, *args, max_new_tokens=max_new_tokens, cache_size=cache_size)
+    return _generate_static_model(model, *args, max_new_tokens=max_new_tokens, cache_size=cache_size)
+
+
+def _is_pytree(model) -> bool:
+    leaves = jax.tree.leaves(model)
+    return not (len(leaves) == 1 and leaves[0] is model)
+
+
+def _generate_impl(model, prompt_tokens, prompt_lengths, keys, sampler, stops, pad_id, *,
+                   max_new_tokens, cache_size):
+    b = prompt_tokens.shape[0]
+    cache = model.init_cache(b, cache_size)
+    logits, cache = model.prefill(prompt_tokens, prompt_lengths, cache)  # [B, V]
+    state = sampler.init(prompt_tokens, prompt_lengths, model.vocab_size)
+
+    def pick(i, logits, state, done, lengths, finish):
+        """Samples generated index i for every row; finished rows keep their state and emit pad."""
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
+        token, new_state, out = sample_step(sampler, logits, state, step_keys)
+        active = ~done
+        invalid = active & (token < 0)
+        emitted = active & ~invalid
+        stopped = emitted & jnp.isin(token, stops)
+        token = jnp.where(emitted, token, pad_id)
+        keep_old = lambda new, old: jnp.where(done.reshape(done.shape + (1,) * (new.ndim - 1)), old, new)
+        state = jax.tree.map(keep_old, new_state, state)
+        finish = jnp.where(invalid, FinishReason.NO_VALID_TOKEN, jnp.where(stopped, FinishReason.STOP, finish))
+        lengths = lengths + emitted.astype(jnp.int32)
+        raw = jnp.where(emitted, out.token_logprob_raw, 0.0)
+        processed = jnp.where(emitted, out.token_logprob_processed, 0.0)
+        return (token, state, done | invalid | stopped, lengths, finish), (token, raw, processed)
+
+    done = jnp.zeros((b,), bool)
+    lengths = jnp.zeros((b,), jnp.int32)
+    finish = jnp.full((b,), FinishReason.LENGTH, jnp.int32)
+    (token, state, done, lengths, finish), first = pick(0, logits, state, done, lengths, finish)
+
+    def body(carry, i):
+        token, cache, state, done, lengths, finish = carry
+        # The token generated at index i - 1 sits at position prompt_length + i - 1.
+        logits, cache = model.decode(token, prompt_lengths + i - 1, cache)
+        (token, state, done, lengths, finish), ys = pick(i, logits, state, done, lengths, finish)
+        return (token, cache, state, done, lengths, finish), ys
+
+    carry = (token, cache, state, done, lengths, finish)
+    (_, _, _, _, lengths, finish), rest = jax.lax.scan(body, carry, jnp.arange(1, max_new_tokens))
+    tokens, raw, processed = (jnp.concatenate([f[:, None], r.T], axis=1) for f, r in zip(first, rest))
+    return GenerateOutput(tokens, lengths, raw, processed, finish)
+
+
+_generate_traced_model = jax.jit(_generate_impl, static_argnames=("max_new_tokens", "cache_size"))
+_generate_static_model = jax.jit(_generate_impl, static_argnums=(0,),
+                                 static_argnames=("max_new_tokens", "cache_size"))
