@@ -1,3 +1,4 @@
 """Models for jaxsample: a small Flax decoder, its tokenizer and checkpoints."""
 from models.config import DecoderConfig, PRESETS, preset
 from models.decoder import Decoder, DecoderLM, KVCache, init_cache, init_params
+from models.llama import is_llama_checkpoint, load_llama

@@ -42,6 +42,11 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, or does not match what was expected."""
 
 
+# The process umask (read once; os.umask can only be read by setting it).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 # ----------------------------------------------------------------------------- files
 
 
@@ -50,6 +55,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -105,11 +111,15 @@ def load_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     data = memoryview(raw)[8 + n:]
     arrays = {}
     for name, info in header.items():
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise CheckpointError(f"{path}: malformed safetensors header entry for tensor {name!r}: {info!r}")
         dtype = _ST_DTYPES.get(info.get("dtype"))
         if dtype is None:
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
         start, end = info["data_offsets"]
         shape = tuple(info["shape"])
+        if not 0 <= start <= end:
+            raise CheckpointError(f"{path}: tensor {name!r} has invalid data_offsets {[start, end]}")
         expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if end - start != expected:
             raise CheckpointError(f"{path}: tensor {name!r} has {end - start} bytes, shape {shape} needs {expected}")
@@ -180,6 +190,7 @@ def save_model(directory: str, lm: DecoderLM, metadata: Mapping[str, Any] | None
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(directory))
     try:
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700 directories
         save_safetensors(os.path.join(tmp, MODEL_FILE), flatten(lm.params),
                          {"format": "jaxsample-decoder"})
         atomic_write_json(os.path.join(tmp, CONFIG_FILE),
@@ -210,7 +221,11 @@ def load_config(directory: str) -> tuple[DecoderConfig, dict[str, Any]]:
         raise CheckpointError(f"{path}: malformed JSON: {e}") from None
     if "model" not in blob:
         raise CheckpointError(f"{path}: no 'model' section (is this a jaxsample checkpoint?)")
-    return DecoderConfig.from_dict(blob["model"]), blob.get("metadata", {})
+    try:
+        config = DecoderConfig.from_dict(blob["model"])
+    except (TypeError, ValueError) as e:  # missing/unknown fields, invalid values
+        raise CheckpointError(f"{path}: invalid model config: {e}") from None
+    return config, blob.get("metadata", {})
 
 
 def load_model(directory: str) -> DecoderLM:

