@@ -1,8 +1,8 @@
 """Logits processors as pytrees, their composition, and one decode step.
 
-A processor is a frozen dataclass registered as a pytree: its numeric values (``p``,
-``k``, ``t``, token ids, biases) are *data* leaves and everything else (such as
-``min_tokens_to_keep``) is static. A jitted function that takes a processor or a
+A processor is a frozen dataclass registered as a pytree (:func:`processor_dataclass`):
+its numeric values (``p``, ``k``, ``t``, token ids, biases) are *data* leaves and
+everything else (such as ``min_tokens_to_keep``) is static. A jitted function that takes a processor or a
 :class:`Chain` as an argument therefore traces the values and keys its cache on the
 structure only, so changing a value (even from "disabled" to "enabled") never
 recompiles.
@@ -65,15 +65,38 @@ def static_field(**kwargs: Any) -> Any:
 def processor_dataclass(cls: type) -> type:
     """Makes ``cls`` a frozen dataclass and registers it as a pytree.
 
-    Fields made with :func:`static_field` are static (``meta_fields``); every other
-    field is a data leaf (``data_fields``). Fields are listed explicitly, so this
-    works on every jax version with ``register_dataclass``.
+    Fields made with :func:`static_field` are static (part of the tree structure, like
+    ``register_dataclass``'s ``meta_fields``); every other field is a data leaf.
+
+    Unlike ``jax.tree_util.register_dataclass``, unflattening does not call
+    ``__init__``: JAX rebuilds processors with tracers, sentinels or ``vmap`` axis specs
+    as leaves (e.g. ``jax.tree.map(lambda v: 0, chain)`` for ``in_axes``), which must
+    not be validated. Validation and canonicalisation (``__post_init__``) run only when
+    a processor is constructed by user code (including ``dataclasses.replace``).
     """
     cls = dataclasses.dataclass(frozen=True, eq=False)(cls)
     fields = dataclasses.fields(cls)
-    meta = [f.name for f in fields if f.metadata.get("static", False)]
-    data = [f.name for f in fields if not f.metadata.get("static", False)]
-    return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
+    meta = tuple(f.name for f in fields if f.metadata.get("static", False))
+    data = tuple(f.name for f in fields if not f.metadata.get("static", False))
+    keys = tuple(jax.tree_util.GetAttrKey(name) for name in data)
+
+    def flatten_with_keys(obj):
+        children = tuple((k, getattr(obj, n)) for k, n in zip(keys, data))
+        return children, tuple(getattr(obj, n) for n in meta)
+
+    def flatten(obj):
+        return tuple(getattr(obj, n) for n in data), tuple(getattr(obj, n) for n in meta)
+
+    def unflatten(aux, children):
+        obj = object.__new__(cls)
+        for name, value in zip(meta, aux):
+            object.__setattr__(obj, name, value)
+        for name, value in zip(data, children):
+            object.__setattr__(obj, name, value)
+        return obj
+
+    jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten, flatten)
+    return cls
 
 
 def fold_in_rows(key: ArrayLike, data: int) -> Array:

@@ -26,6 +26,7 @@ Conventions (the contract is ``shared/SAMPLING.md``):
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -130,6 +131,11 @@ def temperature(logits: ArrayLike, t: ArrayLike) -> Array:
     """
     logits, _ = _start("temperature", logits, t=t)
     _val.check_param("temperature", "t", t)
+    return _temperature(logits, t)
+
+
+@jax.jit
+def _temperature(logits: Array, t: ArrayLike) -> Array:
     x = logits.astype(_F32)  # [..., V]
     t = _per_row(t)  # [..., 1]
     is_greedy = t == 0
@@ -168,15 +174,28 @@ def top_k(logits: ArrayLike, k: ArrayLike, *, min_tokens_to_keep: int = 1) -> Ar
     logits, _ = _start("top_k", logits, k=k)
     _val.check_param("top_k", "k", k)
     m = _val.check_min_tokens_to_keep("top_k", min_tokens_to_keep)
+    vocab = logits.shape[-1]
+    if isinstance(k, (int, np.integer)) and not isinstance(k, bool):
+        # A static k: the identity is decided in Python and lax.top_k does the rest.
+        k_static = vocab if (k <= 0 or k >= vocab) else max(int(k), m)
+        if k_static >= vocab:
+            return logits
+        return _top_k_static(logits, k_static)
+    return _top_k(logits, k, min_tokens_to_keep=m)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _top_k_static(logits: Array, k: int) -> Array:
+    x = logits.astype(_F32)
+    return _keep(logits, x >= _select.kth_largest(x, k)[..., None])
+
+
+@functools.partial(jax.jit, static_argnames="min_tokens_to_keep")
+def _top_k(logits: Array, k: ArrayLike, min_tokens_to_keep: int) -> Array:
     x = logits.astype(_F32)
     vocab = x.shape[-1]
-    if isinstance(k, (int, np.integer)) and not isinstance(k, bool):
-        k_eff = vocab if (k <= 0 or k >= vocab) else max(int(k), m)
-        if k_eff >= vocab:
-            return logits
-        return _keep(logits, x >= _select.kth_largest(x, k_eff)[..., None])
     k = jnp.asarray(k).astype(jnp.int32)  # [...] or scalar
-    k_eff = jnp.where((k <= 0) | (k >= vocab), vocab, jnp.maximum(k, m))
+    k_eff = jnp.where((k <= 0) | (k >= vocab), vocab, jnp.maximum(k, min_tokens_to_keep))
     threshold = _select.kth_largest(x, k_eff)  # [...]
     return _keep(logits, x >= threshold[..., None])
 
@@ -205,10 +224,15 @@ def top_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -> Ar
     logits, _ = _start("top_p", logits, p=p)
     _val.check_param("top_p", "p", p)
     m = _val.check_min_tokens_to_keep("top_p", min_tokens_to_keep)
+    return _top_p(logits, p, min_tokens_to_keep=m)
+
+
+@functools.partial(jax.jit, static_argnames="min_tokens_to_keep")
+def _top_p(logits: Array, p: ArrayLike, min_tokens_to_keep: int) -> Array:
     x = logits.astype(_F32)
     weights = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))  # [..., V] unnormalised q
     threshold = _select.mass_threshold(x, weights, p)  # [...] logit threshold
-    return _truncate(logits, threshold, m)
+    return _truncate(logits, threshold, min_tokens_to_keep)
 
 
 def min_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -> Array:
@@ -235,9 +259,14 @@ def min_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -> Ar
     logits, _ = _start("min_p", logits, p=p)
     _val.check_param("min_p", "p", p)
     m = _val.check_min_tokens_to_keep("min_p", min_tokens_to_keep)
+    return _min_p(logits, p, min_tokens_to_keep=m)
+
+
+@functools.partial(jax.jit, static_argnames="min_tokens_to_keep")
+def _min_p(logits: Array, p: ArrayLike, min_tokens_to_keep: int) -> Array:
     x = logits.astype(_F32)
     threshold = jnp.max(x, axis=-1) + jnp.log(jnp.asarray(p, _F32))  # [...]
-    return _truncate(logits, threshold, m)
+    return _truncate(logits, threshold, min_tokens_to_keep)
 
 
 def typical_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -> Array:
@@ -266,13 +295,18 @@ def typical_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -
     logits, _ = _start("typical_p", logits, p=p)
     _val.check_param("typical_p", "p", p)
     m = _val.check_min_tokens_to_keep("typical_p", min_tokens_to_keep)
+    return _typical_p(logits, p, min_tokens_to_keep=m)
+
+
+@functools.partial(jax.jit, static_argnames="min_tokens_to_keep")
+def _typical_p(logits: Array, p: ArrayLike, min_tokens_to_keep: int) -> Array:
     x = logits.astype(_F32)
     logq = jax.nn.log_softmax(x, axis=-1)  # [..., V]
     q = jnp.exp(logq)
     entropy = _entropy(logq)  # [...]
     score = -jnp.abs(-logq - entropy[..., None])  # [..., V], higher = more typical
     threshold = _select.mass_threshold(score, q, p)  # [...] in score space
-    top = _top_m_value(x, m)  # [...]
+    top = _top_m_value(x, min_tokens_to_keep)  # [...]
     keep = (score >= threshold[..., None]) | (x >= top[..., None])
     return _keep(logits, keep)
 
@@ -303,10 +337,15 @@ def epsilon_cutoff(
     logits, _ = _start("epsilon_cutoff", logits, epsilon=epsilon)
     _val.check_param("epsilon_cutoff", "epsilon", epsilon)
     m = _val.check_min_tokens_to_keep("epsilon_cutoff", min_tokens_to_keep)
+    return _epsilon_cutoff(logits, epsilon, min_tokens_to_keep=m)
+
+
+@functools.partial(jax.jit, static_argnames="min_tokens_to_keep")
+def _epsilon_cutoff(logits: Array, epsilon: ArrayLike, min_tokens_to_keep: int) -> Array:
     x = logits.astype(_F32)
     lse = jax.nn.logsumexp(x, axis=-1)  # [...]
     threshold = lse + jnp.log(jnp.asarray(epsilon, _F32))
-    return _truncate(logits, threshold, m)
+    return _truncate(logits, threshold, min_tokens_to_keep)
 
 
 def eta_cutoff(logits: ArrayLike, eta: ArrayLike, *, min_tokens_to_keep: int = 1) -> Array:
@@ -332,13 +371,18 @@ def eta_cutoff(logits: ArrayLike, eta: ArrayLike, *, min_tokens_to_keep: int = 1
     logits, _ = _start("eta_cutoff", logits, eta=eta)
     _val.check_param("eta_cutoff", "eta", eta)
     m = _val.check_min_tokens_to_keep("eta_cutoff", min_tokens_to_keep)
+    return _eta_cutoff(logits, eta, min_tokens_to_keep=m)
+
+
+@functools.partial(jax.jit, static_argnames="min_tokens_to_keep")
+def _eta_cutoff(logits: Array, eta: ArrayLike, min_tokens_to_keep: int) -> Array:
     x = logits.astype(_F32)
     logq = jax.nn.log_softmax(x, axis=-1)
     entropy = _entropy(logq)  # [...]
     log_eta = jnp.log(jnp.asarray(eta, _F32))
     log_cutoff = jnp.minimum(log_eta, 0.5 * log_eta - entropy)  # ln min(eta, sqrt(eta) e^-H)
     threshold = jax.nn.logsumexp(x, axis=-1) + log_cutoff
-    return _truncate(logits, threshold, m)
+    return _truncate(logits, threshold, min_tokens_to_keep)
 
 
 def top_n_sigma(logits: ArrayLike, n: ArrayLike, *, min_tokens_to_keep: int = 1) -> Array:
@@ -364,6 +408,11 @@ def top_n_sigma(logits: ArrayLike, n: ArrayLike, *, min_tokens_to_keep: int = 1)
     logits, _ = _start("top_n_sigma", logits, n=n)
     _val.check_param("top_n_sigma", "n", n)
     m = _val.check_min_tokens_to_keep("top_n_sigma", min_tokens_to_keep)
+    return _top_n_sigma(logits, n, min_tokens_to_keep=m)
+
+
+@functools.partial(jax.jit, static_argnames="min_tokens_to_keep")
+def _top_n_sigma(logits: Array, n: ArrayLike, min_tokens_to_keep: int) -> Array:
     x = logits.astype(_F32)
     finite = jnp.isfinite(x)
     count = jnp.maximum(jnp.sum(finite, axis=-1, keepdims=True), 1)  # [..., 1]
@@ -373,7 +422,7 @@ def top_n_sigma(logits: ArrayLike, n: ArrayLike, *, min_tokens_to_keep: int = 1)
     n = jnp.asarray(n, _F32)
     # n = inf with std = 0 would give max - nan: the identity is explicit instead.
     threshold = jnp.where(jnp.isinf(n), -jnp.inf, jnp.max(x, axis=-1) - n * std)
-    return _truncate(logits, threshold, m)
+    return _truncate(logits, threshold, min_tokens_to_keep)
 
 
 # ----------------------------------------------------------------------------- biases, masks
@@ -407,36 +456,56 @@ def logit_bias(logits: ArrayLike, bias: ArrayLike) -> Array:
             f"logit_bias: bias must be [V] or [..., V] broadcastable to logits.shape = "
             f"{logits.shape}, got bias of shape {shape}"
         )
+    return _logit_bias(logits, jnp.asarray(bias))
+
+
+@jax.jit
+def _logit_bias(logits: Array, bias: ArrayLike) -> Array:
     out = logits.astype(_F32) + jnp.asarray(bias).astype(_F32)
     return out.astype(logits.dtype)
 
 
-def _row_scatter(
-    fn: str, logits: Array, token_ids: ArrayLike, values: Array | None, what: str
-) -> Array:
-    """Scatters per-row ``values`` at ``token_ids`` (``-1`` = padding) into ``[..., V]``.
-
-    ``what == "add"`` returns a float32 ``[..., V]`` of summed values; ``"mask"`` returns
-    a bool ``[..., V]`` that is True at the listed ids. Out-of-range ids are dropped.
-    """
-    batch_shape, vocab = logits.shape[:-1], logits.shape[-1]
-    _val.check_token_ids(fn, "token_ids", token_ids, vocab)
-    token_ids = jnp.asarray(token_ids)
-    n = token_ids.shape[-1]
+def _check_ids(fn: str, logits: Array, token_ids: ArrayLike) -> None:
+    """Token ids: integer, in ``[-1, V)`` when concrete, leading axes fit the batch."""
+    _val.check_token_ids(fn, "token_ids", token_ids, logits.shape[-1])
     _val.check_batch_shape(
-        fn, "token_ids.shape[:-1]", None, batch_shape, shape=token_ids.shape[:-1]
+        fn, "token_ids.shape[:-1]", None, logits.shape[:-1], shape=np.shape(token_ids)[:-1]
     )
+
+
+def _row_scatter(
+    shape: tuple[int, ...], token_ids: Array, values: Array | None
+) -> Array:
+    """Scatters per-row ``values`` at ``token_ids`` (``-1`` = padding) into ``shape``.
+
+    With ``values`` returns a float32 ``[..., V]`` of summed values; with ``None`` a bool
+    ``[..., V]`` that is True at the listed ids. Out-of-range ids are dropped.
+    """
+    batch_shape, vocab = shape[:-1], shape[-1]
+    n = token_ids.shape[-1]
     full = batch_shape + (n,)
     rows = int(np.prod(batch_shape, dtype=np.int64))
     ids = jnp.broadcast_to(token_ids, full).reshape(rows, n).astype(jnp.int32)  # [B, N]
     ids = jnp.where(ids < 0, vocab, ids)  # padding -> out of range -> dropped
     row_index = jnp.arange(rows)[:, None]  # [B, 1]
-    if what == "add":
+    if values is not None:
         vals = jnp.broadcast_to(values, full).reshape(rows, n).astype(_F32)
         out = jnp.zeros((rows, vocab), _F32).at[row_index, ids].add(vals, mode="drop")
     else:
         out = jnp.zeros((rows, vocab), bool).at[row_index, ids].set(True, mode="drop")
-    return out.reshape(logits.shape)
+    return out.reshape(shape)
+
+
+@jax.jit
+def _sparse_logit_bias(logits: Array, token_ids: Array, values: Array) -> Array:
+    delta = _row_scatter(logits.shape, token_ids, values)
+    return (logits.astype(_F32) + delta).astype(logits.dtype)
+
+
+@functools.partial(jax.jit, static_argnames="allow")
+def _mask_tokens(logits: Array, token_ids: Array, allow: bool) -> Array:
+    listed = _row_scatter(logits.shape, token_ids, None)
+    return _keep(logits, listed if allow else ~listed)
 
 
 def sparse_logit_bias(logits: ArrayLike, token_ids: ArrayLike, values: ArrayLike) -> Array:
@@ -472,8 +541,8 @@ def sparse_logit_bias(logits: ArrayLike, token_ids: ArrayLike, values: ArrayLike
             f"sparse_logit_bias: values must broadcast to token_ids' shape {full}, "
             f"got values of shape {tuple(np.shape(values))}"
         )
-    delta = _row_scatter("sparse_logit_bias", logits, token_ids, jnp.asarray(values), "add")
-    return (logits.astype(_F32) + delta).astype(logits.dtype)
+    _check_ids("sparse_logit_bias", logits, token_ids)
+    return _sparse_logit_bias(logits, jnp.asarray(token_ids), jnp.asarray(values))
 
 
 def ban_tokens(logits: ArrayLike, token_ids: ArrayLike) -> Array:
@@ -493,8 +562,8 @@ def ban_tokens(logits: ArrayLike, token_ids: ArrayLike) -> Array:
     """
     _val.check_logits(logits, "ban_tokens")
     logits = jnp.asarray(logits)
-    listed = _row_scatter("ban_tokens", logits, token_ids, None, "mask")
-    return _keep(logits, ~listed)
+    _check_ids("ban_tokens", logits, token_ids)
+    return _mask_tokens(logits, jnp.asarray(token_ids), allow=False)
 
 
 def allow_tokens(logits: ArrayLike, token_ids: ArrayLike) -> Array:
@@ -516,5 +585,5 @@ def allow_tokens(logits: ArrayLike, token_ids: ArrayLike) -> Array:
     """
     _val.check_logits(logits, "allow_tokens")
     logits = jnp.asarray(logits)
-    listed = _row_scatter("allow_tokens", logits, token_ids, None, "mask")
-    return _keep(logits, listed)
+    _check_ids("allow_tokens", logits, token_ids)
+    return _mask_tokens(logits, jnp.asarray(token_ids), allow=True)

@@ -51,14 +51,8 @@ def as_typed_key(key: ArrayLike) -> Array:
 
 def _uniform_per_row(key: ArrayLike, batch_shape: tuple[int, ...]) -> Array:
     """One ``U[0, 1)`` float32 per row: from one key, or row ``r`` from ``key[r]``."""
-    key = as_typed_key(key)
     if key.shape == ():
         return jax.random.uniform(key, batch_shape, _F32)
-    if key.shape != tuple(batch_shape):
-        raise ValueError(
-            f"sample: key must be one key or one key per row with shape "
-            f"logits.shape[:-1] = {tuple(batch_shape)}, got a key array of shape {key.shape}"
-        )
     flat = key.reshape(-1)
     u = jax.vmap(lambda k: jax.random.uniform(k, (), _F32))(flat)
     return u.reshape(batch_shape)
@@ -102,8 +96,27 @@ def sample(key: ArrayLike, logits: ArrayLike) -> Array:
     """
     _val.check_logits(logits, "sample")
     logits = jnp.asarray(logits)
-    batch_shape = logits.shape[:-1]
-    u = _uniform_per_row(key, batch_shape)  # [...]
+    key = as_typed_key(key)
+    if key.shape not in ((), logits.shape[:-1]):
+        raise ValueError(
+            f"sample: key must be one key or one key per row with shape "
+            f"logits.shape[:-1] = {logits.shape[:-1]}, got a key array of shape {key.shape}"
+        )
+    return _sample(key, logits)
+
+
+@jax.jit
+def _sample(key: Array, logits: Array) -> Array:
+    u = _uniform_per_row(key, logits.shape[:-1])  # [...]
+    return inverse_cdf(u, logits)
+
+
+def inverse_cdf(u: Array, logits: Array) -> Array:
+    """The token at quantile ``u`` (``[...]`` in ``[0, 1)``) of ``softmax(logits)``.
+
+    Returns the first ``i`` with ``cumsum(e)_i > u * W`` and ``e_i > 0``, where
+    ``e = exp(x - max x)`` and ``W`` is the total mass; ``-1`` for an invalid row.
+    """
     x = logits.astype(_F32)  # [..., V]
     valid, row_max = _valid_rows(x)
     e = jnp.exp(x - row_max)  # [..., V], the arg-max has e = 1
@@ -133,7 +146,12 @@ def greedy(logits: ArrayLike) -> Array:
       Array([ 1, -1], dtype=int32)
     """
     _val.check_logits(logits, "greedy")
-    x = jnp.asarray(logits).astype(_F32)
+    return _greedy(jnp.asarray(logits))
+
+
+@jax.jit
+def _greedy(logits: Array) -> Array:
+    x = logits.astype(_F32)
     valid, _ = _valid_rows(x)
     return jnp.where(valid, jnp.argmax(x, axis=-1).astype(jnp.int32), jnp.int32(-1))
 
@@ -164,6 +182,12 @@ def token_logprobs(logits: ArrayLike, tokens: ArrayLike) -> Array:
     tokens = jnp.broadcast_to(jnp.asarray(tokens), batch_shape)
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"token_logprobs: tokens must be integers, got dtype {tokens.dtype}")
+    return _token_logprobs(logits, tokens)
+
+
+@jax.jit
+def _token_logprobs(logits: Array, tokens: Array) -> Array:
+    vocab = logits.shape[-1]
     logp = jax.nn.log_softmax(logits.astype(_F32), axis=-1)  # [..., V]
     index = jnp.clip(tokens, 0, vocab - 1).astype(jnp.int32)[..., None]
     picked = jnp.take_along_axis(logp, index, axis=-1)[..., 0]
