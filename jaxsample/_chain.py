@@ -164,6 +164,8 @@ class LogitsProcessor:
             )
         if self.needs_key and key is None:
             raise TypeError(f"{type(self).__name__} is stochastic: pass key=...")
+        if key is not None:
+            key = _sampling.as_typed_key(key)
         return self.apply(logits, (), key)
 
 
@@ -183,8 +185,9 @@ class Temperature(LogitsProcessor):
     t: ArrayLike = 1.0
 
     def __post_init__(self) -> None:
-        _val.check_param("temperature", "t", self.t)
-        _set(self, "t", _val.canonical_scalar(_host_array(self.t, np.float32), float))
+        t = _host_array(self.t, np.float32)
+        _val.check_param("temperature", "t", t)
+        _set(self, "t", _val.canonical_scalar(t, float))
 
     def apply(self, logits: Array, state: State, key: Array | None) -> Array:
         return _filters.temperature(logits, self.t)

@@ -93,6 +93,16 @@ def _entropy(logq: Array) -> Array:
     return -jnp.sum(jnp.where(q > 0, q * logq, 0.0), axis=-1)  # [...]
 
 
+def _unless_all_disabled(disabled: Array, fn, logits: Array) -> Array:
+    """``fn(logits)``, skipped (identity) when every row has the disabled value.
+
+    A batch-wide predicate: a chain that always carries e.g. a top-k stage pays for its
+    sort only when some row enables it. (Under ``vmap`` the ``cond`` becomes a select
+    and both branches run, which is still correct.)
+    """
+    return jax.lax.cond(jnp.all(disabled), lambda x: x, fn, logits)
+
+
 def _truncate(logits: Array, threshold: Array, min_tokens_to_keep: int) -> Array:
     """Keeps ``x >= threshold`` (a ``[...]`` logit threshold) plus the top-m tokens.
 
@@ -192,12 +202,17 @@ def _top_k_static(logits: Array, k: int) -> Array:
 
 @functools.partial(jax.jit, static_argnames="min_tokens_to_keep")
 def _top_k(logits: Array, k: ArrayLike, min_tokens_to_keep: int) -> Array:
-    x = logits.astype(_F32)
-    vocab = x.shape[-1]
+    vocab = logits.shape[-1]
     k = jnp.asarray(k).astype(jnp.int32)  # [...] or scalar
-    k_eff = jnp.where((k <= 0) | (k >= vocab), vocab, jnp.maximum(k, min_tokens_to_keep))
-    threshold = _select.kth_largest(x, k_eff)  # [...]
-    return _keep(logits, x >= threshold[..., None])
+    off = (k <= 0) | (k >= vocab)
+    k_eff = jnp.where(off, vocab, jnp.maximum(k, min_tokens_to_keep))
+
+    def run(logits):
+        x = logits.astype(_F32)
+        threshold = _select.kth_largest(x, k_eff)  # [...]
+        return _keep(logits, x >= threshold[..., None])
+
+    return _unless_all_disabled(off, run, logits)
 
 
 def top_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -> Array:
@@ -229,10 +244,12 @@ def top_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -> Ar
 
 @functools.partial(jax.jit, static_argnames="min_tokens_to_keep")
 def _top_p(logits: Array, p: ArrayLike, min_tokens_to_keep: int) -> Array:
-    x = logits.astype(_F32)
-    weights = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))  # [..., V] unnormalised q
-    threshold = _select.mass_threshold(x, weights, p)  # [...] logit threshold
-    return _truncate(logits, threshold, min_tokens_to_keep)
+    def run(logits):
+        x = logits.astype(_F32)
+        threshold = _select.mass_threshold(x, None, p)  # [...] logit threshold, q weights
+        return _truncate(logits, threshold, min_tokens_to_keep)
+
+    return _unless_all_disabled(jnp.asarray(p) >= 1, run, logits)
 
 
 def min_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -> Array:
@@ -300,15 +317,18 @@ def typical_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -
 
 @functools.partial(jax.jit, static_argnames="min_tokens_to_keep")
 def _typical_p(logits: Array, p: ArrayLike, min_tokens_to_keep: int) -> Array:
-    x = logits.astype(_F32)
-    logq = jax.nn.log_softmax(x, axis=-1)  # [..., V]
-    q = jnp.exp(logq)
-    entropy = _entropy(logq)  # [...]
-    score = -jnp.abs(-logq - entropy[..., None])  # [..., V], higher = more typical
-    threshold = _select.mass_threshold(score, q, p)  # [...] in score space
-    top = _top_m_value(x, min_tokens_to_keep)  # [...]
-    keep = (score >= threshold[..., None]) | (x >= top[..., None])
-    return _keep(logits, keep)
+    def run(logits):
+        x = logits.astype(_F32)
+        logq = jax.nn.log_softmax(x, axis=-1)  # [..., V]
+        q = jnp.exp(logq)
+        entropy = _entropy(logq)  # [...]
+        score = -jnp.abs(-logq - entropy[..., None])  # [..., V], higher = more typical
+        threshold = _select.mass_threshold(score, q, p)  # [...] in score space
+        top = _top_m_value(x, min_tokens_to_keep)  # [...]
+        keep = (score >= threshold[..., None]) | (x >= top[..., None])
+        return _keep(logits, keep)
+
+    return _unless_all_disabled(jnp.asarray(p) >= 1, run, logits)
 
 
 def epsilon_cutoff(

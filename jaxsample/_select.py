@@ -67,7 +67,7 @@ def kth_largest(x: jax.Array, k) -> jax.Array:
     return jnp.take_along_axis(ascending, index, axis=-1)[..., 0]
 
 
-def mass_threshold(scores: jax.Array, weights: jax.Array, p) -> jax.Array:
+def mass_threshold(scores: jax.Array, weights: jax.Array | None, p) -> jax.Array:
     """Largest score whose upper set holds at least a fraction ``p`` of the mass.
 
     Math: with ``W = sum_i w_i``,
@@ -77,12 +77,13 @@ def mass_threshold(scores: jax.Array, weights: jax.Array, p) -> jax.Array:
     be the first position where the running mass reaches ``p * W``, ``t = s[m]``;
     all ties with ``s[m]`` are inside ``scores >= t``.
 
-    Nucleus (top-p) uses ``scores = logits, weights = exp(logits - max)``; locally
+    Nucleus (top-p) uses ``scores = logits`` with the default softmax weights; locally
     typical sampling uses ``scores = -|surprisal - entropy|, weights = q``.
 
     Args:
       scores: ``[..., V]`` float array; higher scores enter the set first.
-      weights: ``[..., V]`` non-negative float array (unnormalised is fine).
+      weights: ``[..., V]`` non-negative float array (unnormalised is fine), or
+        ``None`` for ``exp(scores - max(scores))``, the softmax mass of logits.
       p: fraction in ``(0, 1]``, scalar or broadcastable to ``scores.shape[:-1]``.
 
     Returns:
@@ -94,10 +95,17 @@ def mass_threshold(scores: jax.Array, weights: jax.Array, p) -> jax.Array:
       >>> w = jnp.array([0.5, 0.3, 0.15, 0.05])
       >>> mass_threshold(s, w, 0.7)
       Array(3., dtype=float32)
+      >>> mass_threshold(jnp.log(w), None, 0.9)  # softmax weights: the same masses
+      Array(-1.89712, dtype=float32)
     """
     vocab = scores.shape[-1]
-    # Sort descending by score, carrying the weights along: [..., V] each.
-    neg_sorted, w_sorted = lax.sort((-scores, weights), dimension=-1, num_keys=1)
+    if weights is None:
+        # Softmax mass of the scores themselves: one sort, weights from sorted values.
+        neg_sorted = jnp.sort(-scores, axis=-1)  # [..., V] scores descending, negated
+        w_sorted = jnp.exp(-neg_sorted - jnp.max(scores, axis=-1, keepdims=True))
+    else:
+        # Sort descending by score, carrying the weights along: [..., V] each.
+        neg_sorted, w_sorted = lax.sort((-scores, weights), dimension=-1, num_keys=1)
     cum = jnp.cumsum(w_sorted, axis=-1)  # [..., V]
     p = jnp.asarray(p, dtype=cum.dtype)  # [...] or scalar
     target = p[..., None] * cum[..., -1:]  # [..., 1]

@@ -398,10 +398,13 @@ def test_select_primitives_follow_their_set_definitions():
     ps = rng.uniform(0.05, 0.95, size=16).astype(np.float32)
     kth = np.asarray(jax.jit(_select.kth_largest)(scores, ks))
     thr = np.asarray(jax.jit(_select.mass_threshold)(scores, weights, ps))
+    thr_softmax = np.asarray(jax.jit(_select.mass_threshold)(scores, None, ps))
     for r in range(16):
         s, w = scores[r].astype(np.float64), weights[r].astype(np.float64)
         assert kth[r] == max(t for t in s if np.sum(s >= t) >= ks[r])
         assert thr[r] == max(t for t in s if np.sum(w[s >= t]) >= ps[r] * w.sum())
+        q = ref.softmax(s)  # default weights: the softmax mass of the scores
+        assert thr_softmax[r] == max(t for t in s if np.sum(q[s >= t]) >= ps[r])
     assert float(_select.kth_largest(jnp.asarray(scores[0]), 3)) == kth[0] or ks[0] != 3
     np.testing.assert_array_equal(
         _select.kth_largest(jnp.asarray(scores), 4),
