@@ -101,3 +101,42 @@ __all__ = [
     "LanguageModel",
     "generate",
 ]
+
+# --- penalties and stateful samplers, chain presets -----------------------------------
+from jaxsample._chain import init_state
+from jaxsample._penalties import DRY
+from jaxsample._penalties import XTC
+from jaxsample._penalties import BadWords
+from jaxsample._penalties import DynamicTemperature
+from jaxsample._penalties import History
+from jaxsample._penalties import MinNewTokens
+from jaxsample._penalties import MirostatV2
+from jaxsample._penalties import NoRepeatNGram
+from jaxsample._penalties import PresenceFrequencyPenalty
+from jaxsample._penalties import RepetitionPenalty
+from jaxsample._presets import ORDERS
+from jaxsample._presets import full_chain
+from jaxsample._presets import llamacpp_chain
+from jaxsample._presets import preset_chain
+from jaxsample._presets import transformers_chain
+from jaxsample._presets import vllm_chain
+
+__all__ += [
+    "init_state",
+    "BadWords",
+    "DRY",
+    "DynamicTemperature",
+    "History",
+    "MinNewTokens",
+    "MirostatV2",
+    "NoRepeatNGram",
+    "PresenceFrequencyPenalty",
+    "RepetitionPenalty",
+    "XTC",
+    "ORDERS",
+    "full_chain",
+    "llamacpp_chain",
+    "preset_chain",
+    "transformers_chain",
+    "vllm_chain",
+]

@@ -16,11 +16,18 @@ Protocol (used batched by generation: logits ``[B, V]``, state leaves with a lea
 
 Stateless processors ignore ``state`` (``()``) and ``key``; stateful ones (penalties,
 mirostat, XTC) override ``init``/``update`` and set ``stateful = True``.
+
+``init`` may also take a keyword ``max_new_tokens`` (an int, static): processors that
+keep a history buffer of static capacity (prompt + generated tokens) need it, and
+:func:`init_state` / :meth:`Chain.init` pass it only to processors whose ``init``
+accepts it, so processors written against the three-argument form keep working.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from typing import Any, ClassVar, NamedTuple
 
 import jax
@@ -50,6 +57,7 @@ __all__ = [
     "StepOutput",
     "sample_step",
     "fold_in_rows",
+    "init_state",
 ]
 
 Array = jax.Array
@@ -138,12 +146,20 @@ class LogitsProcessor:
     stateful: ClassVar[bool] = False
     needs_key: ClassVar[bool] = False
 
-    def init(self, prompt_tokens: Array, prompt_lengths: Array, vocab_size: int) -> State:
+    def init(
+        self,
+        prompt_tokens: Array,
+        prompt_lengths: Array,
+        vocab_size: int,
+        *,
+        max_new_tokens: int | None = None,
+    ) -> State:
         """Initial state from the prompts ``int32[B, P]`` and lengths ``int32[B]``.
 
-        The default (stateless) is ``()``.
+        ``max_new_tokens`` (static) sizes history buffers (generation passes it). The
+        default (stateless) is ``()``.
         """
-        del prompt_tokens, prompt_lengths, vocab_size
+        del prompt_tokens, prompt_lengths, vocab_size, max_new_tokens
         return ()
 
     def apply(self, logits: Array, state: State, key: Array | None) -> Array:
@@ -347,6 +363,34 @@ class AllowTokens(LogitsProcessor):
         return _filters.allow_tokens(logits, self.token_ids)
 
 
+@functools.lru_cache(maxsize=None)
+def _init_takes_max_new_tokens(cls: type) -> bool:
+    params = inspect.signature(cls.init).parameters.values()
+    return any(p.name == "max_new_tokens" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def init_state(
+    proc: LogitsProcessor,
+    prompt_tokens: Array,
+    prompt_lengths: Array,
+    vocab_size: int,
+    *,
+    max_new_tokens: int | None = None,
+) -> State:
+    """``proc.init(...)``, passing ``max_new_tokens`` only if ``proc.init`` accepts it.
+
+    Processors written before the keyword existed (``init(prompt_tokens,
+    prompt_lengths, vocab_size)``) are called with the three arguments.
+
+    Example:
+      >>> init_state(Temperature(0.5), None, None, 8, max_new_tokens=4)
+      ()
+    """
+    if max_new_tokens is None or not _init_takes_max_new_tokens(type(proc)):
+        return proc.init(prompt_tokens, prompt_lengths, vocab_size)
+    return proc.init(prompt_tokens, prompt_lengths, vocab_size, max_new_tokens=max_new_tokens)
+
+
 def _check_ids(fn: str, ids: Any) -> None:
     """Token-id checks at construction (the vocabulary size is not known yet)."""
     if _val.concrete_value(ids) is not None:
@@ -385,8 +429,18 @@ class Chain(LogitsProcessor):
     def needs_key(self) -> bool:  # type: ignore[override]
         return any(p.needs_key for p in self.processors)
 
-    def init(self, prompt_tokens: Array, prompt_lengths: Array, vocab_size: int) -> State:
-        return tuple(p.init(prompt_tokens, prompt_lengths, vocab_size) for p in self.processors)
+    def init(
+        self,
+        prompt_tokens: Array,
+        prompt_lengths: Array,
+        vocab_size: int,
+        *,
+        max_new_tokens: int | None = None,
+    ) -> State:
+        return tuple(
+            init_state(p, prompt_tokens, prompt_lengths, vocab_size, max_new_tokens=max_new_tokens)
+            for p in self.processors
+        )
 
     def apply(self, logits: Array, state: State, key: Array | None) -> Array:
         state = self._check_state(state)

@@ -7,9 +7,20 @@ model that implements it works, not only `models.DecoderLM`:
     logits, cache = model.prefill(prompt_tokens, prompt_lengths, cache)   # [B, V]
     logits, cache = model.decode(tokens, positions, cache)                # [B, V]
 
+and, only for `prompt_logprobs=True`, an optional fourth method:
+
+    logits, cache = model.prefill_all(prompt_tokens, cache)               # [B, P, V]
+
 Randomness: row b's token at generated index i is drawn with
 `fold_in(keys[b], i)`, so a row's tokens depend only on its own key, prompt and
-sampler values, never on its batch-mates or its position in the batch.
+sampler values, never on its batch-mates or its position in the batch. With `n > 1`
+samples per prompt, sample j of prompt i is row `i * n + j` and uses the key
+`fold_in(keys[i], j)`: samples are distinct, and each one is reproduced alone by
+passing that derived key with `n=1`.
+
+Sampler state (penalties, mirostat, ...) is initialised from the prompts by
+`sampler.init(prompt_tokens, prompt_lengths, V, max_new_tokens=N)`, carried through
+the `lax.scan`, and frozen once a row has finished.
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsample._chain import Chain, Temperature, chain, sample_step
+from jaxsample._chain import Chain, Temperature, chain, init_state, sample_step
 
 
 class LanguageModel(Protocol):
@@ -39,6 +50,11 @@ class LanguageModel(Protocol):
 
     def decode(self, tokens: jax.Array, positions: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
         """One token per row, int32 [B] at positions [B] -> (float logits [B, V], cache)."""
+
+    # Optional, needed only for `generate(..., prompt_logprobs=True)`:
+    #   prefill_all(tokens int32 [B, P], cache) -> (float logits [B, P, V] at every
+    #   position, cache), filling the cache like `prefill`. Padding is replaced by id 0
+    #   before the call.
 
 
 class FinishReason(enum.IntEnum):
@@ -60,6 +76,18 @@ class GenerateOutput(NamedTuple):
       logprobs_processed: float32 [B, N], log_softmax of the logits actually sampled from
         (after the sampler chain) at the chosen token (0 at padded positions).
       finish_reason: int32 [B], a `FinishReason`.
+      top_token_ids: int32 [B, N, K] with K = `top_logprobs`: the K most likely tokens
+        under the model's logits at each step, most likely first (`pad_id` at padded
+        positions); None unless requested.
+      top_logprobs: float32 [B, N, K], their raw log-probs (log_softmax of the model's
+        logits; 0 at padded positions); None unless requested.
+      prompt_logprobs: float32 [B_prompts, P], raw log-prob of each prompt token given
+        the tokens before it (one row per prompt, also when n > 1); position 0 and
+        padding hold 0, so a row sums to log p(prompt[1:] | prompt[0]). None unless
+        requested.
+
+    With n samples per prompt, B = B_prompts * n rows, prompt-major (row i * n + j is
+    sample j of prompt i).
     """
 
     tokens: jax.Array
@@ -67,6 +95,9 @@ class GenerateOutput(NamedTuple):
     logprobs_raw: jax.Array
     logprobs_processed: jax.Array
     finish_reason: jax.Array
+    top_token_ids: jax.Array | None = None
+    top_logprobs: jax.Array | None = None
+    prompt_logprobs: jax.Array | None = None
 
 
 def _row_keys(keys: jax.Array, batch: int) -> jax.Array:
@@ -111,9 +142,28 @@ def _validate(prompt_tokens, prompt_lengths, max_new_tokens, cache_size, vocab_s
         raise ValueError(f"prompt_tokens[{r}, {c}]={tokens[r, c]} is outside the vocabulary [0, {vocab_size})")
 
 
+def _sample_keys(keys: jax.Array, n: int) -> jax.Array:
+    """Keys [B] -> [B * n]: sample j of prompt i gets fold_in(keys[i], j) (row i * n + j)."""
+    per_prompt = lambda k: jax.vmap(lambda j: jax.random.fold_in(k, j))(jnp.arange(n))
+    return jax.vmap(per_prompt)(keys).reshape(-1)
+
+
+def _validate_outputs(model, n, top_logprobs, prompt_logprobs):
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n must be a positive int (samples per prompt), got {n!r}")
+    if (not isinstance(top_logprobs, (int, np.integer)) or isinstance(top_logprobs, bool)
+            or not 0 <= top_logprobs <= model.vocab_size):
+        raise ValueError(f"top_logprobs must be an int in [0, vocab size {model.vocab_size}], "
+                         f"got {top_logprobs!r}")
+    if prompt_logprobs and not callable(getattr(model, "prefill_all", None)):
+        raise ValueError(f"prompt_logprobs=True needs a model with prefill_all(tokens, cache) -> "
+                         f"(logits [B, P, V], cache); {type(model).__name__} has none")
+
+
 def generate(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengths: jax.Array, keys: jax.Array, *,
              max_new_tokens: int, sampler: Chain | None = None, stop_ids: Sequence[int] = (),
-             pad_id: int = 0, cache_size: int | None = None) -> GenerateOutput:
+             pad_id: int = 0, cache_size: int | None = None, n: int = 1, top_logprobs: int = 0,
+             prompt_logprobs: bool = False) -> GenerateOutput:
     """Generates up to `max_new_tokens` tokens per row: prefill, then a jitted `lax.scan`.
 
     Args:
@@ -123,11 +173,22 @@ def generate(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengths: jax
       keys: B PRNG keys, one per row (typed `jax.random.key` or raw uint32 [B, 2]).
       max_new_tokens: N, static.
       sampler: a `Chain` of processors (values are traced: changing them never recompiles);
-        None means greedy (`chain(Temperature(0.0))`).
+        None means greedy (`chain(Temperature(0.0))`). Stateful processors (penalties,
+        mirostat, ...) get `init(prompt_tokens, prompt_lengths, V, max_new_tokens=N)`.
+        Per-row values have one entry per output row (B * n with n samples).
       stop_ids: token ids that end a row (included in its output). Their count is static,
         their values are traced.
       pad_id: written after a row has finished.
       cache_size: KV-cache length S (default P + N); must be >= P + N.
+      n: samples per prompt, static. The output has B * n rows, prompt-major; sample j
+        of prompt i uses the key `fold_in(keys[i], j)` (n = 1 uses `keys` as given), so
+        it is reproduced alone by `generate(..., keys=fold_in(keys[i], j)[None], n=1)`.
+        The prompt is prefilled once per sample.
+      top_logprobs: K, static: also return the K most likely tokens of every step with
+        their raw log-probs (`top_token_ids`, `top_logprobs`, [B * n, N, K]).
+      prompt_logprobs: static: also return the raw log-prob of every prompt token given
+        its prefix (`prompt_logprobs`, [B, P]), from the same prefill (the model needs
+        `prefill_all`).
 
     Returns:
       A `GenerateOutput`.
@@ -148,14 +209,23 @@ def generate(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengths: jax
     p = prompt_tokens.shape[-1] if prompt_tokens.ndim else 0
     cache_size = p + max_new_tokens if cache_size is None else cache_size
     _validate(prompt_tokens, prompt_lengths, max_new_tokens, cache_size, model.vocab_size, stop_ids)
+    _validate_outputs(model, n, top_logprobs, prompt_logprobs)
     keys = _row_keys(keys, prompt_tokens.shape[0])
+    if n > 1:
+        prompt_tokens = jnp.repeat(prompt_tokens, n, axis=0)
+        prompt_lengths = jnp.repeat(prompt_lengths, n, axis=0)
+        keys = _sample_keys(keys, n)
     sampler = chain(Temperature(0.0)) if sampler is None else sampler
     stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
     args = (prompt_tokens.astype(jnp.int32), prompt_lengths.astype(jnp.int32), keys, sampler, stops,
             jnp.asarray(pad_id, jnp.int32))
-    if _is_pytree(model):
-        return _generate_traced_model(model, *args, max_new_tokens=max_new_tokens, cache_size=cache_size)
-    return _generate_static_model(model, *args, max_new_tokens=max_new_tokens, cache_size=cache_size)
+    static = dict(max_new_tokens=max_new_tokens, cache_size=cache_size, top_logprobs=int(top_logprobs),
+                  prompt_logprobs=bool(prompt_logprobs))
+    run = _generate_traced_model if _is_pytree(model) else _generate_static_model
+    out = run(model, *args, **static)
+    if prompt_logprobs and n > 1:
+        out = out._replace(prompt_logprobs=out.prompt_logprobs[::n])  # one row per prompt
+    return out
 
 
 def _is_pytree(model) -> bool:
@@ -163,12 +233,30 @@ def _is_pytree(model) -> bool:
     return not (len(leaves) == 1 and leaves[0] is model)
 
 
+def _prefill_with_logprobs(model, prompt_tokens, prompt_lengths, cache):
+    """One pass over every prompt position: (last logits [B, V], cache, prompt log-probs [B, P])."""
+    p = prompt_tokens.shape[1]
+    real = jnp.arange(p)[None, :] < prompt_lengths[:, None]  # [B, P]
+    tokens = jnp.where(real, prompt_tokens, 0)  # padding may be any id, even outside the vocabulary
+    all_logits, cache = model.prefill_all(tokens, cache)  # [B, P, V]
+    last = jnp.take_along_axis(all_logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+    logp = jax.nn.log_softmax(all_logits[:, :-1].astype(jnp.float32), axis=-1)  # predicts 1 .. P-1
+    picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, P-1]
+    first = jnp.zeros((prompt_tokens.shape[0], 1), jnp.float32)
+    return last, cache, jnp.concatenate([first, jnp.where(real[:, 1:], picked, 0.0)], axis=1)
+
+
 def _generate_impl(model, prompt_tokens, prompt_lengths, keys, sampler, stops, pad_id, *,
-                   max_new_tokens, cache_size):
+                   max_new_tokens, cache_size, top_logprobs=0, prompt_logprobs=False):
     b = prompt_tokens.shape[0]
     cache = model.init_cache(b, cache_size)
-    logits, cache = model.prefill(prompt_tokens, prompt_lengths, cache)  # [B, V]
-    state = sampler.init(prompt_tokens, prompt_lengths, model.vocab_size)
+    prompt_lp = None
+    if prompt_logprobs:
+        logits, cache, prompt_lp = _prefill_with_logprobs(model, prompt_tokens, prompt_lengths, cache)
+    else:
+        logits, cache = model.prefill(prompt_tokens, prompt_lengths, cache)  # [B, V]
+    state = init_state(sampler, prompt_tokens, prompt_lengths, model.vocab_size,
+                       max_new_tokens=max_new_tokens)
 
     def pick(i, logits, state, done, lengths, finish):
         """Samples generated index i for every row; finished rows keep their state and emit pad."""
@@ -185,7 +273,12 @@ def _generate_impl(model, prompt_tokens, prompt_lengths, keys, sampler, stops, p
         lengths = lengths + emitted.astype(jnp.int32)
         raw = jnp.where(emitted, out.token_logprob_raw, 0.0)
         processed = jnp.where(emitted, out.token_logprob_processed, 0.0)
-        return (token, state, done | invalid | stopped, lengths, finish), (token, raw, processed)
+        ys = (token, raw, processed)
+        if top_logprobs:
+            top_lp, top_ids = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1),
+                                            top_logprobs)  # [B, K]
+            ys += (jnp.where(emitted[:, None], top_ids, pad_id), jnp.where(emitted[:, None], top_lp, 0.0))
+        return (token, state, done | invalid | stopped, lengths, finish), ys
 
     done = jnp.zeros((b,), bool)
     lengths = jnp.zeros((b,), jnp.int32)
@@ -201,10 +294,13 @@ def _generate_impl(model, prompt_tokens, prompt_lengths, keys, sampler, stops, p
 
     carry = (token, cache, state, done, lengths, finish)
     (_, _, _, _, lengths, finish), rest = jax.lax.scan(body, carry, jnp.arange(1, max_new_tokens))
-    tokens, raw, processed = (jnp.concatenate([f[:, None], r.T], axis=1) for f, r in zip(first, rest))
-    return GenerateOutput(tokens, lengths, raw, processed, finish)
+    # first: [B, ...] for index 0; rest: [N-1, B, ...] -> [B, N, ...]
+    ys = [jnp.concatenate([f[:, None], jnp.moveaxis(r, 0, 1)], axis=1) for f, r in zip(first, rest)]
+    tokens, raw, processed = ys[:3]
+    top_ids, top_lp = ys[3:] if top_logprobs else (None, None)
+    return GenerateOutput(tokens, lengths, raw, processed, finish, top_ids, top_lp, prompt_lp)
 
 
-_generate_traced_model = jax.jit(_generate_impl, static_argnames=("max_new_tokens", "cache_size"))
-_generate_static_model = jax.jit(_generate_impl, static_argnums=(0,),
-                                 static_argnames=("max_new_tokens", "cache_size"))
+_STATIC = ("max_new_tokens", "cache_size", "top_logprobs", "prompt_logprobs")
+_generate_traced_model = jax.jit(_generate_impl, static_argnames=_STATIC)
+_generate_static_model = jax.jit(_generate_impl, static_argnums=(0,), static_argnames=_STATIC)
