@@ -3,8 +3,13 @@
     python scripts/generate.py "ROMEO:" --max-new-tokens 200 --temperature 0.8 --top-p 0.9
     python scripts/generate.py --prompt-file prompts.txt --num-samples 3 --seed 1
     python scripts/generate.py "Hello" --checkpoint path/to/llama-dir --greedy
+    python scripts/generate.py "ROMEO:" --order llamacpp --top-k 40 --min-p 0.05 --repetition-penalty 1.1 \
+        --penalty-window 64 --dry-multiplier 0.8 --xtc-probability 0.5 --top-logprobs 3
 
-Prints each continuation, then the compile time and the decode speed.
+Every sampling method of jaxsample is a flag (see docs/methods.md); --order picks the chain
+order: jaxsample's documented default (every method), or the default order of transformers,
+vLLM or llama.cpp (only the methods that system has). Prints each continuation, then the
+compile time and the decode speed.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import argparse
 import os
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,41 +39,131 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt, each with its own key")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--greedy", action="store_true", help="argmax decoding (ignores the sampling flags)")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=0, help="0 disables")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 disables")
-    p.add_argument("--min-p", type=float, default=0.0, help="0 disables")
-    p.add_argument("--typical-p", type=float, default=1.0, help="1 disables")
+    p.add_argument("--greedy", action="store_true",
+                   help="temperature 0: the arg-max of the processed logits (penalties and masks still apply)")
+    p.add_argument("--order", choices=js.ORDERS, default="default",
+                   help="chain order: jaxsample's default (every method) or that of transformers, vLLM, llama.cpp")
     p.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="stop a row at the end-of-sequence token")
+    g = p.add_argument_group("temperature and truncation")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    g.add_argument("--dynatemp-range", type=float, default=0.0, help="dynamic temperature range; 0 disables")
+    g.add_argument("--dynatemp-exponent", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 disables")
+    g.add_argument("--top-p", type=float, default=1.0, help="1 disables")
+    g.add_argument("--min-p", type=float, default=0.0, help="0 disables")
+    g.add_argument("--typical-p", type=float, default=1.0, help="1 disables")
+    g.add_argument("--epsilon-cutoff", type=float, default=0.0, help="0 disables")
+    g.add_argument("--eta-cutoff", type=float, default=0.0, help="0 disables")
+    g.add_argument("--top-n-sigma", type=float, default=float("inf"), help="inf disables")
+    g.add_argument("--min-tokens-to-keep", type=int, default=1)
+    g.add_argument("--xtc-probability", type=float, default=0.0, help="0 disables")
+    g.add_argument("--xtc-threshold", type=float, default=0.1)
+    g.add_argument("--mirostat-tau", type=float, default=None, help="mirostat v2 target surprise (bits); off if unset")
+    g.add_argument("--mirostat-eta", type=float, default=0.1)
+    g = p.add_argument_group("penalties and masks")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="1 disables (prompt + output)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="0 disables (output)")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="0 disables (output)")
+    g.add_argument("--penalty-window", type=int, default=0, help="penalise only the last N tokens; 0: all")
+    g.add_argument("--no-repeat-ngram", type=int, default=0, help="n-gram size; 0 disables")
+    g.add_argument("--bad-words", default=None, help='texts never to generate, separated by "|"')
+    g.add_argument("--min-new-tokens", type=int, default=0, help="no end-of-sequence before this many tokens")
+    g.add_argument("--allowed-tokens", default=None, help="comma-separated token ids: sample only these")
+    g.add_argument("--logit-bias", default=None, help='comma-separated "id:bias" pairs')
+    g.add_argument("--dry-multiplier", type=float, default=0.0, help="DRY penalty; 0 disables")
+    g.add_argument("--dry-base", type=float, default=1.75)
+    g.add_argument("--dry-allowed-length", type=int, default=2)
+    g.add_argument("--dry-window", type=int, default=0, help="DRY looks at the last N tokens; 0: all")
+    g.add_argument("--dry-breakers", default='\\n|:|"|*',
+                   help='single-token texts that stop DRY matching, separated by "|" (default: llama.cpp\'s)')
+    g = p.add_argument_group("outputs")
+    g.add_argument("--top-logprobs", type=int, default=0, help="print the N most likely tokens of each step")
+    g.add_argument("--prompt-logprobs", action="store_true", help="print each prompt's log-likelihood")
     return p
 
 
-def build_sampler(args) -> js.Chain | None:
-    """The default order (SAMPLING.md): temperature -> top_k -> top_p -> min_p -> typical_p.
+# Flag -> (preset keyword, identity value). Only flags set away from their identity value
+# reach the preset, so an order that lacks a method complains only when it is asked for.
+_VALUES = {
+    "temperature": 1.0, "dynatemp_range": 0.0, "dynatemp_exponent": 1.0, "top_k": 0, "top_p": 1.0,
+    "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_n_sigma": float("inf"),
+    "min_tokens_to_keep": 1, "xtc_probability": 0.0, "xtc_threshold": 0.1, "mirostat_tau": None,
+    "mirostat_eta": 0.1, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+    "penalty_window": 0, "no_repeat_ngram": 0, "min_new_tokens": 0, "dry_multiplier": 0.0, "dry_base": 1.75,
+    "dry_allowed_length": 2, "dry_window": 0,
+}
 
-    Filters left at their identity value are omitted (fewer passes over the vocabulary).
+
+def _parse_ids(flag: str, text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"{flag}: expected comma-separated token ids, got {text!r}") from None
+
+
+def _parse_bias(text: str) -> dict[int, float]:
+    try:
+        return {int(k): float(v) for k, v in (pair.split(":") for pair in text.split(",") if pair.strip())}
+    except ValueError:
+        raise ValueError(f'--logit-bias: expected comma-separated "id:bias" pairs, got {text!r}') from None
+
+
+def _single_tokens(tok, texts: list[str]) -> list[int]:
+    ids = []
+    for text in texts:
+        t = tok.encode(text, add_bos=False)
+        if len(t) != 1:
+            raise ValueError(f"--dry-breakers: {text!r} is {len(t)} tokens; each breaker must be one token")
+        ids += t
+    return ids
+
+
+def build_sampler(args, tok: Any = None) -> js.Chain:
+    """The chain of --order from the flags, through `jaxsample.preset_chain`.
+
+    Without a tokenizer (``tok=None``) only the numeric values are built and checked (a
+    fast failure before the model loads); the token-dependent ones (bad words, DRY
+    breakers, the end-of-sequence id for --min-new-tokens) need ``tok``. Stages left at
+    their identity value are pruned (fewer passes over the vocabulary).
     """
+    values = {name: getattr(args, name) for name, identity in _VALUES.items()
+              if getattr(args, name) != identity}
     if args.greedy:
-        return None
-    processors = [js.Temperature(args.temperature)]
-    if args.top_k != 0:
-        processors.append(js.TopK(args.top_k))
-    if args.top_p != 1.0:
-        processors.append(js.TopP(args.top_p))
-    if args.min_p != 0.0:
-        processors.append(js.MinP(args.min_p))
-    if args.typical_p != 1.0:
-        processors.append(js.TypicalP(args.typical_p))
-    return js.chain(*processors)
+        values["temperature"] = 0.0
+    if args.allowed_tokens:
+        values["allowed_tokens"] = _parse_ids("--allowed-tokens", args.allowed_tokens)
+    if args.logit_bias:
+        values["logit_bias"] = _parse_bias(args.logit_bias)
+    if tok is not None:
+        if args.bad_words:
+            values["bad_words"] = [tok.encode(w, add_bos=False) for w in args.bad_words.split("|") if w]
+        if args.min_new_tokens:
+            values["stop_ids"] = [tok.eos_id]
+        if args.dry_multiplier and args.dry_breakers:
+            texts = [b.replace("\\n", "\n") for b in args.dry_breakers.split("|") if b]
+            values["dry_sequence_breakers"] = _single_tokens(tok, texts)
+    elif args.min_new_tokens:
+        values["stop_ids"] = [0]  # placeholder: the end-of-sequence id is known after loading
+    return js.preset_chain(args.order, prune=True, **values)
 
 
-def row_keys(seed: int, num_prompts: int, num_samples: int) -> jax.Array:
-    """Key of sample j of prompt i: fold_in(fold_in(key(seed), i), j); reproducible alone."""
+def prompt_keys(seed: int, num_prompts: int, num_samples: int) -> jax.Array:
+    """One key per prompt for `generate(..., n=num_samples)`.
+
+    Sample j of prompt i uses fold_in(fold_in(key(seed), i), j) (generate folds j in when
+    n > 1; with one sample the j = 0 key is passed), so a sample's text does not depend on
+    --num-samples.
+    """
     base = jax.random.key(seed)
-    return jnp.stack([jax.random.fold_in(jax.random.fold_in(base, i), j)
-                      for i in range(num_prompts) for j in range(num_samples)])
+    keys = jnp.stack([jax.random.fold_in(base, i) for i in range(num_prompts)])
+    if num_samples == 1:
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
+    return keys
+
+
+def _show(tok, token: int) -> str:
+    return repr(tok.decode([int(token)]))
 
 
 def main(argv=None) -> int:
@@ -85,21 +181,33 @@ def main(argv=None) -> int:
         parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.num_samples < 1:
         parser.error(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.top_logprobs < 0:
+        parser.error(f"--top-logprobs must be >= 0, got {args.top_logprobs}")
     try:
-        sampler = build_sampler(args)
+        build_sampler(args)  # checks every value before the model loads
     except ValueError as e:
         parser.error(str(e))
     try:
         lm, tok = load_pretrained(args.checkpoint)
     except (CheckpointError, OSError, ValueError, ImportError) as e:
         parser.error(f"--checkpoint: {e}")
+    try:
+        sampler = build_sampler(args, tok)
+        for flag, ids in (("--allowed-tokens", _parse_ids("", args.allowed_tokens or "")),
+                          ("--logit-bias", list(_parse_bias(args.logit_bias or "")))):
+            if any(not 0 <= i < lm.vocab_size for i in ids):
+                raise ValueError(f"{flag}: token ids must be in [0, {lm.vocab_size}), got {ids}")
+    except ValueError as e:
+        parser.error(str(e))
 
-    texts = [p for p in prompts for _ in range(args.num_samples)]
-    ids, lengths = tok.encode_batch(texts)
-    keys = row_keys(args.seed, len(prompts), args.num_samples)
+    n = args.num_samples
+    texts = [p for p in prompts for _ in range(n)]
+    ids, lengths = tok.encode_batch(prompts)
+    keys = prompt_keys(args.seed, len(prompts), n)
     stop_ids = [tok.eos_id] if args.stop_at_eos else []
     run = lambda: js.generate(lm, ids, lengths, keys, max_new_tokens=args.max_new_tokens, sampler=sampler,
-                              stop_ids=stop_ids, pad_id=tok.pad_id)
+                              stop_ids=stop_ids, pad_id=tok.pad_id, n=n, top_logprobs=args.top_logprobs,
+                              prompt_logprobs=args.prompt_logprobs)
     try:
         t0 = time.perf_counter()
         out = jax.block_until_ready(run())  # compiles, then runs
@@ -112,8 +220,16 @@ def main(argv=None) -> int:
 
     tokens, gen_lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     for i, text in enumerate(texts):
-        tag = f"[{i // args.num_samples}.{i % args.num_samples}]" if args.num_samples > 1 else f"[{i}]"
+        tag = f"[{i // n}.{i % n}]" if n > 1 else f"[{i}]"
         print(f"{tag} {text}{tok.decode(tokens[i, : gen_lengths[i]])}")
+        if args.prompt_logprobs and i % n == 0:
+            lp = np.asarray(out.prompt_logprobs[i // n])
+            print(f"  prompt log-likelihood {lp.sum():.3f} over {int(lengths[i // n]) - 1} tokens")
+        if args.top_logprobs:
+            for t in range(gen_lengths[i]):
+                top = ", ".join(f"{_show(tok, k)} {v:.2f}"
+                                for k, v in zip(out.top_token_ids[i, t], out.top_logprobs[i, t]))
+                print(f"  {_show(tok, tokens[i, t])} {float(out.logprobs_raw[i, t]):.2f} | {top}")
         print()
     n_tokens = int(gen_lengths.sum())
     print(f"compile {max(first - steady, 0.0):.2f} s | generate {steady * 1e3:.0f} ms for {n_tokens} tokens "

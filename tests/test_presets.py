@@ -136,3 +136,38 @@ def test_transformers_chain_equals_transformers_own_processor_list():
             state = ours.update(state, jnp.asarray(ctx[:, i]), jnp.asarray(scores))
         got = np.asarray(apply(ours, state, jnp.asarray(scores)))
         np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=f"after {generated} generated tokens")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_has_a_flag_for_every_method():
+    import importlib.util
+    import os
+
+    from models import ByteTokenizer
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "generate.py")
+    spec = importlib.util.spec_from_file_location("generate_cli", path)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    flags = ("--temperature 0.7 --dynatemp-range 0.2 --top-k 40 --top-p 0.9 --min-p 0.05 --typical-p 0.95 "
+             "--epsilon-cutoff 1e-4 --eta-cutoff 1e-4 --top-n-sigma 2 --xtc-probability 0.5 --xtc-threshold 0.2 "
+             "--mirostat-tau 5 --repetition-penalty 1.1 --presence-penalty 0.3 --frequency-penalty 0.2 "
+             "--penalty-window 64 --no-repeat-ngram 3 --min-new-tokens 4 --allowed-tokens 1,2,3 "
+             "--logit-bias 1:0.5,2:-1 --dry-multiplier 0.8 --dry-window 128").split()
+    args = cli.build_parser().parse_args(flags + ["--bad-words", "ab|c"])
+    c = cli.build_sampler(args, ByteTokenizer())
+    assert names(c) == [
+        "SparseLogitBias", "AllowTokens", "BadWords", "MinNewTokens", "RepetitionPenalty",
+        "PresenceFrequencyPenalty", "NoRepeatNGram", "DRY", "DynamicTemperature", "TopK", "TopP", "MinP",
+        "TypicalP", "EpsilonCutoff", "EtaCutoff", "TopNSigma", "XTC", "MirostatV2"]
+    procs = {type(p).__name__: p for p in c.processors}
+    np.testing.assert_array_equal(procs["BadWords"].sequences, [[97, 98], [99, -1]])
+    np.testing.assert_array_equal(procs["DRY"].sequence_breakers, [10, 58, 34, 42])  # \n : " *
+    np.testing.assert_array_equal(procs["MinNewTokens"].stop_ids, [ByteTokenizer.eos_id])
+    assert procs["RepetitionPenalty"].window == 64 and procs["MirostatV2"].tau == 5.0
+    llama = cli.build_sampler(cli.build_parser().parse_args(["--order", "llamacpp", "--top-k", "40"]))
+    assert names(llama) == ["TopK", "DynamicTemperature"]
+    with pytest.raises(ValueError, match="vLLM has no no_repeat_ngram"):
+        cli.build_sampler(cli.build_parser().parse_args(["--order", "vllm", "--no-repeat-ngram", "2"]))
