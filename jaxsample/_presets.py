@@ -19,10 +19,10 @@ Where the order changes results (see ``docs/methods.md``):
   to the largest probability, which truncation never removes, so the kept set is the
   same unless top-k/top-p run later on the min-p-filtered distribution (top-p's mass
   is then renormalised over fewer tokens).
-* Penalties come before temperature everywhere: a repetition penalty divides the
-  logit, so ``penalty 1.3, T 0.7`` differs from the other order for sign-changing
-  ``x``. Bans (no-repeat n-gram, bad words, min_new_tokens, allow lists) commute with
-  everything before a truncation.
+* Penalties come before temperature everywhere. Subtracted penalties (presence,
+  frequency, DRY) do not commute with it: ``(x - a) / T != x / T - a``; the repetition
+  penalty (a sign-preserving scaling) does. Bans (no-repeat n-gram, bad words,
+  min_new_tokens, allow lists) commute with everything before a truncation.
 * llama.cpp's mirostat mode replaces the whole chain by ``logit bias -> temperature ->
   mirostat``.
 
