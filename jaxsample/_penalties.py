@@ -28,7 +28,6 @@ value is a scalar or one value per row (``[B]``).
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, ClassVar, NamedTuple
 
@@ -216,8 +215,8 @@ def _check_values(fn: str, batch_shape: tuple[int, ...], **values: Any) -> None:
         _val.check_batch_shape(fn, name, value, batch_shape)
 
 
-def _float_field(obj: Any, name: str, low: float, high: float, *, low_closed=True,
-                 high_closed=False) -> None:
+def _float_field(obj: Any, name: str, low: float, high: float, *, low_closed: bool = True,
+                 high_closed: bool = False) -> None:
     """Validates and canonicalises a float field (Python float, or an array leaf)."""
     fn = type(obj).__name__
     value = _host_array(getattr(obj, name), np.float32)
@@ -239,7 +238,7 @@ def _ids_field(obj: Any, name: str, ndim: tuple[int, ...]) -> None:
     fn = type(obj).__name__
     value = getattr(obj, name)
     if isinstance(value, (list, tuple)):
-        value = np.asarray(value, np.int32).reshape(-1) if len(value) == 0 else np.asarray(value, np.int32)
+        value = np.asarray(value, np.int32) if len(value) else np.zeros((0,), np.int32)
     if np.ndim(value) not in ndim:
         raise ValueError(f"{fn}: {name} must have {' or '.join(map(str, ndim))} axes, got shape "
                          f"{np.shape(value)}")

@@ -47,7 +47,7 @@ def test_top_logprobs_are_the_top_of_the_raw_log_softmax_and_padded():
     model = table_model(2)
     k = 3
     out = js.generate(model, PROMPTS, LENGTHS, keys_for(1, 2), max_new_tokens=6,
-                      sampler=js.default_chain(temperature=1.5), stop_ids=[7], pad_id=0, top_logprobs=k)
+                      sampler=js.chain(js.Temperature(1.5)), stop_ids=[7], pad_id=0, top_logprobs=k)
     table = np.asarray(model.table, np.float64)
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     for r in range(2):
