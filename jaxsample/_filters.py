@@ -10,8 +10,12 @@ Conventions (the contract is ``shared/SAMPLING.md``):
   ``logits.shape[:-1]`` (one value per row). Values are traced: they are never used in
   Python control flow, so changing one never recompiles.
 * Every truncation is "find a per-row threshold, keep ``score >= threshold``", with the
-  thresholds found by :mod:`jaxsample._select`. Ties at a boundary are therefore always
-  kept, and a sort-free selection keeps exactly the same set.
+  thresholds found by :mod:`jaxsample._select` without sorting the vocabulary (radix
+  select on the float bits, a ``lax.top_k`` candidate window first on CPU). Ties at a
+  boundary are therefore always kept, and the kept set is the one a sort would give.
+* Work that every row has disabled (top-k with ``k = 0``, top-p with ``p = 1``, ...,
+  the greedy branch of :func:`temperature`) is skipped behind a batch-wide
+  ``lax.cond``, so a chain that always carries every stage pays only for what it uses.
 * A truncation never empties a row: the ``min_tokens_to_keep`` highest-logit tokens (and
   any ties with the last of them) always survive. Only explicit masks
   (:func:`ban_tokens`, :func:`allow_tokens`, a ``-inf`` bias) can empty a row; a row
@@ -87,6 +91,25 @@ def _top_m_value(x: Array, min_tokens_to_keep: int) -> Array:
     return _select.kth_largest(x, min_tokens_to_keep)
 
 
+def _select_input(logits: Array, x: Array) -> Array:
+    """What the selection runs on: 16-bit logits as they are (their 16-bit keys need
+    one radix pass, and their float32 values are exact), anything else as float32."""
+    return logits if jnp.dtype(logits.dtype).itemsize == 2 else x
+
+
+def _first_max_index(x: Array) -> Array:
+    """``argmax`` over the last axis (lowest index on ties), as ``int32[..., 1]``.
+
+    A max and a min over the vocabulary: XLA:CPU's variadic argmax reduction is
+    several times slower than two plain reductions. (Rows with a NaN give no
+    guarantee, as everywhere in the filters.)
+    """
+    top = jnp.max(x, axis=-1, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    first = jnp.min(jnp.where(x == top, iota, x.shape[-1]), axis=-1, keepdims=True)
+    return jnp.minimum(first, x.shape[-1] - 1)
+
+
 def _entropy(logq: Array) -> Array:
     """Shannon entropy (nats) ``H = -sum_i q_i ln q_i`` per row, ``0 ln 0 = 0``."""
     q = jnp.exp(logq)
@@ -97,8 +120,8 @@ def _unless_all_disabled(disabled: Array, fn, logits: Array) -> Array:
     """``fn(logits)``, skipped (identity) when every row has the disabled value.
 
     A batch-wide predicate: a chain that always carries e.g. a top-k stage pays for its
-    sort only when some row enables it. (Under ``vmap`` the ``cond`` becomes a select
-    and both branches run, which is still correct.)
+    selection only when some row enables it. (Under ``vmap`` the ``cond`` becomes a
+    select and both branches run, which is still correct.)
     """
     return jax.lax.cond(jnp.all(disabled), lambda x: x, fn, logits)
 
@@ -150,10 +173,16 @@ def _temperature(logits: Array, t: ArrayLike) -> Array:
     t = _per_row(t)  # [..., 1]
     is_greedy = t == 0
     scaled = x / jnp.where(is_greedy, 1.0, t)
-    top = jnp.argmax(x, axis=-1, keepdims=True)  # [..., 1], lowest index on ties
-    is_top = jnp.arange(x.shape[-1]) == top  # [..., V]
-    greedy = jnp.where(is_top, x, -jnp.inf)
-    return jnp.where(is_greedy, greedy, scaled).astype(logits.dtype)
+
+    def with_greedy_rows(scaled):
+        top = _first_max_index(x)  # [..., 1], lowest index on ties
+        is_top = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1) == top
+        greedy = jnp.where(is_top, x, -jnp.inf)
+        return jnp.where(is_greedy, greedy, scaled)
+
+    # The arg-max pass only when some row is greedy (a batch-wide predicate).
+    out = jax.lax.cond(jnp.any(is_greedy), with_greedy_rows, lambda s: s, scaled)
+    return out.astype(logits.dtype)
 
 
 # ----------------------------------------------------------------------------- truncations
@@ -170,7 +199,9 @@ def top_k(logits: ArrayLike, k: ArrayLike, *, min_tokens_to_keep: int = 1) -> Ar
     Args:
       logits: ``[..., V]`` floating array.
       k: integer ``>= 0``, scalar or broadcastable to ``logits.shape[:-1]``. A static
-        Python int uses ``lax.top_k``; an array (traced) uses a sort.
+        Python int or a traced array (any value per row, no static cap); neither sorts
+        the vocabulary (``lax.top_k`` for a small static k, a candidate window, radix
+        select).
       min_tokens_to_keep: static int ``>= 1``.
 
     Returns:
@@ -197,7 +228,8 @@ def top_k(logits: ArrayLike, k: ArrayLike, *, min_tokens_to_keep: int = 1) -> Ar
 @functools.partial(jax.jit, static_argnums=1)
 def _top_k_static(logits: Array, k: int) -> Array:
     x = logits.astype(_F32)
-    return _keep(logits, x >= _select.kth_largest(x, k)[..., None])
+    threshold = _select.kth_largest(_select_input(logits, x), k).astype(_F32)
+    return _keep(logits, x >= threshold[..., None])
 
 
 @functools.partial(jax.jit, static_argnames="min_tokens_to_keep")
@@ -209,7 +241,7 @@ def _top_k(logits: Array, k: ArrayLike, min_tokens_to_keep: int) -> Array:
 
     def run(logits):
         x = logits.astype(_F32)
-        threshold = _select.kth_largest(x, k_eff)  # [...]
+        threshold = _select.kth_largest(_select_input(logits, x), k_eff).astype(_F32)
         return _keep(logits, x >= threshold[..., None])
 
     return _unless_all_disabled(off, run, logits)
@@ -246,7 +278,8 @@ def top_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -> Ar
 def _top_p(logits: Array, p: ArrayLike, min_tokens_to_keep: int) -> Array:
     def run(logits):
         x = logits.astype(_F32)
-        threshold = _select.mass_threshold(x, None, p)  # [...] logit threshold, q weights
+        # [...] logit threshold, softmax weights
+        threshold = _select.mass_threshold(_select_input(logits, x), None, p).astype(_F32)
         return _truncate(logits, threshold, min_tokens_to_keep)
 
     return _unless_all_disabled(jnp.asarray(p) >= 1, run, logits)
@@ -281,9 +314,12 @@ def min_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -> Ar
 
 @functools.partial(jax.jit, static_argnames="min_tokens_to_keep")
 def _min_p(logits: Array, p: ArrayLike, min_tokens_to_keep: int) -> Array:
-    x = logits.astype(_F32)
-    threshold = jnp.max(x, axis=-1) + jnp.log(jnp.asarray(p, _F32))  # [...]
-    return _truncate(logits, threshold, min_tokens_to_keep)
+    def run(logits):
+        x = logits.astype(_F32)
+        threshold = jnp.max(x, axis=-1) + jnp.log(jnp.asarray(p, _F32))  # [...]
+        return _truncate(logits, threshold, min_tokens_to_keep)
+
+    return _unless_all_disabled(jnp.asarray(p) <= 0, run, logits)
 
 
 def typical_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -> Array:

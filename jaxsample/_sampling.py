@@ -59,10 +59,40 @@ def _uniform_per_row(key: ArrayLike, batch_shape: tuple[int, ...]) -> Array:
 
 
 def _valid_rows(x: Array) -> tuple[Array, Array]:
-    """(valid ``[...]``, row max ``[..., 1]``) for float32 logits ``x``."""
+    """(valid ``[...]``, row max ``[..., 1]``) for float32 logits ``x``.
+
+    XLA's max propagates NaN, so a row with a NaN has a NaN max: one reduction decides
+    "some finite logit, no NaN, no ``+inf``".
+    """
     row_max = jnp.max(x, axis=-1, keepdims=True)  # [..., 1]
-    valid = jnp.isfinite(row_max[..., 0]) & ~jnp.any(jnp.isnan(x), axis=-1)
+    valid = jnp.isfinite(row_max[..., 0])
     return valid, row_max
+
+
+#: Block of the two-level inverse CDF: block sums, a running sum over blocks, then a
+#: running sum inside one block. No running sum over the whole vocabulary (slow on
+#: XLA:CPU) and no arg-max over it.
+_BLOCK = 256
+
+
+def _first_true(hit: Array, fill: int) -> Array:
+    """Lowest index along the last axis where ``hit`` holds, else ``fill`` (``int32``)."""
+    iota = jax.lax.broadcasted_iota(jnp.int32, hit.shape, hit.ndim - 1)
+    return jnp.min(jnp.where(hit, iota, fill), axis=-1)
+
+
+def _pick_in(e: Array, base: Array, target: Array) -> Array:
+    """First ``i`` with ``base + cumsum(e)_i > target`` and ``e_i > 0`` (rows of ``e``).
+
+    If float rounding leaves no such ``i`` (the caller guarantees positive mass), the
+    last ``i`` with ``e_i > 0``.
+    """
+    cdf = base[:, None] + jnp.cumsum(e, axis=-1)
+    live = e > 0
+    first = _first_true((cdf > target[:, None]) & live, e.shape[-1])
+    iota = jax.lax.broadcasted_iota(jnp.int32, e.shape, 1)
+    last_live = jnp.max(jnp.where(live, iota, 0), axis=-1)
+    return jnp.where(first < e.shape[-1], first, last_live)
 
 
 def sample(key: ArrayLike, logits: ArrayLike) -> Array:
@@ -116,19 +146,40 @@ def inverse_cdf(u: Array, logits: Array) -> Array:
 
     Returns the first ``i`` with ``cumsum(e)_i > u * W`` and ``e_i > 0``, where
     ``e = exp(x - max x)`` and ``W`` is the total mass; ``-1`` for an invalid row.
+    The running sum is two-level (sums of blocks of 256, their running sum, then the
+    running sum inside the chosen block), which is the same function up to float32
+    rounding, and a token with ``e_i = 0`` is never returned.
     """
     x = logits.astype(_F32)  # [..., V]
+    batch, vocab = x.shape[:-1], x.shape[-1]
+    x = x.reshape(-1, vocab)  # [R, V]
+    u = jnp.broadcast_to(u, batch).reshape(-1)
     valid, row_max = _valid_rows(x)
-    e = jnp.exp(x - row_max)  # [..., V], the arg-max has e = 1
-    cdf = jnp.cumsum(e, axis=-1)  # [..., V]
-    live = e > 0
-    # The total is the largest running mass at a live token, so some live token has
-    # cdf > target even if a parallel prefix sum is not exactly monotone.
-    total = jnp.max(jnp.where(live, cdf, 0.0), axis=-1)  # [...]
-    target = jnp.minimum(u * total, jnp.nextafter(total, jnp.zeros_like(total)))
-    hit = (cdf > target[..., None]) & live  # [..., V]
-    token = jnp.argmax(hit, axis=-1).astype(jnp.int32)  # first hit
-    return jnp.where(valid, token, jnp.int32(-1))
+    e = jnp.exp(x - row_max)  # [R, V], the arg-max has e = 1
+    if vocab <= 2 * _BLOCK:
+        cdf = jnp.cumsum(e, axis=-1)
+        # The total is the largest running mass, so some live token has cdf > target
+        # even if a parallel prefix sum is not exactly monotone.
+        total = jnp.max(cdf, axis=-1)
+        target = jnp.minimum(u * total, jnp.nextafter(total, jnp.zeros_like(total)))
+        token = _pick_in(e, jnp.zeros_like(total), target)
+    else:
+        pad = -vocab % _BLOCK
+        if pad:
+            e = jnp.pad(e, ((0, 0), (0, pad)))  # zero mass: never drawn
+        blocks = e.reshape(e.shape[0], -1, _BLOCK)  # [R, nb, 256]
+        block_cdf = jnp.cumsum(jnp.sum(blocks, axis=-1), axis=-1)  # [R, nb]
+        total = jnp.max(block_cdf, axis=-1)
+        target = jnp.minimum(u * total, jnp.nextafter(total, jnp.zeros_like(total)))
+        # First block whose running mass passes the target: it has positive mass.
+        j = _first_true(block_cdf > target[:, None], block_cdf.shape[-1])
+        j = jnp.minimum(j, block_cdf.shape[-1] - 1)
+        before = jnp.where(
+            j > 0, jnp.take_along_axis(block_cdf, jnp.maximum(j - 1, 0)[:, None], 1)[:, 0], 0.0)
+        inner = jnp.take_along_axis(blocks, j[:, None, None], axis=1)[:, 0]  # [R, 256]
+        token = j * _BLOCK + _pick_in(inner, before, target)
+    token = jnp.where(valid, token.astype(jnp.int32), jnp.int32(-1))
+    return token.reshape(batch)
 
 
 def greedy(logits: ArrayLike) -> Array:
@@ -152,8 +203,11 @@ def greedy(logits: ArrayLike) -> Array:
 @jax.jit
 def _greedy(logits: Array) -> Array:
     x = logits.astype(_F32)
-    valid, _ = _valid_rows(x)
-    return jnp.where(valid, jnp.argmax(x, axis=-1).astype(jnp.int32), jnp.int32(-1))
+    valid, row_max = _valid_rows(x)
+    # argmax as a max and a min (lowest index on ties): XLA:CPU's arg-max reduction is
+    # several times slower than two plain ones.
+    first = _first_true(x == row_max, x.shape[-1])
+    return jnp.where(valid, first, jnp.int32(-1))
 
 
 def token_logprobs(logits: ArrayLike, tokens: ArrayLike) -> Array:
@@ -188,8 +242,13 @@ def token_logprobs(logits: ArrayLike, tokens: ArrayLike) -> Array:
 @jax.jit
 def _token_logprobs(logits: Array, tokens: Array) -> Array:
     vocab = logits.shape[-1]
-    logp = jax.nn.log_softmax(logits.astype(_F32), axis=-1)  # [..., V]
+    x = logits.astype(_F32)  # [..., V]
+    # log_softmax(x)[t] = (x_t - max) - log(sum(exp(x - max))), the same arithmetic as
+    # jax.nn.log_softmax, without writing the [..., V] log-probs out.
+    row_max = jnp.max(x, axis=-1)  # [...]
+    log_total = jnp.log(jnp.sum(jnp.exp(x - row_max[..., None]), axis=-1))
     index = jnp.clip(tokens, 0, vocab - 1).astype(jnp.int32)[..., None]
-    picked = jnp.take_along_axis(logp, index, axis=-1)[..., 0]
+    picked = jnp.take_along_axis(x, index, axis=-1)[..., 0]
+    logp = (picked - row_max) - log_total
     in_range = (tokens >= 0) & (tokens < vocab)
-    return jnp.where(in_range, picked, jnp.float32(np.nan))
+    return jnp.where(in_range, logp, jnp.float32(np.nan))

@@ -5,32 +5,317 @@ Every truncation filter in :mod:`jaxsample._filters` is written as
     threshold = <one of the primitives below>(...)      # [...]
     keep      = score >= threshold[..., None]           # [..., V]
 
-so the filters never depend on *how* a threshold is found. This module is the seam:
-the implementations here are plain sort / ``lax.top_k`` based; a sort-free
-implementation (radix select on the float bits, bisection on the threshold) can
-replace it as long as it returns the same values, which are defined by sets, not by
-positions in a sort:
+so the filters never depend on *how* a threshold is found. The values are defined by
+sets, not by positions in a sort:
 
 * ``kth_largest(x, k)`` is the largest value ``t`` in the row with
   ``#{i : x_i >= t} >= k``.
 * ``mass_threshold(s, w, p)`` is the largest value ``t`` in the row with
   ``sum(w_i : s_i >= t) >= p * sum(w)``.
 
+Both are found **without sorting the vocabulary** (``method="auto"``):
+
+1. *Order-preserving keys.* A float maps to an unsigned integer with the same order
+   (:func:`ordered_keys`: set the sign bit of a non-negative float, invert every bit of
+   a negative one; ``-0.0`` becomes ``+0.0``, every NaN the largest key). float32 gives
+   32-bit keys; bfloat16 / float16 give 16-bit keys (their values, compared in float32,
+   are exact).
+2. *Radix select* (:func:`radix_select`): the answer is the largest key ``T`` with
+   ``sum(w_i : key_i >= T) >= target``. It is built a digit at a time, most significant
+   first. Each pass makes the weighted histogram of the next digit over the elements
+   that share the digits chosen so far, and picks the largest digit whose suffix mass
+   (plus the mass of every element with a larger prefix) still reaches the target; that
+   digit's bucket is never empty, so ``T`` is always the key of an element of the row
+   and the threshold is an actual element value. Two engines:
+
+   * ``"scatter"``: one scatter-add histogram of ``2**bits`` buckets per row and pass,
+     then a two-level suffix sum over the buckets (block sums, then one block). float32
+     in two 16-bit passes, 16-bit floats in one. The default on CPU, where a
+     scatter-add over the vocabulary costs a few reduction passes and a sort a hundred.
+   * ``"compare"``: for a ``b``-bit digit, the masses above the ``2**b - 1`` candidate
+     thresholds are counted directly (compare and sum over the vocabulary, no scatter).
+     Eight 4-bit passes for float32. The default on GPU and TPU, where a scatter-add
+     means atomics (and is slow on TPU) while a fused compare-and-reduce runs at memory
+     speed.
+
+   Counts (top-k) are integers: exact. Masses are float32 sums, accumulated in a
+   different order than a sort's running sum, so a row whose running mass lies within
+   float32 rounding (relative ~1e-6) of ``p * total`` may be decided differently; the
+   guards keep the row non-empty and the threshold an element value.
+3. *Candidate window* (CPU): ``lax.top_k`` of a small static window (64) decides
+   most rows exactly: a traced ``k`` up to the window, and a mass threshold whose
+   crossing lies inside the window (peaked distributions). The radix select runs
+   behind a batch-wide ``lax.cond`` only when some row needs it, and the window is
+   skipped when it provably cannot decide (``window * max(w) < p * total``, flat
+   distributions). Under ``vmap`` both branches of a ``cond`` run (still exact).
+
+``method="sort"`` is the original full-sort implementation, kept as the reference path
+(tests, benchmark). A :class:`Plan` instead of a method name fixes the engine, the digit
+widths and the window (tests use this to check every path on CPU).
+
 All functions work on the last axis and broadcast over the leading ones.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import operator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["kth_largest", "mass_threshold"]
+__all__ = [
+    "kth_largest",
+    "mass_threshold",
+    "Plan",
+    "default_plan",
+    "ordered_keys",
+    "from_ordered_keys",
+    "radix_select",
+]
+
+Array = jax.Array
+
+_U32 = jnp.uint32
+_F32 = jnp.float32
 
 
-def kth_largest(x: jax.Array, k) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How the sort-free selection runs (static: part of the traced program).
+
+    Attributes:
+      engine: ``"scatter"`` (histogram by scatter-add) or ``"compare"`` (count the
+        mass above each candidate digit).
+      digits32: digit widths, most significant first, for 32-bit keys (sum 32).
+      digits16: digit widths for 16-bit keys (bfloat16 / float16 scores; sum 16).
+      window: static size of the ``lax.top_k`` candidate window tried first for a
+        traced ``k`` and for mass thresholds; 0 disables it.
+      top_k_static_max: a static ``k`` up to this uses ``lax.top_k(x, k)`` directly.
+    """
+
+    engine: str = "scatter"
+    digits32: tuple[int, ...] = (16, 16)
+    digits16: tuple[int, ...] = (16,)
+    window: int = 64
+    top_k_static_max: int = 256
+
+    def __post_init__(self) -> None:
+        if self.engine not in ("scatter", "compare"):
+            raise ValueError(f"Plan: engine must be 'scatter' or 'compare', got {self.engine!r}")
+        for name, total in (("digits32", 32), ("digits16", 16)):
+            digits = tuple(getattr(self, name))
+            if sum(digits) != total or any(d < 1 or d > 16 for d in digits):
+                raise ValueError(
+                    f"Plan: {name} must be widths in [1, 16] summing to {total}, got {digits}")
+            object.__setattr__(self, name, digits)
+        if self.engine == "compare" and max(self.digits32 + self.digits16) > 8:
+            raise ValueError("Plan: the compare engine takes digits of at most 8 bits "
+                             "(2**bits - 1 candidates per pass)")
+        if self.window < 0 or self.top_k_static_max < 0:
+            raise ValueError("Plan: window and top_k_static_max must be >= 0")
+
+
+#: CPU: scatter-add histograms (2 passes for float32), top-64 candidate window.
+CPU_PLAN = Plan("scatter", (16, 16), (16,), window=64, top_k_static_max=256)
+#: GPU / TPU: compare-and-count, 4 bits a pass, no lax.top_k window (it sorts there).
+ACCELERATOR_PLAN = Plan("compare", (4,) * 8, (4,) * 4, window=0, top_k_static_max=16)
+
+
+def default_plan(backend: str | None = None) -> Plan:
+    """The plan ``method="auto"`` uses on ``backend`` (default: ``jax.default_backend()``)."""
+    backend = jax.default_backend() if backend is None else backend
+    return CPU_PLAN if backend == "cpu" else ACCELERATOR_PLAN
+
+
+def _resolve(method: Any) -> Plan | None:
+    """``None`` for the sort reference, else the :class:`Plan` to use."""
+    if isinstance(method, Plan):
+        return method
+    if method == "sort":
+        return None
+    if method in ("auto", "radix"):
+        plan = default_plan()
+        return dataclasses.replace(plan, window=0) if method == "radix" else plan
+    raise ValueError(f"method must be 'auto', 'radix', 'sort' or a Plan, got {method!r}")
+
+
+# ----------------------------------------------------------------------------- keys
+
+
+def _key_bits(dtype: Any) -> int:
+    return 16 if jnp.dtype(dtype).itemsize == 2 else 32
+
+
+def ordered_keys(x: Array) -> Array:
+    """Order-preserving unsigned keys of a float array, as ``uint32``.
+
+    float32 (and float64, computed in float32) gives 32-bit keys, bfloat16 / float16
+    16-bit keys (in the low bits). ``a < b`` iff ``key(a) < key(b)`` for non-NaN
+    floats; ``-0.0`` and ``+0.0`` get the same key; ``-inf`` gets the smallest non-NaN
+    key; every NaN gets the largest key (a sort puts NaN last too).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> k = ordered_keys(jnp.array([-jnp.inf, -1.0, -0.0, 0.0, 2.0]))
+      >>> bool(jnp.all(k[1:] >= k[:-1])), bool(k[2] == k[3])
+      (True, True)
+    """
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(_F32)
+    bits = _key_bits(x.dtype)
+    if bits == 32 and x.dtype != _F32:
+        x = x.astype(_F32)
+    x = jnp.where(x == 0, jnp.zeros_like(x), x)  # -0.0 -> +0.0
+    if bits == 16:
+        b = lax.bitcast_convert_type(x, jnp.uint16).astype(_U32)
+        sign, full = _U32(0x8000), _U32(0xFFFF)
+        key = jnp.where(b >= sign, (~b) & full, b | sign)
+    else:
+        b = lax.bitcast_convert_type(x, _U32)
+        sign, full = _U32(0x80000000), _U32(0xFFFFFFFF)
+        key = jnp.where(b >= sign, ~b, b | sign)
+    return jnp.where(jnp.isnan(x), full, key)
+
+
+def from_ordered_keys(key: Array, dtype: Any = _F32) -> Array:
+    """Inverse of :func:`ordered_keys` (``-0.0`` comes back as ``+0.0``)."""
+    dtype = jnp.dtype(dtype)
+    if _key_bits(dtype) == 16:
+        sign = _U32(0x8000)
+        b = jnp.where(key >= sign, key & _U32(0x7FFF), (~key) & _U32(0xFFFF))
+        return lax.bitcast_convert_type(b.astype(jnp.uint16), dtype)
+    sign = _U32(0x80000000)
+    b = jnp.where(key >= sign, key & _U32(0x7FFFFFFF), ~key)
+    out = lax.bitcast_convert_type(b, _F32)
+    return out if dtype == _F32 else out.astype(dtype)
+
+
+# ----------------------------------------------------------------------------- radix select
+
+
+def _rev_cumsum(h: Array) -> Array:
+    """Inclusive suffix sums along the last (small) axis."""
+    return jnp.flip(jnp.cumsum(jnp.flip(h, -1), axis=-1), -1)
+
+
+def _pick(hist: Array, above: Array, target: Array) -> tuple[Array, Array]:
+    """Largest non-empty bucket ``d`` with ``above + sum(hist[d:]) >= target``.
+
+    ``hist`` is ``[R, n]`` (bucket masses of the elements sharing the current prefix),
+    ``above`` ``[R]`` the mass of the elements with a larger prefix. If rounding leaves
+    no bucket passing, the smallest non-empty bucket is taken (everything is kept).
+    Returns ``(d int32 [R], above + sum(hist[d+1:]))``.
+    """
+    iota = lax.broadcasted_iota(jnp.int32, hist.shape, 1)
+    n = hist.shape[-1]
+    incl = _rev_cumsum(hist)  # [R, n]
+    excl = jnp.concatenate([incl[:, 1:], jnp.zeros_like(incl[:, :1])], axis=1)
+    live = hist > 0
+    ok = live & (above[:, None] + incl >= target[:, None])
+    best = jnp.max(jnp.where(ok, iota, -1), axis=1)
+    lowest = jnp.min(jnp.where(live, iota, n), axis=1)
+    d = jnp.where(best >= 0, best, jnp.where(lowest < n, lowest, 0))
+    rest = jnp.take_along_axis(excl, d[:, None], axis=1)[:, 0]
+    return d, above + rest
+
+
+def _pick_two_level(hist: Array, above: Array, target: Array) -> tuple[Array, Array]:
+    """:func:`_pick` over ``2**b`` buckets as block sums, then one block (no big cumsum)."""
+    rows, n = hist.shape
+    if n <= 64:
+        return _pick(hist, above, target)
+    n_lo = 1 << ((n.bit_length() - 1) // 2)
+    blocks = hist.reshape(rows, n // n_lo, n_lo)
+    j, above_j = _pick(jnp.sum(blocks, axis=2), above, target)  # block, mass above it
+    inner = jnp.take_along_axis(blocks, j[:, None, None], axis=1)[:, 0]  # [R, n_lo]
+    l, above_l = _pick(inner, above_j, target)
+    return j * n_lo + l, above_l
+
+
+def _scatter_pass(keys, weights, target, prefix, above, shift, width, first):
+    rows, vocab = keys.shape
+    n = 1 << width
+    digit = (lax.shift_right_logical(keys, _U32(shift)) & _U32(n - 1)).astype(jnp.int32)
+    index = digit + (lax.broadcasted_iota(jnp.int32, keys.shape, 0) * n)  # [R, V]
+    if not first:  # only the elements that share the digits chosen so far
+        hi = shift + width
+        same = lax.shift_right_logical(keys, _U32(hi)) == lax.shift_right_logical(
+            prefix, _U32(hi))[:, None]
+        index = jnp.where(same, index, rows * n)  # out of range: dropped
+    if weights is None:
+        updates = jnp.ones((), jnp.int32)
+        hist = jnp.zeros((rows * n,), jnp.int32)
+    else:
+        updates = weights.reshape(-1)
+        hist = jnp.zeros((rows * n,), weights.dtype)
+    hist = hist.at[index.reshape(-1)].add(updates, mode="drop").reshape(rows, n)
+    return _pick_two_level(hist, above, target)
+
+
+def _compare_pass(keys, weights, target, prefix, shift, width):
+    n = 1 << width
+    digits = jnp.arange(1, n, dtype=_U32)  # [C]
+    cand = prefix[:, None] | (digits << _U32(shift))[None, :]  # [R, C]
+    above = keys[:, None, :] >= cand[:, :, None]  # [R, C, V]
+    if weights is None:
+        mass = jnp.sum(above, axis=2, dtype=jnp.int32)
+    else:
+        mass = jnp.sum(jnp.where(above, weights[:, None, :], 0), axis=2)
+    ok = mass >= target[:, None]  # [R, C]
+    return jnp.max(jnp.where(ok, digits.astype(jnp.int32)[None, :], 0), axis=1)
+
+
+def radix_select(keys: Array, weights: Array | None, target: Array, *, bits: int = 32,
+                 plan: Plan = CPU_PLAN) -> Array:
+    """Largest key ``T`` (a key of the row) with ``sum(w_i : key_i >= T) >= target``.
+
+    Args:
+      keys: ``uint32 [R, V]`` order-preserving keys (:func:`ordered_keys`) with
+        ``bits`` significant bits.
+      weights: ``[R, V]`` non-negative weights, or ``None`` for counts (weight 1).
+      target: ``[R]``; int32 for counts, the weights' dtype otherwise. Should be at
+        most the row total; if it is not (float rounding), the smallest key with a
+        positive weight is returned.
+      bits: 32 or 16.
+      plan: engine and digit widths.
+
+    Returns:
+      ``uint32 [R]``.
+    """
+    rows = keys.shape[0]
+    digits = plan.digits32 if bits == 32 else plan.digits16
+    prefix = jnp.zeros((rows,), _U32)
+    above = jnp.zeros((rows,), target.dtype)
+    shift = bits
+    for width in digits:
+        shift -= width
+        if plan.engine == "scatter":
+            d, above = _scatter_pass(keys, weights, target, prefix, above, shift, width,
+                                     first=shift + width == bits)
+        else:
+            d = _compare_pass(keys, weights, target, prefix, shift, width)
+        prefix = prefix | (d.astype(_U32) << _U32(shift))
+    if plan.engine == "compare":
+        # Snap to an element: in exact arithmetic T already is one; this makes it so
+        # even when rounding made the per-candidate sums non-monotone.
+        full = _U32(0xFFFFFFFF)
+        snapped = jnp.min(jnp.where(keys >= prefix[:, None], keys, full), axis=1)
+        prefix = jnp.where(snapped == full, prefix, snapped)
+    return prefix
+
+
+# ----------------------------------------------------------------------------- kth_largest
+
+
+def _rows(x: Array) -> Array:
+    return x.reshape(-1, x.shape[-1])
+
+
+def kth_largest(x: jax.Array, k, *, method: Any = "auto") -> jax.Array:
     """The ``k``-th largest value of each row (1-based, duplicates counted).
 
     Math: ``kth_largest(x, k) = max{t in x : #{i : x_i >= t} >= k}``, with ``k``
@@ -39,8 +324,10 @@ def kth_largest(x: jax.Array, k) -> jax.Array:
 
     Args:
       x: ``[..., V]`` float array (``-inf`` allowed; NaN rows give no guarantee).
-      k: a static Python ``int`` (uses ``lax.top_k``) or an integer array
-        broadcastable to ``x.shape[:-1]`` (traced; uses a full sort).
+      k: a static Python ``int`` or an integer array broadcastable to
+        ``x.shape[:-1]`` (traced: any per-row value, no static cap).
+      method: ``"auto"`` (sort-free: candidate window, then radix select), ``"radix"``
+        (radix select only), ``"sort"`` (the full-sort reference) or a :class:`Plan`.
 
     Returns:
       ``[...]`` array of ``x.dtype``.
@@ -52,11 +339,46 @@ def kth_largest(x: jax.Array, k) -> jax.Array:
       >>> kth_largest(jnp.array([[1.0, 3.0, 3.0, 2.0]]), jnp.array([4]))
       Array([1.], dtype=float32)
     """
+    x = jnp.asarray(x)
+    plan = _resolve(method)
     vocab = x.shape[-1]
+    batch = x.shape[:-1]
     try:
         k_static = operator.index(k)
     except TypeError:
         k_static = None
+    if plan is None:
+        return _kth_largest_sort(x, k, k_static)
+    if k_static is not None:
+        k_static = min(max(k_static, 1), vocab)
+        if k_static <= plan.top_k_static_max:
+            values, _ = lax.top_k(x, k_static)  # [..., k]
+            return values[..., k_static - 1]
+        k = k_static
+    k = jnp.clip(jnp.broadcast_to(jnp.asarray(k).astype(jnp.int32), batch), 1, vocab)
+    flat_x, flat_k = _rows(x), k.reshape(-1)
+
+    def radix(_):
+        bits = _key_bits(x.dtype)
+        key = radix_select(ordered_keys(flat_x), None, flat_k, bits=bits, plan=plan)
+        return from_ordered_keys(key, x.dtype)
+
+    window = min(plan.window, vocab)
+    if window == 0 or (k_static is not None and k_static > window):
+        return radix(None).reshape(batch)
+
+    def from_window(_):
+        values, _ = lax.top_k(flat_x, window)  # [R, W]
+        index = jnp.minimum(flat_k, window)[:, None] - 1
+        return jnp.take_along_axis(values, index, axis=1)[:, 0]
+
+    out = lax.cond(jnp.any(flat_k > window), radix, from_window, None)
+    return out.reshape(batch)
+
+
+def _kth_largest_sort(x: Array, k: Any, k_static: int | None) -> Array:
+    """The reference: ``lax.top_k`` for a static ``k``, a full sort for a traced one."""
+    vocab = x.shape[-1]
     if k_static is not None:
         k_static = min(max(k_static, 1), vocab)
         values, _ = lax.top_k(x, k_static)  # [..., k]
@@ -67,7 +389,11 @@ def kth_largest(x: jax.Array, k) -> jax.Array:
     return jnp.take_along_axis(ascending, index, axis=-1)[..., 0]
 
 
-def mass_threshold(scores: jax.Array, weights: jax.Array | None, p) -> jax.Array:
+# ----------------------------------------------------------------------------- mass_threshold
+
+
+def mass_threshold(scores: jax.Array, weights: jax.Array | None, p, *,
+                   method: Any = "auto") -> jax.Array:
     """Largest score whose upper set holds at least a fraction ``p`` of the mass.
 
     Math: with ``W = sum_i w_i``,
@@ -75,7 +401,8 @@ def mass_threshold(scores: jax.Array, weights: jax.Array | None, p) -> jax.Array
     ``p >= 1`` (so ``p = 1`` keeps everything even when fp32 rounding makes the
     running mass reach ``W`` early). Equivalently: sort by score descending, let ``m``
     be the first position where the running mass reaches ``p * W``, ``t = s[m]``;
-    all ties with ``s[m]`` are inside ``scores >= t``.
+    all ties with ``s[m]`` are inside ``scores >= t``. A row with no finite score
+    (``weights=None``) gives ``-inf``.
 
     Nucleus (top-p) uses ``scores = logits`` with the default softmax weights; locally
     typical sampling uses ``scores = -|surprisal - entropy|, weights = q``.
@@ -85,6 +412,8 @@ def mass_threshold(scores: jax.Array, weights: jax.Array | None, p) -> jax.Array
       weights: ``[..., V]`` non-negative float array (unnormalised is fine), or
         ``None`` for ``exp(scores - max(scores))``, the softmax mass of logits.
       p: fraction in ``(0, 1]``, scalar or broadcastable to ``scores.shape[:-1]``.
+      method: ``"auto"`` (sort-free: candidate window, then radix select), ``"radix"``,
+        ``"sort"`` (the full-sort reference) or a :class:`Plan`.
 
     Returns:
       ``[...]`` threshold, same dtype as ``scores``.
@@ -98,6 +427,63 @@ def mass_threshold(scores: jax.Array, weights: jax.Array | None, p) -> jax.Array
       >>> mass_threshold(jnp.log(w), None, 0.9)  # softmax weights: the same masses
       Array(-1.89712, dtype=float32)
     """
+    scores = jnp.asarray(scores)
+    plan = _resolve(method)
+    if plan is None:
+        return _mass_threshold_sort(scores, weights, p)
+    batch, vocab = scores.shape[:-1], scores.shape[-1]
+    s = _rows(scores)  # [R, V], scores' dtype
+    s32 = s.astype(_F32)
+    top = jnp.max(s32, axis=1)  # [R]
+    if weights is None:
+        w = jnp.exp(s32 - top[:, None])  # the arg-max has weight 1
+        w_max = jnp.ones_like(top)
+    else:
+        w = _rows(jnp.broadcast_to(jnp.asarray(weights), scores.shape)).astype(_F32)
+        w_max = None
+    total = jnp.sum(w, axis=1)  # [R]
+    p = jnp.broadcast_to(jnp.asarray(p, _F32), batch).reshape(-1)
+    target = p * total
+    # Rows that need a search: p < 1 and a positive finite total.
+    active = (p < 1) & (total > 0) & (total < jnp.inf)
+
+    def radix(_):
+        bits = _key_bits(s.dtype)
+        t = jnp.where(active, target, 0)
+        key = radix_select(ordered_keys(s), w, t, bits=bits, plan=plan)
+        return from_ordered_keys(key, s.dtype)
+
+    window = min(plan.window, vocab)
+    if window == 0:
+        t = radix(None)
+    else:
+        def from_window(_):
+            values, index = lax.top_k(s32, window)  # [R, W], descending
+            if weights is None:
+                w_top = jnp.exp(values - top[:, None])
+            else:
+                w_top = jnp.take_along_axis(w, index, axis=1)
+            cum = jnp.cumsum(w_top, axis=1)
+            decided = cum[:, -1] >= target
+            m = jnp.minimum(jnp.sum(cum < target[:, None], axis=1), window - 1)
+            t = jnp.take_along_axis(values, m[:, None], axis=1)[:, 0].astype(s.dtype)
+            return lax.cond(jnp.any(active & ~decided), radix, lambda _: t, None)
+
+        if w_max is None:
+            w_max = jnp.max(w, axis=1)
+        # The window cannot reach the target if even `window` copies of the largest
+        # weight fall short: then skip lax.top_k and search directly.
+        hopeless = active & (window * w_max < target)
+        t = lax.cond(jnp.any(hopeless), radix, from_window, None)
+    neg_inf = jnp.array(-jnp.inf, s.dtype)
+    top_s = jnp.max(s, axis=1)
+    t = jnp.where(active, t, jnp.where(total == 0, top_s, neg_inf))
+    t = jnp.where(p >= 1, neg_inf, t)
+    return t.reshape(batch)
+
+
+def _mass_threshold_sort(scores: Array, weights: Array | None, p: Any) -> Array:
+    """The reference: one full sort, a running sum, the first position reaching p."""
     vocab = scores.shape[-1]
     if weights is None:
         # Softmax mass of the scores themselves: one sort, weights from sorted values.
@@ -105,6 +491,7 @@ def mass_threshold(scores: jax.Array, weights: jax.Array | None, p) -> jax.Array
         w_sorted = jnp.exp(-neg_sorted - jnp.max(scores, axis=-1, keepdims=True))
     else:
         # Sort descending by score, carrying the weights along: [..., V] each.
+        weights = jnp.broadcast_to(jnp.asarray(weights), scores.shape)
         neg_sorted, w_sorted = lax.sort((-scores, weights), dimension=-1, num_keys=1)
     cum = jnp.cumsum(w_sorted, axis=-1)  # [..., V]
     p = jnp.asarray(p, dtype=cum.dtype)  # [...] or scalar
