@@ -140,3 +140,22 @@ __all__ += [
     "transformers_chain",
     "vllm_chain",
 ]
+
+# --- sharding: vocab-sharded sampling and data/model-parallel generation (jax.sharding) ---
+from jaxsample._sharded import ShardedSampler
+from jaxsample._sharded import VocabShard
+from jaxsample._sharded import gumbel_sample
+from jaxsample._sharded import gumbel_sample_step
+from jaxsample._sharded import register_vocab_parallel
+from jaxsample._sharded import sharded_generate
+from jaxsample._sharded import sharded_sample_step
+
+__all__ += [
+    "ShardedSampler",
+    "VocabShard",
+    "gumbel_sample",
+    "gumbel_sample_step",
+    "register_vocab_parallel",
+    "sharded_generate",
+    "sharded_sample_step",
+]

@@ -1,0 +1,1051 @@
+"""Sampling on vocabulary-sharded logits, and data/model-parallel generation on a mesh.
+
+When the embedding matrix ``[V, D]`` is split over a mesh axis (tensor parallelism), the
+model's logits ``[B, V]`` come out split over the vocabulary. Everything here works on
+those local slices with `jax.shard_map` and collective reductions over that axis, and
+never gathers the ``[B, V]`` logits onto one device:
+
+* row max / sum / log-sum-exp: local reduction, then ``lax.pmax`` / ``lax.psum``;
+* top-k: the exact k-th largest logit, found by a radix search over the float bits
+  whose per-candidate counts are ``psum``-ed (4 bits a pass, 8 passes, ``[B, 15]``
+  numbers per collective), so a traced per-row ``k`` needs no static cap;
+* top-p / typical-p: the same radix search over masses (``psum`` of the probability
+  above each candidate threshold); min-p, epsilon, eta, top-n-sigma: thresholds from
+  ``pmax`` / ``psum`` statistics (max, log-sum-exp, entropy, mean and variance);
+* the draw: Gumbel-max (equivalently, an exponential race) with *counter-based* noise:
+  token ``i`` of a row gets noise from a hash of (the row's key, the global token id
+  ``i``), then a global arg-max (``pmax`` of the score, ``pmin`` of the index). The
+  noise of a token does not depend on which device holds it, so the token drawn does
+  not depend on the number of shards.
+
+Every set is defined as in ``shared/SAMPLING.md`` (thresholds, ties kept, at least
+``min_tokens_to_keep`` tokens), so the sharded filters keep the same tokens as
+`jaxsample.top_k`, `jaxsample.top_p`, ... One caveat for the mass-based filters
+(top-p, typical-p): the running mass is a float32 sum whose order differs from the
+single-device sort, so a token whose cumulative mass lies within float32 rounding of the
+target (relative ~1e-6) may be decided differently. Counts (top-k) and max-based
+thresholds (min-p) are exact.
+
+Same tokens as one device. `gumbel_sample` is the single-device form of the sharded
+draw (the same noise, token for token), and `gumbel_sample_step` is
+`jaxsample.sample_step` with that draw. For the same keys, a sharded run and a
+single-device run with `gumbel_sample_step` draw the same tokens; log-probs agree to
+float32 rounding of the sharded reductions (|difference| <= 1e-4 in the tests, typically
+~1e-6). `jaxsample.sample` (inverse CDF, one uniform per row) is exact in distribution
+too but consumes randomness differently, so its tokens differ from the Gumbel draw's.
+
+The counter-based noise: with ``(s0, s1)`` = two ``uint32`` drawn from the row's key
+(`jax.random.bits`) and ``i`` the global token id,
+
+.. math::
+
+   h_i = \\mathrm{fmix32}(\\mathrm{fmix32}(i \\oplus s_0) + s_1), \\quad
+   v_i = (h_i + \\tfrac12) 2^{-32}, \\quad
+   g_i = -\\ln(-\\ln(1 - v_i)),
+
+``fmix32`` being MurmurHash3's finaliser (a bijection on 32 bits), and the token is
+``argmax_i (x_i + g_i)``, lowest index on ties. ``g`` is a Gumbel variate with 32-bit
+resolution near the winning (upper) tail; the tests check the draw's frequencies
+against ``softmax(x)`` (chi-square) and the independence of neighbouring tokens' noise.
+The hash is a statistical, not a cryptographic, generator; it costs a few integer
+operations per token instead of a threefry block.
+
+Example (8 simulated CPU devices; set
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before importing jax)::
+
+    import jax, jax.numpy as jnp, jaxsample as js
+    from models import DecoderLM, preset
+    from models.sharding import make_mesh, shard_model
+
+    mesh = make_mesh((2, 4))                                   # ("data", "model")
+    lm = shard_model(DecoderLM.random(preset("tiny"), jax.random.key(0)), mesh)
+    keys = jax.random.split(jax.random.key(1), 8)
+    out = js.sharded_generate(lm, jnp.full((8, 4), 72), jnp.full((8,), 4), keys,
+                              max_new_tokens=16, sampler=js.default_chain(top_p=0.9))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import types
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxsample import _chain
+from jaxsample import _sampling
+from jaxsample import _validation as _val
+from jaxsample._chain import Chain, LogitsProcessor, StepOutput, fold_in_rows
+
+__all__ = [
+    "gumbel_sample",
+    "gumbel_sample_step",
+    "VocabShard",
+    "ShardedSampler",
+    "sharded_sample_step",
+    "sharded_generate",
+    "register_vocab_parallel",
+]
+
+Array = jax.Array
+ArrayLike = Any
+State = Any
+
+_F32 = jnp.float32
+_U32 = jnp.uint32
+_NEG_INF = -jnp.inf
+
+#: Bits of the threshold decided per pass of the radix search: 2**bits - 1 candidate
+#: thresholds are counted per pass, 32 / bits passes (one collective each).
+RADIX_BITS = 4
+
+
+# ----------------------------------------------------------------------------- noise
+
+
+def _fmix32(h: Array) -> Array:
+    """MurmurHash3's 32-bit finaliser: a bijection of ``uint32`` with full avalanche."""
+    h = h ^ (h >> 16)
+    h = h * _U32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * _U32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _gumbel_noise(seeds: Array, ids: Array) -> Array:
+    """Counter-based Gumbel noise ``g[r, j]`` for row seeds ``[R, 2]`` and token ids ``[n]``.
+
+    ``g[r, j]`` depends only on ``seeds[r]`` and ``ids[j]`` (the global token id).
+    Returns float32 ``[R, n]``, every value finite.
+    """
+    seeds = seeds.astype(_U32)
+    ids = ids.astype(_U32)[None, :]  # [1, n]
+    h = _fmix32(_fmix32(ids ^ seeds[:, 0:1]) + seeds[:, 1:2])  # [R, n]
+    v = (h.astype(_F32) + 0.5) * _F32(2.0**-32)  # (0, 1], fine resolution near 0
+    v = jnp.minimum(v, _F32(1.0 - 2.0**-24))  # (0, 1): float32 rounds h ~ 2**32 up to 1
+    exponential = -jnp.log1p(-v)  # Exp(1), accurate for small v (the winners)
+    return -jnp.log(exponential)
+
+
+def _row_seeds(key: Array, batch_shape: tuple[int, ...]) -> Array:
+    """Two ``uint32`` per row, ``[*batch_shape, 2]``: from one key, or row r from ``key[r]``."""
+    if key.shape == ():
+        return jax.random.bits(key, tuple(batch_shape) + (2,), _U32)
+    flat = key.reshape(-1)
+    bits = jax.vmap(lambda k: jax.random.bits(k, (2,), _U32))(flat)  # [R, 2]
+    return bits.reshape(tuple(batch_shape) + (2,))
+
+
+def _check_key(fn: str, key: ArrayLike, batch_shape: tuple[int, ...]) -> Array:
+    key = _sampling.as_typed_key(key)
+    if key.shape not in ((), tuple(batch_shape)):
+        raise ValueError(
+            f"{fn}: key must be one key or one key per row with shape logits.shape[:-1] = "
+            f"{tuple(batch_shape)}, got a key array of shape {key.shape}")
+    return key
+
+
+# ----------------------------------------------------------------------------- VocabShard
+
+
+def _ordered_key(x: Array) -> Array:
+    """float32 -> uint32 with the same order (``-0.0`` is mapped to ``+0.0`` first)."""
+    x = jnp.where(x == 0, jnp.zeros_like(x), x)
+    bits = lax.bitcast_convert_type(x, _U32)
+    return jnp.where((bits >> 31) == 1, ~bits, bits | _U32(0x80000000))
+
+
+def _from_ordered_key(key: Array) -> Array:
+    bits = jnp.where((key >> 31) == 1, key & _U32(0x7FFFFFFF), ~key)
+    return lax.bitcast_convert_type(bits, _F32)
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabShard:
+    """One device's slice ``[b, V_local]`` of logits split over the vocabulary.
+
+    Its methods reduce over the *whole* vocabulary: a local reduction followed by a
+    collective over ``axis`` (none when ``axis`` is None, the single-device case, so the
+    same code serves both). Every result is per row, ``[b]``, and identical on every
+    device of the vocabulary group. Processors' vocab-parallel implementations (see
+    `register_vocab_parallel`) are written against this class.
+
+    Attributes:
+      vocab_size: V, the global vocabulary size.
+      local_size: V_local = V / (size of ``axis``).
+      axis: the mesh axis the vocabulary is split over, or None.
+      offset: global id of local column 0 (``axis_index * V_local``; traced).
+    """
+
+    vocab_size: int
+    local_size: int
+    axis: str | None = None
+    offset: Any = 0
+
+    @classmethod
+    def inside(cls, vocab_size: int, local_size: int, axis: str | None) -> "VocabShard":
+        """The shard of the current device (call inside `jax.shard_map`)."""
+        offset = 0 if axis is None else lax.axis_index(axis) * local_size
+        return cls(vocab_size, local_size, axis, offset)
+
+    # -- collectives over the vocabulary (identity on one device)
+    def _pmax(self, x: Array) -> Array:
+        return x if self.axis is None else lax.pmax(x, self.axis)
+
+    def _pmin(self, x: Array) -> Array:
+        return x if self.axis is None else lax.pmin(x, self.axis)
+
+    def _psum(self, x: Array) -> Array:
+        return x if self.axis is None else lax.psum(x, self.axis)
+
+    def ids(self) -> Array:
+        """Global token ids of the local columns, ``int32[V_local]``."""
+        return self.offset + jnp.arange(self.local_size, dtype=jnp.int32)
+
+    def max(self, x: Array) -> Array:
+        """Row max over the vocabulary."""
+        return self._pmax(jnp.max(x, axis=-1))
+
+    def sum(self, x: Array) -> Array:
+        """Row sum over the vocabulary."""
+        return self._psum(jnp.sum(x, axis=-1))
+
+    def any(self, x: Array) -> Array:
+        """Row ``any`` over the vocabulary (bool)."""
+        return self._pmax(jnp.any(x, axis=-1).astype(jnp.int32)) > 0
+
+    def logsumexp(self, x: Array) -> Array:
+        """``ln sum_i exp(x_i)`` per row, as ``jax.nn.logsumexp`` (``-inf`` for an empty row)."""
+        top = self.max(x)
+        shift = lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
+        return jnp.log(self.sum(jnp.exp(x - shift[:, None]))) + shift
+
+    def log_softmax(self, x: Array) -> Array:
+        """``x - logsumexp(x)``, ``[b, V_local]``, as ``jax.nn.log_softmax``."""
+        shifted = x - lax.stop_gradient(self.max(x))[:, None]
+        return shifted - jnp.log(self.sum(jnp.exp(shifted)))[:, None]
+
+    def argmax(self, x: Array) -> Array:
+        """Global arg-max per row, lowest id on ties; ``V`` for a row of NaNs."""
+        top = self.max(x)  # [b]
+        hit = x == top[:, None]  # [b, V_local]
+        first = jnp.argmax(hit, axis=-1).astype(jnp.int32)
+        index = jnp.where(jnp.any(hit, axis=-1), self.offset + first, self.vocab_size)
+        return self._pmin(index)
+
+    def _search(self, keys: Array, weights: Array, target: Array) -> Array:
+        """Largest ``T`` (uint32) with ``sum(weights_i : keys_i >= T) >= target``, per row.
+
+        Radix search from the top bit: each pass fixes ``RADIX_BITS`` bits by evaluating
+        the ``2**RADIX_BITS - 1`` candidates at once (one collective of ``[b, C]``). The
+        sum is non-increasing in ``T``, so the candidates that pass form a prefix. Needs
+        ``sum(weights) >= target`` (``T = 0`` passes); the result is then a value of
+        ``keys`` (the sum only changes at those values).
+        """
+        bits = RADIX_BITS
+        digits = jnp.arange(1, 2**bits, dtype=_U32)  # [C]
+        t = jnp.zeros(keys.shape[:1], _U32)  # [b]
+        for shift in range(32 - bits, -1, -bits):  # static: 32 / bits passes
+            cand = t[:, None] | (digits << shift)[None, :]  # [b, C]
+            above = keys[:, :, None] >= cand[:, None, :]  # [b, V_local, C]
+            mass = jnp.sum(jnp.where(above, weights[:, :, None], 0), axis=1)  # [b, C]
+            passed = jnp.sum(self._psum(mass) >= target[:, None], axis=-1)  # [b]
+            t = t | (passed.astype(_U32) << shift)
+        return t
+
+    def kth_largest(self, x: Array, k: Array) -> Array:
+        """The k-th largest value per row (duplicates counted); ``k`` clamped to ``[1, V]``.
+
+        Math: ``max{t in x : #{i : x_i >= t} >= k}``, as `jaxsample._select.kth_largest`.
+        """
+        k = jnp.clip(jnp.asarray(k, jnp.int32), 1, self.vocab_size)
+        k = jnp.broadcast_to(k, x.shape[:1])
+        t = self._search(_ordered_key(x), jnp.ones(x.shape, jnp.int32), k)
+        return _from_ordered_key(t)
+
+    def mass_threshold(self, scores: Array, weights: Array, p: Array) -> Array:
+        """Largest score whose upper set holds a fraction ``p`` of the mass (``-inf`` if p >= 1).
+
+        Math: ``max{s : sum(w_i : s_i >= s) >= p sum(w)}``, as
+        `jaxsample._select.mass_threshold`.
+        """
+        p = jnp.broadcast_to(jnp.asarray(p, _F32), scores.shape[:1])
+        target = p * self.sum(weights)
+        t = _from_ordered_key(self._search(_ordered_key(scores), weights, target))
+        return jnp.where(p >= 1, _F32(_NEG_INF), t)
+
+    def top_value(self, x: Array, m: int) -> Array:
+        """The ``m``-th largest value (``m`` static); the max when ``m = 1``."""
+        return self.max(x) if m == 1 else self.kth_largest(x, jnp.full(x.shape[:1], m, jnp.int32))
+
+    def entropy(self, logq: Array) -> Array:
+        """``H = -sum_i q_i ln q_i`` per row from log-probabilities (``0 ln 0 = 0``)."""
+        q = jnp.exp(logq)
+        return -self.sum(jnp.where(q > 0, q * logq, 0.0))
+
+
+# ----------------------------------------------------------------------------- local ops
+
+
+def _keep(logits: Array, keep: Array) -> Array:
+    return jnp.where(keep, logits, jnp.array(_NEG_INF, logits.dtype))
+
+
+def _truncate(logits: Array, x: Array, threshold: Array, shard: VocabShard, m: int,
+              row_max: Array | None = None) -> Array:
+    """Keeps ``x >= min(threshold, m-th largest)`` (``[b]`` threshold), as the filters do.
+
+    ``row_max`` (``[b]``, optional) is ``shard.max(x)`` when the caller has it already.
+    """
+    top = row_max if (m == 1 and row_max is not None) else shard.top_value(x, m)
+    threshold = jnp.minimum(threshold, top)
+    return _keep(logits, x >= threshold[:, None])
+
+
+def _draw(seeds: Array, logits: Array, shard: VocabShard, raw: Array | None = None):
+    """Gumbel-max over the vocabulary, in two collectives.
+
+    One ``pmax`` of the stacked row maxima (Gumbel scores, logits, NaN flag, and the raw
+    logits when given), then one ``pmin`` of the winning id.
+
+    Returns:
+      ``(token int32[b], valid bool[b], maxima)``: ``token = -1`` for an invalid row (no
+      finite logit, or a NaN); ``maxima = (max of logits, max of raw or None)``.
+    """
+    x = logits.astype(_F32)  # [b, V_local]
+    score = x + _gumbel_noise(seeds, shard.ids())
+    rows = [jnp.max(score, -1), jnp.max(x, -1), jnp.any(jnp.isnan(x), axis=-1).astype(_F32)]
+    if raw is not None:
+        rows.append(jnp.max(raw.astype(_F32), -1))
+    top_score, top, nan, *top_raw = shard._pmax(jnp.stack(rows))  # [b] each
+    hit = score == top_score[:, None]
+    first = jnp.argmax(hit, axis=-1).astype(jnp.int32)
+    token = shard._pmin(jnp.where(jnp.any(hit, axis=-1), shard.offset + first, shard.vocab_size))
+    valid = jnp.isfinite(top) & (nan == 0)
+    token = jnp.where(valid, token, jnp.int32(-1))
+    return token, valid, (top, top_raw[0] if top_raw else None)
+
+
+def _draw_and_logprobs(seeds: Array, processed: Array, raw: Array, shard: VocabShard):
+    """Draws from ``processed`` and reports both log-probs, in three collectives in all.
+
+    The draw (`_draw`: ``pmax``, ``pmin``), then one ``psum`` of the stacked normalisers
+    and picked logits. A log-prob is ``(x_t - max) - ln sum exp(x - max)``, the
+    arithmetic of ``jax.nn.log_softmax``.
+
+    Returns:
+      ``(token int32[b], logprob_raw f32[b], logprob_processed f32[b])``; ``token = -1``
+      and NaN log-probs for an invalid row.
+    """
+    token, valid, (top, top_raw) = _draw(seeds, processed, shard, raw=raw)
+    x, x_raw = processed.astype(_F32), raw.astype(_F32)
+    here = shard.ids()[None, :] == token[:, None]  # [b, V_local]
+    shift, shift_raw = lax.stop_gradient(top)[:, None], lax.stop_gradient(top_raw)[:, None]
+    local = jnp.stack([jnp.sum(jnp.exp(x_raw - shift_raw), -1), jnp.sum(jnp.exp(x - shift), -1),
+                       jnp.sum(jnp.where(here, x_raw, 0.0), -1), jnp.sum(jnp.where(here, x, 0.0), -1)])
+    norm_raw, norm, picked_raw, picked = shard._psum(local)  # [b] each
+    nan = _F32(np.nan)
+    lp_raw = jnp.where(valid, (picked_raw - top_raw) - jnp.log(norm_raw), nan)
+    lp = jnp.where(valid, (picked - top) - jnp.log(norm), nan)
+    return token, lp_raw, lp
+
+
+def _logprob(logits: Array, token: Array, shard: VocabShard) -> Array:
+    """``log_softmax(logits)[token]``; NaN for a token outside ``[0, V)``."""
+    logp = shard.log_softmax(logits.astype(_F32))  # [b, V_local]
+    here = shard.ids()[None, :] == token[:, None]
+    picked = shard.sum(jnp.where(here, logp, 0.0))
+    in_range = (token >= 0) & (token < shard.vocab_size)
+    return jnp.where(in_range, picked, _F32(np.nan))
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    params: Callable[[Any, int, int], dict]
+    apply: Callable[[Any, dict, Array, VocabShard], Array]
+
+
+_RULES: dict[type, _Rule] = {}
+
+#: How each array returned by a rule's ``params`` is laid out on the mesh.
+ROW, REPLICATED, VOCAB, ROW_VOCAB = "row", "replicated", "vocab", "row_vocab"
+
+
+def register_vocab_parallel(processor_type: type, *, params: Callable, apply: Callable) -> None:
+    """Registers the vocab-parallel implementation of a (stateless) processor type.
+
+    Args:
+      processor_type: a `jaxsample.LogitsProcessor` subclass.
+      params: ``params(proc, batch_size, vocab_size) -> {name: (array, layout)}``: the
+        processor's values as arrays with a canonical shape, and how each is laid out:
+        ``"row"`` (``[B, ...]``, split like the batch), ``"replicated"``, ``"vocab"``
+        (``[V]``, split like the vocabulary) or ``"row_vocab"`` (``[B, V]``).
+      apply: ``apply(proc, local_params, logits, shard) -> logits``: the filter on the
+        local slice ``logits[b, V_local]`` (any float dtype; return the same dtype),
+        with ``local_params`` the local blocks of the arrays above and ``shard`` a
+        `VocabShard` for reductions over the whole vocabulary. ``proc`` may only be used
+        for its static fields (its array fields are not available inside `shard_map`).
+
+    Example:
+      >>> import jax.numpy as jnp, jaxsample as js
+      >>> rule = lambda proc, p, logits, shard: logits   # an identity processor
+      >>> register_vocab_parallel(js.LogitsProcessor, params=lambda *a: {}, apply=rule)
+      >>> _ = _RULES.pop(js.LogitsProcessor)
+    """
+    _RULES[processor_type] = _Rule(params=params, apply=apply)
+
+
+def _rows(value: ArrayLike, batch: int, dtype: Any) -> Array:
+    return jnp.broadcast_to(jnp.asarray(value, dtype), (batch,))
+
+
+def _per_row_rule(field: str, dtype: Any, enabled: Callable | None = None) -> Callable:
+    """``params`` of a processor with one per-row value; ``enabled(values, vocab)`` (optional)
+    adds a batch-wide flag ``"on"`` (replicated) to skip the filter when no row uses it."""
+
+    def params(proc, batch, vocab):
+        values = _rows(getattr(proc, field), batch, dtype)
+        out = {field: (values, ROW)}
+        if enabled is not None:
+            out["on"] = (jnp.any(enabled(values, vocab)), REPLICATED)
+        return out
+
+    return params
+
+
+def _apply_temperature(proc, p, logits, shard):
+    x = logits.astype(_F32)
+    t = p["t"][:, None]
+    is_greedy = t == 0
+    scaled = x / jnp.where(is_greedy, 1.0, t)
+
+    def with_greedy_rows():
+        is_top = shard.ids()[None, :] == shard.argmax(x)[:, None]
+        return jnp.where(is_greedy, jnp.where(is_top, x, _NEG_INF), scaled)
+
+    out = lax.cond(p["on"], with_greedy_rows, lambda: scaled)  # "on": some row has t = 0
+    return out.astype(logits.dtype)
+
+
+def _apply_top_k(proc, p, logits, shard):
+    x = logits.astype(_F32)
+    v, m = shard.vocab_size, proc.min_tokens_to_keep
+    k = p["k"]
+    k_eff = jnp.where((k <= 0) | (k >= v), v, jnp.maximum(k, m))
+    return lax.cond(p["on"],
+                    lambda: _keep(logits, x >= shard.kth_largest(x, k_eff)[:, None]),
+                    lambda: logits)
+
+
+def _apply_top_p(proc, p, logits, shard):
+    x = logits.astype(_F32)
+    prob = p["p"]
+
+    def filtered():
+        row_max = shard.max(x)
+        weights = jnp.exp(x - row_max[:, None])  # unnormalised q
+        threshold = shard.mass_threshold(x, weights, prob)
+        return _truncate(logits, x, threshold, shard, proc.min_tokens_to_keep, row_max)
+
+    return lax.cond(p["on"], filtered, lambda: logits)
+
+
+def _apply_min_p(proc, p, logits, shard):
+    x = logits.astype(_F32)
+    row_max = shard.max(x)
+    threshold = row_max + jnp.log(p["p"])
+    return _truncate(logits, x, threshold, shard, proc.min_tokens_to_keep, row_max)
+
+
+def _apply_typical_p(proc, p, logits, shard):
+    x = logits.astype(_F32)
+    prob = p["p"]
+
+    def filtered():
+        logq = shard.log_softmax(x)
+        q = jnp.exp(logq)
+        entropy = shard.entropy(logq)
+        score = -jnp.abs(-logq - entropy[:, None])  # higher = more typical
+        threshold = shard.mass_threshold(score, q, prob)
+        top = shard.top_value(x, proc.min_tokens_to_keep)
+        return _keep(logits, (score >= threshold[:, None]) | (x >= top[:, None]))
+
+    return lax.cond(p["on"], filtered, lambda: logits)
+
+
+def _apply_epsilon(proc, p, logits, shard):
+    x = logits.astype(_F32)
+    threshold = shard.logsumexp(x) + jnp.log(p["epsilon"])
+    return _truncate(logits, x, threshold, shard, proc.min_tokens_to_keep)
+
+
+def _apply_eta(proc, p, logits, shard):
+    x = logits.astype(_F32)
+    entropy = shard.entropy(shard.log_softmax(x))
+    log_eta = jnp.log(p["eta"])
+    log_cutoff = jnp.minimum(log_eta, 0.5 * log_eta - entropy)
+    threshold = shard.logsumexp(x) + log_cutoff
+    return _truncate(logits, x, threshold, shard, proc.min_tokens_to_keep)
+
+
+def _apply_top_n_sigma(proc, p, logits, shard):
+    x = logits.astype(_F32)
+    finite = jnp.isfinite(x)
+    count = jnp.maximum(shard.sum(finite.astype(_F32)), 1.0)[:, None]  # [b, 1]
+    mean = shard.sum(jnp.where(finite, x, 0.0))[:, None] / count
+    var = shard.sum(jnp.where(finite, jnp.square(x - mean), 0.0)) / count[:, 0]
+    n = p["n"]
+    row_max = shard.max(x)
+    threshold = jnp.where(jnp.isinf(n), _NEG_INF, row_max - n * jnp.sqrt(var))
+    return _truncate(logits, x, threshold, shard, proc.min_tokens_to_keep, row_max)
+
+
+def _bias_params(proc, batch, vocab):
+    bias = jnp.asarray(proc.bias, _F32)
+    if bias.ndim == 1:
+        return {"bias": (bias, VOCAB)}
+    return {"bias": (jnp.broadcast_to(bias.reshape(-1, vocab), (batch, vocab)), ROW_VOCAB)}
+
+
+def _apply_bias(proc, p, logits, shard):
+    bias = p["bias"]
+    bias = bias[None, :] if bias.ndim == 1 else bias
+    return (logits.astype(_F32) + bias).astype(logits.dtype)
+
+
+def _ids_params(proc, batch, vocab, with_values=False):
+    ids = jnp.asarray(proc.token_ids, jnp.int32)
+    out = {}
+    if ids.ndim == 1:
+        out["ids"] = (ids, REPLICATED)
+        full = ids.shape
+    else:
+        full = (batch, ids.shape[-1])
+        out["ids"] = (jnp.broadcast_to(ids.reshape(-1, ids.shape[-1]), full), ROW)
+    if with_values:
+        values = jnp.broadcast_to(jnp.asarray(proc.values, _F32),
+                                  (ids.shape if ids.ndim == 1 else (batch,) + ids.shape[-1:]))
+        values = values.reshape(full)
+        out["values"] = (values, REPLICATED if ids.ndim == 1 else ROW)
+    return out
+
+
+def _local_scatter(p, rows: int, shard: VocabShard, values: bool) -> Array:
+    """Scatters the listed ids that fall in this shard: float ``[b, V_local]`` sums or bool."""
+    ids = p["ids"]
+    n = ids.shape[-1]
+    ids = jnp.broadcast_to(ids, (rows, n))
+    local = ids - shard.offset
+    local = jnp.where((ids >= 0) & (local >= 0) & (local < shard.local_size), local, shard.local_size)
+    row = jnp.arange(rows)[:, None]
+    if values:
+        vals = jnp.broadcast_to(p["values"], (rows, n))
+        return jnp.zeros((rows, shard.local_size), _F32).at[row, local].add(vals, mode="drop")
+    return jnp.zeros((rows, shard.local_size), bool).at[row, local].set(True, mode="drop")
+
+
+def _apply_sparse_bias(proc, p, logits, shard):
+    delta = _local_scatter(p, logits.shape[0], shard, values=True)
+    return (logits.astype(_F32) + delta).astype(logits.dtype)
+
+
+def _apply_ban(proc, p, logits, shard):
+    return _keep(logits, ~_local_scatter(p, logits.shape[0], shard, values=False))
+
+
+def _apply_allow(proc, p, logits, shard):
+    return _keep(logits, _local_scatter(p, logits.shape[0], shard, values=False))
+
+
+def _top_k_enabled(k, vocab):
+    return (k > 0) & (k < vocab)
+
+
+for _type, _field, _dtype, _on, _fn in (
+        (_chain.Temperature, "t", _F32, lambda t, v: t == 0, _apply_temperature),
+        (_chain.TopK, "k", jnp.int32, _top_k_enabled, _apply_top_k),
+        (_chain.TopP, "p", _F32, lambda p, v: p < 1, _apply_top_p),
+        (_chain.MinP, "p", _F32, None, _apply_min_p),
+        (_chain.TypicalP, "p", _F32, lambda p, v: p < 1, _apply_typical_p),
+        (_chain.EpsilonCutoff, "epsilon", _F32, None, _apply_epsilon),
+        (_chain.EtaCutoff, "eta", _F32, None, _apply_eta),
+        (_chain.TopNSigma, "n", _F32, None, _apply_top_n_sigma)):
+    register_vocab_parallel(_type, params=_per_row_rule(_field, _dtype, _on), apply=_fn)
+register_vocab_parallel(_chain.LogitBias, params=_bias_params, apply=_apply_bias)
+register_vocab_parallel(_chain.SparseLogitBias, params=functools.partial(_ids_params, with_values=True),
+                        apply=_apply_sparse_bias)
+register_vocab_parallel(_chain.BanTokens, params=_ids_params, apply=_apply_ban)
+register_vocab_parallel(_chain.AllowTokens, params=_ids_params, apply=_apply_allow)
+del _type, _field, _dtype, _on, _fn
+
+
+def _flatten(proc: LogitsProcessor) -> list[LogitsProcessor]:
+    """The processors of a (nested) chain in application order."""
+    if isinstance(proc, Chain):
+        return [leaf for child in proc.processors for leaf in _flatten(child)]
+    return [proc]
+
+
+def _rules_for(proc: LogitsProcessor) -> list[tuple[LogitsProcessor, _Rule]]:
+    out = []
+    for leaf in _flatten(proc):
+        rule = next((_RULES[t] for t in type(leaf).__mro__ if t in _RULES), None)
+        if rule is None or leaf.stateful or leaf.needs_key:
+            what = ("is stateful" if leaf.stateful else "needs a key" if leaf.needs_key
+                    else "has no vocab-parallel implementation")
+            raise NotImplementedError(
+                f"sharded sampling: {type(leaf).__name__} {what}; supported processors: "
+                f"{sorted(t.__name__ for t in _RULES)} (add one with "
+                f"jaxsample.register_vocab_parallel)")
+        out.append((leaf, rule))
+    return out
+
+
+# ----------------------------------------------------------------------------- single device
+
+
+def gumbel_sample(key: ArrayLike, logits: ArrayLike) -> Array:
+    """Draws one token per row with probability ``softmax(logits)``: counter-based Gumbel-max.
+
+    The single-device form of the sharded draw (module docstring): the noise of token
+    ``i`` depends only on the row's key and ``i``, so `ShardedSampler` draws the same
+    token for the same key on any number of vocabulary shards. Exact in distribution up
+    to float32 rounding; a ``-inf`` token is never drawn.
+
+    Args:
+      key: one key for the whole array or one key per row (shape ``logits.shape[:-1]``);
+        typed or raw ``uint32`` keys.
+      logits: ``[..., V]`` floating array.
+
+    Returns:
+      ``int32[...]`` token ids; ``-1`` for a row with no finite logit or with a NaN.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> gumbel_sample(jax.random.key(0), jnp.log(jnp.array([[0.0, 1.0, 0.0]])))
+      Array([1], dtype=int32)
+    """
+    _val.check_logits(logits, "gumbel_sample")
+    logits = jnp.asarray(logits)
+    key = _check_key("gumbel_sample", key, logits.shape[:-1])
+    return _gumbel_sample(key, logits)
+
+
+@jax.jit
+def _gumbel_sample(key: Array, logits: Array) -> Array:
+    batch_shape, vocab = logits.shape[:-1], logits.shape[-1]
+    seeds = _row_seeds(key, batch_shape).reshape(-1, 2)  # [R, 2]
+    token = _draw(seeds, logits.reshape(-1, vocab), VocabShard(vocab, vocab))[0]
+    return token.reshape(batch_shape)
+
+
+def gumbel_sample_step(chain: LogitsProcessor, logits: Array, state: State,
+                       key: ArrayLike) -> tuple[Array, State, StepOutput]:
+    """`jaxsample.sample_step` with the counter-based Gumbel draw (`gumbel_sample`).
+
+    The single-device reference of `ShardedSampler`: same arguments, same keys
+    (processors get ``fold_in(key, i + 1)``, the draw ``fold_in(key, 0)``), and for the
+    same keys the same tokens as a sharded step.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxsample as js
+      >>> c = js.default_chain(top_k=1)
+      >>> keys = jax.random.split(jax.random.key(0), 1)
+      >>> gumbel_sample_step(c, jnp.array([[0.0, 2.0, 1.0]]), c.init(None, None, 3), keys)[0]
+      Array([1], dtype=int32)
+    """
+    key = _sampling.as_typed_key(key)
+    processed = chain.apply(logits, state, key)
+    token = gumbel_sample(fold_in_rows(key, 0), processed)
+    new_state = chain.update(state, token, processed)
+    out = StepOutput(token_logprob_raw=_sampling.token_logprobs(logits, token),
+                     token_logprob_processed=_sampling.token_logprobs(processed, token))
+    return token, new_state, out
+
+
+# ----------------------------------------------------------------------------- sharded
+
+
+def _shard_map(f: Callable, mesh: Mesh, in_specs: Any, out_specs: Any) -> Callable:
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+    from jax.experimental.shard_map import shard_map  # jax < 0.6
+
+    return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedSampler:
+    """Sampling on logits ``[B, V]`` split as ``P(batch_axis, vocab_axis)`` over a mesh.
+
+    Calling it is a drop-in for `jaxsample.sample_step` (same arguments and results),
+    so the decode loop can use it as its per-step sampler. Each method runs one
+    `jax.shard_map` whose only cross-device traffic is reductions of per-row numbers
+    (``[b]`` or ``[b, 15]``): no array of size V is ever communicated. It is hashable
+    (a valid static argument of `jax.jit`).
+
+    Requirements: ``V`` divisible by the size of ``vocab_axis`` (`models.sharding` pads
+    the vocabulary to ensure it) and ``B`` by the size of ``batch_axis``. Supported
+    processors: every stateless one of `jaxsample` (temperature, top-k/p, min-p,
+    typical-p, epsilon, eta, top-n-sigma, biases, bans, allow lists) and any registered
+    with `register_vocab_parallel`.
+
+    Attributes:
+      mesh: the device mesh.
+      vocab_axis: the mesh axis the vocabulary is split over.
+      batch_axis: the mesh axis the batch is split over, or None (replicated batch).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxsample as js
+      >>> from models.sharding import make_mesh
+      >>> sampler = ShardedSampler(make_mesh((1, 1)))
+      >>> keys = jax.random.split(jax.random.key(0), 2)
+      >>> logits = jnp.array([[0.0, 2.0, 1.0, 0.5], [3.0, 0.0, 0.0, 0.0]])
+      >>> c = js.default_chain(top_k=1)
+      >>> sampler(c, logits, c.init(None, None, 4), keys)[0]
+      Array([1, 0], dtype=int32)
+    """
+
+    mesh: Mesh
+    vocab_axis: str = "model"
+    batch_axis: str | None = "data"
+
+    def __post_init__(self) -> None:
+        for name in (self.vocab_axis, self.batch_axis):
+            if name is not None and name not in self.mesh.shape:
+                raise ValueError(f"ShardedSampler: the mesh has no axis {name!r}; its axes are "
+                                 f"{tuple(self.mesh.axis_names)}")
+        if self.vocab_axis == self.batch_axis:
+            raise ValueError("ShardedSampler: vocab_axis and batch_axis must differ")
+
+    # -- layout
+    def _spec(self, layout: str) -> P:
+        return {ROW: P(self.batch_axis), REPLICATED: P(), VOCAB: P(self.vocab_axis),
+                ROW_VOCAB: P(self.batch_axis, self.vocab_axis)}[layout]
+
+    @property
+    def logits_sharding(self) -> NamedSharding:
+        """Where the logits ``[B, V]`` are expected: ``P(batch_axis, vocab_axis)``."""
+        return NamedSharding(self.mesh, P(self.batch_axis, self.vocab_axis))
+
+    def _sizes(self, logits: Array) -> tuple[int, int, int]:
+        if logits.ndim != 2:
+            raise ValueError(f"ShardedSampler: logits must be [B, V], got shape {logits.shape}")
+        batch, vocab = logits.shape
+        nv = self.mesh.shape[self.vocab_axis]
+        nb = 1 if self.batch_axis is None else self.mesh.shape[self.batch_axis]
+        if vocab % nv:
+            raise ValueError(f"ShardedSampler: V = {vocab} is not divisible by the {nv} devices of "
+                             f"axis {self.vocab_axis!r} (pad the vocabulary: models.sharding.shard_model)")
+        if batch % nb:
+            raise ValueError(f"ShardedSampler: B = {batch} is not divisible by the {nb} devices of "
+                             f"axis {self.batch_axis!r}")
+        return batch, vocab, vocab // nv
+
+    def _shard(self, vocab: int, local: int) -> VocabShard:
+        return VocabShard.inside(vocab, local, self.vocab_axis)
+
+    def _prepare(self, processor: LogitsProcessor, batch: int, vocab: int):
+        rules = _rules_for(processor)
+        arrays, specs = [], []
+        for proc, rule in rules:
+            params = rule.params(proc, batch, vocab)
+            arrays.append({k: v for k, (v, _) in params.items()})
+            specs.append({k: self._spec(layout) for k, (_, layout) in params.items()})
+        return rules, arrays, specs
+
+    @staticmethod
+    def _apply_local(rules, arrays, logits, shard):
+        for (proc, rule), params in zip(rules, arrays):
+            logits = rule.apply(proc, params, logits, shard)
+        return logits
+
+    # -- public entry points (jitted with the sampler static: inlined inside a jit)
+    def apply(self, processor: LogitsProcessor, logits: Array) -> Array:
+        """Applies a (stateless) processor or chain to sharded logits: ``[B, V] -> [B, V]``.
+
+        Equals ``processor(logits)`` on one device (see the module docstring for the
+        float32 caveat of mass-based filters). The result keeps the input's layout.
+        """
+        return _apply_jit(self, processor, logits)
+
+    def sample(self, key: ArrayLike, logits: Array) -> Array:
+        """`gumbel_sample` on sharded logits: the same token for the same key, ``int32[B]``."""
+        return _sample_jit(self, _sampling.as_typed_key(key), logits)
+
+    def token_logprobs(self, logits: Array, tokens: ArrayLike) -> Array:
+        """``log_softmax(logits)[token]`` per row (float32 ``[B]``; NaN for ``-1``)."""
+        return _logprobs_jit(self, logits, jnp.asarray(tokens, jnp.int32))
+
+    def top_logprobs(self, logits: Array, k: int) -> tuple[Array, Array]:
+        """The ``k`` most likely tokens per row: ``(ids int32[B, k], log-probs float32[B, k])``.
+
+        Distributed top-k: each device takes its local ``lax.top_k`` candidates, the
+        ``[B, k]`` candidates of all shards are gathered (``k`` per shard, never ``V``)
+        and merged with one more ``lax.top_k``. Same order as
+        ``lax.top_k(log_softmax(logits), k)`` (on ties, the lower id first).
+        """
+        return _top_logprobs_jit(self, logits, int(k))
+
+    def __call__(self, chain: LogitsProcessor, logits: Array, state: State,
+                 key: ArrayLike) -> tuple[Array, State, StepOutput]:
+        """One decode step on sharded logits; the contract of `jaxsample.sample_step`.
+
+        Processors, the Gumbel draw (keys ``fold_in(key, 0)``, as `gumbel_sample_step`)
+        and both log-probs run in one `shard_map`.
+
+        Returns:
+          ``(token int32[B], new_state, StepOutput)``; ``-1`` for an invalid row.
+        """
+        return _step_jit(self, chain, logits, state, _sampling.as_typed_key(key))
+
+    def _apply(self, processor: LogitsProcessor, logits: Array) -> Array:
+        batch, vocab, local = self._sizes(logits)
+        rules, arrays, specs = self._prepare(processor, batch, vocab)
+
+        def body(logits, arrays):
+            return self._apply_local(rules, arrays, logits, self._shard(vocab, local))
+
+        row_vocab = self._spec(ROW_VOCAB)
+        return _shard_map(body, self.mesh, (row_vocab, specs), row_vocab)(logits, arrays)
+
+    def _sample(self, key: Array, logits: Array) -> Array:
+        batch, vocab, local = self._sizes(logits)
+        key = _check_key("ShardedSampler.sample", key, (batch,))
+        seeds = _row_seeds(key, (batch,))  # [B, 2]
+
+        def body(logits, seeds):
+            return _draw(seeds, logits, self._shard(vocab, local))[0]
+
+        return _shard_map(body, self.mesh, (self._spec(ROW_VOCAB), self._spec(ROW)),
+                          self._spec(ROW))(logits, seeds)
+
+    def _token_logprobs(self, logits: Array, tokens: Array) -> Array:
+        _, vocab, local = self._sizes(logits)
+
+        def body(logits, tokens):
+            return _logprob(logits, tokens, self._shard(vocab, local))
+
+        return _shard_map(body, self.mesh, (self._spec(ROW_VOCAB), self._spec(ROW)),
+                          self._spec(ROW))(logits, tokens)
+
+    def _top_logprobs(self, logits: Array, k: int) -> tuple[Array, Array]:
+        _, vocab, local = self._sizes(logits)
+        if not 1 <= k <= vocab:
+            raise ValueError(f"ShardedSampler.top_logprobs: k must be in [1, V = {vocab}], got {k}")
+        k_local = min(k, local)
+
+        def body(logits):
+            shard = self._shard(vocab, local)
+            values, index = lax.top_k(shard.log_softmax(logits.astype(_F32)), k_local)  # [b, k_local]
+            ids = shard.offset + index.astype(jnp.int32)
+            # Gather the candidates (a psum of per-shard slots: [b, m * k_local] numbers), in
+            # shard = id order, so the merge breaks ties by the lower id as one lax.top_k does.
+            m = vocab // local
+            slot = jax.nn.one_hot(lax.axis_index(self.vocab_axis), m, dtype=jnp.int32)  # [m]
+            values = lax.psum(jnp.where(slot[None, :, None] == 1, values[:, None, :], 0.0),
+                              self.vocab_axis).reshape(values.shape[0], m * k_local)
+            ids = lax.psum(slot[None, :, None] * ids[:, None, :], self.vocab_axis).reshape(values.shape)
+            top, position = lax.top_k(values, k)  # [b, k]
+            return jnp.take_along_axis(ids, position, axis=1), top
+
+        rows = P(self.batch_axis, None)
+        return _shard_map(body, self.mesh, self._spec(ROW_VOCAB), (rows, rows))(logits)
+
+    def _step(self, chain: LogitsProcessor, logits: Array, state: State,
+              key: Array) -> tuple[Array, State, StepOutput]:
+        batch, vocab, local = self._sizes(logits)
+        key = _check_key("ShardedSampler", key, (batch,))
+        seeds = _row_seeds(fold_in_rows(key, 0), (batch,))  # [B, 2]
+        rules, arrays, specs = self._prepare(chain, batch, vocab)
+
+        def body(logits, arrays, seeds):
+            shard = self._shard(vocab, local)
+            processed = self._apply_local(rules, arrays, logits, shard)
+            token, raw, proc_lp = _draw_and_logprobs(seeds, processed, logits, shard)
+            return processed, token, raw, proc_lp
+
+        row, row_vocab = self._spec(ROW), self._spec(ROW_VOCAB)
+        step = _shard_map(body, self.mesh, (row_vocab, specs, row), (row_vocab, row, row, row))
+        processed, token, raw, proc_lp = step(logits, arrays, seeds)
+        new_state = chain.update(state, token, processed)
+        return token, new_state, StepOutput(token_logprob_raw=raw, token_logprob_processed=proc_lp)
+
+
+_apply_jit = jax.jit(ShardedSampler._apply, static_argnums=0)
+_sample_jit = jax.jit(ShardedSampler._sample, static_argnums=0)
+_logprobs_jit = jax.jit(ShardedSampler._token_logprobs, static_argnums=0)
+_top_logprobs_jit = jax.jit(ShardedSampler._top_logprobs, static_argnums=(0, 2))
+_step_jit = jax.jit(ShardedSampler._step, static_argnums=0)
+
+
+def sharded_sample_step(chain: LogitsProcessor, logits: Array, state: State, key: ArrayLike,
+                        mesh: Mesh, *, vocab_axis: str = "model",
+                        batch_axis: str | None = "data") -> tuple[Array, State, StepOutput]:
+    """`jaxsample.sample_step` on logits split over ``vocab_axis`` (see `ShardedSampler`).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxsample as js
+      >>> from models.sharding import make_mesh
+      >>> c = js.default_chain(top_k=1)
+      >>> keys = jax.random.split(jax.random.key(0), 1)
+      >>> logits = jnp.array([[0.0, 2.0, 1.0, 0.5]])
+      >>> sharded_sample_step(c, logits, c.init(None, None, 4), keys, make_mesh((1, 1)))[0]
+      Array([1], dtype=int32)
+    """
+    return ShardedSampler(mesh, vocab_axis, batch_axis)(chain, logits, state, key)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def _generate_accepts_sample_fn() -> bool:
+    from jaxsample import _generate
+
+    return "sample_fn" in inspect.signature(_generate.generate).parameters
+
+
+@functools.lru_cache(maxsize=None)
+def _loop_with(sample_fn: Callable) -> Callable:
+    """`jaxsample._generate`'s jitted loop with its per-step sampler replaced.
+
+    Interim: used only while `jaxsample.generate` has no ``sample_fn`` argument. It runs
+    the very same loop code (the function is rebuilt with ``sample_step`` bound to
+    ``sample_fn``), not a copy of it.
+    """
+    from jaxsample import _generate
+
+    impl = _generate._generate_impl
+    scope = dict(impl.__globals__, sample_step=sample_fn)
+    loop = types.FunctionType(impl.__code__, scope, impl.__name__, impl.__defaults__, impl.__closure__)
+    loop.__kwdefaults__ = impl.__kwdefaults__
+    static = getattr(_generate, "_STATIC", ("max_new_tokens", "cache_size"))
+    return jax.jit(loop, static_argnames=static)
+
+
+def _generate_with(sample_fn: Callable, model, prompt_tokens, prompt_lengths, keys, *, max_new_tokens,
+                   sampler, stop_ids, pad_id, cache_size, validate=True, **outputs):
+    """`jaxsample.generate` with ``sample_fn`` as the per-step sampler.
+
+    ``outputs``: `generate`'s ``n``, ``top_logprobs``, ``prompt_logprobs`` (passed on).
+    """
+    from jaxsample import _generate
+
+    if _generate_accepts_sample_fn():
+        return _generate.generate(model, prompt_tokens, prompt_lengths, keys, max_new_tokens=max_new_tokens,
+                                  sampler=sampler, stop_ids=stop_ids, pad_id=pad_id,
+                                  cache_size=cache_size, sample_fn=sample_fn, **outputs)
+    # Interim path (until `generate` takes `sample_fn`): the argument handling of
+    # `generate`, then its own loop with sample_fn as the per-step sampler.
+    defaults = dict(n=1, top_logprobs=0, prompt_logprobs=False)
+    changed = sorted(name for name, value in outputs.items() if value != defaults.get(name))
+    if changed:
+        raise NotImplementedError(f"{changed} with a custom per-step sampler needs "
+                                  f"jaxsample.generate(..., sample_fn=...)")
+    stop_ids = tuple(int(s) for s in stop_ids)
+    p = prompt_tokens.shape[-1]
+    cache_size = p + max_new_tokens if cache_size is None else cache_size
+    if validate:
+        _generate._validate(prompt_tokens, prompt_lengths, max_new_tokens, cache_size, model.vocab_size,
+                            stop_ids)
+    keys = _generate._row_keys(keys, prompt_tokens.shape[0])
+    sampler = _chain.chain(_chain.Temperature(0.0)) if sampler is None else sampler
+    stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
+    return _loop_with(sample_fn)(model, prompt_tokens.astype(jnp.int32), prompt_lengths.astype(jnp.int32),
+                                 keys, sampler, stops, jnp.asarray(pad_id, jnp.int32),
+                                 max_new_tokens=max_new_tokens, cache_size=cache_size)
+
+
+def _place(x: ArrayLike, sharding: NamedSharding) -> Array:
+    """A host array (same value on every process) as a global array with ``sharding``."""
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+        return x
+    if isinstance(x, jax.Array) and x.is_fully_addressable and sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def _host_value(x: ArrayLike) -> np.ndarray | None:
+    """``x`` as a NumPy array when this process can see all of it, else None."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return None
+    return np.asarray(x)
+
+
+def sharded_generate(model: Any, prompt_tokens: ArrayLike, prompt_lengths: ArrayLike, keys: ArrayLike, *,
+                     max_new_tokens: int, sampler: Chain | None = None, stop_ids: Sequence[int] = (),
+                     pad_id: int = 0, cache_size: int | None = None, mesh: Mesh | None = None,
+                     vocab_axis: str = "model", batch_axis: str | None = "data", **outputs):
+    """`jaxsample.generate` on a device mesh: data- and model-parallel, vocab-sharded sampling.
+
+    The prompts, lengths and keys are split over ``batch_axis``; the model (e.g.
+    `models.sharding.shard_model`) holds its weights split over ``vocab_axis`` and
+    returns logits ``[B, V]`` split as ``P(batch_axis, vocab_axis)``; each step samples
+    with `ShardedSampler` on those slices. The loop is `jaxsample.generate`'s own
+    (prefill, then a jitted `lax.scan`), partitioned by XLA (GSPMD).
+
+    For the same keys, the tokens equal a single-device ``generate`` run with
+    `gumbel_sample_step` as its per-step sampler; greedy rows equal plain
+    `jaxsample.generate`. Log-probs agree to float32 rounding (<= 1e-4).
+
+    On many hosts: call `jax.distributed.initialize()` first and pass the same host
+    (NumPy) arrays on every process; each process places only its own shards. The
+    outputs are global arrays (`jax.experimental.multihost_utils.process_allgather`
+    brings them to every host).
+
+    Args:
+      model: a `LanguageModel` whose logits are split over ``vocab_axis`` (V divisible
+        by its size), e.g. `models.sharding.shard_model`'s result, whose ``mesh`` is
+        the default mesh.
+      prompt_tokens, prompt_lengths, keys, max_new_tokens, sampler, stop_ids, pad_id,
+        cache_size: as `jaxsample.generate` (B divisible by the ``batch_axis`` size).
+      mesh: the mesh (default: ``model.mesh``).
+      vocab_axis: the model-parallel axis name.
+      batch_axis: the data-parallel axis name, or None.
+      **outputs: `jaxsample.generate`'s ``n``, ``top_logprobs`` (computed as a distributed
+        top-k, `ShardedSampler.top_logprobs`) and ``prompt_logprobs``.
+
+    Returns:
+      A `jaxsample.GenerateOutput` whose arrays are split over ``batch_axis``.
+    """
+    from jaxsample import _generate
+
+    mesh = getattr(model, "mesh", None) if mesh is None else mesh
+    if mesh is None:
+        raise ValueError("sharded_generate: pass mesh=... (the model has no .mesh)")
+    sample_fn = ShardedSampler(mesh, vocab_axis, batch_axis)
+    shape = np.shape(prompt_tokens)
+    if len(shape) != 2:
+        raise ValueError(f"sharded_generate: prompt_tokens must have shape [B, P], got {shape}")
+    nb = 1 if batch_axis is None else mesh.shape[batch_axis]
+    if shape[0] % nb:
+        raise ValueError(f"sharded_generate: the batch B = {shape[0]} must be divisible by the "
+                         f"{nb} devices of axis {batch_axis!r}")
+    host_tokens, host_lengths = _host_value(prompt_tokens), _host_value(prompt_lengths)
+    if host_tokens is not None and host_lengths is not None:  # on the host, before placing (global arrays may not be readable here)
+        p = shape[1]
+        _generate._validate(host_tokens, host_lengths, max_new_tokens,
+                            p + max_new_tokens if cache_size is None else cache_size,
+                            model.vocab_size, tuple(int(s) for s in stop_ids))
+    rows = NamedSharding(mesh, P(batch_axis))
+    tokens = _place(prompt_tokens, NamedSharding(mesh, P(batch_axis, None)))
+    lengths = _place(prompt_lengths, rows)
+    keys = _sampling.as_typed_key(keys)
+    if rows.is_fully_addressable:
+        keys = jax.device_put(keys, rows)
+    else:  # many hosts: place the raw key data, then wrap it again
+        data = _place(jax.random.key_data(keys), NamedSharding(mesh, P(batch_axis, None)))
+        keys = jax.random.wrap_key_data(data, impl=jax.random.key_impl(keys))
+    return _generate_with(sample_fn, model, tokens, lengths, keys, max_new_tokens=max_new_tokens,
+                          sampler=sampler, stop_ids=stop_ids, pad_id=pad_id, cache_size=cache_size,
+                          validate=False, **outputs)
