@@ -26,7 +26,7 @@ the `lax.scan`, and frozen once a row has finished.
 from __future__ import annotations
 
 import enum
-from typing import Any, NamedTuple, Protocol, Sequence
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -128,8 +128,9 @@ def _validate(prompt_tokens, prompt_lengths, max_new_tokens, cache_size, vocab_s
     for s in stop_ids:
         if not 0 <= s < vocab_size:
             raise ValueError(f"stop id {s} is outside the vocabulary [0, {vocab_size})")
-    if isinstance(prompt_tokens, jax.core.Tracer) or isinstance(prompt_lengths, jax.core.Tracer):
-        return  # values unknown in Python: checked by the caller's own code
+    if any(isinstance(x, jax.core.Tracer) or (isinstance(x, jax.Array) and not x.is_fully_addressable)
+           for x in (prompt_tokens, prompt_lengths)):
+        return  # values unknown here (traced, or spread over several hosts): the caller checks them
     lengths = np.asarray(prompt_lengths)
     bad = np.flatnonzero((lengths < 1) | (lengths > p))
     if bad.size:
@@ -163,7 +164,7 @@ def _validate_outputs(model, n, top_logprobs, prompt_logprobs):
 def generate(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengths: jax.Array, keys: jax.Array, *,
              max_new_tokens: int, sampler: Chain | None = None, stop_ids: Sequence[int] = (),
              pad_id: int = 0, cache_size: int | None = None, n: int = 1, top_logprobs: int = 0,
-             prompt_logprobs: bool = False) -> GenerateOutput:
+             prompt_logprobs: bool = False, sample_fn: Callable = sample_step) -> GenerateOutput:
     """Generates up to `max_new_tokens` tokens per row: prefill, then a jitted `lax.scan`.
 
     Args:
@@ -189,6 +190,12 @@ def generate(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengths: jax
       prompt_logprobs: static: also return the raw log-prob of every prompt token given
         its prefix (`prompt_logprobs`, [B, P]), from the same prefill (the model needs
         `prefill_all`).
+      sample_fn: the per-step sampler, static (hashable), called as `sample_step` is:
+        `sample_fn(sampler, logits [B, V], state, keys [B]) -> (token [B], state, StepOutput)`.
+        `sample_step` (default), `jaxsample.gumbel_sample_step`, or
+        `jaxsample.ShardedSampler(mesh)` for logits split over a device mesh. If it has a
+        `top_logprobs(logits, K) -> (ids [B, K], logprobs [B, K])` method, that computes
+        the top-N log-probs (vocab-parallel for `ShardedSampler`).
 
     Returns:
       A `GenerateOutput`.
@@ -220,7 +227,7 @@ def generate(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengths: jax
     args = (prompt_tokens.astype(jnp.int32), prompt_lengths.astype(jnp.int32), keys, sampler, stops,
             jnp.asarray(pad_id, jnp.int32))
     static = dict(max_new_tokens=max_new_tokens, cache_size=cache_size, top_logprobs=int(top_logprobs),
-                  prompt_logprobs=bool(prompt_logprobs))
+                  prompt_logprobs=bool(prompt_logprobs), sample_fn=sample_fn)
     run = _generate_traced_model if _is_pytree(model) else _generate_static_model
     out = run(model, *args, **static)
     if prompt_logprobs and n > 1:
@@ -246,8 +253,14 @@ def _prefill_with_logprobs(model, prompt_tokens, prompt_lengths, cache):
     return last, cache, jnp.concatenate([first, jnp.where(real[:, 1:], picked, 0.0)], axis=1)
 
 
+def _top_logprobs(logits, k):
+    """The k most likely tokens per row and their raw log-probs: (ids [B, k], logprobs [B, k])."""
+    top_lp, top_ids = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), k)
+    return top_ids, top_lp
+
+
 def _generate_impl(model, prompt_tokens, prompt_lengths, keys, sampler, stops, pad_id, *,
-                   max_new_tokens, cache_size, top_logprobs=0, prompt_logprobs=False):
+                   max_new_tokens, cache_size, top_logprobs=0, prompt_logprobs=False, sample_fn=sample_step):
     b = prompt_tokens.shape[0]
     cache = model.init_cache(b, cache_size)
     prompt_lp = None
@@ -261,7 +274,7 @@ def _generate_impl(model, prompt_tokens, prompt_lengths, keys, sampler, stops, p
     def pick(i, logits, state, done, lengths, finish):
         """Samples generated index i for every row; finished rows keep their state and emit pad."""
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i)
-        token, new_state, out = sample_step(sampler, logits, state, step_keys)
+        token, new_state, out = sample_fn(sampler, logits, state, step_keys)
         active = ~done
         invalid = active & (token < 0)
         emitted = active & ~invalid
@@ -275,8 +288,8 @@ def _generate_impl(model, prompt_tokens, prompt_lengths, keys, sampler, stops, p
         processed = jnp.where(emitted, out.token_logprob_processed, 0.0)
         ys = (token, raw, processed)
         if top_logprobs:
-            top_lp, top_ids = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1),
-                                            top_logprobs)  # [B, K]
+            top_fn = getattr(sample_fn, "top_logprobs", _top_logprobs)
+            top_ids, top_lp = top_fn(logits, top_logprobs)  # [B, K] each
             ys += (jnp.where(emitted[:, None], top_ids, pad_id), jnp.where(emitted[:, None], top_lp, 0.0))
         return (token, state, done | invalid | stopped, lengths, finish), ys
 
@@ -301,6 +314,6 @@ def _generate_impl(model, prompt_tokens, prompt_lengths, keys, sampler, stops, p
     return GenerateOutput(tokens, lengths, raw, processed, finish, top_ids, top_lp, prompt_lp)
 
 
-_STATIC = ("max_new_tokens", "cache_size", "top_logprobs", "prompt_logprobs")
+_STATIC = ("max_new_tokens", "cache_size", "top_logprobs", "prompt_logprobs", "sample_fn")
 _generate_traced_model = jax.jit(_generate_impl, static_argnames=_STATIC)
 _generate_static_model = jax.jit(_generate_impl, static_argnums=(0,), static_argnames=_STATIC)

@@ -68,8 +68,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
-import types
 from typing import Any, Callable, Sequence
 
 import jax
@@ -908,63 +906,6 @@ def sharded_sample_step(chain: LogitsProcessor, logits: Array, state: State, key
 # ----------------------------------------------------------------------------- generation
 
 
-def _generate_accepts_sample_fn() -> bool:
-    from jaxsample import _generate
-
-    return "sample_fn" in inspect.signature(_generate.generate).parameters
-
-
-@functools.lru_cache(maxsize=None)
-def _loop_with(sample_fn: Callable) -> Callable:
-    """`jaxsample._generate`'s jitted loop with its per-step sampler replaced.
-
-    Interim: used only while `jaxsample.generate` has no ``sample_fn`` argument. It runs
-    the very same loop code (the function is rebuilt with ``sample_step`` bound to
-    ``sample_fn``), not a copy of it.
-    """
-    from jaxsample import _generate
-
-    impl = _generate._generate_impl
-    scope = dict(impl.__globals__, sample_step=sample_fn)
-    loop = types.FunctionType(impl.__code__, scope, impl.__name__, impl.__defaults__, impl.__closure__)
-    loop.__kwdefaults__ = impl.__kwdefaults__
-    static = getattr(_generate, "_STATIC", ("max_new_tokens", "cache_size"))
-    return jax.jit(loop, static_argnames=static)
-
-
-def _generate_with(sample_fn: Callable, model, prompt_tokens, prompt_lengths, keys, *, max_new_tokens,
-                   sampler, stop_ids, pad_id, cache_size, validate=True, **outputs):
-    """`jaxsample.generate` with ``sample_fn`` as the per-step sampler.
-
-    ``outputs``: `generate`'s ``n``, ``top_logprobs``, ``prompt_logprobs`` (passed on).
-    """
-    from jaxsample import _generate
-
-    if _generate_accepts_sample_fn():
-        return _generate.generate(model, prompt_tokens, prompt_lengths, keys, max_new_tokens=max_new_tokens,
-                                  sampler=sampler, stop_ids=stop_ids, pad_id=pad_id,
-                                  cache_size=cache_size, sample_fn=sample_fn, **outputs)
-    # Interim path (until `generate` takes `sample_fn`): the argument handling of
-    # `generate`, then its own loop with sample_fn as the per-step sampler.
-    defaults = dict(n=1, top_logprobs=0, prompt_logprobs=False)
-    changed = sorted(name for name, value in outputs.items() if value != defaults.get(name))
-    if changed:
-        raise NotImplementedError(f"{changed} with a custom per-step sampler needs "
-                                  f"jaxsample.generate(..., sample_fn=...)")
-    stop_ids = tuple(int(s) for s in stop_ids)
-    p = prompt_tokens.shape[-1]
-    cache_size = p + max_new_tokens if cache_size is None else cache_size
-    if validate:
-        _generate._validate(prompt_tokens, prompt_lengths, max_new_tokens, cache_size, model.vocab_size,
-                            stop_ids)
-    keys = _generate._row_keys(keys, prompt_tokens.shape[0])
-    sampler = _chain.chain(_chain.Temperature(0.0)) if sampler is None else sampler
-    stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
-    return _loop_with(sample_fn)(model, prompt_tokens.astype(jnp.int32), prompt_lengths.astype(jnp.int32),
-                                 keys, sampler, stops, jnp.asarray(pad_id, jnp.int32),
-                                 max_new_tokens=max_new_tokens, cache_size=cache_size)
-
-
 def _place(x: ArrayLike, sharding: NamedSharding) -> Array:
     """A host array (same value on every process) as a global array with ``sharding``."""
     if isinstance(x, jax.Array) and x.sharding == sharding:
@@ -1046,6 +987,6 @@ def sharded_generate(model: Any, prompt_tokens: ArrayLike, prompt_lengths: Array
     else:  # many hosts: place the raw key data, then wrap it again
         data = _place(jax.random.key_data(keys), NamedSharding(mesh, P(batch_axis, None)))
         keys = jax.random.wrap_key_data(data, impl=jax.random.key_impl(keys))
-    return _generate_with(sample_fn, model, tokens, lengths, keys, max_new_tokens=max_new_tokens,
-                          sampler=sampler, stop_ids=stop_ids, pad_id=pad_id, cache_size=cache_size,
-                          validate=False, **outputs)
+    return _generate.generate(model, tokens, lengths, keys, max_new_tokens=max_new_tokens, sampler=sampler,
+                              stop_ids=stop_ids, pad_id=pad_id, cache_size=cache_size, sample_fn=sample_fn,
+                              **outputs)

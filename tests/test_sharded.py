@@ -160,11 +160,9 @@ def _device_checks():
         top_k=np.array([0, 0, 0, 5, 0, 20, 0, 0]),
         top_p=np.array([1, 1, 0.9, 1, 0.8, 1, 1, 0.95]),
         min_p=np.array([0, 0, 0, 0, 0, 0, 0.1, 0]))
-    reference = _sharded._generate_with(
-        _sharded.gumbel_sample_step, lm, jnp.asarray(prompts), jnp.asarray(lengths), keys,
-        max_new_tokens=new, sampler=chain, stop_ids=(), pad_id=0, cache_size=None)
+    reference = js.generate(lm, prompts, lengths, keys, max_new_tokens=new, sampler=chain,
+                            sample_fn=js.gumbel_sample_step)
     plain_greedy = js.generate(lm, prompts, lengths, keys, max_new_tokens=new, top_logprobs=3)
-    hook = _sharded._generate_accepts_sample_fn()  # generate(sample_fn=...) exists
     times["reference"] = time.time() - t_start
     results["reference_is_not_constant"] = bool(len(np.unique(np.asarray(reference.tokens)[2:])) > 10)
     for shape in MESHES:
@@ -184,24 +182,22 @@ def _device_checks():
             "padded_vocab": slm.vocab_size,
         }
         if shape == (2, 4):  # the whole compiled loop: which arrays cross devices
-            results["hlo"]["generate"] = _generate_collectives(slm, prompts, lengths, keys, chain, new, hook)
+            results["hlo"]["generate"] = _generate_collectives(slm, prompts, lengths, keys, chain, new)
         if shape == (2, 4):  # the default greedy sampler (sampler=None) on a 2-D mesh
-            extra = dict(top_logprobs=3) if hook else {}
-            out = js.sharded_generate(slm, prompts, lengths, keys, max_new_tokens=new, **extra)
+            out = js.sharded_generate(slm, prompts, lengths, keys, max_new_tokens=new, top_logprobs=3)
             results["greedy_default_equal"] = bool(
                 np.array_equal(np.asarray(out.tokens), np.asarray(plain_greedy.tokens)))
-            if hook:
-                results["generate_top_logprobs_equal"] = bool(
-                    np.array_equal(np.asarray(out.top_token_ids), np.asarray(plain_greedy.top_token_ids))
-                    and np.allclose(np.asarray(out.top_logprobs), np.asarray(plain_greedy.top_logprobs),
-                                    atol=LOGPROB_ATOL))
+            results["generate_top_logprobs_equal"] = bool(
+                np.array_equal(np.asarray(out.top_token_ids), np.asarray(plain_greedy.top_token_ids))
+                and np.allclose(np.asarray(out.top_logprobs), np.asarray(plain_greedy.top_logprobs),
+                                atol=LOGPROB_ATOL))
         times[f"generate {name}"] = time.time() - t_start
     results["seconds"] = time.time() - t_start
     results["times"] = times
     return results
 
 
-def _generate_collectives(model, prompts, lengths, keys, chain, new, hook):
+def _generate_collectives(model, prompts, lengths, keys, chain, new):
     """Collectives of the compiled generate loop that `sharded_generate` just ran (a cache hit)."""
     from jax.sharding import NamedSharding, PartitionSpec as P
     from jaxsample import _generate
@@ -212,13 +208,9 @@ def _generate_collectives(model, prompts, lengths, keys, chain, new, hook):
             jax.device_put(jnp.asarray(lengths), NamedSharding(mesh, P("data"))),
             jax.device_put(keys, NamedSharding(mesh, P("data"))), chain,
             jnp.asarray((-1,), jnp.int32), jnp.asarray(0, jnp.int32))
-    static = dict(max_new_tokens=new, cache_size=prompts.shape[1] + new)
-    if hook:
-        loop = _generate._generate_traced_model
-        static.update(top_logprobs=0, prompt_logprobs=False, sample_fn=sampler)
-    else:
-        loop = _sharded._loop_with(sampler)
-    text = loop.lower(*args, **static).compile().as_text()
+    static = dict(max_new_tokens=new, cache_size=prompts.shape[1] + new, top_logprobs=0,
+                  prompt_logprobs=False, sample_fn=sampler)
+    text = _generate._generate_traced_model.lower(*args, **static).compile().as_text()
     return [[op, shapes] for op, shapes in _collectives(text)]
 
 
@@ -269,8 +261,7 @@ def test_sharded_generate_same_tokens_as_one_device(device_results, mesh):
 
 def test_sharded_generate_default_greedy(device_results):
     assert device_results["greedy_default_equal"]
-    # Top-N log-probs through generate need its sample_fn hook; checked once it exists.
-    assert device_results.get("generate_top_logprobs_equal", True)
+    assert device_results["generate_top_logprobs_equal"]
 
 
 def test_generate_loop_hlo_has_only_all_reduces(device_results):
