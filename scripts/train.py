@@ -100,7 +100,7 @@ def main(argv=None):
 def export(args, config, tc, corpus, state, log, seconds, argv):
     """Writes the model with a card (full validation over every held-out byte) to --out."""
     val = full_validation(config, state.params, corpus, tc.seq_len)
-    print(f"step {state.step}: validation {val:.4f} nats per byte (all held-out bytes)", file=sys.stderr)
+    print(f"final validation (step {state.step}): {val:.4f} nats per byte (all held-out bytes)", file=sys.stderr)
     args_text = " ".join(sys.argv[1:] if argv is None else argv).replace(" --export-only", "")
     command = "python scripts/train.py " + args_text
     card = model_card(config, tc, corpus, val, log, seconds, command, state.step)
