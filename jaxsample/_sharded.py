@@ -906,8 +906,13 @@ def sharded_sample_step(chain: LogitsProcessor, logits: Array, state: State, key
 # ----------------------------------------------------------------------------- generation
 
 
-def _place(x: ArrayLike, sharding: NamedSharding) -> Array:
-    """A host array (same value on every process) as a global array with ``sharding``."""
+def place(x: ArrayLike, sharding: NamedSharding) -> Array:
+    """A host array (same value on every process) as a global array with ``sharding``.
+
+    Works on one host and on many: each process fills only its addressable shards, from
+    its own copy of ``x`` (`jax.make_array_from_callback`). An array that already has
+    this sharding is returned as is.
+    """
     if isinstance(x, jax.Array) and x.sharding == sharding:
         return x
     if isinstance(x, jax.Array) and x.is_fully_addressable and sharding.is_fully_addressable:
@@ -979,13 +984,13 @@ def sharded_generate(model: Any, prompt_tokens: ArrayLike, prompt_lengths: Array
                             p + max_new_tokens if cache_size is None else cache_size,
                             model.vocab_size, tuple(int(s) for s in stop_ids))
     rows = NamedSharding(mesh, P(batch_axis))
-    tokens = _place(prompt_tokens, NamedSharding(mesh, P(batch_axis, None)))
-    lengths = _place(prompt_lengths, rows)
+    tokens = place(prompt_tokens, NamedSharding(mesh, P(batch_axis, None)))
+    lengths = place(prompt_lengths, rows)
     keys = _sampling.as_typed_key(keys)
     if rows.is_fully_addressable:
         keys = jax.device_put(keys, rows)
     else:  # many hosts: place the raw key data, then wrap it again
-        data = _place(jax.random.key_data(keys), NamedSharding(mesh, P(batch_axis, None)))
+        data = place(jax.random.key_data(keys), NamedSharding(mesh, P(batch_axis, None)))
         keys = jax.random.wrap_key_data(data, impl=jax.random.key_impl(keys))
     return _generate.generate(model, tokens, lengths, keys, max_new_tokens=max_new_tokens, sampler=sampler,
                               stop_ids=stop_ids, pad_id=pad_id, cache_size=cache_size, sample_fn=sample_fn,

@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxsample._sharded import place  # noqa: F401  (re-exported: models.sharding.place)
 from models.config import DecoderConfig
 from models.decoder import DecoderLM, KVCache
 
@@ -198,21 +199,6 @@ def cache_specs(config: DecoderConfig, mesh: Mesh, *, data_axis: str | None = DA
     spec = P(data_axis, None, kv_heads, None)
     layers = tuple(spec for _ in range(config.n_layers))
     return KVCache(k=layers, v=layers)
-
-
-def place(x: Any, sharding: NamedSharding) -> jax.Array:
-    """Puts a host array (same value on every process) onto the mesh as a global array.
-
-    Works on one host and on many: each process fills only its addressable shards, from
-    its own copy of ``x`` (`jax.make_array_from_callback`). An array that already has
-    this sharding is returned as is.
-    """
-    if isinstance(x, jax.Array) and x.sharding == sharding:
-        return x
-    if isinstance(x, jax.Array) and x.is_fully_addressable and sharding.is_fully_addressable:
-        return jax.device_put(x, sharding)
-    host = np.asarray(x)
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 # ----------------------------------------------------------------------------- the model
