@@ -30,7 +30,8 @@ Both are found **without sorting the vocabulary** (``method="auto"``):
 
    * ``"scatter"``: one scatter-add histogram of ``2**bits`` buckets per row and pass,
      then a two-level suffix sum over the buckets (block sums, then one block). float32
-     in two 16-bit passes, 16-bit floats in one. The default on CPU, where a
+     in two 16-bit passes (three of 13/10/9 bits below 65536 tokens), 16-bit floats
+     in one. The default on CPU, where a
      scatter-add over the vocabulary costs a few reduction passes and a sort a hundred.
    * ``"compare"``: for a ``b``-bit digit, the masses above the ``2**b - 1`` candidate
      thresholds are counted directly (compare and sum over the vocabulary, no scatter).
@@ -120,24 +121,30 @@ class Plan:
 
 #: CPU: scatter-add histograms (2 passes for float32), top-64 candidate window.
 CPU_PLAN = Plan("scatter", (16, 16), (16,), window=64, top_k_static_max=256)
+#: CPU below 65536 tokens: three narrower passes. The buckets cost memory traffic of
+#: their own (zeroing, block sums), which 2**16 per row does not repay on short rows.
+CPU_PLAN_SMALL_VOCAB = dataclasses.replace(CPU_PLAN, digits32=(13, 10, 9))
 #: GPU / TPU: compare-and-count, 4 bits a pass, no lax.top_k window (it sorts there).
 ACCELERATOR_PLAN = Plan("compare", (4,) * 8, (4,) * 4, window=0, top_k_static_max=16)
 
 
-def default_plan(backend: str | None = None) -> Plan:
-    """The plan ``method="auto"`` uses on ``backend`` (default: ``jax.default_backend()``)."""
+def default_plan(backend: str | None = None, vocab: int | None = None) -> Plan:
+    """The plan ``method="auto"`` uses on ``backend`` (default: ``jax.default_backend()``)
+    for rows of ``vocab`` entries."""
     backend = jax.default_backend() if backend is None else backend
-    return CPU_PLAN if backend == "cpu" else ACCELERATOR_PLAN
+    if backend != "cpu":
+        return ACCELERATOR_PLAN
+    return CPU_PLAN_SMALL_VOCAB if vocab is not None and vocab < 65536 else CPU_PLAN
 
 
-def _resolve(method: Any) -> Plan | None:
+def _resolve(method: Any, vocab: int) -> Plan | None:
     """``None`` for the sort reference, else the :class:`Plan` to use."""
     if isinstance(method, Plan):
         return method
     if method == "sort":
         return None
     if method in ("auto", "radix"):
-        plan = default_plan()
+        plan = default_plan(vocab=vocab)
         return dataclasses.replace(plan, window=0) if method == "radix" else plan
     raise ValueError(f"method must be 'auto', 'radix', 'sort' or a Plan, got {method!r}")
 
@@ -340,8 +347,8 @@ def kth_largest(x: jax.Array, k, *, method: Any = "auto") -> jax.Array:
       Array([1.], dtype=float32)
     """
     x = jnp.asarray(x)
-    plan = _resolve(method)
     vocab = x.shape[-1]
+    plan = _resolve(method, vocab)
     batch = x.shape[:-1]
     try:
         k_static = operator.index(k)
@@ -428,7 +435,7 @@ def mass_threshold(scores: jax.Array, weights: jax.Array | None, p, *,
       Array(-1.89712, dtype=float32)
     """
     scores = jnp.asarray(scores)
-    plan = _resolve(method)
+    plan = _resolve(method, scores.shape[-1])
     if plan is None:
         return _mass_threshold_sort(scores, weights, p)
     batch, vocab = scores.shape[:-1], scores.shape[-1]
@@ -464,17 +471,20 @@ def mass_threshold(scores: jax.Array, weights: jax.Array | None, p, *,
             else:
                 w_top = jnp.take_along_axis(w, index, axis=1)
             cum = jnp.cumsum(w_top, axis=1)
-            decided = cum[:, -1] >= target
             m = jnp.minimum(jnp.sum(cum < target[:, None], axis=1), window - 1)
             t = jnp.take_along_axis(values, m[:, None], axis=1)[:, 0].astype(s.dtype)
-            return lax.cond(jnp.any(active & ~decided), radix, lambda _: t, None)
+            return t, cum[:, -1] >= target  # (threshold, decided by the window)
+
+        def skip_window(_):
+            return jnp.zeros(top.shape, s.dtype), jnp.zeros(top.shape, bool)
 
         if w_max is None:
             w_max = jnp.max(w, axis=1)
         # The window cannot reach the target if even `window` copies of the largest
         # weight fall short: then skip lax.top_k and search directly.
         hopeless = active & (window * w_max < target)
-        t = lax.cond(jnp.any(hopeless), radix, from_window, None)
+        t, decided = lax.cond(jnp.any(hopeless), skip_window, from_window, None)
+        t = lax.cond(jnp.any(active & ~decided), radix, lambda _: t, None)
     neg_inf = jnp.array(-jnp.inf, s.dtype)
     top_s = jnp.max(s, axis=1)
     t = jnp.where(active, t, jnp.where(total == 0, top_s, neg_inf))

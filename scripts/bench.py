@@ -31,8 +31,9 @@ noise (top-p 0.9 keeps ~16 tokens: the candidate-window path on CPU).
 
 Generate: `jaxsample.generate` with `models.DecoderLM.random(preset)` (default
 `llama-110m`, bf16, random weights), prompt 128 random tokens, 256 new tokens, batch 1
-and 32, greedy and top-p 0.9; tokens/s = batch * new tokens / (steady wall time, prefill
-included); compile time = first call - steady call. transformers'
+and 32, greedy and top-p 0.9; tokens/s (end to end) = batch * new tokens / (steady wall
+time, prefill included); decode ms/step = (t(N new tokens) - t(1 new token)) / (N - 1),
+the decode loop alone; compile time = first call - steady call. transformers'
 `LlamaForCausalLM.generate` with the same shapes (tied embeddings, bf16, eager
 attention, random weights, `do_sample=True, top_p=0.9, top_k=0` or greedy, EOS off)
 when torch is installed.
@@ -230,13 +231,26 @@ def bench_generate_jax(preset_name, prompt_len, new_tokens, batch, mode, repeats
     keys = jax.random.split(jax.random.key(2), batch)
     sampler = None if mode == "greedy" else js.default_chain(top_p=0.9)
 
-    def run():
-        return js.generate(model, prompts, lengths, keys, max_new_tokens=new_tokens, sampler=sampler)
+    def run(n=new_tokens):
+        return js.generate(model, prompts, lengths, keys, max_new_tokens=n, sampler=sampler)
 
     first = time_call(run)
     steady = float(np.median([time_call(run) for _ in range(repeats)]))
-    return {"tokens_per_s": batch * new_tokens / steady, "seconds": steady,
-            "ms_per_step": steady / new_tokens * 1e3, "compile_s": max(first - steady, 0.0)}
+    out = {"compile_s": max(first - steady, 0.0)}
+    out.update(_rates(batch, new_tokens, steady, lambda: time_call(run, 1), repeats))
+    return out
+
+
+def _rates(batch, new_tokens, steady, run_one, repeats) -> dict[str, float]:
+    """End-to-end rate (prefill included) and the decode step alone, from the difference
+    with a 1-token run: (t(N) - t(1)) / (N - 1)."""
+    out = {"tokens_per_s": batch * new_tokens / steady, "seconds": steady}
+    if new_tokens > 1:
+        run_one()  # compile / warm up
+        one = float(np.median([run_one() for _ in range(repeats)]))
+        step = max(steady - one, 1e-9) / (new_tokens - 1)
+        out.update(prefill_s=one, decode_ms_per_step=step * 1e3, decode_tokens_per_s=batch / step)
+    return out
 
 
 def bench_generate_torch(preset_name, prompt_len, new_tokens, batch, mode, repeats) -> dict[str, float]:
@@ -265,20 +279,16 @@ def bench_generate_torch(preset_name, prompt_len, new_tokens, batch, mode, repea
     else:
         kwargs.update(do_sample=True, top_p=0.9, top_k=0, temperature=1.0)
 
-    def run():
-        with torch.inference_mode():
-            return model.generate(ids, **kwargs)
-
-    run()
-    times = []
-    for _ in range(repeats):
+    def timed(n=new_tokens):
         t0 = time.perf_counter()
-        out = run()
-        times.append(time.perf_counter() - t0)
-    assert out.shape == (batch, prompt_len + new_tokens), out.shape
-    steady = float(np.median(times))
-    return {"tokens_per_s": batch * new_tokens / steady, "seconds": steady,
-            "ms_per_step": steady / new_tokens * 1e3}
+        with torch.inference_mode():
+            out = model.generate(ids, **{**kwargs, "max_new_tokens": n, "min_new_tokens": n})
+        assert out.shape == (batch, prompt_len + n), out.shape
+        return time.perf_counter() - t0
+
+    timed()
+    steady = float(np.median([timed() for _ in range(repeats)]))
+    return _rates(batch, new_tokens, steady, lambda: timed(1), repeats)
 
 
 # ----------------------------------------------------------------------------- report
@@ -338,11 +348,14 @@ def sampling_tables(results: list[dict], columns: list[tuple[str, str]]) -> str:
 
 
 def generate_table(results: list[dict]) -> str:
-    lines = ["| system | batch | mode | tokens/s | ms/step | compile s |", "|---|---|---|---|---|---|"]
+    lines = ["| system | batch | mode | tokens/s (end to end) | decode ms/step | decode tokens/s "
+             "| compile s |", "|---|---|---|---|---|---|---|"]
     for r in results:
         compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else "–"
+        step = f"{r['decode_ms_per_step']:.2f}" if "decode_ms_per_step" in r else "–"
+        rate = f"{r['decode_tokens_per_s']:.1f}" if "decode_tokens_per_s" in r else "–"
         lines.append(f"| {r['system']} | {r['batch']} | {r['mode']} | {r['tokens_per_s']:.1f} | "
-                     f"{r['ms_per_step']:.2f} | {compile_s} |")
+                     f"{step} | {rate} | {compile_s} |")
     return "\n".join(lines)
 
 

@@ -24,8 +24,11 @@ from jaxsample import _select
 from jaxsample._select import Plan
 
 PLANS = {
-    "auto": "auto",  # the CPU plan: top-64 window, then scatter radix 16+16 (16 for bf16)
+    # the CPU plan: top-64 window, then scatter radix 13+10+9 below 65536 tokens, 16+16
+    # above (16 for bf16)
+    "auto": "auto",
     "radix": "radix",  # scatter radix only
+    "scatter-16-16": Plan("scatter", (16, 16), (16,), window=0),  # the large-vocab CPU digits
     "compare": _select.ACCELERATOR_PLAN,  # the GPU/TPU plan: 4-bit compare passes
     "scatter-11-11-10": Plan("scatter", (11, 11, 10), (5, 5, 6), window=0),
     "compare-8-window4": Plan("compare", (8, 8, 8, 8), (8, 8), window=4, top_k_static_max=0),
@@ -44,7 +47,7 @@ def grid(full, fast):
 PRIMITIVE_GRID = grid(
     [(plan, vocab) for plan in PLANS for vocab in (1, 7, 1000)],
     [("auto", 1), ("auto", 7), ("auto", 1000), ("compare", 7), ("compare", 1000),
-     ("scatter-11-11-10", 1000), ("compare-8-window4", 1000)])
+     ("scatter-16-16", 1000), ("scatter-11-11-10", 1000), ("compare-8-window4", 1000)])
 
 
 # ----------------------------------------------------------------------------- data
@@ -191,12 +194,12 @@ def test_kth_largest_equals_the_sort(plan, vocab):
     assert_element_values(x, got)
 
 
-@pytest.mark.parametrize("plan", ["auto", "compare"])
+@pytest.mark.parametrize("plan", ["auto", pytest.param("compare", marks=slow)])
 def test_kth_largest_static_k_and_broadcasting(plan):
     rng = np.random.default_rng(1)
     x = adversarial(rng, 12, 300, subnormal=True).reshape(3, 4, 300)
     method = PLANS[plan]
-    for k in (1, 65, 300, 1000):
+    for k in (1, 299, 1000):  # lax.top_k, radix, clamped to V
         assert_same_thresholds(
             _select.kth_largest(x, k, method=method), _select.kth_largest(x, k, method="sort"))
     k = np.array([1, 70, 300, 5])  # one k per column of the [3, 4] batch
@@ -307,7 +310,8 @@ FILTER_GRID = grid(
     [(name, vocab, dtype, m) for name in FILTER_CASES for vocab in (1, 7, 1000)
      for dtype in ("f32", "bf16") for m in (1, 3)],
     [(name, vocab, dtype, m) for name in FILTER_CASES
-     for vocab, dtype, m in ((7, "f32", 1), (1000, "f32", 1), (1000, "f32", 3), (1000, "bf16", 1))])
+     for vocab, dtype, m in ((7, "f32", 1), (1000, "f32", 1), (1000, "f32", 3), (1000, "bf16", 1))
+     if name in ("top_k", "top_p") or (vocab, m) == (1000, 1)])
 
 
 @pytest.mark.parametrize("name, vocab, dtype, m", FILTER_GRID)
@@ -350,7 +354,7 @@ def test_default_chain_matches_the_reference_composition():
     k = per_row_k(rng, n, vocab)
     p = per_row_p(rng, n)
     mp = np.where(np.arange(n) % 2 == 0, 0.0, 0.05).astype(np.float32)
-    for m in (1, 2):
+    for m in (2,):
         chain = js.default_chain(temperature=t, top_k=k, top_p=p, min_p=mp, min_tokens_to_keep=m)
         out = np.asarray(jax.jit(lambda c, x: c(x))(chain, logits), np.float64)
         x = np.asarray(logits, np.float64) / t[:, None]
