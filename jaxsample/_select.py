@@ -322,6 +322,17 @@ def _rows(x: Array) -> Array:
     return x.reshape(-1, x.shape[-1])
 
 
+def _top_k(x: Array, k: int) -> tuple[Array, Array]:
+    """``lax.top_k`` in float32 (exact for 16-bit inputs), kept a top-k on XLA:CPU.
+
+    XLA:CPU rewrites ``sort + slice [:k]`` into its fast TopK, but a top-k whose only
+    use is one column (``values[..., k - 1]``) is simplified back into a full sort of
+    the row (~100x slower); the optimisation barrier on the outputs prevents that.
+    (bfloat16 top-k is slow there too, hence float32.)
+    """
+    return lax.optimization_barrier(lax.top_k(x.astype(_F32), k))
+
+
 def kth_largest(x: jax.Array, k, *, method: Any = "auto") -> jax.Array:
     """The ``k``-th largest value of each row (1-based, duplicates counted).
 
@@ -359,8 +370,8 @@ def kth_largest(x: jax.Array, k, *, method: Any = "auto") -> jax.Array:
     if k_static is not None:
         k_static = min(max(k_static, 1), vocab)
         if k_static <= plan.top_k_static_max:
-            values, _ = lax.top_k(x, k_static)  # [..., k]
-            return values[..., k_static - 1]
+            values, _ = _top_k(x, k_static)  # [..., k]
+            return values[..., k_static - 1].astype(x.dtype)
         k = k_static
     k = jnp.clip(jnp.broadcast_to(jnp.asarray(k).astype(jnp.int32), batch), 1, vocab)
     flat_x, flat_k = _rows(x), k.reshape(-1)
@@ -375,9 +386,9 @@ def kth_largest(x: jax.Array, k, *, method: Any = "auto") -> jax.Array:
         return radix(None).reshape(batch)
 
     def from_window(_):
-        values, _ = lax.top_k(flat_x, window)  # [R, W]
+        values, _ = _top_k(flat_x, window)  # [R, W]
         index = jnp.minimum(flat_k, window)[:, None] - 1
-        return jnp.take_along_axis(values, index, axis=1)[:, 0]
+        return jnp.take_along_axis(values, index, axis=1)[:, 0].astype(x.dtype)
 
     out = lax.cond(jnp.any(flat_k > window), radix, from_window, None)
     return out.reshape(batch)
@@ -465,7 +476,7 @@ def mass_threshold(scores: jax.Array, weights: jax.Array | None, p, *,
         t = radix(None)
     else:
         def from_window(_):
-            values, index = lax.top_k(s32, window)  # [R, W], descending
+            values, index = _top_k(s32, window)  # [R, W], descending
             if weights is None:
                 w_top = jnp.exp(values - top[:, None])
             else:

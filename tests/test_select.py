@@ -275,6 +275,31 @@ def test_window_decides_peaked_rows_and_falls_back_exactly():
         np.testing.assert_array_equal(kth_fn("auto")(flat, kk), kth_fn("sort")(flat, kk))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_no_sort_in_the_compiled_filters_and_sampler(dtype):
+    """The sort-free paths stay sort-free after XLA's rewrites (e.g. a top-k whose only
+    use is its last column must not turn back into a full sort). XLA:CPU only."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("checks XLA:CPU's compiled HLO")
+    batch, vocab = 4, 4096
+    keys = jax.random.split(jax.random.key(0), batch)
+    chain = js.default_chain(temperature=0.8, top_k=np.full(batch, 40), top_p=0.9, min_p=0.05,
+                             min_tokens_to_keep=2)
+
+    def everything(x, k, p):
+        outs = [js.top_p(x, p), js.top_p(x, p, min_tokens_to_keep=3), js.top_k(x, k),
+                js.top_k(x, 50), js.top_k(x, 1000), js.typical_p(x, p),
+                js.min_p(x, 0.1, min_tokens_to_keep=3), js.temperature(x, 0.0)]
+        tokens = [js.sample(keys, x), js.greedy(x),
+                  js.sample_step(chain, x, chain.init(None, None, vocab), keys)[0]]
+        return outs, tokens
+
+    x = jnp.zeros((batch, vocab), dtype)
+    hlo = jax.jit(everything).lower(x, np.full(batch, 50), np.full(batch, 0.9, np.float32))
+    sorts = [line for line in hlo.compile().as_text().splitlines() if " sort(" in line]
+    assert not sorts, sorts[:3]
+
+
 # ----------------------------------------------------------------------------- filters vs reference
 
 
