@@ -28,9 +28,11 @@ from models.config import DecoderConfig
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer: tuples of L arrays, each [B, S, K, Dh].
+    """Keys and values of every layer: tuples of L arrays, each [B, K, S, Dh].
 
-    Position s of row b holds the key/value of that row's token at position s.
+    Head-major, so each (row, kv head) reads one contiguous [S, Dh] block in attention
+    (no transpose of the cache per step). Position s of row b holds the key/value of
+    that row's token at position s.
     Which positions are valid is decided by the caller's positions (a query at
     position t attends to cache positions <= t), so the cache needs no length field.
     """
@@ -40,12 +42,12 @@ class KVCache(NamedTuple):
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[1]
+        return self.k[0].shape[2]
 
 
 def init_cache(config: DecoderConfig, batch_size: int, max_len: int) -> KVCache:
     """An all-zero cache for `batch_size` rows of up to `max_len` positions."""
-    shape = (batch_size, max_len, config.n_kv_heads, config.head_dim)
+    shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
     zeros = tuple(jnp.zeros(shape, config.jnp_dtype) for _ in range(config.n_layers))
     return KVCache(k=zeros, v=tuple(jnp.zeros_like(z) for z in zeros))
 
@@ -88,19 +90,19 @@ def attend(q, k, v, mask):
     """Grouped-query attention.
 
     Args:
-      q: [B, T, H, Dh]; k, v: [B, S, K, Dh] with K dividing H.
+      q: [B, T, H, Dh]; k, v: [B, K, S, Dh] (head-major, like the cache) with K dividing H.
       mask: [B, T, S] bool, True where query t may attend to key s.
     Returns:
       [B, T, H * Dh].
     """
     b, t, h, dh = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1]
     q = q.reshape(b, t, kv_heads, h // kv_heads, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(dh)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
     return out.reshape(b, t, h * dh)
 
 
@@ -109,7 +111,7 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, cache_kv):
-        """x: [B, T, D]; positions: [B, T]; cache_kv: None or (k, v), each [B, S, K, Dh]."""
+        """x: [B, T, D]; positions: [B, T]; cache_kv: None or (k, v), each [B, K, S, Dh]."""
         c = self.config
         dt = c.jnp_dtype
         out_std = 0.02 / math.sqrt(2 * c.n_layers)
@@ -120,17 +122,21 @@ class Block(nn.Module):
         k = _dense(c.n_kv_heads * c.head_dim, "k", dt)(y).reshape(b, t, c.n_kv_heads, c.head_dim)
         v = _dense(c.n_kv_heads * c.head_dim, "v", dt)(y).reshape(b, t, c.n_kv_heads, c.head_dim)
         q = rope(q, positions, c.rope_theta)
-        k = rope(k, positions, c.rope_theta)
+        k = rope(k, positions, c.rope_theta).transpose(0, 2, 1, 3)  # [B, K, T, Dh]
+        v = v.transpose(0, 2, 1, 3)  # [B, K, T, Dh]
 
         if cache_kv is None:  # Full forward: attend within this call, causally.
             keys, values, key_pos = k, v, positions
         else:  # Write this call's keys/values at their positions, then attend over the cache.
             cache_k, cache_v = cache_kv
-            rows = jnp.arange(b)[:, None]
-            cache_k = cache_k.at[rows, positions].set(k.astype(cache_k.dtype), mode="drop")
-            cache_v = cache_v.at[rows, positions].set(v.astype(cache_v.dtype), mode="drop")
+            rows = jnp.arange(b)[:, None]  # [B, 1] with positions [B, T]: cache[b, :, pos[b, t]]
+            k_rows = k.astype(cache_k.dtype).transpose(0, 2, 1, 3)  # [B, T, K, Dh]
+            v_rows = v.astype(cache_v.dtype).transpose(0, 2, 1, 3)
+            cache_k = cache_k.at[rows, :, positions].set(k_rows, mode="drop")
+            cache_v = cache_v.at[rows, :, positions].set(v_rows, mode="drop")
             keys, values = cache_k, cache_v
-            key_pos = jnp.broadcast_to(jnp.arange(cache_k.shape[1]), (b, cache_k.shape[1]))
+            s = cache_k.shape[2]
+            key_pos = jnp.broadcast_to(jnp.arange(s), (b, s))
             cache_kv = (cache_k, cache_v)
         mask = key_pos[:, None, :] <= positions[:, :, None]  # [B, T, S] causal
         attn = attend(q, keys, values, mask)

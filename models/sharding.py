@@ -15,7 +15,7 @@ Dh = head width, F = d_ff, V = vocabulary):
     gate, up.kernel  [D, F]      P(None, "model")   output dim split
     down.kernel      [F, D]      P("model", None)   input dim split: one all-reduce per block
     *norm*.scale     [D]         P()                replicated
-    KV cache k, v    [B, S, K, Dh]  P("data", None, "model", None)
+    KV cache k, v    [B, K, S, Dh]  P("data", "model", None, None)
     activations, prompts, keys      batch on "data"
 
 Divisibility rule (JAX shards only evenly divisible dimensions): a group is split over
@@ -191,12 +191,12 @@ def cache_specs(config: DecoderConfig, mesh: Mesh, *, data_axis: str | None = DA
     """`PartitionSpec`s of the KV cache: batch on the data axis, kv heads on the model axis.
 
     Returns:
-      A `KVCache` of `PartitionSpec`s for the per-layer ``[B, S, K, Dh]`` arrays.
+      A `KVCache` of `PartitionSpec`s for the per-layer ``[B, K, S, Dh]`` arrays.
     """
     _axis_size(mesh, data_axis)
     m = _axis_size(mesh, model_axis)
     kv_heads = model_axis if config.n_kv_heads % m == 0 else None
-    spec = P(data_axis, None, kv_heads, None)
+    spec = P(data_axis, kv_heads, None, None)
     layers = tuple(spec for _ in range(config.n_layers))
     return KVCache(k=layers, v=layers)
 

@@ -434,5 +434,5 @@ def test_param_specs_follow_the_divisibility_rule():
     assert layer["attn_norm"]["scale"] == P()
     tiny = sharding.param_specs(preset("tiny"), mesh)["layers_0"]  # 2 kv heads on 4: replicated
     assert tiny["q"]["kernel"] == P(None, None) and tiny["k"]["kernel"] == P(None, None)
-    assert sharding.cache_specs(preset("shakespeare"), mesh).k[0] == P("data", None, "model", None)
+    assert sharding.cache_specs(preset("shakespeare"), mesh).k[0] == P("data", "model", None, None)
     assert sharding.padded_vocab_size(259, 8) == 264
