@@ -26,6 +26,7 @@ the `lax.scan`, and frozen once a row has finished.
 from __future__ import annotations
 
 import enum
+import operator
 from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import jax
@@ -112,6 +113,19 @@ def _row_keys(keys: jax.Array, batch: int) -> jax.Array:
     return keys
 
 
+def _as_int(name: str, value: Any) -> int:
+    """A Python int in int32 range; bools, floats and strings are refused, not truncated."""
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be integers, got {value!r}")
+    try:
+        out = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be integers, got {value!r}") from None
+    if not -2**31 <= out < 2**31:
+        raise ValueError(f"{name} must fit in int32, got {out}")
+    return out
+
+
 def _validate(prompt_tokens, prompt_lengths, max_new_tokens, cache_size, vocab_size, stop_ids):
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -122,6 +136,8 @@ def _validate(prompt_tokens, prompt_lengths, max_new_tokens, cache_size, vocab_s
         raise ValueError(f"prompt_lengths must have shape [B] = ({b},), got {prompt_lengths.shape}")
     if not jnp.issubdtype(prompt_tokens.dtype, jnp.integer):
         raise ValueError(f"prompt_tokens must be integers, got dtype {prompt_tokens.dtype}")
+    if not jnp.issubdtype(prompt_lengths.dtype, jnp.integer):
+        raise ValueError(f"prompt_lengths must be integers, got dtype {prompt_lengths.dtype}")
     if cache_size < p + max_new_tokens:
         raise ValueError(f"cache_size={cache_size} is smaller than prompt length P={p} + "
                          f"max_new_tokens={max_new_tokens} = {p + max_new_tokens}")
@@ -184,7 +200,8 @@ def generate(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengths: jax
       n: samples per prompt, static. The output has B * n rows, prompt-major; sample j
         of prompt i uses the key `fold_in(keys[i], j)` (n = 1 uses `keys` as given), so
         it is reproduced alone by `generate(..., keys=fold_in(keys[i], j)[None], n=1)`.
-        The prompt is prefilled once per sample.
+        Each prompt is prefilled once and its KV cache copied to its n samples (when
+        every cache leaf has the batch as its leading axis; otherwise once per sample).
       top_logprobs: K, static: also return the K most likely tokens of every step with
         their raw log-probs (`top_token_ids`, `top_logprobs`, [B * n, N, K]).
       prompt_logprobs: static: also return the raw log-prob of every prompt token given
@@ -212,27 +229,23 @@ def generate(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengths: jax
     """
     prompt_tokens = jnp.asarray(prompt_tokens) if not isinstance(prompt_tokens, jax.Array) else prompt_tokens
     prompt_lengths = jnp.asarray(prompt_lengths) if not isinstance(prompt_lengths, jax.Array) else prompt_lengths
-    stop_ids = tuple(int(s) for s in stop_ids)
+    stop_ids = tuple(_as_int("stop_ids", s) for s in np.asarray(stop_ids).reshape(-1).tolist())
+    pad_id = _as_int("pad_id", pad_id)
     p = prompt_tokens.shape[-1] if prompt_tokens.ndim else 0
     cache_size = p + max_new_tokens if cache_size is None else cache_size
     _validate(prompt_tokens, prompt_lengths, max_new_tokens, cache_size, model.vocab_size, stop_ids)
     _validate_outputs(model, n, top_logprobs, prompt_logprobs)
     keys = _row_keys(keys, prompt_tokens.shape[0])
     if n > 1:
-        prompt_tokens = jnp.repeat(prompt_tokens, n, axis=0)
-        prompt_lengths = jnp.repeat(prompt_lengths, n, axis=0)
         keys = _sample_keys(keys, n)
     sampler = chain(Temperature(0.0)) if sampler is None else sampler
     stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
     args = (prompt_tokens.astype(jnp.int32), prompt_lengths.astype(jnp.int32), keys, sampler, stops,
             jnp.asarray(pad_id, jnp.int32))
-    static = dict(max_new_tokens=max_new_tokens, cache_size=cache_size, top_logprobs=int(top_logprobs),
+    static = dict(max_new_tokens=max_new_tokens, cache_size=cache_size, n=int(n), top_logprobs=int(top_logprobs),
                   prompt_logprobs=bool(prompt_logprobs), sample_fn=sample_fn)
     run = _generate_traced_model if _is_pytree(model) else _generate_static_model
-    out = run(model, *args, **static)
-    if prompt_logprobs and n > 1:
-        out = out._replace(prompt_logprobs=out.prompt_logprobs[::n])  # one row per prompt
-    return out
+    return run(model, *args, **static)
 
 
 def _is_pytree(model) -> bool:
@@ -259,15 +272,53 @@ def _top_logprobs(logits, k):
     return top_ids, top_lp
 
 
-def _generate_impl(model, prompt_tokens, prompt_lengths, keys, sampler, stops, pad_id, *,
-                   max_new_tokens, cache_size, top_logprobs=0, prompt_logprobs=False, sample_fn=sample_step):
-    b = prompt_tokens.shape[0]
-    cache = model.init_cache(b, cache_size)
-    prompt_lp = None
+def _prefill(model, prompt_tokens, prompt_lengths, cache_size, prompt_logprobs):
+    """(last logits [B, V], cache, prompt log-probs [B, P] or None) for B prompts."""
+    cache = model.init_cache(prompt_tokens.shape[0], cache_size)
     if prompt_logprobs:
-        logits, cache, prompt_lp = _prefill_with_logprobs(model, prompt_tokens, prompt_lengths, cache)
-    else:
-        logits, cache = model.prefill(prompt_tokens, prompt_lengths, cache)  # [B, V]
+        return _prefill_with_logprobs(model, prompt_tokens, prompt_lengths, cache)
+    return (*model.prefill(prompt_tokens, prompt_lengths, cache), None)
+
+
+def _batch_leading_cache(model, b: int, n: int, cache_size: int) -> bool:
+    """True when the cache for b * n rows is the cache for b rows with every leaf's leading
+    axis (and only it) scaled by n: then repeating a prefilled cache along axis 0 is right."""
+    small = jax.eval_shape(lambda: model.init_cache(b, cache_size))
+    large = jax.eval_shape(lambda: model.init_cache(b * n, cache_size))
+    small_leaves, small_def = jax.tree.flatten(small)
+    large_leaves, large_def = jax.tree.flatten(large)
+    return small_def == large_def and all(
+        s.ndim >= 1 and s.dtype == l.dtype and l.shape == (s.shape[0] * n, *s.shape[1:]) and s.shape[0] == b
+        for s, l in zip(small_leaves, large_leaves))
+
+
+def _prefill_samples(model, prompt_tokens, prompt_lengths, cache_size, n, prompt_logprobs):
+    """Prefill for n samples per prompt: (logits [B * n, V], cache of B * n rows, prompt
+    log-probs [B, P] or None).
+
+    Each prompt is prefilled once and its logits and cache are repeated n times, when
+    every cache leaf has the batch as its leading axis (as `models.DecoderLM`'s has); a
+    cache of any other layout falls back to prefilling every sample.
+    """
+    b = prompt_tokens.shape[0]
+    if n == 1:
+        return _prefill(model, prompt_tokens, prompt_lengths, cache_size, prompt_logprobs)
+    if _batch_leading_cache(model, b, n, cache_size):
+        logits, cache, prompt_lp = _prefill(model, prompt_tokens, prompt_lengths, cache_size, prompt_logprobs)
+        repeat = lambda x: jnp.repeat(x, n, axis=0)
+        return repeat(logits), jax.tree.map(repeat, cache), prompt_lp
+    logits, cache, prompt_lp = _prefill(model, jnp.repeat(prompt_tokens, n, axis=0),
+                                        jnp.repeat(prompt_lengths, n, axis=0), cache_size, prompt_logprobs)
+    return logits, cache, (None if prompt_lp is None else prompt_lp[::n])  # one row per prompt
+
+
+def _generate_impl(model, prompt_tokens, prompt_lengths, keys, sampler, stops, pad_id, *,
+                   max_new_tokens, cache_size, n=1, top_logprobs=0, prompt_logprobs=False, sample_fn=sample_step):
+    logits, cache, prompt_lp = _prefill_samples(model, prompt_tokens, prompt_lengths, cache_size, n,
+                                                prompt_logprobs)
+    prompt_tokens = jnp.repeat(prompt_tokens, n, axis=0)  # [B * n, P], row i * n + j = prompt i
+    prompt_lengths = jnp.repeat(prompt_lengths, n, axis=0)
+    b = prompt_tokens.shape[0]
     state = init_state(sampler, prompt_tokens, prompt_lengths, model.vocab_size,
                        max_new_tokens=max_new_tokens)
 
@@ -314,6 +365,6 @@ def _generate_impl(model, prompt_tokens, prompt_lengths, keys, sampler, stops, p
     return GenerateOutput(tokens, lengths, raw, processed, finish, top_ids, top_lp, prompt_lp)
 
 
-_STATIC = ("max_new_tokens", "cache_size", "top_logprobs", "prompt_logprobs", "sample_fn")
+_STATIC = ("max_new_tokens", "cache_size", "n", "top_logprobs", "prompt_logprobs", "sample_fn")
 _generate_traced_model = jax.jit(_generate_impl, static_argnames=_STATIC)
 _generate_static_model = jax.jit(_generate_impl, static_argnums=(0,), static_argnames=_STATIC)

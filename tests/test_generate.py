@@ -177,6 +177,11 @@ def test_no_recompile_when_values_change(tiny_lm):
     (dict(cache_size=6), r"cache_size=6 is smaller than .* = 7"),
     (dict(stop_ids=[16]), "stop id 16 is outside"),
     (dict(keys=jax.random.key(0)), "one key per row"),
+    (dict(stop_ids=[2.7]), r"stop_ids must be integers, got 2.7"),
+    (dict(stop_ids=[True]), r"stop_ids must be integers, got True"),
+    (dict(pad_id=1.5), r"pad_id must be integers, got 1.5"),
+    (dict(pad_id=2**40), r"pad_id must fit in int32"),
+    (dict(prompt_lengths=[4.0, 2.0]), "prompt_lengths must be integers"),
 ])
 def test_invalid_inputs_raise(kwargs, match):
     model = PlusOneModel(jnp.float32(1.0))

@@ -43,6 +43,77 @@ def test_n_samples_are_distinct_and_each_reproducible_alone():
             np.testing.assert_allclose(alone.logprobs_processed[0], out.logprobs_processed[row], atol=1e-6)
 
 
+def test_n_samples_prefill_each_prompt_once_and_copy_its_cache(tiny_lm):
+    """With a batch-leading cache (DecoderLM), prefill runs on the B prompts, not B * n
+    rows, and every sample equals the same sample generated alone (its own prefill)."""
+    seen = []
+
+    class Recording:  # a hashable (static) wrapper that records prefill's batch at trace time
+        vocab_size = tiny_lm.vocab_size
+        init_cache = staticmethod(tiny_lm.init_cache)
+        decode = staticmethod(tiny_lm.decode)
+
+        @staticmethod
+        def prefill(tokens, lengths, cache):
+            seen.append(tokens.shape[0])
+            return tiny_lm.prefill(tokens, lengths, cache)
+
+    n, steps = 3, 6
+    keys = keys_for(4, 2)
+    sampler = js.default_chain(temperature=1.0, top_p=0.95)
+    out = js.generate(Recording(), PROMPTS, LENGTHS, keys, max_new_tokens=steps, sampler=sampler, n=n)
+    assert seen == [2]
+    for i in range(2):
+        for j in range(n):
+            alone = js.generate(tiny_lm, PROMPTS[i:i + 1, :LENGTHS[i]], LENGTHS[i:i + 1],
+                                jax.random.fold_in(keys[i], j)[None], max_new_tokens=steps, sampler=sampler)
+            np.testing.assert_array_equal(alone.tokens[0], out.tokens[i * n + j])
+            np.testing.assert_allclose(alone.logprobs_raw[0], out.logprobs_raw[i * n + j], atol=2e-5)
+
+
+@pytest.mark.parametrize("layout", [
+    lambda b, s: jnp.zeros((s, b), jnp.int32),  # time-major [S, B]
+    lambda b, s: jnp.zeros((2, b, s), jnp.int32),  # layer-stacked [L, B, S] with L = B = 2
+])
+def test_n_samples_fall_back_to_one_prefill_per_sample_for_other_cache_layouts(layout):
+    """A cache whose leaves do not lead with the batch axis cannot be repeated (even when
+    another axis happens to equal B): generate prefills every sample instead, with the
+    same result as a batch-leading cache."""
+    model = table_model(2)
+    seen = []
+
+    class TimeMajorCache:  # not batch-leading
+        vocab_size = V
+
+        @staticmethod
+        def init_cache(batch_size, max_len):
+            return layout(batch_size, max_len)
+
+        @staticmethod
+        def prefill(tokens, lengths, cache):
+            seen.append(tokens.shape[0])
+            return model.prefill(tokens, lengths, cache)
+
+        @staticmethod
+        def prefill_all(tokens, cache):
+            return model.prefill_all(tokens, cache)
+
+        @staticmethod
+        def decode(tokens, positions, cache):
+            return model.decode(tokens, positions, cache)
+
+    keys, sampler = keys_for(5, 2), js.chain(js.Temperature(1.0))
+    kwargs = dict(max_new_tokens=5, sampler=sampler, n=4, prompt_logprobs=True)
+    ours = js.generate(TimeMajorCache(), PROMPTS, LENGTHS, keys, **kwargs)
+    kwargs["prompt_logprobs"] = False
+    js.generate(TimeMajorCache(), PROMPTS, LENGTHS, keys, **kwargs)
+    assert seen == [8]  # the prompt_logprobs run uses prefill_all; this one prefilled 2 * 4 rows
+    copied = js.generate(model, PROMPTS, LENGTHS, keys, **dict(kwargs, prompt_logprobs=True))
+    np.testing.assert_array_equal(ours.tokens, copied.tokens)
+    np.testing.assert_allclose(ours.prompt_logprobs, copied.prompt_logprobs, atol=1e-6)
+    assert ours.prompt_logprobs.shape == (2, PROMPTS.shape[1])
+
+
 def test_top_logprobs_are_the_top_of_the_raw_log_softmax_and_padded():
     model = table_model(2)
     k = 3
