@@ -49,13 +49,15 @@ def as_typed_key(key: ArrayLike) -> Array:
     return jax.random.wrap_key_data(key)
 
 
-def _uniform_per_row(key: ArrayLike, batch_shape: tuple[int, ...]) -> Array:
-    """One ``U[0, 1)`` float32 per row: from one key, or row ``r`` from ``key[r]``."""
+def _uniform_per_row(key: ArrayLike, batch_shape: tuple[int, ...], count: int | None = None) -> Array:
+    """``U[0, 1)`` float32 per row, ``[...]`` (or ``[..., count]``): from one key, or row
+    ``r`` from ``key[r]``."""
+    tail = () if count is None else (count,)
     if key.shape == ():
-        return jax.random.uniform(key, batch_shape, _F32)
+        return jax.random.uniform(key, batch_shape + tail, _F32)
     flat = key.reshape(-1)
-    u = jax.vmap(lambda k: jax.random.uniform(k, (), _F32))(flat)
-    return u.reshape(batch_shape)
+    u = jax.vmap(lambda k: jax.random.uniform(k, tail, _F32))(flat)
+    return u.reshape(batch_shape + tail)
 
 
 def _valid_rows(x: Array) -> tuple[Array, Array]:
@@ -98,12 +100,17 @@ def _pick_in(e: Array, base: Array, target: Array) -> Array:
 def sample(key: ArrayLike, logits: ArrayLike) -> Array:
     """Draws one token per row with probability ``softmax(logits)``.
 
-    Inverse-CDF draw with one uniform number per row (no Gumbel noise over the
-    vocabulary): ``e = exp(x - max x)``, ``c = cumsum(e)``, ``W`` = the total mass,
-    ``u ~ U[0, 1)``; the token is the first ``i`` with ``c_i > u * W`` and ``e_i > 0``.
-    So a token with probability 0 (logit ``-inf``, or underflowed) is never drawn, and
-    token ``i`` is drawn with probability ``e_i / W`` up to float32 resolution
-    (``u`` has 23 random bits).
+    Inverse-CDF draw (no Gumbel noise over the vocabulary): ``e = exp(x - max x)``,
+    ``W`` = the total mass. Up to 512 tokens: ``u ~ U[0, 1)``, the token is the first
+    ``i`` with ``cumsum(e)_i > u * W`` and ``e_i > 0``. Larger vocabularies are cut into
+    blocks of 256 tokens and drawn in two stages with two uniforms per row: a block with
+    probability (block mass) / W, then a token inside it with probability
+    ``e_i`` / (block mass). So a token with probability 0 (logit ``-inf``, or
+    underflowed) is never drawn, and token ``i`` is drawn with probability ``e_i / W``
+    up to float32 resolution: each stage's uniform has 23 random bits, so a block's (or
+    a small vocabulary's token's) probability is off by at most about
+    ``2**-23 / probability`` relative, e.g. 1.2e-4 for a block of a flat 262144-token
+    vocabulary, rather than 3% with one uniform over the whole vocabulary.
 
     Args:
       key: one PRNG key for the whole array (like ``jax.random.categorical``), or one
@@ -137,18 +144,22 @@ def sample(key: ArrayLike, logits: ArrayLike) -> Array:
 
 @jax.jit
 def _sample(key: Array, logits: Array) -> Array:
-    u = _uniform_per_row(key, logits.shape[:-1])  # [...]
-    return inverse_cdf(u, logits)
+    u = _uniform_per_row(key, logits.shape[:-1], 2)  # [..., 2]: block, then token in block
+    return inverse_cdf(u[..., 0], logits, u[..., 1])
 
 
-def inverse_cdf(u: Array, logits: Array) -> Array:
+def inverse_cdf(u: Array, logits: Array, u_inner: Array | None = None) -> Array:
     """The token at quantile ``u`` (``[...]`` in ``[0, 1)``) of ``softmax(logits)``.
 
     Returns the first ``i`` with ``cumsum(e)_i > u * W`` and ``e_i > 0``, where
     ``e = exp(x - max x)`` and ``W`` is the total mass; ``-1`` for an invalid row.
-    The running sum is two-level (sums of blocks of 256, their running sum, then the
-    running sum inside the chosen block), which is the same function up to float32
-    rounding, and a token with ``e_i = 0`` is never returned.
+    Above 512 tokens the running sum is two-level: sums of blocks of 256 and their
+    running sum pick the block, then the running sum inside it picks the token. With
+    ``u_inner`` (``[...]`` in ``[0, 1)``, independent of ``u``) the token inside the
+    block is the one at quantile ``u_inner`` of the block's own distribution (the
+    two-stage draw of :func:`sample`); without it, the quantile ``u`` is carried into
+    the block (one function of ``u``, up to float32 rounding). A token with ``e_i = 0``
+    is never returned.
     """
     x = logits.astype(_F32)  # [..., V]
     batch, vocab = x.shape[:-1], x.shape[-1]
@@ -177,7 +188,14 @@ def inverse_cdf(u: Array, logits: Array) -> Array:
         before = jnp.where(
             j > 0, jnp.take_along_axis(block_cdf, jnp.maximum(j - 1, 0)[:, None], 1)[:, 0], 0.0)
         inner = jnp.take_along_axis(blocks, j[:, None, None], axis=1)[:, 0]  # [R, 256]
-        token = j * _BLOCK + _pick_in(inner, before, target)
+        if u_inner is None:
+            token = j * _BLOCK + _pick_in(inner, before, target)
+        else:  # a fresh quantile inside the block (which has positive mass)
+            u_inner = jnp.broadcast_to(u_inner, batch).reshape(-1)
+            block_total = jnp.max(jnp.cumsum(inner, axis=-1), axis=-1)
+            inner_target = jnp.minimum(u_inner * block_total,
+                                       jnp.nextafter(block_total, jnp.zeros_like(block_total)))
+            token = j * _BLOCK + _pick_in(inner, jnp.zeros_like(block_total), inner_target)
     token = jnp.where(valid, token.astype(jnp.int32), jnp.int32(-1))
     return token.reshape(batch)
 

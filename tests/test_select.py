@@ -485,3 +485,37 @@ def test_large_vocab_sweep_equals_the_sort(plan, vocab):
     assert clear.mean() >= 0.5
     assert_same_thresholds(got, want, clear)
     assert_element_values(x, got)
+
+
+def test_two_stage_draw_resolves_tokens_inside_a_block_exactly():
+    """With u_inner, the token inside the chosen block is the one at quantile u_inner of
+    the block's own distribution: over a fine grid of u_inner, each token of the block
+    gets its share of the block's mass to grid resolution, independently of how small
+    the block is in the whole vocabulary (one uniform over the vocabulary could not
+    resolve tokens whose mass is below 2**-23)."""
+    vocab = 4096
+    rng = np.random.default_rng(11)
+    x = rng.normal(0, 1, vocab).astype(np.float32)
+    x[256:512] -= 12.0  # block 1 holds ~1e-5 of the mass: its tokens are ~4e-8 each
+    q = ref.softmax(x.astype(np.float64))
+    block = q[256:512] / q[256:512].sum()
+    before = q[:256].sum()
+    u_block = np.float32(before + 0.5 * q[256:512].sum())  # lands in block 1
+    grid = 1 << 14
+    u_inner = (np.arange(grid) + 0.5) / grid
+    tokens = jax.jit(_sampling.inverse_cdf)(np.full(grid, u_block, np.float32),
+                                            np.broadcast_to(x, (grid, vocab)), u_inner.astype(np.float32))
+    tokens = np.asarray(tokens)
+    assert tokens.min() >= 256 and tokens.max() < 512
+    share = np.bincount(tokens - 256, minlength=256) / grid
+    np.testing.assert_allclose(share, block, atol=1.5 / grid)
+
+
+def test_sample_draws_the_block_then_the_token_from_two_uniforms():
+    """js.sample is inverse_cdf(u[..., 0], x, u[..., 1]) with u = two uniforms per row
+    from the row's key (the documented two-stage draw)."""
+    x = np.random.default_rng(12).normal(0, 2, (6, 3000)).astype(np.float32)
+    keys = jax.random.split(jax.random.key(13), 6)
+    u = jax.vmap(lambda k: jax.random.uniform(k, (2,), jnp.float32))(keys)
+    expected = _sampling.inverse_cdf(u[:, 0], jnp.asarray(x), u[:, 1])
+    np.testing.assert_array_equal(js.sample(keys, x), expected)
