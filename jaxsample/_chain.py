@@ -201,8 +201,8 @@ class Temperature(LogitsProcessor):
     t: ArrayLike = 1.0
 
     def __post_init__(self) -> None:
+        _val.check_param("temperature", "t", self.t)  # the value as given, before any cast
         t = _host_array(self.t, np.float32)
-        _val.check_param("temperature", "t", t)
         _set(self, "t", _val.canonical_scalar(t, float))
 
     def apply(self, logits: Array, state: State, key: Array | None) -> Array:
@@ -218,8 +218,8 @@ class _Truncation(LogitsProcessor):
 
     def __post_init__(self) -> None:
         dtype = np.int32 if self._kind is int else np.float32
+        _val.check_param(self._filter, self._field, getattr(self, self._field))  # before any cast
         value = _host_array(getattr(self, self._field), dtype)
-        _val.check_param(self._filter, self._field, value)
         _set(self, self._field, _val.canonical_scalar(value, self._kind))
         m = _val.check_min_tokens_to_keep(self._filter, self.min_tokens_to_keep)
         _set(self, "min_tokens_to_keep", m)
@@ -310,6 +310,7 @@ class LogitBias(LogitsProcessor):
     bias: ArrayLike
 
     def __post_init__(self) -> None:
+        _val.check_bias("LogitBias", "bias", self.bias)
         _set(self, "bias", _host_array(self.bias, np.float32))
 
     def apply(self, logits: Array, state: State, key: Array | None) -> Array:
@@ -324,9 +325,9 @@ class SparseLogitBias(LogitsProcessor):
     values: ArrayLike
 
     def __post_init__(self) -> None:
-        ids = _host_array(self.token_ids, np.int32)
-        _check_ids("SparseLogitBias", ids)
-        _set(self, "token_ids", ids)
+        _check_ids("SparseLogitBias", self.token_ids)
+        _val.check_bias("SparseLogitBias", "values", self.values)
+        _set(self, "token_ids", _host_array(self.token_ids, np.int32))
         _set(self, "values", _host_array(self.values, np.float32))
 
     def apply(self, logits: Array, state: State, key: Array | None) -> Array:
@@ -340,9 +341,8 @@ class BanTokens(LogitsProcessor):
     token_ids: ArrayLike
 
     def __post_init__(self) -> None:
-        ids = _host_array(self.token_ids, np.int32)
-        _check_ids("BanTokens", ids)
-        _set(self, "token_ids", ids)
+        _check_ids("BanTokens", self.token_ids)
+        _set(self, "token_ids", _host_array(self.token_ids, np.int32))
 
     def apply(self, logits: Array, state: State, key: Array | None) -> Array:
         return _filters.ban_tokens(logits, self.token_ids)
@@ -355,9 +355,8 @@ class AllowTokens(LogitsProcessor):
     token_ids: ArrayLike
 
     def __post_init__(self) -> None:
-        ids = _host_array(self.token_ids, np.int32)
-        _check_ids("AllowTokens", ids)
-        _set(self, "token_ids", ids)
+        _check_ids("AllowTokens", self.token_ids)
+        _set(self, "token_ids", _host_array(self.token_ids, np.int32))
 
     def apply(self, logits: Array, state: State, key: Array | None) -> Array:
         return _filters.allow_tokens(logits, self.token_ids)

@@ -74,6 +74,14 @@ def _start(fn: str, logits: ArrayLike, **params: Any) -> tuple[Array, tuple[int,
     return logits, batch_shape
 
 
+def _start_truncation(fn: str, logits: ArrayLike, name: str, value: ArrayLike,
+                      min_tokens_to_keep: int) -> tuple[Array, int]:
+    """`_start` + validation of a truncation's value and `min_tokens_to_keep`."""
+    logits, _ = _start(fn, logits, **{name: value})
+    _val.check_param(fn, name, value)
+    return logits, _val.check_min_tokens_to_keep(fn, min_tokens_to_keep)
+
+
 def _per_row(value: ArrayLike, dtype=_F32) -> Array:
     """A scalar or ``[...]`` parameter as ``[..., 1]``, to broadcast against ``[..., V]``."""
     return jnp.asarray(value, dtype=dtype)[..., None]
@@ -212,24 +220,8 @@ def top_k(logits: ArrayLike, k: ArrayLike, *, min_tokens_to_keep: int = 1) -> Ar
       >>> top_k(jnp.array([1.0, 3.0, 2.0, 3.0]), 1)
       Array([-inf,   3., -inf,   3.], dtype=float32)
     """
-    logits, _ = _start("top_k", logits, k=k)
-    _val.check_param("top_k", "k", k)
-    m = _val.check_min_tokens_to_keep("top_k", min_tokens_to_keep)
-    vocab = logits.shape[-1]
-    if isinstance(k, (int, np.integer)) and not isinstance(k, bool):
-        # A static k: the identity is decided in Python and lax.top_k does the rest.
-        k_static = vocab if (k <= 0 or k >= vocab) else max(int(k), m)
-        if k_static >= vocab:
-            return logits
-        return _top_k_static(logits, k_static)
-    return _top_k(logits, k, min_tokens_to_keep=m)
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _top_k_static(logits: Array, k: int) -> Array:
-    x = logits.astype(_F32)
-    threshold = _select.kth_largest(_select_input(logits, x), k).astype(_F32)
-    return _keep(logits, x >= threshold[..., None])
+    logits, m = _start_truncation("top_k", logits, "k", k, min_tokens_to_keep)
+    return _top_k(logits, k, min_tokens_to_keep=m)  # k is traced, even a Python int: no recompiles
 
 
 @functools.partial(jax.jit, static_argnames="min_tokens_to_keep")
@@ -268,9 +260,7 @@ def top_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -> Ar
       >>> jnp.isfinite(top_p(x, 0.7))
       Array([ True,  True, False, False], dtype=bool)
     """
-    logits, _ = _start("top_p", logits, p=p)
-    _val.check_param("top_p", "p", p)
-    m = _val.check_min_tokens_to_keep("top_p", min_tokens_to_keep)
+    logits, m = _start_truncation("top_p", logits, "p", p, min_tokens_to_keep)
     return _top_p(logits, p, min_tokens_to_keep=m)
 
 
@@ -306,9 +296,7 @@ def min_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -> Ar
       >>> jnp.isfinite(min_p(x, 0.25))
       Array([ True,  True,  True, False], dtype=bool)
     """
-    logits, _ = _start("min_p", logits, p=p)
-    _val.check_param("min_p", "p", p)
-    m = _val.check_min_tokens_to_keep("min_p", min_tokens_to_keep)
+    logits, m = _start_truncation("min_p", logits, "p", p, min_tokens_to_keep)
     return _min_p(logits, p, min_tokens_to_keep=m)
 
 
@@ -345,9 +333,7 @@ def typical_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -
       >>> jnp.isfinite(typical_p(x, 0.5))  # typical set {0.3, 0.2}, plus the arg-max
       Array([ True,  True,  True, False], dtype=bool)
     """
-    logits, _ = _start("typical_p", logits, p=p)
-    _val.check_param("typical_p", "p", p)
-    m = _val.check_min_tokens_to_keep("typical_p", min_tokens_to_keep)
+    logits, m = _start_truncation("typical_p", logits, "p", p, min_tokens_to_keep)
     return _typical_p(logits, p, min_tokens_to_keep=m)
 
 
@@ -390,9 +376,7 @@ def epsilon_cutoff(
       >>> jnp.isfinite(epsilon_cutoff(x, 0.1))
       Array([ True,  True,  True, False], dtype=bool)
     """
-    logits, _ = _start("epsilon_cutoff", logits, epsilon=epsilon)
-    _val.check_param("epsilon_cutoff", "epsilon", epsilon)
-    m = _val.check_min_tokens_to_keep("epsilon_cutoff", min_tokens_to_keep)
+    logits, m = _start_truncation("epsilon_cutoff", logits, "epsilon", epsilon, min_tokens_to_keep)
     return _epsilon_cutoff(logits, epsilon, min_tokens_to_keep=m)
 
 
@@ -424,9 +408,7 @@ def eta_cutoff(logits: ArrayLike, eta: ArrayLike, *, min_tokens_to_keep: int = 1
       >>> jnp.isfinite(eta_cutoff(x, 0.3))  # cutoff = sqrt(0.3) * exp(-H) = 0.175
       Array([ True,  True, False, False], dtype=bool)
     """
-    logits, _ = _start("eta_cutoff", logits, eta=eta)
-    _val.check_param("eta_cutoff", "eta", eta)
-    m = _val.check_min_tokens_to_keep("eta_cutoff", min_tokens_to_keep)
+    logits, m = _start_truncation("eta_cutoff", logits, "eta", eta, min_tokens_to_keep)
     return _eta_cutoff(logits, eta, min_tokens_to_keep=m)
 
 
@@ -461,9 +443,7 @@ def top_n_sigma(logits: ArrayLike, n: ArrayLike, *, min_tokens_to_keep: int = 1)
       >>> jnp.isfinite(top_n_sigma(jnp.array([0.0, 1.0, 2.0, 3.0]), 1.0))
       Array([False, False,  True,  True], dtype=bool)
     """
-    logits, _ = _start("top_n_sigma", logits, n=n)
-    _val.check_param("top_n_sigma", "n", n)
-    m = _val.check_min_tokens_to_keep("top_n_sigma", min_tokens_to_keep)
+    logits, m = _start_truncation("top_n_sigma", logits, "n", n, min_tokens_to_keep)
     return _top_n_sigma(logits, n, min_tokens_to_keep=m)
 
 
@@ -512,6 +492,7 @@ def logit_bias(logits: ArrayLike, bias: ArrayLike) -> Array:
             f"logit_bias: bias must be [V] or [..., V] broadcastable to logits.shape = "
             f"{logits.shape}, got bias of shape {shape}"
         )
+    _val.check_bias("logit_bias", "bias", bias)
     return _logit_bias(logits, jnp.asarray(bias))
 
 
@@ -598,6 +579,7 @@ def sparse_logit_bias(logits: ArrayLike, token_ids: ArrayLike, values: ArrayLike
             f"got values of shape {tuple(np.shape(values))}"
         )
     _check_ids("sparse_logit_bias", logits, token_ids)
+    _val.check_bias("sparse_logit_bias", "values", values)
     return _sparse_logit_bias(logits, jnp.asarray(token_ids), jnp.asarray(values))
 
 

@@ -219,17 +219,17 @@ def _float_field(obj: Any, name: str, low: float, high: float, *, low_closed: bo
                  high_closed: bool = False) -> None:
     """Validates and canonicalises a float field (Python float, or an array leaf)."""
     fn = type(obj).__name__
-    value = _host_array(getattr(obj, name), np.float32)
-    _val.check_range(fn, name, value, low, high, low_closed=low_closed, high_closed=high_closed)
+    _val.check_range(fn, name, getattr(obj, name), low, high, low_closed=low_closed, high_closed=high_closed)
+    value = _host_array(getattr(obj, name), np.float32)  # checked as given, then cast
     _set(obj, name, _val.canonical_scalar(value, float))
 
 
 def _int_field(obj: Any, name: str, low: int = 0) -> None:
     """Validates and canonicalises a non-negative integer field."""
     fn = type(obj).__name__
+    _val.check_range(fn, name, getattr(obj, name), low, _INF, low_closed=True, high_closed=False)
+    _val.check_integer(fn, name, getattr(obj, name))  # checked as given, then cast
     value = _host_array(getattr(obj, name), np.int32)
-    _val.check_range(fn, name, value, low, _INF, low_closed=True, high_closed=False)
-    _val.check_integer(fn, name, value)
     _set(obj, name, _val.canonical_scalar(value, int))
 
 

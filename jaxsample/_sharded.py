@@ -31,7 +31,7 @@ draw (the same noise, token for token), and `gumbel_sample_step` is
 `jaxsample.sample_step` with that draw. For the same keys, a sharded run and a
 single-device run with `gumbel_sample_step` draw the same tokens; log-probs agree to
 float32 rounding of the sharded reductions (|difference| <= 1e-4 in the tests, typically
-~1e-6). `jaxsample.sample` (inverse CDF, one uniform per row) is exact in distribution
+~1e-6). `jaxsample.sample` (a two-stage inverse CDF) is exact in distribution
 too but consumes randomness differently, so its tokens differ from the Gumbel draw's.
 
 The counter-based noise: with ``(s0, s1)`` = two ``uint32`` drawn from the row's key

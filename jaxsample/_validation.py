@@ -30,12 +30,14 @@ __all__ = [
     "check_min_tokens_to_keep",
     "check_batch_shape",
     "check_token_ids",
+    "check_bias",
     "canonical_scalar",
     "check_param",
     "PARAM_RANGES",
 ]
 
 _INF = math.inf
+_INT32_MAX = 2**31 - 1
 
 #: (filter, parameter) -> (low, high, low_closed, high_closed). One table for the
 #: filters and the processors, so both reject exactly the same values.
@@ -54,8 +56,9 @@ PARAM_RANGES: dict[tuple[str, str], tuple[float, float, bool, bool]] = {
 def concrete_value(x: Any) -> np.ndarray | None:
     """Returns ``x`` as a NumPy array if its value is known in Python, else ``None``.
 
-    Python numbers, NumPy arrays/scalars and concrete ``jax.Array``s are concrete.
-    Tracers and anything else (placeholders, ``ShapeDtypeStruct``, ``None``) are not.
+    Python numbers, (nested) lists and tuples of them, NumPy arrays/scalars and concrete
+    ``jax.Array``s are concrete. Tracers and anything else (placeholders,
+    ``ShapeDtypeStruct``, ``None``, a list holding a tracer) are not.
 
     Example:
       >>> concrete_value(0.5)
@@ -65,6 +68,13 @@ def concrete_value(x: Any) -> np.ndarray | None:
     """
     if isinstance(x, (numbers.Number, np.ndarray, np.generic)):
         arr = np.asarray(x)
+        return arr if arr.dtype.kind in "biuf" else None
+    if isinstance(x, (list, tuple)):
+        try:
+            arr = np.asarray(x)
+        except (ValueError, TypeError, jax.errors.TracerArrayConversionError,
+                jax.errors.ConcretizationTypeError):
+            return None  # ragged, or holds tracers
         return arr if arr.dtype.kind in "biuf" else None
     if isinstance(x, jax.Array):
         try:
@@ -152,6 +162,10 @@ def check_param(fn: str, name: str, value: Any) -> None:
     check_range(fn, name, value, low, high, low_closed=low_closed, high_closed=high_closed)
     if fn == "top_k":
         check_integer(fn, name, value)
+        arr = concrete_value(value)
+        if arr is not None and np.any(arr > _INT32_MAX):
+            raise ValueError(f"{fn}: {name} must be at most 2**31 - 1 (k >= V keeps every token), "
+                             f"got {_describe(arr, arr[arr > _INT32_MAX])}")
 
 
 def check_integer(fn: str, name: str, value: Any) -> None:
@@ -229,6 +243,22 @@ def check_token_ids(fn: str, name: str, token_ids: Any, vocab_size: int | None) 
             raise ValueError(
                 f"{fn}: {name} must be < vocab size {vocab_size}, got {_describe(arr, bad)}"
             )
+
+
+def check_bias(fn: str, name: str, value: Any) -> None:
+    """Checks concrete bias values: finite or ``-inf`` (a ban); NaN and ``+inf`` fail.
+
+    A ``+inf`` bias would make the row's softmax NaN (no valid token), not force the
+    token: use :func:`jaxsample.allow_tokens` to force one.
+    """
+    arr = concrete_value(value)
+    if arr is None:
+        return
+    x = arr.astype(np.float64)
+    bad = np.isnan(x) | (x == _INF)
+    if np.any(bad):
+        raise ValueError(f"{fn}: {name} must be finite or -inf (use allow_tokens to force a token), "
+                         f"got {_describe(arr, arr[bad])}")
 
 
 def canonical_scalar(value: Any, kind: type) -> Any:

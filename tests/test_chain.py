@@ -186,6 +186,13 @@ def test_vmap_over_a_chain_with_per_row_values():
     (lambda: js.default_chain(top_p=0.0), ["top_p", "p", "0.0"]),
     (lambda: js.default_chain(temperature=-1), ["temperature", "t", "-1"]),
     (lambda: js.default_chain(min_tokens_to_keep=0), ["min_tokens_to_keep", "0"]),
+    # values are checked as given, before the cast to int32 / float32
+    (lambda: js.TopK([2.5, 3.0]), ["k", "integer", "2.5"]),
+    (lambda: js.Temperature([1.0, -0.5]), ["t", "-0.5"]),
+    (lambda: js.RepetitionPenalty(1.2, window=[1.5, 2.0]), ["window", "integer", "1.5"]),
+    (lambda: js.BanTokens([3, 2.5]), ["token_ids", "float"]),
+    (lambda: js.LogitBias([0.0, float("inf")]), ["bias", "inf"]),
+    (lambda: js.SparseLogitBias([1], [float("nan")]), ["values", "nan"]),
 ])
 def test_invalid_values_raise_at_construction(make, words):
     with pytest.raises(ValueError) as info:

@@ -12,7 +12,7 @@ import pytest
 
 import jaxsample as js
 import reference as ref
-from jaxsample import _select
+from jaxsample import _filters, _select
 
 FILTERS = {
     "temperature": js.temperature,
@@ -447,6 +447,17 @@ ERRORS = [
     (lambda: js.ban_tokens(X, jnp.array([1.0, 2.0])), ["token_ids", "float32"]),
     (lambda: js.ban_tokens(X, jnp.zeros((3, 2), jnp.int32)), ["token_ids", "(3,)"]),
     (lambda: js.sparse_logit_bias(X, jnp.array([1, 2]), jnp.zeros(3)), ["values", "(3,)"]),
+    # Python lists are checked like arrays (not skipped)
+    (lambda: js.top_p(X, [0.9, 1.5, 0.5, 0.5]), ["top_p", "p", "1.5"]),
+    (lambda: js.top_k(X, [2, -3, 1, 1]), ["top_k", "k", "-3"]),
+    (lambda: js.temperature(X, [-1.0, 1.0, 1.0, 1.0]), ["temperature", "t", "-1.0"]),
+    (lambda: js.ban_tokens(X, [1, -5]), ["token_ids", "-5"]),
+    (lambda: js.allow_tokens(X, [99]), ["token_ids", "99"]),
+    (lambda: js.top_k(X, np.full(4, 2**32 + 1)), ["top_k", "k", "2**31 - 1", "4294967297"]),
+    # a +inf or NaN bias would empty the row's softmax; -inf (a ban) is fine
+    (lambda: js.logit_bias(X, jnp.array([0, 0, np.inf, 0, 0, 0, 0, 0])), ["logit_bias", "bias", "inf"]),
+    (lambda: js.logit_bias(X, np.array([0, 0, np.nan, 0, 0, 0, 0, 0])), ["logit_bias", "bias", "nan"]),
+    (lambda: js.sparse_logit_bias(X, jnp.array([1, 2]), jnp.array([1.0, np.inf])), ["values", "inf"]),
 ]
 
 
@@ -456,6 +467,23 @@ def test_invalid_values_raise_value_error_naming_parameter_and_value(call, words
         call()
     for word in words:
         assert word in str(info.value), (word, str(info.value))
+
+
+def test_minus_inf_bias_is_a_ban():
+    out = js.logit_bias(X, jnp.where(jnp.arange(8) == 2, -jnp.inf, 0.0))
+    assert np.isneginf(np.asarray(out)[:, 2]).all() and np.isfinite(np.asarray(out)[:, 3]).all()
+
+
+def test_eager_top_k_with_python_ints_compiles_once():
+    """A Python int k is traced like any other value: eager calls with k = 1, 2, 3, 0 and
+    a k >= V share one compilation, and each equals the reference."""
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 300)), jnp.float32)
+    js.top_k(x, 7)  # warm up this shape
+    before = _filters._top_k._cache_size()
+    for k in (1, 2, 3, 0, 300, 1000):
+        expected = [np.isfinite(ref.top_k_row(row, k)[0]) for row in np.asarray(x)]
+        np.testing.assert_array_equal(np.isfinite(js.top_k(x, k)), expected)
+    assert _filters._top_k._cache_size() == before
 
 
 def test_traced_values_are_not_checked_but_shapes_are():
