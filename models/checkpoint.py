@@ -202,7 +202,12 @@ def save_model(directory: str, lm: DecoderLM, metadata: Mapping[str, Any] | None
             old = directory + ".old"
             shutil.rmtree(old, ignore_errors=True)
             os.replace(directory, old)
-        os.replace(tmp, directory)
+        try:
+            os.replace(tmp, directory)
+        except BaseException:
+            if old:
+                os.replace(old, directory)  # put the previous checkpoint back
+            raise
         if old:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

@@ -251,12 +251,31 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return dirs[-1] if dirs else None
 
 
-def load_train_state(step_dir: str, optimizer, config: DecoderConfig) -> tuple[TrainState, list[dict]]:
+# Settings that do not change the trajectory of a run: a resume may change them freely.
+_RESUME_FREE = ("eval_every", "eval_windows", "checkpoint_every", "keep_checkpoints")
+
+
+def load_train_state(step_dir: str, optimizer, config: DecoderConfig,
+                     tc: TrainConfig | None = None) -> tuple[TrainState, list[dict]]:
+    """Loads a step directory written by `save_train_state`.
+
+    With `tc`, the saved training settings must equal it (except `_RESUME_FREE`): a
+    resumed run then continues exactly the run that was interrupted.
+    """
     with open(os.path.join(step_dir, ckpt.CONFIG_FILE)) as f:
         blob = json.load(f)
     saved = DecoderConfig.from_dict(blob["model"])
     if saved != config:
         raise ckpt.CheckpointError(f"{step_dir}: model config {saved} differs from the requested {config}")
+    if tc is not None:
+        saved_tc = blob.get("train", {})
+        diffs = [f"{name}: saved {saved_tc[name]!r}, requested {value!r}"
+                 for name, value in dataclasses.asdict(tc).items()
+                 if name not in _RESUME_FREE and name in saved_tc and saved_tc[name] != value]
+        if diffs:
+            raise ckpt.CheckpointError(
+                f"{step_dir}: cannot resume with different training settings ({'; '.join(diffs)}); "
+                f"pass the saved values, or start a new --run-dir")
     template = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
     params = ckpt.unflatten_like(template, ckpt.load_safetensors(os.path.join(step_dir, ckpt.MODEL_FILE))[0],
                                  step_dir)
@@ -288,7 +307,7 @@ def train(config: DecoderConfig, tc: TrainConfig, corpus: Corpus, run_dir: str, 
     log: list[dict] = []
     last = latest_checkpoint(run_dir) if resume else None
     if last is not None:
-        state, log = load_train_state(last, optimizer, config)
+        state, log = load_train_state(last, optimizer, config, tc)
         print(f"resuming from {last} (step {state.step})", file=out)
     else:
         if os.path.isdir(run_dir) and _step_dirs(run_dir) and not resume:

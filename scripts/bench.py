@@ -220,10 +220,13 @@ def bench_torch_shape(shape, dtype_name, dist, repeats, target_s) -> dict[str, f
 # ----------------------------------------------------------------------------- generate
 
 
-def bench_generate_jax(preset_name, prompt_len, new_tokens, batch, mode, repeats) -> dict[str, float]:
+_MODEL_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+
+
+def bench_generate_jax(preset_name, prompt_len, new_tokens, batch, mode, repeats, dtype="bf16") -> dict[str, float]:
     from models import DecoderLM, preset
 
-    config = preset(preset_name)
+    config = preset(preset_name).replace(dtype=_MODEL_DTYPES[dtype])
     model = DecoderLM.random(config, jax.random.key(0))
     rng = np.random.default_rng(1)
     prompts = jnp.asarray(rng.integers(0, config.vocab_size, (batch, prompt_len)), jnp.int32)
@@ -253,7 +256,7 @@ def _rates(batch, new_tokens, steady, run_one, repeats) -> dict[str, float]:
     return out
 
 
-def bench_generate_torch(preset_name, prompt_len, new_tokens, batch, mode, repeats) -> dict[str, float]:
+def bench_generate_torch(preset_name, prompt_len, new_tokens, batch, mode, repeats, dtype="bf16") -> dict[str, float]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -268,8 +271,7 @@ def bench_generate_torch(preset_name, prompt_len, new_tokens, batch, mode, repea
                          bos_token_id=None, eos_token_id=None, pad_token_id=0,
                          attn_implementation="eager")
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if c.dtype == "bfloat16" else torch.float32
-    model = LlamaForCausalLM(config).to(dtype).eval()
+    model = LlamaForCausalLM(config).to(torch.bfloat16 if dtype == "bf16" else torch.float32).eval()
     rng = np.random.default_rng(1)
     ids = torch.from_numpy(rng.integers(0, c.vocab_size, (batch, prompt_len))).long()
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None,
@@ -348,13 +350,13 @@ def sampling_tables(results: list[dict], columns: list[tuple[str, str]]) -> str:
 
 
 def generate_table(results: list[dict]) -> str:
-    lines = ["| system | batch | mode | tokens/s (end to end) | decode ms/step | decode tokens/s "
-             "| compile s |", "|---|---|---|---|---|---|---|"]
+    lines = ["| system | dtype | batch | mode | tokens/s (end to end) | decode ms/step | decode tokens/s "
+             "| compile s |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else "–"
         step = f"{r['decode_ms_per_step']:.2f}" if "decode_ms_per_step" in r else "–"
         rate = f"{r['decode_tokens_per_s']:.1f}" if "decode_tokens_per_s" in r else "–"
-        lines.append(f"| {r['system']} | {r['batch']} | {r['mode']} | {r['tokens_per_s']:.1f} | "
+        lines.append(f"| {r['system']} | {r.get('dtype', 'bf16')} | {r['batch']} | {r['mode']} | {r['tokens_per_s']:.1f} | "
                      f"{step} | {rate} | {compile_s} |")
     return "\n".join(lines)
 
@@ -377,6 +379,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, help="default 256 (quick: 32)")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--generate-repeats", type=int, help="default 3 (quick: 1)")
+    ap.add_argument("--generate-dtypes", default="bf16",
+                    help="weights/activations dtypes of the generate rows, e.g. 'bf16,fp32' (default bf16)")
     args = ap.parse_args(argv)
 
     quick = args.quick
@@ -385,11 +389,23 @@ def main(argv=None) -> int:
     env = environment()
     backend = env["backend"]
     if args.shapes:
-        shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
+        try:
+            shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
+        except ValueError:
+            ap.error(f"--shapes: expected BxV pairs like 8x131072, got {args.shapes!r}")
     else:
         shapes = CPU_SHAPES if backend == "cpu" else GPU_SHAPES
     dtypes = args.dtypes.split(",")
     dists = args.dists.split(",")
+    for flag, values, allowed in (("--dtypes", dtypes, DTYPES), ("--dists", dists, DISTRIBUTIONS),
+                                  ("--generate-dtypes", args.generate_dtypes.split(","), _MODEL_DTYPES)):
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            ap.error(f"{flag}: unknown value {bad[0]!r} (choose from {', '.join(allowed)})")
+    try:
+        shapes = [(int(b), int(v)) for b, v in shapes]
+    except (TypeError, ValueError):
+        ap.error(f"--shapes: expected BxV pairs like 8x131072, got {args.shapes!r}")
     only = args.cases.split(",") if args.cases else None
     use_torch = torch_available() and not args.skip_torch
     print(f"# jaxsample benchmark: {env['device']} ({backend}, {env['cpu_count']} CPUs), {env['date']}, "
@@ -414,26 +430,33 @@ def main(argv=None) -> int:
         new_tokens = args.new_tokens or (32 if quick else 256)
         g_repeats = args.generate_repeats or (1 if quick else 3)
         batches = [int(b) for b in args.batches.split(",")]
+        g_dtypes = args.generate_dtypes.split(",")
         report["generate_config"] = {"preset": args.generate_preset, "prompt_len": args.prompt_len,
-                                     "new_tokens": new_tokens, "batches": batches, "repeats": g_repeats}
-        for batch in batches:
-            for mode in ("greedy", "top-p 0.9"):
-                r = bench_generate_jax(args.generate_preset, args.prompt_len, new_tokens, batch, mode, g_repeats)
-                report["generate"].append({"system": "jaxsample.generate", "batch": batch, "mode": mode, **r})
-                print(f"  generate jax b={batch} {mode}: {r['tokens_per_s']:.1f} tok/s", flush=True)
-                if use_torch:
-                    r = bench_generate_torch(args.generate_preset, args.prompt_len, new_tokens, batch, mode,
-                                             g_repeats)
-                    report["generate"].append({"system": "transformers LlamaForCausalLM.generate (eager)",
-                                               "batch": batch, "mode": mode, **r})
-                    print(f"  generate torch b={batch} {mode}: {r['tokens_per_s']:.1f} tok/s", flush=True)
+                                     "new_tokens": new_tokens, "batches": batches, "repeats": g_repeats,
+                                     "dtypes": g_dtypes}
+        for dtype in g_dtypes:
+            for batch in batches:
+                for mode in ("greedy", "top-p 0.9"):
+                    row = {"dtype": dtype, "batch": batch, "mode": mode}
+                    r = bench_generate_jax(args.generate_preset, args.prompt_len, new_tokens, batch, mode,
+                                           g_repeats, dtype)
+                    report["generate"].append({"system": "jaxsample.generate", **row, **r})
+                    print(f"  generate jax {dtype} b={batch} {mode}: {r['tokens_per_s']:.1f} tok/s", flush=True)
+                    if use_torch:
+                        r = bench_generate_torch(args.generate_preset, args.prompt_len, new_tokens, batch, mode,
+                                                 g_repeats, dtype)
+                        report["generate"].append({"system": "transformers LlamaForCausalLM.generate (eager)",
+                                                   **row, **r})
+                        print(f"  generate torch {dtype} b={batch} {mode}: {r['tokens_per_s']:.1f} tok/s",
+                              flush=True)
         print(f"\n#### generate: preset {args.generate_preset}, prompt {args.prompt_len}, "
               f"{new_tokens} new tokens\n", flush=True)
         print(generate_table(report["generate"]), flush=True)
 
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        from models.checkpoint import atomic_write_json  # temp file + rename: never half-written
+
+        atomic_write_json(args.json, report)
         print(f"\nwrote {args.json}")
     return 0
 

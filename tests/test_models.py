@@ -255,6 +255,27 @@ def test_saved_files_get_normal_permissions(tmp_path):
     assert os.stat(tmp_path / "c" / "model.safetensors").st_mode & 0o777 == 0o666 & ~ckpt._UMASK
 
 
+def test_failed_overwrite_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """If moving the new checkpoint into place fails, the old one is put back: the
+    directory never ends up missing or half-written."""
+    path = str(tmp_path / "ckpt")
+    old = _lm(TINY, seed=1)
+    ckpt.save_model(path, old)
+    real_replace = os.replace
+
+    def failing_replace(src, dst):  # only the final move of the assembled directory fails
+        if os.path.basename(src).startswith(".tmp-ckpt") and os.path.isdir(src):
+            raise OSError("disk full (simulated)")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="simulated"):
+        ckpt.save_model(path, _lm(TINY, seed=2))
+    monkeypatch.undo()
+    _assert_same_model(old, ckpt.load_model(path))
+    assert os.listdir(tmp_path) == ["ckpt"]
+
+
 @pytest.fixture()
 def saved(tmp_path):
     lm = _lm(TINY)

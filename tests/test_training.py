@@ -4,6 +4,7 @@ the data split holds out whole files, batches are a pure function of (seed, step
 from __future__ import annotations
 
 import glob
+import io
 import json
 import math
 import os
@@ -183,6 +184,22 @@ def test_fresh_run_refuses_existing_checkpoints(tmp_path, data_file):
     from models.training import TrainConfig, train
     with pytest.raises(FileExistsError, match="--resume"):
         train(preset("tiny"), TrainConfig(steps=2, warmup_steps=0), load_corpus([data_file]), str(tmp_path / "run"))
+
+
+def test_resume_refuses_changed_training_settings(tmp_path, data_file):
+    """A resume must continue the same run: changing lr (or steps, which sets the cosine
+    schedule) is refused with the field named; eval/checkpoint cadence may change."""
+    from models.config import preset
+    from models.training import TrainConfig, train
+
+    config, corpus, run = preset("tiny"), load_corpus([data_file]), str(tmp_path / "run")
+    base = dict(steps=3, warmup_steps=0, batch_size=2, seq_len=16, eval_windows=2, checkpoint_every=1)
+    train(config, TrainConfig(**base), corpus, run, stop_after=1, out=io.StringIO())
+    with pytest.raises(ckpt.CheckpointError, match=r"steps: saved 3, requested 5; lr: saved 0.002, requested 0.001"):
+        train(config, TrainConfig(**dict(base, lr=1e-3, steps=5)), corpus, run, resume=True, out=io.StringIO())
+    state, _ = train(config, TrainConfig(**dict(base, checkpoint_every=2, eval_every=1)), corpus, run,
+                     resume=True, out=io.StringIO())
+    assert state.step == 3
 
 
 # ----------------------------------------------------------------------------- data

@@ -1,0 +1,98 @@
+"""HFTokenizer: a locally trained byte-level BPE `tokenizer.json` round-trips text, and the
+special ids come from config.json, else tokenizer_config.json, with clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from models import HFTokenizer
+
+tokenizers = pytest.importorskip("tokenizers")
+
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
+TEXTS = ["To be, or not to be: that is the question.", "天气 nice 🙂", "a"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+    """A small byte-level BPE trained on a few lines; ids 0..3 are the special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TEXTS * 20, trainer)
+    folder = tmp_path_factory.mktemp("hf")
+    tok.save(str(folder / "tokenizer.json"))
+    return folder / "tokenizer.json"
+
+
+def checkpoint_dir(tmp_path, tokenizer_file, config=None, tokenizer_config=None):
+    (tmp_path / "tokenizer.json").write_bytes(tokenizer_file.read_bytes())
+    if config is not None:
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    if tokenizer_config is not None:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return str(tmp_path)
+
+
+def test_round_trip_and_ids_match_the_tokenizers_library(tmp_path, tokenizer_file):
+    from tokenizers import Tokenizer
+
+    tok = HFTokenizer(checkpoint_dir(tmp_path, tokenizer_file, config=dict(bos_token_id=1, eos_token_id=2)))
+    reference = Tokenizer.from_file(str(tokenizer_file))
+    assert tok.vocab_size == reference.get_vocab_size()
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 2)  # no pad id: EOS
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert ids == [1, *reference.encode(text, add_special_tokens=False).ids]
+        assert tok.decode(ids + [2]) == text  # specials skipped
+    ids, lengths = tok.encode_batch(TEXTS)
+    assert ids.dtype == np.int32 and ids.shape == (3, int(lengths.max()))
+    assert (ids[2, lengths[2]:] == tok.pad_id).all()
+    assert tok.decode_batch(ids, lengths) == TEXTS
+
+
+@pytest.mark.parametrize("tokenizer_config", [
+    dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>"),
+    dict(bos_token=dict(content="<s>"), eos_token=dict(content="</s>"), pad_token=dict(content="<pad>")),
+])
+def test_special_ids_from_tokenizer_config_strings(tmp_path, tokenizer_file, tokenizer_config):
+    tok = HFTokenizer(checkpoint_dir(tmp_path, tokenizer_file, tokenizer_config=tokenizer_config))
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 3)
+
+
+def test_config_json_wins_and_a_list_of_eos_ids_takes_the_first(tmp_path, tokenizer_file):
+    tok = HFTokenizer(checkpoint_dir(tmp_path, tokenizer_file,
+                                     config=dict(bos_token_id=0, eos_token_id=[3, 2], pad_token_id=1),
+                                     tokenizer_config=dict(bos_token="<s>", eos_token="</s>")))
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 3, 1)
+
+
+def test_tokenizer_file_path_directly_and_no_bos(tmp_path, tokenizer_file):
+    folder = checkpoint_dir(tmp_path, tokenizer_file, tokenizer_config=dict(eos_token="</s>"))
+    tok = HFTokenizer(folder + "/tokenizer.json")
+    assert tok.bos_id is None and tok.eos_id == 2
+    assert tok.encode("ab", add_bos=False) == tok._tok.encode("ab", add_special_tokens=False).ids
+    with pytest.raises(ValueError, match="no BOS token; pass add_bos=False"):
+        tok.encode("ab")
+
+
+@pytest.mark.parametrize("config, tokenizer_config, match", [
+    (None, None, "no EOS id"),
+    (dict(eos_token_id=100000), None, r"eos_token_id=100000 is outside the vocabulary"),
+    (dict(eos_token_id=2, bos_token_id=-1), None, r"bos_token_id=-1 is outside the vocabulary"),
+])
+def test_bad_special_ids_are_clear_errors(tmp_path, tokenizer_file, config, tokenizer_config, match):
+    with pytest.raises(ValueError, match=match):
+        HFTokenizer(checkpoint_dir(tmp_path, tokenizer_file, config, tokenizer_config))
+
+
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json at path="):
+        HFTokenizer(str(tmp_path))
