@@ -241,7 +241,11 @@ class DecoderLM:
         return self._apply(tokens, positions, cache, hidden_index=lengths - 1)
 
     def prefill_all(self, tokens: jax.Array, cache: KVCache):
-        """Like `prefill` but returns the logits at every prompt position [B, P, V]."""
+        """Like `prefill` but returns the logits at every prompt position [B, P, V].
+
+        Every id in `tokens` must be inside the vocabulary, padding included (there are
+        no lengths to mask it with): `generate` replaces padding by id 0 before calling.
+        """
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         return self._apply(tokens, positions, cache)
 

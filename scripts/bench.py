@@ -58,6 +58,7 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 import jaxsample as js  # noqa: E402
+from models.config import PRESETS  # noqa: E402
 
 CPU_SHAPES = [(1, 32000), (8, 131072), (32, 32000)]
 GPU_SHAPES = [(1, 32000), (64, 131072), (256, 262144)]
@@ -374,13 +375,14 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--skip-sampling", action="store_true")
     ap.add_argument("--skip-generate", action="store_true")
-    ap.add_argument("--generate-preset", default="llama-110m")
+    ap.add_argument("--generate-preset", default="llama-110m", choices=sorted(PRESETS))
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, help="default 256 (quick: 32)")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--generate-repeats", type=int, help="default 3 (quick: 1)")
-    ap.add_argument("--generate-dtypes", default="bf16",
-                    help="weights/activations dtypes of the generate rows, e.g. 'bf16,fp32' (default bf16)")
+    ap.add_argument("--generate-dtypes",
+                    help="weights/activations dtypes of the generate rows, e.g. 'bf16,fp32' "
+                         "(default: the preset's own, bf16 for llama-110m)")
     args = ap.parse_args(argv)
 
     quick = args.quick
@@ -398,7 +400,8 @@ def main(argv=None) -> int:
     dtypes = args.dtypes.split(",")
     dists = args.dists.split(",")
     for flag, values, allowed in (("--dtypes", dtypes, DTYPES), ("--dists", dists, DISTRIBUTIONS),
-                                  ("--generate-dtypes", args.generate_dtypes.split(","), _MODEL_DTYPES)):
+                                  ("--generate-dtypes", (args.generate_dtypes or "bf16").split(","),
+                                   _MODEL_DTYPES)):
         bad = [v for v in values if v not in allowed]
         if bad:
             ap.error(f"{flag}: unknown value {bad[0]!r} (choose from {', '.join(allowed)})")
@@ -430,7 +433,13 @@ def main(argv=None) -> int:
         new_tokens = args.new_tokens or (32 if quick else 256)
         g_repeats = args.generate_repeats or (1 if quick else 3)
         batches = [int(b) for b in args.batches.split(",")]
-        g_dtypes = args.generate_dtypes.split(",")
+        if args.generate_dtypes:
+            g_dtypes = args.generate_dtypes.split(",")
+        else:
+            from models import preset
+
+            native = preset(args.generate_preset).dtype
+            g_dtypes = [short for short, name in _MODEL_DTYPES.items() if name == native]
         report["generate_config"] = {"preset": args.generate_preset, "prompt_len": args.prompt_len,
                                      "new_tokens": new_tokens, "batches": batches, "repeats": g_repeats,
                                      "dtypes": g_dtypes}

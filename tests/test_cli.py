@@ -61,3 +61,31 @@ def test_plot_distributions_writes_pngs(tmp_path):
     for name in ("temperature.png", "top_k.png", "top_p.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_bench_writes_its_table_and_json(tmp_path):
+    """A miniature run of scripts/bench.py: the markdown tables print and the JSON holds
+    one timing per case (positive), the environment and the generate rows."""
+    import json
+
+    out = tmp_path / "bench.json"
+    r = run_script("bench.py", "--skip-torch", "--shapes", "2x300", "--dtypes", "fp32", "--dists", "flat",
+                   "--cases", "top-p,greedy", "--repeats", "1", "--target-ms", "5", "--generate-preset", "tiny",
+                   "--new-tokens", "3", "--batches", "2", "--generate-repeats", "1", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "| ours: top-p(0.9) + sample |" in r.stdout and "| jaxsample.generate | fp32 | 2 | greedy |" in r.stdout
+    report = json.loads(out.read_text())
+    assert report["environment"]["backend"] == "cpu"
+    assert report["sampling"] and all(row["seconds"] > 0 for row in report["sampling"])
+    assert {(g["mode"], g["dtype"]) for g in report["generate"]} == {("greedy", "fp32"), ("top-p 0.9", "fp32")}
+    assert all(g["tokens_per_s"] > 0 for g in report["generate"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dtypes", "fp16"], "--dtypes: unknown value 'fp16'"),
+    (["--shapes", "8by100"], "--shapes: expected BxV pairs"),
+    (["--generate-preset", "huge"], "invalid choice: 'huge'"),
+])
+def test_bench_invalid_flags_exit_2(flags, message):
+    r = run_script("bench.py", *flags)
+    assert r.returncode == 2 and message in r.stderr
