@@ -249,7 +249,7 @@ def token_logprobs(logits: ArrayLike, tokens: ArrayLike) -> Array:
     """
     _val.check_logits(logits, "token_logprobs")
     logits = jnp.asarray(logits)
-    batch_shape, vocab = logits.shape[:-1], logits.shape[-1]
+    batch_shape = logits.shape[:-1]
     _val.check_batch_shape("token_logprobs", "tokens", tokens, batch_shape)
     tokens = jnp.broadcast_to(jnp.asarray(tokens), batch_shape)
     if not jnp.issubdtype(tokens.dtype, jnp.integer):

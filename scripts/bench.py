@@ -391,10 +391,10 @@ def main(argv=None) -> int:
     env = environment()
     backend = env["backend"]
     if args.shapes:
-        try:
-            shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
-        except ValueError:
+        pairs = [s.split("x") for s in args.shapes.split(",")]
+        if not all(len(pq) == 2 and all(n.isdigit() and int(n) > 0 for n in pq) for pq in pairs):
             ap.error(f"--shapes: expected BxV pairs like 8x131072, got {args.shapes!r}")
+        shapes = [(int(b), int(v)) for b, v in pairs]
     else:
         shapes = CPU_SHAPES if backend == "cpu" else GPU_SHAPES
     dtypes = args.dtypes.split(",")
@@ -405,10 +405,6 @@ def main(argv=None) -> int:
         bad = [v for v in values if v not in allowed]
         if bad:
             ap.error(f"{flag}: unknown value {bad[0]!r} (choose from {', '.join(allowed)})")
-    try:
-        shapes = [(int(b), int(v)) for b, v in shapes]
-    except (TypeError, ValueError):
-        ap.error(f"--shapes: expected BxV pairs like 8x131072, got {args.shapes!r}")
     only = args.cases.split(",") if args.cases else None
     use_torch = torch_available() and not args.skip_torch
     print(f"# jaxsample benchmark: {env['device']} ({backend}, {env['cpu_count']} CPUs), {env['date']}, "

@@ -84,6 +84,7 @@ def test_bench_writes_its_table_and_json(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--dtypes", "fp16"], "--dtypes: unknown value 'fp16'"),
     (["--shapes", "8by100"], "--shapes: expected BxV pairs"),
+    (["--shapes", "8x100x3"], "--shapes: expected BxV pairs"),
     (["--generate-preset", "huge"], "invalid choice: 'huge'"),
 ])
 def test_bench_invalid_flags_exit_2(flags, message):
