@@ -29,6 +29,7 @@ from jaxsample._filters import typical_p
 from jaxsample._sampling import greedy
 from jaxsample._sampling import sample
 from jaxsample._sampling import token_logprobs
+from jaxsample._sampling import entropy
 
 # --- processors (pytrees), composition, one decode step ------------------------------
 from jaxsample._chain import AllowTokens
@@ -49,12 +50,20 @@ from jaxsample._chain import TypicalP
 from jaxsample._chain import chain
 from jaxsample._chain import default_chain
 from jaxsample._chain import sample_step
+from jaxsample._chain import Stateless
+from jaxsample._chain import check_processor
+from jaxsample._chain import processor_dataclass
+from jaxsample._chain import static_field
+from jaxsample._chain import stateless
 
 # --- generation ----------------------------------------------------------------------
 from jaxsample._generate import FinishReason
 from jaxsample._generate import GenerateOutput
 from jaxsample._generate import LanguageModel
 from jaxsample._generate import generate
+from jaxsample._generate import GenerateStats
+from jaxsample._generate import StreamChunk
+from jaxsample._generate import generate_stream
 
 __version__ = "0.1.0"
 
@@ -76,6 +85,7 @@ __all__ = [
     "greedy",
     "sample",
     "token_logprobs",
+    "entropy",
     # processors, composition, one decode step
     "AllowTokens",
     "BanTokens",
@@ -95,11 +105,19 @@ __all__ = [
     "chain",
     "default_chain",
     "sample_step",
+    "Stateless",
+    "check_processor",
+    "processor_dataclass",
+    "static_field",
+    "stateless",
     # generation
     "FinishReason",
     "GenerateOutput",
     "LanguageModel",
     "generate",
+    "GenerateStats",
+    "StreamChunk",
+    "generate_stream",
 ]
 
 # --- penalties and stateful samplers, chain presets -----------------------------------

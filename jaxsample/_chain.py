@@ -28,7 +28,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from typing import Any, ClassVar, NamedTuple
+import numbers
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import jax
 import numpy as np
@@ -38,6 +39,11 @@ from jaxsample import _sampling
 from jaxsample import _validation as _val
 
 __all__ = [
+    "processor_dataclass",
+    "static_field",
+    "stateless",
+    "Stateless",
+    "check_processor",
     "LogitsProcessor",
     "Temperature",
     "TopK",
@@ -66,15 +72,39 @@ State = Any
 
 
 def static_field(**kwargs: Any) -> Any:
-    """A dataclass field that is static (part of the pytree structure, not a leaf)."""
+    """A field of a :func:`processor_dataclass` that is static, not a traced leaf.
+
+    Static values (ints that fix a shape, flags, strings, functions) are part of the
+    pytree structure: a jitted function compiles once per distinct static value, so use
+    it for options, never for values you want to sweep. Takes ``dataclasses.field``'s
+    keyword arguments (``default=...``).
+
+    Example:
+      >>> import jax
+      >>> @processor_dataclass
+      ... class Clip(LogitsProcessor):
+      ...     bound: float = 10.0                      # a traced leaf
+      ...     mode: str = static_field(default="tanh")  # static
+      ...     def apply(self, logits, state, key):
+      ...         return self.bound * jax.numpy.tanh(logits / self.bound)
+      >>> jax.tree.leaves(Clip(5.0))
+      [array(5., dtype=float32)]
+    """
     return dataclasses.field(metadata={"static": True}, **kwargs)
 
 
 def processor_dataclass(cls: type) -> type:
-    """Makes ``cls`` a frozen dataclass and registers it as a pytree.
+    """Makes ``cls`` a frozen dataclass and registers it as a pytree: a processor.
 
-    Fields made with :func:`static_field` are static (part of the tree structure, like
-    ``register_dataclass``'s ``meta_fields``); every other field is a data leaf.
+    Use it as a class decorator on a :class:`LogitsProcessor` subclass. Fields made
+    with :func:`static_field` are static (part of the tree structure, like
+    ``register_dataclass``'s ``meta_fields``); every other field is a data leaf, traced
+    under ``jit``, so changing its value never recompiles. Numeric leaves given as
+    Python numbers, NumPy or JAX values are stored as arrays of one dtype (floats as
+    ``float32``, ints and bools as ``int32``/``bool``) when the processor is built, so
+    ``P(1.2)``, ``P(np.float64(1.2))`` and ``P(jnp.float32(1.2))`` are the same pytree
+    (one compile). A subclass's own ``__post_init__`` runs first (validate there), then
+    this normalisation.
 
     Unlike ``jax.tree_util.register_dataclass``, unflattening does not call
     ``__init__``: JAX rebuilds processors with tracers, sentinels or ``vmap`` axis specs
@@ -82,6 +112,18 @@ def processor_dataclass(cls: type) -> type:
     not be validated. Validation and canonicalisation (``__post_init__``) run only when
     a processor is constructed by user code (including ``dataclasses.replace``).
     """
+    if not isinstance(cls, type):
+        raise TypeError(f"processor_dataclass decorates a class, got {type(cls).__name__}")
+    own_post_init = cls.__dict__.get("__post_init__")
+    inherited = getattr(cls, "__post_init__", None)
+    user_post_init = own_post_init or inherited
+
+    def __post_init__(self) -> None:
+        if user_post_init is not None:
+            user_post_init(self)
+        _normalise_leaves(self, data)
+
+    cls.__post_init__ = __post_init__
     cls = dataclasses.dataclass(frozen=True, eq=False)(cls)
     fields = dataclasses.fields(cls)
     meta = tuple(f.name for f in fields if f.metadata.get("static", False))
@@ -128,11 +170,53 @@ def _set(obj: Any, name: str, value: Any) -> None:
     object.__setattr__(obj, name, value)
 
 
-def _host_array(value: Any, dtype: Any) -> Any:
-    """Lists and tuples of numbers become NumPy arrays (one leaf, not one per item)."""
+_INT32 = np.iinfo(np.int32)
+
+
+def _is_numbers(value: Any) -> bool:
+    """True for a Python/NumPy number or a (nested) list/tuple of only those."""
     if isinstance(value, (list, tuple)):
-        return np.asarray(value, dtype=dtype)
-    return value
+        return all(_is_numbers(v) for v in value)
+    return isinstance(value, (numbers.Number, np.generic)) and not isinstance(value, jax.Array)
+
+
+def _leaf(fn: str, name: str, value: Any, dtype: Any) -> Any:
+    """A numeric processor value as an array of ``dtype`` (``np.float32`` / ``np.int32``).
+
+    Host values (Python numbers, NumPy scalars and arrays, lists of numbers) become
+    NumPy arrays, JAX arrays and tracers are cast if their dtype differs: a Python
+    float, a NumPy scalar and a JAX scalar give the same leaf type, so one compile
+    serves all three. Anything else (JAX's placeholders) is returned unchanged. Check
+    the value *before* this cast (it would hide e.g. ``2.5`` for an int).
+    """
+    if isinstance(value, jax.Array):  # concrete arrays and tracers
+        return value if value.dtype == dtype else value.astype(dtype)
+    if not (isinstance(value, np.ndarray) or _is_numbers(value)):
+        return value
+    arr = np.asarray(value)
+    if np.dtype(dtype).kind == "i" and arr.size and arr.dtype.kind in "iuf":
+        bad = (arr < _INT32.min) | (arr > _INT32.max)
+        if np.any(bad):
+            raise ValueError(f"{fn}: {name} must fit in int32, got {arr[bad].flat[0]!r}")
+    return arr.astype(dtype)
+
+
+def _normalise_leaves(obj: Any, names: tuple[str, ...]) -> None:
+    """Host numeric data fields -> arrays of one dtype per kind (``processor_dataclass``).
+
+    Floats become ``float32``, signed ints ``int32``, bools stay ``bool``; weakly typed
+    JAX scalars follow the same rule. Explicitly typed JAX arrays, unsigned values and
+    non-numeric fields are left as they are.
+    """
+    for name in names:
+        value = getattr(obj, name)
+        weak = isinstance(value, jax.Array) and getattr(value, "weak_type", False)
+        if not (weak or isinstance(value, np.ndarray) or _is_numbers(value)):
+            continue
+        kind = np.dtype(value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype).kind
+        dtype = {"f": np.float32, "i": np.int32, "b": np.bool_}.get(kind)
+        if dtype is not None:
+            _set(obj, name, _leaf(type(obj).__name__, name, value, dtype))
 
 
 class LogitsProcessor:
@@ -202,8 +286,7 @@ class Temperature(LogitsProcessor):
 
     def __post_init__(self) -> None:
         _val.check_param("temperature", "t", self.t)  # the value as given, before any cast
-        t = _host_array(self.t, np.float32)
-        _set(self, "t", _val.canonical_scalar(t, float))
+        _set(self, "t", _leaf("Temperature", "t", self.t, np.float32))
 
     def apply(self, logits: Array, state: State, key: Array | None) -> Array:
         return _filters.temperature(logits, self.t)
@@ -219,8 +302,7 @@ class _Truncation(LogitsProcessor):
     def __post_init__(self) -> None:
         dtype = np.int32 if self._kind is int else np.float32
         _val.check_param(self._filter, self._field, getattr(self, self._field))  # before any cast
-        value = _host_array(getattr(self, self._field), dtype)
-        _set(self, self._field, _val.canonical_scalar(value, self._kind))
+        _set(self, self._field, _leaf(type(self).__name__, self._field, getattr(self, self._field), dtype))
         m = _val.check_min_tokens_to_keep(self._filter, self.min_tokens_to_keep)
         _set(self, "min_tokens_to_keep", m)
 
@@ -311,7 +393,7 @@ class LogitBias(LogitsProcessor):
 
     def __post_init__(self) -> None:
         _val.check_bias("LogitBias", "bias", self.bias)
-        _set(self, "bias", _host_array(self.bias, np.float32))
+        _set(self, "bias", _leaf("LogitBias", "bias", self.bias, np.float32))
 
     def apply(self, logits: Array, state: State, key: Array | None) -> Array:
         return _filters.logit_bias(logits, self.bias)
@@ -327,8 +409,8 @@ class SparseLogitBias(LogitsProcessor):
     def __post_init__(self) -> None:
         _check_ids("SparseLogitBias", self.token_ids)
         _val.check_bias("SparseLogitBias", "values", self.values)
-        _set(self, "token_ids", _host_array(self.token_ids, np.int32))
-        _set(self, "values", _host_array(self.values, np.float32))
+        _set(self, "token_ids", _leaf("SparseLogitBias", "token_ids", self.token_ids, np.int32))
+        _set(self, "values", _leaf("SparseLogitBias", "values", self.values, np.float32))
 
     def apply(self, logits: Array, state: State, key: Array | None) -> Array:
         return _filters.sparse_logit_bias(logits, self.token_ids, self.values)
@@ -342,7 +424,7 @@ class BanTokens(LogitsProcessor):
 
     def __post_init__(self) -> None:
         _check_ids("BanTokens", self.token_ids)
-        _set(self, "token_ids", _host_array(self.token_ids, np.int32))
+        _set(self, "token_ids", _leaf("BanTokens", "token_ids", self.token_ids, np.int32))
 
     def apply(self, logits: Array, state: State, key: Array | None) -> Array:
         return _filters.ban_tokens(logits, self.token_ids)
@@ -356,7 +438,7 @@ class AllowTokens(LogitsProcessor):
 
     def __post_init__(self) -> None:
         _check_ids("AllowTokens", self.token_ids)
-        _set(self, "token_ids", _host_array(self.token_ids, np.int32))
+        _set(self, "token_ids", _leaf("AllowTokens", "token_ids", self.token_ids, np.int32))
 
     def apply(self, logits: Array, state: State, key: Array | None) -> Array:
         return _filters.allow_tokens(logits, self.token_ids)
@@ -396,6 +478,123 @@ def _check_ids(fn: str, ids: Any) -> None:
         _val.check_token_ids(fn, "token_ids", ids, None)
 
 
+# ----------------------------------------------------------------------------- checks
+
+
+def _is_leaf_value(x: Any) -> bool:
+    """What may sit at a processor's leaf: numbers, arrays, tracers, shape structs."""
+    return isinstance(x, (numbers.Number, np.ndarray, np.generic, jax.Array)) or (
+        hasattr(x, "shape") and hasattr(x, "dtype"))
+
+
+def check_processor(proc: Any, where: str = "processor") -> None:
+    """Raises ``TypeError`` (saying how to fix it) if ``proc`` cannot go through ``jit``.
+
+    A processor must be a :class:`LogitsProcessor` registered as a pytree (made with
+    :func:`processor_dataclass`, or wrapped with :func:`stateless`), and each of its
+    leaves must be numeric (an array or a number): a string, a function or any other
+    object in a data field has to be a :func:`static_field`. Nested chains are checked
+    through. :func:`chain` and :func:`jaxsample.generate` call it.
+
+    Example:
+      >>> class Bare(LogitsProcessor):
+      ...     def apply(self, logits, state, key): return logits
+      >>> check_processor(Bare())
+      Traceback (most recent call last):
+      ...
+      TypeError: processor Bare is not a registered pytree, so it cannot be passed through jit (generate, a jitted decode step): decorate the class with @jaxsample.processor_dataclass (mark non-numeric fields with jaxsample.static_field()), or wrap a function logits -> logits with jaxsample.stateless(fn)
+    """
+    if not isinstance(proc, LogitsProcessor):
+        raise TypeError(f"{where} must be a LogitsProcessor, got {type(proc).__name__}; wrap a function "
+                        f"logits -> logits (or (logits, key) -> logits) with jaxsample.stateless(fn)")
+    leaves = jax.tree_util.tree_flatten_with_path(proc)[0]
+    for path, leaf in leaves:
+        name = f"{where}{jax.tree_util.keystr(path)}"
+        if isinstance(leaf, LogitsProcessor):
+            cls = type(leaf).__name__
+            inner = f" ({name})" if path else ""
+            raise TypeError(
+                f"{where} {cls}{inner} is not a registered pytree, so it cannot be passed through jit "
+                f"(generate, a jitted decode step): decorate the class with @jaxsample.processor_dataclass "
+                f"(mark non-numeric fields with jaxsample.static_field()), or wrap a function "
+                f"logits -> logits with jaxsample.stateless(fn)")
+        if not _is_leaf_value(leaf):
+            raise TypeError(
+                f"{name} holds a {type(leaf).__name__} ({leaf!r:.60}), which jit cannot trace: numeric "
+                f"values are leaves; declare other fields with jaxsample.static_field()")
+
+
+# ----------------------------------------------------------------------------- functions
+
+
+def _takes_key(fn: Callable) -> bool:
+    """True when ``fn`` takes two positional arguments (logits, key)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        raise TypeError(f"stateless: cannot read the signature of {fn!r}; pass takes_key=True/False") from None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    if any(p.kind is p.VAR_POSITIONAL for p in params) or len(required) >= 2:
+        return True
+    if len(positional) >= 1:
+        return False
+    raise TypeError(f"stateless: {fn!r} must take logits (and optionally a key) positionally")
+
+
+@processor_dataclass
+class Stateless(LogitsProcessor):
+    """A function ``logits -> logits`` (or ``(logits, key) -> logits``) as a processor.
+
+    Made by :func:`stateless`. ``fn`` is static: the compiled program depends on the
+    function object, and arrays it closes over are baked into the program as
+    constants. To sweep a value without recompiling, make it a field of a
+    :func:`processor_dataclass` instead.
+    """
+
+    fn: Callable = static_field()
+    takes_key: bool = static_field(default=False)
+
+    @property
+    def needs_key(self) -> bool:  # type: ignore[override]
+        return self.takes_key
+
+    def apply(self, logits: Array, state: State, key: Array | None) -> Array:
+        return self.fn(logits, key) if self.takes_key else self.fn(logits)
+
+
+def stateless(fn: Callable, *, takes_key: bool | None = None) -> Stateless:
+    """Wraps a function ``fn(logits) -> logits`` or ``fn(logits, key) -> logits`` as a processor.
+
+    The function gets ``logits[..., V]`` and, when it takes a second argument, one PRNG
+    key per row (shape ``logits.shape[:-1]``, derived like every processor's key: see
+    :func:`sample_step`). It must keep the shape. Like ``optax.stateless``.
+
+    ``fn`` is *static*: a jitted function (``generate``) compiles once per function
+    object, and any array ``fn`` closes over is a constant of that program (changing it
+    means a new function, hence a recompile). Values to sweep belong in a
+    :func:`processor_dataclass` field.
+
+    Args:
+      fn: the function; it must be hashable (functions and lambdas are).
+      takes_key: whether ``fn`` takes a key; default: read from its signature (two
+        required positional parameters).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> clip = stateless(lambda logits: jnp.clip(logits, -5.0, 5.0))
+      >>> chain(clip, Temperature(0.5))(jnp.array([1.0, 9.0]))
+      Array([ 2., 10.], dtype=float32)
+    """
+    if not callable(fn):
+        raise TypeError(f"stateless: fn must be callable, got {type(fn).__name__}")
+    try:
+        hash(fn)
+    except TypeError:
+        raise TypeError(f"stateless: fn must be hashable (it is static), got {type(fn).__name__}") from None
+    return Stateless(fn, _takes_key(fn) if takes_key is None else bool(takes_key))
+
+
 # ----------------------------------------------------------------------------- chain
 
 
@@ -403,8 +602,8 @@ def _check_ids(fn: str, ids: Any) -> None:
 class Chain(LogitsProcessor):
     """Processors applied in order; itself a processor (chains nest).
 
-    The state is a tuple with one entry per processor. Processor ``i`` gets the keys
-    ``fold_in(key, i + 1)`` (row by row), so :func:`sample_step` can keep
+    The state is a tuple with one entry per processor. Processor ``j`` (0-based) gets
+    the keys ``fold_in(key, j + 1)`` (row by row), so :func:`sample_step` can keep
     ``fold_in(key, 0)`` for the draw itself.
 
     Example:
@@ -419,6 +618,8 @@ class Chain(LogitsProcessor):
     def __post_init__(self) -> None:
         if isinstance(self.processors, list):
             _set(self, "processors", tuple(self.processors))
+        for i, proc in enumerate(self.processors):
+            check_processor(proc, f"chain: processor {i}")
 
     @property
     def stateful(self) -> bool:  # type: ignore[override]
@@ -487,10 +688,7 @@ def chain(*processors: LogitsProcessor) -> Chain:
       Array([-inf,   1.,   2.], dtype=float32)
     """
     for i, proc in enumerate(processors):
-        if not isinstance(proc, LogitsProcessor):
-            raise TypeError(
-                f"chain: argument {i} must be a LogitsProcessor, got {type(proc).__name__}"
-            )
+        check_processor(proc, f"chain: argument {i}")
     return Chain(tuple(processors))
 
 
@@ -537,10 +735,29 @@ class StepOutput(NamedTuple):
       token_logprob_raw: ``log_softmax(model logits)[token]``.
       token_logprob_processed: ``log_softmax(processed logits)[token]``, the
         distribution the token was actually drawn from.
+      processed_logits: the processed logits ``[..., V]`` the token was drawn from
+        (:func:`sample_step` sets it; under ``jit`` it costs nothing when unused);
+        ``None`` from a step function that does not provide them.
     """
 
     token_logprob_raw: Array
     token_logprob_processed: Array
+    processed_logits: Array | None = None
+
+
+def _state_or_init(chain: LogitsProcessor, state: State, vocab_size: int) -> State:
+    """``state``, or the (empty) state of a stateless ``chain`` when ``state`` is None/()."""
+    empty = isinstance(state, tuple) and not state and isinstance(chain, Chain) and chain.processors
+    if state is not None and not empty:
+        return state
+    if chain.stateful:
+        procs = chain.processors if isinstance(chain, Chain) else (chain,)
+        name = next(type(p).__name__ for p in procs if p.stateful)
+        raise ValueError(
+            f"sample_step: the chain is stateful ({name} keeps state): pass "
+            f"state=chain.init(prompt_tokens, prompt_lengths, V, max_new_tokens=N) and the state "
+            f"each step returns; only a stateless chain may pass state=None")
+    return chain.init(None, None, vocab_size)
 
 
 def sample_step(
@@ -548,15 +765,18 @@ def sample_step(
 ) -> tuple[Array, State, StepOutput]:
     """One decode step: process, draw, update the state, report log-probs.
 
-    Keys: the processors get ``fold_in(key, i + 1)`` (inside :class:`Chain`) and the
-    draw uses ``fold_in(key, 0)``, row by row. Generation passes
-    ``key = fold_in(row_key, step)`` per row, so a row's tokens depend only on its own
-    key and step, never on its batch-mates.
+    Keys, row by row: processor ``j`` of the chain (0-based) gets
+    ``fold_in(key, j + 1)`` (a nested chain passes its key on the same way), and the
+    token is drawn by ``sample(fold_in(key, 0), processed_logits)``.
+    :func:`jaxsample.generate` passes ``key = fold_in(keys[b], i)`` for row ``b``'s
+    generated index ``i``, so a row's tokens depend only on its own key and step, never
+    on its batch-mates.
 
     Args:
       chain: a :class:`Chain` (or any :class:`LogitsProcessor`).
       logits: ``[B, V]`` (or any ``[..., V]``) model logits.
-      state: the processor state (``chain.init(...)``; ``()`` entries when stateless).
+      state: the processor state (``chain.init(...)``); ``None`` (or ``()``) for a
+        stateless chain, which then needs no ``init``.
       key: one key per row, shape ``logits.shape[:-1]`` (or a single key).
 
     Returns:
@@ -568,16 +788,18 @@ def sample_step(
       >>> c = default_chain(top_k=1)
       >>> logits = jnp.array([[0.0, 2.0, 1.0]])
       >>> keys = jax.random.split(jax.random.key(0), 1)
-      >>> token, state, out = sample_step(c, logits, c.init(None, None, 3), keys)
+      >>> token, state, out = sample_step(c, logits, None, keys)  # stateless: no init
       >>> token
       Array([1], dtype=int32)
     """
     key = _sampling.as_typed_key(key)
+    state = _state_or_init(chain, state, logits.shape[-1])
     processed = chain.apply(logits, state, key)  # [..., V]
     token = _sampling.sample(fold_in_rows(key, 0), processed)  # [...]
     new_state = chain.update(state, token, processed)
     out = StepOutput(
         token_logprob_raw=_sampling.token_logprobs(logits, token),
         token_logprob_processed=_sampling.token_logprobs(processed, token),
+        processed_logits=processed,
     )
     return token, new_state, out

@@ -11,12 +11,16 @@ and, only for `prompt_logprobs=True`, an optional fourth method:
 
     logits, cache = model.prefill_all(prompt_tokens, cache)               # [B, P, V]
 
-Randomness: row b's token at generated index i is drawn with
-`fold_in(keys[b], i)`, so a row's tokens depend only on its own key, prompt and
-sampler values, never on its batch-mates or its position in the batch. With `n > 1`
-samples per prompt, sample j of prompt i is row `i * n + j` and uses the key
-`fold_in(keys[i], j)`: samples are distinct, and each one is reproduced alone by
-passing that derived key with `n=1`.
+Randomness: with `k = fold_in(keys[b], i)` for row b's generated index i, the token is
+drawn by `sample(fold_in(k, 0), processed_logits)` and processor j of the chain
+(0-based) gets `fold_in(k, j + 1)` (see `sample_step`). A row's tokens depend only on
+its own key, prompt and sampler values, never on its batch-mates or its position in
+the batch. With `n > 1` samples per prompt, sample j of prompt i is row `i * n + j`
+and uses the row key `fold_in(keys[i], j)` in place of `keys[b]`: samples are
+distinct, and each one is reproduced alone by passing that derived key with `n=1`.
+
+`generate_stream` runs the same decode step (one implementation, `_decode_step`) as a
+jitted scan over chunks of steps and yields each chunk as it is produced.
 
 Sampler state (penalties, mirostat, ...) is initialised from the prompts by
 `sampler.init(prompt_tokens, prompt_lengths, V, max_new_tokens=N)`, carried through
@@ -27,13 +31,14 @@ from __future__ import annotations
 
 import enum
 import operator
-from typing import Any, Callable, NamedTuple, Protocol, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsample._chain import Chain, Temperature, chain, init_state, sample_step
+from jaxsample._chain import Chain, Temperature, chain, check_processor, init_state, sample_step
+from jaxsample._sampling import entropy
 
 
 class LanguageModel(Protocol):
@@ -66,6 +71,25 @@ class FinishReason(enum.IntEnum):
     NO_VALID_TOKEN = 2  #: the sampler's logits had no finite value (a mask emptied the row) or a NaN
 
 
+class GenerateStats(NamedTuple):
+    """What the sampler did at every step (`generate(..., return_stats=True)`). N = max_new_tokens.
+
+    Attributes:
+      entropy: float32 [B, N], entropy in nats of the processed distribution the token
+        was drawn from (`jaxsample.entropy` of the processed logits); NaN at a step whose
+        processed logits had no valid token; 0 after a row finished.
+      num_kept: int32 [B, N], tokens with a logit above -inf after the chain (the
+        candidates the draw chose from); 0 after a row finished.
+      final_state: the processors' state after the last step, as `sampler.init`
+        made it (e.g. a `History`, mirostat's mu); a row's state stops changing when it
+        finishes.
+    """
+
+    entropy: jax.Array
+    num_kept: jax.Array
+    final_state: Any
+
+
 class GenerateOutput(NamedTuple):
     """Result of `generate`. N = max_new_tokens.
 
@@ -86,6 +110,7 @@ class GenerateOutput(NamedTuple):
         the tokens before it (one row per prompt, also when n > 1); position 0 and
         padding hold 0, so a row sums to log p(prompt[1:] | prompt[0]). None unless
         requested.
+      stats: a `GenerateStats` with `return_stats=True`, else None.
 
     With n samples per prompt, B = B_prompts * n rows, prompt-major (row i * n + j is
     sample j of prompt i).
@@ -99,6 +124,28 @@ class GenerateOutput(NamedTuple):
     top_token_ids: jax.Array | None = None
     top_logprobs: jax.Array | None = None
     prompt_logprobs: jax.Array | None = None
+    stats: GenerateStats | None = None
+
+
+class StreamChunk(NamedTuple):
+    """One chunk of `generate_stream`: generated indices `start .. start + C - 1` of every row.
+
+    Attributes:
+      start: int, the generated index of the first column.
+      tokens: int32 [B, C]; `pad_id` where a row had already finished.
+      logprobs_raw, logprobs_processed: float32 [B, C] (0 where a row had finished).
+      lengths: int32 [B], generated tokens per row so far (a stop token counts).
+      finish_reason: int32 [B], a `FinishReason`, final for rows with `done`.
+      done: bool [B], rows that finished (stop id, no valid token, or max_new_tokens).
+    """
+
+    start: int
+    tokens: jax.Array
+    logprobs_raw: jax.Array
+    logprobs_processed: jax.Array
+    lengths: jax.Array
+    finish_reason: jax.Array
+    done: jax.Array
 
 
 def _row_keys(keys: jax.Array, batch: int) -> jax.Array:
@@ -180,7 +227,8 @@ def _validate_outputs(model, n, top_logprobs, prompt_logprobs):
 def generate(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengths: jax.Array, keys: jax.Array, *,
              max_new_tokens: int, sampler: Chain | None = None, stop_ids: Sequence[int] = (),
              pad_id: int = 0, cache_size: int | None = None, n: int = 1, top_logprobs: int = 0,
-             prompt_logprobs: bool = False, sample_fn: Callable = sample_step) -> GenerateOutput:
+             prompt_logprobs: bool = False, sample_fn: Callable = sample_step,
+             return_stats: bool = False) -> GenerateOutput:
     """Generates up to `max_new_tokens` tokens per row: prefill, then a jitted `lax.scan`.
 
     Args:
@@ -213,6 +261,15 @@ def generate(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengths: jax
         `jaxsample.ShardedSampler(mesh)` for logits split over a device mesh. If it has a
         `top_logprobs(logits, K) -> (ids [B, K], logprobs [B, K])` method, that computes
         the top-N log-probs (vocab-parallel for `ShardedSampler`).
+      return_stats: static: also return a `GenerateStats` (`out.stats`): per row and
+        step the entropy of the processed distribution and the number of tokens the
+        chain kept, and the processors' final state. Off, the compiled program is the
+        same as without the option. Needs a `sample_fn` whose `StepOutput` carries
+        `processed_logits` (`sample_step` does).
+
+    Keys: with `k = fold_in(keys[b], i)` for row b (b's sample key when n > 1) and
+    generated index i, the token is drawn by `sample(fold_in(k, 0), processed_logits)`
+    and processor j of the chain (0-based) gets `fold_in(k, j + 1)`.
 
     Returns:
       A `GenerateOutput`.
@@ -227,6 +284,15 @@ def generate(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengths: jax
       >>> out.tokens.shape
       (1, 8)
     """
+    args, static = _prepare(model, prompt_tokens, prompt_lengths, keys, max_new_tokens, sampler, stop_ids,
+                            pad_id, cache_size, n, top_logprobs, prompt_logprobs, sample_fn, "generate")
+    run = _generate_traced_model if _is_pytree(model) else _generate_static_model
+    return run(model, *args, **static, return_stats=bool(return_stats))
+
+
+def _prepare(model, prompt_tokens, prompt_lengths, keys, max_new_tokens, sampler, stop_ids, pad_id,
+             cache_size, n, top_logprobs, prompt_logprobs, sample_fn, fn):
+    """Validates generate's inputs: (traced args, static kwargs) for the jitted functions."""
     prompt_tokens = jnp.asarray(prompt_tokens) if not isinstance(prompt_tokens, jax.Array) else prompt_tokens
     prompt_lengths = jnp.asarray(prompt_lengths) if not isinstance(prompt_lengths, jax.Array) else prompt_lengths
     stop_ids = tuple(_as_int("stop_ids", s) for s in np.asarray(stop_ids).reshape(-1).tolist())
@@ -239,13 +305,13 @@ def generate(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengths: jax
     if n > 1:
         keys = _sample_keys(keys, n)
     sampler = chain(Temperature(0.0)) if sampler is None else sampler
+    check_processor(sampler, f"{fn}: sampler")
     stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
     args = (prompt_tokens.astype(jnp.int32), prompt_lengths.astype(jnp.int32), keys, sampler, stops,
             jnp.asarray(pad_id, jnp.int32))
     static = dict(max_new_tokens=max_new_tokens, cache_size=cache_size, n=int(n), top_logprobs=int(top_logprobs),
                   prompt_logprobs=bool(prompt_logprobs), sample_fn=sample_fn)
-    run = _generate_traced_model if _is_pytree(model) else _generate_static_model
-    return run(model, *args, **static)
+    return args, static
 
 
 def _is_pytree(model) -> bool:
@@ -312,15 +378,17 @@ def _prefill_samples(model, prompt_tokens, prompt_lengths, cache_size, n, prompt
     return logits, cache, (None if prompt_lp is None else prompt_lp[::n])  # one row per prompt
 
 
-def _generate_impl(model, prompt_tokens, prompt_lengths, keys, sampler, stops, pad_id, *,
-                   max_new_tokens, cache_size, n=1, top_logprobs=0, prompt_logprobs=False, sample_fn=sample_step):
-    logits, cache, prompt_lp = _prefill_samples(model, prompt_tokens, prompt_lengths, cache_size, n,
-                                                prompt_logprobs)
-    prompt_tokens = jnp.repeat(prompt_tokens, n, axis=0)  # [B * n, P], row i * n + j = prompt i
-    prompt_lengths = jnp.repeat(prompt_lengths, n, axis=0)
-    b = prompt_tokens.shape[0]
-    state = init_state(sampler, prompt_tokens, prompt_lengths, model.vocab_size,
-                       max_new_tokens=max_new_tokens)
+def _decode_step(model, sampler, keys, stops, pad_id, prompt_lengths, *, sample_fn, top_logprobs=0,
+                 return_stats=False):
+    """The decode loop's two pieces, shared by `generate` and `generate_stream`.
+
+    Returns `(pick, body)`: `pick(i, logits, state, done, lengths, finish)` samples
+    generated index i for every row, and `body(carry, i)` is one `lax.scan` step (decode
+    the previous token, then pick) over the carry `(token, cache, state, done, lengths,
+    finish)`. Per-step outputs: `(token, logprob_raw, logprob_processed)`, then the
+    top-K ids and log-probs if `top_logprobs`, then entropy and kept count if
+    `return_stats`.
+    """
 
     def pick(i, logits, state, done, lengths, finish):
         """Samples generated index i for every row; finished rows keep their state and emit pad."""
@@ -342,12 +410,9 @@ def _generate_impl(model, prompt_tokens, prompt_lengths, keys, sampler, stops, p
             top_fn = getattr(sample_fn, "top_logprobs", _top_logprobs)
             top_ids, top_lp = top_fn(logits, top_logprobs)  # [B, K] each
             ys += (jnp.where(emitted[:, None], top_ids, pad_id), jnp.where(emitted[:, None], top_lp, 0.0))
+        if return_stats:
+            ys += _step_stats(out, active)
         return (token, state, done | invalid | stopped, lengths, finish), ys
-
-    done = jnp.zeros((b,), bool)
-    lengths = jnp.zeros((b,), jnp.int32)
-    finish = jnp.full((b,), FinishReason.LENGTH, jnp.int32)
-    (token, state, done, lengths, finish), first = pick(0, logits, state, done, lengths, finish)
 
     def body(carry, i):
         token, cache, state, done, lengths, finish = carry
@@ -356,15 +421,151 @@ def _generate_impl(model, prompt_tokens, prompt_lengths, keys, sampler, stops, p
         (token, state, done, lengths, finish), ys = pick(i, logits, state, done, lengths, finish)
         return (token, cache, state, done, lengths, finish), ys
 
-    carry = (token, cache, state, done, lengths, finish)
-    (_, _, _, _, lengths, finish), rest = jax.lax.scan(body, carry, jnp.arange(1, max_new_tokens))
+    return pick, body
+
+
+def _step_stats(out, active):
+    """(entropy float32 [B], kept int32 [B]) of the processed logits; 0 for finished rows."""
+    if out.processed_logits is None:
+        raise ValueError("return_stats=True needs processed logits: the sample_fn's StepOutput must carry "
+                         "processed_logits (jaxsample.sample_step does)")
+    processed = out.processed_logits  # [B, V]
+    kept = jnp.sum(processed > -jnp.inf, axis=-1).astype(jnp.int32)
+    return jnp.where(active, entropy(processed), 0.0), jnp.where(active, kept, 0)
+
+
+def _start(model, prompt_tokens, prompt_lengths, keys, sampler, stops, pad_id, *, max_new_tokens, cache_size, n,
+           top_logprobs, prompt_logprobs, sample_fn, return_stats):
+    """Prefill and generated index 0: (carry, ys of index 0, prompt log-probs, row prompt lengths)."""
+    logits, cache, prompt_lp = _prefill_samples(model, prompt_tokens, prompt_lengths, cache_size, n,
+                                                prompt_logprobs)
+    prompt_tokens = jnp.repeat(prompt_tokens, n, axis=0)  # [B * n, P], row i * n + j = prompt i
+    prompt_lengths = jnp.repeat(prompt_lengths, n, axis=0)
+    b = prompt_tokens.shape[0]
+    state = init_state(sampler, prompt_tokens, prompt_lengths, model.vocab_size,
+                       max_new_tokens=max_new_tokens)
+    pick, _ = _decode_step(model, sampler, keys, stops, pad_id, prompt_lengths, sample_fn=sample_fn,
+                           top_logprobs=top_logprobs, return_stats=return_stats)
+    done = jnp.zeros((b,), bool)
+    lengths = jnp.zeros((b,), jnp.int32)
+    finish = jnp.full((b,), FinishReason.LENGTH, jnp.int32)
+    (token, state, done, lengths, finish), first = pick(0, logits, state, done, lengths, finish)
+    return (token, cache, state, done, lengths, finish), first, prompt_lp, prompt_lengths
+
+
+def _generate_impl(model, prompt_tokens, prompt_lengths, keys, sampler, stops, pad_id, *,
+                   max_new_tokens, cache_size, n=1, top_logprobs=0, prompt_logprobs=False, sample_fn=sample_step,
+                   return_stats=False):
+    carry, first, prompt_lp, prompt_lengths = _start(
+        model, prompt_tokens, prompt_lengths, keys, sampler, stops, pad_id, max_new_tokens=max_new_tokens,
+        cache_size=cache_size, n=n, top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
+        sample_fn=sample_fn, return_stats=return_stats)
+    _, body = _decode_step(model, sampler, keys, stops, pad_id, prompt_lengths, sample_fn=sample_fn,
+                           top_logprobs=top_logprobs, return_stats=return_stats)
+    (_, _, state, _, lengths, finish), rest = jax.lax.scan(body, carry, jnp.arange(1, max_new_tokens))
     # first: [B, ...] for index 0; rest: [N-1, B, ...] -> [B, N, ...]
     ys = [jnp.concatenate([f[:, None], jnp.moveaxis(r, 0, 1)], axis=1) for f, r in zip(first, rest)]
     tokens, raw, processed = ys[:3]
-    top_ids, top_lp = ys[3:] if top_logprobs else (None, None)
-    return GenerateOutput(tokens, lengths, raw, processed, finish, top_ids, top_lp, prompt_lp)
+    top_ids, top_lp = ys[3:5] if top_logprobs else (None, None)
+    stats = GenerateStats(*ys[-2:], final_state=state) if return_stats else None
+    return GenerateOutput(tokens, lengths, raw, processed, finish, top_ids, top_lp, prompt_lp, stats)
 
 
-_STATIC = ("max_new_tokens", "cache_size", "n", "top_logprobs", "prompt_logprobs", "sample_fn")
+_STATIC = ("max_new_tokens", "cache_size", "n", "top_logprobs", "prompt_logprobs", "sample_fn", "return_stats")
 _generate_traced_model = jax.jit(_generate_impl, static_argnames=_STATIC)
 _generate_static_model = jax.jit(_generate_impl, static_argnums=(0,), static_argnames=_STATIC)
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def generate_stream(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengths: jax.Array, keys: jax.Array,
+                    *, max_new_tokens: int, chunk_size: int = 16, sampler: Chain | None = None,
+                    stop_ids: Sequence[int] = (), pad_id: int = 0, cache_size: int | None = None, n: int = 1,
+                    sample_fn: Callable = sample_step) -> Iterator[StreamChunk]:
+    """Like `generate`, but yields the tokens chunk by chunk while they are produced.
+
+    The first chunk is generated index 0 alone (right after the prefill: the first
+    token as early as possible); then each chunk is `chunk_size` steps of the same
+    jitted decode step as `generate`, run as a `lax.scan` that carries the cache and
+    the sampler state from chunk to chunk. The tokens (and log-probs) are therefore
+    equal to `generate`'s for the same inputs and keys. Every chunk runs the same
+    compiled program (the start index is traced; steps past `max_new_tokens` in the
+    last chunk are skipped by a `lax.cond`), so a new chunk never recompiles. The
+    loop stops early once every row has finished (one host sync per chunk).
+
+    Args:
+      model, prompt_tokens, prompt_lengths, keys, max_new_tokens, sampler, stop_ids,
+        pad_id, cache_size, n, sample_fn: as for `generate`.
+      chunk_size: C, static: decode steps per chunk (larger: fewer host round trips).
+
+    Yields:
+      `StreamChunk`s; concatenating their `tokens` along axis 1 gives `generate`'s
+      tokens up to the last chunk (padded with `pad_id` where rows finished).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxsample as js
+      >>> from models import DecoderLM, preset
+      >>> lm = DecoderLM.random(preset("tiny"), jax.random.key(0))
+      >>> chunks = js.generate_stream(lm, jnp.array([[256, 72, 105]]), jnp.array([3]),
+      ...                             jax.random.split(jax.random.key(1), 1), max_new_tokens=8,
+      ...                             chunk_size=4, sampler=js.default_chain(temperature=0.8))
+      >>> [c.tokens.shape[1] for c in chunks]
+      [1, 4, 3]
+    """
+    if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    args, static = _prepare(model, prompt_tokens, prompt_lengths, keys, max_new_tokens, sampler, stop_ids,
+                            pad_id, cache_size, n, 0, False, sample_fn, "generate_stream")
+    return _stream(model, args, static, int(chunk_size))
+
+
+def _stream(model, args, static, chunk_size):
+    _, _, keys, sampler, stops, pad_id = args
+    traced = _is_pytree(model)
+    start = _stream_start_traced if traced else _stream_start_static
+    step = _stream_chunk_traced if traced else _stream_chunk_static
+    carry, first, _, prompt_lengths = start(model, *args, **static, return_stats=False)
+    _, _, _, done, lengths, finish = carry
+    yield StreamChunk(0, *(y[:, None] for y in first), lengths, finish, done)
+    n_steps = static["max_new_tokens"]
+    limit = jnp.asarray(n_steps, jnp.int32)
+    for begin in range(1, n_steps, chunk_size):
+        if bool(np.all(np.asarray(done))):
+            return
+        token, cache, state, done, lengths, finish = carry  # the cache is donated: updated in place
+        carry, ys = step(model, sampler, keys, stops, pad_id, prompt_lengths, cache, (token, state, done, lengths,
+                         finish), jnp.asarray(begin, jnp.int32), limit, chunk_size=chunk_size,
+                         sample_fn=static["sample_fn"])
+        _, _, _, done, lengths, finish = carry
+        width = min(chunk_size, n_steps - begin)
+        if width < chunk_size:
+            ys = tuple(y[:, :width] for y in ys)
+        yield StreamChunk(begin, *ys, lengths, finish, done)
+
+
+def _stream_chunk(model, sampler, keys, stops, pad_id, prompt_lengths, cache, rest, begin, limit, *, chunk_size,
+                  sample_fn):
+    """`chunk_size` decode steps from generated index `begin` (traced); steps >= `limit` are skipped.
+
+    The carry comes as `cache` (donated: the KV cache is updated in place) and `rest`
+    (token, state, done, lengths, finish), which the caller may still hold."""
+    _, body = _decode_step(model, sampler, keys, stops, pad_id, prompt_lengths, sample_fn=sample_fn)
+    token, state, done, lengths, finish = rest
+    carry = (token, cache, state, done, lengths, finish)
+
+    def gated(carry, i):
+        skip = lambda carry, i: (carry, jax.tree.map(jnp.zeros_like, jax.eval_shape(body, carry, i)[1]))
+        return jax.lax.cond(i < limit, body, skip, carry, i)
+
+    carry, ys = jax.lax.scan(gated, carry, begin + jnp.arange(chunk_size))
+    return carry, tuple(jnp.moveaxis(y, 0, 1) for y in ys)  # [C, B] -> [B, C]
+
+
+_START_STATIC = _STATIC
+_CHUNK_STATIC = ("chunk_size", "sample_fn")
+_stream_start_traced = jax.jit(_start, static_argnames=_START_STATIC)
+_stream_start_static = jax.jit(_start, static_argnums=(0,), static_argnames=_START_STATIC)
+_stream_chunk_traced = jax.jit(_stream_chunk, static_argnames=_CHUNK_STATIC, donate_argnums=(6,))
+_stream_chunk_static = jax.jit(_stream_chunk, static_argnums=(0,), static_argnames=_CHUNK_STATIC,
+                               donate_argnums=(6,))

@@ -38,7 +38,7 @@ import numpy as np
 from jaxsample import _filters
 from jaxsample import _sampling
 from jaxsample import _validation as _val
-from jaxsample._chain import LogitsProcessor, _host_array, _set, processor_dataclass, static_field
+from jaxsample._chain import LogitsProcessor, _leaf, _set, processor_dataclass, static_field
 
 __all__ = [
     "History",
@@ -220,8 +220,7 @@ def _float_field(obj: Any, name: str, low: float, high: float, *, low_closed: bo
     """Validates and canonicalises a float field (Python float, or an array leaf)."""
     fn = type(obj).__name__
     _val.check_range(fn, name, getattr(obj, name), low, high, low_closed=low_closed, high_closed=high_closed)
-    value = _host_array(getattr(obj, name), np.float32)  # checked as given, then cast
-    _set(obj, name, _val.canonical_scalar(value, float))
+    _set(obj, name, _leaf(fn, name, getattr(obj, name), np.float32))  # checked as given, then cast
 
 
 def _int_field(obj: Any, name: str, low: int = 0) -> None:
@@ -229,8 +228,7 @@ def _int_field(obj: Any, name: str, low: int = 0) -> None:
     fn = type(obj).__name__
     _val.check_range(fn, name, getattr(obj, name), low, _INF, low_closed=True, high_closed=False)
     _val.check_integer(fn, name, getattr(obj, name))  # checked as given, then cast
-    value = _host_array(getattr(obj, name), np.int32)
-    _set(obj, name, _val.canonical_scalar(value, int))
+    _set(obj, name, _leaf(fn, name, getattr(obj, name), np.int32))
 
 
 def _ids_field(obj: Any, name: str, ndim: tuple[int, ...]) -> None:
@@ -243,7 +241,7 @@ def _ids_field(obj: Any, name: str, ndim: tuple[int, ...]) -> None:
         raise ValueError(f"{fn}: {name} must have {' or '.join(map(str, ndim))} axes, got shape "
                          f"{np.shape(value)}")
     _val.check_token_ids(fn, name, value, None)
-    _set(obj, name, value)
+    _set(obj, name, _leaf(fn, name, value, np.int32))
 
 
 def _col(value: ArrayLike, dtype=_F32) -> Array:

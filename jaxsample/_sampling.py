@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxsample import _validation as _val
 
-__all__ = ["sample", "greedy", "token_logprobs", "as_typed_key"]
+__all__ = ["sample", "greedy", "token_logprobs", "entropy", "as_typed_key"]
 
 Array = jax.Array
 ArrayLike = Any
@@ -270,3 +270,36 @@ def _token_logprobs(logits: Array, tokens: Array) -> Array:
     logp = (picked - row_max) - log_total
     in_range = (tokens >= 0) & (tokens < vocab)
     return jnp.where(in_range, logp, jnp.float32(np.nan))
+
+
+def entropy(logits: ArrayLike) -> Array:
+    """Shannon entropy (nats) of ``softmax(logits)`` per row, in float32.
+
+    Math: ``H = -sum_i q_i ln q_i`` with ``q = softmax(logits)`` and ``0 ln 0 = 0``, so
+    ``-inf`` entries (tokens a filter removed) contribute exactly nothing; a
+    hand-written ``-(p * log_softmax(x)).sum()`` gives NaN there (``0 * -inf``). A row
+    with no finite logit, a NaN or a ``+inf`` has no distribution: NaN.
+
+    Args:
+      logits: ``[..., V]`` floating array.
+
+    Returns:
+      ``float32[...]``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> entropy(jnp.array([0.0, 0.0, -jnp.inf, -jnp.inf]))  # ln 2
+      Array(0.6931472, dtype=float32)
+    """
+    _val.check_logits(logits, "entropy")
+    return _entropy(jnp.asarray(logits))
+
+
+@jax.jit
+def _entropy(logits: Array) -> Array:
+    x = logits.astype(_F32)  # [..., V]
+    valid, row_max = _valid_rows(x)
+    z = x - jnp.where(valid[..., None], row_max, 0.0)
+    logq = z - jnp.log(jnp.sum(jnp.exp(z), axis=-1, keepdims=True))  # [..., V]
+    h = -jnp.sum(jnp.where(x > -jnp.inf, jnp.exp(logq) * logq, 0.0), axis=-1)
+    return jnp.where(valid, h, jnp.float32(np.nan))

@@ -181,7 +181,23 @@ class Decoder(nn.Module):
             x = jnp.take_along_axis(x, hidden_index[:, None, None], axis=1)[:, 0]  # [B, D]
         x = RMSNorm(c.norm_eps, c.jnp_dtype, name="final_norm")(x)
         logits = embed.attend(x).astype(jnp.float32)  # tied projection: x @ embedding.T
+        if cache is not None:
+            logits = _nan_outside_cache(logits, positions, cache.max_len, hidden_index)
         return logits, (None if cache is None else KVCache(tuple(new_k), tuple(new_v)))
+
+
+def _nan_outside_cache(logits, positions, max_len: int, hidden_index=None):
+    """NaN logits for tokens at a position outside the cache [0, S): never a silent result.
+
+    Such a token's key/value is not written (the scatter drops it), so its logits would
+    be computed without its own key; NaN makes the mistake visible (a sampler returns
+    -1, `generate` reports NO_VALID_TOKEN). Positions [B, T]; logits [B, T, V], or [B, V]
+    at `hidden_index`.
+    """
+    outside = (positions < 0) | (positions >= max_len)  # [B, T]
+    if hidden_index is not None:
+        outside = jnp.take_along_axis(outside, hidden_index[:, None], axis=1)[:, 0]  # [B]
+    return jnp.where(outside[..., None], jnp.nan, logits)
 
 
 def init_params(config: DecoderConfig, key: jax.Array):
@@ -250,6 +266,9 @@ class DecoderLM:
         return self._apply(tokens, positions, cache)
 
     def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache):
-        """One token per row: tokens int32 [B] at positions int32 [B] -> (logits [B, V], cache)."""
+        """One token per row: tokens int32 [B] at positions int32 [B] -> (logits [B, V], cache).
+
+        A row whose position is outside the cache ([0, S)) gets NaN logits and its cache
+        is left unchanged (nothing is overwritten)."""
         logits, cache = self._apply(tokens[:, None], positions[:, None], cache)
         return logits[:, 0], cache
