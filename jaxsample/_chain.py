@@ -32,6 +32,7 @@ import numbers
 from typing import Any, Callable, ClassVar, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxsample import _filters
@@ -87,8 +88,8 @@ def static_field(**kwargs: Any) -> Any:
       ...     mode: str = static_field(default="tanh")  # static
       ...     def apply(self, logits, state, key):
       ...         return self.bound * jax.numpy.tanh(logits / self.bound)
-      >>> jax.tree.leaves(Clip(5.0))
-      [array(5., dtype=float32)]
+      >>> jax.tree.leaves(Clip(5))  # a float32 array, also from an int
+      [Array(5., dtype=float32)]
     """
     return dataclasses.field(metadata={"static": True}, **kwargs)
 
@@ -100,11 +101,12 @@ def processor_dataclass(cls: type) -> type:
     with :func:`static_field` are static (part of the tree structure, like
     ``register_dataclass``'s ``meta_fields``); every other field is a data leaf, traced
     under ``jit``, so changing its value never recompiles. Numeric leaves given as
-    Python numbers, NumPy or JAX values are stored as arrays of one dtype (floats as
-    ``float32``, ints and bools as ``int32``/``bool``) when the processor is built, so
-    ``P(1.2)``, ``P(np.float64(1.2))`` and ``P(jnp.float32(1.2))`` are the same pytree
-    (one compile). A subclass's own ``__post_init__`` runs first (validate there), then
-    this normalisation.
+    Python numbers, NumPy or JAX values are stored as arrays of one dtype when the
+    processor is built: a field declared ``float`` (or with a float default) as
+    ``float32``, one declared ``int`` as ``int32``, others by kind (floats ``float32``,
+    ints ``int32``). So ``P(1.2)``, ``P(np.float64(1.2))`` and ``P(jnp.float32(1.2))``
+    (and ``P(1)`` for a float field) are the same pytree: one compile. A subclass's own
+    ``__post_init__`` runs first (validate there), then this normalisation.
 
     Unlike ``jax.tree_util.register_dataclass``, unflattening does not call
     ``__init__``: JAX rebuilds processors with tracers, sentinels or ``vmap`` axis specs
@@ -121,13 +123,14 @@ def processor_dataclass(cls: type) -> type:
     def __post_init__(self) -> None:
         if user_post_init is not None:
             user_post_init(self)
-        _normalise_leaves(self, data)
+        _normalise_leaves(self, data_fields)
 
     cls.__post_init__ = __post_init__
     cls = dataclasses.dataclass(frozen=True, eq=False)(cls)
     fields = dataclasses.fields(cls)
     meta = tuple(f.name for f in fields if f.metadata.get("static", False))
-    data = tuple(f.name for f in fields if not f.metadata.get("static", False))
+    data_fields = tuple(f for f in fields if not f.metadata.get("static", False))
+    data = tuple(f.name for f in data_fields)
     keys = tuple(jax.tree_util.GetAttrKey(name) for name in data)
 
     def flatten_with_keys(obj):
@@ -183,11 +186,13 @@ def _is_numbers(value: Any) -> bool:
 def _leaf(fn: str, name: str, value: Any, dtype: Any) -> Any:
     """A numeric processor value as an array of ``dtype`` (``np.float32`` / ``np.int32``).
 
-    Host values (Python numbers, NumPy scalars and arrays, lists of numbers) become
-    NumPy arrays, JAX arrays and tracers are cast if their dtype differs: a Python
-    float, a NumPy scalar and a JAX scalar give the same leaf type, so one compile
-    serves all three. Anything else (JAX's placeholders) is returned unchanged. Check
-    the value *before* this cast (it would hide e.g. ``2.5`` for an int).
+    Host values (Python numbers, NumPy scalars and arrays, lists of numbers) become JAX
+    arrays on the default device (a NumPy leaf would compile apart from a JAX one: jit
+    keys its cache on the argument's type and placement), JAX arrays and tracers are
+    cast if their dtype differs: a Python float, a NumPy scalar and a JAX scalar give
+    the same leaf, so one compile serves all three. Anything else (JAX's placeholders)
+    is returned unchanged. Check the value *before* this cast (it would hide e.g.
+    ``2.5`` for an int).
     """
     if isinstance(value, jax.Array):  # concrete arrays and tracers
         return value if value.dtype == dtype else value.astype(dtype)
@@ -198,25 +203,44 @@ def _leaf(fn: str, name: str, value: Any, dtype: Any) -> Any:
         bad = (arr < _INT32.min) | (arr > _INT32.max)
         if np.any(bad):
             raise ValueError(f"{fn}: {name} must fit in int32, got {arr[bad].flat[0]!r}")
-    return arr.astype(dtype)
+    return jnp.asarray(arr.astype(dtype))
 
 
-def _normalise_leaves(obj: Any, names: tuple[str, ...]) -> None:
-    """Host numeric data fields -> arrays of one dtype per kind (``processor_dataclass``).
+_KINDS = {"f": np.float32, "i": np.int32, "b": np.bool_}
+_DECLARED = {float: np.float32, "float": np.float32, int: np.int32, "int": np.int32}
 
-    Floats become ``float32``, signed ints ``int32``, bools stay ``bool``; weakly typed
-    JAX scalars follow the same rule. Explicitly typed JAX arrays, unsigned values and
-    non-numeric fields are left as they are.
+
+def _declared_dtype(field: dataclasses.Field) -> Any:
+    """float32 / int32 for a field declared ``float`` / ``int`` (or with such a default)."""
+    if field.type in _DECLARED:
+        return _DECLARED[field.type]
+    default = field.default
+    if isinstance(default, (float, int)) and not isinstance(default, bool):
+        return np.float32 if isinstance(default, float) else np.int32
+    return None
+
+
+def _normalise_leaves(obj: Any, fields: tuple[dataclasses.Field, ...]) -> None:
+    """Host numeric data fields -> arrays of one dtype (``processor_dataclass``).
+
+    A field declared ``float`` (or with a float default) becomes ``float32`` and one
+    declared ``int`` becomes ``int32``, whatever number is passed (``P(2)`` is
+    ``P(2.0)``); other numeric values go by kind: floats ``float32``, signed ints
+    ``int32``, bools ``bool``. Weakly typed JAX scalars (from Python numbers) follow
+    the same rule. Explicitly typed JAX arrays of an undeclared field, unsigned values
+    and non-numeric fields are left as they are.
     """
-    for name in names:
-        value = getattr(obj, name)
-        weak = isinstance(value, jax.Array) and getattr(value, "weak_type", False)
-        if not (weak or isinstance(value, np.ndarray) or _is_numbers(value)):
+    for field in fields:
+        value = getattr(obj, field.name)
+        declared = _declared_dtype(field)
+        is_array = isinstance(value, jax.Array)
+        weak = is_array and getattr(value, "weak_type", False)
+        if not (weak or isinstance(value, np.ndarray) or _is_numbers(value) or (is_array and declared)):
             continue
         kind = np.dtype(value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype).kind
-        dtype = {"f": np.float32, "i": np.int32, "b": np.bool_}.get(kind)
+        dtype = declared if kind in "biuf" and declared is not None else _KINDS.get(kind)
         if dtype is not None:
-            _set(obj, name, _leaf(type(obj).__name__, name, value, dtype))
+            _set(obj, field.name, _leaf(type(obj).__name__, field.name, value, dtype))
 
 
 class LogitsProcessor:
@@ -509,10 +533,9 @@ def check_processor(proc: Any, where: str = "processor") -> None:
                         f"logits -> logits (or (logits, key) -> logits) with jaxsample.stateless(fn)")
     leaves = jax.tree_util.tree_flatten_with_path(proc)[0]
     for path, leaf in leaves:
-        name = f"{where}{jax.tree_util.keystr(path)}"
         if isinstance(leaf, LogitsProcessor):
             cls = type(leaf).__name__
-            inner = f" ({name})" if path else ""
+            inner = f" (at {jax.tree_util.keystr(path)})" if path else ""
             raise TypeError(
                 f"{where} {cls}{inner} is not a registered pytree, so it cannot be passed through jit "
                 f"(generate, a jitted decode step): decorate the class with @jaxsample.processor_dataclass "
@@ -520,8 +543,9 @@ def check_processor(proc: Any, where: str = "processor") -> None:
                 f"logits -> logits with jaxsample.stateless(fn)")
         if not _is_leaf_value(leaf):
             raise TypeError(
-                f"{name} holds a {type(leaf).__name__} ({leaf!r:.60}), which jit cannot trace: numeric "
-                f"values are leaves; declare other fields with jaxsample.static_field()")
+                f"{where} ({type(proc).__name__}): field {jax.tree_util.keystr(path)} holds a "
+                f"{type(leaf).__name__} ({leaf!r:.60}), which jit cannot trace: numeric values are "
+                f"leaves; declare other fields with jaxsample.static_field()")
 
 
 # ----------------------------------------------------------------------------- functions

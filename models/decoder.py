@@ -132,8 +132,10 @@ class Block(nn.Module):
             rows = jnp.arange(b)[:, None]  # [B, 1] with positions [B, T]: cache[b, :, pos[b, t]]
             k_rows = k.astype(cache_k.dtype).transpose(0, 2, 1, 3)  # [B, T, K, Dh]
             v_rows = v.astype(cache_v.dtype).transpose(0, 2, 1, 3)
-            cache_k = cache_k.at[rows, :, positions].set(k_rows, mode="drop")
-            cache_v = cache_v.at[rows, :, positions].set(v_rows, mode="drop")
+            # Outside [0, S) nothing is written (negative indices would wrap): the logits are NaN.
+            write_at = jnp.where(positions < 0, cache_k.shape[2], positions)
+            cache_k = cache_k.at[rows, :, write_at].set(k_rows, mode="drop")
+            cache_v = cache_v.at[rows, :, write_at].set(v_rows, mode="drop")
             keys, values = cache_k, cache_v
             s = cache_k.shape[2]
             key_pos = jnp.broadcast_to(jnp.arange(s), (b, s))
