@@ -9,7 +9,8 @@
 Every sampling method of jaxsample is a flag (see docs/methods.md); --order picks the chain
 order: jaxsample's documented default (every method), or the default order of transformers,
 vLLM or llama.cpp (only the methods that system has). Prints each continuation, then the
-compile time and the decode speed.
+compile time and the decode speed. A single prompt on a terminal is streamed: the text
+appears while it is generated (--stream forces it, --no-stream turns it off).
 """
 
 from __future__ import annotations
@@ -77,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dry-window", type=int, default=0, help="DRY looks at the last N tokens; 0: all")
     g.add_argument("--dry-breakers", default='\\n|:|"|*',
                    help='single-token texts that stop DRY matching, separated by "|" (default: llama.cpp\'s)')
+    g = p.add_argument_group("streaming")
+    g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="print the text while it is generated (one prompt, one sample); "
+                        "default: on for a single prompt when stdout is a terminal")
+    g.add_argument("--chunk-size", type=int, default=16, help="decode steps per streamed chunk")
     g = p.add_argument_group("outputs")
     g.add_argument("--top-logprobs", type=int, default=0, help="print the N most likely tokens of each step")
     g.add_argument("--prompt-logprobs", action="store_true", help="print each prompt's log-likelihood")
@@ -166,6 +172,51 @@ def _show(tok, token: int) -> str:
     return repr(tok.decode([int(token)]))
 
 
+class Progress:
+    """Prints `done/total tokens, tokens/s` on stderr every `every` seconds (when enabled)."""
+
+    def __init__(self, total: int, enabled: bool, every: float = 2.0):
+        self.total, self.enabled, self.every = total, enabled, every
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if self.enabled and now - self.last >= self.every:
+            self.last = now
+            print(f"[{done}/{self.total} tokens, {done / (now - self.start):,.0f} tokens/s]", file=sys.stderr,
+                  flush=True)
+
+
+def stream_text(lm, tok, ids, lengths, keys, sampler, stop_ids, prompt: str, args) -> int:
+    """Generates one continuation with `jaxsample.generate_stream`, printing it as it comes."""
+    t0 = time.perf_counter()
+    chunks = js.generate_stream(lm, ids, lengths, keys, max_new_tokens=args.max_new_tokens,
+                                chunk_size=args.chunk_size, sampler=sampler, stop_ids=stop_ids, pad_id=tok.pad_id)
+    progress = Progress(args.max_new_tokens, enabled=not sys.stdout.isatty())
+    print(f"[0] {prompt}", end="", flush=True)
+    tokens: list[int] = []
+    shown = ""
+    marks = []  # (seconds since start, tokens so far) after each chunk
+    for chunk in chunks:
+        emitted = max(int(chunk.lengths[0]) - chunk.start, 0)  # this chunk's tokens before a stop
+        tokens += np.asarray(chunk.tokens[0, :emitted]).tolist()
+        text = tok.decode(tokens)
+        ready = text.rstrip("\ufffd")  # hold back a multi-byte character cut by the chunk
+        print(ready[len(shown):], end="", flush=True)
+        shown = ready
+        marks.append((time.perf_counter() - t0, len(tokens)))
+        progress.update(len(tokens))
+    print(tok.decode(tokens)[len(shown):] + "\n", flush=True)
+    # Chunk 0 is the prefill (compiled first), chunk 1 compiles the chunk program; the
+    # decode speed is measured over the chunks after it when there are any.
+    (t_a, n_a), (t_b, n_b) = (marks[1], marks[-1]) if len(marks) > 2 else (marks[0], marks[-1])
+    speed = f"{(n_b - n_a) / (t_b - t_a):,.0f} tokens/s" if n_b > n_a else "too short to time"
+    print(f"first token {marks[0][0]:.2f} s (compile and prefill) | {marks[-1][1]} tokens in {marks[-1][0]:.2f} s | "
+          f"decode {speed} (chunks of {args.chunk_size}, {'after compiling' if len(marks) > 2 else 'with compile'}, "
+          f"batch 1, {jax.default_backend()})", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -183,6 +234,13 @@ def main(argv=None) -> int:
         parser.error(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.top_logprobs < 0:
         parser.error(f"--top-logprobs must be >= 0, got {args.top_logprobs}")
+    if args.chunk_size < 1:
+        parser.error(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    single = len(prompts) == 1 and args.num_samples == 1 and not (args.top_logprobs or args.prompt_logprobs)
+    if args.stream and not single:
+        parser.error("--stream prints one continuation as it comes: use one prompt, --num-samples 1 and no "
+                     "--top-logprobs/--prompt-logprobs (or --no-stream)")
+    stream = single and sys.stdout.isatty() if args.stream is None else args.stream
     try:
         build_sampler(args)  # checks every value before the model loads
     except ValueError as e:
@@ -205,6 +263,11 @@ def main(argv=None) -> int:
     ids, lengths = tok.encode_batch(prompts)
     keys = prompt_keys(args.seed, len(prompts), n)
     stop_ids = [tok.eos_id] if args.stop_at_eos else []
+    if stream:
+        try:
+            return stream_text(lm, tok, ids, lengths, keys, sampler, stop_ids, prompts[0], args)
+        except ValueError as e:
+            parser.error(str(e))
     run = lambda: js.generate(lm, ids, lengths, keys, max_new_tokens=args.max_new_tokens, sampler=sampler,
                               stop_ids=stop_ids, pad_id=tok.pad_id, n=n, top_logprobs=args.top_logprobs,
                               prompt_logprobs=args.prompt_logprobs)
