@@ -80,6 +80,8 @@ def test_readme_write_your_own_processor_runs_without_recompiling():
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+    for block in re.findall(r"```python\n(.*?)```", readme_section("Streaming"), re.S):
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - runs after the section above
     soft_cap, penalty = namespace["SoftCap"], namespace["PreviousTokenPenalty"]
     assert not soft_cap.stateful and penalty.stateful
     model = bigram(1)

@@ -1,0 +1,92 @@
+"""generate_stream (issue 13, part 3): same tokens as generate, chunks without recompiling, early stop, CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxsample as js
+from jaxsample import _generate
+from test_ergonomics import V, bigram
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def concat(chunks):
+    fields = ("tokens", "logprobs_raw", "logprobs_processed")
+    return {f: np.concatenate([np.asarray(getattr(c, f)) for c in chunks], axis=1) for f in fields}
+
+
+def test_stream_tokens_equal_generate():
+    model = bigram(7)
+    prompts, lengths = jnp.array([[3, 4, 5], [6, 0, 0]]), jnp.array([3, 1])
+    keys = jax.random.split(jax.random.key(2), 2)
+    sampler = js.chain(js.RepetitionPenalty(1.3), js.Temperature(0.9), js.XTC(0.5, 0.05), js.TopK(10))
+    kw = dict(max_new_tokens=9, sampler=sampler, stop_ids=[0], pad_id=V - 1, n=2)
+    out = js.generate(model, prompts, lengths, keys, **kw)
+    chunks = list(js.generate_stream(model, prompts, lengths, keys, chunk_size=3, **kw))
+    assert [c.start for c in chunks][:2] == [0, 1] and chunks[0].tokens.shape == (4, 1)
+    got = concat(chunks)
+    width = got["tokens"].shape[1]
+    np.testing.assert_array_equal(got["tokens"], np.asarray(out.tokens)[:, :width])
+    np.testing.assert_array_equal(got["logprobs_raw"], np.asarray(out.logprobs_raw)[:, :width])
+    np.testing.assert_array_equal(got["logprobs_processed"], np.asarray(out.logprobs_processed)[:, :width])
+    last = chunks[-1]
+    if width < 9:  # stopped early: every row finished; the rest of generate's tokens is padding
+        assert np.all(np.asarray(last.done)) and np.all(np.asarray(out.tokens)[:, width:] == V - 1)
+    np.testing.assert_array_equal(last.lengths, out.lengths)
+    np.testing.assert_array_equal(last.finish_reason, out.finish_reason)
+
+
+def test_chunks_reuse_one_compiled_program():
+    model = bigram(8)
+    prompts, lengths = jnp.array([[1, 2, 3, 4, 5, 6]]), jnp.array([6])  # a shape no other test uses
+    chunk = _generate._stream_chunk_traced
+    before = chunk._cache_size()
+    first = list(js.generate_stream(model, prompts, lengths, jax.random.split(jax.random.key(0), 1),
+                                    max_new_tokens=12, chunk_size=2, sampler=js.default_chain(temperature=0.7)))
+    assert len(first) == 7 and chunk._cache_size() == before + 1  # six chunks, one compile
+    second = list(js.generate_stream(model, prompts, lengths, jax.random.split(jax.random.key(1), 1),
+                                     max_new_tokens=12, chunk_size=2, sampler=js.default_chain(temperature=1.3)))
+    assert len(second) == 7 and chunk._cache_size() == before + 1  # new keys and values: no compile
+    tokens = concat(second)["tokens"]
+    want = js.generate(model, prompts, lengths, jax.random.split(jax.random.key(1), 1), max_new_tokens=12,
+                       sampler=js.default_chain(temperature=1.3)).tokens
+    np.testing.assert_array_equal(tokens, want)
+
+
+def test_stream_stops_when_every_row_is_done_and_checks_chunk_size():
+    model = bigram(9)
+    prompts, lengths = jnp.array([[1], [2]]), jnp.array([1, 1])
+    keys = jax.random.split(jax.random.key(0), 2)
+    greedy = np.asarray(js.generate(model, prompts, lengths, keys, max_new_tokens=3).tokens)
+    stops = [int(greedy[0, 1]), int(greedy[1, 1])]  # both rows stop at index 1 at the latest
+    chunks = list(js.generate_stream(model, prompts, lengths, keys, max_new_tokens=50, chunk_size=4,
+                                     stop_ids=stops))
+    assert len(chunks) == 2 and np.all(np.asarray(chunks[-1].done))
+    with pytest.raises(ValueError, match="chunk_size"):
+        js.generate_stream(model, prompts, lengths, keys, max_new_tokens=5, chunk_size=0)
+
+
+def test_cli_stream_prints_the_same_text_as_no_stream(tmp_path):
+    from models import DecoderLM, preset, save_model
+
+    path = str(tmp_path / "tiny")
+    save_model(path, DecoderLM.random(preset("tiny"), jax.random.key(0)))
+    run = lambda *flags: subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "generate.py"), "ROMEO:", "--checkpoint", path,
+         "--max-new-tokens", "10", "--top-p", "0.9", "--seed", "5", *flags],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    streamed, plain = run("--stream", "--chunk-size", "4"), run("--no-stream")
+    assert streamed.returncode == 0, streamed.stderr
+    assert plain.returncode == 0, plain.stderr
+    assert streamed.stdout == plain.stdout and streamed.stdout.startswith("[0] ROMEO:")
+    assert "first token" in streamed.stderr and "tokens/s" in streamed.stderr
+    bad = run("--stream", "--num-samples", "2")
+    assert bad.returncode == 2 and "--stream" in bad.stderr
