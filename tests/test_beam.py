@@ -11,6 +11,8 @@ freezes them) and rows that run on are checked in the same call.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -183,3 +185,53 @@ def test_cache_that_is_not_batch_leading_raises(tiny):
 
     with pytest.raises(ValueError, match="leading axis is not B"):
         js.beam_search(TimeMajor(), jnp.array([[1, 2]]), jnp.array([2]), num_beams=2, max_new_tokens=2)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def cli():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "generate.py")
+    spec = importlib.util.spec_from_file_location("generate_cli_beam", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_prints_the_hypotheses_of_beam_search(cli, tiny, tmp_path, capsys):
+    from models import load_pretrained, save_model
+
+    save_model(str(tmp_path / "tiny"), tiny)
+    flags = ["--num-beams", "3", "--num-return-sequences", "2", "--length-penalty", "0.5", "--early-stopping",
+             "never", "--max-new-tokens", "5"]
+    assert cli.main(["AB", "xyz", "--checkpoint", str(tmp_path / "tiny"), *flags]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert [line.split(" ")[0] for line in lines] == ["[0.0]", "[0.1]", "[1.0]", "[1.1]"]
+    lm, tok = load_pretrained(str(tmp_path / "tiny"))
+    ids, lengths = tok.encode_batch(["AB", "xyz"])
+    out = js.beam_search(lm, ids, lengths, num_beams=3, num_return_sequences=2, length_penalty=0.5,
+                         early_stopping="never", max_new_tokens=5, stop_ids=[tok.eos_id], pad_id=tok.pad_id)
+    printed = [float(line.split(" ")[2]) for line in lines]
+    np.testing.assert_allclose(printed, np.asarray(out.scores).reshape(-1), atol=1e-4)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--num-beams", "2", "--top-p", "0.9"], "--top-p=0.9 cannot be used with --num-beams"),
+    (["--num-beams", "2", "--greedy"], "--greedy=True cannot be used with --num-beams"),
+    (["--num-beams", "2", "--num-samples", "2"], "--num-samples=2 cannot be used with --num-beams"),
+    (["--length-penalty", "2"], "--length-penalty needs --num-beams"),
+    (["--early-stopping", "never"], "--early-stopping needs --num-beams"),
+    (["--num-beams", "0"], "--num-beams must be >= 1, got 0"),
+    (["--num-beams", "2", "--num-return-sequences", "3"],
+     r"--num-return-sequences must be in \[1, --num-beams=2\], got 3"),
+    (["--num-beams", "2", "--length-penalty", "nan"], "--length-penalty must be finite, got nan"),
+])
+def test_cli_bad_beam_flags_exit_2(cli, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--checkpoint", "/nonexistent", *flags])  # fails before the model loads
+    assert e.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
