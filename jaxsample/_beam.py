@@ -18,8 +18,10 @@ transformers). A hypothesis' score is its summed log-probability divided by
 A prompt stops changing once no running beam can beat its worst finished hypothesis
 (`early_stopping`, below) or, with `early_stopping=True`, once it has K finished
 hypotheses; the loop exits when every prompt has stopped, or after N steps. This is
-transformers' `_beam_search` (v4.50+/v5 vectorised form) step for step, float32
+transformers' `_beam_search` (read from transformers 5.24) step for step, float32
 throughout, so sequences and scores agree with `generate(num_beams=K, do_sample=False)`.
+Prompts are independent: a prompt's result does not depend on its batch-mates (transformers
+runs until every prompt has stopped, but a stopped prompt's hypotheses no longer change).
 
 `early_stopping` decides when "no running beam can beat the worst finished one":
   * False (transformers' default): compare the best running beam's score as if it ended
@@ -230,7 +232,9 @@ def beam_search(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengths: 
       model: a `LanguageModel` whose cache leaves lead with the batch axis.
       prompt_tokens: int [B, P], right-padded prompts.
       prompt_lengths: int [B], real tokens per row, in [1, P].
-      num_beams: K >= 1, static. K = 1 is greedy search.
+      num_beams: K >= 1, static. K = 1 follows the same rules, which equal greedy search
+        (what transformers runs for one beam) except with early_stopping="never" and
+        length_penalty > 0.
       max_new_tokens: N >= 1, static.
       length_penalty: exponent on the length in the score, traced (changing it does not
         recompile). > 0 favours longer hypotheses, < 0 shorter ones.
