@@ -167,6 +167,20 @@ def _show(tok, token: int) -> str:
     return repr(tok.decode([int(token)]))
 
 
+def timed_run(parser: argparse.ArgumentParser, run):
+    """(output, seconds of the first call (compile + run), seconds of a second call);
+    a ValueError from the library exits with status 2 and its message."""
+    try:
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(run())  # compiles, then runs
+        first = time.perf_counter() - t0
+    except ValueError as e:
+        parser.error(str(e))
+    t0 = time.perf_counter()
+    jax.block_until_ready(run())  # steady state
+    return out, first, time.perf_counter() - t0
+
+
 # --- beam search (jaxsample.beam_search) ----------------------------------------------
 
 # Flags that shape sampling or its outputs, which beam search (deterministic, raw log-probs) does not use.
@@ -221,15 +235,7 @@ def run_beam_search(parser, lm, tok, prompts: list[str], args, settings: dict) -
     stop_ids = [tok.eos_id] if args.stop_at_eos else []
     run = lambda: js.beam_search(lm, ids, lengths, max_new_tokens=args.max_new_tokens, stop_ids=stop_ids,
                                  pad_id=tok.pad_id, **settings)
-    try:
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(run())  # compiles, then runs
-        first = time.perf_counter() - t0
-    except ValueError as e:
-        parser.error(str(e))
-    t0 = time.perf_counter()
-    jax.block_until_ready(run())  # steady state
-    steady = time.perf_counter() - t0
+    out, first, steady = timed_run(parser, run)
     seqs, lens, scores = np.asarray(out.sequences), np.asarray(out.lengths), np.asarray(out.scores)
     for i, text in enumerate(prompts):
         for r in range(seqs.shape[1]):
@@ -286,15 +292,7 @@ def main(argv=None) -> int:
     run = lambda: js.generate(lm, ids, lengths, keys, max_new_tokens=args.max_new_tokens, sampler=sampler,
                               stop_ids=stop_ids, pad_id=tok.pad_id, n=n, top_logprobs=args.top_logprobs,
                               prompt_logprobs=args.prompt_logprobs)
-    try:
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(run())  # compiles, then runs
-        first = time.perf_counter() - t0
-    except ValueError as e:
-        parser.error(str(e))
-    t0 = time.perf_counter()
-    jax.block_until_ready(run())  # steady state
-    steady = time.perf_counter() - t0
+    out, first, steady = timed_run(parser, run)
 
     tokens, gen_lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     for i, text in enumerate(texts):
