@@ -136,6 +136,52 @@ def test_sum_logprobs_match_a_full_forward(models, prompts):
             np.testing.assert_allclose(float(out.sum_logprobs[b, r]), expected, atol=TOL)
 
 
+class _Bigram:
+    """A hashable (static, not a pytree) toy model: logits of the next token given the last."""
+
+    def __init__(self, table):
+        self.table, self.vocab_size = jnp.asarray(table, jnp.float32), table.shape[0]
+
+    def init_cache(self, batch_size, max_len):
+        return jnp.zeros((batch_size,), jnp.int32)
+
+    def prefill(self, tokens, lengths, cache):
+        last = tokens[jnp.arange(tokens.shape[0]), lengths - 1]
+        return self.table[last], last
+
+    def decode(self, tokens, positions, cache):
+        return self.table[tokens], tokens
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.5])
+def test_enough_beams_find_the_exhaustive_best(length_penalty):
+    """With more beams than candidates, early_stopping="never" is exact: the best
+    hypotheses equal the top of an exhaustive enumeration of every finished sequence."""
+    v, eos, n = 4, 3, 4
+    model = _Bigram(np.random.default_rng(0).normal(size=(v, v)) * 1.5)
+    logp = np.asarray(jax.nn.log_softmax(model.table, axis=-1), np.float64)
+    finished = []  # (score, tokens): ends with eos, or has n tokens and no eos before the last
+
+    def extend(seq, total, last):
+        for t in range(v):
+            ys, s = seq + [t], total + logp[last, t]
+            if t == eos or len(ys) == n:
+                finished.append((s / len(ys) ** length_penalty, ys))
+            else:
+                extend(ys, s, t)
+
+    extend([], 0.0, 1)
+    finished.sort(key=lambda x: -x[0])
+    out = js.beam_search(model, jnp.array([[0, 1]]), jnp.array([2]), num_beams=64, max_new_tokens=n,
+                         length_penalty=length_penalty, early_stopping="never", num_return_sequences=5, stop_ids=[eos])
+    exhaustive = {tuple(ys): score for score, ys in finished}  # a bigram model has exact ties: compare by score
+    np.testing.assert_allclose(np.asarray(out.scores[0]), [score for score, _ in finished[:5]], rtol=1e-5)
+    for r in range(5):
+        ys = tuple(np.asarray(out.sequences[0, r, :out.lengths[0, r]]).tolist())
+        np.testing.assert_allclose(exhaustive[ys], float(out.scores[0, r]), rtol=1e-5)
+    assert len({len(ys) for _, ys in finished[:5] if ys[-1] == eos}) > 1  # stops at different steps
+
+
 @pytest.fixture(scope="module")
 def tiny():
     c = DecoderConfig(vocab_size=300, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=24,
