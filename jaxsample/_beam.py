@@ -43,7 +43,7 @@ from jaxsample._generate import (FinishReason, LanguageModel, _as_int, _batch_le
                                  _prefill_samples, _validate)
 from jaxsample._validation import check_range
 
-_NEG = -1.0e9  # transformers' "impossible" score offset (not -inf: -inf - -inf would be NaN)
+_NEG = -1.0e9  # transformers' "impossible" score offset (finite: the masks multiply it by 0 or 1)
 _EARLY_STOPPING = {False: 0, True: 1, "never": 2}
 
 
