@@ -115,6 +115,29 @@ def test_matches_transformers(models, prompts, num_beams, length_penalty, early_
         assert stopped.any() and len(set(lens[stopped].tolist())) > 1, lens
 
 
+def test_matches_transformers_left_padded_batch(models, prompts):
+    """transformers' own batch (left-padded, attention mask) gives the same hypotheses."""
+    torch, hf_model, lm = models
+    rows, tokens, lengths = prompts
+    p = max(PROMPT_LENGTHS)
+    ids = torch.zeros((len(rows), p), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, row in enumerate(rows):
+        ids[b, p - len(row):], mask[b, p - len(row):] = torch.tensor(row), 1
+    kw = dict(num_beams=4, length_penalty=2.0, early_stopping="never", num_return_sequences=3)
+    with torch.no_grad():
+        theirs = hf_model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=N, pad_token_id=0,
+                                   eos_token_id=[233, 241], return_dict_in_generate=True, output_scores=True, **kw)
+    out = js.beam_search(lm, tokens, lengths, max_new_tokens=N, stop_ids=(233, 241), **kw)
+    t_lens = (theirs.beam_indices.numpy() != -1).sum(axis=1).reshape(len(rows), 3)
+    np.testing.assert_array_equal(np.asarray(out.lengths), t_lens)
+    t_seqs = theirs.sequences[:, p:].numpy().reshape(len(rows), 3, -1)
+    for b in range(len(rows)):
+        for r in range(3):
+            np.testing.assert_array_equal(np.asarray(out.sequences[b, r, :t_lens[b, r]]), t_seqs[b, r, :t_lens[b, r]])
+    np.testing.assert_allclose(np.asarray(out.scores).reshape(-1), theirs.sequences_scores.numpy(), atol=TOL)
+
+
 def test_sum_logprobs_match_a_full_forward(models, prompts):
     """Invariant: a hypothesis' sum_logprobs is the log-likelihood of its tokens under an
     uncached forward pass of prompt + hypothesis (so the cache reordering is right)."""
