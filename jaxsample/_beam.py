@@ -56,7 +56,9 @@ class BeamSearchOutput(NamedTuple):
         after `lengths` hold `pad_id`.
       lengths: int32 [B, R], generated tokens per hypothesis (a stop token counts).
       scores: float32 [B, R], `sum_logprobs / lengths ** length_penalty` (transformers'
-        `sequences_scores`).
+        `sequences_scores`). Only when num_beams exceeds the number of distinct
+        hypotheses (tiny vocabularies) do slots hold filler, scored below -1e8 (as in
+        transformers).
       sum_logprobs: float32 [B, R], summed log-probability of the generated tokens.
       finish_reason: int32 [B, R], `FinishReason.STOP` (ended with a stop id) or
         `FinishReason.LENGTH` (reached max_new_tokens).
