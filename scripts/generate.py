@@ -5,6 +5,7 @@
     python scripts/generate.py "Hello" --checkpoint path/to/llama-dir --greedy
     python scripts/generate.py "ROMEO:" --order llamacpp --top-k 40 --min-p 0.05 --repetition-penalty 1.1 \
         --penalty-window 64 --dry-multiplier 0.8 --xtc-probability 0.5 --top-logprobs 3
+    python scripts/generate.py "ROMEO:" --num-beams 4 --num-return-sequences 2 --length-penalty 1.2
 
 Every sampling method of jaxsample is a flag (see docs/methods.md); --order picks the chain
 order: jaxsample's documented default (every method), or the default order of transformers,
