@@ -15,7 +15,10 @@ Protocol (used batched by generation: logits ``[B, V]``, state leaves with a lea
     state  = proc.update(state, token, processed_logits)
 
 Stateless processors ignore ``state`` (``()``) and ``key``; stateful ones (penalties,
-mirostat, XTC) override ``init``/``update`` and set ``stateful = True``.
+mirostat, XTC) override ``init``/``update`` and set ``stateful = True``. Write your own
+with the public :func:`processor_dataclass` / :func:`static_field`, or wrap a plain
+function with :func:`stateless`; :func:`chain` and generation refuse (with the fix in
+the message) a processor that is not a registered pytree (:func:`check_processor`).
 
 ``init`` may also take a keyword ``max_new_tokens`` (an int, static): processors that
 keep a history buffer of static capacity (prompt + generated tokens) need it, and
