@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -74,19 +75,29 @@ def test_stream_stops_when_every_row_is_done_and_checks_chunk_size():
         js.generate_stream(model, prompts, lengths, keys, max_new_tokens=5, chunk_size=0)
 
 
-def test_cli_stream_prints_the_same_text_as_no_stream(tmp_path):
-    from models import DecoderLM, preset, save_model
+def test_cli_stream_prints_what_generate_returns(tmp_path):
+    from models import DecoderLM, load_pretrained, preset, save_model
+
+    spec = importlib.util.spec_from_file_location("generate_cli", os.path.join(ROOT, "scripts", "generate.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
 
     path = str(tmp_path / "tiny")
     save_model(path, DecoderLM.random(preset("tiny"), jax.random.key(0)))
-    run = lambda *flags: subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", "generate.py"), "ROMEO:", "--checkpoint", path,
-         "--max-new-tokens", "10", "--top-p", "0.9", "--seed", "5", *flags],
-        capture_output=True, text=True, timeout=300, cwd=ROOT)
-    streamed, plain = run("--stream", "--chunk-size", "4"), run("--no-stream")
-    assert streamed.returncode == 0, streamed.stderr
-    assert plain.returncode == 0, plain.stderr
-    assert streamed.stdout == plain.stdout and streamed.stdout.startswith("[0] ROMEO:")
-    assert "first token" in streamed.stderr and "tokens/s" in streamed.stderr
-    bad = run("--stream", "--num-samples", "2")
-    assert bad.returncode == 2 and "--stream" in bad.stderr
+    flags = ["ROMEO:", "--checkpoint", path, "--max-new-tokens", "10", "--top-p", "0.9", "--seed", "5"]
+    streamed = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "generate.py"), *flags, "--stream",
+                               "--chunk-size", "4"], capture_output=True, timeout=300, cwd=ROOT,
+                              env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    stderr = streamed.stderr.decode("utf-8")
+    assert streamed.returncode == 0, stderr
+    assert "first token" in stderr and "tokens/s" in stderr
+    # the same continuation, computed here with generate from the script's own sampler and keys
+    args = cli.build_parser().parse_args(flags)
+    lm, tok = load_pretrained(path)
+    ids, lengths = tok.encode_batch(["ROMEO:"])
+    out = js.generate(lm, ids, lengths, cli.prompt_keys(5, 1, 1), max_new_tokens=10,
+                      sampler=cli.build_sampler(args, tok), stop_ids=[tok.eos_id], pad_id=tok.pad_id)
+    want = "[0] ROMEO:" + tok.decode(np.asarray(out.tokens[0, :int(out.lengths[0])]))
+    assert streamed.stdout.decode("utf-8") == want + "\n\n"  # bytes: random text may hold a "\r"
+    with pytest.raises(SystemExit):  # exits with status 2 before loading anything
+        cli.main(["ROMEO:", "--stream", "--num-samples", "2"])
