@@ -145,6 +145,8 @@ def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         if params.get("partial_rotary_factor", 1.0) != 1.0:
             raise ValueError(f"unsupported {field}.partial_rotary_factor={params['partial_rotary_factor']!r}: "
                              "only full rotary embeddings are implemented")
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"unsupported {field}={params!r}: rope_type must be 'default', 'linear' or 'llama3'")
         if "rope_theta" in params:
             if theta is not None and float(theta) != float(params["rope_theta"]):
                 raise ValueError(f"conflicting rope_theta={theta!r} and {field}.rope_theta="
@@ -160,8 +162,6 @@ def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
                                   float(params["high_freq_factor"]), int(params["original_max_position_embeddings"]))
             except KeyError as e:
                 raise ValueError(f"{field}={params!r}: llama3 RoPE scaling needs {e.args[0]!r}") from None
-        else:
-            raise ValueError(f"unsupported {field}={params!r}: rope_type must be 'default', 'linear' or 'llama3'")
         if scaling is not None and scaling != new:
             raise ValueError(f"conflicting rope_scaling and rope_parameters: {scaling!r} vs {new!r}")
         scaling = new
@@ -170,11 +170,10 @@ def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
 
 def _sliding(hf: dict[str, Any], family: _Family, n_layers: int) -> tuple[int | None, tuple[int, ...] | None]:
     """(sliding_window, sliding_window_layers) as transformers builds the masks."""
-    window = hf.get("sliding_window")
+    # MistralConfig's and Gemma2Config's default window is 4096 (an explicit null is none).
+    window = hf.get("sliding_window", 4096 if family.model_type in ("mistral", "gemma2") else None)
     if family.model_type == "qwen2" and not hf.get("use_sliding_window", False):
         window = None  # Qwen2 configs carry a window that is off unless use_sliding_window
-    if family.model_type == "gemma2" and window is None:
-        window = 4096  # Gemma2Config's default
     layer_types = hf.get("layer_types")
     if layer_types is not None:
         if (not isinstance(layer_types, list) or len(layer_types) != n_layers
@@ -453,7 +452,9 @@ def read_generation_defaults(directory: str) -> GenerationDefaults:
     eos = []
     for value, field in ((gen.get("eos_token_id"), "generation_config.json eos_token_id"),
                          (config.get("eos_token_id"), "config.json eos_token_id")):
-        eos += [i for i in _ids(value, field) if i not in eos]
+        for i in _ids(value, field):
+            if i not in eos:
+                eos.append(i)
     temperature, top_p, top_k = gen.get("temperature"), gen.get("top_p"), gen.get("top_k")
     if gen.get("do_sample") is False:
         temperature = 0.0
