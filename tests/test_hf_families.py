@@ -99,11 +99,18 @@ def _build(hf, case, directory, seed=0):
     return model
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def family(request, hf, tmp_path_factory):
-    directory = tmp_path_factory.mktemp(request.param)
-    model = _build(hf, request.param, directory, seed=len(request.param))
-    return request.param, model, load_hf(str(directory)), directory
+@pytest.fixture(scope="module")
+def built(hf, tmp_path_factory):
+    """case -> (transformers model, our model, directory), each built once per module."""
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            directory = tmp_path_factory.mktemp(case)
+            model = _build(hf, case, directory, seed=len(case))
+            cache[case] = (case, model, load_hf(str(directory)), directory)
+        return cache[case]
+    return get
 
 
 def _ragged(seed=0):
@@ -114,9 +121,10 @@ def _ragged(seed=0):
     return tokens, np.array(LENGTHS, np.int32)
 
 
-def test_config_and_logits_match_transformers(hf, family):
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_config_and_logits_match_transformers(hf, built, case):
     torch, _ = hf
-    case, model, lm, directory = family
+    case, model, lm, directory = built(case)
     for field, value in CASES[case][3].items():
         assert getattr(lm.config, field) == value, field
     assert lm.config.vocab_size == V and lm.config.dtype == "float32"
@@ -140,11 +148,11 @@ def test_config_and_logits_match_transformers(hf, family):
 _SLOW_GENERATE = ("llama-untied-linear", "qwen2-tied-bias")
 
 
-def test_greedy_generate_matches_transformers(hf, family, request):
-    if family[0] in _SLOW_GENERATE and "slow" not in (request.config.getoption("-m") or ""):
-        pytest.skip("a second variant of a family: run with -m slow")
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in _SLOW_GENERATE else c
+                                  for c in sorted(CASES)])
+def test_greedy_generate_matches_transformers(hf, built, case):
     torch, _ = hf
-    case, model, lm, _ = family
+    case, model, lm, _ = built(case)
     tokens, lengths = _ragged(1)
     out = js.generate(lm, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths),
                       jax.random.split(jax.random.key(0), len(LENGTHS)), max_new_tokens=NEW_TOKENS)
