@@ -375,15 +375,17 @@ def iter_hf_tensors(directory: str, config: DecoderConfig) -> Iterator[tuple[str
     target = _NP_DTYPES[config.dtype]
     for file, names in by_file.items():
         path = os.path.join(directory, file)
-        with _open(path) as f:
-            for name in names:
+        for name in names:
+            # One open per tensor: the file's memory map (whose touched pages count as
+            # resident memory) is released after each tensor, not after the whole shard.
+            with _open(path) as f:
                 try:
                     arr = f.get_tensor(locations[name][0])
                 except SafetensorError as e:
                     raise ckpt.CheckpointError(f"{path}: cannot read tensor {name!r}: {e}") from None
-                _, ours, transpose = expected[name]
-                arr = arr.astype(target, copy=False)
-                yield ours, (arr.T if transpose else arr)
+            _, ours, transpose = expected[name]
+            arr = arr.astype(target, copy=False)
+            yield ours, (arr.T if transpose else arr)
 
 
 def _natural(name: str):
