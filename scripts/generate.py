@@ -3,6 +3,7 @@
     python scripts/generate.py "ROMEO:" --max-new-tokens 200 --temperature 0.8 --top-p 0.9
     python scripts/generate.py --prompt-file prompts.txt --num-samples 3 --seed 1
     python scripts/generate.py "Hello" --checkpoint path/to/llama-dir --greedy
+    python scripts/generate.py "Name three rivers." --checkpoint path/to/Qwen2-0.5B-Instruct --chat
     python scripts/generate.py "ROMEO:" --order llamacpp --top-k 40 --min-p 0.05 --repetition-penalty 1.1 \
         --penalty-window 64 --dry-multiplier 0.8 --xtc-probability 0.5 --top-logprobs 3
 
@@ -10,6 +11,11 @@ Every sampling method of jaxsample is a flag (see docs/methods.md); --order pick
 order: jaxsample's documented default (every method), or the default order of transformers,
 vLLM or llama.cpp (only the methods that system has). Prints each continuation, then the
 compile time and the decode speed.
+
+A Hugging Face checkpoint directory (Llama, Mistral, Qwen2, Gemma, Gemma 2; see
+models/hf.py) brings its defaults: every end-of-sequence id of generation_config.json
+stops a row, and its temperature, top_p and top_k are used unless the flag is given.
+--chat wraps each prompt as a user message in the checkpoint's chat template.
 """
 
 from __future__ import annotations
@@ -27,14 +33,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxsample as js  # noqa: E402
-from models import CheckpointError, load_pretrained  # noqa: E402
+from models import CheckpointError, is_hf_checkpoint, load_pretrained, read_generation_defaults  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts", nargs="*", help="prompt texts (default: one prompt, 'ROMEO:')")
     p.add_argument("--prompt-file", help="a file with one prompt per line")
-    p.add_argument("--checkpoint", help="jaxsample checkpoint or Hugging Face Llama directory "
+    p.add_argument("--checkpoint", help="jaxsample checkpoint or Hugging Face checkpoint directory "
                                         "(default: the shipped Shakespeare model)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt, each with its own key")
@@ -46,11 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="stop a row at the end-of-sequence token")
     g = p.add_argument_group("temperature and truncation")
-    g.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="0 is greedy (default: the checkpoint's generation_config.json, else 0.8)")
     g.add_argument("--dynatemp-range", type=float, default=0.0, help="dynamic temperature range; 0 disables")
     g.add_argument("--dynatemp-exponent", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="0 disables")
-    g.add_argument("--top-p", type=float, default=1.0, help="1 disables")
+    g.add_argument("--top-k", type=int, default=None, help="0 disables (default: the checkpoint's, else 0)")
+    g.add_argument("--top-p", type=float, default=None, help="1 disables (default: the checkpoint's, else 1)")
     g.add_argument("--min-p", type=float, default=0.0, help="0 disables")
     g.add_argument("--typical-p", type=float, default=1.0, help="1 disables")
     g.add_argument("--epsilon-cutoff", type=float, default=0.0, help="0 disables")
@@ -77,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dry-window", type=int, default=0, help="DRY looks at the last N tokens; 0: all")
     g.add_argument("--dry-breakers", default='\\n|:|"|*',
                    help='single-token texts that stop DRY matching, separated by "|" (default: llama.cpp\'s)')
+    g = p.add_argument_group("Hugging Face checkpoints")
+    g.add_argument("--chat", action="store_true",
+                   help="wrap each prompt as a user message in the checkpoint's chat template (jinja2)")
     g = p.add_argument_group("outputs")
     g.add_argument("--top-logprobs", type=int, default=0, help="print the N most likely tokens of each step")
     g.add_argument("--prompt-logprobs", action="store_true", help="print each prompt's log-likelihood")
@@ -93,6 +103,10 @@ _VALUES = {
     "penalty_window": 0, "no_repeat_ngram": 0, "min_new_tokens": 0, "dry_multiplier": 0.0, "dry_base": 1.75,
     "dry_allowed_length": 2, "dry_window": 0,
 }
+
+
+# Flags whose default comes from the checkpoint's generation_config.json, else from here.
+_CHECKPOINT_DEFAULTS = {"temperature": 0.8, "top_p": 1.0, "top_k": 0}
 
 
 def _parse_ids(flag: str, text: str) -> list[int]:
@@ -127,8 +141,9 @@ def build_sampler(args, tok: Any = None) -> js.Chain:
     breakers, the end-of-sequence id for --min-new-tokens) need ``tok``. Stages left at
     their identity value are pruned (fewer passes over the vocabulary).
     """
-    values = {name: getattr(args, name) for name, identity in _VALUES.items()
-              if getattr(args, name) != identity}
+    flags = {name: getattr(args, name) for name in _VALUES}
+    flags.update({name: fallback for name, fallback in _CHECKPOINT_DEFAULTS.items() if flags[name] is None})
+    values = {name: value for name, value in flags.items() if value != _VALUES[name]}
     if args.greedy:
         values["temperature"] = 0.0
     if args.allowed_tokens:
@@ -139,7 +154,7 @@ def build_sampler(args, tok: Any = None) -> js.Chain:
         if args.bad_words:
             values["bad_words"] = [tok.encode(w, add_bos=False) for w in args.bad_words.split("|") if w]
         if args.min_new_tokens:
-            values["stop_ids"] = [tok.eos_id]
+            values["stop_ids"] = list(tok.eos_ids)
         if args.dry_multiplier and args.dry_breakers:
             texts = [b.replace("\\n", "\n") for b in args.dry_breakers.split("|") if b]
             values["dry_sequence_breakers"] = _single_tokens(tok, texts)
@@ -160,6 +175,17 @@ def prompt_keys(seed: int, num_prompts: int, num_samples: int) -> jax.Array:
     if num_samples == 1:
         keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
     return keys
+
+
+def apply_checkpoint_defaults(args) -> None:
+    """Fills --temperature/--top-p/--top-k left unset: the checkpoint's value, else the CLI's."""
+    defaults = None
+    if args.checkpoint and os.path.isdir(args.checkpoint) and is_hf_checkpoint(args.checkpoint):
+        defaults = read_generation_defaults(args.checkpoint)
+    for name, fallback in _CHECKPOINT_DEFAULTS.items():
+        if getattr(args, name) is None:
+            value = None if defaults is None else getattr(defaults, name)
+            setattr(args, name, fallback if value is None else value)
 
 
 def _show(tok, token: int) -> str:
@@ -184,6 +210,7 @@ def main(argv=None) -> int:
     if args.top_logprobs < 0:
         parser.error(f"--top-logprobs must be >= 0, got {args.top_logprobs}")
     try:
+        apply_checkpoint_defaults(args)
         build_sampler(args)  # checks every value before the model loads
     except ValueError as e:
         parser.error(str(e))
@@ -202,9 +229,18 @@ def main(argv=None) -> int:
 
     n = args.num_samples
     texts = [p for p in prompts for _ in range(n)]
-    ids, lengths = tok.encode_batch(prompts)
+    if args.chat:
+        if getattr(tok, "chat_template", None) is None:
+            parser.error("--chat: this checkpoint has no chat template")
+        try:
+            chats = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+        except Exception as e:  # a template's raise_exception, or a jinja2 error
+            parser.error(f"--chat: the chat template failed: {e}")
+        ids, lengths = tok.encode_batch(chats, add_bos=False)
+    else:
+        ids, lengths = tok.encode_batch(prompts)
     keys = prompt_keys(args.seed, len(prompts), n)
-    stop_ids = [tok.eos_id] if args.stop_at_eos else []
+    stop_ids = list(tok.eos_ids) if args.stop_at_eos else []
     run = lambda: js.generate(lm, ids, lengths, keys, max_new_tokens=args.max_new_tokens, sampler=sampler,
                               stop_ids=stop_ids, pad_id=tok.pad_id, n=n, top_logprobs=args.top_logprobs,
                               prompt_logprobs=args.prompt_logprobs)
