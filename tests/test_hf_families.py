@@ -163,3 +163,79 @@ def test_greedy_generate_matches_transformers(hf, built, case):
                                     max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
                                     eos_token_id=None, pad_token_id=0)
         np.testing.assert_array_equal(np.asarray(out.tokens[b]), theirs[0, n:].numpy(), err_msg=f"{case} row {b}")
+
+
+# ------------------------------------------------------- tokenizer, chat template, CLI
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] | tojson }}\n{% else %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] | trim + eos_token + '\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(hf, tmp_path_factory):
+    """A tiny Qwen2 with a trained BPE tokenizer, a chat template, and a generation_config
+    that says greedy (do_sample false) and lists two EOS ids."""
+    torch, transformers = hf
+    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("jinja2")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=290, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["Name three rivers of Europe.", "The Rhine, the Danube and the Loire."] * 20, trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                                pad_token="<|endoftext|>", unk_token="<unk>",
+                                                chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False)
+    directory = tmp_path_factory.mktemp("chat")
+    fast.save_pretrained(directory)
+    cfg = transformers.Qwen2Config(**{**_COMMON, "vocab_size": len(fast), "eos_token_id": 2, "pad_token_id": 3,
+                                      "bos_token_id": None, "tie_word_embeddings": False})
+    torch.manual_seed(5)
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    _randomize(torch, model, plus_one=False)
+    model.generation_config = transformers.GenerationConfig(do_sample=False, eos_token_id=[2, 3], pad_token_id=3)
+    model.save_pretrained(directory)
+    return directory, model, fast
+
+
+def test_chat_template_and_eos_ids_match_transformers(chat_checkpoint):
+    from models import HFTokenizer
+
+    directory, _, fast = chat_checkpoint
+    tok = HFTokenizer(str(directory))
+    assert tok.eos_ids == (2, 3) and tok.chat_template == CHAT_TEMPLATE
+    messages = [{"role": "system", "content": "Be \"brief\" 🙂"}, {"role": "user", "content": " Name a river. "}]
+    ours = tok.apply_chat_template(messages)
+    assert ours == fast.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert ours.endswith("<|im_end|>\n<|im_start|>assistant\n") and '"Be \\"brief\\" 🙂"' in ours
+    assert tok.encode(ours, add_bos=False) == fast(ours, add_special_tokens=False)["input_ids"]
+    assert tok.apply_chat_template(messages, add_generation_prompt=False) == fast.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=False)
+
+
+def test_cli_chat_uses_checkpoint_defaults_and_matches_transformers(hf, chat_checkpoint):
+    """generate.py --chat on a Hugging Face directory: greedy from generation_config.json
+    (no sampling flag given), stops at either EOS id, same text as transformers."""
+    import os
+    import subprocess
+    import sys
+
+    torch, _ = hf
+    directory, model, fast = chat_checkpoint
+    prompt = "Name three rivers."
+    chat = fast.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor([fast(chat, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        theirs = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12)
+    expected = fast.decode(theirs[0, ids.shape[1]:], skip_special_tokens=True)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "scripts", "generate.py"), prompt, "--checkpoint",
+                        str(directory), "--chat", "--max-new-tokens", "12", "--seed", "1"],
+                       capture_output=True, text=True, timeout=300, cwd=root)
+    assert r.returncode == 0, r.stderr
+    assert len(set(expected)) > 3  # a varied continuation, not one repeated token
+    assert r.stdout.startswith(f"[0] {prompt}{expected}\n"), (r.stdout, expected)
