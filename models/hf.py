@@ -207,7 +207,7 @@ def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> DecoderConfi
     act = hf.get(act_field, family.activations[0])
     if act not in family.activations:
         raise ValueError(f"unsupported {act_field}={act!r} for {arch}: expected one of {list(family.activations)}")
-    for field in ("attention_bias", "mlp_bias", "use_bidirectional_attention"):
+    for field in ("attention_bias", "mlp_bias", "use_bidirectional_attention", "quantization_config"):
         if hf.get(field):
             raise ValueError(f"unsupported {field}={hf[field]!r}")
     required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")

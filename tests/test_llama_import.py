@@ -226,6 +226,7 @@ def test_dtype_override_and_bf16(tmp_path, small_lm):
     ({"attention_bias": True}, "attention_bias=True"),
     ({"mlp_bias": True}, "mlp_bias=True"),
     ({"use_bidirectional_attention": True}, "use_bidirectional_attention=True"),
+    ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config=.*gptq"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling=.*llama3.*low_freq_factor"),
     ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling=.*dynamic"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_parameters=.*yarn"),
