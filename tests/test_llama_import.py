@@ -23,18 +23,11 @@ from models.config import DecoderConfig
 from models.decoder import DecoderLM, init_params
 from models.hf import load_hf, read_generation_defaults
 from models.llama import config_from_hf, is_llama_checkpoint, load_llama
+from test_hf_families import hf  # noqa: F401  (the torch/transformers fixture)
 
 TOL = 1e-4  # fp32 max abs logit difference vs torch
 
 # ------------------------------------------------------------------- torch conformance
-
-
-@pytest.fixture(scope="module")
-def hf():
-    torch = pytest.importorskip("torch", reason="torch not installed (pip install '.[test]')")
-    transformers = pytest.importorskip("transformers", reason="transformers not installed (pip install '.[test]')")
-    torch.set_num_threads(1)
-    return torch, transformers
 
 
 def _make_hf_model(hf, *, tie=True, kv_heads=2, rope_theta=10000.0, seed=0):
