@@ -256,10 +256,24 @@ def beam_settings(parser: argparse.ArgumentParser, args) -> dict | None:
     return settings
 
 
+def encode_prompts(parser, tok, prompts: list[str], chat: bool):
+    """Right-padded ids [B, P] and lengths [B]; with --chat each prompt becomes a user message
+    in the checkpoint's chat template (which writes its own BOS)."""
+    if not chat:
+        return tok.encode_batch(prompts)
+    if getattr(tok, "chat_template", None) is None:
+        parser.error("--chat: this checkpoint has no chat template")
+    try:
+        chats = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    except Exception as e:  # a template's raise_exception, or a jinja2 error
+        parser.error(f"--chat: the chat template failed: {e}")
+    return tok.encode_batch(chats, add_bos=False)
+
+
 def run_beam_search(parser, lm, tok, prompts: list[str], args, settings: dict) -> int:
     """Beam search over the prompts; prints every returned hypothesis with its score."""
-    ids, lengths = tok.encode_batch(prompts)
-    stop_ids = [tok.eos_id] if args.stop_at_eos else []
+    ids, lengths = encode_prompts(parser, tok, prompts, args.chat)
+    stop_ids = list(tok.eos_ids) if args.stop_at_eos else []
     run = lambda: js.beam_search(lm, ids, lengths, max_new_tokens=args.max_new_tokens, stop_ids=stop_ids,
                                  pad_id=tok.pad_id, **settings)
     out, first, steady = timed_run(parser, run)
@@ -314,16 +328,7 @@ def main(argv=None) -> int:
 
     n = args.num_samples
     texts = [p for p in prompts for _ in range(n)]
-    if args.chat:
-        if getattr(tok, "chat_template", None) is None:
-            parser.error("--chat: this checkpoint has no chat template")
-        try:
-            chats = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
-        except Exception as e:  # a template's raise_exception, or a jinja2 error
-            parser.error(f"--chat: the chat template failed: {e}")
-        ids, lengths = tok.encode_batch(chats, add_bos=False)
-    else:
-        ids, lengths = tok.encode_batch(prompts)
+    ids, lengths = encode_prompts(parser, tok, prompts, args.chat)
     keys = prompt_keys(args.seed, len(prompts), n)
     stop_ids = list(tok.eos_ids) if args.stop_at_eos else []
     run = lambda: js.generate(lm, ids, lengths, keys, max_new_tokens=args.max_new_tokens, sampler=sampler,
