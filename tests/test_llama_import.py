@@ -355,3 +355,28 @@ def test_is_llama_checkpoint(tmp_path, small_lm):
     assert not is_llama_checkpoint(str(tmp_path / "ours"))
     _write(tmp_path / "hf", _hf_config(small_lm.config), _hf_tensors(small_lm))
     assert is_llama_checkpoint(str(tmp_path / "hf"))
+
+
+def test_family_switches_round_trip_through_our_checkpoints(tmp_path):
+    """A config with every family switch on saves and loads with our own format (nested
+    RopeScaling, tuple of sliding layers) and computes the same logits."""
+    from models.config import RopeScaling
+
+    c = DecoderConfig(vocab_size=37, d_model=16, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=6, d_ff=24,
+                      max_seq_len=32, tie_embeddings=False, qkv_bias=True, activation="gelu_tanh",
+                      norm_plus_one=True, embed_scale=True, post_norms=True, attn_scale=0.3, attn_softcap=5.0,
+                      final_softcap=4.0, sliding_window=3, sliding_window_layers=(0, 2),
+                      rope_scaling=RopeScaling("llama3", 4.0, 1.0, 4.0, 16))
+    lm = DecoderLM.random(c, jax.random.key(0))
+    assert sum(x.size for x in jax.tree.leaves(lm.params)) == c.num_params()
+    ckpt.save_model(str(tmp_path / "m"), lm)
+    back = ckpt.load_model(str(tmp_path / "m"))
+    assert back.config == c
+    tokens = jnp.asarray(np.arange(20)[None] % 37, jnp.int32)
+    logits = np.asarray(lm.forward(tokens))
+    np.testing.assert_array_equal(np.asarray(back.forward(tokens)), logits)
+    assert np.abs(logits).max() <= 4.0  # final soft-cap
+    with pytest.raises(ValueError, match=r"sliding_window_layers must be .* \[0, 3\), got \(5,\)"):
+        c.replace(sliding_window_layers=(5,))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        c.replace(activation="relu")
