@@ -87,7 +87,6 @@ def main(argv=None) -> int:
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                    process_id=args.process_id)
     import jaxsample as js
-    from jaxsample import _sharded
     from models import DecoderLM, load_pretrained, preset
     from models.sharding import make_mesh, shard_model
 
@@ -151,8 +150,8 @@ def main(argv=None) -> int:
         lm1 = jax.device_put(lm, single)
         p1, l1 = jax.device_put(prompts, single), jax.device_put(lengths, single)
         k1 = jax.device_put(keys, single)
-        out1, first1, steady1 = timed(lambda: _sharded._generate_with(
-            js.gumbel_sample_step, lm1, p1, l1, k1, stop_ids=(), pad_id=0, cache_size=None, **gen))
+        out1, first1, steady1 = timed(lambda: js.generate(lm1, p1, l1, k1, sample_fn=js.gumbel_sample_step,
+                                                          **gen))
         rows.insert(0, ("1 device, gumbel_sample_step", first1, steady1))
         if not args.greedy:
             _, first0, steady0 = timed(lambda: js.generate(lm1, p1, l1, k1, **gen))
