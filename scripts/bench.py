@@ -403,6 +403,8 @@ def main(argv=None) -> int:
                     help="weights/activations dtypes of the generate rows, e.g. 'bf16,fp32' "
                          "(default: the preset's own, bf16 for llama-110m)")
     args = ap.parse_args(argv)
+    if args.json:  # its folder exists before the run (a documented --json runs/x.json once failed at the end)
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
 
     quick = args.quick
     repeats = args.repeats or (3 if quick else 7)

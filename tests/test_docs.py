@@ -384,8 +384,9 @@ def small_command(command: str, action: Action) -> tuple[dict[str, str], list[st
         name, value = tokens.pop(0).split("=", 1)
         env[name] = value
     script = _script_of(tokens)
-    if script is None:
-        raise AssertionError(f"{command!r}: a run() entry must call a scripts/*.py (or use skip())")
+    if script is None or tokens[0] in ("for", "while", "if"):
+        raise AssertionError(f"{command!r}: run() runs a scripts/*.py command or a shell loop over one "
+                             "(or use skip('reason'))")
     if script not in SMALL:
         raise AssertionError(f"{command!r}: add the small settings of {script} to SMALL in tests/test_docs.py")
     tokens = _set_flags(tokens, tuple(SMALL[script].items()) + action.flags)
@@ -415,6 +416,9 @@ def _sandbox(tmp_path) -> str:
 def _check(proc: subprocess.CompletedProcess, what: str, expect: str | None = None) -> None:
     output = proc.stdout + proc.stderr
     tail = f"\n--- stdout (tail)\n{proc.stdout[-3000:]}\n--- stderr (tail)\n{proc.stderr[-3000:]}"
+    tail += ("\n(fix the documented command or the code; if CPU CI cannot run it, list it in "
+             "tests/test_docs.py with skip('reason') / SNIPPET_SKIPS; if it is too big, give it small "
+             "settings there)")
     assert proc.returncode == 0, f"{what}: exit status {proc.returncode}{tail}"
     assert "Traceback (most recent call last)" not in output, f"{what}: printed a traceback{tail}"
     if expect is not None:
@@ -534,9 +538,11 @@ def _command_params():
             marks = [pytest.mark.skip(reason=action.reason or "a pip install line: recognised, not executed")]
         else:
             marks = [pytest.mark.slow] if action.slow else []
-            key = (command, action) if command.split()[0] in ("for", "while", "if") else \
-                (tuple(sorted(small_command(command, action)[0].items())),
-                 tuple(small_command(command, action)[1]), action.devices, action.expect)
+            try:
+                env, argv = small_command(command, action)
+                key = (tuple(sorted(env.items())), tuple(argv), action.devices, action.expect)
+            except AssertionError:  # a compound, or an entry to fix: the test itself says what is wrong
+                key = (command, action)
             if key in seen:
                 marks = [pytest.mark.skip(reason=f"same small-settings command as {seen[key]!r}")]
             seen.setdefault(key, command)
