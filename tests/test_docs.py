@@ -120,7 +120,7 @@ COMMANDS: dict[str, Action] = {
     "python scripts/bench.py": run(slow=True),
     "python scripts/bench.py --generate-dtypes bf16,fp32 --json runs/bench_full.json": run(slow=True),
     "python scripts/bench.py --skip-sampling --generate-preset shakespeare --new-tokens 64 --batches 1,8":
-        run(expect="| jaxsample.generate | fp32 | 1 | top-p 0.9 |"),
+        run(expect="| jaxsample.generate | fp32 | 1 | top-p 0.9 |", slow=True),  # fast: test_cli's bench test
     # ---- README / docs/sharding.md: a mesh
     "XLA_FLAGS=--xla_force_host_platform_device_count=8 python my_script.py":
         skip("'my_script.py' stands for the user's own script (the mesh snippet above runs in this module)"),
@@ -472,6 +472,22 @@ def test_discovery_finds_the_documented_commands():
     assert shell_commands("a \\\n  --x 1  # note\n# alone\nb && c") == ["a --x 1", "b", "c"]
     assert inline_commands("a\nrun `python scripts/x.py\n --y 2` or `--flag`, `scripts/x.py` alone") == [
         (1, "python scripts/x.py --y 2")]
+
+
+def test_a_new_command_without_an_entry_fails_the_table_check(tmp_path, monkeypatch):
+    """What a developer sees after documenting a command and not listing it."""
+    page = tmp_path / "NEW.md"
+    page.write_text("## New\n\n```bash\npython scripts/generate.py --new-flag 1  # try it\n```\n\n"
+                    "or `pip install -e \".[new]\"`.\n```python\nx = 1\n```\n", encoding="utf-8")
+    monkeypatch.setattr(sys.modules[__name__], "DOCS", [str(page)])
+    monkeypatch.setattr(sys.modules[__name__], "SCRIPTS", [])
+    commands, snippets = discover()
+    assert commands == {"python scripts/generate.py --new-flag 1": [f"{page}:3"],
+                        'pip install -e ".[new]"': [f"{page}:7 (inline)"]}
+    assert [s.code for s in snippets] == ["x = 1"]
+    message = _missing_entries_message({c: w for c, w in commands.items() if c not in COMMANDS})
+    assert "'python scripts/generate.py --new-flag 1': run(),   # shown at" in message
+    assert "skip('reason')" in message and "install()" in message
 
 
 def test_every_documented_command_is_in_the_table():
