@@ -102,8 +102,6 @@ SMALL = {
     "plot_distributions.py": {},
 }
 
-_SLOW_BENCH = "same code path as the fast bench commands; each bench run compiles a dozen loops"
-
 # Every command the docs show, exactly as shown (whitespace collapsed, `\` continuations
 # joined, `a && b` split). Keep the sections in the order of the docs.
 COMMANDS: dict[str, Action] = {
@@ -230,7 +228,7 @@ def _split_and(line: str) -> list[str]:
             parts.append(line[start:i])
             start = i + 2
     parts.append(line[start:])
-    return [p for p in (_collapse(p) for p in parts) if p and p != "&"]
+    return [p for p in (_collapse(p) for p in parts) if p]
 
 
 def shell_commands(text: str) -> list[str]:
