@@ -119,6 +119,9 @@ COMMANDS: dict[str, Action] = {
     "python scripts/bench.py --generate-dtypes bf16,fp32 --json runs/bench_full.json": run(slow=True),
     "python scripts/bench.py --skip-sampling --generate-preset shakespeare --new-tokens 64 --batches 1,8":
         run(expect="| jaxsample.generate | fp32 | 1 | top-p 0.9 |", slow=True),  # fast: test_cli's bench test
+    # ---- README: beam search
+    'python scripts/generate.py "ROMEO:" --num-beams 4 --num-return-sequences 2 --length-penalty 1.2 '
+    "--max-new-tokens 60": run(slow=True),
     # ---- README / docs/sharding.md: a mesh
     "XLA_FLAGS=--xla_force_host_platform_device_count=8 python my_script.py":
         skip("'my_script.py' stands for the user's own script (the mesh snippet above runs in this module)"),
@@ -154,6 +157,8 @@ COMMANDS: dict[str, Action] = {
     "python scripts/bench.py --generate-preset tiny --new-tokens 32": run(slow=True),
     "python scripts/generate.py \"ROMEO:\" --max-new-tokens 200 --temperature 0.8 --top-p 0.9": run(slow=True),
     "python scripts/generate.py --prompt-file prompts.txt --num-samples 3 --seed 1": run(slow=True),
+    'python scripts/generate.py "ROMEO:" --num-beams 4 --num-return-sequences 2 --length-penalty 1.2':
+        run(slow=True),  # tests/test_beam.py runs the beam CLI
     'python scripts/generate.py "Hello" --checkpoint path/to/llama-dir --greedy':
         skip("needs a downloaded Hugging Face Llama checkpoint (tests/test_llama_import.py builds small ones)"),
     'python scripts/generate.py "ROMEO:" --order llamacpp --top-k 40 --min-p 0.05 --repetition-penalty 1.1 '
