@@ -32,6 +32,7 @@ HOW TO ADD YOUR COMMAND (e.g. after adding a section to the README):
   4. A Python snippet runs as shown; one that needs a download or a GPU goes into
      ``SNIPPET_SKIPS`` (a substring of the block -> reason); one that needs a mesh or
      takes long into ``SNIPPET_RULES``.
+``test_scripts_use_only_the_public_api`` keeps the scripts on ``jaxsample.__all__``.
 Commands run in a scratch directory (relative outputs such as ``runs/`` or
 ``models/checkpoints/mine`` land there, never in the checkout) holding the files of
 ``SANDBOX_FILES``; ``scripts/...`` resolve to this checkout.
@@ -545,6 +546,29 @@ def test_scripts_help_runs_and_shows_the_usage_examples():
             words = command.split()
             assert _collapse(text).find(" ".join(words[:3])) >= 0, \
                 f"{script} --help does not show its docstring example {command!r}"
+
+
+def test_scripts_use_only_the_public_api():
+    """scripts/*.py reach jaxsample only through `jaxsample.__all__` and import no private
+    (`_name`) module or name, so refactoring a private function cannot break them silently
+    (generate_sharded.py once called the vanished `jaxsample._sharded._generate_with`)."""
+    import jaxsample
+
+    public = set(jaxsample.__all__)
+    for script in SCRIPTS:
+        tree = ast.parse(open(os.path.join(ROOT, script), encoding="utf-8").read())
+        aliases = {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                   for a in node.names if a.name == "jaxsample"}
+        for node in ast.walk(tree):
+            where = f"{script}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.ImportFrom) and node.module:
+                private = [p for p in node.module.split(".") + [a.name for a in node.names]
+                           if p.startswith("_") and not p.endswith("__")]  # __future__ is fine
+                assert not private, f"{where}: imports private {private} from {node.module}"
+                if node.module == "jaxsample":
+                    assert {a.name for a in node.names} <= public, f"{where}: not in jaxsample.__all__"
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+                assert node.attr in public, f"{where}: jaxsample.{node.attr} is not in jaxsample.__all__"
 
 
 def _command_params():
