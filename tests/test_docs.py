@@ -571,6 +571,19 @@ def test_scripts_use_only_the_public_api():
                 assert node.attr in public, f"{where}: jaxsample.{node.attr} is not in jaxsample.__all__"
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--mesh", "D,M"], "--mesh must be 'data,model' with positive sizes, got 'D,M'"),  # the docs' template as is
+    (["--mesh", "2,0"], "--mesh must be 'data,model' with positive sizes, got '2,0'"),
+    (["--repeats", "-1"], "--repeats must be >= 0, got -1"),
+    (["--new-tokens", "0"], "--new-tokens must be >= 1, got 0"),
+])
+def test_generate_sharded_bad_flags_exit_2_with_the_flag(flags, message):
+    """Checked before jax starts: a clear message and status 2, never a traceback."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "generate_sharded.py"), *flags],
+                          cwd=ROOT, env=_environment({}, None), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 def _command_params():
     params, seen = [], {}
     for command in DISCOVERED:
