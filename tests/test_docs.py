@@ -602,7 +602,7 @@ def _command_params():
             if key in seen:
                 marks = [pytest.mark.skip(reason=f"same small-settings command as {seen[key]!r}")]
             seen.setdefault(key, command)
-        params.append(pytest.param(command, id=command[:90], marks=marks))
+        params.append(pytest.param(command, id=command[:130], marks=marks))
     return params
 
 
