@@ -35,6 +35,11 @@ from models.checkpoint import atomic_write_json  # noqa: E402
 SHAPE = dict(vocab_size=32000, hidden_size=2048, num_attention_heads=16, num_key_value_heads=4,
              intermediate_size=5632)
 
+
+def shape(hidden_size: int) -> dict:
+    """SHAPE at another width (MLP and vocabulary kept): small widths make small checkpoints."""
+    return {**SHAPE, "hidden_size": hidden_size}
+
 _CHILD = r"""
 import json, os, sys, time
 sys.path.insert(0, os.getcwd())
@@ -57,8 +62,8 @@ print(json.dumps(dict(baseline_rss=baseline, peak_rss=status("VmHWM"), final_rss
 """
 
 
-def tensor_shapes(n_layers: int) -> dict[str, tuple[int, ...]]:
-    d, ff, v = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["vocab_size"]
+def tensor_shapes(n_layers: int, hidden_size: int) -> dict[str, tuple[int, ...]]:
+    d, ff, v = hidden_size, SHAPE["intermediate_size"], SHAPE["vocab_size"]
     kv = SHAPE["num_key_value_heads"] * d // SHAPE["num_attention_heads"]
     out = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,), "lm_head.weight": (v, d)}
     for i in range(n_layers):
@@ -71,14 +76,13 @@ def tensor_shapes(n_layers: int) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def write_checkpoint(directory: str, size_gb: float, dtype: str, shards: int) -> int:
+def write_checkpoint(directory: str, size_gb: float, dtype: str, shards: int, hidden_size: int) -> int:
     """A random untied Llama checkpoint of about size_gb; returns its tensor bytes."""
     np_dtype = np.dtype(np.float32) if dtype == "float32" else np.dtype(ml_dtypes.bfloat16)
-    per_layer = sum(math.prod(s) for s in tensor_shapes(1).values()) - sum(
-        math.prod(s) for s in tensor_shapes(0).values())
-    fixed = sum(math.prod(s) for s in tensor_shapes(0).values())
+    fixed = sum(math.prod(s) for s in tensor_shapes(0, hidden_size).values())
+    per_layer = sum(math.prod(s) for s in tensor_shapes(1, hidden_size).values()) - fixed
     n_layers = max(1, round((size_gb * 1e9 / np_dtype.itemsize - fixed) / per_layer))
-    shapes = tensor_shapes(n_layers)
+    shapes = tensor_shapes(n_layers, hidden_size)
     names = list(shapes)
     rng = np.random.default_rng(0)
     weight_map, total = {}, 0
@@ -94,7 +98,7 @@ def write_checkpoint(directory: str, size_gb: float, dtype: str, shards: int) ->
     with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
     with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama", **SHAPE,
+        json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama", **shape(hidden_size),
                    "num_hidden_layers": n_layers, "tie_word_embeddings": False, "torch_dtype": dtype,
                    "rms_norm_eps": 1e-5, "max_position_embeddings": 2048}, f)
     return total
@@ -105,6 +109,8 @@ def main(argv=None) -> int:
     p.add_argument("--size-gb", type=float, default=1.0, help="checkpoint size to generate")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--hidden-size", type=int, default=SHAPE["hidden_size"],
+                   help="model width (a multiple of 16); the layer count is chosen to reach --size-gb")
     p.add_argument("--dir", help="where to write the checkpoint (default: a temporary directory, removed after)")
     p.add_argument("--json", help="write the result here")
     args = p.parse_args(argv)
@@ -112,11 +118,13 @@ def main(argv=None) -> int:
         p.error(f"--size-gb must be > 0, got {args.size_gb}")
     if args.shards < 1:
         p.error(f"--shards must be >= 1, got {args.shards}")
+    if args.hidden_size < 16 or args.hidden_size % 16:
+        p.error(f"--hidden-size must be a positive multiple of 16, got {args.hidden_size}")
     directory = args.dir or tempfile.mkdtemp(prefix="load-mem-")
     os.makedirs(directory, exist_ok=True)
     try:
         t0 = time.perf_counter()
-        size = write_checkpoint(directory, args.size_gb, args.dtype, args.shards)
+        size = write_checkpoint(directory, args.size_gb, args.dtype, args.shards, args.hidden_size)
         print(f"wrote {size / 1e9:.3f} GB ({args.dtype}, {args.shards} shards) in {time.perf_counter() - t0:.1f} s",
               file=sys.stderr)
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,6 +149,7 @@ def main(argv=None) -> int:
     for k, v in rows:
         print(f"| {k} | {v} |")
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         atomic_write_json(args.json, r)
     return 0
 

@@ -100,6 +100,7 @@ SMALL = {
                  "--seq-len": "16", "--warmup-steps": "1", "--eval-every": "2", "--eval-windows": "2",
                  "--checkpoint-every": "2"},
     "seeds_demo.py": {"--draws": "2000"},
+    "measure_load_memory.py": {"--size-gb": "0.03", "--hidden-size": "64"},
     "plot_distributions.py": {},
 }
 
@@ -123,6 +124,11 @@ COMMANDS: dict[str, Action] = {
     # ---- README: beam search
     'python scripts/generate.py "ROMEO:" --num-beams 4 --num-return-sequences 2 --length-penalty 1.2 '
     "--max-new-tokens 60": run(slow=True),
+    # ---- README: Hugging Face checkpoints
+    'pip install -e ".[hf]"': install(),
+    'python scripts/generate.py "Name three rivers." --checkpoint DIR --chat':
+        skip("needs a downloaded chat checkpoint (tests/test_hf_families.py runs --chat on a tiny one it builds)"),
+    "python scripts/measure_load_memory.py": run(slow=True, expect="peak / checkpoint"),
     # ---- README / docs/sharding.md: a mesh
     "XLA_FLAGS=--xla_force_host_platform_device_count=8 python my_script.py":
         skip("'my_script.py' stands for the user's own script (the mesh snippet above runs in this module)"),
@@ -164,6 +170,10 @@ COMMANDS: dict[str, Action] = {
         skip("needs a downloaded Hugging Face Llama checkpoint (tests/test_llama_import.py builds small ones)"),
     'python scripts/generate.py "ROMEO:" --order llamacpp --top-k 40 --min-p 0.05 --repetition-penalty 1.1 '
     "--penalty-window 64 --dry-multiplier 0.8 --xtc-probability 0.5 --top-logprobs 3": run(slow=True),
+    'python scripts/generate.py "Name three rivers." --checkpoint path/to/Qwen2-0.5B-Instruct --chat':
+        skip("needs a downloaded Qwen2 chat checkpoint (tests/test_hf_families.py runs --chat on a tiny one)"),
+    "python scripts/measure_load_memory.py --size-gb 1 --dtype bfloat16 --shards 1 --json runs/load_mem.json":
+        run(slow=True, expect="peak / checkpoint"),
     "python scripts/generate_sharded.py --devices 8 --mesh 2,4 --preset tiny":
         run(slow=True, expect="mesh tokens == 1-device tokens (same keys): True"),
     "JAX_COORDINATOR_ADDRESS=host0:1234 python scripts/generate_sharded.py --multi-host --num-processes 2 "
