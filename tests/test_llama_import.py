@@ -380,3 +380,12 @@ def test_family_switches_round_trip_through_our_checkpoints(tmp_path):
         c.replace(sliding_window_layers=(5,))
     with pytest.raises(ValueError, match="activation must be one of"):
         c.replace(activation="relu")
+
+
+@pytest.mark.parametrize("change", [dict(tie_embeddings=False), dict(qkv_bias=True), dict(post_norms=True)])
+def test_sharding_refuses_parameters_it_does_not_place(small_lm, change):
+    from models.sharding import make_mesh, param_specs
+
+    field, value = next(iter(change.items()))
+    with pytest.raises(ValueError, match=f"sharding supports {field}=.* got {field}={value}"):
+        param_specs(small_lm.config.replace(**change), make_mesh((1, 1)))
