@@ -26,8 +26,8 @@ which leads to *done*, where only end-of-sequence is allowed. So EOS is allowed 
 accepting states, and a row in an accepting state with no other way on can only draw EOS
 (pass ``stop_ids=[tok.eos_id]`` to ``generate`` so that it stops there).
 
-Shapes are padded (``S`` and ``T`` to powers of two, or to ``max_states`` /
-``max_transitions`` when given), and the tables are leaves of the pytree, so swapping a
+Shapes are padded (``S`` and ``T`` up to the next quarter octave, ``{4, 5, 6, 7} * 2**k``,
+or to ``max_states`` / ``max_transitions`` when given), and the tables are leaves of the pytree, so swapping a
 constraint for another of the same padded size never recompiles.
 
 Per row: :func:`stack_constraints` merges several constraints into one table (the disjoint
@@ -37,7 +37,6 @@ union of the automata) with one start state per row; ``None`` rows are unconstra
 from __future__ import annotations
 
 import json
-import math
 import weakref
 from typing import Any, ClassVar, NamedTuple, Sequence
 
@@ -216,7 +215,19 @@ def _pack(index: Any, vocab_size: int, eos_id: int) -> _Table:
         tok.append(t)
         dst.append(d)
     src, tok, dst = np.concatenate(src), np.concatenate(tok), np.concatenate(dst)
-    keep = (tok >= 0) & (tok < vocab_size)
+    # Only states from which the output can still end (DONE is reachable) are kept: with a
+    # vocabulary that cannot spell some continuation, outlines-core leaves trap states.
+    live = np.zeros(n, bool)
+    live[DONE] = True
+    while True:
+        grown = live.copy()
+        grown[src[live[dst]]] = True
+        if (grown == live).all():
+            break
+        live = grown
+    if not live[START]:
+        raise ValueError("the vocabulary cannot spell any complete match (no accepting state is reachable)")
+    keep = (tok >= 0) & (tok < vocab_size) & live[src] & live[dst]
     src, tok, dst = src[keep], tok[keep], dst[keep]
     order = np.lexsort((tok, src))  # by state, then token: the rank order
     src, tok, dst = src[order], tok[order], dst[order]
@@ -241,7 +252,11 @@ def _popcount_rows(allowed: np.ndarray) -> np.ndarray:
 
 
 def _bucket(n: int, minimum: int) -> int:
-    return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+    """``n`` rounded up to a quarter octave (``{4, 5, 6, 7} * 2**k``: at most 25% padding)."""
+    if n <= minimum:
+        return minimum
+    step = max(1, (1 << (int(n - 1).bit_length() - 1)) // 4)
+    return -(-n // step) * step
 
 
 def _padded(table: _Table, initial: np.ndarray, vocab_size: int, max_states: int | None,
@@ -406,7 +421,10 @@ def _build(regex: str, tokenizer: Any, fn: str, what: str, max_states, max_trans
         index = _outlines().Index(regex, vocab.index_vocabulary)
     except ValueError as e:
         raise ValueError(f"{fn}: cannot build a token automaton for {what}: {e}") from None
-    table = _pack(index, vocab.size, vocab.eos_id)
+    try:
+        table = _pack(index, vocab.size, vocab.eos_id)
+    except ValueError as e:
+        raise ValueError(f"{fn}: cannot build a token automaton for {what}: {e}") from None
     return _padded(table, np.int32(START), vocab.size, max_states, max_transitions, fn)
 
 
@@ -423,9 +441,10 @@ def Regex(pattern: str, tokenizer: Any, *, max_states: int | None = None,
       pattern: the regular expression the whole output must match.
       tokenizer: ``models.ByteTokenizer``, ``models.HFTokenizer`` or see :func:`token_bytes`.
       max_states: pad the state table to exactly this many states (an error if more are
-        needed); default: the next power of two, at most 65536.
-      max_transitions: likewise for (state, token) transitions; default: a power of
-        two, at most 2**26.
+        needed); default: rounded up to ``{4, 5, 6, 7} * 2**k`` (at most 25% padding),
+        at most 65536.
+      max_transitions: likewise for (state, token) transitions; default: rounded up
+        likewise, at most 2**26.
 
     Returns:
       A :class:`Constraint` (a stateful processor; put it first in a :func:`chain`).

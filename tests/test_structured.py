@@ -353,8 +353,13 @@ def test_more_errors(hf_tok):
     digits = js.Regex("[0-9]+", Digits())
     mask = digits.apply(jnp.zeros((1, 11)), digits.init(jnp.zeros((1, 1), jnp.int32), None, 11), None)
     assert np.isfinite(np.asarray(mask[0])).tolist() == [True] * 10 + [False]  # no EOS before a digit
-    with pytest.raises(ValueError, match=r"cannot build a token automaton for pattern='\[0-9\]\+x'.*missing tokens"):
-        js.Regex("[0-9]+x", Digits())  # the vocabulary cannot spell "x"
+    with pytest.raises(ValueError, match=r"pattern='\[0-9\]x'.*missing tokens"):
+        js.Regex("[0-9]x", Digits())  # the vocabulary cannot spell "x" (outlines-core's error)
+    with pytest.raises(ValueError, match=r"pattern='\[0-9\]\+x'.*cannot spell any complete match"):
+        js.Regex("[0-9]+x", Digits())  # outlines-core builds a digit loop with no way out: refused
+    trap = js.Regex("1[0-9]*x|2", Digits())  # after "1" the output could never end: "1" is masked
+    state = trap.init(jnp.zeros((1, 1), jnp.int32), None, 11)
+    assert np.nonzero(np.isfinite(np.asarray(trap.apply(jnp.zeros((1, 11)), state, None)[0])))[0].tolist() == [2]
     with pytest.raises(ValueError, match="different vocabularies"):
         js.stack_constraints([js.Regex("a", TOK), js.Regex("a", hf_tok)])
     with pytest.raises(TypeError, match="choices must be a list"):
