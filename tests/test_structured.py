@@ -97,7 +97,7 @@ def tiny_lm():
 @pytest.fixture(scope="module")
 def hf_tok(tmp_path_factory):
     """A locally trained byte-level BPE (multi-byte tokens with digits, quotes, braces)."""
-    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("tokenizers")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -108,7 +108,6 @@ def hf_tok(tmp_path_factory):
     texts = ['{"name": "Romeo", "scores": [12, 7], "address": {"city": "Verona", "zip": "37121"}}',
              "2024-01-31, 1999-12-01, -12.5, 3.25, 100", "yes no perchance nay, my lord",
              "To be, or not to be: that is the question. 天气 nice"]
-    del tokenizers
     tok.train_from_iterator(texts * 30, trainer)
     folder = tmp_path_factory.mktemp("hf")
     tok.save(str(folder / "tokenizer.json"))
@@ -157,6 +156,25 @@ def test_hf_token_bytes_concatenate_to_the_decoded_text(hf_tok):
         assert hf_tok.decode(ids) == text
         checked += 1
     assert checked > 100
+
+
+def test_sentencepiece_style_token_bytes():
+    """A "▁"-for-space vocabulary (Llama 2 style decoder): the pieces concatenate to the text,
+    with the leading space that the decoder strips."""
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.train_from_iterator(["To be, or not to be: that is the question, 2024-01-02"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    pieces = js.token_bytes(tok)
+    assert pieces[:3] == [None] * 3
+    for text in ("To be, or not", "the question, 2024", "be: to"):
+        ids = tok.encode(text).ids
+        assert b"".join(pieces[i] for i in ids) == b" " + tok.decode(ids).encode()
 
 
 # ----------------------------------------------------------------------------- the mask
