@@ -166,7 +166,7 @@ def _vocabulary(tokenizer: Any) -> _Vocab:
         pass
     eos = getattr(tokenizer, "eos_id", None)
     if eos is None:
-        raise ValueError(f"constraint: the tokenizer has no eos_id; constrained rows end with it")
+        raise ValueError("constraint: the tokenizer has no eos_id; constrained rows end with it")
     pieces = token_bytes(tokenizer)
     size = int(getattr(tokenizer, "vocab_size", len(pieces)))
     if not 0 <= int(eos) < size:

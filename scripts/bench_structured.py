@@ -12,8 +12,9 @@
    tokenizer's vocabulary is converted once, timed separately). Size = the padded device
    table (bitmask uint32[S, ceil(V/32)] + offsets int32[S] + targets int16[T]), next to
    what a dense int32[S, V] next-state table would take.
-2. Cost of the mask per decode step: the mask alone (a jitted loop of `sample_step` on
-   [B, 32000] logits, constrained by the JSON schema vs not), and inside `generate` with
+2. Cost of the mask per decode step: the constraint's own work (apply + update in a
+   jitted loop, minus the same loop without it, float32 and bf16 logits [B, 32000]); one
+   `sample_step` (top-p 0.9) with and without the JSON schema; and inside `generate` with
    `models.DecoderLM.random(llama-110m)` (bf16, vocabulary 32000): decode ms/step =
    (t(N new tokens) - t(1)) / (N - 1), constrained (the JSON schema on every row) vs
    unconstrained, both `top_p=0.9`. Times are the minimum of --repeats interleaved runs
@@ -139,6 +140,43 @@ def bench_mask(constraint, b: int, v: int, repeats: int, iters: int) -> dict[str
     return {f"{k}_us": float(np.min(t)) * 1e6 for k, t in times.items()}
 
 
+def bench_processor(constraint, b: int, v: int, repeats: int, iters: int = 100) -> dict[str, float]:
+    """The constraint's own cost per step (apply + update), float32 and bf16 logits [b, v]:
+    a jitted loop of (mask, argmax, state update) minus the same loop with argmax alone."""
+    rows = js.stack_constraints([constraint] * b)
+
+    def run(with_mask: bool):
+        @jax.jit
+        def loop(x, proc):
+            state = proc.init(jnp.zeros((b, 1), jnp.int32), None, v)
+
+            def body(i, carry):
+                state, acc = carry
+                y = x + i.astype(x.dtype)
+                y = proc.apply(y, state, None) if with_mask else y
+                token = jnp.argmax(y, axis=-1).astype(jnp.int32)
+                state = proc.update(state, token, y) if with_mask else state
+                return state, acc + token.sum()
+
+            return jax.lax.fori_loop(0, iters, body, (state, jnp.int32(0)))[1]
+
+        return loop
+
+    out = {}
+    for name, dtype in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
+        x = jnp.asarray(np.random.default_rng(0).normal(size=(b, v)), dtype)
+        loops = {"argmax": run(False), "mask": run(True)}
+        for f in loops.values():
+            time_call(f, x, rows)
+        times = {k: [] for k in loops}
+        for _ in range(repeats):
+            for k, f in loops.items():
+                times[k].append(time_call(f, x, rows) / iters)
+        out[f"{name}_processor_us"] = float(np.min(times["mask"]) - np.min(times["argmax"])) * 1e6
+        out[f"{name}_argmax_us"] = float(np.min(times["argmax"])) * 1e6
+    return out
+
+
 def bench_generate(constraint, b: int, prompt_len: int, new_tokens: int, repeats: int) -> dict[str, float]:
     from models import DecoderLM, preset
 
@@ -212,15 +250,19 @@ def main(argv=None) -> int:
 
     if not args.skip_generate and bpe is not None:
         schema = built["JSON schema (nested)"]
-        lines = ["| batch | mask alone: free µs/step | constrained µs/step | generate free ms/step "
-                 "| generate constrained ms/step | overhead |", "|---|---|---|---|---|---|"]
+        lines = ["| batch | constraint apply+update µs/step (fp32 / bf16 logits) | sample_step free µs "
+                 "| sample_step constrained µs | generate free ms/step | generate constrained ms/step "
+                 "| generate difference | constraint / free step (bf16) |", "|---|---|---|---|---|---|---|---|"]
         for b in batches:
+            p = bench_processor(schema, b, bpe.vocab_size, args.repeats)
             m = bench_mask(schema, b, bpe.vocab_size, args.repeats, args.mask_iters)
             g = bench_generate(schema, b, args.prompt_len, args.new_tokens, args.repeats)
-            report["mask"].append({"batch": b, **m})
+            report["mask"].append({"batch": b, **m, **p})
             report["generate"].append({"batch": b, **g})
-            lines.append(f"| {b} | {m['free_us']:.0f} | {m['constrained_us']:.0f} | {g['free_ms_per_step']:.1f} "
-                         f"| {g['constrained_ms_per_step']:.1f} | {100 * g['overhead']:+.1f}% |")
+            share = p["bf16_processor_us"] / (g["free_ms_per_step"] * 1e3)
+            lines.append(f"| {b} | {p['fp32_processor_us']:.0f} / {p['bf16_processor_us']:.0f} | {m['free_us']:.0f} "
+                         f"| {m['constrained_us']:.0f} | {g['free_ms_per_step']:.1f} "
+                         f"| {g['constrained_ms_per_step']:.1f} | {100 * g['overhead']:+.1f}% | {100 * share:.2f}% |")
             print(f"  batch {b}: {m} {g}", flush=True)
         print("\n" + "\n".join(lines), flush=True)
     if args.json:
