@@ -18,12 +18,15 @@
    `models.DecoderLM.random(llama-110m)` (bf16, vocabulary 32000): decode ms/step =
    (t(N new tokens) - t(1)) / (N - 1), constrained (the JSON schema on every row) vs
    unconstrained, both `top_p=0.9`. Times are the minimum of --repeats interleaved runs
-   (on a shared CPU the minimum is the least disturbed run; every run is in the JSON).
+   (on a shared CPU the minimum is the least disturbed run; every run is in the JSON), as
+   wall time and as CPU time of this process (all threads), which other processes on a
+   shared machine disturb much less.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import os
 import sys
@@ -38,7 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxsample as js  # noqa: E402
-from bench import environment, time_call  # noqa: E402
+from bench import environment  # noqa: E402
 from models import ByteTokenizer, HFTokenizer  # noqa: E402
 
 SCHEMA = {
@@ -85,6 +88,13 @@ def bpe_tokenizer(folder: str, vocab_size: int = 32000) -> HFTokenizer | None:
     return HFTokenizer(folder)
 
 
+def timed(f, *args) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) of one call."""
+    w, c = time.perf_counter(), time.process_time()
+    jax.block_until_ready(f(*args))
+    return time.perf_counter() - w, time.process_time() - c
+
+
 def build_rows(name: str, tok: Any) -> tuple[list[dict], dict[str, js.Constraint]]:
     t0 = time.perf_counter()
     js.token_bytes(tok)
@@ -125,19 +135,27 @@ def mask_loop(sampler, b: int, v: int, iters: int):
     return loop
 
 
+def interleaved(calls: dict[str, Any], repeats: int) -> dict[str, dict[str, float]]:
+    """Each thunk once to compile, then `repeats` interleaved rounds; per thunk the minimum
+    wall and CPU seconds (on a shared machine the least disturbed run) and every run."""
+    for f in calls.values():
+        timed(f)
+    runs = {k: [] for k in calls}
+    for _ in range(repeats):
+        for k, f in calls.items():
+            runs[k].append(timed(f))
+    return {k: dict(wall=min(r[0] for r in v), cpu=min(r[1] for r in v), runs=v) for k, v in runs.items()}
+
+
 def bench_mask(constraint, b: int, v: int, repeats: int, iters: int) -> dict[str, float]:
+    """One `sample_step` (top-p 0.9) with and without the constraint, µs per step."""
     x = jnp.asarray(np.random.default_rng(0).normal(size=(b, v)), jnp.float32)
     base = js.default_chain(top_p=0.9)
     rows = js.stack_constraints([constraint] * b)
-    loops = {"free": mask_loop(base, b, v, iters), "constrained": mask_loop(js.chain(rows, base), b, v, iters)}
     key = jax.random.key(0)
-    for f in loops.values():
-        time_call(f, x, key)
-    times = {k: [] for k in loops}
-    for _ in range(repeats):
-        for k, f in loops.items():
-            times[k].append(time_call(f, x, key) / iters)
-    return {f"{k}_us": float(np.min(t)) * 1e6 for k, t in times.items()}
+    loops = {"free": mask_loop(base, b, v, iters), "constrained": mask_loop(js.chain(rows, base), b, v, iters)}
+    t = interleaved({k: functools.partial(f, x, key) for k, f in loops.items()}, repeats)
+    return {f"{k}_{clock}_us": t[k][clock] / iters * 1e6 for k in loops for clock in ("wall", "cpu")}
 
 
 def bench_processor(constraint, b: int, v: int, repeats: int, iters: int = 100) -> dict[str, float]:
@@ -165,19 +183,15 @@ def bench_processor(constraint, b: int, v: int, repeats: int, iters: int = 100) 
     out = {}
     for name, dtype in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
         x = jnp.asarray(np.random.default_rng(0).normal(size=(b, v)), dtype)
-        loops = {"argmax": run(False), "mask": run(True)}
-        for f in loops.values():
-            time_call(f, x, rows)
-        times = {k: [] for k in loops}
-        for _ in range(repeats):
-            for k, f in loops.items():
-                times[k].append(time_call(f, x, rows) / iters)
-        out[f"{name}_processor_us"] = float(np.min(times["mask"]) - np.min(times["argmax"])) * 1e6
-        out[f"{name}_argmax_us"] = float(np.min(times["argmax"])) * 1e6
+        t = interleaved({k: functools.partial(run(k == "mask"), x, rows) for k in ("argmax", "mask")}, repeats)
+        for clock in ("wall", "cpu"):
+            out[f"{name}_processor_{clock}_us"] = (t["mask"][clock] - t["argmax"][clock]) / iters * 1e6
+            out[f"{name}_argmax_{clock}_us"] = t["argmax"][clock] / iters * 1e6
     return out
 
 
-def bench_generate(constraint, b: int, prompt_len: int, new_tokens: int, repeats: int) -> dict[str, float]:
+def bench_generate(constraint, b: int, prompt_len: int, new_tokens: int, repeats: int) -> dict[str, Any]:
+    """Decode ms/step = (t(N) - t(1)) / (N - 1), free vs constrained, wall and CPU time."""
     from models import DecoderLM, preset
 
     config = preset("llama-110m")
@@ -188,20 +202,15 @@ def bench_generate(constraint, b: int, prompt_len: int, new_tokens: int, repeats
     base = js.default_chain(top_p=0.9)
     samplers = {"free": base, "constrained": js.chain(js.stack_constraints([constraint] * b), base)}
     run = lambda s, n: js.generate(model, prompts, lengths, keys, max_new_tokens=n, sampler=s)
-    for s in samplers.values():  # compile both lengths
-        time_call(run, s, new_tokens)
-        time_call(run, s, 1)
-    times = {k: {"n": [], "1": []} for k in samplers}
-    for _ in range(repeats):  # interleaved: fair under background load
-        for k, s in samplers.items():
-            times[k]["n"].append(time_call(run, s, new_tokens))
-            times[k]["1"].append(time_call(run, s, 1))
-    out = {}
-    for k, t in times.items():
-        step = (np.min(t["n"]) - np.min(t["1"])) / (new_tokens - 1)
-        out[f"{k}_ms_per_step"] = float(step) * 1e3
-        out[f"{k}_runs_s"] = t
-    out["overhead"] = out["constrained_ms_per_step"] / out["free_ms_per_step"] - 1
+    calls = {f"{k} {n}": functools.partial(run, s, n) for k, s in samplers.items() for n in (new_tokens, 1)}
+    t = interleaved(calls, repeats)
+    out: dict[str, Any] = {"runs": {k: v["runs"] for k, v in t.items()}}
+    for k in samplers:
+        for clock in ("wall", "cpu"):
+            step = (t[f"{k} {new_tokens}"][clock] - t[f"{k} 1"][clock]) / (new_tokens - 1)
+            out[f"{k}_{clock}_ms_per_step"] = step * 1e3
+    for clock in ("wall", "cpu"):
+        out[f"{clock}_overhead"] = out[f"constrained_{clock}_ms_per_step"] / out[f"free_{clock}_ms_per_step"] - 1
     return out
 
 
@@ -250,20 +259,23 @@ def main(argv=None) -> int:
 
     if not args.skip_generate and bpe is not None:
         schema = built["JSON schema (nested)"]
-        lines = ["| batch | constraint apply+update µs/step (fp32 / bf16 logits) | sample_step free µs "
-                 "| sample_step constrained µs | generate free ms/step | generate constrained ms/step "
-                 "| generate difference | constraint / free step (bf16) |", "|---|---|---|---|---|---|---|---|"]
+        lines = ["| batch | clock | constraint apply+update µs/step (fp32 / bf16 logits) | sample_step free / "
+                 "constrained µs | generate free ms/step | generate constrained ms/step | generate difference "
+                 "| apply+update / free step (bf16) |", "|---|---|---|---|---|---|---|---|"]
         for b in batches:
             p = bench_processor(schema, b, bpe.vocab_size, args.repeats)
             m = bench_mask(schema, b, bpe.vocab_size, args.repeats, args.mask_iters)
             g = bench_generate(schema, b, args.prompt_len, args.new_tokens, args.repeats)
             report["mask"].append({"batch": b, **m, **p})
             report["generate"].append({"batch": b, **g})
-            share = p["bf16_processor_us"] / (g["free_ms_per_step"] * 1e3)
-            lines.append(f"| {b} | {p['fp32_processor_us']:.0f} / {p['bf16_processor_us']:.0f} | {m['free_us']:.0f} "
-                         f"| {m['constrained_us']:.0f} | {g['free_ms_per_step']:.1f} "
-                         f"| {g['constrained_ms_per_step']:.1f} | {100 * g['overhead']:+.1f}% | {100 * share:.2f}% |")
-            print(f"  batch {b}: {m} {g}", flush=True)
+            for clock in ("wall", "cpu"):
+                share = p[f"bf16_processor_{clock}_us"] / (g[f"free_{clock}_ms_per_step"] * 1e3)
+                lines.append(
+                    f"| {b} | {clock} | {p[f'fp32_processor_{clock}_us']:.0f} / {p[f'bf16_processor_{clock}_us']:.0f} "
+                    f"| {m[f'free_{clock}_us']:.0f} / {m[f'constrained_{clock}_us']:.0f} "
+                    f"| {g[f'free_{clock}_ms_per_step']:.1f} | {g[f'constrained_{clock}_ms_per_step']:.1f} "
+                    f"| {100 * g[f'{clock}_overhead']:+.1f}% | {100 * share:.2f}% |")
+            print(f"  batch {b} done", flush=True)
         print("\n" + "\n".join(lines), flush=True)
     if args.json:
         from models.checkpoint import atomic_write_json  # temp file + rename: never half-written
