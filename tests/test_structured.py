@@ -276,11 +276,13 @@ def test_sampling_frequencies_follow_renormalised_probabilities():
 
 
 def test_free_rows_are_unchanged_by_constrained_neighbours(tiny_lm):
-    """Per-row keys: free rows draw the same tokens with or without constrained neighbours.
-    No stop ids here: a constrained row that has matched keeps emitting EOS (only EOS allowed)."""
+    """Per-row keys: free rows draw the same tokens with or without constrained neighbours,
+    also behind stateful penalties and truncations. No stop ids here: a constrained row that
+    has matched keeps emitting EOS (only EOS allowed)."""
     ids, lengths = TOK.encode_batch(["ROMEO:", "JULIET:", "NURSE:", "KING:"])
     keys = jax.random.split(jax.random.key(5), 4)
-    base = js.default_chain(temperature=1.0, top_p=0.95)
+    base = js.preset_chain("default", prune=True, temperature=1.0, top_k=50, top_p=0.95, min_p=0.02,
+                           repetition_penalty=1.2, presence_penalty=0.3, no_repeat_ngram=3, dry_multiplier=0.8)
     kw = dict(max_new_tokens=24, stop_ids=[], pad_id=TOK.pad_id)
     free = js.generate(tiny_lm, ids, lengths, keys, sampler=base, **kw)
     mixed_c = js.stack_constraints([js.Regex(DATE, TOK), None, js.Choice(ENUM, TOK), None])
@@ -291,7 +293,10 @@ def test_free_rows_are_unchanged_by_constrained_neighbours(tiny_lm):
     for r, ok in ((0, lambda s: re.fullmatch(DATE, s)), (2, lambda s: s in ENUM)):
         row = np.asarray(mixed.tokens[r])
         end = int(np.argmax(row == TOK.eos_id))
-        assert end > 0 and ok(TOK.decode(row[:end])) and (row[end:] == TOK.eos_id).all()
+        assert end > 0 and ok(TOK.decode(row[:end]))
+        # then only EOS, until no_repeat_ngram bans the third one: no valid token, the row ends
+        assert row[end:].tolist() == [TOK.eos_id] * 3 + [TOK.pad_id] * (len(row) - end - 3)
+        assert int(mixed.finish_reason[r]) == js.FinishReason.NO_VALID_TOKEN
 
 
 def test_a_same_size_constraint_never_recompiles():
