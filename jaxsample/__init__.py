@@ -160,6 +160,15 @@ __all__ += [
     "sharded_sample_step",
 ]
 
+# --- beam search (deterministic, transformers' semantics) -----------------------------
+from jaxsample._beam import BeamSearchOutput
+from jaxsample._beam import beam_search
+
+__all__ += [
+    "BeamSearchOutput",
+    "beam_search",
+]
+
 # --- constrained decoding: regex / JSON schema / choices as token masks (pip install '.[structured]') ---
 from jaxsample._structured import Choice
 from jaxsample._structured import Constraint

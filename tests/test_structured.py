@@ -451,6 +451,7 @@ def test_cli_choice_and_json_schema(capsys, tiny_checkpoint, tmp_path):
     (["--regex", "a("], "Regex: cannot build a token automaton for pattern='a('"),
     (["--json-schema", "/nonexistent.json"], "--json-schema: cannot read a JSON schema"),
     (["--regex", "a", "--choice", "a,b"], "not allowed with argument"),
+    (["--regex", "a", "--num-beams", "2"], "--regex cannot be used with --num-beams"),
 ])
 def test_cli_bad_constraints_exit_2_with_message(capsys, tiny_checkpoint, flags, message):
     with pytest.raises(SystemExit) as e:
