@@ -43,6 +43,7 @@ import numpy as np  # noqa: E402
 import jaxsample as js  # noqa: E402
 from bench import environment  # noqa: E402
 from models import ByteTokenizer, HFTokenizer  # noqa: E402
+from models.config import PRESETS  # noqa: E402
 
 SCHEMA = {
     "type": "object",
@@ -187,11 +188,12 @@ def bench_processor(constraint, b: int, v: int, repeats: int, iters: int = 100) 
     return out
 
 
-def bench_generate(constraint, b: int, prompt_len: int, new_tokens: int, repeats: int) -> dict[str, Any]:
+def bench_generate(constraint, b: int, prompt_len: int, new_tokens: int, repeats: int,
+                   preset_name: str = "llama-110m") -> dict[str, Any]:
     """Decode ms/step = (t(N) - t(1)) / (N - 1), free vs constrained, wall and CPU time."""
     from models import DecoderLM, preset
 
-    config = preset("llama-110m")
+    config = preset(preset_name).replace(vocab_size=constraint.vocab_size)  # the tokenizer's V
     model = DecoderLM.random(config, jax.random.key(0))
     prompts = jnp.asarray(np.random.default_rng(1).integers(4, config.vocab_size, (b, prompt_len)), jnp.int32)
     lengths = jnp.full((b,), prompt_len, jnp.int32)
@@ -231,9 +233,14 @@ def main(argv=None) -> int:
     ap.add_argument("--mask-iters", type=int, default=20, help="sample_steps per timed loop (mask alone)")
     ap.add_argument("--skip-generate", action="store_true")
     ap.add_argument("--tokenizer-dir", default=None, help="where to write the trained BPE (default: a temp dir)")
+    ap.add_argument("--vocab-size", type=int, default=32000, help="BPE vocabulary size (the model's V)")
+    ap.add_argument("--preset", default="llama-110m", choices=sorted(PRESETS),
+                    help="model of the generate rows (its vocabulary becomes the BPE's)")
     args = ap.parse_args(argv)
     if args.new_tokens < 2 or args.repeats < 1 or args.mask_iters < 1 or args.prompt_len < 1:
         ap.error("--new-tokens must be >= 2 and --repeats, --mask-iters, --prompt-len >= 1")
+    if args.vocab_size < 300:
+        ap.error(f"--vocab-size must be >= 300 (256 bytes + specials + merges), got {args.vocab_size}")
     try:
         batches = [int(b) for b in args.batches.split(",")]
         assert all(b > 0 for b in batches)
@@ -248,7 +255,7 @@ def main(argv=None) -> int:
     report: dict[str, Any] = {"environment": env, "args": vars(args), "tables": [], "mask": [], "generate": []}
     rows, _ = build_rows("byte", ByteTokenizer())
     report["tables"] += rows
-    bpe = bpe_tokenizer(folder)
+    bpe = bpe_tokenizer(folder, args.vocab_size)
     if bpe is not None:
         rows, built = build_rows("BPE", bpe)
         report["tables"] += rows
@@ -262,7 +269,7 @@ def main(argv=None) -> int:
         for b in batches:
             p = bench_processor(schema, b, bpe.vocab_size, args.repeats)
             m = bench_mask(schema, b, bpe.vocab_size, args.repeats, args.mask_iters)
-            g = bench_generate(schema, b, args.prompt_len, args.new_tokens, args.repeats)
+            g = bench_generate(schema, b, args.prompt_len, args.new_tokens, args.repeats, args.preset)
             report["mask"].append({"batch": b, **m, **p})
             report["generate"].append({"batch": b, **g})
             for clock in ("wall", "cpu"):
