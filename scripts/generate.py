@@ -22,6 +22,7 @@ stops a row, and its temperature, top_p and top_k are used unless the flag is gi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -92,7 +93,64 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-logprobs", type=int, default=0, help="print the N most likely tokens of each step")
     g.add_argument("--prompt-logprobs", action="store_true", help="print each prompt's log-likelihood")
     add_beam_arguments(p)
+    add_structured_flags(p)
     return p
+
+
+def add_structured_flags(p: argparse.ArgumentParser) -> None:
+    """Constrained decoding (jaxsample.Regex / JSONSchema / Choice) and JSON-lines output."""
+    g = p.add_argument_group("structured output (needs pip install '.[structured]')")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--regex", metavar="PATTERN", help="every completion fully matches this regular expression")
+    x.add_argument("--json-schema", metavar="FILE", help="every completion is JSON valid under this schema file")
+    x.add_argument("--choice", metavar="A,B,C", help='every completion is one of these comma-separated texts')
+    g.add_argument("--json-output", action="store_true",
+                   help="print one JSON object per sample (prompt, completion, token_ids, finish_reason)")
+
+
+def read_schema(path: str | None) -> dict | None:
+    """The --json-schema file as a dict (a ValueError naming the flag and file if unreadable)."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--json-schema: cannot read a JSON schema from {path!r}: {e}") from None
+
+
+def check_structured_flags(parser: argparse.ArgumentParser, args, beam) -> None:
+    """Constraints and --json-output apply to sampling: with --num-beams they are an error (exit 2)."""
+    given = [f for f in ("regex", "json_schema", "choice") if getattr(args, f) is not None]
+    given += ["json_output"] if args.json_output else []
+    if beam and given:
+        parser.error(f"--{given[0].replace('_', '-')} cannot be used with --num-beams (beam search is not constrained)")
+
+
+def build_constraint(args, tok) -> js.Constraint | None:
+    """The constraint of --regex / --json-schema / --choice (None without one), built before tracing."""
+    if args.regex is not None:
+        return js.Regex(args.regex, tok)
+    if args.json_schema is not None:
+        return js.JSONSchema(read_schema(args.json_schema), tok)
+    if args.choice is not None:
+        return js.Choice(args.choice.split(","), tok)
+    return None
+
+
+def json_lines(out, texts, tok, top_logprobs: int) -> list[str]:
+    """--json-output: one JSON object per sample (with --top-logprobs: [id, log-prob] pairs per step)."""
+    tokens, gen_lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    lines = []
+    for i, text in enumerate(texts):
+        ids = tokens[i, : gen_lengths[i]]
+        row = dict(prompt=text, completion=tok.decode(ids), token_ids=ids.tolist(),
+                   finish_reason=js.FinishReason(int(out.finish_reason[i])).name.lower())
+        if top_logprobs:
+            row["top_logprobs"] = [[[int(k), float(v)] for k, v in zip(out.top_token_ids[i, t], out.top_logprobs[i, t])]
+                                   for t in range(gen_lengths[i])]
+        lines.append(json.dumps(row, ensure_ascii=False))
+    return lines
 
 
 # Flag -> (preset keyword, identity value). Only flags set away from their identity value
@@ -306,9 +364,11 @@ def main(argv=None) -> int:
     if args.top_logprobs < 0:
         parser.error(f"--top-logprobs must be >= 0, got {args.top_logprobs}")
     beam = beam_settings(parser, args)
+    check_structured_flags(parser, args, beam)
     try:
         apply_checkpoint_defaults(args)
         build_sampler(args)  # checks every value before the model loads
+        read_schema(args.json_schema)
     except ValueError as e:
         parser.error(str(e))
     try:
@@ -323,7 +383,10 @@ def main(argv=None) -> int:
                           ("--logit-bias", list(_parse_bias(args.logit_bias or "")))):
             if any(not 0 <= i < lm.vocab_size for i in ids):
                 raise ValueError(f"{flag}: token ids must be in [0, {lm.vocab_size}), got {ids}")
-    except ValueError as e:
+        constraint = build_constraint(args, tok)
+        if constraint is not None:
+            sampler = js.chain(constraint, sampler)  # the mask first, then the sampling chain
+    except (ValueError, ImportError) as e:
         parser.error(str(e))
 
     n = args.num_samples
@@ -337,7 +400,9 @@ def main(argv=None) -> int:
     out, first, steady = timed_run(parser, run)
 
     tokens, gen_lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-    for i, text in enumerate(texts):
+    if args.json_output:
+        print("\n".join(json_lines(out, texts, tok, args.top_logprobs)))
+    for i, text in enumerate([] if args.json_output else texts):
         tag = f"[{i // n}.{i % n}]" if n > 1 else f"[{i}]"
         print(f"{tag} {text}{tok.decode(tokens[i, : gen_lengths[i]])}")
         if args.prompt_logprobs and i % n == 0:

@@ -101,6 +101,8 @@ SMALL = {
                  "--checkpoint-every": "2"},
     "seeds_demo.py": {"--draws": "2000"},
     "measure_load_memory.py": {"--size-gb": "0.03", "--hidden-size": "64"},
+    "bench_structured.py": {"--vocab-size": "400", "--preset": "tiny", "--batches": "1", "--new-tokens": "2",
+                            "--repeats": "1", "--mask-iters": "1", "--prompt-len": "4"},
     "plot_distributions.py": {},
 }
 
@@ -139,6 +141,14 @@ COMMANDS: dict[str, Action] = {
     "python scripts/generate_sharded.py --devices 8 --mesh D,M --preset P --batch 16 --prompt-len 16 "
     "--new-tokens 64 --repeats 7":
         run({"--mesh": "8,1"}, slow=True, expect="mesh tokens == 1-device tokens (same keys): True"),
+    # ---- README: structured output
+    'pip install -e ".[structured]"': install(),
+    'python scripts/generate.py "ROMEO: the day is " --regex "[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])" '
+    "--max-new-tokens 16": run(slow=True),  # tests/test_structured.py runs the constraint flags
+    'python scripts/generate.py "JULIET: wilt thou? " --choice "yes,no,perchance" --num-samples 3 --json-output':
+        run(slow=True, expect='"finish_reason"'),
+    'python scripts/generate.py "NURSE: " --json-schema docs/examples/person.schema.json --max-new-tokens 200 '
+    "--json-output": run(slow=True, sub={"docs/examples/": os.path.join(ROOT, "docs", "examples", "")}),
     # ---- README: command line
     'python scripts/generate.py "KING:" "QUEEN:" --max-new-tokens 300 --temperature 0.9 --top-k 40 '
     "--num-samples 2 --seed 7": run(slow=True),
@@ -152,6 +162,7 @@ COMMANDS: dict[str, Action] = {
     # ---- docs/benchmarks.md
     "python scripts/bench.py --json out.json": run(slow=True),
     "python scripts/bench.py --quick": run(slow=True),
+    "python scripts/bench_structured.py --json out.json": run(slow=True),
     # ---- docs/sharding.md: many hosts, checked on CPU with two processes of 4 devices
     "for i in 0 1; do JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo XLA_FLAGS=--xla_force_host_platform_device_count=4 "
     "python scripts/generate_sharded.py --multi-host --coordinator localhost:12355 --num-processes 2 "
@@ -162,6 +173,8 @@ COMMANDS: dict[str, Action] = {
     # ---- usage texts (scripts/*.py docstrings, printed by --help)
     "python scripts/bench.py --skip-generate": run(slow=True),
     "python scripts/bench.py --generate-preset tiny --new-tokens 32": run(slow=True),
+    "python scripts/bench_structured.py": run(slow=True),
+    "python scripts/bench_structured.py --skip-generate": run(slow=True),
     "python scripts/generate.py \"ROMEO:\" --max-new-tokens 200 --temperature 0.8 --top-p 0.9": run(slow=True),
     "python scripts/generate.py --prompt-file prompts.txt --num-samples 3 --seed 1": run(slow=True),
     'python scripts/generate.py "ROMEO:" --num-beams 4 --num-return-sequences 2 --length-penalty 1.2':
