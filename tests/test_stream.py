@@ -96,7 +96,7 @@ def test_cli_stream_prints_what_generate_returns(tmp_path):
     lm, tok = load_pretrained(path)
     ids, lengths = tok.encode_batch(["ROMEO:"])
     out = js.generate(lm, ids, lengths, cli.prompt_keys(5, 1, 1), max_new_tokens=10,
-                      sampler=cli.build_sampler(args, tok), stop_ids=[tok.eos_id], pad_id=tok.pad_id)
+                      sampler=cli.build_sampler(args, tok), stop_ids=list(tok.eos_ids), pad_id=tok.pad_id)
     want = "[0] ROMEO:" + tok.decode(np.asarray(out.tokens[0, :int(out.lengths[0])]))
     assert streamed.stdout.decode("utf-8") == want + "\n\n"  # bytes: random text may hold a "\r"
     with pytest.raises(SystemExit):  # exits with status 2 before loading anything
