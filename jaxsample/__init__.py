@@ -159,3 +159,16 @@ __all__ += [
     "sharded_generate",
     "sharded_sample_step",
 ]
+
+# --- speculative decoding (exact: the output distribution is generate's) -------------
+from jaxsample._speculative import PromptLookup
+from jaxsample._speculative import SpeculativeOutput
+from jaxsample._speculative import SpeculativeStats
+from jaxsample._speculative import speculative_generate
+
+__all__ += [
+    "PromptLookup",
+    "SpeculativeOutput",
+    "SpeculativeStats",
+    "speculative_generate",
+]
