@@ -193,6 +193,28 @@ def _select_rows(stacked: Any, index: jax.Array) -> Any:
     return jax.tree.map(take, stacked)
 
 
+def _process_verified(sampler, t_logits, state, drafted, keys, length):
+    """The target's processed logits at the k + 1 verified positions, [k+1, B, V], and the
+    sampler state before each of them (leaves [k+1, B, ...]; the state advances along the
+    drafted tokens). A stateless chain processes all positions in one batched call."""
+    b, t, _ = t_logits.shape
+    index = length[:, None] + jnp.arange(t)[None, :]  # generated index of each position [B, k+1]
+    if not sampler.stateful:
+        # vmap over positions (not a [B * (k+1)] reshape): per-row values stay aligned with rows.
+        apply = lambda logits_j, index_j: sampler.apply(logits_j, state, _keys_at(keys, index_j, None))
+        processed = jax.vmap(apply, in_axes=(1, 1))(t_logits, index)  # [k+1, B, V]
+        return processed, jax.tree.map(lambda x: jnp.broadcast_to(x, (t,) + x.shape), state)
+
+    def process(state, xs):
+        logits_j, index_j, token_j = xs
+        processed = sampler.apply(logits_j, state, _keys_at(keys, index_j, None))
+        return sampler.update(state, token_j, processed), (processed, state)
+
+    tokens = jnp.concatenate([drafted, jnp.full((b, 1), -1, jnp.int32)], axis=1)  # no update after the last
+    _, (processed, states) = jax.lax.scan(process, state, (jnp.moveaxis(t_logits, 1, 0), index.T, tokens.T))
+    return processed, states
+
+
 def _draft_model_proposals(draft, dcache, seq, pos, length, sampler, state, keys, k):
     """k draws from the draft model: (tokens [B, k], q probs [B, k, V], draft cache)."""
     prev = jnp.take_along_axis(seq, jnp.stack([pos - 1, pos], axis=1), axis=1)  # [B, 2]
@@ -268,14 +290,7 @@ def _impl(model, draft, prompt_tokens, prompt_lengths, keys, sampler, stops, pad
         pending = jnp.take_along_axis(seq, pos[:, None], axis=1)
         t_logits, cache = extend(model, jnp.concatenate([pending, drafted], axis=1), pos, cache)  # [B, k+1, V]
 
-        def process(state, xs):
-            logits_j, j, token_j = xs
-            processed = sampler.apply(logits_j, state, _keys_at(keys, length + j, None))
-            return sampler.update(state, token_j, processed), (processed, state)
-
-        xs = (jnp.moveaxis(t_logits, 1, 0), jnp.arange(k + 1),
-              jnp.concatenate([drafted, jnp.full((b, 1), -1, jnp.int32)], axis=1).T)
-        _, (processed, states) = jax.lax.scan(process, state, xs)  # [k+1, B, V], states before each j
+        processed, states = _process_verified(sampler, t_logits, state, drafted, keys, length)
         ps = _probs(jnp.moveaxis(processed, 0, 1))  # [B, k+1, V]
         # --- accept / reject
         p_x = jnp.take_along_axis(ps[:, :k], drafted[..., None], axis=-1)[..., 0]  # [B, k]

@@ -82,6 +82,8 @@ def test_greedy_equals_generate(target, draft, which, k):
     stateful penalty in the chain and a stop id that some rows hit mid-round."""
     d = {"lookup": js.PromptLookup(3), "model": draft, "self": target}[which]
     sampler = js.chain(js.RepetitionPenalty(1.3), js.Temperature(0.0))
+    if which == "self":  # stateless with per-row values (the batched processing path)
+        sampler = js.chain(js.Temperature(np.zeros(3, np.float32)), js.TopK(np.array([0, 5, 1], np.int32)))
     n = 40
     ref = js.generate(target, PROMPTS, LENGTHS, row_keys(1, 3), max_new_tokens=n, sampler=sampler)
     stop = int(np.asarray(ref.tokens)[0, 25])  # row 0 stops at (or before) index 25
@@ -184,7 +186,7 @@ def chi_square(counts, expected, min_expected=5.0):
 @pytest.mark.parametrize("which, k", [pytest.param("model", 1, marks=pytest.mark.slow), ("model", 3), ("lookup", 2)])
 def test_sampled_distribution_matches_exact(which, k):
     """The first 3 tokens of 20,000 rows, binned over all V**3 = 216 sequences, against the
-    chain's exact distribution (repetition penalty with its state, temperature, top-k):
+    chain's exact distribution (repetition penalty with its state or per-row temperature, top-k):
     chi-square <= df + 5 sqrt(2 df) (normal approximation, ~3e-7 false-alarm rate). The same
     counts against the draft's own distribution fail the test (it has power). k = 1 covers
     the bonus draw within 3 tokens, k = 3 the residual at every index, lookup a point-mass q.
@@ -192,7 +194,11 @@ def test_sampled_distribution_matches_exact(which, k):
     ta, tb = jax.random.normal(jax.random.key(11), (2, V, V)) * 1.5
     target = BigramExtend(ta)
     draft = Bigram(tb)
-    sampler = js.chain(js.RepetitionPenalty(1.8), js.Temperature(0.9), js.TopK(4))
+    if which == "lookup":  # stateless, per-row values: the batched (vmapped) processing path
+        reference = js.chain(js.Temperature(0.9), js.TopK(4))
+        sampler = js.chain(js.Temperature(np.full(20_000, 0.9, np.float32)), js.TopK(4))
+    else:  # stateful: the state advances along the drafted tokens
+        reference = sampler = js.chain(js.RepetitionPenalty(1.8), js.Temperature(0.9), js.TopK(4))
     prompt = np.array([0, 1, 2, 3, 1, 2], np.int32)  # '1 2' repeats: lookup proposes '3 1 ...'
     b, steps = 20_000, 3
     out, stats = js.speculative_generate(
@@ -202,7 +208,7 @@ def test_sampled_distribution_matches_exact(which, k):
     assert np.all(np.asarray(out.lengths) == steps)
     cells = (tokens[:, 0] * V + tokens[:, 1]) * V + tokens[:, 2]
     counts = np.bincount(cells, minlength=V ** steps).astype(np.float64)
-    _, prob = exact_distribution(target, sampler, prompt, steps)
+    _, prob = exact_distribution(target, reference, prompt, steps)
     chi2, df = chi_square(counts, prob * b)
     bound = df + 5 * math.sqrt(2 * df)
     rate = stats.acceptance_rate
@@ -210,7 +216,7 @@ def test_sampled_distribution_matches_exact(which, k):
     assert chi2 <= bound, (chi2, df)
     assert 0.05 < rate < 0.95  # both branches (accept and residual) were exercised
     if which == "model":
-        _, q = exact_distribution(draft, sampler, prompt, steps)
+        _, q = exact_distribution(draft, reference, prompt, steps)
         wrong, df_wrong = chi_square(counts, q * b)
         assert wrong > df_wrong + 5 * math.sqrt(2 * df_wrong)
 
