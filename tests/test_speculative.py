@@ -274,3 +274,53 @@ def test_validation(target, kwargs, match):
 def test_prompt_lookup_validation():
     with pytest.raises(ValueError, match="max_ngram must be an int >= 1, got 0"):
         js.PromptLookup(0)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _generate_script():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "generate.py")
+    spec = importlib.util.spec_from_file_location("generate_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--prompt-lookup", "2", "--draft-checkpoint", "d"], "two drafts: choose one"),
+    (["--num-draft-tokens", "3"], "--num-draft-tokens needs a draft"),
+    (["--prompt-lookup", "0"], "--prompt-lookup must be >= 1, got 0"),
+    (["--prompt-lookup", "2", "--num-draft-tokens", "0"], "--num-draft-tokens must be >= 1, got 0"),
+    (["--prompt-lookup", "2", "--num-samples", "2"], "--num-samples is not supported with speculative"),
+    (["--draft-checkpoint", "d", "--prompt-logprobs"], "--prompt-logprobs is not supported with speculative"),
+])
+def test_cli_bad_combinations(argv, match):
+    gen = _generate_script()
+    assert re_search(match, gen.check_speculative_args(gen.build_parser().parse_args(argv)))
+
+
+def re_search(pattern, text):
+    import re
+    return text is not None and re.search(pattern, text) is not None
+
+
+@pytest.mark.slow
+def test_cli_speculative_greedy_equals_plain(tmp_path, capsys, target):
+    """scripts/generate.py --greedy prints the same text with either draft as without."""
+    from models import save_model
+    save_model(str(tmp_path / "target"), target)
+    save_model(str(tmp_path / "draft"), DecoderLM.random(preset("tiny"), jax.random.key(2)))
+    gen = _generate_script()
+    base = ["ROMEO: ROMEO:", "--checkpoint", str(tmp_path / "target"), "--greedy", "--max-new-tokens", "16"]
+    texts = []
+    for extra in ([], ["--prompt-lookup", "2"], ["--draft-checkpoint", str(tmp_path / "draft"),
+                                                 "--num-draft-tokens", "3"]):
+        assert gen.main(base + extra) == 0
+        captured = capsys.readouterr()
+        texts.append(captured.out)
+        if extra:
+            assert "speculative: acceptance" in captured.err
+    assert texts[0] == texts[1] == texts[2]
