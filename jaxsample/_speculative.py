@@ -25,9 +25,11 @@ Drafts:
   * any `LanguageModel` with the target's vocabulary (its own KV cache; it is fed the
     last two committed tokens each round, rewriting one position idempotently, then
     decodes k - 1 times);
-  * `PromptLookup(max_ngram)`: the continuation of the most recent earlier occurrence
-    of the row's last n tokens (n = max_ngram, falling back down to 1) in the row's
-    own context (prompt + generated); q is a point mass. No second model.
+  * `PromptLookup(max_ngram, min_ngram)`: the continuation of the most recent earlier
+    occurrence of the row's last n tokens (n = max_ngram, falling back down to
+    min_ngram) in the row's own context (prompt + generated); q is a point mass. No
+    second model. A row without a match proposes nothing (its round is a plain step),
+    and when no row of the batch has a match the target is called on one token only.
 
 The target scores k + 1 tokens in one call through an optional protocol method
 
@@ -76,21 +78,29 @@ class PromptLookup:
 
     The row's last `max_ngram` tokens are searched in its context (prompt and generated
     tokens); the most recent earlier occurrence wins, and without one the search falls
-    back to shorter n-grams, down to 1. The k tokens after the match are proposed (when
-    the match runs into the suffix itself, the period repeats). Without any match the
-    last token is proposed (it is simply rejected unless the target agrees). q is a
-    point mass on the proposal, so acceptance is `u < p(d)`.
+    back to shorter n-grams, down to `min_ngram`. The k tokens after the match are
+    proposed (when the match runs into the suffix itself, the period repeats). q is a
+    point mass on the proposal, so acceptance is `u < p(d)`. A row without any match
+    proposes nothing that round: its next token is drawn from p alone, like `generate`
+    (and a batch in which no row matched calls the target on one token, not k + 1).
 
     Attributes:
       max_ngram: longest n-gram to match, >= 1 (static).
+      min_ngram: shortest n-gram to match, in [1, max_ngram] (static). Short n-grams
+        match more often but predict worse.
     """
 
     max_ngram: int = 3
+    min_ngram: int = 1
 
     def __post_init__(self):
         if isinstance(self.max_ngram, bool) or not isinstance(self.max_ngram, (int, np.integer)) \
                 or self.max_ngram < 1:
             raise ValueError(f"PromptLookup: max_ngram must be an int >= 1, got {self.max_ngram!r}")
+        if isinstance(self.min_ngram, bool) or not isinstance(self.min_ngram, (int, np.integer)) \
+                or not 1 <= self.min_ngram <= self.max_ngram:
+            raise ValueError(f"PromptLookup: min_ngram must be an int in [1, max_ngram={self.max_ngram}], "
+                             f"got {self.min_ngram!r}")
 
 
 class SpeculativeStats(NamedTuple):
@@ -99,7 +109,8 @@ class SpeculativeStats(NamedTuple):
     Attributes:
       rounds: target calls (verification rounds) while the row was active; the first
         token (from the prefill) is not a round.
-      drafted: draft tokens proposed to the row (k per round).
+      drafted: draft tokens proposed to the row (k per round; 0 in a prompt-lookup round
+        without a match).
       accepted: draft tokens accepted (a rejection ends a round's count).
     """
 
@@ -154,14 +165,15 @@ def _probs(processed: jax.Array) -> jax.Array:
     return jax.nn.softmax(processed.astype(jnp.float32), axis=-1)
 
 
-def _lookup(seq: jax.Array, length: jax.Array, max_ngram: int, k: int) -> jax.Array:
-    """Prompt-lookup proposals int32 [B, k] from the committed context seq[b, :length[b]]."""
+def _lookup(seq: jax.Array, length: jax.Array, max_ngram: int, k: int, min_ngram: int = 1):
+    """Prompt-lookup proposals from the committed context seq[b, :length[b]]: (tokens int32
+    [B, k], found bool [B]); a row without a match proposes its last token (found False)."""
     b, w = seq.shape
     j = jnp.arange(w)[None, :]  # [1, W] candidate match starts
     at = lambda idx: jnp.take_along_axis(seq, jnp.clip(idx, 0, w - 1), axis=1)
     best_j = jnp.full((b,), -1, jnp.int32)
     best_n = jnp.ones((b,), jnp.int32)
-    for n in range(max_ngram, 0, -1):
+    for n in range(max_ngram, min_ngram - 1, -1):
         suffix = at(length[:, None] - n + jnp.arange(n)[None, :])  # [B, n]
         match = (j + n < length[:, None]) & (length[:, None] > n)  # an earlier occurrence, not the suffix
         for o in range(n):
@@ -174,7 +186,7 @@ def _lookup(seq: jax.Array, length: jax.Array, max_ngram: int, k: int) -> jax.Ar
     period = jnp.maximum(length - best_n - best_j, 1)  # known tokens after the match (>= 1)
     idx = best_j[:, None] + best_n[:, None] + jnp.arange(k)[None, :] % period[:, None]
     last_token = at(length[:, None] - 1)  # [B, 1]
-    return jnp.where(found[:, None], at(idx), last_token)
+    return jnp.where(found[:, None], at(idx), last_token), found
 
 
 def _uniforms(keys: jax.Array, length: jax.Array, k: int) -> jax.Array:
@@ -279,8 +291,9 @@ def _impl(model, draft, prompt_tokens, prompt_lengths, keys, sampler, stops, pad
         pos = jnp.maximum(prompt_lengths + length - 1, 1)
         # --- draft: k proposals and their distributions q [B, k, V]
         if lookup:
-            drafted = _lookup(seq, prompt_lengths + length, draft.max_ngram, k)
+            drafted, found = _lookup(seq, prompt_lengths + length, draft.max_ngram, k, draft.min_ngram)
             qs = jax.nn.one_hot(drafted, v, dtype=jnp.float32)
+            drafted = jnp.where(found[:, None], drafted, -1)  # no match: nothing to accept
         else:
             drafted, qs, dcache = _draft_model_proposals(draft, dcache, seq, pos, length, sampler, state, keys, k)
         q_valid = drafted >= 0  # a draft row with no valid token proposes nothing acceptable
@@ -288,7 +301,12 @@ def _impl(model, draft, prompt_tokens, prompt_lengths, keys, sampler, stops, pad
         drafted = jnp.where(q_valid, drafted, 0)
         # --- target: k + 1 logits in one call, processed with the state along the drafts
         pending = jnp.take_along_axis(seq, pos[:, None], axis=1)
-        t_logits, cache = extend(model, jnp.concatenate([pending, drafted], axis=1), pos, cache)  # [B, k+1, V]
+        verify = lambda cache: extend(model, jnp.concatenate([pending, drafted], axis=1), pos, cache)
+        if lookup:  # no row matched: one plain step (the k extra logits are never used)
+            one = lambda cache: (lambda lg, c: (jnp.repeat(lg, k + 1, axis=1), c))(*extend(model, pending, pos, cache))
+            t_logits, cache = jax.lax.cond(jnp.any(found & ~done), verify, one, cache)
+        else:
+            t_logits, cache = verify(cache)  # [B, k+1, V]
 
         processed, states = _process_verified(sampler, t_logits, state, drafted, keys, length)
         ps = _probs(jnp.moveaxis(processed, 0, 1))  # [B, k+1, V]
@@ -336,7 +354,8 @@ def _impl(model, draft, prompt_tokens, prompt_lengths, keys, sampler, stops, pad
         keep = lambda new, old: jnp.where(new_done.reshape(new_done.shape + (1,) * (new.ndim - 1)), old, new)
         state = jax.tree.map(keep, new_state, state)
         active = (~done).astype(jnp.int32)
-        stats = SpeculativeStats(stats.rounds + active, stats.drafted + k * active,
+        proposed = active * q_valid[:, 0].astype(jnp.int32)  # rows that had a proposal this round
+        stats = SpeculativeStats(stats.rounds + active, stats.drafted + k * proposed,
                                  stats.accepted + accepted * active)
         return seq, new_length, new_done, finish, cache, dcache, state, raw, proc_lp, stats
 

@@ -17,7 +17,8 @@ the latency-bound case speculative decoding is for). Every prompt generates
 Timing: every method is compiled first, then the methods are timed in interleaved rounds
 (fair under background load); a method's time for a prompt is the median over --repeats
 rounds, and tokens/s = total generated tokens / total of those medians (prefill included,
-compile excluded). Acceptance = accepted / drafted tokens, tokens per call = generated
+compile excluded); the same with process CPU time (all threads) instead of wall time gives
+tokens per CPU-second, steadier than wall time on a shared machine. Acceptance = accepted / drafted tokens, tokens per call = generated
 tokens per target call (plain: 1). With greedy decoding "same" checks that every
 speculative output equals plain `generate`'s token for token.
 """
@@ -55,6 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--num-draft-tokens", type=int, nargs="+", default=[2, 4, 6], help="k values to try")
     p.add_argument("--prompt-lookup", type=int, default=3, help="max n-gram of the lookup draft")
+    p.add_argument("--prompt-lookup-min", type=int, nargs="+", default=[1, 2], help="min n-gram values to try")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (outputs are compared)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="2 prompts, 128 new tokens, k = 4, 2 repeats")
@@ -62,6 +64,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.prompts, args.new_tokens, args.num_draft_tokens, args.repeats = 2, 128, [4], 2
+    if any(not 1 <= m <= args.prompt_lookup for m in args.prompt_lookup_min):
+        p.error(f"--prompt-lookup-min values must be in [1, --prompt-lookup={args.prompt_lookup}], "
+                f"got {args.prompt_lookup_min}")
     for name in ("prompts", "prompt_len", "new_tokens", "repeats", "prompt_lookup"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -92,7 +97,8 @@ def main(argv=None) -> int:
 
     methods = {"plain": None}
     for k in args.num_draft_tokens:
-        methods[f"lookup n={args.prompt_lookup} k={k}"] = (js.PromptLookup(args.prompt_lookup), k)
+        for m in args.prompt_lookup_min:
+            methods[f"lookup n={args.prompt_lookup}..{m} k={k}"] = (js.PromptLookup(args.prompt_lookup, m), k)
         if draft is not None:
             methods[f"draft k={k}"] = (draft, k)
 
@@ -110,18 +116,22 @@ def main(argv=None) -> int:
         outputs[m] = [jax.block_until_ready(run(m, pr, i)) for i, pr in enumerate(prompts)]
         compile_s[m] = time.perf_counter() - t0
     times = {m: [[] for _ in prompts] for m in methods}
+    cpu = {m: [[] for _ in prompts] for m in methods}
     for _ in range(args.repeats):  # interleaved rounds
         for i, pr in enumerate(prompts):
             for m in methods:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 jax.block_until_ready(run(m, pr, i))
                 times[m][i].append(time.perf_counter() - t0)
+                cpu[m][i].append(time.process_time() - c0)
 
     rows = []
     plain_tokens = [np.asarray(o.tokens) for o, _ in outputs["plain"]]
     plain_s = sum(float(np.median(t)) for t in times["plain"])
+    plain_cpu = sum(float(np.median(t)) for t in cpu["plain"])
     for m in methods:
         seconds = sum(float(np.median(t)) for t in times[m])
+        cpu_s = sum(float(np.median(t)) for t in cpu[m])
         generated = sum(int(np.asarray(o.lengths).sum()) for o, _ in outputs[m])
         stats = [s for _, s in outputs[m] if s is not None]
         drafted = sum(int(np.asarray(s.drafted).sum()) for s in stats)
@@ -129,6 +139,7 @@ def main(argv=None) -> int:
         rounds = sum(int(np.asarray(s.rounds).sum()) for s in stats)
         same = all(np.array_equal(np.asarray(o.tokens), ref) for (o, _), ref in zip(outputs[m], plain_tokens))
         rows.append(dict(method=m, tokens_per_s=generated / seconds, speedup=plain_s / seconds,
+                         tokens_per_cpu_s=generated / cpu_s, cpu_speedup=plain_cpu / cpu_s,
                          acceptance=(accepted / drafted) if drafted else None,
                          tokens_per_call=((accepted + rounds) / rounds) if rounds else 1.0,
                          same_as_plain=same if args.temperature == 0 else None,
@@ -138,11 +149,13 @@ def main(argv=None) -> int:
     print(f"speculative decoding vs generate: {len(prompts)} held-out prompts x {args.prompt_len} bytes, "
           f"{n} new tokens, batch 1, {mode}, {jax.default_backend()} ({platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores), draft: {draft_dir or 'none'}")
-    print(f"{'method':<20} {'tokens/s':>9} {'speed-up':>9} {'accept':>7} {'tok/call':>9} {'same':>5}")
+    print(f"{'method':<22} {'tokens/s':>9} {'speed-up':>9} {'tok/CPU-s':>10} {'CPU speed-up':>12} {'accept':>7} "
+          f"{'tok/call':>9} {'same':>5}")
     for r in rows:
         acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}"
         same = "-" if r["same_as_plain"] is None else ("yes" if r["same_as_plain"] else "NO")
-        print(f"{r['method']:<20} {r['tokens_per_s']:>9.1f} {r['speedup']:>8.2f}x {acc:>7} "
+        print(f"{r['method']:<22} {r['tokens_per_s']:>9.1f} {r['speedup']:>8.2f}x {r['tokens_per_cpu_s']:>10.1f} "
+              f"{r['cpu_speedup']:>11.2f}x {acc:>7} "
               f"{r['tokens_per_call']:>9.2f} {same:>5}")
     if args.json:
         result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
