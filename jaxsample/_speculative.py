@@ -28,8 +28,8 @@ Drafts:
   * `PromptLookup(max_ngram, min_ngram)`: the continuation of the most recent earlier
     occurrence of the row's last n tokens (n = max_ngram, falling back down to
     min_ngram) in the row's own context (prompt + generated); q is a point mass. No
-    second model. A row without a match proposes nothing (its round is a plain step),
-    and when no row of the batch has a match the target is called on one token only.
+    second model. A row without a match proposes nothing (its round emits one token,
+    drawn from p as in `generate`).
 
 The target scores k + 1 tokens in one call through an optional protocol method
 
@@ -81,8 +81,9 @@ class PromptLookup:
     back to shorter n-grams, down to `min_ngram`. The k tokens after the match are
     proposed (when the match runs into the suffix itself, the period repeats). q is a
     point mass on the proposal, so acceptance is `u < p(d)`. A row without any match
-    proposes nothing that round: its next token is drawn from p alone, like `generate`
-    (and a batch in which no row matched calls the target on one token, not k + 1).
+    proposes nothing that round: its next token is drawn from p alone, like `generate`.
+    (The target call still has k + 1 positions: a `lax.cond` to a one-token call would
+    copy the KV cache in and out of the branch every round, which costs more on CPU.)
 
     Attributes:
       max_ngram: longest n-gram to match, >= 1 (static).
@@ -302,11 +303,7 @@ def _impl(model, draft, prompt_tokens, prompt_lengths, keys, sampler, stops, pad
         # --- target: k + 1 logits in one call, processed with the state along the drafts
         pending = jnp.take_along_axis(seq, pos[:, None], axis=1)
         verify = lambda cache: extend(model, jnp.concatenate([pending, drafted], axis=1), pos, cache)
-        if lookup:  # no row matched: one plain step (the k extra logits are never used)
-            one = lambda cache: (lambda lg, c: (jnp.repeat(lg, k + 1, axis=1), c))(*extend(model, pending, pos, cache))
-            t_logits, cache = jax.lax.cond(jnp.any(found & ~done), verify, one, cache)
-        else:
-            t_logits, cache = verify(cache)  # [B, k+1, V]
+        t_logits, cache = verify(cache)  # [B, k+1, V]
 
         processed, states = _process_verified(sampler, t_logits, state, drafted, keys, length)
         ps = _probs(jnp.moveaxis(processed, 0, 1))  # [B, k+1, V]
