@@ -329,3 +329,16 @@ def test_cli_speculative_greedy_equals_plain(tmp_path, capsys, target):
         if extra:
             assert "speculative: acceptance" in captured.err
     assert texts[0] == texts[1] == texts[2]
+
+
+def test_one_token_and_immediate_stop(target):
+    """max_new_tokens=1 (no round at all) and a stop id emitted as the first token."""
+    first = np.asarray(js.generate(target, PROMPTS, LENGTHS, row_keys(1, 3), max_new_tokens=1).tokens)[:, 0]
+    for n in (1, 5):
+        ref = js.generate(target, PROMPTS, LENGTHS, row_keys(1, 3), max_new_tokens=n, stop_ids=[int(first[2])])
+        out, stats = js.speculative_generate(target, PROMPTS, LENGTHS, row_keys(1, 3), max_new_tokens=n,
+                                             draft=js.PromptLookup(2), num_draft_tokens=2, stop_ids=[int(first[2])])
+        np.testing.assert_array_equal(out.tokens, ref.tokens)
+        np.testing.assert_array_equal(out.lengths, ref.lengths)
+        np.testing.assert_array_equal(out.finish_reason, ref.finish_reason)
+        assert int(out.lengths[2]) == 1 and int(stats.rounds[2]) == 0
