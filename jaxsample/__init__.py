@@ -172,3 +172,12 @@ __all__ += [
     "SpeculativeStats",
     "speculative_generate",
 ]
+
+# --- beam search (deterministic, transformers' semantics) -----------------------------
+from jaxsample._beam import BeamSearchOutput
+from jaxsample._beam import beam_search
+
+__all__ += [
+    "BeamSearchOutput",
+    "beam_search",
+]
