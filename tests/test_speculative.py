@@ -301,6 +301,7 @@ def _generate_script():
     (["--prompt-lookup", "2", "--num-draft-tokens", "0"], "--num-draft-tokens must be >= 1, got 0"),
     (["--prompt-lookup", "2", "--num-samples", "2"], "--num-samples is not supported with speculative"),
     (["--draft-checkpoint", "d", "--prompt-logprobs"], "--prompt-logprobs is not supported with speculative"),
+    (["--prompt-lookup", "2", "--num-beams", "2"], "--prompt-lookup cannot be used with --num-beams"),
 ])
 def test_cli_bad_combinations(argv, match):
     gen = _generate_script()
