@@ -302,9 +302,7 @@ def _impl(model, draft, prompt_tokens, prompt_lengths, keys, sampler, stops, pad
         drafted = jnp.where(q_valid, drafted, 0)
         # --- target: k + 1 logits in one call, processed with the state along the drafts
         pending = jnp.take_along_axis(seq, pos[:, None], axis=1)
-        verify = lambda cache: extend(model, jnp.concatenate([pending, drafted], axis=1), pos, cache)
-        t_logits, cache = verify(cache)  # [B, k+1, V]
-
+        t_logits, cache = extend(model, jnp.concatenate([pending, drafted], axis=1), pos, cache)  # [B, k+1, V]
         processed, states = _process_verified(sampler, t_logits, state, drafted, keys, length)
         ps = _probs(jnp.moveaxis(processed, 0, 1))  # [B, k+1, V]
         # --- accept / reject

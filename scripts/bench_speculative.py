@@ -41,16 +41,12 @@ import numpy as np  # noqa: E402
 import jaxsample as js  # noqa: E402
 from models import load_pretrained  # noqa: E402
 
-#: The small draft shipped next to the target (used when present and no --draft-checkpoint).
-SHIPPED_DRAFT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                             "models", "checkpoints", "shakespeare-draft")
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="target checkpoint (default: the shipped Shakespeare model)")
     p.add_argument("--draft-checkpoint", default=None,
-                   help=f"draft model checkpoint (default: {os.path.relpath(SHIPPED_DRAFT)} if present)")
+                   help="a draft model checkpoint (e.g. trained with scripts/train.py --preset tiny); "
+                        "without it only prompt lookup is measured")
     p.add_argument("--prompts", type=int, default=4, help="held-out prompts, each run at batch 1")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
@@ -89,7 +85,7 @@ def held_out_prompts(count: int, length: int) -> list[np.ndarray]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     target, tok = load_pretrained(args.checkpoint)
-    draft_dir = args.draft_checkpoint or (SHIPPED_DRAFT if os.path.isdir(SHIPPED_DRAFT) else None)
+    draft_dir = args.draft_checkpoint
     draft = load_pretrained(draft_dir)[0] if draft_dir else None
     prompts = held_out_prompts(args.prompts, args.prompt_len)
     sampler = js.chain(js.Temperature(args.temperature))
