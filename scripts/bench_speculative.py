@@ -48,6 +48,7 @@ def parse_args(argv=None):
                    help="a draft model checkpoint (e.g. trained with scripts/train.py --preset tiny); "
                         "without it only prompt lookup is measured")
     p.add_argument("--prompts", type=int, default=4, help="held-out prompts, each run at batch 1")
+    p.add_argument("--text", help="take the prompts from this UTF-8 file instead of the held-out works")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--num-draft-tokens", type=int, nargs="+", default=[2, 4, 6], help="k values to try")
@@ -73,11 +74,19 @@ def parse_args(argv=None):
     return args
 
 
-def held_out_prompts(count: int, length: int) -> list[np.ndarray]:
-    """`count` windows of `length` byte tokens from the held-out works, evenly spaced."""
+def held_out_prompts(count: int, length: int, text: str | None = None) -> list[np.ndarray]:
+    """`count` windows of `length` byte tokens from the held-out works (or from the file
+    `text`), evenly spaced."""
+    from models.tokenizer import ByteTokenizer
     from models.training import load_corpus
 
-    valid = load_corpus().valid
+    if text is None:
+        valid = load_corpus().valid
+    else:
+        with open(text, encoding="utf-8") as f:
+            valid = np.asarray(ByteTokenizer().encode(f.read(), add_bos=False))
+    if len(valid) < length + 1:
+        raise ValueError(f"{len(valid)} tokens of text, fewer than --prompt-len + 1 = {length + 1}")
     starts = np.linspace(0, len(valid) - length - 1, count + 2)[1:-1].astype(int)
     return [np.asarray(valid[s:s + length], np.int32) for s in starts]
 
@@ -87,7 +96,11 @@ def main(argv=None) -> int:
     target, tok = load_pretrained(args.checkpoint)
     draft_dir = args.draft_checkpoint
     draft = load_pretrained(draft_dir)[0] if draft_dir else None
-    prompts = held_out_prompts(args.prompts, args.prompt_len)
+    try:
+        prompts = held_out_prompts(args.prompts, args.prompt_len, args.text)
+    except (OSError, ValueError, ImportError) as e:
+        print(f"bench_speculative.py: error: prompts: {e}", file=sys.stderr)
+        return 2
     sampler = js.chain(js.Temperature(args.temperature))
     n = args.new_tokens
 
