@@ -102,6 +102,9 @@ SMALL = {
     "seeds_demo.py": {"--draws": "2000"},
     "bench_speculative.py": {"--text": "corpus.txt", "--prompts": "1", "--prompt-len": "16", "--new-tokens": "4",
                              "--num-draft-tokens": "2", "--prompt-lookup-min": "1", "--repeats": "1"},
+    "measure_load_memory.py": {"--size-gb": "0.03", "--hidden-size": "64"},
+    "bench_structured.py": {"--vocab-size": "400", "--preset": "tiny", "--batches": "1", "--new-tokens": "2",
+                            "--repeats": "1", "--mask-iters": "1", "--prompt-len": "4"},
     "plot_distributions.py": {},
 }
 
@@ -130,6 +133,11 @@ COMMANDS: dict[str, Action] = {
         run(expect="speculative: acceptance", slow=True),  # tests/test_speculative.py runs the CLI too
     "python scripts/bench_speculative.py --draft-checkpoint DIR --num-draft-tokens 2 3 4 --prompt-lookup-min 1 3":
         skip("DIR stands for a draft trained with scripts/train.py (the command in docs/benchmarks.md)"),
+    # ---- README: Hugging Face checkpoints
+    'pip install -e ".[hf]"': install(),
+    'python scripts/generate.py "Name three rivers." --checkpoint DIR --chat':
+        skip("needs a downloaded chat checkpoint (tests/test_hf_families.py runs --chat on a tiny one it builds)"),
+    "python scripts/measure_load_memory.py": run(slow=True, expect="peak / checkpoint"),
     # ---- README / docs/sharding.md: a mesh
     "XLA_FLAGS=--xla_force_host_platform_device_count=8 python my_script.py":
         skip("'my_script.py' stands for the user's own script (the mesh snippet above runs in this module)"),
@@ -140,6 +148,14 @@ COMMANDS: dict[str, Action] = {
     "python scripts/generate_sharded.py --devices 8 --mesh D,M --preset P --batch 16 --prompt-len 16 "
     "--new-tokens 64 --repeats 7":
         run({"--mesh": "8,1"}, slow=True, expect="mesh tokens == 1-device tokens (same keys): True"),
+    # ---- README: structured output
+    'pip install -e ".[structured]"': install(),
+    'python scripts/generate.py "ROMEO: the day is " --regex "[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])" '
+    "--max-new-tokens 16": run(slow=True),  # tests/test_structured.py runs the constraint flags
+    'python scripts/generate.py "JULIET: wilt thou? " --choice "yes,no,perchance" --num-samples 3 --json-output':
+        run(slow=True, expect='"finish_reason"'),
+    'python scripts/generate.py "NURSE: " --json-schema docs/examples/person.schema.json --max-new-tokens 200 '
+    "--json-output": run(slow=True, sub={"docs/examples/": os.path.join(ROOT, "docs", "examples", "")}),
     # ---- README: command line
     'python scripts/generate.py "KING:" "QUEEN:" --max-new-tokens 300 --temperature 0.9 --top-k 40 '
     "--num-samples 2 --seed 7": run(slow=True),
@@ -157,6 +173,7 @@ COMMANDS: dict[str, Action] = {
     "python scripts/bench_speculative.py": run(expect="lookup n=3..1 k=2", slow=True),
     "python scripts/train.py --preset tiny --run-dir runs/draft --steps 2000 --batch-size 32 --seq-len 128 "
     "--lr 3e-3 --eval-every 500 --checkpoint-every 250 --out runs/draft_out": run(slow=True),
+    "python scripts/bench_structured.py --json out.json": run(slow=True),
     # ---- docs/sharding.md: many hosts, checked on CPU with two processes of 4 devices
     "for i in 0 1; do JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo XLA_FLAGS=--xla_force_host_platform_device_count=4 "
     "python scripts/generate_sharded.py --multi-host --coordinator localhost:12355 --num-processes 2 "
@@ -167,6 +184,8 @@ COMMANDS: dict[str, Action] = {
     # ---- usage texts (scripts/*.py docstrings, printed by --help)
     "python scripts/bench.py --skip-generate": run(slow=True),
     "python scripts/bench.py --generate-preset tiny --new-tokens 32": run(slow=True),
+    "python scripts/bench_structured.py": run(slow=True),
+    "python scripts/bench_structured.py --skip-generate": run(slow=True),
     "python scripts/generate.py \"ROMEO:\" --max-new-tokens 200 --temperature 0.8 --top-p 0.9": run(slow=True),
     "python scripts/generate.py --prompt-file prompts.txt --num-samples 3 --seed 1": run(slow=True),
     'python scripts/generate.py "ROMEO:" --num-beams 4 --num-return-sequences 2 --length-penalty 1.2':
@@ -175,6 +194,10 @@ COMMANDS: dict[str, Action] = {
         skip("needs a downloaded Hugging Face Llama checkpoint (tests/test_llama_import.py builds small ones)"),
     'python scripts/generate.py "ROMEO:" --order llamacpp --top-k 40 --min-p 0.05 --repetition-penalty 1.1 '
     "--penalty-window 64 --dry-multiplier 0.8 --xtc-probability 0.5 --top-logprobs 3": run(slow=True),
+    'python scripts/generate.py "Name three rivers." --checkpoint path/to/Qwen2-0.5B-Instruct --chat':
+        skip("needs a downloaded Qwen2 chat checkpoint (tests/test_hf_families.py runs --chat on a tiny one)"),
+    "python scripts/measure_load_memory.py --size-gb 1 --dtype bfloat16 --shards 1 --json runs/load_mem.json":
+        run(slow=True, expect="peak / checkpoint"),
     "python scripts/generate_sharded.py --devices 8 --mesh 2,4 --preset tiny":
         run(slow=True, expect="mesh tokens == 1-device tokens (same keys): True"),
     "JAX_COORDINATOR_ADDRESS=host0:1234 python scripts/generate_sharded.py --multi-host --num-processes 2 "
