@@ -343,3 +343,21 @@ def test_one_token_and_immediate_stop(target):
         np.testing.assert_array_equal(out.lengths, ref.lengths)
         np.testing.assert_array_equal(out.finish_reason, ref.finish_reason)
         assert int(out.lengths[2]) == 1 and int(stats.rounds[2]) == 0
+
+
+def test_constraint_with_prompt_lookup_equals_generate(target):
+    """A stateful constraint (jaxsample.Choice, '.[structured]') in the chain: greedy
+    speculative output equals greedy generate, and every row is one of the choices."""
+    pytest.importorskip("outlines_core", reason="needs pip install '.[structured]'")
+    from models import ByteTokenizer
+    tok = ByteTokenizer()
+    choices = ["yes", "no", "maybe so"]
+    sampler = js.chain(js.Choice(choices, tok), js.Temperature(0.0))
+    ids, lengths = tok.encode_batch(["ROMEO:", "JULIET: yes"])
+    kw = dict(max_new_tokens=10, sampler=sampler, stop_ids=[tok.eos_id], pad_id=tok.pad_id)
+    ref = js.generate(target, ids, lengths, row_keys(0, 2), **kw)
+    out, _ = js.speculative_generate(target, ids, lengths, row_keys(0, 2), draft=js.PromptLookup(2),
+                                     num_draft_tokens=3, **kw)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    texts = [tok.decode(np.asarray(out.tokens[i, :int(out.lengths[i]) - 1])) for i in range(2)]
+    assert all(t in choices for t in texts), texts
