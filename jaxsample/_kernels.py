@@ -57,11 +57,11 @@ def _block_size(rows: int, vocab: int) -> int:
     return block
 
 
-def _kernel(*refs, shift, width, vocab, block, bits, mode):
+def _kernel(*refs, width, vocab, block, bits, mode):
     if mode == "weights":
-        x_ref, prefix_ref, stat_ref, w_ref, out_ref = refs
+        x_ref, prefix_ref, shift_ref, stat_ref, w_ref, out_ref = refs
     else:
-        x_ref, prefix_ref, stat_ref, out_ref = refs
+        x_ref, prefix_ref, shift_ref, stat_ref, out_ref = refs
     from jax.experimental import pallas as pl
 
     x = x_ref[...].astype(_F32)  # [1, block]
@@ -83,25 +83,28 @@ def _kernel(*refs, shift, width, vocab, block, bits, mode):
     else:
         w = w_ref[...].astype(_F32)
     w = jnp.where(valid, w, 0.0)
-    prefix = prefix_ref[...]  # [1, 1] uint32
+    prefix, shift = prefix_ref[...], shift_ref[...]  # [1, 1] uint32 each
     lane = lax.broadcasted_iota(jnp.int32, (1, _LANES), 1)
     out = jnp.zeros((1, _LANES), _F32)
     for c in range(1, 1 << width):  # static: one masked sum per candidate
-        above = key >= (prefix | _U32(c << shift))
+        above = key >= (prefix | lax.shift_left(_U32(c), shift))
         out = jnp.where(lane == c, jnp.sum(jnp.where(above, w, 0.0), axis=1, keepdims=True), out)
     out_ref[...] = out
 
 
-def count_above(x: Array, prefix: Array, stat: Array | None, weights: Array | None, *,
-                shift: int, width: int, mode: str, interpret: bool = False) -> Array:
+def count_above(x: Array, prefix: Array, shift: Array | int, stat: Array | None,
+                weights: Array | None, *, width: int, mode: str,
+                interpret: bool = False) -> Array:
     """Mass of ``key >= prefix | (c << shift)`` for ``c = 1 .. 2**width - 1``, per row.
 
     Args:
       x: ``[R, V]`` float scores (keys as :func:`key_bits`).
       prefix: ``uint32 [R]``, the digits decided so far (zero below ``shift + width``).
+      shift: the digit's position (an int or a traced scalar: one kernel serves every
+        digit).
       stat: ``float32 [R]``, the row max for ``mode="softmax"`` (ignored otherwise).
       weights: ``[R, V]`` weights for ``mode="weights"``, else None.
-      shift, width: the digit's position and width (static; ``width <= MAX_WIDTH``).
+      width: the digit's width (static; ``width <= MAX_WIDTH``).
       mode: ``"count"``, ``"softmax"`` or ``"weights"``.
       interpret: run the kernel in the Pallas interpreter (CPU, tests).
 
@@ -114,13 +117,14 @@ def count_above(x: Array, prefix: Array, stat: Array | None, weights: Array | No
     rows, vocab = x.shape
     block = _block_size(rows, vocab)
     blocks = -(-vocab // block)
-    kernel = functools.partial(_kernel, shift=shift, width=width, vocab=vocab, block=block,
+    kernel = functools.partial(_kernel, width=width, vocab=vocab, block=block,
                                bits=key_bits(x.dtype), mode=mode)
     row_block = pl.BlockSpec((1, block), lambda i, j: (i, j))
     per_row = pl.BlockSpec((1, 1), lambda i, j: (i, 0))
     stat = jnp.zeros((rows,), _F32) if stat is None else stat.astype(_F32)
-    args = [x, prefix.astype(_U32)[:, None], stat[:, None]]
-    in_specs = [row_block, per_row, per_row]
+    shift = jnp.broadcast_to(jnp.asarray(shift, _U32), (rows,))
+    args = [x, prefix.astype(_U32)[:, None], shift[:, None], stat[:, None]]
+    in_specs = [row_block, per_row, per_row, per_row]
     if mode == "weights":
         args.append(weights)
         in_specs.append(row_block)

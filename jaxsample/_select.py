@@ -194,23 +194,28 @@ class VocabShard:
       local_size: V_local = V / (size of ``axis``).
       axis: the mesh axis the vocabulary is split over, or None.
       offset: global id of local column 0 (``axis_index * V_local``; traced).
+      method: the selection method the primitives use when called with
+        ``method="auto"``: ``"auto"`` (the backend's :func:`default_plan`), or a
+        :class:`Plan` (tests run every engine through the filters this way).
     """
 
     vocab_size: int
     local_size: int
     axis: str | None = None
     offset: Any = 0
+    method: Any = "auto"
 
     @classmethod
-    def inside(cls, vocab_size: int, local_size: int, axis: str | None) -> "VocabShard":
+    def inside(cls, vocab_size: int, local_size: int, axis: str | None,
+               method: Any = "auto") -> "VocabShard":
         """The shard of the current device (call inside `jax.shard_map`)."""
         offset = 0 if axis is None else lax.axis_index(axis) * local_size
-        return cls(vocab_size, local_size, axis, offset)
+        return cls(vocab_size, local_size, axis, offset, method)
 
     @classmethod
-    def whole(cls, vocab_size: int) -> "VocabShard":
+    def whole(cls, vocab_size: int, method: Any = "auto") -> "VocabShard":
         """Whole rows on one device: every collective is the identity."""
-        return cls(vocab_size, vocab_size)
+        return cls(vocab_size, vocab_size, method=method)
 
     # -- collectives over the vocabulary (identity on one device)
     def _pmax(self, x: Array) -> Array:
@@ -282,8 +287,10 @@ class VocabShard:
         return self.max(x) if m == 1 else self.kth_largest(x, m, method=method)
 
 
-def _shard_for(x: Array, shard: VocabShard | None) -> VocabShard:
-    return VocabShard.whole(x.shape[-1]) if shard is None else shard
+def _shard_for(x: Array, shard: VocabShard | None, method: Any) -> tuple[VocabShard, Any]:
+    """(the shard, the method to use): ``method="auto"`` defers to the shard's."""
+    shard = VocabShard.whole(x.shape[-1]) if shard is None else shard
+    return shard, shard.method if isinstance(method, str) and method == "auto" else method
 
 
 # ----------------------------------------------------------------------------- keys
@@ -405,7 +412,7 @@ def _compare_counts(keys, weights):
 
     def count(prefix, shift, width):
         digits = jnp.arange(1, 1 << width, dtype=_U32)  # [C]
-        cand = prefix[:, None] | (digits << _U32(shift))[None, :]  # [R, C]
+        cand = prefix[:, None] | (digits << jnp.asarray(shift, _U32))[None, :]  # [R, C]
         above = keys[:, None, :] >= cand[:, :, None]  # [R, C, V]
         if weights is None:
             return jnp.sum(above, axis=2, dtype=jnp.int32)
@@ -415,7 +422,7 @@ def _compare_counts(keys, weights):
 
 
 def _digit_search(count, target: Array, digits: tuple[int, ...], bits: int,
-                  reduce=lambda m: m) -> Array:
+                  reduce=lambda m: m, rolled: bool = False) -> Array:
     """Largest ``T`` (digit-aligned) with ``mass(key >= T) >= target``: the one search.
 
     Builds ``T`` a digit at a time, most significant first. ``count(prefix, shift,
@@ -425,17 +432,27 @@ def _digit_search(count, target: Array, digits: tuple[int, ...], bits: int,
     `shard_map`). The digit is the largest ``c`` whose mass reaches the target (0 if
     none: the mass is non-increasing in ``c``). In exact arithmetic ``T`` is the key of
     an element of the row; the callers snap it to one when the masses are rounded.
-    One evaluation of ``count`` per digit: ``len(digits)`` passes over the row.
+    One evaluation of ``count`` per digit: ``len(digits)`` passes over the row,
+    unrolled (on a GPU a ``while`` loop reads its predicate back to the host every
+    trip), or a ``fori_loop`` with a traced ``shift`` when ``rolled`` (the Pallas
+    interpreter: one kernel to compile instead of one per digit).
     """
-    prefix = jnp.zeros(target.shape, _U32)
-    shift = bits
-    for width in digits:
-        shift -= width
+    def step(prefix, shift, width):
         mass = reduce(count(prefix, shift, width))  # [R, C]
         ok = mass >= target[:, None]
         c = jnp.arange(1, 1 << width, dtype=jnp.int32)
         d = jnp.max(jnp.where(ok, c[None, :], 0), axis=1)
-        prefix = prefix | (d.astype(_U32) << _U32(shift))
+        return prefix | (d.astype(_U32) << shift)
+
+    prefix = jnp.zeros(target.shape, _U32)
+    if rolled and len(set(digits)) == 1:  # one traced body (a shorter program to compile)
+        width = digits[0]
+        return lax.fori_loop(0, len(digits), lambda i, prefix: step(
+            prefix, (bits - width * (i + 1)).astype(_U32), width), prefix)
+    shift = bits
+    for width in digits:
+        shift -= width
+        prefix = step(prefix, _U32(shift), width)
     return prefix
 
 
@@ -515,14 +532,15 @@ def _search(s: Array, weights: Array | None, target: Array, plan: Plan, shard: V
                                      s.dtype)
         count = _compare_counts(keys, weights)
     digits = plan.digits32 if bits == 32 else plan.digits16
-    prefix = _digit_search(count, target, digits, bits, shard._psum)
+    prefix = _digit_search(count, target, digits, bits, shard._psum,
+                           rolled=plan.engine == "kernel" and plan.interpret)
     if snap:
         prefix = _snap(keys, prefix, shard)
     return from_ordered_keys(prefix, value_dtype).astype(s.dtype)
 
 
 def _kernel_counts(s, softmax_max, weights, mode, interpret, prefix, shift, width):
-    return _kernels.count_above(s, prefix, softmax_max, weights, shift=shift, width=width,
+    return _kernels.count_above(s, prefix, shift, softmax_max, weights, width=width,
                                 mode=mode, interpret=interpret)
 
 
@@ -572,7 +590,7 @@ def kth_largest(x: jax.Array, k, *, method: Any = "auto",
       Array([1.], dtype=float32)
     """
     x = jnp.asarray(x)
-    shard = _shard_for(x, shard)
+    shard, method = _shard_for(x, shard, method)
     vocab = shard.vocab_size
     plan = _resolve(method, vocab, sharded=shard.axis is not None)
     batch = x.shape[:-1]
@@ -661,7 +679,7 @@ def mass_threshold(scores: jax.Array, weights: jax.Array | None, p, *,
       Array(-1.89712, dtype=float32)
     """
     scores = jnp.asarray(scores)
-    shard = _shard_for(scores, shard)
+    shard, method = _shard_for(scores, shard, method)
     plan = _resolve(method, shard.vocab_size, sharded=shard.axis is not None)
     if plan is None:
         return _mass_threshold_sort(scores, weights, p)

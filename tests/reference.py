@@ -128,9 +128,8 @@ def typical_p_row(x, p, m=1):
         return x.copy(), math.inf
     q = softmax(x)
     h = entropy(q)
-    with np.errstate(divide="ignore"):
-        surprisal = -np.log(q)
-    score = np.abs(surprisal - h)  # inf where q == 0
+    surprisal = -log_softmax(x)  # finite for every finite logit, even where q underflows
+    score = np.abs(surprisal - h)  # inf for a -inf logit
     order = sorted(range(len(x)), key=lambda i: score[i])  # most typical first
     hit, margin = _first_reaching([q[i] for i in order], p)
     s_m = score[order[hit]]
