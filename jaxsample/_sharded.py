@@ -6,9 +6,13 @@ those local slices with `jax.shard_map` and collective reductions over that axis
 never gathers the ``[B, V]`` logits onto one device:
 
 * row max / sum / log-sum-exp: local reduction, then ``lax.pmax`` / ``lax.psum``;
-* top-k: the exact k-th largest logit, found by a radix search over the float bits
-  whose per-candidate counts are ``psum``-ed (4 bits a pass, 8 passes, ``[B, 15]``
-  numbers per collective), so a traced per-row ``k`` needs no static cap;
+* every filter is `jaxsample._filters`' own body (``top_p_rows``, ...) run on the local
+  slice with a `VocabShard` whose reductions are collectives: one implementation for
+  one device and for shards;
+* top-k: the exact k-th largest logit, found by the radix search of
+  `jaxsample._select` whose per-candidate counts are ``psum``-ed (4 bits a pass, 8
+  passes for float32, ``[B, 15]`` numbers per collective; the Pallas counting kernel on
+  GPU, the XLA compare engine elsewhere), so a traced per-row ``k`` needs no static cap;
 * top-p / typical-p: the same radix search over masses (``psum`` of the probability
   above each candidate threshold); min-p, epsilon, eta, top-n-sigma: thresholds from
   ``pmax`` / ``psum`` statistics (max, log-sum-exp, entropy, mean and variance);
