@@ -35,9 +35,16 @@ Both are found **without sorting the vocabulary** (``method="auto"``):
      scatter-add over the vocabulary costs a few reduction passes and a sort a hundred.
    * ``"compare"``: for a ``b``-bit digit, the masses above the ``2**b - 1`` candidate
      thresholds are counted directly (compare and sum over the vocabulary, no scatter).
-     Eight 4-bit passes for float32. The default on GPU and TPU, where a scatter-add
-     means atomics (and is slow on TPU) while a fused compare-and-reduce runs at memory
-     speed.
+     Eight 4-bit passes for float32. The default on TPU and for vocab-sharded rows on
+     CPU.
+   * ``"kernel"``: the same counts from a Pallas kernel (`jaxsample._kernels`) that
+     reads the scores once per digit and evaluates the 15 candidates on chip (XLA's
+     ``[R, 15, V]`` compare costs 4-5 reads on a GPU). The default on GPU.
+
+   The digit loop (:func:`_digit_search`) is written once for the compare and kernel
+   engines, whole rows or vocab shards alike: the per-pass masses go through
+   ``VocabShard._psum``, the identity on one device and a ``psum`` over the model axis
+   inside `shard_map` (:class:`VocabShard`).
 
    Counts (top-k) are integers: exact. Masses are float32 sums, accumulated in a
    different order than a sort's running sum, so a row whose running mass lies within
@@ -78,6 +85,7 @@ __all__ = [
     "ordered_keys",
     "from_ordered_keys",
     "radix_select",
+    "VocabShard",
 ]
 
 Array = jax.Array
