@@ -92,6 +92,15 @@ def _kernel(*refs, width, vocab, block, bits, mode):
     out_ref[...] = out
 
 
+def _out_shape(shape: tuple[int, ...], like: Array) -> jax.ShapeDtypeStruct:
+    """float32 ``shape`` varying over the same manual mesh axes as ``like`` (inside
+    `shard_map` with ``check_vma``, Pallas needs to be told; outside it is empty)."""
+    mat = getattr(jax.typeof(like), "mat", None) if hasattr(jax, "typeof") else None
+    if mat is None:
+        return jax.ShapeDtypeStruct(shape, _F32)
+    return jax.ShapeDtypeStruct(shape, _F32, manual_axis_type=mat)
+
+
 def count_above(x: Array, prefix: Array, shift: Array | int, stat: Array | None,
                 weights: Array | None, *, width: int, mode: str,
                 interpret: bool = False) -> Array:
@@ -136,7 +145,7 @@ def count_above(x: Array, prefix: Array, shift: Array | int, stat: Array | None,
     partial = pl.pallas_call(
         kernel, grid=(rows, blocks), in_specs=in_specs,
         out_specs=pl.BlockSpec((1, _LANES), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((rows, blocks * _LANES), _F32),
+        out_shape=_out_shape((rows, blocks * _LANES), x),
         interpret=interpret, **params)(*args)  # [R, blocks * 16]
     partial = partial.reshape(rows, blocks, _LANES)[:, :, 1:1 << width]
     if mode == "count":  # exact: integers per block, summed as integers

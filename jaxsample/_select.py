@@ -452,7 +452,7 @@ def _digit_search(count, target: Array, digits: tuple[int, ...], bits: int,
         d = jnp.max(jnp.where(ok, c[None, :], 0), axis=1)
         return prefix | (d.astype(_U32) << shift)
 
-    prefix = jnp.zeros(target.shape, _U32)
+    prefix = jnp.zeros_like(target, _U32)  # (inside shard_map: varies like the target)
     if rolled and len(set(digits)) == 1:  # one traced body (a shorter program to compile)
         width = digits[0]
         return lax.fori_loop(0, len(digits), lambda i, prefix: step(

@@ -456,9 +456,11 @@ def gumbel_sample_step(chain: LogitsProcessor, logits: Array, state: State,
 # ----------------------------------------------------------------------------- sharded
 
 
-def _shard_map(f: Callable, mesh: Mesh, in_specs: Any, out_specs: Any) -> Callable:
+def _shard_map(f: Callable, mesh: Mesh, in_specs: Any, out_specs: Any,
+               check_vma: bool = True) -> Callable:
     if hasattr(jax, "shard_map"):
-        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                             check_vma=check_vma)
     from jax.experimental.shard_map import shard_map  # jax < 0.6
 
     return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
@@ -484,6 +486,9 @@ class ShardedSampler:
       mesh: the device mesh.
       vocab_axis: the mesh axis the vocabulary is split over.
       batch_axis: the mesh axis the batch is split over, or None (replicated batch).
+      method: the selection method of the threshold searches (`VocabShard.method`):
+        ``"auto"`` (the backend's sharded plan: the Pallas kernel on GPU, the XLA
+        compare engine elsewhere) or a `jaxsample._select.Plan`.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxsample as js
@@ -499,6 +504,7 @@ class ShardedSampler:
     mesh: Mesh
     vocab_axis: str = "model"
     batch_axis: str | None = "data"
+    method: Any = "auto"
 
     def __post_init__(self) -> None:
         for name in (self.vocab_axis, self.batch_axis):
@@ -532,8 +538,14 @@ class ShardedSampler:
                              f"axis {self.batch_axis!r}")
         return batch, vocab, vocab // nv
 
+    @property
+    def _check_vma(self) -> bool:
+        # Pallas' interpreter does not mark the constants of a kernel body as varying
+        # over the manual axes (jax 0.10): interpreted kernels run without the check.
+        return not getattr(self.method, "interpret", False)
+
     def _shard(self, vocab: int, local: int) -> VocabShard:
-        return VocabShard.inside(vocab, local, self.vocab_axis)
+        return VocabShard.inside(vocab, local, self.vocab_axis, self.method)
 
     def _prepare(self, processor: LogitsProcessor, batch: int, vocab: int):
         rules = _rules_for(processor)
@@ -597,7 +609,8 @@ class ShardedSampler:
             return self._apply_local(rules, arrays, logits, self._shard(vocab, local))
 
         row_vocab = self._spec(ROW_VOCAB)
-        return _shard_map(body, self.mesh, (row_vocab, specs), row_vocab)(logits, arrays)
+        return _shard_map(body, self.mesh, (row_vocab, specs), row_vocab,
+                          check_vma=self._check_vma)(logits, arrays)
 
     def _sample(self, key: Array, logits: Array) -> Array:
         batch, vocab, local = self._sizes(logits)
@@ -656,7 +669,8 @@ class ShardedSampler:
             return processed, token, raw, proc_lp
 
         row, row_vocab = self._spec(ROW), self._spec(ROW_VOCAB)
-        step = _shard_map(body, self.mesh, (row_vocab, specs, row), (row_vocab, row, row, row))
+        step = _shard_map(body, self.mesh, (row_vocab, specs, row), (row_vocab, row, row, row),
+                          check_vma=self._check_vma)
         processed, token, raw, proc_lp = step(logits, arrays, seeds)
         new_state = chain.update(state, token, processed)
         return token, new_state, StepOutput(token_logprob_raw=raw, token_logprob_processed=proc_lp)
