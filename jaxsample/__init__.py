@@ -159,3 +159,12 @@ __all__ += [
     "sharded_generate",
     "sharded_sample_step",
 ]
+
+# --- beam search (deterministic, transformers' semantics) -----------------------------
+from jaxsample._beam import BeamSearchOutput
+from jaxsample._beam import beam_search
+
+__all__ += [
+    "BeamSearchOutput",
+    "beam_search",
+]

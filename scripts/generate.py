@@ -5,6 +5,7 @@
     python scripts/generate.py "Hello" --checkpoint path/to/llama-dir --greedy
     python scripts/generate.py "ROMEO:" --order llamacpp --top-k 40 --min-p 0.05 --repetition-penalty 1.1 \
         --penalty-window 64 --dry-multiplier 0.8 --xtc-probability 0.5 --top-logprobs 3
+    python scripts/generate.py "ROMEO:" --num-beams 4 --num-return-sequences 2 --length-penalty 1.2
 
 Every sampling method of jaxsample is a flag (see docs/methods.md); --order picks the chain
 order: jaxsample's documented default (every method), or the default order of transformers,
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("outputs")
     g.add_argument("--top-logprobs", type=int, default=0, help="print the N most likely tokens of each step")
     g.add_argument("--prompt-logprobs", action="store_true", help="print each prompt's log-likelihood")
+    add_beam_arguments(p)
     return p
 
 
@@ -166,6 +168,86 @@ def _show(tok, token: int) -> str:
     return repr(tok.decode([int(token)]))
 
 
+def timed_run(parser: argparse.ArgumentParser, run):
+    """(output, seconds of the first call (compile + run), seconds of a second call);
+    a ValueError from the library exits with status 2 and its message."""
+    try:
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(run())  # compiles, then runs
+        first = time.perf_counter() - t0
+    except ValueError as e:
+        parser.error(str(e))
+    t0 = time.perf_counter()
+    jax.block_until_ready(run())  # steady state
+    return out, first, time.perf_counter() - t0
+
+
+# --- beam search (jaxsample.beam_search) ----------------------------------------------
+
+# Flags that shape sampling or its outputs, which beam search (deterministic, raw log-probs) does not use.
+_NOT_WITH_BEAMS = (*_VALUES, "greedy", "order", "num_samples", "allowed_tokens", "logit_bias", "bad_words",
+                   "dry_breakers", "top_logprobs", "prompt_logprobs")
+
+
+def add_beam_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("beam search", "deterministic: replaces sampling (transformers' semantics)")
+    g.add_argument("--num-beams", type=int, default=None, help="beam search with N beams (off if unset)")
+    g.add_argument("--length-penalty", type=float, default=None,
+                   help="score = log-prob / length ** X (default 1; > 0 favours longer outputs)")
+    g.add_argument("--early-stopping", choices=("false", "true", "never"), default=None,
+                   help="when a prompt's search ends (transformers' early_stopping; default false)")
+    g.add_argument("--num-return-sequences", type=int, default=None,
+                   help="print the best N hypotheses of each prompt (default 1, at most --num-beams)")
+
+
+def beam_settings(parser: argparse.ArgumentParser, args) -> dict | None:
+    """`jaxsample.beam_search` keywords from the flags, or None without --num-beams.
+
+    Beam-only flags without --num-beams, and sampling flags with it, are errors (exit 2).
+    """
+    beam_flags = ("length_penalty", "early_stopping", "num_return_sequences")
+    if args.num_beams is None:
+        given = [f for f in beam_flags if getattr(args, f) is not None]
+        if given:
+            parser.error(f"--{given[0].replace('_', '-')} needs --num-beams")
+        return None
+    sampling = [name for name in _NOT_WITH_BEAMS if getattr(args, name) != parser.get_default(name)]
+    if sampling:
+        flag = "--" + sampling[0].replace("_", "-")
+        parser.error(f"{flag}={getattr(args, sampling[0])!r} cannot be used with --num-beams: beam search is "
+                     f"deterministic and scores the model's raw log-probs (no sampling flags)")
+    settings = dict(num_beams=args.num_beams,
+                    length_penalty=1.0 if args.length_penalty is None else args.length_penalty,
+                    early_stopping={"false": False, "true": True, "never": "never"}[args.early_stopping or "false"],
+                    num_return_sequences=args.num_return_sequences or 1)
+    if settings["num_beams"] < 1:
+        parser.error(f"--num-beams must be >= 1, got {args.num_beams}")
+    if not 1 <= settings["num_return_sequences"] <= settings["num_beams"]:
+        parser.error(f"--num-return-sequences must be in [1, --num-beams={args.num_beams}], "
+                     f"got {args.num_return_sequences}")
+    if not np.isfinite(settings["length_penalty"]):
+        parser.error(f"--length-penalty must be finite, got {args.length_penalty}")
+    return settings
+
+
+def run_beam_search(parser, lm, tok, prompts: list[str], args, settings: dict) -> int:
+    """Beam search over the prompts; prints every returned hypothesis with its score."""
+    ids, lengths = tok.encode_batch(prompts)
+    stop_ids = [tok.eos_id] if args.stop_at_eos else []
+    run = lambda: js.beam_search(lm, ids, lengths, max_new_tokens=args.max_new_tokens, stop_ids=stop_ids,
+                                 pad_id=tok.pad_id, **settings)
+    out, first, steady = timed_run(parser, run)
+    seqs, lens, scores = np.asarray(out.sequences), np.asarray(out.lengths), np.asarray(out.scores)
+    for i, text in enumerate(prompts):
+        for r in range(seqs.shape[1]):
+            tag = f"[{i}.{r}]" if seqs.shape[1] > 1 else f"[{i}]"
+            print(f"{tag} score {scores[i, r]:.4f} | {text}{tok.decode(seqs[i, r, :lens[i, r]])}")
+        print()
+    print(f"compile {max(first - steady, 0.0):.2f} s | beam search {steady * 1e3:.0f} ms "
+          f"({settings['num_beams']} beams, {len(prompts)} prompts, {jax.default_backend()})", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -183,6 +265,7 @@ def main(argv=None) -> int:
         parser.error(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.top_logprobs < 0:
         parser.error(f"--top-logprobs must be >= 0, got {args.top_logprobs}")
+    beam = beam_settings(parser, args)
     try:
         build_sampler(args)  # checks every value before the model loads
     except ValueError as e:
@@ -191,6 +274,8 @@ def main(argv=None) -> int:
         lm, tok = load_pretrained(args.checkpoint)
     except (CheckpointError, OSError, ValueError, ImportError) as e:
         parser.error(f"--checkpoint: {e}")
+    if beam:
+        return run_beam_search(parser, lm, tok, prompts, args, beam)
     try:
         sampler = build_sampler(args, tok)
         for flag, ids in (("--allowed-tokens", _parse_ids("", args.allowed_tokens or "")),
@@ -208,15 +293,7 @@ def main(argv=None) -> int:
     run = lambda: js.generate(lm, ids, lengths, keys, max_new_tokens=args.max_new_tokens, sampler=sampler,
                               stop_ids=stop_ids, pad_id=tok.pad_id, n=n, top_logprobs=args.top_logprobs,
                               prompt_logprobs=args.prompt_logprobs)
-    try:
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(run())  # compiles, then runs
-        first = time.perf_counter() - t0
-    except ValueError as e:
-        parser.error(str(e))
-    t0 = time.perf_counter()
-    jax.block_until_ready(run())  # steady state
-    steady = time.perf_counter() - t0
+    out, first, steady = timed_run(parser, run)
 
     tokens, gen_lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     for i, text in enumerate(texts):
