@@ -27,6 +27,7 @@ reference); ``jax.export`` for ``platforms=["cuda"]`` runs the real Triton lower
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -95,10 +96,14 @@ def _kernel(*refs, width, vocab, block, bits, mode):
 def _out_shape(shape: tuple[int, ...], like: Array) -> jax.ShapeDtypeStruct:
     """float32 ``shape`` varying over the same manual mesh axes as ``like`` (inside
     `shard_map` with ``check_vma``, Pallas needs to be told; outside it is empty)."""
-    mat = getattr(jax.typeof(like), "mat", None) if hasattr(jax, "typeof") else None
-    if mat is None:
-        return jax.ShapeDtypeStruct(shape, _F32)
-    return jax.ShapeDtypeStruct(shape, _F32, manual_axis_type=mat)
+    aval = jax.typeof(like) if hasattr(jax, "typeof") else None
+    accepted = inspect.signature(jax.ShapeDtypeStruct).parameters
+    # The field's name moved between jax versions: manual_axis_type (0.10), vma (earlier).
+    for attr, keyword in (("mat", "manual_axis_type"), ("vma", "vma")):
+        value = getattr(aval, attr, None)
+        if value is not None and keyword in accepted:
+            return jax.ShapeDtypeStruct(shape, _F32, **{keyword: value})
+    return jax.ShapeDtypeStruct(shape, _F32)
 
 
 def count_above(x: Array, prefix: Array, shift: Array | int, stat: Array | None,
@@ -141,7 +146,9 @@ def count_above(x: Array, prefix: Array, shift: Array | int, stat: Array | None,
     if not interpret:
         from jax.experimental.pallas import triton as pltriton
 
-        params["compiler_params"] = pltriton.CompilerParams(num_warps=4, num_stages=2)
+        # The Triton lowering (not Mosaic GPU, jax 0.10's default for pallas_call).
+        params_type = getattr(pltriton, "CompilerParams", None) or pltriton.TritonCompilerParams
+        params["compiler_params"] = params_type(num_warps=4, num_stages=2)
     partial = pl.pallas_call(
         kernel, grid=(rows, blocks), in_specs=in_specs,
         out_specs=pl.BlockSpec((1, _LANES), lambda i, j: (i, j)),

@@ -150,6 +150,18 @@ def test_every_gpu_kernel_lowers_for_cuda(shape, dtype):
     assert text.count(_TRITON) >= 3
 
 
+def test_sharded_gpu_path_lowers_for_cuda_inside_shard_map():
+    """`ShardedSampler` with the GPU plan: the kernels lower inside `shard_map` (with its
+    varying-axes check on), one per digit: 4 for bf16 top-k + 4 for bf16 top-p."""
+    from models import sharding
+
+    sampler = js.ShardedSampler(sharding.make_mesh((1, 1)), method=_select.KERNEL_PLAN)
+    chain = js.default_chain(top_k=np.array([1, 5, 9, 40]), top_p=0.9)
+    text = _export_cuda(lambda x: sampler.apply(chain, x),
+                        jax.ShapeDtypeStruct((4, 1024), jnp.bfloat16))
+    assert text.count(_TRITON) == 8
+
+
 def _eqns(jaxpr):
     """Every equation of a jaxpr, those of sub-jaxprs (cond, pjit, ...) included."""
     for eqn in jaxpr.eqns:
