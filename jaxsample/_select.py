@@ -101,13 +101,15 @@ class Plan:
     """How the sort-free selection runs (static: part of the traced program).
 
     Attributes:
-      engine: ``"scatter"`` (histogram by scatter-add) or ``"compare"`` (count the
-        mass above each candidate digit).
+      engine: ``"scatter"`` (histogram by scatter-add, whole rows only), ``"compare"``
+        (count the mass above each candidate digit in XLA) or ``"kernel"`` (the same
+        counts from the Pallas kernel of `jaxsample._kernels`).
       digits32: digit widths, most significant first, for 32-bit keys (sum 32).
       digits16: digit widths for 16-bit keys (bfloat16 / float16 scores; sum 16).
       window: static size of the ``lax.top_k`` candidate window tried first for a
         traced ``k`` and for mass thresholds; 0 disables it.
       top_k_static_max: a static ``k`` up to this uses ``lax.top_k(x, k)`` directly.
+      interpret: run the kernel engine in the Pallas interpreter (CPU tests).
     """
 
     engine: str = "scatter"
