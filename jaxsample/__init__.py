@@ -168,3 +168,20 @@ __all__ += [
     "BeamSearchOutput",
     "beam_search",
 ]
+
+# --- constrained decoding: regex / JSON schema / choices as token masks (pip install '.[structured]') ---
+from jaxsample._structured import Choice
+from jaxsample._structured import Constraint
+from jaxsample._structured import JSONSchema
+from jaxsample._structured import Regex
+from jaxsample._structured import stack_constraints
+from jaxsample._structured import token_bytes
+
+__all__ += [
+    "Choice",
+    "Constraint",
+    "JSONSchema",
+    "Regex",
+    "stack_constraints",
+    "token_bytes",
+]

@@ -5,34 +5,32 @@ A model checkpoint is a directory holding `model.safetensors` and `config.json`
 into place, and a checkpoint directory itself is assembled under a temporary name and
 renamed, so a crash never leaves a half-written checkpoint behind.
 
-The safetensors format is small enough to implement here in NumPy: an 8-byte
-little-endian header length, a JSON header mapping names to dtype, shape and byte
-offsets, then the raw little-endian bytes.
+Arrays are read and written with the `safetensors` library (numpy backend; bfloat16
+through ml_dtypes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import struct
 import tempfile
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 from models.config import DecoderConfig
 from models.decoder import DecoderLM, init_params
 
-_ST_DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
-    "U32": np.dtype(np.uint32), "U64": np.dtype(np.uint64), "BOOL": np.dtype(np.bool_),
-}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+# The dtypes our checkpoints store (ml_dtypes gives numpy its bfloat16).
+_ST_DTYPES = tuple(np.dtype(t) for t in (np.float64, np.float32, np.float16, ml_dtypes.bfloat16, np.int64,
+                                         np.int32, np.int16, np.int8, np.uint8, np.uint32, np.uint64, np.bool_))
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -50,15 +48,17 @@ os.umask(_UMASK)
 # ----------------------------------------------------------------------------- files
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Writes `data` to `path` through a temporary file in the same directory + rename."""
+@contextlib.contextmanager
+def _atomic_file(path: str) -> Iterator[str]:
+    """Yields a temporary path next to `path` to write; on success it is fsynced, given the
+    usual permissions and renamed to `path`; on any error it is removed."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
+    os.close(fd)
     try:
+        yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -67,66 +67,57 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         raise
 
 
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Writes `data` to `path` through a temporary file in the same directory + rename."""
+    with _atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
 def atomic_write_json(path: str, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def save_safetensors(path: str, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
-    """Writes named arrays to a safetensors file, atomically."""
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    offset, blobs = 0, []
-    for name in sorted(arrays):
-        arr = np.asarray(arrays[name])
-        if arr.dtype not in _ST_NAMES:
+    """Writes named arrays to a safetensors file (the `safetensors` library), atomically."""
+    arrays = {name: np.asarray(arrays[name], order="C") for name in sorted(arrays)}  # keeps 0-d shapes
+    for name, arr in arrays.items():
+        if arr.dtype not in _ST_DTYPES:
             raise TypeError(f"cannot store {name!r} with dtype {arr.dtype} in safetensors")
-        data = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
-        header[name] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # align the data section to 8 bytes
-    atomic_write_bytes(path, struct.pack("<Q", len(head)) + head + b"".join(blobs))
+    with _atomic_file(path) as tmp:
+        safetensors.numpy.save_file(arrays, tmp, metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+
+
+def explain_bad_safetensors(path: str, error: Exception) -> str:
+    """A precise reason why `safetensors` refused `path` (truncation found from the sizes),
+    else the library's own message."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"truncated safetensors file ({size} bytes)"
+            (n,) = struct.unpack("<Q", head)
+            if 8 + n > size:
+                return f"truncated safetensors header (needs {8 + n} bytes, file has {size})"
+            header = json.loads(f.read(n))
+        data = size - 8 - n
+        for name, info in header.items():
+            if name != "__metadata__" and info["data_offsets"][1] > data:
+                return f"truncated: tensor {name!r} ends at byte {info['data_offsets'][1]}, data has {data}"
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        pass
+    return f"not a valid safetensors file: {error}"
 
 
 def load_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Reads a safetensors file; raises `CheckpointError` on a truncated or malformed file."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint file not found: {path}")
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file not found: {path}") from None
-    if len(raw) < 8:
-        raise CheckpointError(f"{path}: truncated safetensors file ({len(raw)} bytes)")
-    (n,) = struct.unpack("<Q", raw[:8])
-    if 8 + n > len(raw):
-        raise CheckpointError(f"{path}: truncated safetensors header (needs {8 + n} bytes, file has {len(raw)})")
-    try:
-        header = json.loads(raw[8:8 + n])
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: malformed safetensors header: {e}") from None
-    metadata = header.pop("__metadata__", {}) or {}
-    data = memoryview(raw)[8 + n:]
-    arrays = {}
-    for name, info in header.items():
-        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
-            raise CheckpointError(f"{path}: malformed safetensors header entry for tensor {name!r}: {info!r}")
-        dtype = _ST_DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-        start, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        if not 0 <= start <= end:
-            raise CheckpointError(f"{path}: tensor {name!r} has invalid data_offsets {[start, end]}")
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if end - start != expected:
-            raise CheckpointError(f"{path}: tensor {name!r} has {end - start} bytes, shape {shape} needs {expected}")
-        if end > len(data):
-            raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {end}, data has {len(data)}")
-        arrays[name] = np.frombuffer(data[start:end], dtype=dtype.newbyteorder("<")).astype(dtype).reshape(shape)
-    return arrays, metadata
+        with safetensors.safe_open(path, framework="numpy") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}, dict(f.metadata() or {})
+    except (safetensors.SafetensorError, OSError, TypeError) as e:
+        raise CheckpointError(f"{path}: {explain_bad_safetensors(path, e)}") from None
 
 
 # --------------------------------------------------------------------------- pytrees

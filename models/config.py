@@ -9,11 +9,44 @@ from typing import Any
 import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_ACTIVATIONS = ("silu", "gelu_tanh")
+_ROPE_TYPES = ("linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling for longer contexts (Hugging Face `rope_scaling`).
+
+    Attributes:
+      rope_type: "linear" (every inverse frequency divided by `factor`) or "llama3"
+        (Llama 3.1: low frequencies divided by `factor`, high ones kept, a smooth
+        interpolation between; see `models.rope.inverse_frequencies`).
+      factor: the context extension factor.
+      low_freq_factor, high_freq_factor, original_max_position_embeddings: llama3 only.
+    """
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.rope_type not in _ROPE_TYPES:
+            raise ValueError(f"RopeScaling.rope_type must be one of {list(_ROPE_TYPES)}, got {self.rope_type!r}")
+        if not self.factor > 0:
+            raise ValueError(f"RopeScaling.factor must be > 0, got {self.factor!r}")
+        if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor > 0:
+            raise ValueError(f"RopeScaling: llama3 needs high_freq_factor > low_freq_factor > 0, got "
+                             f"{self.high_freq_factor!r} and {self.low_freq_factor!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
-    """Shape and numerics of a Llama-style decoder with tied embeddings.
+    """Shape and numerics of a Llama-style decoder (tied embeddings by default).
+
+    The fields after `dtype` are the family switches of the Hugging Face checkpoints
+    `models.load_hf` reads; their defaults are the plain tied Llama decoder.
 
     Attributes:
       vocab_size: number of token ids V; logits have shape [..., V].
@@ -28,6 +61,22 @@ class DecoderConfig:
       norm_eps: epsilon of RMSNorm.
       dtype: "float32" or "bfloat16", for weights and activations. Logits are
         always returned in float32.
+      tie_embeddings: logits = hidden @ embedding.T; False adds an `lm_head` matrix.
+      qkv_bias: biases on the query/key/value projections (Qwen2).
+      activation: gate activation of the gated MLP: "silu" (SwiGLU) or "gelu_tanh"
+        (GeGLU with the tanh approximation, Gemma).
+      norm_plus_one: RMSNorm scales by (1 + w) instead of w (Gemma; w starts at 0).
+      embed_scale: multiply the embeddings by sqrt(d_model) (Gemma).
+      post_norms: also RMSNorm the attention and MLP outputs before the residual
+        add (Gemma 2).
+      attn_scale: query scale; None is 1 / sqrt(head_dim) (Gemma 2:
+        query_pre_attn_scalar ** -0.5).
+      attn_softcap: attention scores -> cap * tanh(scores / cap) (Gemma 2); None: off.
+      final_softcap: logits -> cap * tanh(logits / cap) (Gemma 2); None: off.
+      sliding_window: a query at position t attends to keys at positions
+        > t - sliding_window (Mistral, Gemma 2); None: the whole context.
+      sliding_window_layers: the layers that use the window; None: every layer.
+      rope_scaling: None, or a `RopeScaling` (Llama 3.1 "llama3", "linear").
     """
 
     vocab_size: int
@@ -41,6 +90,18 @@ class DecoderConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     dtype: str = "float32"
+    tie_embeddings: bool = True
+    qkv_bias: bool = False
+    activation: str = "silu"
+    norm_plus_one: bool = False
+    embed_scale: bool = False
+    post_norms: bool = False
+    attn_scale: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    sliding_window: int | None = None
+    sliding_window_layers: tuple[int, ...] | None = None
+    rope_scaling: RopeScaling | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"):
@@ -54,10 +115,34 @@ class DecoderConfig:
             raise ValueError(f"DecoderConfig.head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"DecoderConfig.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.activation not in _ACTIVATIONS:
+            raise ValueError(f"DecoderConfig.activation must be one of {list(_ACTIVATIONS)}, got {self.activation!r}")
+        for name in ("attn_scale", "attn_softcap", "final_softcap"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"DecoderConfig.{name} must be None or > 0, got {value!r}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            raise ValueError(f"DecoderConfig.sliding_window must be None or a positive int, got {self.sliding_window!r}")
+        layers = self.sliding_window_layers
+        if layers is not None:
+            if not isinstance(layers, tuple) or any(not isinstance(i, int) or not 0 <= i < self.n_layers
+                                                    for i in layers):
+                raise ValueError(f"DecoderConfig.sliding_window_layers must be a tuple of layer indices in "
+                                 f"[0, {self.n_layers}), got {layers!r}")
+            if self.sliding_window is None and layers:
+                raise ValueError(f"DecoderConfig.sliding_window_layers={layers!r} needs a sliding_window")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(f"DecoderConfig.rope_scaling must be None or a RopeScaling, got {self.rope_scaling!r}")
 
     @property
     def jnp_dtype(self):
         return _DTYPES[self.dtype]
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer` (None: it attends to the whole context)."""
+        if self.sliding_window_layers is None or layer in self.sliding_window_layers:
+            return self.sliding_window
+        return None
 
     def replace(self, **changes: Any) -> "DecoderConfig":
         return dataclasses.replace(self, **changes)
@@ -74,14 +159,21 @@ class DecoderConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown DecoderConfig fields {unknown}")
+        d = dict(d)
+        if isinstance(d.get("rope_scaling"), dict):  # JSON round trip of the nested dataclass
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        if isinstance(d.get("sliding_window_layers"), list):
+            d["sliding_window_layers"] = tuple(d["sliding_window_layers"])
         return cls(**d)
 
     def num_params(self) -> int:
-        """Parameter count (embedding counted once: the output projection is tied)."""
+        """Parameter count (the embedding counted once when the output projection is tied)."""
         d, h, kv, hd = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim
-        attn = d * h * hd * 2 + d * kv * hd * 2
+        attn = d * h * hd * 2 + d * kv * hd * 2 + (h + 2 * kv) * hd * self.qkv_bias
         mlp = 3 * d * self.d_ff
-        return self.vocab_size * d + self.n_layers * (attn + mlp + 2 * d) + d
+        norms = (4 if self.post_norms else 2) * d
+        embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return embed + self.n_layers * (attn + mlp + norms) + d
 
 
 # Byte-level vocabulary: 256 bytes + BOS, EOS, PAD (see models/tokenizer.py).

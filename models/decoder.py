@@ -1,5 +1,11 @@
 """A Llama-style decoder in Flax with a tied output projection and an explicit KV cache.
 
+The config's family switches (models/config.py) turn it into the other decoders that
+`models.load_hf` reads: an untied `lm_head`, q/k/v biases (Qwen2), GeGLU, (1 + w)
+RMSNorm and scaled embeddings (Gemma), post-norms, soft-capping and sliding-window
+layers (Gemma 2, Mistral), scaled RoPE (Llama 3.1). With the defaults it is the
+diagram below.
+
 The whole model in one file (nanoGPT style). Shapes use B = batch, T = tokens in this
 call, S = cache length, D = d_model, H = query heads, K = key/value heads, Dh = head
 width, V = vocabulary.
@@ -25,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from models.config import DecoderConfig
+from models.rope import rope
 
 
 class KVCache(NamedTuple):
@@ -52,46 +59,40 @@ def init_cache(config: DecoderConfig, batch_size: int, max_len: int) -> KVCache:
     return KVCache(k=zeros, v=tuple(jnp.zeros_like(z) for z in zeros))
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding, Hugging Face Llama convention (rotate-half).
-
-    Args:
-      x: [B, T, heads, Dh].
-      positions: [B, T] integer positions.
-    """
-    dh = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))  # [Dh/2]
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, Dh/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, Dh]
-    x32 = x.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
-
-
 class RMSNorm(nn.Module):
+    """x / rms(x) * w, in float32; `plus_one` scales by (1 + w) instead (Gemma, w starts at 0)."""
+
     eps: float
     dtype: jnp.dtype
+    plus_one: bool = False
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+        scale = self.param("scale", init, (x.shape[-1],), self.dtype).astype(jnp.float32)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+        return (y * (1.0 + scale if self.plus_one else scale)).astype(self.dtype)
 
 
-def _dense(features: int, name: str, dtype, std: float = 0.02) -> nn.Dense:
-    return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=dtype,
+def _dense(features: int, name: str, dtype, std: float = 0.02, bias: bool = False) -> nn.Dense:
+    return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=dtype,
                     kernel_init=nn.initializers.normal(std), name=name)
 
 
-def attend(q, k, v, mask):
+def softcap(x, cap: float | None):
+    """cap * tanh(x / cap) (Gemma 2's soft-capping); the identity for cap None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def attend(q, k, v, mask, scale: float | None = None, cap: float | None = None):
     """Grouped-query attention.
 
     Args:
       q: [B, T, H, Dh]; k, v: [B, K, S, Dh] (head-major, like the cache) with K dividing H.
       mask: [B, T, S] bool, True where query t may attend to key s.
+      scale: scores are q.k * scale; None divides by sqrt(Dh).
+      cap: soft-cap of the scores (None: off).
     Returns:
       [B, T, H * Dh].
     """
@@ -99,7 +100,8 @@ def attend(q, k, v, mask):
     kv_heads = k.shape[1]
     q = q.reshape(b, t, kv_heads, h // kv_heads, dh)
     scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(dh)
+    scores = scores / math.sqrt(dh) if scale is None else scores * scale
+    scores = softcap(scores, cap)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
@@ -108,6 +110,7 @@ def attend(q, k, v, mask):
 
 class Block(nn.Module):
     config: DecoderConfig
+    window: int | None = None  # sliding window of this layer (None: whole context)
 
     @nn.compact
     def __call__(self, x, positions, cache_kv):
@@ -115,14 +118,15 @@ class Block(nn.Module):
         c = self.config
         dt = c.jnp_dtype
         out_std = 0.02 / math.sqrt(2 * c.n_layers)
+        norm = lambda name: RMSNorm(c.norm_eps, dt, c.norm_plus_one, name=name)  # noqa: E731
 
-        y = RMSNorm(c.norm_eps, dt, name="attn_norm")(x)
+        y = norm("attn_norm")(x)
         b, t, _ = y.shape
-        q = _dense(c.n_heads * c.head_dim, "q", dt)(y).reshape(b, t, c.n_heads, c.head_dim)
-        k = _dense(c.n_kv_heads * c.head_dim, "k", dt)(y).reshape(b, t, c.n_kv_heads, c.head_dim)
-        v = _dense(c.n_kv_heads * c.head_dim, "v", dt)(y).reshape(b, t, c.n_kv_heads, c.head_dim)
-        q = rope(q, positions, c.rope_theta)
-        k = rope(k, positions, c.rope_theta).transpose(0, 2, 1, 3)  # [B, K, T, Dh]
+        q = _dense(c.n_heads * c.head_dim, "q", dt, bias=c.qkv_bias)(y).reshape(b, t, c.n_heads, c.head_dim)
+        k = _dense(c.n_kv_heads * c.head_dim, "k", dt, bias=c.qkv_bias)(y).reshape(b, t, c.n_kv_heads, c.head_dim)
+        v = _dense(c.n_kv_heads * c.head_dim, "v", dt, bias=c.qkv_bias)(y).reshape(b, t, c.n_kv_heads, c.head_dim)
+        q = rope(q, positions, c.rope_theta, c.rope_scaling)
+        k = rope(k, positions, c.rope_theta, c.rope_scaling).transpose(0, 2, 1, 3)  # [B, K, T, Dh]
         v = v.transpose(0, 2, 1, 3)  # [B, K, T, Dh]
 
         if cache_kv is None:  # Full forward: attend within this call, causally.
@@ -139,13 +143,18 @@ class Block(nn.Module):
             key_pos = jnp.broadcast_to(jnp.arange(s), (b, s))
             cache_kv = (cache_k, cache_v)
         mask = key_pos[:, None, :] <= positions[:, :, None]  # [B, T, S] causal
-        attn = attend(q, keys, values, mask)
-        x = x + _dense(c.d_model, "o", dt, out_std)(attn)
+        if self.window is not None:  # and only the last `window` positions
+            mask &= key_pos[:, None, :] > positions[:, :, None] - self.window
+        attn = attend(q, keys, values, mask, c.attn_scale, c.attn_softcap)
+        attn = _dense(c.d_model, "o", dt, out_std)(attn)
+        x = x + (norm("attn_post_norm")(attn) if c.post_norms else attn)
 
-        y = RMSNorm(c.norm_eps, dt, name="mlp_norm")(x)
+        y = norm("mlp_norm")(x)
         gate = _dense(c.d_ff, "gate", dt)(y)
         up = _dense(c.d_ff, "up", dt)(y)
-        x = x + _dense(c.d_model, "down", dt, out_std)(nn.silu(gate) * up)
+        act = nn.silu(gate) if c.activation == "silu" else nn.gelu(gate, approximate=True)
+        mlp = _dense(c.d_model, "down", dt, out_std)(act * up)
+        x = x + (norm("mlp_post_norm")(mlp) if c.post_norms else mlp)
         return x, cache_kv
 
 
@@ -170,17 +179,23 @@ class Decoder(nn.Module):
         embed = nn.Embed(c.vocab_size, c.d_model, dtype=c.jnp_dtype, param_dtype=c.jnp_dtype,
                          embedding_init=nn.initializers.normal(0.02), name="embed")
         x = embed(tokens)  # [B, T, D]
+        if c.embed_scale:  # Gemma: sqrt(D), rounded to the model's dtype as transformers does
+            x = x * jnp.asarray(math.sqrt(c.d_model), c.jnp_dtype)
         new_k, new_v = [], []
         for i in range(c.n_layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            x, layer_cache = Block(c, name=f"layers_{i}")(x, positions, layer_cache)
+            x, layer_cache = Block(c, c.layer_window(i), name=f"layers_{i}")(x, positions, layer_cache)
             if cache is not None:
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])
         if hidden_index is not None:
             x = jnp.take_along_axis(x, hidden_index[:, None, None], axis=1)[:, 0]  # [B, D]
-        x = RMSNorm(c.norm_eps, c.jnp_dtype, name="final_norm")(x)
-        logits = embed.attend(x).astype(jnp.float32)  # tied projection: x @ embedding.T
+        x = RMSNorm(c.norm_eps, c.jnp_dtype, c.norm_plus_one, name="final_norm")(x)
+        if c.tie_embeddings:
+            logits = embed.attend(x).astype(jnp.float32)  # tied projection: x @ embedding.T
+        else:
+            logits = _dense(c.vocab_size, "lm_head", c.jnp_dtype)(x).astype(jnp.float32)
+        logits = softcap(logits, c.final_softcap)
         return logits, (None if cache is None else KVCache(tuple(new_k), tuple(new_v)))
 
 

@@ -17,8 +17,8 @@ def load_pretrained(path: str | None = None) -> tuple[DecoderLM, ByteTokenizer |
 
     Args:
       path: a jaxsample checkpoint (model.safetensors + config.json), or a local Hugging
-        Face Llama-family directory (config.json + safetensors + tokenizer.json). None loads
-        the shipped Shakespeare model.
+        Face directory of a family `models.load_hf` reads (config.json + safetensors +
+        tokenizer.json). None loads the shipped Shakespeare model.
 
     Returns:
       (model, tokenizer).
@@ -30,8 +30,8 @@ def load_pretrained(path: str | None = None) -> tuple[DecoderLM, ByteTokenizer |
     path = SHIPPED_CHECKPOINT if path is None else path
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory not found: {path!r}")
-    from models.llama import is_llama_checkpoint, load_llama  # local import: optional path
+    from models.hf import is_hf_checkpoint, load_hf  # local import: optional path
 
-    if is_llama_checkpoint(path):
-        return load_llama(path), HFTokenizer(path)
+    if is_hf_checkpoint(path):
+        return load_hf(path), HFTokenizer(path)
     return load_model(path), ByteTokenizer()

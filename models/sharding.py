@@ -165,6 +165,9 @@ def param_specs(config: DecoderConfig, mesh: Mesh, *, data_axis: str | None = DA
     Returns:
       A dict with the structure of ``DecoderLM.params`` whose leaves are `PartitionSpec`s.
     """
+    for field, plain in (("tie_embeddings", True), ("qkv_bias", False), ("post_norms", False)):
+        if getattr(config, field) != plain:  # parameters this layout does not place (yet)
+            raise ValueError(f"sharding supports {field}={plain} only, got {field}={getattr(config, field)!r}")
     _axis_size(mesh, data_axis)
     m = _axis_size(mesh, model_axis)
     heads = kv_heads = model_axis if config.n_kv_heads % m == 0 else None

@@ -2,7 +2,9 @@
 
 Both implement the same small interface: `encode(text) -> list[int]`,
 `decode(ids) -> str`, `encode_batch(texts) -> (ids [B, P], lengths [B])`,
-`decode_batch(ids, lengths) -> list[str]`, and the ids `bos_id`, `eos_id`, `pad_id`.
+`decode_batch(ids, lengths) -> list[str]`, the ids `bos_id`, `eos_id`, `pad_id`, and
+`eos_ids` (every id that ends a sequence; Llama 3 checkpoints list several).
+`HFTokenizer.apply_chat_template` renders the checkpoint's chat template with jinja2.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class ByteTokenizer(_BatchMixin):
     bos_id = 256
     eos_id = 257
     pad_id = 258
+    eos_ids = (257,)
+    chat_template = None
 
     def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
         ids = list(text.encode("utf-8"))
@@ -74,6 +78,9 @@ class HFTokenizer(_BatchMixin):
     (`bos_token`, ...), looked up in the vocabulary. A missing BOS is None (then
     `encode(add_bos=True)` raises); a missing PAD falls back to EOS, as most Llama
     checkpoints do; a missing EOS is an error, since generation needs one to stop on.
+    `eos_ids` holds every end-of-sequence id of `generation_config.json` and
+    `config.json` (`eos_id` first). `chat_template` is `tokenizer_config.json`'s
+    `chat_template` (or the `chat_template.jinja` file), None if the checkpoint has none.
 
     Args:
       path: a checkpoint directory holding `tokenizer.json`, or the file itself.
@@ -99,6 +106,16 @@ class HFTokenizer(_BatchMixin):
             raise ValueError(f"HFTokenizer: no EOS id for {file!r}: neither config.json's eos_token_id nor "
                              f"tokenizer_config.json's eos_token names one")
         self.pad_id = self.eos_id if pad is None else pad
+        from models.hf import read_generation_defaults  # local import: models.hf needs jax
+
+        self.eos_ids = tuple(dict.fromkeys([self.eos_id, *read_generation_defaults(folder).eos_ids]))
+        bad = [i for i in self.eos_ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"HFTokenizer: eos_token_id {bad} outside the vocabulary [0, {self.vocab_size})")
+        self.chat_template = _chat_template(folder, token_config)
+        self._special_tokens = {key: (v.get("content") if isinstance(v, dict) else v)
+                                for key, v in token_config.items()
+                                if key.endswith("_token") and isinstance(v, (str, dict))}
 
     def _special_id(self, name: str, config: dict, token_config: dict) -> int | None:
         value = config.get(f"{name}_token_id")
@@ -124,6 +141,54 @@ class HFTokenizer(_BatchMixin):
     def decode(self, ids) -> str:
         """Decodes ids, skipping special tokens (BOS, EOS, PAD and the tokenizer's others)."""
         return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
+        """Renders `messages` ([{"role": ..., "content": ...}, ...]) with the checkpoint's chat
+        template, as transformers' `apply_chat_template(..., tokenize=False)` does (a sandboxed
+        jinja2 environment with trim_blocks / lstrip_blocks, `raise_exception`, `strftime_now`,
+        a non-escaping `tojson`, and the special token strings such as `bos_token`).
+
+        Encode the result with `encode(text, add_bos=False)`: templates write the BOS
+        themselves.
+        """
+        if self.chat_template is None:
+            raise ValueError("this checkpoint has no chat template (no chat_template in tokenizer_config.json "
+                             "and no chat_template.jinja)")
+        return _compile_template(self.chat_template).render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt, tools=None, documents=None,
+            **self._special_tokens)
+
+
+def _chat_template(folder: str, token_config: dict) -> str | None:
+    template = token_config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is None and os.path.isfile(os.path.join(folder, "chat_template.jinja")):
+        with open(os.path.join(folder, "chat_template.jinja"), encoding="utf-8") as f:
+            template = f.read()
+    return template
+
+
+def _compile_template(template: str):
+    try:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError as e:  # pragma: no cover - depends on the optional extra
+        raise ImportError("chat templates need `pip install jinja2` (the hf extra)") from e
+    from datetime import datetime
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
 
 
 def _read_json(file: str) -> dict:

@@ -66,6 +66,7 @@ GPU_SHAPES = [(1, 32000), (64, 131072), (256, 262144)]
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 DISTRIBUTIONS = ("flat", "peaked")
 REF = "full-sort top-p + categorical (reference)"
+BELOW_RESOLUTION = "below timer resolution"  # a difference of timings within their run-to-run spread
 
 
 # ----------------------------------------------------------------------------- logits
@@ -240,21 +241,36 @@ def bench_generate_jax(preset_name, prompt_len, new_tokens, batch, mode, repeats
         return js.generate(model, prompts, lengths, keys, max_new_tokens=n, sampler=sampler)
 
     first = time_call(run)
-    steady = float(np.median([time_call(run) for _ in range(repeats)]))
-    out = {"compile_s": max(first - steady, 0.0)}
-    out.update(_rates(batch, new_tokens, steady, lambda: time_call(run, 1), repeats))
+    samples = [time_call(run) for _ in range(repeats)]
+    out = _rates(batch, new_tokens, samples, lambda: time_call(run, 1), repeats)
+    compile_s = first - out["seconds"]  # None (and the flag) when within the timings' spread, as for decode
+    out.update(compile_below_resolution=compile_s <= out.get("noise_s", 0.0))
+    out.update(compile_s=None if out["compile_below_resolution"] else compile_s)
     return out
 
 
-def _rates(batch, new_tokens, steady, run_one, repeats) -> dict[str, float]:
+def _rates(batch, new_tokens, samples, run_one, repeats) -> dict[str, Any]:
     """End-to-end rate (prefill included) and the decode step alone, from the difference
-    with a 1-token run: (t(N) - t(1)) / (N - 1)."""
-    out = {"tokens_per_s": batch * new_tokens / steady, "seconds": steady}
+    with a 1-token run: (t(N) - t(1)) / (N - 1), medians of `samples` (the t(N) runs) and
+    of at least 3 t(1) runs.
+
+    The difference resolves nothing when it is not above the run-to-run spread (max - min)
+    of those timings, `noise_s`: then the decode figures are None and
+    `decode_below_resolution` is True (printed "below timer resolution"; more new tokens
+    fix it), never a clamped number.
+    """
+    steady = float(np.median(samples))
+    out: dict[str, Any] = {"tokens_per_s": batch * new_tokens / steady, "seconds": steady}
     if new_tokens > 1:
         run_one()  # compile / warm up
-        one = float(np.median([run_one() for _ in range(repeats)]))
-        step = max(steady - one, 1e-9) / (new_tokens - 1)
-        out.update(prefill_s=one, decode_ms_per_step=step * 1e3, decode_tokens_per_s=batch / step)
+        ones = [run_one() for _ in range(max(repeats, 3))]
+        one = float(np.median(ones))
+        noise = float(max(np.ptp(ones), np.ptp(samples)))
+        out.update(prefill_s=one, noise_s=noise, decode_below_resolution=steady - one <= noise,
+                   decode_ms_per_step=None, decode_tokens_per_s=None)
+        if not out["decode_below_resolution"]:
+            step = (steady - one) / (new_tokens - 1)
+            out.update(decode_ms_per_step=step * 1e3, decode_tokens_per_s=batch / step)
     return out
 
 
@@ -291,8 +307,7 @@ def bench_generate_torch(preset_name, prompt_len, new_tokens, batch, mode, repea
         return time.perf_counter() - t0
 
     timed()
-    steady = float(np.median([timed() for _ in range(repeats)]))
-    return _rates(batch, new_tokens, steady, lambda: timed(1), repeats)
+    return _rates(batch, new_tokens, [timed() for _ in range(repeats)], lambda: timed(1), repeats)
 
 
 # ----------------------------------------------------------------------------- --gpu-check
@@ -467,10 +482,14 @@ def sampling_tables(results: list[dict], columns: list[tuple[str, str]]) -> str:
 def generate_table(results: list[dict]) -> str:
     lines = ["| system | dtype | batch | mode | tokens/s (end to end) | decode ms/step | decode tokens/s "
              "| compile s |", "|---|---|---|---|---|---|---|---|"]
+
+    def cell(r, field, digits):  # absent: not measured; None: measured, below what the method resolves
+        if field not in r:
+            return "–"
+        return BELOW_RESOLUTION if r[field] is None else f"{r[field]:.{digits}f}"
+
     for r in results:
-        compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else "–"
-        step = f"{r['decode_ms_per_step']:.2f}" if "decode_ms_per_step" in r else "–"
-        rate = f"{r['decode_tokens_per_s']:.1f}" if "decode_tokens_per_s" in r else "–"
+        compile_s, step, rate = cell(r, "compile_s", 1), cell(r, "decode_ms_per_step", 2), cell(r, "decode_tokens_per_s", 1)
         lines.append(f"| {r['system']} | {r.get('dtype', 'bf16')} | {r['batch']} | {r['mode']} | {r['tokens_per_s']:.1f} | "
                      f"{step} | {rate} | {compile_s} |")
     return "\n".join(lines)
@@ -503,6 +522,8 @@ def main(argv=None) -> int:
                          "(--json, default bench_gpu_check.json)")
     ap.add_argument("--gpu-check-smoke", action="store_true", help=argparse.SUPPRESS)  # CI: tiny shapes
     args = ap.parse_args(argv)
+    if args.json:  # its folder exists before the run (a documented --json runs/x.json once failed at the end)
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     if args.gpu_check or args.gpu_check_smoke:
         gpu_check(args.json, smoke=args.gpu_check_smoke)
         return 0

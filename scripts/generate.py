@@ -3,6 +3,7 @@
     python scripts/generate.py "ROMEO:" --max-new-tokens 200 --temperature 0.8 --top-p 0.9
     python scripts/generate.py --prompt-file prompts.txt --num-samples 3 --seed 1
     python scripts/generate.py "Hello" --checkpoint path/to/llama-dir --greedy
+    python scripts/generate.py "Name three rivers." --checkpoint path/to/Qwen2-0.5B-Instruct --chat
     python scripts/generate.py "ROMEO:" --order llamacpp --top-k 40 --min-p 0.05 --repetition-penalty 1.1 \
         --penalty-window 64 --dry-multiplier 0.8 --xtc-probability 0.5 --top-logprobs 3
     python scripts/generate.py "ROMEO:" --num-beams 4 --num-return-sequences 2 --length-penalty 1.2
@@ -11,11 +12,17 @@ Every sampling method of jaxsample is a flag (see docs/methods.md); --order pick
 order: jaxsample's documented default (every method), or the default order of transformers,
 vLLM or llama.cpp (only the methods that system has). Prints each continuation, then the
 compile time and the decode speed.
+
+A Hugging Face checkpoint directory (Llama, Mistral, Qwen2, Gemma, Gemma 2; see
+models/hf.py) brings its defaults: every end-of-sequence id of generation_config.json
+stops a row, and its temperature, top_p and top_k are used unless the flag is given.
+--chat wraps each prompt as a user message in the checkpoint's chat template.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -28,14 +35,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxsample as js  # noqa: E402
-from models import CheckpointError, load_pretrained  # noqa: E402
+from models import CheckpointError, is_hf_checkpoint, load_pretrained, read_generation_defaults  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts", nargs="*", help="prompt texts (default: one prompt, 'ROMEO:')")
     p.add_argument("--prompt-file", help="a file with one prompt per line")
-    p.add_argument("--checkpoint", help="jaxsample checkpoint or Hugging Face Llama directory "
+    p.add_argument("--checkpoint", help="jaxsample checkpoint or Hugging Face checkpoint directory "
                                         "(default: the shipped Shakespeare model)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt, each with its own key")
@@ -47,11 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="stop a row at the end-of-sequence token")
     g = p.add_argument_group("temperature and truncation")
-    g.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="0 is greedy (default: the checkpoint's generation_config.json, else 0.8)")
     g.add_argument("--dynatemp-range", type=float, default=0.0, help="dynamic temperature range; 0 disables")
     g.add_argument("--dynatemp-exponent", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="0 disables")
-    g.add_argument("--top-p", type=float, default=1.0, help="1 disables")
+    g.add_argument("--top-k", type=int, default=None, help="0 disables (default: the checkpoint's, else 0)")
+    g.add_argument("--top-p", type=float, default=None, help="1 disables (default: the checkpoint's, else 1)")
     g.add_argument("--min-p", type=float, default=0.0, help="0 disables")
     g.add_argument("--typical-p", type=float, default=1.0, help="1 disables")
     g.add_argument("--epsilon-cutoff", type=float, default=0.0, help="0 disables")
@@ -78,11 +86,71 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dry-window", type=int, default=0, help="DRY looks at the last N tokens; 0: all")
     g.add_argument("--dry-breakers", default='\\n|:|"|*',
                    help='single-token texts that stop DRY matching, separated by "|" (default: llama.cpp\'s)')
+    g = p.add_argument_group("Hugging Face checkpoints")
+    g.add_argument("--chat", action="store_true",
+                   help="wrap each prompt as a user message in the checkpoint's chat template (jinja2)")
     g = p.add_argument_group("outputs")
     g.add_argument("--top-logprobs", type=int, default=0, help="print the N most likely tokens of each step")
     g.add_argument("--prompt-logprobs", action="store_true", help="print each prompt's log-likelihood")
     add_beam_arguments(p)
+    add_structured_flags(p)
     return p
+
+
+def add_structured_flags(p: argparse.ArgumentParser) -> None:
+    """Constrained decoding (jaxsample.Regex / JSONSchema / Choice) and JSON-lines output."""
+    g = p.add_argument_group("structured output (needs pip install '.[structured]')")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--regex", metavar="PATTERN", help="every completion fully matches this regular expression")
+    x.add_argument("--json-schema", metavar="FILE", help="every completion is JSON valid under this schema file")
+    x.add_argument("--choice", metavar="A,B,C", help='every completion is one of these comma-separated texts')
+    g.add_argument("--json-output", action="store_true",
+                   help="print one JSON object per sample (prompt, completion, token_ids, finish_reason)")
+
+
+def read_schema(path: str | None) -> dict | None:
+    """The --json-schema file as a dict (a ValueError naming the flag and file if unreadable)."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--json-schema: cannot read a JSON schema from {path!r}: {e}") from None
+
+
+def check_structured_flags(parser: argparse.ArgumentParser, args, beam) -> None:
+    """Constraints and --json-output apply to sampling: with --num-beams they are an error (exit 2)."""
+    given = [f for f in ("regex", "json_schema", "choice") if getattr(args, f) is not None]
+    given += ["json_output"] if args.json_output else []
+    if beam and given:
+        parser.error(f"--{given[0].replace('_', '-')} cannot be used with --num-beams (beam search is not constrained)")
+
+
+def build_constraint(args, tok) -> js.Constraint | None:
+    """The constraint of --regex / --json-schema / --choice (None without one), built before tracing."""
+    if args.regex is not None:
+        return js.Regex(args.regex, tok)
+    if args.json_schema is not None:
+        return js.JSONSchema(read_schema(args.json_schema), tok)
+    if args.choice is not None:
+        return js.Choice(args.choice.split(","), tok)
+    return None
+
+
+def json_lines(out, texts, tok, top_logprobs: int) -> list[str]:
+    """--json-output: one JSON object per sample (with --top-logprobs: [id, log-prob] pairs per step)."""
+    tokens, gen_lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    lines = []
+    for i, text in enumerate(texts):
+        ids = tokens[i, : gen_lengths[i]]
+        row = dict(prompt=text, completion=tok.decode(ids), token_ids=ids.tolist(),
+                   finish_reason=js.FinishReason(int(out.finish_reason[i])).name.lower())
+        if top_logprobs:
+            row["top_logprobs"] = [[[int(k), float(v)] for k, v in zip(out.top_token_ids[i, t], out.top_logprobs[i, t])]
+                                   for t in range(gen_lengths[i])]
+        lines.append(json.dumps(row, ensure_ascii=False))
+    return lines
 
 
 # Flag -> (preset keyword, identity value). Only flags set away from their identity value
@@ -95,6 +163,10 @@ _VALUES = {
     "penalty_window": 0, "no_repeat_ngram": 0, "min_new_tokens": 0, "dry_multiplier": 0.0, "dry_base": 1.75,
     "dry_allowed_length": 2, "dry_window": 0,
 }
+
+
+# Flags whose default comes from the checkpoint's generation_config.json, else from here.
+_CHECKPOINT_DEFAULTS = {"temperature": 0.8, "top_p": 1.0, "top_k": 0}
 
 
 def _parse_ids(flag: str, text: str) -> list[int]:
@@ -129,8 +201,9 @@ def build_sampler(args, tok: Any = None) -> js.Chain:
     breakers, the end-of-sequence id for --min-new-tokens) need ``tok``. Stages left at
     their identity value are pruned (fewer passes over the vocabulary).
     """
-    values = {name: getattr(args, name) for name, identity in _VALUES.items()
-              if getattr(args, name) != identity}
+    flags = {name: getattr(args, name) for name in _VALUES}
+    flags.update({name: fallback for name, fallback in _CHECKPOINT_DEFAULTS.items() if flags[name] is None})
+    values = {name: value for name, value in flags.items() if value != _VALUES[name]}
     if args.greedy:
         values["temperature"] = 0.0
     if args.allowed_tokens:
@@ -141,7 +214,7 @@ def build_sampler(args, tok: Any = None) -> js.Chain:
         if args.bad_words:
             values["bad_words"] = [tok.encode(w, add_bos=False) for w in args.bad_words.split("|") if w]
         if args.min_new_tokens:
-            values["stop_ids"] = [tok.eos_id]
+            values["stop_ids"] = list(tok.eos_ids)
         if args.dry_multiplier and args.dry_breakers:
             texts = [b.replace("\\n", "\n") for b in args.dry_breakers.split("|") if b]
             values["dry_sequence_breakers"] = _single_tokens(tok, texts)
@@ -162,6 +235,17 @@ def prompt_keys(seed: int, num_prompts: int, num_samples: int) -> jax.Array:
     if num_samples == 1:
         keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
     return keys
+
+
+def apply_checkpoint_defaults(args) -> None:
+    """Fills --temperature/--top-p/--top-k left unset: the checkpoint's value, else the CLI's."""
+    defaults = None
+    if args.checkpoint and os.path.isdir(args.checkpoint) and is_hf_checkpoint(args.checkpoint):
+        defaults = read_generation_defaults(args.checkpoint)
+    for name, fallback in _CHECKPOINT_DEFAULTS.items():
+        if getattr(args, name) is None:
+            value = None if defaults is None else getattr(defaults, name)
+            setattr(args, name, fallback if value is None else value)
 
 
 def _show(tok, token: int) -> str:
@@ -230,10 +314,24 @@ def beam_settings(parser: argparse.ArgumentParser, args) -> dict | None:
     return settings
 
 
+def encode_prompts(parser, tok, prompts: list[str], chat: bool):
+    """Right-padded ids [B, P] and lengths [B]; with --chat each prompt becomes a user message
+    in the checkpoint's chat template (which writes its own BOS)."""
+    if not chat:
+        return tok.encode_batch(prompts)
+    if getattr(tok, "chat_template", None) is None:
+        parser.error("--chat: this checkpoint has no chat template")
+    try:
+        chats = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    except Exception as e:  # a template's raise_exception, or a jinja2 error
+        parser.error(f"--chat: the chat template failed: {e}")
+    return tok.encode_batch(chats, add_bos=False)
+
+
 def run_beam_search(parser, lm, tok, prompts: list[str], args, settings: dict) -> int:
     """Beam search over the prompts; prints every returned hypothesis with its score."""
-    ids, lengths = tok.encode_batch(prompts)
-    stop_ids = [tok.eos_id] if args.stop_at_eos else []
+    ids, lengths = encode_prompts(parser, tok, prompts, args.chat)
+    stop_ids = list(tok.eos_ids) if args.stop_at_eos else []
     run = lambda: js.beam_search(lm, ids, lengths, max_new_tokens=args.max_new_tokens, stop_ids=stop_ids,
                                  pad_id=tok.pad_id, **settings)
     out, first, steady = timed_run(parser, run)
@@ -266,8 +364,11 @@ def main(argv=None) -> int:
     if args.top_logprobs < 0:
         parser.error(f"--top-logprobs must be >= 0, got {args.top_logprobs}")
     beam = beam_settings(parser, args)
+    check_structured_flags(parser, args, beam)
     try:
+        apply_checkpoint_defaults(args)
         build_sampler(args)  # checks every value before the model loads
+        read_schema(args.json_schema)
     except ValueError as e:
         parser.error(str(e))
     try:
@@ -282,21 +383,26 @@ def main(argv=None) -> int:
                           ("--logit-bias", list(_parse_bias(args.logit_bias or "")))):
             if any(not 0 <= i < lm.vocab_size for i in ids):
                 raise ValueError(f"{flag}: token ids must be in [0, {lm.vocab_size}), got {ids}")
-    except ValueError as e:
+        constraint = build_constraint(args, tok)
+        if constraint is not None:
+            sampler = js.chain(constraint, sampler)  # the mask first, then the sampling chain
+    except (ValueError, ImportError) as e:
         parser.error(str(e))
 
     n = args.num_samples
     texts = [p for p in prompts for _ in range(n)]
-    ids, lengths = tok.encode_batch(prompts)
+    ids, lengths = encode_prompts(parser, tok, prompts, args.chat)
     keys = prompt_keys(args.seed, len(prompts), n)
-    stop_ids = [tok.eos_id] if args.stop_at_eos else []
+    stop_ids = list(tok.eos_ids) if args.stop_at_eos else []
     run = lambda: js.generate(lm, ids, lengths, keys, max_new_tokens=args.max_new_tokens, sampler=sampler,
                               stop_ids=stop_ids, pad_id=tok.pad_id, n=n, top_logprobs=args.top_logprobs,
                               prompt_logprobs=args.prompt_logprobs)
     out, first, steady = timed_run(parser, run)
 
     tokens, gen_lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-    for i, text in enumerate(texts):
+    if args.json_output:
+        print("\n".join(json_lines(out, texts, tok, args.top_logprobs)))
+    for i, text in enumerate([] if args.json_output else texts):
         tag = f"[{i // n}.{i % n}]" if n > 1 else f"[{i}]"
         print(f"{tag} {text}{tok.decode(tokens[i, : gen_lengths[i]])}")
         if args.prompt_logprobs and i % n == 0:

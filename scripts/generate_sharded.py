@@ -63,15 +63,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_mesh(text: str) -> tuple[int, int]:
-    parts = tuple(int(x) for x in text.split(","))
+    try:
+        parts = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        parts = ()
     if len(parts) != 2 or min(parts) < 1:
-        raise SystemExit(f"--mesh must be 'data,model' with positive sizes, got {text!r}")
+        raise ValueError(f"--mesh must be 'data,model' with positive sizes, got {text!r}")
     return parts
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    data, model = parse_mesh(args.mesh)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag, value, least in (("--batch", args.batch, 1), ("--prompt-len", args.prompt_len, 1),
+                               ("--new-tokens", args.new_tokens, 1), ("--repeats", args.repeats, 0)):
+        if value < least:
+            parser.error(f"{flag} must be >= {least}, got {value}")
+    try:
+        data, model = parse_mesh(args.mesh)
+    except ValueError as e:
+        parser.error(str(e))
     devices = args.devices or (None if args.multi_host else data * model)
     if devices and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         # Must happen before JAX initialises its backends (it reads XLA_FLAGS once).
@@ -87,7 +98,6 @@ def main(argv=None) -> int:
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                    process_id=args.process_id)
     import jaxsample as js
-    from jaxsample import _sharded
     from models import DecoderLM, load_pretrained, preset
     from models.sharding import make_mesh, shard_model
 
@@ -127,8 +137,7 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             out = jax.block_until_ready(run())
             times.append(time.perf_counter() - start)
-        times = times or [first]
-        return out, first, (statistics.median(times), min(times))
+        return out, first, (statistics.median(times), min(times)) if times else None
 
     say(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} devices "
         f"({jax.process_count()} process(es)); model {name}: {cfg.num_params() / 1e6:.2f}M params, "
@@ -151,8 +160,8 @@ def main(argv=None) -> int:
         lm1 = jax.device_put(lm, single)
         p1, l1 = jax.device_put(prompts, single), jax.device_put(lengths, single)
         k1 = jax.device_put(keys, single)
-        out1, first1, steady1 = timed(lambda: _sharded._generate_with(
-            js.gumbel_sample_step, lm1, p1, l1, k1, stop_ids=(), pad_id=0, cache_size=None, **gen))
+        out1, first1, steady1 = timed(lambda: js.generate(lm1, p1, l1, k1, sample_fn=js.gumbel_sample_step,
+                                                          **gen))
         rows.insert(0, ("1 device, gumbel_sample_step", first1, steady1))
         if not args.greedy:
             _, first0, steady0 = timed(lambda: js.generate(lm1, p1, l1, k1, **gen))
@@ -166,7 +175,11 @@ def main(argv=None) -> int:
 
     generated = args.batch * args.new_tokens
     say(f"{'run':<42} {'first call (s)':>15} {'median (s)':>11} {'best (s)':>9} {'tokens/s':>9}")
-    for label, first, (median, best) in rows:
+    for label, first, steady in rows:
+        if steady is None:  # --repeats 0: the only call compiled, so it times nothing
+            say(f"{label:<42} {first:>15.2f} {'not timed (--repeats 0)':>31}")
+            continue
+        median, best = steady
         say(f"{label:<42} {first:>15.2f} {median:>11.3f} {best:>9.3f} {generated / best:>9.0f}")
     say("tokens/s = batch * new tokens / best time of the timed runs (compile excluded)")
     return 0

@@ -6,7 +6,7 @@ and empirical frequencies of ``jaxsample.sample`` draws next to the exact
 probabilities.
 
 Usage:
-  python scripts/seeds_demo.py [--draws 10000] [--seed 0]
+  python scripts/seeds_demo.py --draws 10000 --seed 0
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def main(draws: int = 10000, seed: int = 0) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--draws", type=int, default=10000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

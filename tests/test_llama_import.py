@@ -1,9 +1,11 @@
-"""Loading Hugging Face Llama checkpoints (models/llama.py).
+"""Loading Hugging Face checkpoints: `load_llama` (models/llama.py) and the config mapping,
+file handling and errors of `load_hf` (models/hf.py).
 
 The conformance tests build small random `LlamaForCausalLM`s with transformers, save them
 with `save_pretrained` and check that our decoder reproduces torch's logits (skipped
-with a reason when torch/transformers are not installed). The other tests write
-HF-layout checkpoints with our own safetensors writer and need neither.
+with a reason when torch/transformers are not installed); tests/test_hf_families.py does
+the same for every supported family. The other tests write HF-layout checkpoints with our
+own safetensors writer and need neither.
 """
 
 from __future__ import annotations
@@ -19,19 +21,13 @@ import pytest
 from models import checkpoint as ckpt
 from models.config import DecoderConfig
 from models.decoder import DecoderLM, init_params
+from models.hf import load_hf, read_generation_defaults
 from models.llama import config_from_hf, is_llama_checkpoint, load_llama
+from test_hf_families import hf  # noqa: F401  (the torch/transformers fixture)
 
 TOL = 1e-4  # fp32 max abs logit difference vs torch
 
 # ------------------------------------------------------------------- torch conformance
-
-
-@pytest.fixture(scope="module")
-def hf():
-    torch = pytest.importorskip("torch", reason="torch not installed (pip install '.[test]')")
-    transformers = pytest.importorskip("transformers", reason="transformers not installed (pip install '.[test]')")
-    torch.set_num_threads(1)
-    return torch, transformers
 
 
 def _make_hf_model(hf, *, tie=True, kv_heads=2, rope_theta=10000.0, seed=0):
@@ -122,11 +118,13 @@ def test_mistral_without_sliding_window_matches_transformers(hf, tmp_path):
                                _torch_logits(hf, model, tokens), atol=TOL, rtol=0)
 
 
-def test_untied_checkpoint_raises(hf, tmp_path):
+def test_untied_checkpoint_loads_its_lm_head(hf, tmp_path):
     model = _make_hf_model(hf, tie=False)
     model.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="tie_word_embeddings=False"):
-        load_llama(str(tmp_path))
+    lm = load_llama(str(tmp_path))
+    assert not lm.config.tie_embeddings
+    np.testing.assert_array_equal(np.asarray(lm.params["lm_head"]["kernel"]),
+                                  model.lm_head.weight.detach().numpy().T)
 
 
 def test_untied_config_with_identical_lm_head_loads(hf, tmp_path):
@@ -214,22 +212,59 @@ def test_dtype_override_and_bf16(tmp_path, small_lm):
 
 
 @pytest.mark.parametrize("change,match", [
-    ({"architectures": ["Qwen2ForCausalLM"]}, "architectures=.*Qwen2ForCausalLM"),
+    ({"architectures": ["GPTNeoXForCausalLM"]}, "architectures=.*GPTNeoXForCausalLM"),
+    ({"architectures": ["LlamaForCausalLM", "MistralForCausalLM"]}, "architectures="),
+    ({"model_type": "qwen2"}, "model_type='qwen2' for LlamaForCausalLM"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"attention_bias": True}, "attention_bias=True"),
     ({"mlp_bias": True}, "mlp_bias=True"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling=.*llama3"),
+    ({"use_bidirectional_attention": True}, "use_bidirectional_attention=True"),
+    ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config=.*gptq"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling=.*llama3.*low_freq_factor"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling=.*dynamic"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_parameters=.*yarn"),
-    ({"sliding_window": 32, "architectures": ["MistralForCausalLM"], "model_type": "mistral"},
-     "sliding_window=32"),
-    ({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "max_position_embeddings": 32768},
-     "sliding_window=4096"),  # MistralConfig's default window
+    ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}}, "partial_rotary_factor=0.5"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 5.0}}, "conflicting rope_theta"),
+    ({"sliding_window": 0}, "sliding_window=0"),
+    ({"sliding_window": 8, "layer_types": ["full_attention", "local", "full_attention"]}, "layer_types="),
     ({"torch_dtype": "int8"}, "torch_dtype='int8'"),
     ({"num_key_value_heads": 3}, "n_kv_heads=3"),
+    ({"architectures": ["GemmaForCausalLM"], "model_type": "gemma", "hidden_act": "relu"}, "hidden_act='relu'"),
+    ({"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "hidden_activation": "gelu"},
+     "hidden_activation='gelu'"),
 ])
 def test_unsupported_configs_raise(small_lm, change, match):
     with pytest.raises(ValueError, match=match):
         config_from_hf(_hf_config(small_lm.config, **change))
+
+
+def test_load_llama_refuses_other_families(tmp_path, small_lm):
+    _write(tmp_path, _hf_config(small_lm.config, architectures=["Qwen2ForCausalLM"], model_type="qwen2"),
+           _hf_tensors(small_lm))
+    with pytest.raises(ValueError, match="model_type='qwen2'.*load_hf"):
+        load_llama(str(tmp_path))
+
+
+def test_family_configs():
+    base = {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4,
+            "intermediate_size": 64}
+    c = config_from_hf({**base, "architectures": ["MistralForCausalLM"], "model_type": "mistral"})
+    assert (c.sliding_window, c.sliding_window_layers, c.tie_embeddings) == (4096, None, False)  # class defaults
+    c = config_from_hf({**base, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 64})
+    assert (c.qkv_bias, c.sliding_window) == (True, None)  # use_sliding_window defaults to False
+    c = config_from_hf({**base, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 64,
+                        "use_sliding_window": True, "max_window_layers": 2})
+    assert (c.sliding_window, c.sliding_window_layers) == (64, (2, 3))
+    c = config_from_hf({**base, "architectures": ["GemmaForCausalLM"], "hidden_act": "gelu"})  # legacy value
+    assert (c.head_dim, c.activation, c.norm_plus_one, c.embed_scale, c.tie_embeddings) == \
+        (256, "gelu_tanh", True, True, True)
+    c = config_from_hf({**base, "architectures": ["Gemma2ForCausalLM"], "query_pre_attn_scalar": 64})
+    assert (c.sliding_window, c.sliding_window_layers, c.attn_softcap, c.final_softcap) == (4096, (0, 2), 50.0, 30.0)
+    assert c.attn_scale == 64 ** -0.5 and c.post_norms
+    c = config_from_hf({**base, "architectures": ["LlamaForCausalLM"],
+                        "rope_scaling": {"type": "linear", "factor": 2.0}})
+    assert c.rope_scaling.rope_type == "linear" and c.rope_scaling.factor == 2.0
+    assert type(c).from_dict(json.loads(c.to_json())) == c  # nested RopeScaling survives JSON
 
 
 def test_config_variants():
@@ -258,8 +293,60 @@ def test_bad_tensors_raise(tmp_path, small_lm):
     with pytest.raises(ckpt.CheckpointError, match="unexpected.*q_proj.bias"):
         load_llama(str(tmp_path / "extra"))
     _write(tmp_path / "untied", {**cfg, "tie_word_embeddings": False}, tensors)
-    with pytest.raises(ValueError, match="no lm_head.weight"):
+    with pytest.raises(ckpt.CheckpointError, match=r"missing \['lm_head.weight'\]"):
         load_llama(str(tmp_path / "untied"))
+    bad = {**tensors, "model.norm.weight": tensors["model.norm.weight"].astype(np.int32)}
+    _write(tmp_path / "int", cfg, bad)
+    with pytest.raises(ckpt.CheckpointError, match="'model.norm.weight' has non-float dtype I32"):
+        load_hf(str(tmp_path / "int"))
+
+
+def test_bad_files_raise(tmp_path, small_lm):
+    cfg, tensors = _hf_config(small_lm.config), _hf_tensors(small_lm)
+    _write(tmp_path / "shard", cfg, tensors, shards=3)
+    os.remove(tmp_path / "shard" / "model-00002-of-00003.safetensors")
+    with pytest.raises(ckpt.CheckpointError, match=r"shard files listed in the index are missing: "
+                                                   r"\['model-00002-of-00003.safetensors'\]"):
+        load_hf(str(tmp_path / "shard"))
+
+    _write(tmp_path / "trunc", cfg, tensors, shards=3)
+    file = tmp_path / "trunc" / "model-00003-of-00003.safetensors"
+    file.write_bytes(file.read_bytes()[:-12])
+    with pytest.raises(ckpt.CheckpointError, match=r"model-00003-of-00003.safetensors: truncated: tensor '.*' ends at"):
+        load_hf(str(tmp_path / "trunc"))
+    file.write_bytes(b"\x00" * 5)
+    with pytest.raises(ckpt.CheckpointError, match=r"truncated safetensors file \(5 bytes\)"):
+        load_hf(str(tmp_path / "trunc"))
+
+    _write(tmp_path / "index", cfg, tensors, shards=3)
+    index = json.loads((tmp_path / "index" / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.layers.9.mlp.up_proj.weight"] = "model-00001-of-00003.safetensors"
+    (tmp_path / "index" / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ckpt.CheckpointError, match=r"in the index but not in their shard: \['model.layers.9"):
+        load_hf(str(tmp_path / "index"))
+
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ckpt.CheckpointError, match="no model.safetensors or model.safetensors.index.json"):
+        load_hf(str(tmp_path / "none"))
+    (tmp_path / "none" / "config.json").write_text("{not json")
+    with pytest.raises(ckpt.CheckpointError, match="config.json: malformed JSON"):
+        load_hf(str(tmp_path / "none"))
+
+
+def test_generation_defaults(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 7}))
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [128001, 128008, 128009, 128001], "do_sample": True, "temperature": 0.6, "top_p": 0.9}))
+    d = read_generation_defaults(str(tmp_path))
+    assert d.eos_ids == (128001, 128008, 128009, 7)
+    assert (d.temperature, d.top_p, d.top_k) == (0.6, 0.9, None)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False, "top_k": 20}))
+    d = read_generation_defaults(str(tmp_path))
+    assert (d.eos_ids, d.temperature, d.top_k) == ((7,), 0.0, 20)  # do_sample false: greedy, as transformers
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "x"}))
+    with pytest.raises(ValueError, match="eos_token_id='x'"):
+        read_generation_defaults(str(tmp_path))
 
 
 def test_is_llama_checkpoint(tmp_path, small_lm):
@@ -268,3 +355,37 @@ def test_is_llama_checkpoint(tmp_path, small_lm):
     assert not is_llama_checkpoint(str(tmp_path / "ours"))
     _write(tmp_path / "hf", _hf_config(small_lm.config), _hf_tensors(small_lm))
     assert is_llama_checkpoint(str(tmp_path / "hf"))
+
+
+def test_family_switches_round_trip_through_our_checkpoints(tmp_path):
+    """A config with every family switch on saves and loads with our own format (nested
+    RopeScaling, tuple of sliding layers) and computes the same logits."""
+    from models.config import RopeScaling
+
+    c = DecoderConfig(vocab_size=37, d_model=16, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=6, d_ff=24,
+                      max_seq_len=32, tie_embeddings=False, qkv_bias=True, activation="gelu_tanh",
+                      norm_plus_one=True, embed_scale=True, post_norms=True, attn_scale=0.3, attn_softcap=5.0,
+                      final_softcap=4.0, sliding_window=3, sliding_window_layers=(0, 2),
+                      rope_scaling=RopeScaling("llama3", 4.0, 1.0, 4.0, 16))
+    lm = DecoderLM.random(c, jax.random.key(0))
+    assert sum(x.size for x in jax.tree.leaves(lm.params)) == c.num_params()
+    ckpt.save_model(str(tmp_path / "m"), lm)
+    back = ckpt.load_model(str(tmp_path / "m"))
+    assert back.config == c
+    tokens = jnp.asarray(np.arange(20)[None] % 37, jnp.int32)
+    logits = np.asarray(lm.forward(tokens))
+    np.testing.assert_array_equal(np.asarray(back.forward(tokens)), logits)
+    assert np.abs(logits).max() <= 4.0  # final soft-cap
+    with pytest.raises(ValueError, match=r"sliding_window_layers must be .* \[0, 3\), got \(5,\)"):
+        c.replace(sliding_window_layers=(5,))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        c.replace(activation="relu")
+
+
+@pytest.mark.parametrize("change", [dict(tie_embeddings=False), dict(qkv_bias=True), dict(post_norms=True)])
+def test_sharding_refuses_parameters_it_does_not_place(small_lm, change):
+    from models.sharding import make_mesh, param_specs
+
+    field, value = next(iter(change.items()))
+    with pytest.raises(ValueError, match=f"sharding supports {field}=.* got {field}={value}"):
+        param_specs(small_lm.config.replace(**change), make_mesh((1, 1)))

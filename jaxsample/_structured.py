@@ -1,0 +1,620 @@
+"""Constrained decoding on device: regular expressions, JSON schemas and choices as token masks.
+
+A constraint is a token-level automaton (a DFA whose symbols are whole tokens) built on the
+host by ``outlines-core`` from a regular expression and a tokenizer's vocabulary, then held
+as arrays by the :class:`Constraint` processor. Its state is one DFA state per row
+(``int32[B]``), carried through ``generate``'s ``lax.scan`` like any other processor state:
+no host round trip per token.
+
+Layout (``S`` states, ``V`` tokens, ``W = ceil(V / 32)`` words, ``T`` transitions)::
+
+    allowed  uint32[S, W]   bit t % 32 of word t // 32: token t is allowed in the state
+    offsets  int32[S]       where the state's transitions start in ``targets``
+    targets  int16|32[T]    next state of each allowed token, in increasing token order
+    initial  int32[] | [B]  start state of every row (-1: unconstrained row)
+
+The next state of token ``t`` in state ``s`` is ``targets[offsets[s] + rank]`` where
+``rank`` is the number of tokens ``< t`` allowed in ``s``: a popcount over the state's
+mask words (a rank query on the bitmask, ``O(W)`` per row). The table therefore costs
+``4 S W + 4 S + 2 T`` bytes (``int16`` targets while ``S <= 32768``) instead of the
+``4 S V`` of a dense ``[S, V]`` next-state table: for ``V = 32000``, 4 KB per state plus
+2 bytes per allowed (state, token) pair.
+
+State 0 of every table is *dead* (nothing allowed: a row that gets there finishes with
+``NO_VALID_TOKEN``); state 1 is *done*: accepting states allow the end-of-sequence token,
+which leads to *done*, where only end-of-sequence is allowed. So EOS is allowed exactly in
+accepting states, and a row in an accepting state with no other way on can only draw EOS
+(pass ``stop_ids=[tok.eos_id]`` to ``generate`` so that it stops there).
+
+Shapes are padded (``S`` and ``T`` up to the next quarter octave, ``{4, 5, 6, 7} * 2**k``,
+or to ``max_states`` / ``max_transitions`` when given), and the tables are leaves of the pytree, so swapping a
+constraint for another of the same padded size never recompiles.
+
+Per row: :func:`stack_constraints` merges several constraints into one table (the disjoint
+union of the automata) with one start state per row; ``None`` rows are unconstrained.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from typing import Any, ClassVar, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsample._chain import LogitsProcessor, _set, processor_dataclass, static_field
+
+__all__ = [
+    "Constraint",
+    "Regex",
+    "JSONSchema",
+    "Choice",
+    "stack_constraints",
+    "token_bytes",
+]
+
+Array = jax.Array
+
+DEAD, DONE, START = 0, 1, 2  # reserved local states of every table
+#: Default size limits (pass max_states / max_transitions to change them).
+DEFAULT_MAX_STATES = 1 << 16
+DEFAULT_MAX_TRANSITIONS = 1 << 26
+
+
+# ----------------------------------------------------------------------------- vocabulary
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte <-> printable-unicode map, inverted (the ByteLevel pre-tokenizer's alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _hf_token_bytes(tok: Any) -> list[bytes | None]:
+    """Bytes of every id of a ``tokenizers.Tokenizer`` (None for special tokens).
+
+    Supports byte-level BPE (a ``ByteLevel`` decoder: GPT-2, Llama 3, Qwen, ...) and
+    SentencePiece-style vocabularies (``▁`` for space, ``<0xNN>`` byte fallback: Llama 2,
+    Mistral). Other decoders (WordPiece, ...) are refused.
+    """
+    spec = json.loads(tok.to_str())
+    decoder = spec.get("decoder") or {}
+    kinds = {d.get("type") for d in decoder.get("decoders", [decoder])}
+    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    added = {t["id"]: t["content"] for t in spec.get("added_tokens", []) if not t.get("special")}
+    vocab = tok.get_vocab(with_added_tokens=True)
+    out: list[bytes | None] = [None] * tok.get_vocab_size()
+    if "ByteLevel" in kinds:
+        table = _byte_level_decoder()
+
+        def to_bytes(s: str) -> bytes | None:
+            try:
+                return bytes(table[c] for c in s)
+            except KeyError:  # not in the byte alphabet: a plain-text added token
+                return s.encode("utf-8")
+    elif kinds & {"ByteFallback", "Metaspace", "Replace"}:
+        def to_bytes(s: str) -> bytes | None:
+            if len(s) == 6 and s.startswith("<0x") and s.endswith(">"):
+                return bytes([int(s[3:5], 16)])
+            return s.replace("\u2581", " ").encode("utf-8")
+    else:
+        raise ValueError(f"token_bytes: unsupported tokenizer decoder {sorted(k for k in kinds if k)}; "
+                         f"byte-level BPE and SentencePiece-style vocabularies are supported")
+    for text, i in vocab.items():
+        if i in special or not 0 <= i < len(out):
+            continue
+        out[i] = added[i].encode("utf-8") if i in added else to_bytes(text)
+    return out
+
+
+def token_bytes(tokenizer: Any) -> list[bytes | None]:
+    """The bytes each token id stands for (``None``: a special token, never generated as text).
+
+    Accepts ``models.ByteTokenizer`` (ids 0..255 are bytes), ``models.HFTokenizer``, a
+    ``tokenizers.Tokenizer``, or any object with a ``token_bytes()`` method returning such
+    a list.
+
+    Example:
+      >>> from models import ByteTokenizer
+      >>> token_bytes(ByteTokenizer())[65], token_bytes(ByteTokenizer())[257]
+      (b'A', None)
+    """
+    if hasattr(tokenizer, "token_bytes"):
+        return list(tokenizer.token_bytes())
+    from models.tokenizer import ByteTokenizer  # local: the library does not depend on models
+
+    if isinstance(tokenizer, ByteTokenizer):
+        return [bytes([i]) for i in range(256)] + [None] * (tokenizer.vocab_size - 256)
+    inner = getattr(tokenizer, "_tok", tokenizer)  # models.HFTokenizer wraps a tokenizers.Tokenizer
+    if hasattr(inner, "to_str") and hasattr(inner, "get_vocab"):
+        return _hf_token_bytes(inner)
+    raise TypeError(f"token_bytes: unsupported tokenizer {type(tokenizer).__name__}; pass a ByteTokenizer, "
+                    f"an HFTokenizer, a tokenizers.Tokenizer, or an object with token_bytes()")
+
+
+class _Vocab(NamedTuple):
+    index_vocabulary: Any  # outlines_core.Vocabulary
+    size: int
+    eos_id: int
+
+
+_VOCABS: "weakref.WeakKeyDictionary[Any, _Vocab]" = weakref.WeakKeyDictionary()
+
+
+def _outlines():
+    try:
+        import outlines_core
+    except ImportError as e:  # pragma: no cover - depends on the optional extra
+        raise ImportError("constrained decoding needs outlines-core: pip install 'jaxsample[structured]'") from e
+    return outlines_core
+
+
+def _vocabulary(tokenizer: Any) -> _Vocab:
+    """outlines-core's Vocabulary of a tokenizer (cached per tokenizer object)."""
+    try:
+        return _VOCABS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    eos = getattr(tokenizer, "eos_id", None)
+    if eos is None:
+        raise ValueError("constraint: the tokenizer has no eos_id; constrained rows end with it")
+    pieces = token_bytes(tokenizer)
+    size = int(getattr(tokenizer, "vocab_size", len(pieces)))
+    if not 0 <= int(eos) < size:
+        raise ValueError(f"constraint: eos_id={eos} is outside the vocabulary [0, {size})")
+    by_bytes: dict[bytes, list[int]] = {}
+    for i, b in enumerate(pieces[:size]):
+        if b and i != eos:  # empty and special tokens never match text
+            by_bytes.setdefault(b, []).append(i)
+    vocab = _Vocab(_outlines().Vocabulary(int(eos), by_bytes), size, int(eos))
+    try:
+        _VOCABS[tokenizer] = vocab
+    except TypeError:  # not weak-referenceable: no cache
+        pass
+    return vocab
+
+
+# ----------------------------------------------------------------------------- host tables
+
+
+class _Table(NamedTuple):
+    """Unpadded host arrays of one automaton (see the module docstring)."""
+
+    allowed: np.ndarray  # uint32 [S, W]
+    offsets: np.ndarray  # int32 [S]
+    targets: np.ndarray  # int32 [T]
+
+
+def _words(vocab_size: int) -> int:
+    return max(1, -(-vocab_size // 32))
+
+
+def _pack(index: Any, vocab_size: int, eos_id: int) -> _Table:
+    """outlines-core Index -> packed arrays: DEAD = 0, DONE = 1, the initial state = 2."""
+    transitions = index.get_transitions()  # {state: {token: next state}}
+    initial = index.get_initial_state()
+    order = [initial] + sorted(s for s in transitions if s != initial)
+    local = {s: START + i for i, s in enumerate(order)}
+    n = START + len(order)
+    src, tok, dst = [np.array([DONE], np.int64)], [np.array([eos_id], np.int64)], [np.array([DONE], np.int64)]
+    for s, moves in transitions.items():
+        if not moves:
+            continue
+        t = np.fromiter(moves.keys(), np.int64, len(moves))
+        d = np.fromiter((DONE if k == eos_id else local.get(v, DEAD) for k, v in moves.items()), np.int64, len(moves))
+        src.append(np.full(len(moves), local[s], np.int64))
+        tok.append(t)
+        dst.append(d)
+    src, tok, dst = np.concatenate(src), np.concatenate(tok), np.concatenate(dst)
+    # Only states from which the output can still end (DONE is reachable) are kept: with a
+    # vocabulary that cannot spell some continuation, outlines-core leaves trap states.
+    live = np.zeros(n, bool)
+    live[DONE] = True
+    while True:
+        grown = live.copy()
+        grown[src[live[dst]]] = True
+        if (grown == live).all():
+            break
+        live = grown
+    if not live[START]:
+        raise ValueError("the vocabulary cannot spell any complete match (no accepting state is reachable)")
+    keep = (tok >= 0) & (tok < vocab_size) & live[src] & live[dst]
+    src, tok, dst = src[keep], tok[keep], dst[keep]
+    order = np.lexsort((tok, src))  # by state, then token: the rank order
+    src, tok, dst = src[order], tok[order], dst[order]
+    allowed = np.zeros((n, _words(vocab_size)), np.uint32)
+    np.bitwise_or.at(allowed, (src, tok >> 5), (np.uint32(1) << (tok & 31).astype(np.uint32)))
+    counts = np.bincount(src, minlength=n)
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)
+    return _Table(allowed, offsets, dst.astype(np.int32))
+
+
+def _trim(allowed: np.ndarray, offsets: np.ndarray, targets: np.ndarray) -> _Table:
+    """Drops trailing padding (states with an empty mask, transitions past the last state's)."""
+    counts = _popcount_rows(allowed)
+    used = np.nonzero(counts)[0]
+    s = int(used[-1]) + 1 if used.size else START
+    t = int((offsets[:s].astype(np.int64) + counts[:s]).max()) if s else 0
+    return _Table(allowed[:s], offsets[:s], targets[:t].astype(np.int32))
+
+
+def _popcount_rows(allowed: np.ndarray) -> np.ndarray:
+    return np.unpackbits(allowed.view(np.uint8), axis=-1).sum(axis=-1).astype(np.int64)
+
+
+def _bucket(n: int, minimum: int) -> int:
+    """``n`` rounded up to a quarter octave (``{4, 5, 6, 7} * 2**k``: at most 25% padding)."""
+    if n <= minimum:
+        return minimum
+    step = max(1, (1 << (int(n - 1).bit_length() - 1)) // 4)
+    return -(-n // step) * step
+
+
+def _padded(table: _Table, initial: np.ndarray, vocab_size: int, max_states: int | None,
+            max_transitions: int | None, fn: str) -> "Constraint":
+    s, t = table.allowed.shape[0], table.targets.shape[0]
+    for name, need, limit, default in (("max_states", s, max_states, DEFAULT_MAX_STATES),
+                                       ("max_transitions", t, max_transitions, DEFAULT_MAX_TRANSITIONS)):
+        if limit is not None and (not isinstance(limit, (int, np.integer)) or isinstance(limit, bool) or limit < 1):
+            raise ValueError(f"{fn}: {name} must be a positive int, got {limit!r}")
+        if need > (default if limit is None else limit):
+            raise ValueError(f"{fn}: the automaton needs {need} {name[4:]}, more than {name}="
+                             f"{default if limit is None else limit}; pass a larger {name} or a simpler constraint")
+    s_pad = int(max_states) if max_states is not None else _bucket(s, 8)
+    t_pad = int(max_transitions) if max_transitions is not None else _bucket(t, 64)
+    allowed = np.zeros((s_pad, table.allowed.shape[1]), np.uint32)
+    allowed[:s] = table.allowed
+    offsets = np.full((s_pad,), t, np.int32)
+    offsets[:s] = table.offsets
+    targets = np.zeros((t_pad,), np.int16 if s_pad <= 1 << 15 else np.int32)
+    targets[:t] = table.targets
+    return Constraint(allowed, offsets, targets, initial, vocab_size=vocab_size)
+
+
+# ----------------------------------------------------------------------------- processor
+
+
+@processor_dataclass
+class Constraint(LogitsProcessor):
+    """A token-level automaton as a processor: only tokens that keep the output matching.
+
+    ``apply`` sets every token the row's state does not allow to ``-inf``; ``update``
+    moves the row's state along the drawn token. Rows whose start state is ``-1`` are
+    unconstrained (their logits pass through). Build one with :func:`Regex`,
+    :func:`JSONSchema` or :func:`Choice`, several per row with :func:`stack_constraints`;
+    see the module docstring for the layout. All arrays are traced leaves; only
+    ``vocab_size`` (the tokenizer's) is static.
+
+    Attributes:
+      allowed: ``uint32[S, W]`` allowed-token bitmask per state.
+      offsets: ``int32[S]`` start of each state's transitions in ``targets``.
+      targets: ``int16[T]`` (``int32`` when ``S > 32768``) next states in token order.
+      initial: ``int32`` start state, a scalar or one per row (``-1``: unconstrained).
+      vocab_size: static, the tokenizer's vocabulary size.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxsample as js
+      >>> from models import ByteTokenizer
+      >>> tok = ByteTokenizer()
+      >>> c = js.Regex("[0-9]{2}", tok)
+      >>> state = c.init(jnp.zeros((1, 1), jnp.int32), jnp.array([1]), 259)
+      >>> masked = c.apply(jnp.zeros((1, 259)), state, None)
+      >>> [chr(i) for i in jnp.nonzero(jnp.isfinite(masked[0]))[0]]
+      ['0', '1', '2', '3', '4', '5', '6', '7', '8', '9']
+    """
+
+    stateful: ClassVar[bool] = True
+
+    allowed: Any
+    offsets: Any
+    targets: Any
+    initial: Any
+    vocab_size: int = static_field(default=0)
+
+    def __post_init__(self) -> None:
+        fn = "Constraint"
+        allowed, offsets, targets = (np.asarray(getattr(self, n)) for n in ("allowed", "offsets", "targets"))
+        if allowed.ndim != 2 or allowed.dtype != np.uint32:
+            raise ValueError(f"{fn}: allowed must be uint32 [S, W], got {allowed.dtype} {allowed.shape}")
+        s, w = allowed.shape
+        if offsets.shape != (s,) or offsets.dtype != np.int32:
+            raise ValueError(f"{fn}: offsets must be int32 [S] = [{s}], got {offsets.dtype} {offsets.shape}")
+        if targets.ndim != 1 or targets.dtype not in (np.int16, np.int32):
+            raise ValueError(f"{fn}: targets must be int16 or int32 [T], got {targets.dtype} {targets.shape}")
+        if not isinstance(self.vocab_size, (int, np.integer)) or not 0 < self.vocab_size <= 32 * w:
+            raise ValueError(f"{fn}: vocab_size must be in [1, {32 * w}] (32 per mask word), got {self.vocab_size!r}")
+        initial = np.asarray(self.initial)
+        if initial.ndim > 1 or not np.issubdtype(initial.dtype, np.integer):
+            raise ValueError(f"{fn}: initial must be an int scalar or [B], got {initial.dtype} {initial.shape}")
+        if initial.size and (initial.min() < -1 or initial.max() >= s):
+            raise ValueError(f"{fn}: initial states must be in [-1, {s}), got {initial.tolist()}")
+        _set(self, "vocab_size", int(self.vocab_size))
+        for name, value in (("allowed", allowed), ("offsets", offsets), ("targets", targets)):
+            _set(self, name, jnp.asarray(value))  # on device once, not per call
+        _set(self, "initial", jnp.asarray(initial, jnp.int32))
+
+    # -- sizes (host) ---------------------------------------------------------------
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes of the padded table."""
+        return int(sum(np.asarray(a).nbytes for a in (self.allowed, self.offsets, self.targets)))
+
+    def sizes(self) -> dict[str, int]:
+        """States and transitions used and padded, and the padded table's bytes."""
+        used = _trim(*(np.asarray(a) for a in (self.allowed, self.offsets, self.targets)))
+        return dict(states=int(used.allowed.shape[0]), transitions=int(used.targets.shape[0]),
+                    padded_states=int(self.allowed.shape[0]), padded_transitions=int(self.targets.shape[0]),
+                    nbytes=self.nbytes)
+
+    # -- processor protocol ---------------------------------------------------------
+
+    def init(self, prompt_tokens, prompt_lengths, vocab_size, *, max_new_tokens=None) -> Array:
+        """The start state of every row, ``int32[B]``."""
+        del prompt_lengths, max_new_tokens
+        if prompt_tokens is None:
+            raise ValueError("Constraint.init: pass the prompts (int [B, P]); the state is one DFA state per row")
+        b = jnp.shape(prompt_tokens)[0]
+        if vocab_size is not None and vocab_size < self.vocab_size:
+            raise ValueError(f"Constraint: the model's vocabulary ({vocab_size}) is smaller than the "
+                             f"tokenizer's ({self.vocab_size}) the constraint was built for")
+        if self.initial.ndim == 1 and self.initial.shape[0] != b:
+            raise ValueError(f"Constraint: one start state per row was given for {self.initial.shape[0]} rows, "
+                             f"but the batch has {b} rows (with n samples per prompt: one per sample)")
+        return jnp.broadcast_to(self.initial, (b,)).astype(jnp.int32)
+
+    def apply(self, logits: Array, state: Array, key: Array | None) -> Array:
+        del key
+        return _apply(logits, state, self.allowed)
+
+    def update(self, state: Array, token: Array, processed_logits: Array) -> Array:
+        del processed_logits
+        return _update(state, token, self.allowed, self.offsets, self.targets)
+
+
+def _bits(words: Array, v: int) -> Array:
+    """uint32 [B, W] -> bool [B, v] (bit j of word i is token 32 i + j; beyond 32 W: False)."""
+    shifts = jnp.arange(32, dtype=jnp.uint32)
+    bits = ((words[..., None] >> shifts) & 1).astype(bool).reshape(*words.shape[:-1], -1)  # [B, 32 W]
+    n = bits.shape[-1]
+    return bits[..., :v] if v <= n else jnp.pad(bits, [(0, 0)] * (bits.ndim - 1) + [(0, v - n)])
+
+
+def _apply(logits: Array, state: Array, allowed: Array) -> Array:
+    """logits [B, V], state int32 [B] -> logits with disallowed tokens at -inf."""
+    words = allowed[jnp.maximum(state, 0)]  # [B, W]
+    keep = _bits(words, logits.shape[-1]) | (state < 0)[:, None]
+    return jnp.where(keep, logits, jnp.asarray(-jnp.inf, logits.dtype))
+
+
+def _update(state: Array, token: Array, allowed: Array, offsets: Array, targets: Array) -> Array:
+    """Next state: targets[offsets[s] + #allowed tokens below t]; a disallowed token -> DEAD."""
+    s = jnp.maximum(state, 0)
+    words = allowed[s]  # [B, W]
+    w = words.shape[-1]
+    t = jnp.clip(token, 0, 32 * w - 1)
+    word_i, bit = t >> 5, (t & 31).astype(jnp.uint32)
+    word = jnp.take_along_axis(words, word_i[:, None], axis=1)[:, 0]  # [B]
+    hit = (((word >> bit) & 1) == 1) & (token >= 0) & (token < 32 * w)
+    counts = jax.lax.population_count(words).astype(jnp.int32)  # [B, W]
+    below = jnp.sum(jnp.where(jnp.arange(w)[None, :] < word_i[:, None], counts, 0), axis=1)
+    below = below + jax.lax.population_count(word & ((jnp.uint32(1) << bit) - 1)).astype(jnp.int32)
+    nxt = targets[jnp.clip(offsets[s] + below, 0, targets.shape[0] - 1)].astype(jnp.int32)
+    return jnp.where(state < 0, state, jnp.where(hit, nxt, DEAD))
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def _build(regex: str, tokenizer: Any, fn: str, what: str, max_states, max_transitions) -> Constraint:
+    vocab = _vocabulary(tokenizer)
+    try:
+        index = _outlines().Index(regex, vocab.index_vocabulary)
+    except ValueError as e:
+        raise ValueError(f"{fn}: cannot build a token automaton for {what}: {e}") from None
+    try:
+        table = _pack(index, vocab.size, vocab.eos_id)
+    except ValueError as e:
+        raise ValueError(f"{fn}: cannot build a token automaton for {what}: {e}") from None
+    return _padded(table, np.int32(START), vocab.size, max_states, max_transitions, fn)
+
+
+def Regex(pattern: str, tokenizer: Any, *, max_states: int | None = None,
+          max_transitions: int | None = None) -> Constraint:
+    """Outputs that fully match a regular expression, then end-of-sequence.
+
+    The syntax is Rust's ``regex`` crate (as outlines-core uses it): the usual classes,
+    repetitions and groups; no look-around, back-references or ``^``; ``\\d`` and ``\\w``
+    are Unicode-aware, as in Python's ``re``. The match is over the UTF-8 bytes of the
+    tokens, so a token may stop inside a multi-byte character.
+
+    Args:
+      pattern: the regular expression the whole output must match.
+      tokenizer: ``models.ByteTokenizer``, ``models.HFTokenizer`` or see :func:`token_bytes`.
+      max_states: pad the state table to exactly this many states (an error if more are
+        needed); default: rounded up to ``{4, 5, 6, 7} * 2**k`` (at most 25% padding),
+        at most 65536.
+      max_transitions: likewise for (state, token) transitions; default: rounded up
+        likewise, at most 2**26.
+
+    Returns:
+      A :class:`Constraint` (a stateful processor; put it first in a :func:`chain`).
+
+    Raises:
+      ValueError: an invalid pattern, one the vocabulary cannot spell, or a size limit.
+
+    Example:
+      >>> import jaxsample as js
+      >>> from models import ByteTokenizer
+      >>> js.Regex("[0-9]{4}-[0-9]{2}-[0-9]{2}", ByteTokenizer()).sizes()["states"]
+      13
+    """
+    if not isinstance(pattern, str):
+        raise TypeError(f"Regex: pattern must be a str, got {type(pattern).__name__}")
+    return _build(pattern, tokenizer, "Regex", f"pattern={pattern!r}", max_states, max_transitions)
+
+
+#: Keywords outlines-core's regex does not enforce (outputs could violate them).
+_UNENFORCED = frozenset({
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "uniqueItems", "contains",
+    "minContains", "maxContains", "minProperties", "maxProperties", "patternProperties", "dependentRequired",
+    "dependentSchemas", "propertyNames", "unevaluatedProperties", "unevaluatedItems"})
+_SUBSCHEMA = ("items", "additionalProperties", "not", "if", "then", "else")
+_SUBSCHEMA_LISTS = ("prefixItems", "anyOf", "oneOf", "allOf")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")
+
+
+def _unenforced(schema: Any, path: str = "#") -> list[str]:
+    """Paths of keywords in ``schema`` that the regex would silently ignore."""
+    if not isinstance(schema, dict):
+        return []
+    found = [f"{path}/{k}" for k in schema if k in _UNENFORCED]
+    for k in _SUBSCHEMA:
+        found += _unenforced(schema.get(k), f"{path}/{k}")
+    for k in _SUBSCHEMA_LISTS:
+        for i, sub in enumerate(schema.get(k) or []):
+            found += _unenforced(sub, f"{path}/{k}/{i}")
+    for k in _SUBSCHEMA_MAPS:
+        for name, sub in (schema.get(k) or {}).items():
+            found += _unenforced(sub, f"{path}/{k}/{name}")
+    return found
+
+
+def JSONSchema(schema: dict | str, tokenizer: Any, *, whitespace: str = r"[ ]?", strict: bool = True,
+               max_states: int | None = None, max_transitions: int | None = None) -> Constraint:
+    """Outputs that are JSON documents valid under a JSON schema (outlines-core's subset).
+
+    The schema becomes a regular expression (``outlines_core.json_schema.
+    build_regex_from_schema``): objects with ``properties`` (in the given order;
+    ``required`` ones always present), arrays (``items``, ``minItems``/``maxItems``),
+    strings (``minLength``/``maxLength``, ``pattern``, ``format``), numbers, integers,
+    ``enum``, ``const``, ``anyOf``/``oneOf``/``allOf``, ``$ref``. Strings and numbers
+    without bounds are unbounded: set ``max_new_tokens`` accordingly. Keywords the regex
+    cannot enforce (``minimum``, ``maximum``, ``multipleOf``, ``uniqueItems``,
+    ``minProperties``, ``patternProperties``, ...) are refused unless ``strict=False``.
+
+    Args:
+      schema: a dict, or its JSON text.
+      tokenizer: as for :func:`Regex`.
+      whitespace: the regex for whitespace between JSON tokens (default: one optional
+        space; ``""`` for compact JSON).
+      strict: refuse keywords the regex would ignore (default); ``False`` ignores them,
+        and outputs may then violate them.
+      max_states, max_transitions: as for :func:`Regex`.
+
+    Example:
+      >>> import jaxsample as js
+      >>> from models import ByteTokenizer
+      >>> c = js.JSONSchema({"type": "object", "properties": {"ok": {"type": "boolean"}},
+      ...                    "required": ["ok"]}, ByteTokenizer())
+      >>> c.sizes()["states"] > 10
+      True
+    """
+    if isinstance(schema, dict):
+        text = json.dumps(schema)
+    elif isinstance(schema, str):
+        try:
+            json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"JSONSchema: schema is not valid JSON: {e}") from None
+        text = schema
+    else:
+        raise TypeError(f"JSONSchema: schema must be a dict or a JSON string, got {type(schema).__name__}")
+    ignored = _unenforced(json.loads(text))
+    if strict and ignored:
+        raise ValueError(f"JSONSchema: the keywords at {', '.join(ignored[:8])} cannot be enforced by the "
+                         f"regex (outputs could violate them); remove them or pass strict=False")
+    try:
+        regex = _outlines().json_schema.build_regex_from_schema(text, whitespace)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"JSONSchema: unsupported or invalid schema {text[:200]!r}: {e}") from None
+    return _build(regex, tokenizer, "JSONSchema", f"schema {text[:200]!r}", max_states, max_transitions)
+
+
+_META = set("\\.+*?()|[]{}^$#&-~")
+
+
+def _literal(text: str) -> str:
+    """``text`` as a regex that matches it literally (Rust regex escapes)."""
+    return "".join("\\" + c if c in _META else c for c in text)
+
+
+def Choice(choices: Sequence[str], tokenizer: Any, *, max_states: int | None = None,
+           max_transitions: int | None = None) -> Constraint:
+    """Outputs that are exactly one of the given strings, then end-of-sequence.
+
+    Example:
+      >>> import jaxsample as js
+      >>> from models import ByteTokenizer
+      >>> js.Choice(["yes", "no"], ByteTokenizer()).sizes()["states"]
+      7
+    """
+    if isinstance(choices, str) or not isinstance(choices, Sequence):
+        raise TypeError(f"Choice: choices must be a list of strings, got {type(choices).__name__}")
+    if not choices:
+        raise ValueError("Choice: choices must not be empty")
+    bad = [c for c in choices if not isinstance(c, str)]
+    if bad:
+        raise TypeError(f"Choice: every choice must be a str, got {bad[:3]!r}")
+    regex = "(?:" + "|".join(_literal(c) for c in choices) + ")"
+    return _build(regex, tokenizer, "Choice", f"choices={list(choices)[:20]!r}", max_states, max_transitions)
+
+
+def stack_constraints(rows: Sequence[Constraint | None], *, max_states: int | None = None,
+                      max_transitions: int | None = None) -> Constraint:
+    """One constraint per row: ``rows[b]`` constrains row ``b``; ``None`` leaves it free.
+
+    The automata are merged into one table (each distinct constraint object once), and
+    each row starts in its own automaton's start state. Padding as for :func:`Regex`, so
+    batches of constraints with the same padded size share one compilation.
+
+    Example:
+      >>> import jaxsample as js
+      >>> from models import ByteTokenizer
+      >>> tok = ByteTokenizer()
+      >>> c = js.stack_constraints([js.Choice(["a"], tok), None, js.Regex("[0-9]+", tok)])
+      >>> c.initial.tolist()
+      [2, -1, 6]
+    """
+    rows = list(rows)
+    if not rows:
+        raise ValueError("stack_constraints: rows must not be empty")
+    for i, r in enumerate(rows):
+        if r is not None and not isinstance(r, Constraint):
+            raise TypeError(f"stack_constraints: rows[{i}] must be a Constraint or None, got {type(r).__name__}")
+        if r is not None and np.ndim(r.initial) != 0:
+            raise ValueError(f"stack_constraints: rows[{i}] is already per-row (initial of shape "
+                             f"{np.shape(r.initial)}); stack single constraints")
+    parts = [r for r in rows if r is not None]
+    if not parts:
+        raise ValueError("stack_constraints: every row is None; use no constraint instead")
+    vocab_size, words = parts[0].vocab_size, parts[0].allowed.shape[1]
+    for r in parts:
+        if (r.vocab_size, r.allowed.shape[1]) != (vocab_size, words):
+            raise ValueError(f"stack_constraints: constraints built for different vocabularies "
+                             f"({vocab_size} and {r.vocab_size} tokens)")
+    unique: dict[int, int] = {}  # id(constraint) -> its state offset
+    allowed, offsets, targets, s_off, t_off = [], [], [], 0, 0
+    for r in parts:
+        if id(r) in unique:
+            continue
+        table = _trim(*(np.asarray(a) for a in (r.allowed, r.offsets, r.targets)))
+        allowed.append(table.allowed)
+        offsets.append(table.offsets + t_off)
+        targets.append(table.targets + s_off)
+        unique[id(r)] = s_off + int(np.asarray(r.initial))
+        s_off += table.allowed.shape[0]
+        t_off += table.targets.shape[0]
+    table = _Table(np.concatenate(allowed), np.concatenate(offsets).astype(np.int32), np.concatenate(targets))
+    initial = np.array([-1 if r is None else unique[id(r)] for r in rows], np.int32)
+    return _padded(table, initial, vocab_size, max_states, max_transitions, "stack_constraints")
+

@@ -1,0 +1,465 @@
+"""Load local Hugging Face checkpoints of five decoder families into our `DecoderLM`.
+
+    >>> from models import load_hf
+    >>> lm = load_hf("path/to/Llama-3.2-1B")          # config.json + *.safetensors
+    >>> logits = lm.forward(tokens)                     # [B, T, V]
+
+Supported `architectures` (each family's details become switches of the one decoder,
+see `DecoderConfig`):
+
+| architecture        | what differs from the plain tied Llama decoder                          |
+|---------------------|-------------------------------------------------------------------------|
+| LlamaForCausalLM    | tied or untied `lm_head`; `rope_scaling` default, `linear`, `llama3`    |
+| MistralForCausalLM  | untied; `sliding_window` on every layer                                  |
+| Qwen2ForCausalLM    | q/k/v biases; tied or untied; sliding layers from `layer_types`          |
+| GemmaForCausalLM    | embeddings * sqrt(D), (1 + w) RMSNorm, GeGLU, free head_dim, tied        |
+| Gemma2ForCausalLM   | Gemma + post-norms, attention and final soft-capping, query_pre_attn_scalar, alternating sliding-window layers |
+
+Anything else (another architecture, biases where the family has none, another
+activation or RoPE type, partial rotary, bidirectional attention, ...) raises a
+`ValueError` naming the field, rather than loading a model that silently computes
+something else.
+
+Weights are read with the `safetensors` library one tensor at a time (a single
+`model.safetensors`, or the shards named by `model.safetensors.index.json`): names,
+shapes and dtypes are checked against the config from the file headers before any
+data is read, and each tensor is converted and moved to the device before the next is
+read, so peak host memory stays near the size of the loaded model
+(scripts/measure_load_memory.py measures it).
+
+Weight layout: Hugging Face `nn.Linear` weights are [out, in]; Flax `Dense` kernels are
+[in, out], so projections are transposed. Our RoPE uses the Hugging Face rotate-half
+convention, so q/k need no permutation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from models import checkpoint as ckpt
+from models.config import DecoderConfig, RopeScaling
+from models.decoder import DecoderLM, init_params
+
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Family:
+    model_type: str
+    tie_default: bool  # the config class's default for tie_word_embeddings
+    max_positions_default: int
+    activations: tuple[str, ...]  # accepted hidden_act / hidden_activation values
+    gemma: bool = False  # scaled embeddings, (1 + w) RMSNorm, GeGLU
+    gemma2: bool = False  # + post-norms, soft-capping, query_pre_attn_scalar
+    qkv_bias: bool = False  # Qwen2: always on (not a config field)
+
+
+FAMILIES: dict[str, _Family] = {
+    "LlamaForCausalLM": _Family("llama", False, 2048, ("silu",)),
+    "MistralForCausalLM": _Family("mistral", False, 131072, ("silu",)),
+    "Qwen2ForCausalLM": _Family("qwen2", False, 32768, ("silu",), qkv_bias=True),
+    # "gelu" is a legacy value of the official Gemma configs meaning the tanh approximation
+    # (transformers replaces it the same way).
+    "GemmaForCausalLM": _Family("gemma", True, 8192, ("gelu_pytorch_tanh", "gelu"), gemma=True),
+    "Gemma2ForCausalLM": _Family("gemma2", True, 8192, ("gelu_pytorch_tanh",), gemma=True, gemma2=True),
+}
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
+_BY_MODEL_TYPE = {f.model_type: arch for arch, f in FAMILIES.items()}
+
+_NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+# torch_dtype of the checkpoint -> our dtype. float16 is upcast to float32 (exact):
+# the decoder runs in float32 or bfloat16 only.
+_TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float32"}
+_FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def _read_json(path: str, required: bool = True) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            blob = json.load(f)
+    except FileNotFoundError:
+        if not required:
+            return {}
+        raise ckpt.CheckpointError(f"no {os.path.basename(path)} in {os.path.dirname(path)!r}") from None
+    except json.JSONDecodeError as e:
+        raise ckpt.CheckpointError(f"{path}: malformed JSON: {e}") from None
+    if not isinstance(blob, dict):
+        raise ckpt.CheckpointError(f"{path}: expected a JSON object, got {type(blob).__name__}")
+    return blob
+
+
+def read_hf_config(directory: str) -> dict[str, Any]:
+    """config.json of a Hugging Face checkpoint directory, as a dict."""
+    return _read_json(os.path.join(directory, CONFIG_FILE))
+
+
+def is_hf_checkpoint(directory: str) -> bool:
+    """True if `directory`'s config.json names a Hugging Face model (`model_type` or
+    `architectures`); our own checkpoints (a "model" section) return False."""
+    try:
+        cfg = read_hf_config(directory)
+    except (ckpt.CheckpointError, OSError):
+        return False
+    return "model" not in cfg and ("model_type" in cfg or "architectures" in cfg)
+
+
+def _family(hf: dict[str, Any]) -> tuple[str, _Family]:
+    archs = hf.get("architectures")
+    if not archs and hf.get("model_type") in _BY_MODEL_TYPE:
+        archs = [_BY_MODEL_TYPE[hf["model_type"]]]
+    if not isinstance(archs, list) or len(archs) != 1 or archs[0] not in FAMILIES:
+        raise ValueError(f"unsupported architectures={archs!r}: expected one of {list(SUPPORTED_ARCHITECTURES)}")
+    family = FAMILIES[archs[0]]
+    model_type = hf.get("model_type", family.model_type)
+    if model_type != family.model_type:
+        raise ValueError(f"unsupported model_type={model_type!r} for {archs[0]}: expected {family.model_type!r}")
+    return archs[0], family
+
+
+def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, scaling) from the transformers 4.x (`rope_scaling`) or 5.x
+    (`rope_parameters`) layout."""
+    theta, scaling = hf.get("rope_theta"), None
+    for field in ("rope_scaling", "rope_parameters"):
+        params = hf.get(field)
+        if params is None:
+            continue
+        if not isinstance(params, dict):
+            raise ValueError(f"unsupported {field}={params!r}: expected null or a dict")
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(f"unsupported {field}.partial_rotary_factor={params['partial_rotary_factor']!r}: "
+                             "only full rotary embeddings are implemented")
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"unsupported {field}={params!r}: rope_type must be 'default', 'linear' or 'llama3'")
+        if "rope_theta" in params:
+            if theta is not None and float(theta) != float(params["rope_theta"]):
+                raise ValueError(f"conflicting rope_theta={theta!r} and {field}.rope_theta="
+                                 f"{params['rope_theta']!r}")
+            theta = params["rope_theta"]
+        if rope_type == "default":
+            continue
+        if rope_type == "linear":
+            new = RopeScaling("linear", float(params["factor"]))
+        elif rope_type == "llama3":
+            try:
+                new = RopeScaling("llama3", float(params["factor"]), float(params["low_freq_factor"]),
+                                  float(params["high_freq_factor"]), int(params["original_max_position_embeddings"]))
+            except KeyError as e:
+                raise ValueError(f"{field}={params!r}: llama3 RoPE scaling needs {e.args[0]!r}") from None
+        if scaling is not None and scaling != new:
+            raise ValueError(f"conflicting rope_scaling and rope_parameters: {scaling!r} vs {new!r}")
+        scaling = new
+    return (10000.0 if theta is None else float(theta)), scaling
+
+
+def _sliding(hf: dict[str, Any], family: _Family, n_layers: int) -> tuple[int | None, tuple[int, ...] | None]:
+    """(sliding_window, sliding_window_layers) as transformers builds the masks."""
+    # MistralConfig's and Gemma2Config's default window is 4096 (an explicit null is none).
+    window = hf.get("sliding_window", 4096 if family.model_type in ("mistral", "gemma2") else None)
+    if family.model_type == "qwen2" and not hf.get("use_sliding_window", False):
+        window = None  # Qwen2 configs carry a window that is off unless use_sliding_window
+    layer_types = hf.get("layer_types")
+    if layer_types is not None:
+        if (not isinstance(layer_types, list) or len(layer_types) != n_layers
+                or any(t not in ("full_attention", "sliding_attention") for t in layer_types)):
+            raise ValueError(f"unsupported layer_types={layer_types!r}: expected {n_layers} entries of "
+                             "'full_attention' or 'sliding_attention'")
+        layers = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
+    elif family.model_type == "gemma2":
+        layers = tuple(range(0, n_layers, 2))  # layers 0, 2, 4, ... are local
+    elif family.model_type == "qwen2":
+        layers = tuple(range(hf.get("max_window_layers", 28), n_layers))
+    else:
+        layers = None  # every layer
+    if window is None:
+        if layer_types is not None and layers:
+            raise ValueError(f"layer_types={layer_types!r} names sliding layers but sliding_window is null")
+        return None, None
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        raise ValueError(f"unsupported sliding_window={window!r}: expected null or a positive int")
+    return (window, layers) if layers != () else (None, None)
+
+
+def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> DecoderConfig:
+    """Maps a Hugging Face config.json dict (one of `SUPPORTED_ARCHITECTURES`) to a `DecoderConfig`.
+
+    Raises ValueError naming the field and value for anything our decoder can't represent
+    exactly. `dtype` (float32/bfloat16) overrides the checkpoint's torch_dtype.
+    """
+    arch, family = _family(hf)
+    act_field = "hidden_activation" if hf.get("hidden_activation") else "hidden_act"
+    act = hf.get(act_field, family.activations[0])
+    if act not in family.activations:
+        raise ValueError(f"unsupported {act_field}={act!r} for {arch}: expected one of {list(family.activations)}")
+    for field in ("attention_bias", "mlp_bias", "use_bidirectional_attention", "quantization_config"):
+        if hf.get(field):
+            raise ValueError(f"unsupported {field}={hf[field]!r}")
+    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    missing = [f for f in required if f not in hf]
+    if missing:
+        raise ValueError(f"config.json lacks required fields {missing}")
+    hidden, heads, n_layers = hf["hidden_size"], hf["num_attention_heads"], hf["num_hidden_layers"]
+    kv_heads = hf.get("num_key_value_heads") or heads
+    head_dim = hf.get("head_dim") or (256 if family.gemma else hidden // heads)
+    if not hf.get("head_dim") and not family.gemma and hidden % heads:
+        raise ValueError(f"hidden_size={hidden} is not divisible by num_attention_heads={heads} "
+                         "(and config.json gives no head_dim)")
+    theta, scaling = _rope(hf)
+    window, window_layers = _sliding(hf, family, n_layers)
+
+    if dtype is None:
+        torch_dtype = hf.get("torch_dtype", hf.get("dtype")) or "float32"
+        if torch_dtype not in _TORCH_DTYPES:
+            raise ValueError(f"unsupported torch_dtype={torch_dtype!r}: expected one of {sorted(_TORCH_DTYPES)}")
+        dtype = _TORCH_DTYPES[torch_dtype]
+    elif dtype not in _NP_DTYPES:
+        raise ValueError(f"unsupported dtype={dtype!r}: expected one of {sorted(_NP_DTYPES)}")
+
+    gemma2 = {}
+    if family.gemma2:
+        gemma2 = dict(post_norms=True, attn_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
+                      attn_softcap=hf.get("attn_logit_softcapping", 50.0),
+                      final_softcap=hf.get("final_logit_softcapping", 30.0))
+    return DecoderConfig(
+        vocab_size=hf["vocab_size"], d_model=hidden, n_layers=n_layers, n_heads=heads,
+        n_kv_heads=kv_heads, head_dim=head_dim, d_ff=hf["intermediate_size"],
+        max_seq_len=hf.get("max_position_embeddings", family.max_positions_default), rope_theta=theta,
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), dtype=dtype,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", family.tie_default)), qkv_bias=family.qkv_bias,
+        activation="gelu_tanh" if family.gemma else "silu", norm_plus_one=family.gemma,
+        embed_scale=family.gemma, sliding_window=window, sliding_window_layers=window_layers,
+        rope_scaling=scaling, **gemma2)
+
+
+# ---------------------------------------------------------------------------- weights
+
+
+def expected_hf_tensors(c: DecoderConfig) -> dict[str, tuple[tuple[int, ...], str, bool]]:
+    """HF tensor name -> (HF shape, our flat parameter name, transpose?)."""
+    d, hd = c.d_model, c.head_dim
+    out = {"model.embed_tokens.weight": ((c.vocab_size, d), "embed.embedding", False),
+           "model.norm.weight": ((d,), "final_norm.scale", False)}
+    if not c.tie_embeddings:
+        out["lm_head.weight"] = ((c.vocab_size, d), "lm_head.kernel", True)
+    for i in range(c.n_layers):
+        p, q = f"model.layers.{i}.", f"layers_{i}."
+        out.update({
+            p + "self_attn.q_proj.weight": ((c.n_heads * hd, d), q + "q.kernel", True),
+            p + "self_attn.k_proj.weight": ((c.n_kv_heads * hd, d), q + "k.kernel", True),
+            p + "self_attn.v_proj.weight": ((c.n_kv_heads * hd, d), q + "v.kernel", True),
+            p + "self_attn.o_proj.weight": ((d, c.n_heads * hd), q + "o.kernel", True),
+            p + "mlp.gate_proj.weight": ((c.d_ff, d), q + "gate.kernel", True),
+            p + "mlp.up_proj.weight": ((c.d_ff, d), q + "up.kernel", True),
+            p + "mlp.down_proj.weight": ((d, c.d_ff), q + "down.kernel", True),
+            p + "input_layernorm.weight": ((d,), q + "attn_norm.scale", False),
+        })
+        if c.qkv_bias:
+            out.update({
+                p + "self_attn.q_proj.bias": ((c.n_heads * hd,), q + "q.bias", False),
+                p + "self_attn.k_proj.bias": ((c.n_kv_heads * hd,), q + "k.bias", False),
+                p + "self_attn.v_proj.bias": ((c.n_kv_heads * hd,), q + "v.bias", False),
+            })
+        if c.post_norms:  # Gemma 2: post_attention_layernorm is the attention's post-norm
+            out.update({
+                p + "post_attention_layernorm.weight": ((d,), q + "attn_post_norm.scale", False),
+                p + "pre_feedforward_layernorm.weight": ((d,), q + "mlp_norm.scale", False),
+                p + "post_feedforward_layernorm.weight": ((d,), q + "mlp_post_norm.scale", False),
+            })
+        else:
+            out[p + "post_attention_layernorm.weight"] = ((d,), q + "mlp_norm.scale", False)
+    return out
+
+
+def _open(path: str):
+    """safe_open with errors that name the file and say what is wrong."""
+    try:
+        return safe_open(path, framework="numpy")
+    except FileNotFoundError:
+        raise ckpt.CheckpointError(f"checkpoint file not found: {path}") from None
+    except (SafetensorError, OSError) as e:
+        raise ckpt.CheckpointError(f"{path}: {ckpt.explain_bad_safetensors(path, e)}") from None
+
+
+def tensor_locations(directory: str) -> dict[str, str]:
+    """Tensor name -> the safetensors file holding it (single file, or the index's shards)."""
+    index_path = os.path.join(directory, INDEX_FILE)
+    if os.path.exists(index_path):
+        weight_map = _read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ckpt.CheckpointError(f"{index_path}: malformed index: no 'weight_map' of tensor name -> file")
+        files = sorted(set(weight_map.values()))
+        absent = [f for f in files if not os.path.isfile(os.path.join(directory, f))]
+        if absent:
+            raise ckpt.CheckpointError(f"{index_path}: shard files listed in the index are missing: {absent}")
+    elif os.path.exists(os.path.join(directory, SINGLE_FILE)):
+        weight_map, files = None, [SINGLE_FILE]
+    else:
+        raise ckpt.CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory!r} "
+                                   "(only safetensors checkpoints are supported)")
+    locations: dict[str, str] = {}
+    for file in files:
+        path = os.path.join(directory, file)
+        with _open(path) as f:
+            for name in f.keys():
+                if name in locations:
+                    raise ckpt.CheckpointError(f"{directory}: tensor {name!r} is in both {locations[name]} "
+                                               f"and {file}")
+                if weight_map is not None and weight_map.get(name) != file:
+                    continue  # the index is authoritative (stale copies in other shards are ignored)
+                locations[name] = file
+    if weight_map is not None:
+        absent = sorted(set(weight_map) - set(locations), key=_natural)
+        if absent:
+            raise ckpt.CheckpointError(f"{index_path}: tensors listed in the index but not in their shard: "
+                                       f"{absent[:5]}")
+    return locations
+
+
+def _normalize_names(locations: dict[str, str], config: DecoderConfig) -> dict[str, tuple[str, str]]:
+    """Our expected HF name -> (name in the file, file); drops what the model never reads."""
+    out = {}
+    bare = "model.embed_tokens.weight" not in locations and "embed_tokens.weight" in locations
+    for name, file in locations.items():
+        if name.endswith("rotary_emb.inv_freq"):  # an old buffer, recomputed
+            continue
+        if name == "lm_head.weight" and config.tie_embeddings:  # tied: transformers ignores it too
+            continue
+        out[("model." + name) if bare and name != "lm_head.weight" else name] = (name, file)
+    return out
+
+
+def iter_hf_tensors(directory: str, config: DecoderConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (our flat parameter name, array in our layout and dtype), one tensor at a time.
+
+    Every name, shape and dtype is validated from the file headers before any data is read.
+    """
+    locations = _normalize_names(tensor_locations(directory), config)
+    expected = expected_hf_tensors(config)
+    missing = sorted(set(expected) - set(locations), key=_natural)
+    unexpected = sorted(set(locations) - set(expected), key=_natural)
+    if missing or unexpected:
+        raise ckpt.CheckpointError(
+            f"{directory}: tensor names do not match the config ({config.n_layers} layers, "
+            f"tie_embeddings={config.tie_embeddings}, qkv_bias={config.qkv_bias}, post_norms={config.post_norms}): "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    by_file: dict[str, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(locations[name][1], []).append(name)
+    for file, names in by_file.items():
+        with _open(os.path.join(directory, file)) as f:
+            for name in names:
+                info = f.get_slice(locations[name][0])
+                shape, st_dtype = tuple(info.get_shape()), info.get_dtype()
+                if shape != expected[name][0]:
+                    raise ckpt.CheckpointError(f"{directory}/{file}: tensor {name!r} has shape {shape}, "
+                                               f"expected {expected[name][0]} from config.json")
+                if st_dtype not in _FLOAT_DTYPES:
+                    raise ckpt.CheckpointError(f"{directory}/{file}: tensor {name!r} has non-float dtype {st_dtype}")
+    target = _NP_DTYPES[config.dtype]
+    for file, names in by_file.items():
+        path = os.path.join(directory, file)
+        for name in names:
+            # One open per tensor: the file's memory map (whose touched pages count as
+            # resident memory) is released after each tensor, not after the whole shard.
+            with _open(path) as f:
+                try:
+                    arr = f.get_tensor(locations[name][0])
+                except SafetensorError as e:
+                    raise ckpt.CheckpointError(f"{path}: cannot read tensor {name!r}: {e}") from None
+            _, ours, transpose = expected[name]
+            arr = arr.astype(target, copy=False)
+            yield ours, (arr.T if transpose else arr)
+
+
+def _natural(name: str):
+    return [int(p) if p.isdigit() else p for p in name.split(".")]
+
+
+def load_hf(directory: str, dtype: str | None = None) -> DecoderLM:
+    """Loads a local Hugging Face checkpoint directory (one of `SUPPORTED_ARCHITECTURES`).
+
+    Args:
+      directory: holds config.json and model.safetensors (or shards + index).
+      dtype: "float32" or "bfloat16"; default: the checkpoint's torch_dtype
+        (float16 checkpoints load as float32).
+    Returns:
+      A `DecoderLM` (the `generate` protocol, plus `forward(tokens) -> [B, T, V]`).
+    Raises:
+      ValueError: the config describes a model our decoder cannot represent exactly;
+        the message names the field.
+      CheckpointError (a ValueError): files missing or truncated, tensor names or shapes wrong.
+
+    Example:
+      >>> lm = load_hf("path/to/Qwen2-0.5B")
+      >>> lm.config.qkv_bias, lm.config.tie_embeddings
+      (True, True)
+    """
+    config = config_from_hf(read_hf_config(directory), dtype)
+    flat = {}
+    for name, arr in iter_hf_tensors(directory, config):
+        flat[name] = jnp.asarray(arr)  # on the device now; the host copy is freed before the next tensor
+        del arr
+    template = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    return DecoderLM(params=ckpt.unflatten_like(template, flat, directory), config=config)
+
+
+# ------------------------------------------------------------------ generation defaults
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationDefaults:
+    """The checkpoint's generation settings (`generation_config.json`, then `config.json`).
+
+    Attributes:
+      eos_ids: every end-of-sequence id, in order, without repeats (Llama 3 has several).
+      temperature, top_p, top_k: the checkpoint's default sampling values; None where the
+        checkpoint sets none. `do_sample: false` makes the temperature 0 (greedy), as
+        transformers does.
+    """
+
+    eos_ids: tuple[int, ...] = ()
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+
+
+def _ids(value: Any, field: str) -> list[int]:
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    if any(not isinstance(v, int) or isinstance(v, bool) for v in values):
+        raise ValueError(f"{field}={value!r}: expected an int or a list of ints")
+    return values
+
+
+def read_generation_defaults(directory: str) -> GenerationDefaults:
+    """Reads `GenerationDefaults` from a checkpoint directory (missing files give empty defaults)."""
+    config = _read_json(os.path.join(directory, CONFIG_FILE), required=False)
+    gen = _read_json(os.path.join(directory, GENERATION_CONFIG_FILE), required=False)
+    eos = []
+    for value, field in ((gen.get("eos_token_id"), "generation_config.json eos_token_id"),
+                         (config.get("eos_token_id"), "config.json eos_token_id")):
+        for i in _ids(value, field):
+            if i not in eos:
+                eos.append(i)
+    temperature, top_p, top_k = gen.get("temperature"), gen.get("top_p"), gen.get("top_k")
+    if gen.get("do_sample") is False:
+        temperature = 0.0
+    return GenerationDefaults(
+        eos_ids=tuple(eos), temperature=None if temperature is None else float(temperature),
+        top_p=None if top_p is None else float(top_p), top_k=None if top_k is None else int(top_k))
