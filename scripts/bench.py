@@ -365,8 +365,8 @@ def gpu_check(json_path: str | None, smoke: bool) -> dict[str, Any]:
     env = environment()
     shapes = GPU_CHECK_SMOKE_SHAPES if smoke else GPU_CHECK_SHAPES
     iters, repeats = (1, 1) if smoke else (20, 5)
-    print(f"# jaxsample --gpu-check: {env['device']} ({env['backend']}), {env['date']}, jax {env['jax']}, "
-          f"selection plan {js._select.default_plan().engine!r}", flush=True)
+    print(f"# jaxsample --gpu-check: {env['device']} ({env['backend']}), {env['date']}, jax {env['jax']}",
+          flush=True)
     rows = []
     for shape, dtypes in shapes:
         batch = shape[0]
