@@ -406,12 +406,17 @@ def gpu_check(json_path: str | None, smoke: bool) -> dict[str, Any]:
             steps[mode] = r["decode_ms_per_step"]
         gen.append({"preset": preset_name, "dtype": "bf16", "batch": batch, "new_tokens": new_tokens,
                     "greedy_ms_per_step": steps["greedy"], "top_p_ms_per_step": steps["top-p 0.9"],
-                    "top_p_cost": steps["top-p 0.9"] / steps["greedy"] - 1.0})
+                    # None: below timer resolution (bench_generate_jax's rule)
+                    "top_p_cost": None if None in steps.values() else steps["top-p 0.9"] / steps["greedy"] - 1.0})
     print(f"\n| generate {preset_name} bf16 | greedy ms/step | top-p 0.9 ms/step | top-p cost per step |")
     print("|---|---|---|---|")
+    def ms(v):
+        return "below timer resolution" if v is None else f"{v:.3f}"
+
     for g in gen:
-        print(f"| batch {g['batch']} | {g['greedy_ms_per_step']:.3f} | {g['top_p_ms_per_step']:.3f} "
-              f"| {100 * g['top_p_cost']:+.1f}% |", flush=True)
+        cost = "–" if g["top_p_cost"] is None else f"{100 * g['top_p_cost']:+.1f}%"
+        print(f"| batch {g['batch']} | {ms(g['greedy_ms_per_step'])} | {ms(g['top_p_ms_per_step'])} "
+              f"| {cost} |", flush=True)
     report = {"environment": env, "gpu_check": rows, "generate": gen,
               "method": "per call inside one jitted fori_loop over 4 precomputed N(0, 2) logits "
                         f"tensors, {iters} iterations, median of {repeats}"}
