@@ -115,6 +115,8 @@ COMMANDS: dict[str, Action] = {
     "pip install -e .": install(),
     'python scripts/generate.py "ROMEO:" --top-p 0.9': run(expect="ROMEO:"),
     'pip install -e ".[test]"': install(),
+    "python scripts/bench.py --gpu-check": skip(
+        "needs a GPU (its CPU smoke, --gpu-check-smoke, runs in tests/test_bench_gpu_check.py)"),
     "python -m pytest": skip("the test suite itself (this module is part of it; .ci/run runs it)"),
     "python -m pytest -m slow": skip("the slow tests of the suite itself (this module's slow commands among them)"),
     'pip install -U "jax[cuda12]"': install(),
