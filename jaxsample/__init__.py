@@ -178,6 +178,19 @@ __all__ += [
     "sharded_sample_step",
 ]
 
+# --- speculative decoding (exact: the output distribution is generate's) -------------
+from jaxsample._speculative import PromptLookup
+from jaxsample._speculative import SpeculativeOutput
+from jaxsample._speculative import SpeculativeStats
+from jaxsample._speculative import speculative_generate
+
+__all__ += [
+    "PromptLookup",
+    "SpeculativeOutput",
+    "SpeculativeStats",
+    "speculative_generate",
+]
+
 # --- beam search (deterministic, transformers' semantics) -----------------------------
 from jaxsample._beam import BeamSearchOutput
 from jaxsample._beam import beam_search

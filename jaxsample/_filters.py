@@ -11,13 +11,17 @@ Conventions (the contract is ``shared/SAMPLING.md``):
   Python control flow, so changing one never recompiles.
 * Every truncation is "find a per-row threshold, keep ``score >= threshold``", with the
   thresholds found by :mod:`jaxsample._select` without sorting the vocabulary (radix
-  select on the float bits, a ``lax.top_k`` candidate window first on CPU). Ties at a
+  select on the float bits: scatter histograms and a ``lax.top_k`` candidate window on
+  CPU, a Pallas counting kernel on GPU). Each filter's body (``*_rows``) takes a
+  `VocabShard`, so the same code runs on whole rows and, inside `shard_map`, on
+  vocab-sharded ones (`jaxsample.ShardedSampler`). Ties at a
   boundary are therefore always kept, and the kept set is the one a sort would give.
 * Work that every row has disabled (top-k with ``k = 0``, top-p with ``p = 1``, ...,
   the greedy branch of :func:`temperature`) is skipped behind a batch-wide
   ``lax.cond``, so a chain that always carries every stage pays only for what it uses.
 * A truncation never empties a row: the ``min_tokens_to_keep`` highest-logit tokens (and
-  any ties with the last of them) always survive. Only explicit masks
+  any ties with the last of them) always survive; for :func:`typical_p` the most
+  *typical* ones (transformers' order). Only explicit masks
   (:func:`ban_tokens`, :func:`allow_tokens`, a ``-inf`` bias) can empty a row; a row
   with no finite logit stays that way through every filter (all ``-inf``) and
   :func:`jaxsample.sample` returns ``-1`` for it.
@@ -39,6 +43,7 @@ import numpy as np
 
 from jaxsample import _select
 from jaxsample import _validation as _val
+from jaxsample._select import VocabShard
 
 __all__ = [
     "temperature",
@@ -92,36 +97,14 @@ def _keep(logits: Array, keep: Array) -> Array:
     return jnp.where(keep, logits, jnp.array(-jnp.inf, logits.dtype))
 
 
-def _top_m_value(x: Array, min_tokens_to_keep: int) -> Array:
-    """The ``min_tokens_to_keep``-th largest logit per row, ``[...]``."""
-    if min_tokens_to_keep == 1:
-        return jnp.max(x, axis=-1)
-    return _select.kth_largest(x, min_tokens_to_keep)
-
-
 def _select_input(logits: Array, x: Array) -> Array:
     """What the selection runs on: 16-bit logits as they are (their 16-bit keys need
     one radix pass, and their float32 values are exact), anything else as float32."""
     return logits if jnp.dtype(logits.dtype).itemsize == 2 else x
 
 
-def _first_max_index(x: Array) -> Array:
-    """``argmax`` over the last axis (lowest index on ties), as ``int32[..., 1]``.
-
-    A max and a min over the vocabulary: XLA:CPU's variadic argmax reduction is
-    several times slower than two plain reductions. (Rows with a NaN give no
-    guarantee, as everywhere in the filters.)
-    """
-    top = jnp.max(x, axis=-1, keepdims=True)
-    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-    first = jnp.min(jnp.where(x == top, iota, x.shape[-1]), axis=-1, keepdims=True)
-    return jnp.minimum(first, x.shape[-1] - 1)
-
-
-def _entropy(logq: Array) -> Array:
-    """Shannon entropy (nats) ``H = -sum_i q_i ln q_i`` per row, ``0 ln 0 = 0``."""
-    q = jnp.exp(logq)
-    return -jnp.sum(jnp.where(q > 0, q * logq, 0.0), axis=-1)  # [...]
+def _whole(logits: Array) -> VocabShard:
+    return VocabShard.whole(logits.shape[-1])
 
 
 def _unless_all_disabled(disabled: Array, fn, logits: Array) -> Array:
@@ -134,14 +117,110 @@ def _unless_all_disabled(disabled: Array, fn, logits: Array) -> Array:
     return jax.lax.cond(jnp.all(disabled), lambda x: x, fn, logits)
 
 
-def _truncate(logits: Array, threshold: Array, min_tokens_to_keep: int) -> Array:
+def _truncate(logits: Array, threshold: Array, min_tokens_to_keep: int, shard: VocabShard,
+              row_max: Array | None = None) -> Array:
     """Keeps ``x >= threshold`` (a ``[...]`` logit threshold) plus the top-m tokens.
 
     ``x >= t or x >= top_m`` is ``x >= min(t, top_m)``: still one threshold per row.
+    ``row_max`` (``[...]``) is ``shard.max(x)`` when the caller has it already.
     """
     x = logits.astype(_F32)
-    threshold = jnp.minimum(threshold, _top_m_value(x, min_tokens_to_keep))
+    if min_tokens_to_keep == 1 and row_max is not None:
+        top = row_max
+    else:
+        top = shard.top_value(_select_input(logits, x), min_tokens_to_keep).astype(_F32)
+    threshold = jnp.minimum(threshold, top)
     return _keep(logits, x >= threshold[..., None])
+
+
+# ----------------------------------------------------------------------------- row bodies
+#
+# Each filter's computation on rows ``[..., V_local]`` of a vocabulary that may be split
+# over devices: every reduction over the vocabulary goes through ``shard`` (identity on
+# one device, a collective inside `shard_map`). The public filters below run them on
+# whole rows; `jaxsample.ShardedSampler` runs the very same bodies on vocab shards.
+
+
+def temperature_rows(logits: Array, t: Array, shard: VocabShard) -> Array:
+    """:func:`temperature` without the disabled-row shortcut for greedy rows."""
+    x = logits.astype(_F32)  # [..., V]
+    t = _per_row(t)  # [..., 1]
+    is_greedy = t == 0
+    scaled = x / jnp.where(is_greedy, 1.0, t)
+
+    def with_greedy_rows(scaled):
+        top = shard.argmax(x)  # [...], lowest index on ties
+        greedy = jnp.where(shard.ids() == top[..., None], x, -jnp.inf)
+        return jnp.where(is_greedy, greedy, scaled)
+
+    # The arg-max pass only when some row is greedy (a batch-wide predicate).
+    out = jax.lax.cond(jnp.any(is_greedy), with_greedy_rows, lambda s: s, scaled)
+    return out.astype(logits.dtype)
+
+
+def top_k_rows(logits: Array, k: Array, min_tokens_to_keep: int, shard: VocabShard) -> Array:
+    vocab = shard.vocab_size
+    k = jnp.asarray(k).astype(jnp.int32)  # [...] or scalar
+    off = (k <= 0) | (k >= vocab)
+    k_eff = jnp.where(off, vocab, jnp.maximum(k, min_tokens_to_keep))
+    x = logits.astype(_F32)
+    threshold = _select.kth_largest(_select_input(logits, x), k_eff, shard=shard)
+    return _keep(logits, x >= threshold.astype(_F32)[..., None])
+
+
+def top_p_rows(logits: Array, p: Array, min_tokens_to_keep: int, shard: VocabShard) -> Array:
+    x = logits.astype(_F32)
+    # [...] logit threshold, softmax weights
+    threshold = _select.mass_threshold(_select_input(logits, x), None, p, shard=shard)
+    return _truncate(logits, threshold.astype(_F32), min_tokens_to_keep, shard)
+
+
+def min_p_rows(logits: Array, p: Array, min_tokens_to_keep: int, shard: VocabShard) -> Array:
+    x = logits.astype(_F32)
+    row_max = shard.max(x)
+    threshold = row_max + jnp.log(jnp.asarray(p, _F32))  # [...]
+    return _truncate(logits, threshold, min_tokens_to_keep, shard, row_max)
+
+
+def typical_p_rows(logits: Array, p: Array, min_tokens_to_keep: int, shard: VocabShard) -> Array:
+    x = logits.astype(_F32)
+    logq = shard.log_softmax(x)  # [..., V]
+    q = jnp.exp(logq)
+    entropy = shard.entropy(logq)  # [...]
+    score = -jnp.abs(-logq - entropy[..., None])  # [..., V], higher = more typical
+    threshold = _select.mass_threshold(score, q, p, shard=shard)  # [...] in score space
+    if min_tokens_to_keep > 1:  # the m most *typical* tokens (transformers)
+        threshold = jnp.minimum(threshold, shard.top_value(score, min_tokens_to_keep))
+    return _keep(logits, score >= threshold[..., None])
+
+
+def epsilon_cutoff_rows(logits: Array, epsilon: Array, min_tokens_to_keep: int,
+                        shard: VocabShard) -> Array:
+    x = logits.astype(_F32)
+    threshold = shard.logsumexp(x) + jnp.log(jnp.asarray(epsilon, _F32))
+    return _truncate(logits, threshold, min_tokens_to_keep, shard)
+
+
+def eta_cutoff_rows(logits: Array, eta: Array, min_tokens_to_keep: int, shard: VocabShard) -> Array:
+    x = logits.astype(_F32)
+    entropy = shard.entropy(shard.log_softmax(x))  # [...]
+    log_eta = jnp.log(jnp.asarray(eta, _F32))
+    log_cutoff = jnp.minimum(log_eta, 0.5 * log_eta - entropy)  # ln min(eta, sqrt(eta) e^-H)
+    threshold = shard.logsumexp(x) + log_cutoff
+    return _truncate(logits, threshold, min_tokens_to_keep, shard)
+
+
+def top_n_sigma_rows(logits: Array, n: Array, min_tokens_to_keep: int, shard: VocabShard) -> Array:
+    x = logits.astype(_F32)
+    finite = jnp.isfinite(x)
+    count = jnp.maximum(shard.sum(finite.astype(_F32)), 1.0)[..., None]  # [..., 1]
+    mean = shard.sum(jnp.where(finite, x, 0.0))[..., None] / count
+    var = shard.sum(jnp.where(finite, jnp.square(x - mean), 0.0)) / count[..., 0]
+    n = jnp.asarray(n, _F32)
+    row_max = shard.max(x)
+    # n = inf with std = 0 would give max - nan: the identity is explicit instead.
+    threshold = jnp.where(jnp.isinf(n), -jnp.inf, row_max - n * jnp.sqrt(var))
+    return _truncate(logits, threshold, min_tokens_to_keep, shard, row_max)
 
 
 # ----------------------------------------------------------------------------- temperature
@@ -177,20 +256,7 @@ def temperature(logits: ArrayLike, t: ArrayLike) -> Array:
 
 @jax.jit
 def _temperature(logits: Array, t: ArrayLike) -> Array:
-    x = logits.astype(_F32)  # [..., V]
-    t = _per_row(t)  # [..., 1]
-    is_greedy = t == 0
-    scaled = x / jnp.where(is_greedy, 1.0, t)
-
-    def with_greedy_rows(scaled):
-        top = _first_max_index(x)  # [..., 1], lowest index on ties
-        is_top = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1) == top
-        greedy = jnp.where(is_top, x, -jnp.inf)
-        return jnp.where(is_greedy, greedy, scaled)
-
-    # The arg-max pass only when some row is greedy (a batch-wide predicate).
-    out = jax.lax.cond(jnp.any(is_greedy), with_greedy_rows, lambda s: s, scaled)
-    return out.astype(logits.dtype)
+    return temperature_rows(logits, t, _whole(logits))
 
 
 # ----------------------------------------------------------------------------- truncations
@@ -227,16 +293,10 @@ def top_k(logits: ArrayLike, k: ArrayLike, *, min_tokens_to_keep: int = 1) -> Ar
 @functools.partial(jax.jit, static_argnames="min_tokens_to_keep")
 def _top_k(logits: Array, k: ArrayLike, min_tokens_to_keep: int) -> Array:
     vocab = logits.shape[-1]
-    k = jnp.asarray(k).astype(jnp.int32)  # [...] or scalar
-    off = (k <= 0) | (k >= vocab)
-    k_eff = jnp.where(off, vocab, jnp.maximum(k, min_tokens_to_keep))
-
-    def run(logits):
-        x = logits.astype(_F32)
-        threshold = _select.kth_largest(_select_input(logits, x), k_eff).astype(_F32)
-        return _keep(logits, x >= threshold[..., None])
-
-    return _unless_all_disabled(off, run, logits)
+    k = jnp.asarray(k).astype(jnp.int32)
+    return _unless_all_disabled(
+        (k <= 0) | (k >= vocab),
+        lambda x: top_k_rows(x, k, min_tokens_to_keep, _whole(x)), logits)
 
 
 def top_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -> Array:
@@ -266,13 +326,8 @@ def top_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -> Ar
 
 @functools.partial(jax.jit, static_argnames="min_tokens_to_keep")
 def _top_p(logits: Array, p: ArrayLike, min_tokens_to_keep: int) -> Array:
-    def run(logits):
-        x = logits.astype(_F32)
-        # [...] logit threshold, softmax weights
-        threshold = _select.mass_threshold(_select_input(logits, x), None, p).astype(_F32)
-        return _truncate(logits, threshold, min_tokens_to_keep)
-
-    return _unless_all_disabled(jnp.asarray(p) >= 1, run, logits)
+    return _unless_all_disabled(
+        jnp.asarray(p) >= 1, lambda x: top_p_rows(x, p, min_tokens_to_keep, _whole(x)), logits)
 
 
 def min_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -> Array:
@@ -302,12 +357,8 @@ def min_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -> Ar
 
 @functools.partial(jax.jit, static_argnames="min_tokens_to_keep")
 def _min_p(logits: Array, p: ArrayLike, min_tokens_to_keep: int) -> Array:
-    def run(logits):
-        x = logits.astype(_F32)
-        threshold = jnp.max(x, axis=-1) + jnp.log(jnp.asarray(p, _F32))  # [...]
-        return _truncate(logits, threshold, min_tokens_to_keep)
-
-    return _unless_all_disabled(jnp.asarray(p) <= 0, run, logits)
+    return _unless_all_disabled(
+        jnp.asarray(p) <= 0, lambda x: min_p_rows(x, p, min_tokens_to_keep, _whole(x)), logits)
 
 
 def typical_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -> Array:
@@ -315,9 +366,10 @@ def typical_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -
 
     Math: ``q = softmax(x)``, ``H = -sum q_i ln q_i``, ``score_i = |-ln q_i - H|``;
     keep the smallest set of lowest-score tokens whose mass reaches ``p`` (ties in
-    score kept), as in transformers. Like every truncation here, the
-    ``min_tokens_to_keep`` highest-*logit* tokens are kept too (SAMPLING.md), so the
-    arg-max always survives. ``p = 1`` is the identity.
+    score kept), as in transformers' ``TypicalLogitsWarper``. ``min_tokens_to_keep``
+    counts in the same order: the ``m`` most *typical* tokens (lowest score, ties kept)
+    always survive; the arg-max is not forced in (SAMPLING.md). ``p = 1`` is the
+    identity.
 
     Args:
       logits: ``[..., V]`` floating array.
@@ -330,8 +382,8 @@ def typical_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -
     Example:
       >>> import jax.numpy as jnp
       >>> x = jnp.log(jnp.array([0.4, 0.3, 0.2, 0.1]))
-      >>> jnp.isfinite(typical_p(x, 0.5))  # typical set {0.3, 0.2}, plus the arg-max
-      Array([ True,  True,  True, False], dtype=bool)
+      >>> jnp.isfinite(typical_p(x, 0.5))  # the typical set {0.3, 0.2}
+      Array([False,  True,  True, False], dtype=bool)
     """
     logits, m = _start_truncation("typical_p", logits, "p", p, min_tokens_to_keep)
     return _typical_p(logits, p, min_tokens_to_keep=m)
@@ -339,18 +391,9 @@ def typical_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -
 
 @functools.partial(jax.jit, static_argnames="min_tokens_to_keep")
 def _typical_p(logits: Array, p: ArrayLike, min_tokens_to_keep: int) -> Array:
-    def run(logits):
-        x = logits.astype(_F32)
-        logq = jax.nn.log_softmax(x, axis=-1)  # [..., V]
-        q = jnp.exp(logq)
-        entropy = _entropy(logq)  # [...]
-        score = -jnp.abs(-logq - entropy[..., None])  # [..., V], higher = more typical
-        threshold = _select.mass_threshold(score, q, p)  # [...] in score space
-        top = _top_m_value(x, min_tokens_to_keep)  # [...]
-        keep = (score >= threshold[..., None]) | (x >= top[..., None])
-        return _keep(logits, keep)
-
-    return _unless_all_disabled(jnp.asarray(p) >= 1, run, logits)
+    return _unless_all_disabled(
+        jnp.asarray(p) >= 1, lambda x: typical_p_rows(x, p, min_tokens_to_keep, _whole(x)),
+        logits)
 
 
 def epsilon_cutoff(
@@ -382,10 +425,7 @@ def epsilon_cutoff(
 
 @functools.partial(jax.jit, static_argnames="min_tokens_to_keep")
 def _epsilon_cutoff(logits: Array, epsilon: ArrayLike, min_tokens_to_keep: int) -> Array:
-    x = logits.astype(_F32)
-    lse = jax.nn.logsumexp(x, axis=-1)  # [...]
-    threshold = lse + jnp.log(jnp.asarray(epsilon, _F32))
-    return _truncate(logits, threshold, min_tokens_to_keep)
+    return epsilon_cutoff_rows(logits, epsilon, min_tokens_to_keep, _whole(logits))
 
 
 def eta_cutoff(logits: ArrayLike, eta: ArrayLike, *, min_tokens_to_keep: int = 1) -> Array:
@@ -414,13 +454,7 @@ def eta_cutoff(logits: ArrayLike, eta: ArrayLike, *, min_tokens_to_keep: int = 1
 
 @functools.partial(jax.jit, static_argnames="min_tokens_to_keep")
 def _eta_cutoff(logits: Array, eta: ArrayLike, min_tokens_to_keep: int) -> Array:
-    x = logits.astype(_F32)
-    logq = jax.nn.log_softmax(x, axis=-1)
-    entropy = _entropy(logq)  # [...]
-    log_eta = jnp.log(jnp.asarray(eta, _F32))
-    log_cutoff = jnp.minimum(log_eta, 0.5 * log_eta - entropy)  # ln min(eta, sqrt(eta) e^-H)
-    threshold = jax.nn.logsumexp(x, axis=-1) + log_cutoff
-    return _truncate(logits, threshold, min_tokens_to_keep)
+    return eta_cutoff_rows(logits, eta, min_tokens_to_keep, _whole(logits))
 
 
 def top_n_sigma(logits: ArrayLike, n: ArrayLike, *, min_tokens_to_keep: int = 1) -> Array:
@@ -449,16 +483,7 @@ def top_n_sigma(logits: ArrayLike, n: ArrayLike, *, min_tokens_to_keep: int = 1)
 
 @functools.partial(jax.jit, static_argnames="min_tokens_to_keep")
 def _top_n_sigma(logits: Array, n: ArrayLike, min_tokens_to_keep: int) -> Array:
-    x = logits.astype(_F32)
-    finite = jnp.isfinite(x)
-    count = jnp.maximum(jnp.sum(finite, axis=-1, keepdims=True), 1)  # [..., 1]
-    mean = jnp.sum(jnp.where(finite, x, 0.0), axis=-1, keepdims=True) / count
-    var = jnp.sum(jnp.where(finite, jnp.square(x - mean), 0.0), axis=-1) / count[..., 0]
-    std = jnp.sqrt(var)  # [...]
-    n = jnp.asarray(n, _F32)
-    # n = inf with std = 0 would give max - nan: the identity is explicit instead.
-    threshold = jnp.where(jnp.isinf(n), -jnp.inf, jnp.max(x, axis=-1) - n * std)
-    return _truncate(logits, threshold, min_tokens_to_keep)
+    return top_n_sigma_rows(logits, n, min_tokens_to_keep, _whole(logits))
 
 
 # ----------------------------------------------------------------------------- biases, masks

@@ -35,9 +35,16 @@ Both are found **without sorting the vocabulary** (``method="auto"``):
      scatter-add over the vocabulary costs a few reduction passes and a sort a hundred.
    * ``"compare"``: for a ``b``-bit digit, the masses above the ``2**b - 1`` candidate
      thresholds are counted directly (compare and sum over the vocabulary, no scatter).
-     Eight 4-bit passes for float32. The default on GPU and TPU, where a scatter-add
-     means atomics (and is slow on TPU) while a fused compare-and-reduce runs at memory
-     speed.
+     Eight 4-bit passes for float32. The default on TPU and for vocab-sharded rows on
+     CPU.
+   * ``"kernel"``: the same counts from a Pallas kernel (`jaxsample._kernels`) that
+     reads the scores once per digit and evaluates the 15 candidates on chip (XLA's
+     ``[R, 15, V]`` compare costs 4-5 reads on a GPU). The default on GPU.
+
+   The digit loop (:func:`_digit_search`) is written once for the compare and kernel
+   engines, whole rows or vocab shards alike: the per-pass masses go through
+   ``VocabShard._psum``, the identity on one device and a ``psum`` over the model axis
+   inside `shard_map` (:class:`VocabShard`).
 
    Counts (top-k) are integers: exact. Masses are float32 sums, accumulated in a
    different order than a sort's running sum, so a row whose running mass lies within
@@ -60,12 +67,15 @@ All functions work on the last axis and broadcast over the leading ones.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from jaxsample import _kernels
 
 __all__ = [
     "kth_largest",
@@ -75,9 +85,12 @@ __all__ = [
     "ordered_keys",
     "from_ordered_keys",
     "radix_select",
+    "VocabShard",
 ]
 
 Array = jax.Array
+
+_ENGINES = ("scatter", "compare", "kernel")
 
 _U32 = jnp.uint32
 _F32 = jnp.float32
@@ -88,13 +101,15 @@ class Plan:
     """How the sort-free selection runs (static: part of the traced program).
 
     Attributes:
-      engine: ``"scatter"`` (histogram by scatter-add) or ``"compare"`` (count the
-        mass above each candidate digit).
+      engine: ``"scatter"`` (histogram by scatter-add, whole rows only), ``"compare"``
+        (count the mass above each candidate digit in XLA) or ``"kernel"`` (the same
+        counts from the Pallas kernel of `jaxsample._kernels`).
       digits32: digit widths, most significant first, for 32-bit keys (sum 32).
       digits16: digit widths for 16-bit keys (bfloat16 / float16 scores; sum 16).
       window: static size of the ``lax.top_k`` candidate window tried first for a
         traced ``k`` and for mass thresholds; 0 disables it.
       top_k_static_max: a static ``k`` up to this uses ``lax.top_k(x, k)`` directly.
+      interpret: run the kernel engine in the Pallas interpreter (CPU tests).
     """
 
     engine: str = "scatter"
@@ -102,10 +117,11 @@ class Plan:
     digits16: tuple[int, ...] = (16,)
     window: int = 64
     top_k_static_max: int = 256
+    interpret: bool = False
 
     def __post_init__(self) -> None:
-        if self.engine not in ("scatter", "compare"):
-            raise ValueError(f"Plan: engine must be 'scatter' or 'compare', got {self.engine!r}")
+        if self.engine not in _ENGINES:
+            raise ValueError(f"Plan: engine must be one of {_ENGINES}, got {self.engine!r}")
         for name, total in (("digits32", 32), ("digits16", 16)):
             digits = tuple(getattr(self, name))
             if sum(digits) != total or any(d < 1 or d > 16 for d in digits):
@@ -115,6 +131,9 @@ class Plan:
         if self.engine == "compare" and max(self.digits32 + self.digits16) > 8:
             raise ValueError("Plan: the compare engine takes digits of at most 8 bits "
                              "(2**bits - 1 candidates per pass)")
+        if self.engine == "kernel" and max(self.digits32 + self.digits16) > _kernels.MAX_WIDTH:
+            raise ValueError(f"Plan: the kernel engine takes digits of at most "
+                             f"{_kernels.MAX_WIDTH} bits")
         if self.window < 0 or self.top_k_static_max < 0:
             raise ValueError("Plan: window and top_k_static_max must be >= 0")
 
@@ -124,29 +143,164 @@ CPU_PLAN = Plan("scatter", (16, 16), (16,), window=64, top_k_static_max=256)
 #: CPU below 65536 tokens: three narrower passes. The buckets cost memory traffic of
 #: their own (zeroing, block sums), which 2**16 per row does not repay on short rows.
 CPU_PLAN_SMALL_VOCAB = dataclasses.replace(CPU_PLAN, digits32=(13, 10, 9))
-#: GPU / TPU: compare-and-count, 4 bits a pass, no lax.top_k window (it sorts there).
+#: TPU / other accelerators: compare-and-count in XLA, 4 bits a pass, no lax.top_k
+#: window (it sorts there). Also what vocab-sharded rows use on CPU.
 ACCELERATOR_PLAN = Plan("compare", (4,) * 8, (4,) * 4, window=0, top_k_static_max=16)
+#: GPU: the Pallas counting kernel (`jaxsample._kernels`), 4 bits a pass (8 passes for
+#: float32, 4 for bfloat16), each one read of the logits; no lax.top_k, sort or scatter.
+KERNEL_PLAN = Plan("kernel", (4,) * 8, (4,) * 4, window=0, top_k_static_max=0)
 
 
-def default_plan(backend: str | None = None, vocab: int | None = None) -> Plan:
+def default_plan(backend: str | None = None, vocab: int | None = None, *,
+                 sharded: bool = False) -> Plan:
     """The plan ``method="auto"`` uses on ``backend`` (default: ``jax.default_backend()``)
-    for rows of ``vocab`` entries."""
+    for rows of ``vocab`` entries; ``sharded``: rows split over devices (only engines
+    whose per-pass counts can be ``psum``-ed: compare, kernel)."""
     backend = jax.default_backend() if backend is None else backend
-    if backend != "cpu":
+    if backend in ("gpu", "cuda", "rocm"):
+        return KERNEL_PLAN
+    if backend != "cpu" or sharded:
         return ACCELERATOR_PLAN
     return CPU_PLAN_SMALL_VOCAB if vocab is not None and vocab < 65536 else CPU_PLAN
 
 
-def _resolve(method: Any, vocab: int) -> Plan | None:
+def _resolve(method: Any, vocab: int, sharded: bool = False) -> Plan | None:
     """``None`` for the sort reference, else the :class:`Plan` to use."""
     if isinstance(method, Plan):
-        return method
-    if method == "sort":
+        plan = method
+    elif method == "sort":
+        if sharded:
+            raise ValueError("method='sort' needs whole rows (shard.axis is None)")
         return None
-    if method in ("auto", "radix"):
-        plan = default_plan(vocab=vocab)
-        return dataclasses.replace(plan, window=0) if method == "radix" else plan
-    raise ValueError(f"method must be 'auto', 'radix', 'sort' or a Plan, got {method!r}")
+    elif method in ("auto", "radix"):
+        plan = default_plan(vocab=vocab, sharded=sharded)
+        plan = dataclasses.replace(plan, window=0) if method == "radix" else plan
+    else:
+        raise ValueError(f"method must be 'auto', 'radix', 'sort' or a Plan, got {method!r}")
+    if sharded:  # no local lax.top_k shortcut, no local-only histogram
+        if plan.engine == "scatter":
+            plan = dataclasses.replace(ACCELERATOR_PLAN, interpret=plan.interpret)
+        plan = dataclasses.replace(plan, window=0, top_k_static_max=0)
+    return plan
+
+
+# ----------------------------------------------------------------------------- VocabShard
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabShard:
+    """One device's slice ``[..., V_local]`` of rows split over the vocabulary.
+
+    Its methods reduce over the *whole* vocabulary: a local reduction over the last
+    axis followed by a collective over ``axis`` (none when ``axis`` is None: whole
+    rows on one device, :meth:`whole`). That collective is the only difference between
+    the single-device and the vocab-sharded filters: the selection primitives
+    (:func:`kth_largest`, :func:`mass_threshold`) and every filter of
+    :mod:`jaxsample._filters` take a shard and run the same code on both. Results are
+    per row (``[...]``) and identical on every device of the vocabulary group.
+
+    Attributes:
+      vocab_size: V, the global vocabulary size.
+      local_size: V_local = V / (size of ``axis``).
+      axis: the mesh axis the vocabulary is split over, or None.
+      offset: global id of local column 0 (``axis_index * V_local``; traced).
+      method: the selection method the primitives use when called with
+        ``method="auto"``: ``"auto"`` (the backend's :func:`default_plan`), or a
+        :class:`Plan` (tests run every engine through the filters this way).
+    """
+
+    vocab_size: int
+    local_size: int
+    axis: str | None = None
+    offset: Any = 0
+    method: Any = "auto"
+
+    @classmethod
+    def inside(cls, vocab_size: int, local_size: int, axis: str | None,
+               method: Any = "auto") -> "VocabShard":
+        """The shard of the current device (call inside `jax.shard_map`)."""
+        offset = 0 if axis is None else lax.axis_index(axis) * local_size
+        return cls(vocab_size, local_size, axis, offset, method)
+
+    @classmethod
+    def whole(cls, vocab_size: int, method: Any = "auto") -> "VocabShard":
+        """Whole rows on one device: every collective is the identity."""
+        return cls(vocab_size, vocab_size, method=method)
+
+    # -- collectives over the vocabulary (identity on one device)
+    def _pmax(self, x: Array) -> Array:
+        return x if self.axis is None else lax.pmax(x, self.axis)
+
+    def _pmin(self, x: Array) -> Array:
+        return x if self.axis is None else lax.pmin(x, self.axis)
+
+    def _psum(self, x: Array) -> Array:
+        return x if self.axis is None else lax.psum(x, self.axis)
+
+    def ids(self) -> Array:
+        """Global token ids of the local columns, ``int32[V_local]``."""
+        return self.offset + jnp.arange(self.local_size, dtype=jnp.int32)
+
+    def max(self, x: Array) -> Array:
+        """Row max over the vocabulary."""
+        return self._pmax(jnp.max(x, axis=-1))
+
+    def min(self, x: Array) -> Array:
+        """Row min over the vocabulary."""
+        return self._pmin(jnp.min(x, axis=-1))
+
+    def sum(self, x: Array) -> Array:
+        """Row sum over the vocabulary."""
+        return self._psum(jnp.sum(x, axis=-1))
+
+    def any(self, x: Array) -> Array:
+        """Row ``any`` over the vocabulary (bool)."""
+        return self._pmax(jnp.any(x, axis=-1).astype(jnp.int32)) > 0
+
+    def logsumexp(self, x: Array) -> Array:
+        """``ln sum_i exp(x_i)`` per row, as ``jax.nn.logsumexp`` (``-inf`` for an empty row)."""
+        top = self.max(x)
+        shift = lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
+        return jnp.log(self.sum(jnp.exp(x - shift[..., None]))) + shift
+
+    def log_softmax(self, x: Array) -> Array:
+        """``x - logsumexp(x)``, ``[..., V_local]``, as ``jax.nn.log_softmax``."""
+        shifted = x - lax.stop_gradient(self.max(x))[..., None]
+        return shifted - jnp.log(self.sum(jnp.exp(shifted)))[..., None]
+
+    def argmax(self, x: Array) -> Array:
+        """Global arg-max per row, lowest id on ties; ``V`` for a row of NaNs.
+
+        A max and a min (XLA:CPU's variadic arg-max reduction is several times slower
+        than two plain reductions).
+        """
+        top = self.max(x)  # [...]
+        index = jnp.where(x == top[..., None], self.ids(), self.vocab_size)
+        return self._pmin(jnp.min(index, axis=-1))
+
+    def entropy(self, logq: Array) -> Array:
+        """``H = -sum_i q_i ln q_i`` per row from log-probabilities (``0 ln 0 = 0``)."""
+        q = jnp.exp(logq)
+        return -self.sum(jnp.where(q > 0, q * logq, 0.0))
+
+    def kth_largest(self, x: Array, k: Any, *, method: Any = "auto") -> Array:
+        """:func:`kth_largest` over the whole (sharded) row."""
+        return kth_largest(x, k, method=method, shard=self)
+
+    def mass_threshold(self, scores: Array, weights: Array | None, p: Any, *,
+                       method: Any = "auto") -> Array:
+        """:func:`mass_threshold` over the whole (sharded) row."""
+        return mass_threshold(scores, weights, p, method=method, shard=self)
+
+    def top_value(self, x: Array, m: int, *, method: Any = "auto") -> Array:
+        """The ``m``-th largest value (``m`` static); the max when ``m = 1``."""
+        return self.max(x) if m == 1 else self.kth_largest(x, m, method=method)
+
+
+def _shard_for(x: Array, shard: VocabShard | None, method: Any) -> tuple[VocabShard, Any]:
+    """(the shard, the method to use): ``method="auto"`` defers to the shard's."""
+    shard = VocabShard.whole(x.shape[-1]) if shard is None else shard
+    return shard, shard.method if isinstance(method, str) and method == "auto" else method
 
 
 # ----------------------------------------------------------------------------- keys
@@ -263,17 +417,64 @@ def _scatter_pass(keys, weights, target, prefix, above, shift, width, first):
     return _pick_two_level(hist, above, target)
 
 
-def _compare_pass(keys, weights, target, prefix, shift, width):
-    n = 1 << width
-    digits = jnp.arange(1, n, dtype=_U32)  # [C]
-    cand = prefix[:, None] | (digits << _U32(shift))[None, :]  # [R, C]
-    above = keys[:, None, :] >= cand[:, :, None]  # [R, C, V]
-    if weights is None:
-        mass = jnp.sum(above, axis=2, dtype=jnp.int32)
-    else:
-        mass = jnp.sum(jnp.where(above, weights[:, None, :], 0), axis=2)
-    ok = mass >= target[:, None]  # [R, C]
-    return jnp.max(jnp.where(ok, digits.astype(jnp.int32)[None, :], 0), axis=1)
+def _compare_counts(keys, weights):
+    """``count(prefix, shift, width)`` of the compare engine: ``[R, C, V]`` compare + sum."""
+
+    def count(prefix, shift, width):
+        digits = jnp.arange(1, 1 << width, dtype=_U32)  # [C]
+        cand = prefix[:, None] | (digits << jnp.asarray(shift, _U32))[None, :]  # [R, C]
+        above = keys[:, None, :] >= cand[:, :, None]  # [R, C, V]
+        if weights is None:
+            return jnp.sum(above, axis=2, dtype=jnp.int32)
+        return jnp.sum(jnp.where(above, weights[:, None, :], 0), axis=2)
+
+    return count
+
+
+def _digit_search(count, target: Array, digits: tuple[int, ...], bits: int,
+                  reduce=lambda m: m, rolled: bool = False) -> Array:
+    """Largest ``T`` (digit-aligned) with ``mass(key >= T) >= target``: the one search.
+
+    Builds ``T`` a digit at a time, most significant first. ``count(prefix, shift,
+    width)`` returns the *local* masses ``[R, 2**width - 1]`` above the candidates
+    ``prefix | c << shift`` (``c = 1, 2, ...``); ``reduce`` adds them up over the
+    devices holding the rest of the row (identity for whole rows, a ``psum`` inside
+    `shard_map`). The digit is the largest ``c`` whose mass reaches the target (0 if
+    none: the mass is non-increasing in ``c``). In exact arithmetic ``T`` is the key of
+    an element of the row; the callers snap it to one when the masses are rounded.
+    One evaluation of ``count`` per digit: ``len(digits)`` passes over the row,
+    unrolled (on a GPU a ``while`` loop reads its predicate back to the host every
+    trip), or a ``fori_loop`` with a traced ``shift`` when ``rolled`` (the Pallas
+    interpreter: one kernel to compile instead of one per digit).
+    """
+    def step(prefix, shift, width):
+        mass = reduce(count(prefix, shift, width))  # [R, C]
+        ok = mass >= target[:, None]
+        c = jnp.arange(1, 1 << width, dtype=jnp.int32)
+        d = jnp.max(jnp.where(ok, c[None, :], 0), axis=1)
+        return prefix | (d.astype(_U32) << shift)
+
+    prefix = jnp.zeros_like(target, _U32)  # (inside shard_map: varies like the target)
+    if rolled and len(set(digits)) == 1:  # one traced body (a shorter program to compile)
+        width = digits[0]
+        return lax.fori_loop(0, len(digits), lambda i, prefix: step(
+            prefix, (bits - width * (i + 1)).astype(_U32), width), prefix)
+    shift = bits
+    for width in digits:
+        shift -= width
+        prefix = step(prefix, _U32(shift), width)
+    return prefix
+
+
+def _snap(keys: Array, prefix: Array, shard: VocabShard) -> Array:
+    """The smallest key ``>= prefix`` of the row (``prefix`` itself if none): one pass.
+
+    In exact arithmetic the search already ends on an element; this makes it so even
+    when rounding made the per-candidate sums non-monotone.
+    """
+    full = _U32(0xFFFFFFFF)
+    snapped = shard.min(jnp.where(keys >= prefix[:, None], keys, full))
+    return jnp.where(snapped == full, prefix, snapped)
 
 
 def radix_select(keys: Array, weights: Array | None, target: Array, *, bits: int = 32,
@@ -288,31 +489,69 @@ def radix_select(keys: Array, weights: Array | None, target: Array, *, bits: int
         most the row total; if it is not (float rounding), the smallest key with a
         positive weight is returned.
       bits: 32 or 16.
-      plan: engine and digit widths.
+      plan: engine (``"scatter"`` or ``"compare"``; the kernel engine works on the
+        scores themselves, see :func:`kth_largest`) and digit widths.
 
     Returns:
       ``uint32 [R]``.
     """
     rows = keys.shape[0]
     digits = plan.digits32 if bits == 32 else plan.digits16
+    if plan.engine == "kernel":
+        raise ValueError("radix_select: the kernel engine takes scores, not keys")
+    if plan.engine == "compare":
+        prefix = _digit_search(_compare_counts(keys, weights), target, digits, bits)
+        return _snap(keys, prefix, VocabShard.whole(keys.shape[-1]))
     prefix = jnp.zeros((rows,), _U32)
     above = jnp.zeros((rows,), target.dtype)
     shift = bits
     for width in digits:
         shift -= width
-        if plan.engine == "scatter":
-            d, above = _scatter_pass(keys, weights, target, prefix, above, shift, width,
-                                     first=shift + width == bits)
-        else:
-            d = _compare_pass(keys, weights, target, prefix, shift, width)
+        d, above = _scatter_pass(keys, weights, target, prefix, above, shift, width,
+                                 first=shift + width == bits)
         prefix = prefix | (d.astype(_U32) << _U32(shift))
-    if plan.engine == "compare":
-        # Snap to an element: in exact arithmetic T already is one; this makes it so
-        # even when rounding made the per-candidate sums non-monotone.
-        full = _U32(0xFFFFFFFF)
-        snapped = jnp.min(jnp.where(keys >= prefix[:, None], keys, full), axis=1)
-        prefix = jnp.where(snapped == full, prefix, snapped)
     return prefix
+
+
+def _search(s: Array, weights: Array | None, target: Array, plan: Plan, shard: VocabShard,
+            *, softmax_max: Array | None = None, snap: bool = True) -> Array:
+    """The threshold value (``s.dtype``) for rows ``s [R, V_local]``: the largest element
+    ``t`` with ``mass(s >= t) >= target``, mass = counts (``weights=None``, no
+    ``softmax_max``), softmax weights ``exp(s - softmax_max)``, or ``weights``.
+
+    Scatter (whole rows only) and compare work on materialised keys; the kernel engine
+    reads the scores themselves once per digit.
+    """
+    if plan.engine == "kernel":
+        bits = _kernels.key_bits(s.dtype)
+        mode = "count" if weights is None and softmax_max is None else (
+            "softmax" if weights is None else "weights")
+        count = functools.partial(_kernel_counts, s, softmax_max, weights, mode, plan.interpret)
+        keys = ordered_keys(s if bits == 16 else s.astype(_F32))
+        value_dtype = s.dtype if bits == 16 else _F32
+    else:
+        keys = ordered_keys(s)
+        bits = _key_bits(s.dtype)
+        value_dtype = s.dtype
+        if softmax_max is not None:
+            weights = jnp.exp(s.astype(_F32) - softmax_max[:, None])
+        if plan.engine == "scatter":
+            if shard.axis is not None:
+                raise ValueError("the scatter engine needs whole rows")
+            return from_ordered_keys(radix_select(keys, weights, target, bits=bits, plan=plan),
+                                     s.dtype)
+        count = _compare_counts(keys, weights)
+    digits = plan.digits32 if bits == 32 else plan.digits16
+    prefix = _digit_search(count, target, digits, bits, shard._psum,
+                           rolled=plan.engine == "kernel" and plan.interpret)
+    if snap:
+        prefix = _snap(keys, prefix, shard)
+    return from_ordered_keys(prefix, value_dtype).astype(s.dtype)
+
+
+def _kernel_counts(s, softmax_max, weights, mode, interpret, prefix, shift, width):
+    return _kernels.count_above(s, prefix, shift, softmax_max, weights, width=width,
+                                mode=mode, interpret=interpret)
 
 
 # ----------------------------------------------------------------------------- kth_largest
@@ -333,7 +572,8 @@ def _top_k(x: Array, k: int) -> tuple[Array, Array]:
     return lax.optimization_barrier(lax.top_k(x.astype(_F32), k))
 
 
-def kth_largest(x: jax.Array, k, *, method: Any = "auto") -> jax.Array:
+def kth_largest(x: jax.Array, k, *, method: Any = "auto",
+                shard: VocabShard | None = None) -> jax.Array:
     """The ``k``-th largest value of each row (1-based, duplicates counted).
 
     Math: ``kth_largest(x, k) = max{t in x : #{i : x_i >= t} >= k}``, with ``k``
@@ -344,8 +584,10 @@ def kth_largest(x: jax.Array, k, *, method: Any = "auto") -> jax.Array:
       x: ``[..., V]`` float array (``-inf`` allowed; NaN rows give no guarantee).
       k: a static Python ``int`` or an integer array broadcastable to
         ``x.shape[:-1]`` (traced: any per-row value, no static cap).
-      method: ``"auto"`` (sort-free: candidate window, then radix select), ``"radix"``
+      method: ``"auto"`` (sort-free: the backend's :func:`default_plan`), ``"radix"``
         (radix select only), ``"sort"`` (the full-sort reference) or a :class:`Plan`.
+      shard: the rows are the local slices ``[..., V_local]`` of a vocabulary split
+        over ``shard.axis`` (inside `shard_map`); None: whole rows.
 
     Returns:
       ``[...]`` array of ``x.dtype``.
@@ -358,8 +600,9 @@ def kth_largest(x: jax.Array, k, *, method: Any = "auto") -> jax.Array:
       Array([1.], dtype=float32)
     """
     x = jnp.asarray(x)
-    vocab = x.shape[-1]
-    plan = _resolve(method, vocab)
+    shard, method = _shard_for(x, shard, method)
+    vocab = shard.vocab_size
+    plan = _resolve(method, vocab, sharded=shard.axis is not None)
     batch = x.shape[:-1]
     try:
         k_static = operator.index(k)
@@ -377,9 +620,7 @@ def kth_largest(x: jax.Array, k, *, method: Any = "auto") -> jax.Array:
     flat_x, flat_k = _rows(x), k.reshape(-1)
 
     def radix(_):
-        bits = _key_bits(x.dtype)
-        key = radix_select(ordered_keys(flat_x), None, flat_k, bits=bits, plan=plan)
-        return from_ordered_keys(key, x.dtype)
+        return _search(flat_x, None, flat_k, plan, shard, snap=False)
 
     window = min(plan.window, vocab)
     if window == 0 or (k_static is not None and k_static > window):
@@ -411,7 +652,7 @@ def _kth_largest_sort(x: Array, k: Any, k_static: int | None) -> Array:
 
 
 def mass_threshold(scores: jax.Array, weights: jax.Array | None, p, *,
-                   method: Any = "auto") -> jax.Array:
+                   method: Any = "auto", shard: VocabShard | None = None) -> jax.Array:
     """Largest score whose upper set holds at least a fraction ``p`` of the mass.
 
     Math: with ``W = sum_i w_i``,
@@ -430,8 +671,10 @@ def mass_threshold(scores: jax.Array, weights: jax.Array | None, p, *,
       weights: ``[..., V]`` non-negative float array (unnormalised is fine), or
         ``None`` for ``exp(scores - max(scores))``, the softmax mass of logits.
       p: fraction in ``(0, 1]``, scalar or broadcastable to ``scores.shape[:-1]``.
-      method: ``"auto"`` (sort-free: candidate window, then radix select), ``"radix"``,
+      method: ``"auto"`` (sort-free: the backend's :func:`default_plan`), ``"radix"``,
         ``"sort"`` (the full-sort reference) or a :class:`Plan`.
+      shard: the rows are the local slices ``[..., V_local]`` of a vocabulary split
+        over ``shard.axis`` (inside `shard_map`); None: whole rows.
 
     Returns:
       ``[...]`` threshold, same dtype as ``scores``.
@@ -446,35 +689,38 @@ def mass_threshold(scores: jax.Array, weights: jax.Array | None, p, *,
       Array(-1.89712, dtype=float32)
     """
     scores = jnp.asarray(scores)
-    plan = _resolve(method, scores.shape[-1])
+    shard, method = _shard_for(scores, shard, method)
+    plan = _resolve(method, shard.vocab_size, sharded=shard.axis is not None)
     if plan is None:
         return _mass_threshold_sort(scores, weights, p)
     batch, vocab = scores.shape[:-1], scores.shape[-1]
     s = _rows(scores)  # [R, V], scores' dtype
     s32 = s.astype(_F32)
-    top = jnp.max(s32, axis=1)  # [R]
-    if weights is None:
-        w = jnp.exp(s32 - top[:, None])  # the arg-max has weight 1
-        w_max = jnp.ones_like(top)
+    top = shard.max(s32)  # [R]
+    if weights is None:  # softmax mass: exp(s - top), the arg-max has weight 1
+        w = None
+        total = shard.sum(jnp.exp(s32 - top[:, None]))
     else:
         w = _rows(jnp.broadcast_to(jnp.asarray(weights), scores.shape)).astype(_F32)
-        w_max = None
-    total = jnp.sum(w, axis=1)  # [R]
+        total = shard.sum(w)  # [R]
     p = jnp.broadcast_to(jnp.asarray(p, _F32), batch).reshape(-1)
     target = p * total
     # Rows that need a search: p < 1 and a positive finite total.
     active = (p < 1) & (total > 0) & (total < jnp.inf)
 
     def radix(_):
-        bits = _key_bits(s.dtype)
         t = jnp.where(active, target, 0)
-        key = radix_select(ordered_keys(s), w, t, bits=bits, plan=plan)
-        return from_ordered_keys(key, s.dtype)
+        return _search(s, None if weights is None else w, t, plan, shard,
+                       softmax_max=top if weights is None else None)
 
     window = min(plan.window, vocab)
     if window == 0:
         t = radix(None)
     else:
+        w_max = None
+        if w is None:
+            w, w_max = jnp.exp(s32 - top[:, None]), jnp.ones_like(top)
+
         def from_window(_):
             values, index = _top_k(s32, window)  # [R, W], descending
             if weights is None:
@@ -497,7 +743,7 @@ def mass_threshold(scores: jax.Array, weights: jax.Array | None, p, *,
         t, decided = lax.cond(jnp.any(hopeless), skip_window, from_window, None)
         t = lax.cond(jnp.any(active & ~decided), radix, lambda _: t, None)
     neg_inf = jnp.array(-jnp.inf, s.dtype)
-    top_s = jnp.max(s, axis=1)
+    top_s = top.astype(s.dtype)
     t = jnp.where(active, t, jnp.where(total == 0, top_s, neg_inf))
     t = jnp.where(p >= 1, neg_inf, t)
     return t.reshape(batch)

@@ -6,9 +6,13 @@ those local slices with `jax.shard_map` and collective reductions over that axis
 never gathers the ``[B, V]`` logits onto one device:
 
 * row max / sum / log-sum-exp: local reduction, then ``lax.pmax`` / ``lax.psum``;
-* top-k: the exact k-th largest logit, found by a radix search over the float bits
-  whose per-candidate counts are ``psum``-ed (4 bits a pass, 8 passes, ``[B, 15]``
-  numbers per collective), so a traced per-row ``k`` needs no static cap;
+* every filter is `jaxsample._filters`' own body (``top_p_rows``, ...) run on the local
+  slice with a `VocabShard` whose reductions are collectives: one implementation for
+  one device and for shards;
+* top-k: the exact k-th largest logit, found by the radix search of
+  `jaxsample._select` whose per-candidate counts are ``psum``-ed (4 bits a pass, 8
+  passes for float32, ``[B, 15]`` numbers per collective; the Pallas counting kernel on
+  GPU, the XLA compare engine elsewhere), so a traced per-row ``k`` needs no static cap;
 * top-p / typical-p: the same radix search over masses (``psum`` of the probability
   above each candidate threshold); min-p, epsilon, eta, top-n-sigma: thresholds from
   ``pmax`` / ``psum`` statistics (max, log-sum-exp, entropy, mean and variance);
@@ -77,9 +81,11 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxsample import _chain
+from jaxsample import _filters
 from jaxsample import _sampling
 from jaxsample import _validation as _val
 from jaxsample._chain import Chain, LogitsProcessor, StepOutput, fold_in_rows
+from jaxsample._select import VocabShard
 
 __all__ = [
     "gumbel_sample",
@@ -98,11 +104,6 @@ State = Any
 _F32 = jnp.float32
 _U32 = jnp.uint32
 _NEG_INF = -jnp.inf
-
-#: Bits of the threshold decided per pass of the radix search: 2**bits - 1 candidate
-#: thresholds are counted per pass, 32 / bits passes (one collective each).
-RADIX_BITS = 4
-
 
 # ----------------------------------------------------------------------------- noise
 
@@ -149,161 +150,11 @@ def _check_key(fn: str, key: ArrayLike, batch_shape: tuple[int, ...]) -> Array:
     return key
 
 
-# ----------------------------------------------------------------------------- VocabShard
-
-
-def _ordered_key(x: Array) -> Array:
-    """float32 -> uint32 with the same order (``-0.0`` is mapped to ``+0.0`` first)."""
-    x = jnp.where(x == 0, jnp.zeros_like(x), x)
-    bits = lax.bitcast_convert_type(x, _U32)
-    return jnp.where((bits >> 31) == 1, ~bits, bits | _U32(0x80000000))
-
-
-def _from_ordered_key(key: Array) -> Array:
-    bits = jnp.where((key >> 31) == 1, key & _U32(0x7FFFFFFF), ~key)
-    return lax.bitcast_convert_type(bits, _F32)
-
-
-@dataclasses.dataclass(frozen=True)
-class VocabShard:
-    """One device's slice ``[b, V_local]`` of logits split over the vocabulary.
-
-    Its methods reduce over the *whole* vocabulary: a local reduction followed by a
-    collective over ``axis`` (none when ``axis`` is None, the single-device case, so the
-    same code serves both). Every result is per row, ``[b]``, and identical on every
-    device of the vocabulary group. Processors' vocab-parallel implementations (see
-    `register_vocab_parallel`) are written against this class.
-
-    Attributes:
-      vocab_size: V, the global vocabulary size.
-      local_size: V_local = V / (size of ``axis``).
-      axis: the mesh axis the vocabulary is split over, or None.
-      offset: global id of local column 0 (``axis_index * V_local``; traced).
-    """
-
-    vocab_size: int
-    local_size: int
-    axis: str | None = None
-    offset: Any = 0
-
-    @classmethod
-    def inside(cls, vocab_size: int, local_size: int, axis: str | None) -> "VocabShard":
-        """The shard of the current device (call inside `jax.shard_map`)."""
-        offset = 0 if axis is None else lax.axis_index(axis) * local_size
-        return cls(vocab_size, local_size, axis, offset)
-
-    # -- collectives over the vocabulary (identity on one device)
-    def _pmax(self, x: Array) -> Array:
-        return x if self.axis is None else lax.pmax(x, self.axis)
-
-    def _pmin(self, x: Array) -> Array:
-        return x if self.axis is None else lax.pmin(x, self.axis)
-
-    def _psum(self, x: Array) -> Array:
-        return x if self.axis is None else lax.psum(x, self.axis)
-
-    def ids(self) -> Array:
-        """Global token ids of the local columns, ``int32[V_local]``."""
-        return self.offset + jnp.arange(self.local_size, dtype=jnp.int32)
-
-    def max(self, x: Array) -> Array:
-        """Row max over the vocabulary."""
-        return self._pmax(jnp.max(x, axis=-1))
-
-    def sum(self, x: Array) -> Array:
-        """Row sum over the vocabulary."""
-        return self._psum(jnp.sum(x, axis=-1))
-
-    def any(self, x: Array) -> Array:
-        """Row ``any`` over the vocabulary (bool)."""
-        return self._pmax(jnp.any(x, axis=-1).astype(jnp.int32)) > 0
-
-    def logsumexp(self, x: Array) -> Array:
-        """``ln sum_i exp(x_i)`` per row, as ``jax.nn.logsumexp`` (``-inf`` for an empty row)."""
-        top = self.max(x)
-        shift = lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
-        return jnp.log(self.sum(jnp.exp(x - shift[:, None]))) + shift
-
-    def log_softmax(self, x: Array) -> Array:
-        """``x - logsumexp(x)``, ``[b, V_local]``, as ``jax.nn.log_softmax``."""
-        shifted = x - lax.stop_gradient(self.max(x))[:, None]
-        return shifted - jnp.log(self.sum(jnp.exp(shifted)))[:, None]
-
-    def argmax(self, x: Array) -> Array:
-        """Global arg-max per row, lowest id on ties; ``V`` for a row of NaNs."""
-        top = self.max(x)  # [b]
-        hit = x == top[:, None]  # [b, V_local]
-        first = jnp.argmax(hit, axis=-1).astype(jnp.int32)
-        index = jnp.where(jnp.any(hit, axis=-1), self.offset + first, self.vocab_size)
-        return self._pmin(index)
-
-    def _search(self, keys: Array, weights: Array, target: Array) -> Array:
-        """Largest ``T`` (uint32) with ``sum(weights_i : keys_i >= T) >= target``, per row.
-
-        Radix search from the top bit: each pass fixes ``RADIX_BITS`` bits by evaluating
-        the ``2**RADIX_BITS - 1`` candidates at once (one collective of ``[b, C]``). The
-        sum is non-increasing in ``T``, so the candidates that pass form a prefix. Needs
-        ``sum(weights) >= target`` (``T = 0`` passes); the result is then a value of
-        ``keys`` (the sum only changes at those values).
-        """
-        bits = RADIX_BITS
-        digits = jnp.arange(1, 2**bits, dtype=_U32)  # [C]
-        t = jnp.zeros(keys.shape[:1], _U32)  # [b]
-        for shift in range(32 - bits, -1, -bits):  # static: 32 / bits passes
-            cand = t[:, None] | (digits << shift)[None, :]  # [b, C]
-            above = keys[:, :, None] >= cand[:, None, :]  # [b, V_local, C]
-            mass = jnp.sum(jnp.where(above, weights[:, :, None], 0), axis=1)  # [b, C]
-            passed = jnp.sum(self._psum(mass) >= target[:, None], axis=-1)  # [b]
-            t = t | (passed.astype(_U32) << shift)
-        return t
-
-    def kth_largest(self, x: Array, k: Array) -> Array:
-        """The k-th largest value per row (duplicates counted); ``k`` clamped to ``[1, V]``.
-
-        Math: ``max{t in x : #{i : x_i >= t} >= k}``, as `jaxsample._select.kth_largest`.
-        """
-        k = jnp.clip(jnp.asarray(k, jnp.int32), 1, self.vocab_size)
-        k = jnp.broadcast_to(k, x.shape[:1])
-        t = self._search(_ordered_key(x), jnp.ones(x.shape, jnp.int32), k)
-        return _from_ordered_key(t)
-
-    def mass_threshold(self, scores: Array, weights: Array, p: Array) -> Array:
-        """Largest score whose upper set holds a fraction ``p`` of the mass (``-inf`` if p >= 1).
-
-        Math: ``max{s : sum(w_i : s_i >= s) >= p sum(w)}``, as
-        `jaxsample._select.mass_threshold`.
-        """
-        p = jnp.broadcast_to(jnp.asarray(p, _F32), scores.shape[:1])
-        target = p * self.sum(weights)
-        t = _from_ordered_key(self._search(_ordered_key(scores), weights, target))
-        return jnp.where(p >= 1, _F32(_NEG_INF), t)
-
-    def top_value(self, x: Array, m: int) -> Array:
-        """The ``m``-th largest value (``m`` static); the max when ``m = 1``."""
-        return self.max(x) if m == 1 else self.kth_largest(x, jnp.full(x.shape[:1], m, jnp.int32))
-
-    def entropy(self, logq: Array) -> Array:
-        """``H = -sum_i q_i ln q_i`` per row from log-probabilities (``0 ln 0 = 0``)."""
-        q = jnp.exp(logq)
-        return -self.sum(jnp.where(q > 0, q * logq, 0.0))
-
-
 # ----------------------------------------------------------------------------- local ops
 
 
 def _keep(logits: Array, keep: Array) -> Array:
     return jnp.where(keep, logits, jnp.array(_NEG_INF, logits.dtype))
-
-
-def _truncate(logits: Array, x: Array, threshold: Array, shard: VocabShard, m: int,
-              row_max: Array | None = None) -> Array:
-    """Keeps ``x >= min(threshold, m-th largest)`` (``[b]`` threshold), as the filters do.
-
-    ``row_max`` (``[b]``, optional) is ``shard.max(x)`` when the caller has it already.
-    """
-    top = row_max if (m == 1 and row_max is not None) else shard.top_value(x, m)
-    threshold = jnp.minimum(threshold, top)
-    return _keep(logits, x >= threshold[:, None])
 
 
 def _draw(seeds: Array, logits: Array, shard: VocabShard, raw: Array | None = None):
@@ -421,90 +272,20 @@ def _per_row_rule(field: str, dtype: Any, enabled: Callable | None = None) -> Ca
 
 
 def _apply_temperature(proc, p, logits, shard):
-    x = logits.astype(_F32)
-    t = p["t"][:, None]
-    is_greedy = t == 0
-    scaled = x / jnp.where(is_greedy, 1.0, t)
-
-    def with_greedy_rows():
-        is_top = shard.ids()[None, :] == shard.argmax(x)[:, None]
-        return jnp.where(is_greedy, jnp.where(is_top, x, _NEG_INF), scaled)
-
-    out = lax.cond(p["on"], with_greedy_rows, lambda: scaled)  # "on": some row has t = 0
-    return out.astype(logits.dtype)
+    return _filters.temperature_rows(logits, p["t"], shard)
 
 
-def _apply_top_k(proc, p, logits, shard):
-    x = logits.astype(_F32)
-    v, m = shard.vocab_size, proc.min_tokens_to_keep
-    k = p["k"]
-    k_eff = jnp.where((k <= 0) | (k >= v), v, jnp.maximum(k, m))
-    return lax.cond(p["on"],
-                    lambda: _keep(logits, x >= shard.kth_largest(x, k_eff)[:, None]),
-                    lambda: logits)
+def _shared_rule(body: Callable, field: str, gated: bool) -> Callable:
+    """The vocab-parallel rule of a truncation: `jaxsample._filters`' own body on the
+    local slice, behind the batch-wide ``"on"`` flag when the filter has one."""
 
+    def apply(proc, p, logits, shard):
+        def run():
+            return body(logits, p[field], proc.min_tokens_to_keep, shard)
 
-def _apply_top_p(proc, p, logits, shard):
-    x = logits.astype(_F32)
-    prob = p["p"]
+        return lax.cond(p["on"], run, lambda: logits) if gated else run()
 
-    def filtered():
-        row_max = shard.max(x)
-        weights = jnp.exp(x - row_max[:, None])  # unnormalised q
-        threshold = shard.mass_threshold(x, weights, prob)
-        return _truncate(logits, x, threshold, shard, proc.min_tokens_to_keep, row_max)
-
-    return lax.cond(p["on"], filtered, lambda: logits)
-
-
-def _apply_min_p(proc, p, logits, shard):
-    x = logits.astype(_F32)
-    row_max = shard.max(x)
-    threshold = row_max + jnp.log(p["p"])
-    return _truncate(logits, x, threshold, shard, proc.min_tokens_to_keep, row_max)
-
-
-def _apply_typical_p(proc, p, logits, shard):
-    x = logits.astype(_F32)
-    prob = p["p"]
-
-    def filtered():
-        logq = shard.log_softmax(x)
-        q = jnp.exp(logq)
-        entropy = shard.entropy(logq)
-        score = -jnp.abs(-logq - entropy[:, None])  # higher = more typical
-        threshold = shard.mass_threshold(score, q, prob)
-        top = shard.top_value(x, proc.min_tokens_to_keep)
-        return _keep(logits, (score >= threshold[:, None]) | (x >= top[:, None]))
-
-    return lax.cond(p["on"], filtered, lambda: logits)
-
-
-def _apply_epsilon(proc, p, logits, shard):
-    x = logits.astype(_F32)
-    threshold = shard.logsumexp(x) + jnp.log(p["epsilon"])
-    return _truncate(logits, x, threshold, shard, proc.min_tokens_to_keep)
-
-
-def _apply_eta(proc, p, logits, shard):
-    x = logits.astype(_F32)
-    entropy = shard.entropy(shard.log_softmax(x))
-    log_eta = jnp.log(p["eta"])
-    log_cutoff = jnp.minimum(log_eta, 0.5 * log_eta - entropy)
-    threshold = shard.logsumexp(x) + log_cutoff
-    return _truncate(logits, x, threshold, shard, proc.min_tokens_to_keep)
-
-
-def _apply_top_n_sigma(proc, p, logits, shard):
-    x = logits.astype(_F32)
-    finite = jnp.isfinite(x)
-    count = jnp.maximum(shard.sum(finite.astype(_F32)), 1.0)[:, None]  # [b, 1]
-    mean = shard.sum(jnp.where(finite, x, 0.0))[:, None] / count
-    var = shard.sum(jnp.where(finite, jnp.square(x - mean), 0.0)) / count[:, 0]
-    n = p["n"]
-    row_max = shard.max(x)
-    threshold = jnp.where(jnp.isinf(n), _NEG_INF, row_max - n * jnp.sqrt(var))
-    return _truncate(logits, x, threshold, shard, proc.min_tokens_to_keep, row_max)
+    return apply
 
 
 def _bias_params(proc, batch, vocab):
@@ -570,13 +351,15 @@ def _top_k_enabled(k, vocab):
 
 for _type, _field, _dtype, _on, _fn in (
         (_chain.Temperature, "t", _F32, lambda t, v: t == 0, _apply_temperature),
-        (_chain.TopK, "k", jnp.int32, _top_k_enabled, _apply_top_k),
-        (_chain.TopP, "p", _F32, lambda p, v: p < 1, _apply_top_p),
-        (_chain.MinP, "p", _F32, None, _apply_min_p),
-        (_chain.TypicalP, "p", _F32, lambda p, v: p < 1, _apply_typical_p),
-        (_chain.EpsilonCutoff, "epsilon", _F32, None, _apply_epsilon),
-        (_chain.EtaCutoff, "eta", _F32, None, _apply_eta),
-        (_chain.TopNSigma, "n", _F32, None, _apply_top_n_sigma)):
+        (_chain.TopK, "k", jnp.int32, _top_k_enabled, _shared_rule(_filters.top_k_rows, "k", True)),
+        (_chain.TopP, "p", _F32, lambda p, v: p < 1, _shared_rule(_filters.top_p_rows, "p", True)),
+        (_chain.MinP, "p", _F32, None, _shared_rule(_filters.min_p_rows, "p", False)),
+        (_chain.TypicalP, "p", _F32, lambda p, v: p < 1,
+         _shared_rule(_filters.typical_p_rows, "p", True)),
+        (_chain.EpsilonCutoff, "epsilon", _F32, None,
+         _shared_rule(_filters.epsilon_cutoff_rows, "epsilon", False)),
+        (_chain.EtaCutoff, "eta", _F32, None, _shared_rule(_filters.eta_cutoff_rows, "eta", False)),
+        (_chain.TopNSigma, "n", _F32, None, _shared_rule(_filters.top_n_sigma_rows, "n", False))):
     register_vocab_parallel(_type, params=_per_row_rule(_field, _dtype, _on), apply=_fn)
 register_vocab_parallel(_chain.LogitBias, params=_bias_params, apply=_apply_bias)
 register_vocab_parallel(_chain.SparseLogitBias, params=functools.partial(_ids_params, with_values=True),
@@ -673,9 +456,11 @@ def gumbel_sample_step(chain: LogitsProcessor, logits: Array, state: State,
 # ----------------------------------------------------------------------------- sharded
 
 
-def _shard_map(f: Callable, mesh: Mesh, in_specs: Any, out_specs: Any) -> Callable:
+def _shard_map(f: Callable, mesh: Mesh, in_specs: Any, out_specs: Any,
+               check_vma: bool = True) -> Callable:
     if hasattr(jax, "shard_map"):
-        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                             check_vma=check_vma)
     from jax.experimental.shard_map import shard_map  # jax < 0.6
 
     return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
@@ -701,6 +486,9 @@ class ShardedSampler:
       mesh: the device mesh.
       vocab_axis: the mesh axis the vocabulary is split over.
       batch_axis: the mesh axis the batch is split over, or None (replicated batch).
+      method: the selection method of the threshold searches (`VocabShard.method`):
+        ``"auto"`` (the backend's sharded plan: the Pallas kernel on GPU, the XLA
+        compare engine elsewhere) or a `jaxsample._select.Plan`.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxsample as js
@@ -716,6 +504,7 @@ class ShardedSampler:
     mesh: Mesh
     vocab_axis: str = "model"
     batch_axis: str | None = "data"
+    method: Any = "auto"
 
     def __post_init__(self) -> None:
         for name in (self.vocab_axis, self.batch_axis):
@@ -749,8 +538,14 @@ class ShardedSampler:
                              f"axis {self.batch_axis!r}")
         return batch, vocab, vocab // nv
 
+    @property
+    def _check_vma(self) -> bool:
+        # Pallas' interpreter does not mark the constants of a kernel body as varying
+        # over the manual axes (jax 0.10): interpreted kernels run without the check.
+        return not getattr(self.method, "interpret", False)
+
     def _shard(self, vocab: int, local: int) -> VocabShard:
-        return VocabShard.inside(vocab, local, self.vocab_axis)
+        return VocabShard.inside(vocab, local, self.vocab_axis, self.method)
 
     def _prepare(self, processor: LogitsProcessor, batch: int, vocab: int):
         rules = _rules_for(processor)
@@ -814,7 +609,8 @@ class ShardedSampler:
             return self._apply_local(rules, arrays, logits, self._shard(vocab, local))
 
         row_vocab = self._spec(ROW_VOCAB)
-        return _shard_map(body, self.mesh, (row_vocab, specs), row_vocab)(logits, arrays)
+        return _shard_map(body, self.mesh, (row_vocab, specs), row_vocab,
+                          check_vma=self._check_vma)(logits, arrays)
 
     def _sample(self, key: Array, logits: Array) -> Array:
         batch, vocab, local = self._sizes(logits)
@@ -873,7 +669,8 @@ class ShardedSampler:
             return processed, token, raw, proc_lp
 
         row, row_vocab = self._spec(ROW), self._spec(ROW_VOCAB)
-        step = _shard_map(body, self.mesh, (row_vocab, specs, row), (row_vocab, row, row, row))
+        step = _shard_map(body, self.mesh, (row_vocab, specs, row), (row_vocab, row, row, row),
+                          check_vma=self._check_vma)
         processed, token, raw, proc_lp = step(logits, arrays, seeds)
         new_state = chain.update(state, token, processed)
         return token, new_state, StepOutput(token_logprob_raw=raw, token_logprob_processed=proc_lp)

@@ -289,3 +289,10 @@ class DecoderLM:
         is left unchanged (nothing is overwritten)."""
         logits, cache = self._apply(tokens[:, None], positions[:, None], cache)
         return logits[:, 0], cache
+
+    def extend(self, tokens: jax.Array, positions: jax.Array, cache: KVCache):
+        """T tokens per row in one call: tokens int32 [B, T], token t of row b at position
+        positions[b] + t -> (logits [B, T, V], cache). Equals T successive `decode` calls
+        (up to float rounding); used to verify speculative drafts."""
+        positions = positions[:, None] + jnp.arange(tokens.shape[1])[None, :]  # [B, T]
+        return self._apply(tokens, positions, cache)

@@ -6,6 +6,7 @@ jax.random.categorical and transformers (torch), and decode speed of `generate`.
     python scripts/bench.py --json out.json      # also write the results as JSON
     python scripts/bench.py --skip-generate      # sampling tables only
     python scripts/bench.py --generate-preset tiny --new-tokens 32   # a quick CPU generate
+    python scripts/bench.py --gpu-check          # issue 11's GPU table in one run (JSON too)
 
 Method (sampling): every case is one jitted `lax.fori_loop` of `iters` calls; iteration
 `i` adds `i * 1e-6` to the logits and folds `i` into the key, so XLA cannot hoist the
@@ -309,6 +310,124 @@ def bench_generate_torch(preset_name, prompt_len, new_tokens, batch, mode, repea
     return _rates(batch, new_tokens, [timed() for _ in range(repeats)], lambda: timed(1), repeats)
 
 
+# ----------------------------------------------------------------------------- --gpu-check
+
+#: The shapes of issue 11's table: (shape, dtypes).
+GPU_CHECK_SHAPES = [((64, 131072), ("bf16", "fp32")), ((256, 262144), ("bf16", "fp32")),
+                    ((1, 32000), ("fp32",)), ((1, 131072), ("fp32",))]
+#: --gpu-check-smoke (hidden, for CI on CPU): the same code on tiny shapes.
+GPU_CHECK_SMOKE_SHAPES = [((2, 256), ("bf16",))]
+ONE_READ = "one read (row max)"
+MIN_P = "min_p(0.05) + sample"
+SORT = "full-sort top-p + categorical"
+
+
+def gpu_check_cases(batch: int) -> dict[str, Callable]:
+    """name -> f(keys, x, k, p) -> a value per row (summed into the loop's carry)."""
+    chain = js.default_chain(temperature=0.8, top_p=0.9)
+
+    def chain_step(keys, x, k, p):
+        token, _, out = js.sample_step(chain, x, chain.init(None, None, x.shape[-1]), keys)
+        return token + (out.token_logprob_processed + out.token_logprob_raw > 0)
+
+    return {
+        ONE_READ: lambda keys, x, k, p: jnp.max(x, axis=-1).astype(jnp.float32) > 0,
+        MIN_P: lambda keys, x, k, p: js.sample(keys, js.min_p(x, 0.05)),
+        "top_p(0.9) + sample": lambda keys, x, k, p: js.sample(keys, js.top_p(x, p)),
+        "top_k(50, traced) + sample": lambda keys, x, k, p: js.sample(keys, js.top_k(x, k)),
+        "typical_p(0.9) + sample": lambda keys, x, k, p: js.sample(keys, js.typical_p(x, p)),
+        "default_chain(T=0.8, top_p=0.9) step": chain_step,
+        SORT: lambda keys, x, k, p: reference_top_p_sample(keys[0], x, p),
+    }
+
+
+def build_pick_loop(fn: Callable, iters: int) -> Callable:
+    """ANCHORS' method: iteration i uses the (i mod 4)-th of 4 precomputed logits tensors
+    and folds i into the keys; the per-row outputs are summed into the carry."""
+
+    @jax.jit
+    def loop(xs, key, k, p):
+        batch = xs.shape[1]
+
+        def body(i, acc):
+            x = lax.dynamic_index_in_dim(xs, i % xs.shape[0], keepdims=False)
+            keys = jax.random.split(jax.random.fold_in(key, i), batch)
+            return acc + jnp.sum(fn(keys, x, k, p).astype(jnp.int32))
+
+        return lax.fori_loop(0, iters, body, jnp.int32(0))
+
+    return loop
+
+
+def gpu_check(json_path: str | None, smoke: bool) -> dict[str, Any]:
+    """Issue 11's GPU check in one run: per-call times inside one jitted loop, ratios to
+    one read, to min_p + sample and to the full sort; generate's top-p cost per step."""
+    env = environment()
+    shapes = GPU_CHECK_SMOKE_SHAPES if smoke else GPU_CHECK_SHAPES
+    iters, repeats = (1, 1) if smoke else (20, 5)
+    print(f"# jaxsample --gpu-check: {env['device']} ({env['backend']}), {env['date']}, jax {env['jax']}",
+          flush=True)
+    rows = []
+    for shape, dtypes in shapes:
+        batch = shape[0]
+        k = jnp.full((batch,), 50, jnp.int32)
+        p = jnp.full((batch,), 0.9, jnp.float32)
+        for d in dtypes:
+            t0 = time.perf_counter()
+            xs = jnp.stack([jnp.asarray(make_logits(shape, "flat", seed) * 2.0, DTYPES[d])
+                            for seed in range(4)])  # N(0, 2), as ANCHORS
+            loops = {name: build_pick_loop(fn, iters) for name, fn in gpu_check_cases(batch).items()}
+            for loop in loops.values():  # compile + warm up
+                time_call(loop, xs, jax.random.key(0), k, p)
+            samples = {name: [] for name in loops}
+            for _ in range(repeats):  # interleaved rounds
+                for name, loop in loops.items():
+                    samples[name].append(time_call(loop, xs, jax.random.key(0), k, p) / iters)
+            times = {name: float(np.median(v)) for name, v in samples.items()}
+            for name, sec in times.items():
+                rows.append({"shape": list(shape), "dtype": d, "case": name, "seconds": sec,
+                             "x_one_read": sec / times[ONE_READ], "x_min_p": sec / times[MIN_P],
+                             "x_full_sort": sec / times[SORT]})
+            del xs
+            print(f"  [{shape[0]}, {shape[1]}] {d}: {time.perf_counter() - t0:.0f} s", flush=True)
+    print("\n| shape | dtype | case | µs per call | x one read | x min_p + sample | x full sort |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| [{r['shape'][0]}, {r['shape'][1]}] | {r['dtype']} | {r['case']} | {r['seconds'] * 1e6:.1f} "
+              f"| {r['x_one_read']:.2f} | {r['x_min_p']:.2f} | {r['x_full_sort']:.3f} |", flush=True)
+
+    preset_name, new_tokens = ("tiny", 3) if smoke else ("llama-110m", 64)
+    gen = []
+    for batch in (1,) if smoke else (1, 32):
+        steps = {}
+        for mode in ("greedy", "top-p 0.9"):
+            r = bench_generate_jax(preset_name, 8 if smoke else 128, new_tokens, batch, mode,
+                                   1 if smoke else 2, "bf16")
+            steps[mode] = r["decode_ms_per_step"]
+        gen.append({"preset": preset_name, "dtype": "bf16", "batch": batch, "new_tokens": new_tokens,
+                    "greedy_ms_per_step": steps["greedy"], "top_p_ms_per_step": steps["top-p 0.9"],
+                    # None: below timer resolution (bench_generate_jax's rule)
+                    "top_p_cost": None if None in steps.values() else steps["top-p 0.9"] / steps["greedy"] - 1.0})
+    print(f"\n| generate {preset_name} bf16 | greedy ms/step | top-p 0.9 ms/step | top-p cost per step |")
+    print("|---|---|---|---|")
+    def ms(v):
+        return "below timer resolution" if v is None else f"{v:.3f}"
+
+    for g in gen:
+        cost = "–" if g["top_p_cost"] is None else f"{100 * g['top_p_cost']:+.1f}%"
+        print(f"| batch {g['batch']} | {ms(g['greedy_ms_per_step'])} | {ms(g['top_p_ms_per_step'])} "
+              f"| {cost} |", flush=True)
+    report = {"environment": env, "gpu_check": rows, "generate": gen,
+              "method": "per call inside one jitted fori_loop over 4 precomputed N(0, 2) logits "
+                        f"tensors, {iters} iterations, median of {repeats}"}
+    path = json_path or "bench_gpu_check.json"
+    from models.checkpoint import atomic_write_json  # temp file + rename: never half-written
+
+    atomic_write_json(path, report)
+    print(f"\nwrote {path}")
+    return report
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -402,9 +521,17 @@ def main(argv=None) -> int:
     ap.add_argument("--generate-dtypes",
                     help="weights/activations dtypes of the generate rows, e.g. 'bf16,fp32' "
                          "(default: the preset's own, bf16 for llama-110m)")
+    ap.add_argument("--gpu-check", action="store_true",
+                    help="issue 11's GPU check in one run (< 4 min on one GPU): filter + sample "
+                         "times and ratios at its shapes, generate's top-p cost; writes JSON "
+                         "(--json, default bench_gpu_check.json)")
+    ap.add_argument("--gpu-check-smoke", action="store_true", help=argparse.SUPPRESS)  # CI: tiny shapes
     args = ap.parse_args(argv)
     if args.json:  # its folder exists before the run (a documented --json runs/x.json once failed at the end)
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    if args.gpu_check or args.gpu_check_smoke:
+        gpu_check(args.json, smoke=args.gpu_check_smoke)
+        return 0
 
     quick = args.quick
     repeats = args.repeats or (3 if quick else 7)

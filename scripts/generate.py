@@ -6,6 +6,7 @@
     python scripts/generate.py "Name three rivers." --checkpoint path/to/Qwen2-0.5B-Instruct --chat
     python scripts/generate.py "ROMEO:" --order llamacpp --top-k 40 --min-p 0.05 --repetition-penalty 1.1 \
         --penalty-window 64 --dry-multiplier 0.8 --xtc-probability 0.5 --top-logprobs 3
+    python scripts/generate.py "ROMEO:" --greedy --prompt-lookup 3 --num-draft-tokens 4   # speculative
     python scripts/generate.py "ROMEO:" --num-beams 4 --num-return-sequences 2 --length-penalty 1.2
 
 Every sampling method of jaxsample is a flag (see docs/methods.md); --order picks the chain
@@ -98,9 +99,61 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("outputs")
     g.add_argument("--top-logprobs", type=int, default=0, help="print the N most likely tokens of each step")
     g.add_argument("--prompt-logprobs", action="store_true", help="print each prompt's log-likelihood")
+    add_speculative_args(p)
     add_beam_arguments(p)
     add_structured_flags(p)
     return p
+
+
+def add_speculative_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding (exact: same output distribution, fewer target calls)")
+    g.add_argument("--draft-checkpoint", help="a small draft model checkpoint with the target's tokenizer")
+    g.add_argument("--prompt-lookup", type=int, metavar="N",
+                   help="draft by prompt lookup: match the last N tokens (down to 1) in the row's own context")
+    g.add_argument("--num-draft-tokens", type=int, metavar="K", help="tokens drafted per round (default 4)")
+
+
+def check_speculative_args(args) -> str | None:
+    """The error message for a bad combination of the speculative flags, or None."""
+    drafts = [f for f, v in (("--draft-checkpoint", args.draft_checkpoint), ("--prompt-lookup", args.prompt_lookup))
+              if v is not None]
+    if drafts and getattr(args, "num_beams", None) is not None:
+        return f"{drafts[0]} cannot be used with --num-beams: beam search does not draft"
+    if len(drafts) > 1:
+        return "--draft-checkpoint and --prompt-lookup are two drafts: choose one"
+    if not drafts:
+        return "--num-draft-tokens needs a draft (--draft-checkpoint or --prompt-lookup)" \
+            if args.num_draft_tokens is not None else None
+    if args.prompt_lookup is not None and args.prompt_lookup < 1:
+        return f"--prompt-lookup must be >= 1, got {args.prompt_lookup}"
+    if args.num_draft_tokens is not None and args.num_draft_tokens < 1:
+        return f"--num-draft-tokens must be >= 1, got {args.num_draft_tokens}"
+    for flag, unsupported in (("--num-samples", args.num_samples != 1), ("--top-logprobs", args.top_logprobs),
+                              ("--prompt-logprobs", args.prompt_logprobs)):
+        if unsupported:
+            return f"{flag} is not supported with speculative decoding ({drafts[0]})"
+    return None
+
+
+def speculative_runner(args, lm, ids, lengths, keys, sampler, stop_ids, pad_id, stats: list):
+    """None without a draft flag; else a callable running `speculative_generate` that returns
+    the `GenerateOutput` and appends the `SpeculativeStats` to `stats`."""
+    if args.draft_checkpoint is None and args.prompt_lookup is None:
+        return None
+    if args.prompt_lookup is not None:
+        draft = js.PromptLookup(args.prompt_lookup)
+    else:
+        draft, _ = load_pretrained(args.draft_checkpoint)
+        if draft.vocab_size != lm.vocab_size:
+            raise ValueError(f"--draft-checkpoint: vocab_size {draft.vocab_size} != the target's {lm.vocab_size}")
+    k = 4 if args.num_draft_tokens is None else args.num_draft_tokens
+
+    def run():
+        out, st = js.speculative_generate(lm, ids, lengths, keys, max_new_tokens=args.max_new_tokens, draft=draft,
+                                          num_draft_tokens=k, sampler=sampler, stop_ids=stop_ids, pad_id=pad_id)
+        stats.append(st)
+        return out
+    return run
 
 
 def add_structured_flags(p: argparse.ArgumentParser) -> None:
@@ -414,6 +467,8 @@ def main(argv=None) -> int:
         parser.error(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.top_logprobs < 0:
         parser.error(f"--top-logprobs must be >= 0, got {args.top_logprobs}")
+    if (spec_error := check_speculative_args(args)) is not None:
+        parser.error(spec_error)
     beam = beam_settings(parser, args)
     check_structured_flags(parser, args, beam)
     if args.chunk_size < 1:
@@ -461,6 +516,11 @@ def main(argv=None) -> int:
     run = lambda: js.generate(lm, ids, lengths, keys, max_new_tokens=args.max_new_tokens, sampler=sampler,
                               stop_ids=stop_ids, pad_id=tok.pad_id, n=n, top_logprobs=args.top_logprobs,
                               prompt_logprobs=args.prompt_logprobs)
+    spec_stats: list = []
+    try:
+        run = speculative_runner(args, lm, ids, lengths, keys, sampler, stop_ids, tok.pad_id, spec_stats) or run
+    except (CheckpointError, OSError, ValueError) as e:
+        parser.error(f"--draft-checkpoint: {e}")
     out, first, steady = timed_run(parser, run)
 
     tokens, gen_lengths = np.asarray(out.tokens), np.asarray(out.lengths)
@@ -481,6 +541,11 @@ def main(argv=None) -> int:
     n_tokens = int(gen_lengths.sum())
     print(f"compile {max(first - steady, 0.0):.2f} s | generate {steady * 1e3:.0f} ms for {n_tokens} tokens "
           f"({n_tokens / steady:,.0f} tokens/s, batch {len(texts)}, {jax.default_backend()})", file=sys.stderr)
+    if spec_stats:
+        st = spec_stats[-1]
+        print(f"speculative: acceptance {st.acceptance_rate:.2f} ({int(np.sum(st.accepted))} of "
+              f"{int(np.sum(st.drafted))} drafted tokens), {st.tokens_per_round:.2f} tokens per target call",
+              file=sys.stderr)
     return 0
 
 

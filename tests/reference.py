@@ -128,13 +128,15 @@ def typical_p_row(x, p, m=1):
         return x.copy(), math.inf
     q = softmax(x)
     h = entropy(q)
-    with np.errstate(divide="ignore"):
-        surprisal = -np.log(q)
-    score = np.abs(surprisal - h)  # inf where q == 0
+    surprisal = -log_softmax(x)  # finite for every finite logit, even where q underflows
+    score = np.abs(surprisal - h)  # inf for a -inf logit
     order = sorted(range(len(x)), key=lambda i: score[i])  # most typical first
     hit, margin = _first_reaching([q[i] for i in order], p)
     s_m = score[order[hit]]
-    keep = (score <= s_m) | top_m_mask(x, m)
+    # min_tokens_to_keep counts the most *typical* tokens (lowest score, ties kept), as
+    # transformers' TypicalLogitsWarper; the arg-max is not forced in.
+    s_m = max(s_m, score[order[min(m, len(x)) - 1]])
+    keep = score <= s_m
     others = score[np.isfinite(score) & (score != s_m)]
     if others.size and np.isfinite(s_m):
         margin = min(margin, float(np.min(np.abs(others - s_m))))

@@ -100,6 +100,8 @@ SMALL = {
                  "--seq-len": "16", "--warmup-steps": "1", "--eval-every": "2", "--eval-windows": "2",
                  "--checkpoint-every": "2"},
     "seeds_demo.py": {"--draws": "2000"},
+    "bench_speculative.py": {"--text": "corpus.txt", "--prompts": "1", "--prompt-len": "16", "--new-tokens": "4",
+                             "--num-draft-tokens": "2", "--prompt-lookup-min": "1", "--repeats": "1"},
     "measure_load_memory.py": {"--size-gb": "0.03", "--hidden-size": "64"},
     "bench_structured.py": {"--vocab-size": "400", "--preset": "tiny", "--batches": "1", "--new-tokens": "2",
                             "--repeats": "1", "--mask-iters": "1", "--prompt-len": "4"},
@@ -113,6 +115,8 @@ COMMANDS: dict[str, Action] = {
     "pip install -e .": install(),
     'python scripts/generate.py "ROMEO:" --top-p 0.9': run(expect="ROMEO:"),
     'pip install -e ".[test]"': install(),
+    "python scripts/bench.py --gpu-check": skip(
+        "needs a GPU (its CPU smoke, --gpu-check-smoke, runs in tests/test_bench_gpu_check.py)"),
     "python -m pytest": skip("the test suite itself (this module is part of it; .ci/run runs it)"),
     "python -m pytest -m slow": skip("the slow tests of the suite itself (this module's slow commands among them)"),
     'pip install -U "jax[cuda12]"': install(),
@@ -126,6 +130,11 @@ COMMANDS: dict[str, Action] = {
     # ---- README: beam search
     'python scripts/generate.py "ROMEO:" --num-beams 4 --num-return-sequences 2 --length-penalty 1.2 '
     "--max-new-tokens 60": run(slow=True),
+    # ---- README: speculative decoding
+    'python scripts/generate.py "ROMEO:" --greedy --prompt-lookup 3 --num-draft-tokens 4':
+        run(expect="speculative: acceptance", slow=True),  # tests/test_speculative.py runs the CLI too
+    "python scripts/bench_speculative.py --draft-checkpoint DIR --num-draft-tokens 2 3 4 --prompt-lookup-min 1 3":
+        skip("DIR stands for a draft trained with scripts/train.py (the command in docs/benchmarks.md)"),
     # ---- README: Hugging Face checkpoints
     'pip install -e ".[hf]"': install(),
     'python scripts/generate.py "Name three rivers." --checkpoint DIR --chat':
@@ -164,6 +173,10 @@ COMMANDS: dict[str, Action] = {
     # ---- docs/benchmarks.md
     "python scripts/bench.py --json out.json": run(slow=True),
     "python scripts/bench.py --quick": run(slow=True),
+    # ---- docs/benchmarks.md: speculative decoding
+    "python scripts/bench_speculative.py": run(expect="lookup n=3..1 k=2", slow=True),
+    "python scripts/train.py --preset tiny --run-dir runs/draft --steps 2000 --batch-size 32 --seq-len 128 "
+    "--lr 3e-3 --eval-every 500 --checkpoint-every 250 --out runs/draft_out": run(slow=True),
     "python scripts/bench_structured.py --json out.json": run(slow=True),
     # ---- docs/sharding.md: many hosts, checked on CPU with two processes of 4 devices
     "for i in 0 1; do JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo XLA_FLAGS=--xla_force_host_platform_device_count=4 "
@@ -198,12 +211,16 @@ COMMANDS: dict[str, Action] = {
     "python scripts/train.py --run-dir runs/shakespeare --steps 1400 --out models/checkpoints/shakespeare":
         run(slow=True),
     "python scripts/train.py --run-dir runs/shakespeare --steps 1400 --resume": run(slow=True),
+    "python scripts/bench_speculative.py --quick --json out.json": run(expect="wrote out.json", slow=True),
+    "python scripts/bench_speculative.py --draft-checkpoint DIR --num-draft-tokens 2 4 6":
+        skip("DIR stands for a draft trained with scripts/train.py (the command in docs/benchmarks.md)"),
 }
 
 # Python snippets: a block containing the key runs with these settings, in its own process
 # (it must then be self-contained; identical blocks in several files run once).
 SNIPPET_RULES = {
     "make_mesh(": run(devices=8, slow=True),
+    "speculative_generate(": run(slow=True),  # ~1 min of compiles on 2 cores; test_speculative covers it
 }
 # Python snippets not run on CPU CI: a substring of the block -> the reason.
 SNIPPET_SKIPS: dict[str, str] = {}

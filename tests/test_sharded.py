@@ -129,6 +129,19 @@ def _device_checks():
             and np.allclose(np.asarray(top_lp)[valid], np.asarray(expected_top[1])[valid], atol=1e-5))
         times[f"filters {name}"] = time.time() - t_start
 
+    # The GPU plan (the Pallas counting kernel, interpreted) on vocab shards: the same
+    # search, its per-pass masses psum-ed over the model axis.
+    import dataclasses
+
+    kernel = dataclasses.replace(_select.KERNEL_PLAN, interpret=True)
+    sampler = _sharded.ShardedSampler(sharding.make_mesh((2, 4)), method=kernel)
+    picked = [(n, p) for n, p in cases if n in ("top_k", "top_k_m3", "top_p", "typical_p")]
+    outs = jax.jit(lambda xs, procs: [sampler.apply(p, xs) for p in procs])(
+        jax.device_put(x, sampler.logits_sharding), [p for _, p in picked])
+    results["filters_kernel"] = {n: bool(np.array_equal(np.asarray(o), expected[n]))
+                                 for (n, _), o in zip(picked, outs)}
+    times["filters kernel"] = time.time() - t_start
+
     # HLO: the compiled sampling step moves no [B, V] array between devices.
     mesh = sharding.make_mesh((2, 4))
     sampler = _sharded.ShardedSampler(mesh)
@@ -233,6 +246,12 @@ def device_results():
 @pytest.mark.parametrize("mesh", ["2x4", "1x8"])
 def test_vocab_sharded_filters_equal_unsharded(device_results, mesh):
     results = device_results["filters"][mesh]
+    assert results and all(results.values()), {k: v for k, v in results.items() if not v}
+
+
+def test_vocab_sharded_kernel_plan_equals_unsharded(device_results):
+    """The Pallas counting kernel (interpreted) on a 2x4 mesh keeps the single-device sets."""
+    results = device_results["filters_kernel"]
     assert results and all(results.values()), {k: v for k, v in results.items() if not v}
 
 

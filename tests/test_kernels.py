@@ -1,0 +1,251 @@
+"""The accelerator (GPU) selection path: the Pallas counting kernel in interpret mode on
+CPU against the sort reference and the float64 reference, on the adversarial suite; its
+real Triton lowering (``jax.export`` for ``platforms=["cuda"]``, run on CPU); and the
+structure of the compiled path (no sort, no scatter, no ``lax.top_k``, a bounded number
+of passes over ``[B, V]``).
+"""
+
+import dataclasses
+import functools
+import re
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxsample as js
+import reference as ref
+from jaxsample import _filters, _kernels, _select
+from jaxsample._select import VocabShard
+from test_select import (adversarial, assert_element_values, assert_filter_matches_reference,
+                         assert_same_thresholds, grid, mass_margin, per_row_k, per_row_p,
+                         REL_MARGIN)
+
+#: The GPU plan, run by the Pallas interpreter.
+KERNEL = dataclasses.replace(_select.KERNEL_PLAN, interpret=True)
+DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
+
+
+# ----------------------------------------------------------------------------- primitives
+
+
+@pytest.mark.parametrize("vocab, dtype", grid(
+    [(v, d) for v in (7, 1000, 1500) for d in ("f32", "bf16", "f16")],
+    [(1000, "f32"), (1500, "bf16"), (7, "f16")]))
+def test_kernel_kth_largest_equals_the_sort(vocab, dtype):
+    rng = np.random.default_rng(vocab)
+    x = jnp.asarray(adversarial(rng, 24, vocab, subnormal=True), DTYPES[dtype])
+    k = per_row_k(rng, 24, vocab)
+    got = jax.jit(lambda x, k: _select.kth_largest(x, k, method=KERNEL))(x, k)
+    want = jax.jit(lambda x, k: _select.kth_largest(x.astype(jnp.float32), k, method="sort"))(x, k)
+    assert got.dtype == x.dtype
+    assert_same_thresholds(got, want)
+    assert_element_values(x, got)
+
+
+@pytest.mark.parametrize("vocab, dtype, weighted", grid(
+    [(v, d, w) for v in (7, 1000) for d in ("f32", "bf16") for w in (False, True)],
+    [(1000, "f32", False), (1000, "bf16", True)]))
+def test_kernel_mass_threshold_equals_the_sort(vocab, dtype, weighted):
+    rng = np.random.default_rng(vocab + 1)
+    s = adversarial(rng, 24, vocab, subnormal=True)
+    s = np.asarray(jnp.asarray(s, DTYPES[dtype]).astype(jnp.float32))  # exact in both
+    w = rng.exponential(size=s.shape).astype(np.float32) * (rng.random(s.shape) < 0.8)
+    p = per_row_p(rng, 24)
+    scores = jnp.asarray(s, DTYPES[dtype])
+    if weighted:
+        got = jax.jit(lambda s, w, p: _select.mass_threshold(s, w, p, method=KERNEL))(scores, w, p)
+        want = _select.mass_threshold(jnp.asarray(s), w, p, method="sort")
+        weights = w
+    else:
+        got = jax.jit(lambda s, p: _select.mass_threshold(s, None, p, method=KERNEL))(scores, p)
+        want = _select.mass_threshold(jnp.asarray(s), None, p, method="sort")
+        weights = np.exp(s.astype(np.float64) - s.max(-1, keepdims=True))
+    clear = mass_margin(s.astype(np.float64), np.asarray(weights, np.float64), p) > REL_MARGIN
+    assert clear.mean() >= 0.6, clear.mean()
+    assert_same_thresholds(got, want, rows=clear)
+    assert_element_values(scores, got)
+
+
+def test_count_above_partial_blocks_and_rows():
+    """The raw kernel: per-candidate counts equal a NumPy count, with a last partial
+    block (V = 1500 over blocks of 512) whose padding must weigh nothing."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 1500)), jnp.float32)
+    keys = np.asarray(_select.ordered_keys(x)).astype(np.int64)
+    prefix = np.asarray(keys[:, 17] & 0xF0000000, np.uint32)  # a first digit, per row
+    got = _kernels.count_above(x, jnp.asarray(prefix), 24, None, None, width=4,
+                               mode="count", interpret=True)
+    cand = prefix[:, None].astype(np.int64) | (np.arange(1, 16)[None, :] << 24)
+    want = (keys[:, None, :] >= cand[:, :, None]).sum(-1)
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+# ----------------------------------------------------------------------------- filters
+
+
+def _kernel_filter(name, m):
+    body = {"top_k": _filters.top_k_rows, "top_p": _filters.top_p_rows,
+            "typical_p": _filters.typical_p_rows, "min_p": _filters.min_p_rows}[name]
+    return jax.jit(lambda x, v: body(x, v, m, VocabShard.whole(x.shape[-1], KERNEL)))
+
+
+@pytest.mark.parametrize("name, m, dtype", grid(
+    [("top_k", 1, "f32"), ("top_k", 3, "bf16"), ("top_p", 1, "f32"), ("top_p", 3, "bf16"),
+     ("typical_p", 1, "f32"), ("typical_p", 3, "f32")],
+    [("top_k", 1, "f32"), ("top_p", 3, "bf16"), ("typical_p", 3, "f32")]))
+def test_kernel_filters_match_the_float64_reference(name, m, dtype):
+    """Every filter body, with the GPU plan, against tests/reference.py (set semantics,
+    ties kept, min_tokens_to_keep)."""
+    from test_select import FILTER_CASES
+
+    vocab = 1000
+    rng = np.random.default_rng(vocab + 3)
+    _, row_fn, values_fn = FILTER_CASES[name]
+    # top_k's disabled values (0, >= V) go through the search here too (no cond): fine.
+    logits = jnp.asarray(adversarial(rng, 24, vocab), DTYPES[dtype])
+    values = values_fn(rng, 24, vocab)
+    out = _kernel_filter(name, m)(logits, values)
+    assert_filter_matches_reference(row_fn, logits, values, out, m)
+
+
+@pytest.mark.slow
+def test_kernel_filters_equal_the_cpu_path_on_large_rows():
+    """[4, 32003] (no multiple of any block): the GPU plan keeps the sets the CPU plan keeps."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(adversarial(rng, 9, 32003)[[0, 3, 5, 8]])
+    k = np.array([1, 50, 4000, 32003], np.int32)
+    p = np.array([0.9, 0.5, 0.99, 0.3], np.float32)
+    np.testing.assert_array_equal(_kernel_filter("top_k", 1)(x, k), js.top_k(x, k))
+    np.testing.assert_array_equal(_kernel_filter("top_p", 1)(x, p), js.top_p(x, p))
+
+
+# ----------------------------------------------------------------------------- lowering
+
+
+_TRITON = "__gpu$xla.gpu.triton"
+
+
+def _export_cuda(fn, *shapes):
+    exported = jax.export.export(
+        jax.jit(fn), platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(_TRITON)])(*shapes)
+    return exported.mlir_module()
+
+
+@pytest.mark.parametrize("shape, dtype", [((2, 1000), "f32"), ((1, 32000), "bf16"),
+                                          ((3, 4096), "f16")])
+def test_every_gpu_kernel_lowers_for_cuda(shape, dtype):
+    """The real Triton lowering of every kernel variant (count / softmax / weights, 16-
+    and 32-bit keys, partial last block) succeeds: jax.export runs it on CPU."""
+    x = jax.ShapeDtypeStruct(shape, DTYPES[dtype])
+    rows = jax.ShapeDtypeStruct(shape[:1], jnp.float32)
+    k = jax.ShapeDtypeStruct(shape[:1], jnp.int32)
+    shard = VocabShard.whole(shape[1], _select.KERNEL_PLAN)
+    text = _export_cuda(lambda x, k, p: (_filters.top_k_rows(x, k, 1, shard),
+                                         _filters.top_p_rows(x, p, 2, shard),
+                                         _filters.typical_p_rows(x, p, 1, shard)), x, k, rows)
+    assert text.count(_TRITON) >= 3
+
+
+def test_sharded_gpu_path_lowers_for_cuda_inside_shard_map():
+    """`ShardedSampler` with the GPU plan: the kernels lower inside `shard_map` (with its
+    varying-axes check on), one per digit: 4 for bf16 top-k + 4 for bf16 top-p."""
+    from models import sharding
+
+    sampler = js.ShardedSampler(sharding.make_mesh((1, 1)), method=_select.KERNEL_PLAN)
+    chain = js.default_chain(top_k=np.array([1, 5, 9, 40]), top_p=0.9)
+    text = _export_cuda(lambda x: sampler.apply(chain, x),
+                        jax.ShapeDtypeStruct((4, 1024), jnp.bfloat16))
+    assert text.count(_TRITON) == 8
+
+
+def _eqns(jaxpr):
+    """Every equation of a jaxpr, those of sub-jaxprs (cond, pjit, ...) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in (param if isinstance(param, (tuple, list)) else (param,)):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    yield from _eqns(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from _eqns(sub)
+
+
+def _passes(closed, vocab):
+    """Equations that read a ``[..., V]`` operand and reduce or count it: reductions over
+    the vocabulary and the kernel calls (one read of the logits each)."""
+    return sum(
+        1 for eqn in _eqns(closed.jaxpr)
+        if (eqn.primitive.name == "pallas_call" or eqn.primitive.name.startswith("reduce_")
+            or eqn.primitive.name in ("argmax", "argmin"))
+        and any(getattr(getattr(v, "aval", None), "shape", ())[-1:] == (vocab,) for v in eqn.invars))
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_gpu_path_has_no_sort_scatter_or_top_k_and_few_passes(dtype):
+    """The GPU plan's top-p, top-k and typical-p: no sort, scatter or top_k anywhere in
+    the program (jaxpr, and the module lowered for cuda), and a bounded number of
+    passes over [B, V]: one per radix digit (8 for float32, 4 for bfloat16) plus a few
+    fused reductions (max, total, snap; XLA merges the repeated row max)."""
+    batch, vocab = 4, 4096
+    shard = VocabShard.whole(vocab, _select.KERNEL_PLAN)
+    x = jax.ShapeDtypeStruct((batch, vocab), DTYPES[dtype])
+    v = jax.ShapeDtypeStruct((batch,), jnp.float32)
+    k = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    digits = 8 if dtype == "f32" else 4
+    cases = {"top_p": (lambda x, p: _filters.top_p_rows(x, p, 1, shard), v, digits + 4),
+             "top_k": (lambda x, k: _filters.top_k_rows(x, k, 1, shard), k, digits),
+             # typical-p searches float32 scores: 8 digits; log_softmax, entropy, the
+             # scores' max and total, snap
+             "typical_p": (lambda x, p: _filters.typical_p_rows(x, p, 1, shard), v, 8 + 6)}
+    for name, (fn, arg, max_passes) in cases.items():
+        jaxpr = jax.make_jaxpr(fn)(x, arg)
+        prims = {eqn.primitive.name for eqn in _eqns(jaxpr.jaxpr)}
+        bad = {p for p in prims if p in ("sort", "top_k", "approx_top_k") or p.startswith("scatter")}
+        assert not bad, (name, bad)
+        assert "pallas_call" in prims, name
+        passes = _passes(jaxpr, vocab)
+        assert min(digits, max_passes) <= passes <= max_passes, (name, passes)
+        text = _export_cuda(fn, x, arg)
+        assert not re.search(r"stablehlo\.(sort|scatter)|TopK|topk", text), name
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def test_default_plans_dispatch_by_backend():
+    assert _select.default_plan("gpu").engine == "kernel"
+    assert _select.default_plan("cuda").engine == "kernel"
+    assert _select.default_plan("tpu").engine == "compare"
+    assert _select.default_plan("cpu", 131072).engine == "scatter"
+    assert _select.default_plan("cpu", 131072, sharded=True).engine == "compare"
+    with pytest.raises(ValueError, match="engine"):
+        _select.Plan("bogus")
+    with pytest.raises(ValueError, match="kernel engine"):
+        _select.Plan("kernel", (8,) * 4, (8, 8))
+
+
+# ----------------------------------------------------------------------------- transformers
+
+
+def test_typical_p_equals_transformers_on_random_logits():
+    """typical_p (min_tokens_to_keep in typicality order) keeps exactly the tokens of
+    transformers' TypicalLogitsWarper, on random float32 logits, on the CPU path and
+    on the GPU plan."""
+    torch = pytest.importorskip("torch")
+    from transformers.generation.logits_process import TypicalLogitsWarper
+
+    rng = np.random.default_rng(0)
+    for vocab, mass, m, scale in ((50, 0.9, 1, 1.0), (1000, 0.5, 3, 2.0), (1000, 0.95, 1, 0.5),
+                                  (257, 0.2, 5, 3.0), (1000, 0.02, 4, 1.0)):
+        x = (rng.standard_normal((16, vocab)) * scale).astype(np.float32)
+        warper = TypicalLogitsWarper(mass=mass, min_tokens_to_keep=m)
+        theirs = np.isfinite(warper(None, torch.from_numpy(x)).numpy())
+        ours = np.isfinite(np.asarray(js.typical_p(x, mass, min_tokens_to_keep=m)))
+        np.testing.assert_array_equal(ours, theirs, err_msg=f"V={vocab} p={mass} m={m}")
+        if (vocab, m) == (1000, 3):  # one shape through the (interpreted) kernel
+            on_gpu_plan = _kernel_filter("typical_p", m)(jnp.asarray(x), np.full(16, mass, np.float32))
+            np.testing.assert_array_equal(np.isfinite(np.asarray(on_gpu_plan)), theirs)
