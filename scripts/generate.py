@@ -474,10 +474,11 @@ def main(argv=None) -> int:
     if args.chunk_size < 1:
         parser.error(f"--chunk-size must be >= 1, got {args.chunk_size}")
     single = (len(prompts) == 1 and args.num_samples == 1 and not (args.top_logprobs or args.prompt_logprobs)
-              and not beam and not args.json_output)
+              and not beam and not args.json_output and args.draft_checkpoint is None and args.prompt_lookup is None)
     if args.stream and not single:
         parser.error("--stream prints one sampled continuation as it comes: use one prompt, --num-samples 1 and "
-                     "no --top-logprobs/--prompt-logprobs/--num-beams/--json-output (or --no-stream)")
+                     "no --top-logprobs/--prompt-logprobs/--num-beams/--json-output/--draft-checkpoint/"
+                     "--prompt-lookup (or --no-stream)")
     stream = single and sys.stdout.isatty() if args.stream is None else args.stream
     try:
         apply_checkpoint_defaults(args)
