@@ -213,14 +213,15 @@ _KINDS = {"f": np.float32, "i": np.int32, "b": np.bool_}
 _DECLARED = {float: np.float32, "float": np.float32, int: np.int32, "int": np.int32}
 
 
-def _declared_dtype(field: dataclasses.Field) -> Any:
-    """float32 / int32 for a field declared ``float`` / ``int`` (or with such a default)."""
+def _declared_dtype(field: dataclasses.Field) -> tuple[Any, bool]:
+    """(dtype, explicit): float32 / int32 for a field declared ``float`` / ``int``
+    (explicit), or with such a default (inferred); ``(None, False)`` otherwise."""
     if field.type in _DECLARED:
-        return _DECLARED[field.type]
+        return _DECLARED[field.type], True
     default = field.default
     if isinstance(default, (float, int)) and not isinstance(default, bool):
-        return np.float32 if isinstance(default, float) else np.int32
-    return None
+        return (np.float32 if isinstance(default, float) else np.int32), False
+    return None, False
 
 
 def _normalise_leaves(obj: Any, fields: tuple[dataclasses.Field, ...]) -> None:
@@ -230,20 +231,35 @@ def _normalise_leaves(obj: Any, fields: tuple[dataclasses.Field, ...]) -> None:
     declared ``int`` becomes ``int32``, whatever number is passed (``P(2)`` is
     ``P(2.0)``); other numeric values go by kind: floats ``float32``, signed ints
     ``int32``, bools ``bool``. Weakly typed JAX scalars (from Python numbers) follow
-    the same rule. Explicitly typed JAX arrays of an undeclared field, unsigned values
-    and non-numeric fields are left as they are.
+    the same rule. A float value is never truncated: in a field declared ``int`` a
+    non-integral value raises ``ValueError``, and in a field that only has an int
+    default (``scale: Any = 1``) it stays ``float32`` (declare the field ``float`` to
+    give every value one dtype, hence one compile). Explicitly typed JAX arrays of
+    an undeclared field, unsigned values and non-numeric fields are left as they are.
     """
+    cls = type(obj).__name__
     for field in fields:
         value = getattr(obj, field.name)
-        declared = _declared_dtype(field)
+        declared, explicit = _declared_dtype(field)
         is_array = isinstance(value, jax.Array)
         weak = is_array and getattr(value, "weak_type", False)
         if not (weak or isinstance(value, np.ndarray) or _is_numbers(value) or (is_array and declared)):
             continue
         kind = np.dtype(value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype).kind
         dtype = declared if kind in "biuf" and declared is not None else _KINDS.get(kind)
+        if dtype is np.int32 and kind == "f":
+            # Never truncate a float: an integral float may become int32; otherwise a field
+            # declared ``int`` raises, and one with only an int default stays float32.
+            tracer = isinstance(value, jax.core.Tracer)
+            host = None if tracer else np.asarray(value, np.float64)
+            with np.errstate(invalid="ignore"):
+                bad = None if tracer else ~np.isfinite(host) | (host != np.floor(host))
+            if explicit and bad is not None and np.any(bad):
+                raise ValueError(f"{cls}: {field.name} must be an integer, got {float(host[bad].flat[0])!r}")
+            if not explicit and (tracer or np.any(bad)):
+                dtype = np.float32
         if dtype is not None:
-            _set(obj, field.name, _leaf(type(obj).__name__, field.name, value, dtype))
+            _set(obj, field.name, _leaf(cls, field.name, value, dtype))
 
 
 class LogitsProcessor:

@@ -449,7 +449,8 @@ def gumbel_sample_step(chain: LogitsProcessor, logits: Array, state: State,
     token = gumbel_sample(fold_in_rows(key, 0), processed)
     new_state = chain.update(state, token, processed)
     out = StepOutput(token_logprob_raw=_sampling.token_logprobs(logits, token),
-                     token_logprob_processed=_sampling.token_logprobs(processed, token))
+                     token_logprob_processed=_sampling.token_logprobs(processed, token),
+                     processed_logits=processed)
     return token, new_state, out
 
 
@@ -673,7 +674,8 @@ class ShardedSampler:
                           check_vma=self._check_vma)
         processed, token, raw, proc_lp = step(logits, arrays, seeds)
         new_state = chain.update(state, token, processed)
-        return token, new_state, StepOutput(token_logprob_raw=raw, token_logprob_processed=proc_lp)
+        return token, new_state, StepOutput(token_logprob_raw=raw, token_logprob_processed=proc_lp,
+                                            processed_logits=processed)
 
 
 _apply_jit = jax.jit(ShardedSampler._apply, static_argnums=0)

@@ -336,3 +336,40 @@ def test_decode_past_the_cache_end_gives_nan_and_writes_nothing():
         assert not np.array_equal(new_k[0], old_k[0])
     # a sampler reports such a row as having no valid token
     assert list(np.asarray(js.sample(jax.random.split(jax.random.key(0), 3), logits))) [1:] == [-1, -1]
+
+
+# ----------------------------------------------------------------------------- review follow-ups
+
+def test_float_values_are_never_truncated_to_an_int_default():
+    @js.processor_dataclass
+    class Scale(js.LogitsProcessor):
+        factor: jnp.ndarray = 1  # an int default, no declared type
+
+        def apply(self, logits, state, key):
+            return logits * self.factor
+
+    @js.processor_dataclass
+    class Every(js.LogitsProcessor):
+        n: int = 1  # declared int
+
+        def apply(self, logits, state, key):
+            return logits
+
+    for value in (0.5, np.float32(0.5), jnp.float32(0.5)):
+        assert float(Scale(value).factor) == 0.5
+    np.testing.assert_array_equal(js.chain(Scale(0.5))(jnp.ones((1, 2))), [[0.5, 0.5]])
+    np.testing.assert_array_equal(Scale(jnp.array([0.25, 0.75])).factor, [0.25, 0.75])
+    assert Every(2.0).n.dtype == np.int32 and int(Every(2.0).n) == 2
+    with pytest.raises(ValueError, match=r"Every: n must be an integer, got 2\.5"):
+        Every(2.5)
+
+
+@pytest.mark.parametrize("kind", ["sharded", "gumbel"])
+def test_stats_with_the_sharded_and_gumbel_step_functions(kind):
+    from models import sharding
+    sample_fn = js.ShardedSampler(sharding.make_mesh((1, 1))) if kind == "sharded" else js.gumbel_sample_step
+    model = bigram(6)
+    out = js.generate(model, jnp.array([[1, 2], [3, 0]]), jnp.array([2, 1]), jax.random.split(jax.random.key(3), 2),
+                      max_new_tokens=4, sampler=js.default_chain(top_k=5), sample_fn=sample_fn, return_stats=True)
+    np.testing.assert_array_equal(out.stats.num_kept, np.full((2, 4), 5))
+    assert np.all(np.asarray(out.stats.entropy) > 0) and np.all(np.asarray(out.stats.entropy) < np.log(5) + 1e-5)
