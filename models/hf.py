@@ -317,11 +317,11 @@ def tensor_locations(directory: str) -> dict[str, str]:
         path = os.path.join(directory, file)
         with _open(path) as f:
             for name in f.keys():
+                if weight_map is not None and weight_map.get(name) != file:
+                    continue  # the index is authoritative (stale copies in other shards are ignored)
                 if name in locations:
                     raise ckpt.CheckpointError(f"{directory}: tensor {name!r} is in both {locations[name]} "
                                                f"and {file}")
-                if weight_map is not None and weight_map.get(name) != file:
-                    continue  # the index is authoritative (stale copies in other shards are ignored)
                 locations[name] = file
     if weight_map is not None:
         absent = sorted(set(weight_map) - set(locations), key=_natural)

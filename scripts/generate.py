@@ -197,8 +197,9 @@ def build_constraint(args, tok) -> js.Constraint | None:
     return None
 
 
-def json_lines(out, texts, tok, top_logprobs: int) -> list[str]:
-    """--json-output: one JSON object per sample (with --top-logprobs: [id, log-prob] pairs per step)."""
+def json_lines(out, texts, tok, top_logprobs: int, n: int = 1, prompt_lengths=None) -> list[str]:
+    """--json-output: one JSON object per sample (with --top-logprobs: [id, log-prob] pairs per
+    step; with --prompt-logprobs: the prompt's log-likelihood and how many tokens it scores)."""
     tokens, gen_lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     lines = []
     for i, text in enumerate(texts):
@@ -208,6 +209,9 @@ def json_lines(out, texts, tok, top_logprobs: int) -> list[str]:
         if top_logprobs:
             row["top_logprobs"] = [[[int(k), float(v)] for k, v in zip(out.top_token_ids[i, t], out.top_logprobs[i, t])]
                                    for t in range(gen_lengths[i])]
+        if out.prompt_logprobs is not None:
+            row["prompt_logprob"] = float(np.asarray(out.prompt_logprobs[i // n]).sum())
+            row["prompt_tokens_scored"] = int(prompt_lengths[i // n]) - 1
         lines.append(json.dumps(row, ensure_ascii=False))
     return lines
 
@@ -301,6 +305,13 @@ def apply_checkpoint_defaults(args) -> None:
     defaults = None
     if args.checkpoint and os.path.isdir(args.checkpoint) and is_hf_checkpoint(args.checkpoint):
         defaults = read_generation_defaults(args.checkpoint)
+    if (defaults is not None and defaults.temperature == 0.0 and args.temperature is None
+            and (args.top_p is not None or args.top_k is not None)):
+        # The checkpoint asks for greedy (do_sample: false), but a sampling flag was given:
+        # sample with the CLI's temperature rather than silently ignore the flag.
+        print(f"note: the checkpoint's generation_config is greedy; sampling at --temperature "
+              f"{_CHECKPOINT_DEFAULTS['temperature']} because --top-p/--top-k was given", file=sys.stderr)
+        args.temperature = _CHECKPOINT_DEFAULTS["temperature"]
     for name, fallback in _CHECKPOINT_DEFAULTS.items():
         if getattr(args, name) is None:
             value = None if defaults is None else getattr(defaults, name)
@@ -362,7 +373,7 @@ def beam_settings(parser: argparse.ArgumentParser, args) -> dict | None:
     settings = dict(num_beams=args.num_beams,
                     length_penalty=1.0 if args.length_penalty is None else args.length_penalty,
                     early_stopping={"false": False, "true": True, "never": "never"}[args.early_stopping or "false"],
-                    num_return_sequences=args.num_return_sequences or 1)
+                    num_return_sequences=1 if args.num_return_sequences is None else args.num_return_sequences)
     if settings["num_beams"] < 1:
         parser.error(f"--num-beams must be >= 1, got {args.num_beams}")
     if not 1 <= settings["num_return_sequences"] <= settings["num_beams"]:
@@ -376,8 +387,11 @@ def beam_settings(parser: argparse.ArgumentParser, args) -> dict | None:
 def encode_prompts(parser, tok, prompts: list[str], chat: bool):
     """Right-padded ids [B, P] and lengths [B]; with --chat each prompt becomes a user message
     in the checkpoint's chat template (which writes its own BOS)."""
-    if not chat:
-        return tok.encode_batch(prompts)
+    if not chat:  # a BOS only where the tokenizer has one (many Hugging Face ones do not)
+        try:
+            return tok.encode_batch(prompts, add_bos=getattr(tok, "bos_id", None) is not None)
+        except ValueError as e:
+            parser.error(str(e))
     if getattr(tok, "chat_template", None) is None:
         parser.error("--chat: this checkpoint has no chat template")
     try:
@@ -526,7 +540,7 @@ def main(argv=None) -> int:
 
     tokens, gen_lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     if args.json_output:
-        print("\n".join(json_lines(out, texts, tok, args.top_logprobs)))
+        print("\n".join(json_lines(out, texts, tok, args.top_logprobs, n, np.asarray(lengths))))
     for i, text in enumerate([] if args.json_output else texts):
         tag = f"[{i // n}.{i % n}]" if n > 1 else f"[{i}]"
         print(f"{tag} {text}{tok.decode(tokens[i, : gen_lengths[i]])}")

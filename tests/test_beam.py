@@ -297,6 +297,8 @@ def test_cli_prints_the_hypotheses_of_beam_search(cli, tiny, tmp_path, capsys):
     (["--num-beams", "0"], "--num-beams must be >= 1, got 0"),
     (["--num-beams", "2", "--num-return-sequences", "3"],
      r"--num-return-sequences must be in \[1, --num-beams=2\], got 3"),
+    (["--num-beams", "2", "--num-return-sequences", "0"],
+     r"--num-return-sequences must be in \[1, --num-beams=2\], got 0"),
     (["--num-beams", "2", "--length-penalty", "nan"], "--length-penalty must be finite, got nan"),
 ])
 def test_cli_bad_beam_flags_exit_2(cli, capsys, flags, message):

@@ -239,3 +239,26 @@ def test_cli_chat_uses_checkpoint_defaults_and_matches_transformers(hf, chat_che
     assert r.returncode == 0, r.stderr
     assert len(set(expected)) > 3  # a varied continuation, not one repeated token
     assert r.stdout.startswith(f"[0] {prompt}{expected}\n"), (r.stdout, expected)
+
+
+def test_cli_plain_prompt_without_bos_json_prompt_logprobs_and_sampling_over_a_greedy_default(chat_checkpoint):
+    """A checkpoint with no BOS encodes plain prompts without one; --json-output carries the
+    prompt log-likelihood; a sampling flag over a greedy generation_config samples (with a note)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    directory, _, fast = chat_checkpoint
+    prompt = "Name three rivers."
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "scripts", "generate.py"), prompt, "--checkpoint",
+                        str(directory), "--max-new-tokens", "4", "--top-p", "0.95", "--seed", "1",
+                        "--json-output", "--prompt-logprobs"],
+                       capture_output=True, text=True, timeout=300, cwd=root)
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout.strip().splitlines()[0])
+    assert row["prompt"] == prompt and len(row["token_ids"]) <= 4
+    assert row["prompt_tokens_scored"] == len(fast(prompt, add_special_tokens=False)["input_ids"]) - 1
+    assert row["prompt_logprob"] < 0
+    assert "sampling at --temperature 0.8" in r.stderr

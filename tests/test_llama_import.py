@@ -202,6 +202,23 @@ def test_round_trip_hf_layout(tmp_path, small_lm, shards):
     assert jax.tree.structure(lm.params) == jax.tree.structure(small_lm.params)
 
 
+@pytest.mark.parametrize("stale_in", [0, 2])
+def test_index_is_authoritative_over_stale_copies_in_any_shard(tmp_path, small_lm, stale_in):
+    """A tensor the index assigns to one shard but also present (stale) in another loads from
+    the index's shard whatever the shards' order."""
+    tensors = _hf_tensors(small_lm)
+    _write(tmp_path, _hf_config(small_lm.config), tensors, shards=3)
+    index = json.load(open(tmp_path / "model.safetensors.index.json"))["weight_map"]
+    name = next(n for n, f in sorted(index.items()) if f != f"model-{stale_in + 1:05d}-of-00003.safetensors")
+    stale_file = tmp_path / f"model-{stale_in + 1:05d}-of-00003.safetensors"
+    part, _ = ckpt.load_safetensors(str(stale_file))
+    part[name] = np.zeros_like(np.asarray(tensors[name]))
+    ckpt.save_safetensors(str(stale_file), part)
+    lm = load_llama(str(tmp_path))
+    for a, b in zip(jax.tree.leaves(lm.params), jax.tree.leaves(small_lm.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_dtype_override_and_bf16(tmp_path, small_lm):
     _write(tmp_path, _hf_config(small_lm.config), _hf_tensors(small_lm))
     lm = load_llama(str(tmp_path), dtype="bfloat16")
