@@ -7,3 +7,23 @@ _TESTS = os.path.dirname(os.path.abspath(__file__))
 for _path in (_TESTS, os.path.dirname(_TESTS)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
+
+
+import gc
+
+import jax
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Free each test module's compiled programs when it ends.
+
+    XLA:CPU maps a few memory regions for every program it compiles; the whole suite in one
+    process compiles enough of them to reach the kernel's limit (vm.max_map_count, 65530 by
+    default), where the compiler segfaults. Clearing jit caches between modules keeps the
+    process far below it.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
