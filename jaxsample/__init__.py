@@ -179,12 +179,14 @@ __all__ += [
 ]
 
 # --- speculative decoding (exact: the output distribution is generate's) -------------
+from jaxsample._ngram import NGramDraft
 from jaxsample._speculative import PromptLookup
 from jaxsample._speculative import SpeculativeOutput
 from jaxsample._speculative import SpeculativeStats
 from jaxsample._speculative import speculative_generate
 
 __all__ += [
+    "NGramDraft",
     "PromptLookup",
     "SpeculativeOutput",
     "SpeculativeStats",

@@ -60,6 +60,7 @@ import numpy as np
 
 from jaxsample import _sampling
 from jaxsample._chain import Chain, Temperature, chain, init_state
+from jaxsample._ngram import NGramDraft
 from jaxsample._generate import (FinishReason, GenerateOutput, LanguageModel, _as_int, _is_pytree, _prefill,
                                  _row_keys, _validate)
 
@@ -168,26 +169,32 @@ def _probs(processed: jax.Array) -> jax.Array:
 
 def _lookup(seq: jax.Array, length: jax.Array, max_ngram: int, k: int, min_ngram: int = 1):
     """Prompt-lookup proposals from the committed context seq[b, :length[b]]: (tokens int32
-    [B, k], found bool [B]); a row without a match proposes its last token (found False)."""
+    [B, k], found bool [B]); a row without a match proposes its last token (found False).
+
+    An earlier occurrence is identified by the index e of its last token (e <= length - 2):
+    run[e] = how many of the context's last tokens seq[e], seq[e - 1], ... repeat (capped at
+    max_ngram). The longest run >= min_ngram wins, the most recent e among equals, and the
+    proposal is what followed it, seq[e + 1 ...] (when it runs into the suffix itself, the
+    period length - 1 - e repeats). max_ngram static slices and one reduction over [B, W]:
+    no gather over the context.
+    """
     b, w = seq.shape
-    j = jnp.arange(w)[None, :]  # [1, W] candidate match starts
     at = lambda idx: jnp.take_along_axis(seq, jnp.clip(idx, 0, w - 1), axis=1)
-    best_j = jnp.full((b,), -1, jnp.int32)
-    best_n = jnp.ones((b,), jnp.int32)
-    for n in range(max_ngram, min_ngram - 1, -1):
-        suffix = at(length[:, None] - n + jnp.arange(n)[None, :])  # [B, n]
-        match = (j + n < length[:, None]) & (length[:, None] > n)  # an earlier occurrence, not the suffix
-        for o in range(n):
-            match &= at(j + o) == suffix[:, o:o + 1]
-        last = jnp.max(jnp.where(match, j, -1), axis=1)  # most recent occurrence
-        take = (best_j < 0) & (last >= 0)
-        best_j = jnp.where(take, last, best_j)
-        best_n = jnp.where(take, n, best_n)
-    found = best_j >= 0
-    period = jnp.maximum(length - best_n - best_j, 1)  # known tokens after the match (>= 1)
-    idx = best_j[:, None] + best_n[:, None] + jnp.arange(k)[None, :] % period[:, None]
-    last_token = at(length[:, None] - 1)  # [B, 1]
-    return jnp.where(found[:, None], at(idx), last_token), found
+    tail = at(length[:, None] - 1 - jnp.arange(max_ngram)[None, :])  # [B, N]: the last, the one before, ...
+    padded = jnp.pad(seq, ((0, 0), (max_ngram, 0)), constant_values=-2)  # -2 never equals a token
+    matching = jnp.ones((b, w), bool)
+    run = jnp.zeros((b, w), jnp.int32)
+    for o in range(max_ngram):  # matching: seq[e - o'] == tail[o'] for every o' <= o
+        matching &= padded[:, max_ngram - o:max_ngram - o + w] == tail[:, o:o + 1]
+        run += matching
+    e = jnp.arange(w)[None, :]
+    score = jnp.where((e <= length[:, None] - 2) & (run >= min_ngram), run * w + e, -1)
+    best = jnp.max(score, axis=1)  # longest run first, then the most recent occurrence
+    found = best >= 0
+    end = best % w
+    period = jnp.maximum(length - 1 - end, 1)  # known tokens after the match (>= 1)
+    idx = end[:, None] + 1 + jnp.arange(k)[None, :] % period[:, None]
+    return jnp.where(found[:, None], at(idx), tail[:, :1]), found
 
 
 def _uniforms(keys: jax.Array, length: jax.Array, k: int) -> jax.Array:
@@ -260,7 +267,8 @@ def _impl(model, draft, prompt_tokens, prompt_lengths, keys, sampler, stops, pad
     width = p + n_max + k + 1  # context buffer and cache length: room for a full last round
     logits, cache, _ = _prefill(model, prompt_tokens, prompt_lengths, width, False)
     lookup = isinstance(draft, PromptLookup)
-    dcache = () if lookup else _prefill(draft, prompt_tokens, prompt_lengths, width, False)[1]
+    ngram = isinstance(draft, NGramDraft)
+    dcache = () if lookup or ngram else _prefill(draft, prompt_tokens, prompt_lengths, width, False)[1]
     state = init_state(sampler, prompt_tokens, prompt_lengths, v, max_new_tokens=n_max + k + 1)
 
     # Index 0 from the prefill logits, exactly like generate's first step.
@@ -295,6 +303,9 @@ def _impl(model, draft, prompt_tokens, prompt_lengths, keys, sampler, stops, pad
             drafted, found = _lookup(seq, prompt_lengths + length, draft.max_ngram, k, draft.min_ngram)
             qs = jax.nn.one_hot(drafted, v, dtype=jnp.float32)
             drafted = jnp.where(found[:, None], drafted, -1)  # no match: nothing to accept
+        elif ngram:
+            drafted = draft.propose(seq, prompt_lengths + length, k)
+            qs = jax.nn.one_hot(drafted, v, dtype=jnp.float32)
         else:
             drafted, qs, dcache = _draft_model_proposals(draft, dcache, seq, pos, length, sampler, state, keys, k)
         q_valid = drafted >= 0  # a draft row with no valid token proposes nothing acceptable
@@ -427,7 +438,11 @@ def speculative_generate(model: LanguageModel, prompt_tokens: jax.Array, prompt_
     if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, (int, np.integer)) \
             or num_draft_tokens < 1:
         raise ValueError(f"num_draft_tokens must be an int >= 1, got {num_draft_tokens!r}")
-    if not isinstance(draft, PromptLookup):
+    if isinstance(draft, NGramDraft):
+        if draft.vocab_size != model.vocab_size:
+            raise ValueError(f"draft: NGramDraft vocab_size {draft.vocab_size} != target vocab_size "
+                             f"{model.vocab_size}: build the table with the target's tokenizer")
+    elif not isinstance(draft, PromptLookup):
         for name in ("init_cache", "prefill", "decode"):
             if not callable(getattr(draft, name, None)):
                 raise ValueError(f"draft must be a LanguageModel (init_cache, prefill, decode) or "

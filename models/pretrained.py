@@ -10,6 +10,10 @@ from models.tokenizer import ByteTokenizer, HFTokenizer
 
 #: The checkpoint that ships with the project (see its README.md model card).
 SHIPPED_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "shakespeare")
+#: The shipped model's corpus n-gram draft (built by scripts/build_ngram_draft.py from its training works).
+SHIPPED_NGRAM_DRAFT = os.path.join(SHIPPED_CHECKPOINT, "ngram_draft.safetensors")
+#: In-context match length that takes precedence over the shipped table (measured best on held-out text).
+SHIPPED_NGRAM_PROMPT_LOOKUP = 5
 
 
 def load_pretrained(path: str | None = None) -> tuple[DecoderLM, ByteTokenizer | HFTokenizer]:
@@ -35,3 +39,27 @@ def load_pretrained(path: str | None = None) -> tuple[DecoderLM, ByteTokenizer |
     if is_hf_checkpoint(path):
         return load_hf(path), HFTokenizer(path)
     return load_model(path), ByteTokenizer()
+
+
+def load_ngram_draft(path: str | None = None, *, prompt_lookup: int | None = None):
+    """Loads a corpus n-gram draft (`jaxsample.NGramDraft`) for speculative decoding.
+
+    Args:
+      path: a table written by `NGramDraft.save` (e.g. by scripts/build_ngram_draft.py);
+        None loads the shipped Shakespeare model's table (contexts of 1..5 bytes from its
+        40 training works; the held-out works are not in it).
+      prompt_lookup: in-context match length that takes precedence over the table (0:
+        off); None uses `SHIPPED_NGRAM_PROMPT_LOOKUP` (5).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxsample as js
+      >>> from models import load_ngram_draft, load_pretrained
+      >>> lm, tok = load_pretrained()
+      >>> ids, lengths = tok.encode_batch(["ROMEO:"])
+      >>> out, stats = js.speculative_generate(lm, ids, lengths, jax.random.split(jax.random.key(0), 1),
+      ...                                      max_new_tokens=16, draft=load_ngram_draft(), num_draft_tokens=4)
+    """
+    from jaxsample import NGramDraft  # local import: models does not need jaxsample otherwise
+
+    lookup = SHIPPED_NGRAM_PROMPT_LOOKUP if prompt_lookup is None else prompt_lookup
+    return NGramDraft.load(SHIPPED_NGRAM_DRAFT if path is None else path, prompt_lookup=lookup)

@@ -3,6 +3,7 @@
     python scripts/bench_speculative.py                        # shipped model, held-out prompts
     python scripts/bench_speculative.py --quick --json out.json
     python scripts/bench_speculative.py --draft-checkpoint DIR --num-draft-tokens 2 4 6
+    python scripts/bench_speculative.py --ngram-draft FILE --ngram-prompt-lookup 0 5
 
 Target: the shipped Shakespeare model (`models.load_pretrained()`, or --checkpoint).
 Prompts: --prompts windows of --prompt-len bytes from the held-out works (hamlet,
@@ -12,6 +13,8 @@ the latency-bound case speculative decoding is for). Every prompt generates
 
 * plain: `generate` (greedy, or --temperature T);
 * lookup n=N k=K: `speculative_generate(draft=PromptLookup(N), num_draft_tokens=K)`;
+* ngram pl=L k=K: `speculative_generate(draft=NGramDraft.load(--ngram-draft, prompt_lookup=L),
+  num_draft_tokens=K)` (default: the shipped table, `models.load_ngram_draft()`);
 * draft k=K: `speculative_generate(draft=<--draft-checkpoint model>, num_draft_tokens=K)`.
 
 Timing: every method is compiled first, then the methods are timed in interleaved rounds
@@ -39,7 +42,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxsample as js  # noqa: E402
-from models import load_pretrained  # noqa: E402
+from models import SHIPPED_NGRAM_DRAFT, load_ngram_draft, load_pretrained  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,6 +50,10 @@ def parse_args(argv=None):
     p.add_argument("--draft-checkpoint", default=None,
                    help="a draft model checkpoint (e.g. trained with scripts/train.py --preset tiny); "
                         "without it only prompt lookup is measured")
+    p.add_argument("--ngram-draft", default=SHIPPED_NGRAM_DRAFT,
+                   help="corpus n-gram draft table (default: the shipped model's); 'none' skips it")
+    p.add_argument("--ngram-prompt-lookup", type=int, nargs="+", default=[5],
+                   help="in-context match lengths that take precedence over the table (0: table only)")
     p.add_argument("--prompts", type=int, default=4, help="held-out prompts, each run at batch 1")
     p.add_argument("--text", help="take the prompts from this UTF-8 file instead of the held-out works")
     p.add_argument("--prompt-len", type=int, default=128)
@@ -67,6 +74,8 @@ def parse_args(argv=None):
     for name in ("prompts", "prompt_len", "new_tokens", "repeats", "prompt_lookup"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if any(n < 0 for n in args.ngram_prompt_lookup):
+        p.error(f"--ngram-prompt-lookup values must be >= 0, got {args.ngram_prompt_lookup}")
     if any(k < 1 for k in args.num_draft_tokens):
         p.error(f"--num-draft-tokens must be >= 1, got {args.num_draft_tokens}")
     if not args.temperature >= 0:
@@ -97,6 +106,11 @@ def main(argv=None) -> int:
     draft_dir = args.draft_checkpoint
     draft = load_pretrained(draft_dir)[0] if draft_dir else None
     try:
+        ngram = None if args.ngram_draft == "none" else load_ngram_draft(args.ngram_draft)
+    except ValueError as e:
+        print(f"bench_speculative.py: error: --ngram-draft: {e}", file=sys.stderr)
+        return 2
+    try:
         prompts = held_out_prompts(args.prompts, args.prompt_len, args.text)
     except (OSError, ValueError, ImportError) as e:
         print(f"bench_speculative.py: error: prompts: {e}", file=sys.stderr)
@@ -108,6 +122,9 @@ def main(argv=None) -> int:
     for k in args.num_draft_tokens:
         for m in args.prompt_lookup_min:
             methods[f"lookup n={args.prompt_lookup}..{m} k={k}"] = (js.PromptLookup(args.prompt_lookup, m), k)
+        if ngram is not None:
+            for pl in args.ngram_prompt_lookup:
+                methods[f"ngram pl={pl} k={k}"] = (ngram.replace(prompt_lookup=pl), k)
         if draft is not None:
             methods[f"draft k={k}"] = (draft, k)
 
@@ -157,7 +174,7 @@ def main(argv=None) -> int:
     mode = "greedy" if args.temperature == 0 else f"temperature {args.temperature}"
     print(f"speculative decoding vs generate: {len(prompts)} held-out prompts x {args.prompt_len} bytes, "
           f"{n} new tokens, batch 1, {mode}, {jax.default_backend()} ({platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores), draft: {draft_dir or 'none'}")
+          f"{os.cpu_count()} cores), draft: {draft_dir or 'none'}, ngram: {args.ngram_draft}")
     print(f"{'method':<22} {'tokens/s':>9} {'speed-up':>9} {'tok/CPU-s':>10} {'CPU speed-up':>12} {'accept':>7} "
           f"{'tok/call':>9} {'same':>5}")
     for r in rows:
@@ -169,7 +186,7 @@ def main(argv=None) -> int:
     if args.json:
         result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                       backend=jax.default_backend(), machine=platform.machine(), cpu_count=os.cpu_count(),
-                      jax=jax.__version__, target=args.checkpoint or "shipped", draft=draft_dir,
+                      jax=jax.__version__, target=args.checkpoint or "shipped", draft=draft_dir, ngram_draft=args.ngram_draft,
                       prompts=len(prompts), prompt_len=args.prompt_len, new_tokens=n,
                       temperature=args.temperature, repeats=args.repeats, rows=rows)
         tmp = args.json + ".tmp"

@@ -1,0 +1,374 @@
+"""Corpus n-gram draft for speculative decoding: a hashed table of next-token predictions.
+
+`NGramDraft` proposes k tokens per row by chaining a backed-off n-gram predictor built
+from a corpus (e.g. the target model's training text):
+
+    d_1 = f(last N tokens of the context),  d_2 = f(last N tokens of context + d_1), ...
+    f(c) = the most frequent next token after the longest suffix of c (order n = N .. 1)
+           seen at least `min_count` times in the corpus; the most frequent token overall
+           when no suffix was seen.
+
+Optionally a match in the row's own context comes first (`prompt_lookup=n`: the
+`PromptLookup(n, n)` proposal when the last n tokens occurred earlier in the row). The
+draft is deterministic, so q is a point mass and speculative decoding stays exact
+(`speculative_generate` accepts d_j with probability p(d_j)).
+
+Table layout (pruned without loss, open addressing, looked up on device):
+  * an order-n context is stored only when its prediction differs from what the
+    stored orders below it predict (its backoff), so the table reproduces f exactly
+    with a fraction of the contexts;
+  * context hash h (uint32, `_context_hashes`): slot h mod S, linear probing over
+    `probes` slots; a slot holds the fingerprint `fmix(h ^ salt) | 1` (0: empty) and
+    the predicted token. An entry that finds no free slot within `probes` is dropped
+    (`NGramDraft.build` reports how many); a 32-bit fingerprint collision can only
+    cost acceptance, never exactness.
+One proposal costs one gather of [B, N, probes] slots, no host callback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["NGramDraft"]
+
+_FORMAT = "jaxsample.ngram_draft"
+_VERSION = "1"
+_SEED = 0x2545F491
+_GOLDEN = 0x9E3779B1
+_SALT = 0x5BD1E995
+_INFO = ("tokens", "entries", "dropped", "min_count")
+
+
+def _fmix(h, xp):
+    """murmur3's 32-bit finaliser (a bijection on uint32); xp is numpy or jax.numpy."""
+    h = h ^ (h >> 16)
+    h = h * xp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * xp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _extend_hash(h, token, xp):
+    """Hash of a context extended one token further into the past: uint32 [...]."""
+    return _fmix(h + (token.astype(xp.uint32) + xp.uint32(1)) * xp.uint32(_GOLDEN), xp)
+
+
+def _fingerprint(h, xp):
+    return _fmix(h ^ xp.uint32(_SALT), xp) | xp.uint32(1)  # never 0 (the empty slot)
+
+
+def _context_hashes(window, xp):
+    """window [..., N] (most recent token last) -> uint32 [..., N]: entry n - 1 hashes the last n tokens.
+
+    The same function builds the table (NumPy) and looks it up (jax.numpy)."""
+    n_max = window.shape[-1]
+    h = xp.full(window.shape[:-1], _SEED, xp.uint32)
+    out = []
+    for n in range(1, n_max + 1):
+        h = _extend_hash(h, window[..., n_max - n], xp)
+        out.append(h)
+    return xp.stack(out, axis=-1)
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"NGramDraft: {name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class NGramDraft:
+    """A draft for `speculative_generate`: n-gram predictions from a corpus, chained k times.
+
+    Build it from token ids with `NGramDraft.build`, save it with `save`, load it with
+    `NGramDraft.load`; the shipped Shakespeare model's table is
+    `models.load_ngram_draft()`. It is a pytree (the table arrays are leaves, the rest
+    static), so a jitted caller takes it as data: another table of the same shape does
+    not recompile.
+
+    Attributes:
+      keys: uint32 [S] slot fingerprints (0: empty), S a power of two.
+      values: int32 [S] the predicted next token of each slot.
+      fallback: int32 [] the corpus' most frequent token (order 0).
+      max_ngram: N, the longest context used (static).
+      probes: slots searched per context (static).
+      vocab_size: the token vocabulary the table was built for (static; checked against
+        the target model).
+      prompt_lookup: 0, or n: when the row's last n tokens occurred earlier in its own
+        context, propose what followed them (`PromptLookup(n, n)`) instead (static).
+      info: (name, int) pairs about the build (static): corpus `tokens`, stored
+        `entries`, `dropped` entries (no free slot within `probes`), `min_count`.
+
+    Example:
+      >>> import numpy as np, jaxsample as js
+      >>> corpus = np.frombuffer(b"to be or not to be, that is the question", np.uint8)
+      >>> draft = js.NGramDraft.build(corpus, vocab_size=256, max_ngram=3, min_count=1)
+      >>> bytes(np.asarray(draft.propose(np.frombuffer(b"not t", np.uint8)[None], np.array([5]), 4))[0]
+      ...       .astype(np.uint8))
+      b'o be'
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    fallback: jax.Array
+    max_ngram: int = dataclasses.field(metadata=dict(static=True))
+    probes: int = dataclasses.field(metadata=dict(static=True))
+    vocab_size: int = dataclasses.field(metadata=dict(static=True))
+    prompt_lookup: int = dataclasses.field(default=0, metadata=dict(static=True))
+    info: tuple = dataclasses.field(default=(), metadata=dict(static=True))
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def build(cls, tokens, *, vocab_size: int, weights=None, max_ngram: int = 5, min_count: int = 4,
+              probes: int = 8, load_factor: float = 0.5, prompt_lookup: int = 0) -> "NGramDraft":
+        """Counts every context of 1..max_ngram tokens and its next token; stores the pruned table.
+
+        Deterministic: ties between next tokens go to the smaller id, and entries are
+        placed in a fixed order.
+
+        Args:
+          tokens: int [T], or a sequence of such arrays (documents): a context never
+            spans two arrays.
+          vocab_size: every token must lie in [0, vocab_size).
+          weights: None (all 1), or one int >= 0 per array of `tokens`: each of its
+            occurrences counts that many times (e.g. to weigh text the target model
+            generated above the raw corpus).
+          max_ngram: N >= 1, the longest context.
+          min_count: a context of order >= 2 is used only when its (weighted) count is
+            at least this (rarer ones back off to shorter contexts), >= 1.
+          probes: slots searched per lookup, >= 1.
+          load_factor: target entries / slots, in (0, 1]; S is the next power of two.
+          prompt_lookup: see the class attributes (0: off).
+
+        Returns:
+          The draft, with `info` naming the corpus size, the stored entries and the
+          dropped ones (entries without a free slot).
+        """
+        vocab_size = _check_int("vocab_size", vocab_size, 1)
+        max_ngram = _check_int("max_ngram", max_ngram, 1)
+        min_count = _check_int("min_count", min_count, 1)
+        probes = _check_int("probes", probes, 1)
+        prompt_lookup = _check_int("prompt_lookup", prompt_lookup, 0)
+        if not isinstance(load_factor, (int, float)) or isinstance(load_factor, bool) or not 0 < load_factor <= 1:
+            raise ValueError(f"NGramDraft: load_factor must be a float in (0, 1], got {load_factor!r}")
+        docs = [tokens] if isinstance(tokens, (np.ndarray, jax.Array)) else list(tokens)
+        if not docs:
+            raise ValueError("NGramDraft: tokens is an empty sequence")
+        docs = [np.asarray(d) for d in docs]
+        weights = [1] * len(docs) if weights is None else list(weights)
+        if len(weights) != len(docs):
+            raise ValueError(f"NGramDraft: weights has {len(weights)} entries for {len(docs)} token arrays")
+        for i, (d, w) in enumerate(zip(docs, weights)):
+            where = "tokens" if len(docs) == 1 and isinstance(tokens, (np.ndarray, jax.Array)) else f"tokens[{i}]"
+            if d.ndim != 1 or not (np.issubdtype(d.dtype, np.integer) or d.size == 0):
+                raise ValueError(f"NGramDraft: {where} must be a 1-D integer array, got shape {d.shape} "
+                                 f"dtype {d.dtype}")
+            if d.size and (d.min() < 0 or d.max() >= vocab_size):
+                bad = int(np.flatnonzero((d < 0) | (d >= vocab_size))[0])
+                raise ValueError(f"NGramDraft: {where}[{bad}]={d[bad]} is outside the vocabulary [0, {vocab_size})")
+            _check_int(f"weights[{i}]", w, 0)
+        x = np.concatenate(docs).astype(np.int64)
+        m = x.size
+        lengths = np.array([d.size for d in docs])
+        start = np.repeat(np.cumsum(lengths) - lengths, lengths)  # first index of each position's array
+        weight = np.repeat(np.asarray(weights, np.int64), lengths)
+        if not np.any((weight > 0) & (np.arange(m) > start)):
+            raise ValueError("NGramDraft: no context to count (every array is shorter than 2 tokens or has "
+                             "weight 0)")
+        fallback = int(np.bincount(x, weights=weight, minlength=vocab_size).argmax())
+        h = np.full(m, _SEED, np.uint32)  # h[i]: hash of the order-n context x[i-n:i] (i >= n)
+        eff = np.full(m, fallback, np.int64)  # what the table stored so far predicts at position i
+        ent_h, ent_v = [], []
+        for n in range(1, max_ngram + 1):
+            h[n:] = _extend_hash(h[n:], x[:m - n], np)
+            key, nxt, eff_n = h[n:], x[n:], eff[n:]
+            valid = np.arange(n, m) - n >= start[n:]  # the context lies inside one array
+            counted = valid & (weight[n:] > 0)
+            pairs, inverse = np.unique((key[counted].astype(np.uint64) << np.uint64(32))
+                                       | nxt[counted].astype(np.uint64), return_inverse=True)  # by (context, next)
+            counts = np.bincount(inverse.reshape(-1), weights=weight[n:][counted]).astype(np.int64)
+            ctx = (pairs >> np.uint64(32)).astype(np.uint32)
+            order = np.lexsort((-counts, ctx))  # per context: highest count first, then smaller id (stable)
+            ctx, nx, counts = ctx[order], (pairs[order] & np.uint64(0xFFFFFFFF)).astype(np.int64), counts[order]
+            first = np.r_[True, ctx[1:] != ctx[:-1]] if ctx.size else np.zeros(0, bool)
+            ctx, nx, counts = ctx[first], nx[first], counts[first]
+            if not ctx.size:
+                break
+            at = np.minimum(np.searchsorted(ctx, key), ctx.size - 1)
+            pred = nx[at]
+            count = np.where(valid & (ctx[at] == key), counts[at], 0)  # uncounted context: 0
+            use = (count >= min_count) | ((n == 1) & (count > 0))
+            store = use & (pred != eff_n)  # lossless pruning: only what the backoff gets wrong
+            eff[n:] = np.where(use, pred, eff_n)
+            stored, idx = np.unique(key[store], return_index=True)
+            ent_h.append(stored)
+            ent_v.append(pred[store][idx])
+        ent_h, ent_v = np.concatenate(ent_h), np.concatenate(ent_v)
+        size = 1 << max(int(np.ceil(np.log2(max(ent_h.size, 1) / load_factor))), 1)
+        keys, values, dropped = _place(ent_h, ent_v, size, probes)
+        info = (("tokens", int(m)), ("entries", int(ent_h.size)), ("dropped", int(dropped)), ("min_count", min_count))
+        return cls(jnp.asarray(keys), jnp.asarray(values), jnp.asarray(fallback, jnp.int32), max_ngram, probes,
+                   vocab_size, prompt_lookup, info)
+
+    def replace(self, **changes) -> "NGramDraft":
+        """A copy with some fields changed, e.g. `draft.replace(prompt_lookup=5)`."""
+        if "prompt_lookup" in changes:
+            _check_int("prompt_lookup", changes["prompt_lookup"], 0)
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.keys.shape[0])
+
+    @property
+    def num_entries(self) -> int:
+        """Stored contexts (occupied slots)."""
+        return int(np.count_nonzero(np.asarray(self.keys)))
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, path: str, **metadata: str) -> None:
+        """Writes the table to a safetensors file, atomically (temp file + rename).
+
+        Extra string `metadata` (e.g. the corpus it was built from) is stored with it.
+        `prompt_lookup` is a drafting option, not table data: it is not saved.
+        """
+        from safetensors.numpy import save_file
+
+        meta = {"format": _FORMAT, "version": _VERSION, "max_ngram": str(self.max_ngram),
+                "probes": str(self.probes), "vocab_size": str(self.vocab_size)}
+        meta.update({k: str(v) for k, v in self.info})
+        meta.update({k: str(v) for k, v in metadata.items()})
+        tensors = {"keys": np.asarray(self.keys, np.uint32), "values": np.asarray(self.values, np.int32),
+                   "fallback": np.asarray(self.fallback, np.int32).reshape(1)}
+        directory = os.path.dirname(os.path.abspath(path))
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path: str, *, prompt_lookup: int = 0) -> "NGramDraft":
+        """Reads a table written by `save`; a missing, foreign or inconsistent file raises ValueError."""
+        from safetensors import SafetensorError, safe_open
+
+        prompt_lookup = _check_int("prompt_lookup", prompt_lookup, 0)
+        if not os.path.isfile(path):
+            raise ValueError(f"NGramDraft.load: no such file: {path!r}")
+        try:
+            with safe_open(path, framework="numpy") as f:
+                meta = f.metadata() or {}
+                names = set(f.keys())
+                tensors = {k: f.get_tensor(k) for k in names & {"keys", "values", "fallback"}}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"NGramDraft.load: {path!r} is not a safetensors file ({e})") from None
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"NGramDraft.load: {path!r} is not an n-gram draft table "
+                             f"(metadata format={meta.get('format')!r}, expected {_FORMAT!r})")
+        if meta.get("version") != _VERSION:
+            raise ValueError(f"NGramDraft.load: {path!r} has table version {meta.get('version')!r}; "
+                             f"this jaxsample reads version {_VERSION!r} (rebuild the table)")
+        missing = {"keys", "values", "fallback"} - names
+        if missing:
+            raise ValueError(f"NGramDraft.load: {path!r} lacks tensor(s) {sorted(missing)}")
+        ints = {}
+        for name in ("max_ngram", "probes", "vocab_size"):
+            try:
+                ints[name] = int(meta[name])
+            except (KeyError, ValueError):
+                raise ValueError(f"NGramDraft.load: {path!r} metadata {name}={meta.get(name)!r} is not an int") \
+                    from None
+            if ints[name] < 1:
+                raise ValueError(f"NGramDraft.load: {path!r} metadata {name}={ints[name]} must be >= 1")
+        keys, values, fallback = tensors["keys"], tensors["values"], tensors["fallback"]
+        s = keys.shape[0] if keys.ndim == 1 else 0
+        if keys.dtype != np.uint32 or s < 1 or s & (s - 1):
+            raise ValueError(f"NGramDraft.load: {path!r} keys must be uint32 [S] with S a power of two, "
+                             f"got {keys.dtype} {keys.shape}")
+        if values.dtype != np.int32 or values.shape != keys.shape:
+            raise ValueError(f"NGramDraft.load: {path!r} values must be int32 {keys.shape}, "
+                             f"got {values.dtype} {values.shape}")
+        if fallback.dtype != np.int32 or fallback.shape != (1,):
+            raise ValueError(f"NGramDraft.load: {path!r} fallback must be int32 [1], got {fallback.dtype} "
+                             f"{fallback.shape}")
+        v = ints["vocab_size"]
+        used = values[keys != 0]
+        if (used.size and (used.min() < 0 or used.max() >= v)) or not 0 <= fallback[0] < v:
+            raise ValueError(f"NGramDraft.load: {path!r} holds token ids outside its vocabulary [0, {v})")
+        if ints["probes"] > s:
+            raise ValueError(f"NGramDraft.load: {path!r} probes={ints['probes']} exceeds the {s} slots")
+        info = tuple((k, int(meta[k])) for k in _INFO if meta.get(k, "").isdigit())
+        return cls(jnp.asarray(keys), jnp.asarray(values), jnp.asarray(fallback[0]), ints["max_ngram"],
+                   ints["probes"], v, prompt_lookup, info)
+
+    # ------------------------------------------------------------------ drafting
+
+    def predict(self, window: jax.Array, available: jax.Array) -> jax.Array:
+        """The next token after each row's context: window int [B, N] (most recent last),
+        available int [B] (how many of the window's last tokens are real) -> int32 [B]."""
+        mask = self.keys.shape[0] - 1
+        h = _context_hashes(window, jnp)  # [B, N]
+        slots = (h[..., None] + jnp.arange(self.probes, dtype=jnp.uint32)) & jnp.uint32(mask)  # [B, N, P]
+        hit = self.keys[slots] == _fingerprint(h, jnp)[..., None]
+        value = jnp.max(jnp.where(hit, self.values[slots], -1), axis=-1)  # [B, N]
+        usable = jnp.any(hit, axis=-1) & (jnp.arange(1, self.max_ngram + 1) <= available[:, None])
+        n = jnp.max(jnp.where(usable, jnp.arange(self.max_ngram), -1), axis=-1)  # longest order - 1, or -1
+        best = jnp.take_along_axis(value, jnp.maximum(n, 0)[:, None], axis=1)[:, 0]
+        return jnp.where(n >= 0, best, self.fallback).astype(jnp.int32)
+
+    def propose(self, seq: jax.Array, length: jax.Array, k: int) -> jax.Array:
+        """k proposals per row after the context seq[b, :length[b]] (seq int [B, W], length
+        int [B] >= 1): int32 [B, k]. Jittable; k is static."""
+        from jaxsample._speculative import _lookup
+
+        seq = jnp.asarray(seq).astype(jnp.int32)
+        length = jnp.asarray(length).astype(jnp.int32)
+        n = self.max_ngram
+        idx = length[:, None] - n + jnp.arange(n)[None, :]
+        window = jnp.take_along_axis(seq, jnp.clip(idx, 0, seq.shape[1] - 1), axis=1)  # [B, N]
+        available = length
+        out = []
+        for _ in range(k):
+            token = self.predict(window, available)
+            out.append(token)
+            window = jnp.concatenate([window[:, 1:], token[:, None]], axis=1)
+            available = available + 1
+        proposals = jnp.stack(out, axis=1)
+        if self.prompt_lookup:
+            lookup, found = _lookup(seq, length, self.prompt_lookup, k, self.prompt_lookup)
+            proposals = jnp.where(found[:, None], lookup, proposals)
+        return proposals
+
+
+def _place(hashes: np.ndarray, values: np.ndarray, size: int, probes: int):
+    """Open addressing with linear probing, in entry order: (keys uint32 [S], values int32 [S], dropped)."""
+    keys = np.zeros(size, np.uint32)
+    table = np.zeros(size, np.int32)
+    fps = _fingerprint(hashes, np)
+    pending = np.arange(hashes.size)
+    for p in range(probes):
+        slots = (hashes[pending] + np.uint32(p)) & np.uint32(size - 1)
+        free = keys[slots] == 0
+        cand, cslots = pending[free], slots[free]
+        _, first = np.unique(cslots, return_index=True)  # the earliest entry wins a contested slot
+        win = cand[first]
+        keys[cslots[first]] = fps[win]
+        table[cslots[first]] = values[win]
+        placed = np.zeros(hashes.size, bool)
+        placed[win] = True
+        pending = pending[~placed[pending]]
+        if not pending.size:
+            break
+    return keys, table, int(pending.size)
