@@ -29,7 +29,9 @@ Drafts:
     occurrence of the row's last n tokens (n = max_ngram, falling back down to
     min_ngram) in the row's own context (prompt + generated); q is a point mass. No
     second model. A row without a match proposes nothing (its round emits one token,
-    drawn from p as in `generate`).
+    drawn from p as in `generate`);
+  * `NGramDraft` (jaxsample/_ngram.py): a corpus n-gram table chained k times (and
+    optionally prompt lookup first); q is a point mass, looked up on device.
 
 The target scores k + 1 tokens in one call through an optional protocol method
 
@@ -405,7 +407,8 @@ def speculative_generate(model: LanguageModel, prompt_tokens: jax.Array, prompt_
       keys: B PRNG keys, one per row (typed or raw uint32 [B, 2]).
       max_new_tokens: N, static.
       draft: a `LanguageModel` with the target's vocabulary (a pytree or hashable, like
-        `model`), or `PromptLookup(max_ngram)`.
+        `model`), `PromptLookup(max_ngram)`, or an `NGramDraft` table built for the
+        target's vocabulary.
       num_draft_tokens: k >= 1, static.
       sampler: a `Chain` (None: greedy); applied to the target's and the draft's logits
         with the same keys and state updates. Stateful processors are initialised with
@@ -445,8 +448,8 @@ def speculative_generate(model: LanguageModel, prompt_tokens: jax.Array, prompt_
     elif not isinstance(draft, PromptLookup):
         for name in ("init_cache", "prefill", "decode"):
             if not callable(getattr(draft, name, None)):
-                raise ValueError(f"draft must be a LanguageModel (init_cache, prefill, decode) or "
-                                 f"PromptLookup(n); {type(draft).__name__} has no {name}()")
+                raise ValueError(f"draft must be a LanguageModel (init_cache, prefill, decode), "
+                                 f"PromptLookup(n) or NGramDraft; {type(draft).__name__} has no {name}()")
         if draft.vocab_size != model.vocab_size:
             raise ValueError(f"draft vocab_size {draft.vocab_size} != target vocab_size {model.vocab_size}: "
                              f"the draft must share the target's tokenizer")

@@ -7,6 +7,7 @@
     python scripts/generate.py "ROMEO:" --order llamacpp --top-k 40 --min-p 0.05 --repetition-penalty 1.1 \
         --penalty-window 64 --dry-multiplier 0.8 --xtc-probability 0.5 --top-logprobs 3
     python scripts/generate.py "ROMEO:" --greedy --prompt-lookup 3 --num-draft-tokens 4   # speculative
+    python scripts/generate.py "ROMEO:" --greedy --ngram-draft --num-draft-tokens 5        # speculative
     python scripts/generate.py "ROMEO:" --num-beams 4 --num-return-sequences 2 --length-penalty 1.2
 
 Every sampling method of jaxsample is a flag (see docs/methods.md); --order picks the chain
@@ -37,7 +38,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxsample as js  # noqa: E402
-from models import CheckpointError, is_hf_checkpoint, load_pretrained, read_generation_defaults  # noqa: E402
+from models import (CheckpointError, is_hf_checkpoint, load_ngram_draft, load_pretrained,  # noqa: E402
+                    read_generation_defaults)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,19 +112,23 @@ def add_speculative_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-checkpoint", help="a small draft model checkpoint with the target's tokenizer")
     g.add_argument("--prompt-lookup", type=int, metavar="N",
                    help="draft by prompt lookup: match the last N tokens (down to 1) in the row's own context")
+    g.add_argument("--ngram-draft", nargs="?", const="shipped", metavar="FILE",
+                   help="draft with a corpus n-gram table (jaxsample.NGramDraft; no FILE: the shipped model's, "
+                        "built by scripts/build_ngram_draft.py); with --prompt-lookup N a match of the last N "
+                        "tokens in the row's own context comes first (default 5)")
     g.add_argument("--num-draft-tokens", type=int, metavar="K", help="tokens drafted per round (default 4)")
 
 
 def check_speculative_args(args) -> str | None:
     """The error message for a bad combination of the speculative flags, or None."""
-    drafts = [f for f, v in (("--draft-checkpoint", args.draft_checkpoint), ("--prompt-lookup", args.prompt_lookup))
-              if v is not None]
+    drafts = [f for f, v in (("--draft-checkpoint", args.draft_checkpoint), ("--ngram-draft", args.ngram_draft),
+                             ("--prompt-lookup", args.prompt_lookup)) if v is not None]
     if drafts and getattr(args, "num_beams", None) is not None:
         return f"{drafts[0]} cannot be used with --num-beams: beam search does not draft"
-    if len(drafts) > 1:
-        return "--draft-checkpoint and --prompt-lookup are two drafts: choose one"
+    if args.draft_checkpoint is not None and len(drafts) > 1:
+        return f"--draft-checkpoint and {drafts[1]} are two drafts: choose one"
     if not drafts:
-        return "--num-draft-tokens needs a draft (--draft-checkpoint or --prompt-lookup)" \
+        return "--num-draft-tokens needs a draft (--draft-checkpoint, --ngram-draft or --prompt-lookup)" \
             if args.num_draft_tokens is not None else None
     if args.prompt_lookup is not None and args.prompt_lookup < 1:
         return f"--prompt-lookup must be >= 1, got {args.prompt_lookup}"
@@ -138,9 +144,18 @@ def check_speculative_args(args) -> str | None:
 def speculative_runner(args, lm, ids, lengths, keys, sampler, stop_ids, pad_id, stats: list):
     """None without a draft flag; else a callable running `speculative_generate` that returns
     the `GenerateOutput` and appends the `SpeculativeStats` to `stats`."""
-    if args.draft_checkpoint is None and args.prompt_lookup is None:
+    if args.draft_checkpoint is None and args.prompt_lookup is None and args.ngram_draft is None:
         return None
-    if args.prompt_lookup is not None:
+    if args.ngram_draft is not None:
+        try:
+            draft = load_ngram_draft(None if args.ngram_draft == "shipped" else args.ngram_draft,
+                                     prompt_lookup=args.prompt_lookup)
+        except ValueError as e:
+            raise ValueError(f"--ngram-draft: {e}") from None
+        if draft.vocab_size != lm.vocab_size:
+            raise ValueError(f"--ngram-draft: the table's vocab_size {draft.vocab_size} != the target's "
+                             f"{lm.vocab_size}")
+    elif args.prompt_lookup is not None:
         draft = js.PromptLookup(args.prompt_lookup)
     else:
         draft, _ = load_pretrained(args.draft_checkpoint)
@@ -488,11 +503,12 @@ def main(argv=None) -> int:
     if args.chunk_size < 1:
         parser.error(f"--chunk-size must be >= 1, got {args.chunk_size}")
     single = (len(prompts) == 1 and args.num_samples == 1 and not (args.top_logprobs or args.prompt_logprobs)
-              and not beam and not args.json_output and args.draft_checkpoint is None and args.prompt_lookup is None)
+              and not beam and not args.json_output and args.draft_checkpoint is None and args.prompt_lookup is None
+              and args.ngram_draft is None)
     if args.stream and not single:
         parser.error("--stream prints one sampled continuation as it comes: use one prompt, --num-samples 1 and "
                      "no --top-logprobs/--prompt-logprobs/--num-beams/--json-output/--draft-checkpoint/"
-                     "--prompt-lookup (or --no-stream)")
+                     "--ngram-draft/--prompt-lookup (or --no-stream)")
     stream = single and sys.stdout.isatty() if args.stream is None else args.stream
     try:
         apply_checkpoint_defaults(args)
@@ -535,7 +551,7 @@ def main(argv=None) -> int:
     try:
         run = speculative_runner(args, lm, ids, lengths, keys, sampler, stop_ids, tok.pad_id, spec_stats) or run
     except (CheckpointError, OSError, ValueError) as e:
-        parser.error(f"--draft-checkpoint: {e}")
+        parser.error(str(e) if str(e).startswith("--") else f"--draft-checkpoint: {e}")
     out, first, steady = timed_run(parser, run)
 
     tokens, gen_lengths = np.asarray(out.tokens), np.asarray(out.lengths)
