@@ -321,12 +321,12 @@ class NGramDraft:
         mask = self.keys.shape[0] - 1
         h = _context_hashes(window, jnp)  # [B, N]
         slots = (h[..., None] + jnp.arange(self.probes, dtype=jnp.uint32)) & jnp.uint32(mask)  # [B, N, P]
-        hit = self.keys[slots] == _fingerprint(h, jnp)[..., None]
-        value = jnp.max(jnp.where(hit, self.values[slots], -1), axis=-1)  # [B, N]
-        usable = jnp.any(hit, axis=-1) & (jnp.arange(1, self.max_ngram + 1) <= available[:, None])
-        n = jnp.max(jnp.where(usable, jnp.arange(self.max_ngram), -1), axis=-1)  # longest order - 1, or -1
-        best = jnp.take_along_axis(value, jnp.maximum(n, 0)[:, None], axis=1)[:, 0]
-        return jnp.where(n >= 0, best, self.fallback).astype(jnp.int32)
+        usable = jnp.arange(1, self.max_ngram + 1) <= available[:, None]  # [B, N]: order n fits the context
+        hit = (self.keys[slots] == _fingerprint(h, jnp)[..., None]) & usable[..., None]
+        # One reduction picks the longest order with a hit and its token: order-major score.
+        order = jnp.arange(self.max_ngram, dtype=jnp.int32)[:, None] * self.vocab_size  # [N, 1]
+        best = jnp.max(jnp.where(hit, order + self.values[slots], -1), axis=(1, 2))  # [B]
+        return jnp.where(best >= 0, best % self.vocab_size, self.fallback).astype(jnp.int32)
 
     def propose(self, seq: jax.Array, length: jax.Array, k: int) -> jax.Array:
         """k proposals per row after the context seq[b, :length[b]] (seq int [B, W], length

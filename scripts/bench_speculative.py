@@ -52,7 +52,7 @@ def parse_args(argv=None):
                         "without it only prompt lookup is measured")
     p.add_argument("--ngram-draft", default=SHIPPED_NGRAM_DRAFT,
                    help="corpus n-gram draft table (default: the shipped model's); 'none' skips it")
-    p.add_argument("--ngram-prompt-lookup", type=int, nargs="+", default=[5],
+    p.add_argument("--ngram-prompt-lookup", type=int, nargs="+", default=[0],
                    help="in-context match lengths that take precedence over the table (0: table only)")
     p.add_argument("--prompts", type=int, default=4, help="held-out prompts, each run at batch 1")
     p.add_argument("--text", help="take the prompts from this UTF-8 file instead of the held-out works")

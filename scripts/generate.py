@@ -115,7 +115,7 @@ def add_speculative_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ngram-draft", nargs="?", const="shipped", metavar="FILE",
                    help="draft with a corpus n-gram table (jaxsample.NGramDraft; no FILE: the shipped model's, "
                         "built by scripts/build_ngram_draft.py); with --prompt-lookup N a match of the last N "
-                        "tokens in the row's own context comes first (default 5)")
+                        "tokens in the row's own context comes first")
     g.add_argument("--num-draft-tokens", type=int, metavar="K", help="tokens drafted per round (default 4)")
 
 

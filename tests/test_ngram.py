@@ -279,7 +279,7 @@ def test_shipped_table_loads_and_fits_budget():
     from models import SHIPPED_NGRAM_DRAFT, load_ngram_draft
     draft = load_ngram_draft()
     assert os.path.getsize(SHIPPED_NGRAM_DRAFT) <= 5_000_000
-    assert (draft.vocab_size, draft.max_ngram, draft.prompt_lookup) == (259, 5, 5)
+    assert (draft.vocab_size, draft.max_ngram, draft.prompt_lookup) == (259, 5, 0)
     assert dict(draft.info)["entries"] == draft.num_entries + dict(draft.info)["dropped"]
 
 
