@@ -3,7 +3,7 @@
     python scripts/bench_speculative.py                        # shipped model, held-out prompts
     python scripts/bench_speculative.py --quick --json out.json
     python scripts/bench_speculative.py --draft-checkpoint DIR --num-draft-tokens 2 4 6
-    python scripts/bench_speculative.py --ngram-draft FILE --ngram-prompt-lookup 0 5
+    python scripts/bench_speculative.py --num-draft-tokens 3 4 5 6 --ngram-prompt-lookup 0 5
 
 Target: the shipped Shakespeare model (`models.load_pretrained()`, or --checkpoint).
 Prompts: --prompts windows of --prompt-len bytes from the held-out works (hamlet,

@@ -103,6 +103,8 @@ SMALL = {
     "bench_speculative.py": {"--text": "corpus.txt", "--prompts": "1", "--prompt-len": "16", "--new-tokens": "4",
                              "--num-draft-tokens": "2", "--prompt-lookup-min": "1", "--repeats": "1"},
     "measure_load_memory.py": {"--size-gb": "0.03", "--hidden-size": "64"},
+    "build_ngram_draft.py": {"--data": "corpus.txt", "--distill-rows": "2", "--distill-prompt-len": "16",
+                             "--distill-new-tokens": "4", "--max-ngram": "3"},
     "bench_structured.py": {"--vocab-size": "400", "--preset": "tiny", "--batches": "1", "--new-tokens": "2",
                             "--repeats": "1", "--mask-iters": "1", "--prompt-len": "4"},
     "plot_distributions.py": {},
@@ -133,8 +135,13 @@ COMMANDS: dict[str, Action] = {
     # ---- README: speculative decoding
     'python scripts/generate.py "ROMEO:" --greedy --prompt-lookup 3 --num-draft-tokens 4':
         run(expect="speculative: acceptance", slow=True),  # tests/test_speculative.py runs the CLI too
-    "python scripts/bench_speculative.py --draft-checkpoint DIR --num-draft-tokens 2 3 4 --prompt-lookup-min 1 3":
-        skip("DIR stands for a draft trained with scripts/train.py (the command in docs/benchmarks.md)"),
+    "python scripts/build_ngram_draft.py --out models/checkpoints/shakespeare/ngram_draft.safetensors":
+        run(expect="wrote models/checkpoints/shakespeare/ngram_draft.safetensors"),  # into the scratch directory
+    "python scripts/bench_speculative.py --prompts 8 --num-draft-tokens 3 4 5 6 --prompt-lookup-min 1 "
+    "--ngram-prompt-lookup 0 5": run(expect="ngram pl=5 k=2", slow=True),
+    # ---- docs/benchmarks.md: the n-gram draft at temperature 0.8
+    "python scripts/bench_speculative.py --prompts 8 --num-draft-tokens 3 4 --prompt-lookup-min 1 --temperature 0.8":
+        run(slow=True),
     # ---- README: Hugging Face checkpoints
     'pip install -e ".[hf]"': install(),
     'python scripts/generate.py "Name three rivers." --checkpoint DIR --chat':
@@ -214,6 +221,12 @@ COMMANDS: dict[str, Action] = {
     "python scripts/bench_speculative.py --quick --json out.json": run(expect="wrote out.json", slow=True),
     "python scripts/bench_speculative.py --draft-checkpoint DIR --num-draft-tokens 2 4 6":
         skip("DIR stands for a draft trained with scripts/train.py (the command in docs/benchmarks.md)"),
+    "python scripts/bench_speculative.py --num-draft-tokens 3 4 5 6 --ngram-prompt-lookup 0 5":
+        run(expect="ngram pl=0 k=2", slow=True),
+    "python scripts/build_ngram_draft.py --data my.txt --distill-rows 0 --out draft.safetensors":
+        run({"--distill-rows": "0"}, expect="0 generated rows"),
+    'python scripts/generate.py "ROMEO:" --greedy --ngram-draft --num-draft-tokens 5':
+        run(expect="speculative: acceptance", slow=True),  # tests/test_ngram.py runs the CLI too
 }
 
 # Python snippets: a block containing the key runs with these settings, in its own process
