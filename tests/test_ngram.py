@@ -303,19 +303,14 @@ def test_cli_bad_combinations(argv, match):
 def test_cli_ngram_draft_greedy_equals_plain(tmp_path, capsys):
     """scripts/generate.py --greedy prints the same text with --ngram-draft (the shipped
     table, and a table file with --prompt-lookup) as without; a bad file is a clear error."""
-    from test_speculative import _generate_script
+    from test_speculative import _generate_script, cli_texts
     gen = _generate_script()
     path = str(tmp_path / "t.safetensors")
     js.NGramDraft.build(np.frombuffer(b"ROMEO: Good morrow, cousin. ROMEO: What, is the day so young?", np.uint8),
                         vocab_size=259, max_ngram=3, min_count=1).save(path)
     base = ["ROMEO:", "--greedy", "--max-new-tokens", "24", "--no-stream"]
-    texts = []
-    for extra in ([], ["--ngram-draft"], ["--ngram-draft", path, "--prompt-lookup", "2", "--num-draft-tokens", "3"]):
-        assert gen.main(base + extra) == 0
-        captured = capsys.readouterr()
-        texts.append(captured.out)
-        if extra:
-            assert "speculative: acceptance" in captured.err
+    texts = cli_texts(gen, capsys, base, [], ["--ngram-draft"],
+                      ["--ngram-draft", path, "--prompt-lookup", "2", "--num-draft-tokens", "3"])
     assert texts[0] == texts[1] == texts[2]
     with pytest.raises(SystemExit):
         gen.main(base + ["--ngram-draft", str(tmp_path / "missing.safetensors")])

@@ -321,15 +321,22 @@ def test_cli_speculative_greedy_equals_plain(tmp_path, capsys, target):
     save_model(str(tmp_path / "draft"), DecoderLM.random(preset("tiny"), jax.random.key(2)))
     gen = _generate_script()
     base = ["ROMEO: ROMEO:", "--checkpoint", str(tmp_path / "target"), "--greedy", "--max-new-tokens", "16"]
+    texts = cli_texts(gen, capsys, base, [], ["--prompt-lookup", "2"],
+                      ["--draft-checkpoint", str(tmp_path / "draft"), "--num-draft-tokens", "3"])
+    assert texts[0] == texts[1] == texts[2]
+
+
+def cli_texts(gen, capsys, base, *extras):
+    """scripts/generate.py's stdout for `base + extra`, for each extra; a non-empty extra is
+    a draft flag, so its run must report the acceptance rate."""
     texts = []
-    for extra in ([], ["--prompt-lookup", "2"], ["--draft-checkpoint", str(tmp_path / "draft"),
-                                                 "--num-draft-tokens", "3"]):
+    for extra in extras:
         assert gen.main(base + extra) == 0
         captured = capsys.readouterr()
         texts.append(captured.out)
         if extra:
             assert "speculative: acceptance" in captured.err
-    assert texts[0] == texts[1] == texts[2]
+    return texts
 
 
 def test_one_token_and_immediate_stop(target):
