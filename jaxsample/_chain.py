@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsample import _filters
+from jaxsample import _filters, _fused, _select
 from jaxsample import _sampling
 from jaxsample import _validation as _val
 
@@ -837,6 +837,11 @@ def sample_step(
     """
     key = _sampling.as_typed_key(key)
     state = _state_or_init(chain, state, logits.shape[-1])
+    plan = _select.default_plan(vocab=logits.shape[-1])
+    if plan.engine == "kernel" and _fused.fusable(chain):  # GPU: a few kernels, same result
+        token, raw, processed_lp, processed = _fused.fused_default_step(
+            chain, jnp.asarray(logits), key, interpret=plan.interpret)
+        return token, chain.update(state, token, processed), StepOutput(raw, processed_lp, processed)
     processed = chain.apply(logits, state, key)  # [..., V]
     token = _sampling.sample(fold_in_rows(key, 0), processed)  # [...]
     new_state = chain.update(state, token, processed)
