@@ -826,6 +826,13 @@ def sample_step(
       ``(token int32[...], new_state, StepOutput)``; ``token`` is ``-1`` for a row with
       no finite (or a NaN) processed logit.
 
+    On a GPU (the backend's selection plan is the Pallas kernel plan), a chain with
+    the structure of :func:`default_chain` (``min_tokens_to_keep = 1``) runs as one
+    fused step (`jaxsample._fused`): the same keys, draw and log-probs in a few
+    kernels. Two documented differences there: the temperature is applied as
+    ``x * (1 / T)`` (within one ulp of ``x / T``), and a row whose model logits hold a
+    NaN or ``+inf`` gives ``-1`` whatever the filters.
+
     Example:
       >>> import jax, jax.numpy as jnp
       >>> c = default_chain(top_k=1)
