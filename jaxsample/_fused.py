@@ -59,7 +59,7 @@ from jax import lax
 
 from jaxsample import _kernels, _sampling, _select
 
-__all__ = ["fusable", "fused_default_step"]
+__all__ = ["fusable", "fused_default_step", "top_p_prefix"]
 
 Array = jax.Array
 
@@ -134,18 +134,28 @@ def fused_default_step(chain: Any, logits: Array, key: Array, *,
     bits = _kernels.key_bits(x.dtype)
     digits = (_kernels.MAX_WIDTH,) * (bits // _kernels.MAX_WIDTH)
 
-    def search(target, mode, floor, active):
-        def count(prefix, shift, width, with_total=False):
+    def search(target, mode, floor, active, start=None, decided=None):
+        def count(prefix, shift, width, with_total=False, skip=None):
             return _kernels.count_above(
                 x, prefix, shift, top, None, width=width, mode=mode, scale=scale, floor=floor,
-                active=active, with_total=with_total, interpret=interpret)
-        key_t = _select._digit_search(count, target, digits, bits, rolled=interpret, rows=rows)
+                active=active if skip is None else active & ~skip, with_total=with_total,
+                interpret=interpret)
+        key_t = _select._digit_search(count, target, digits, bits, rolled=interpret, rows=rows,
+                                      start=start, decided=decided)
         return jnp.where(active, key_t, _U32(0))  # 0: keeps everything
 
     k_on = sampled & (k > 0) & (k < vocab)
     floor_k = search(k, "count", None, k_on)  # the k-th largest key
     p_on = sampled & (p < 1)
-    floor_p = search(lambda total: p * total, "softmax", floor_k, p_on)  # mass over the top-k
+    # Top-p over the top-k survivors: their total comes from the search's first pass.
+    # Without top-k, the total is the stats' and the threshold lies in [lo, top] (the
+    # mass below lo is under (1 - p) * total), so the digits shared by the keys of lo
+    # and top are decided before any pass: those passes read nothing for the row.
+    total = stats["scaled_sum_exp"]
+    start, decided = top_p_prefix(top, total, p, vocab, x.dtype)
+    decided = jnp.where(k_on, 0, decided)
+    floor_p = search(lambda first_total: p * jnp.where(k_on, first_total, total), "softmax",
+                     floor_k, p_on, start, decided)
     floor = jnp.maximum(floor_k, floor_p)
     t_min = jnp.minimum(top + jnp.log(p_min), top)  # min-p; ln 0 = -inf keeps everything
 
@@ -179,6 +189,29 @@ def fused_default_step(chain: Any, logits: Array, key: Array, *,
         jnp.where(kept(s), s, -jnp.inf)).astype(logits.dtype)
     return (token.reshape(batch), raw.reshape(batch), processed_lp.reshape(batch),
             processed_logits.reshape(logits.shape))
+
+
+def top_p_prefix(top: Array, total: Array, p: Array, vocab: int, dtype: Any) -> tuple[Array, Array]:
+    """The leading key bits every top-p threshold of the row shares, before any pass.
+
+    With weights ``exp(s - top)`` (total ``W``), the tokens below
+    ``lo = top - ln(V / ((1 - p) W)) - 1`` weigh less than ``V exp(lo - top) < (1 - p) W``
+    together, so the mass at or above ``lo`` exceeds ``p W`` and the threshold lies in
+    ``[lo, top]``: its key shares the leading bits that the keys of ``lo`` and ``top``
+    share (the ``- 1``, a factor e, covers rounding in ``W``).
+
+    Returns:
+      ``(start uint32 [R], decided int32 [R])``: ``start`` holds the shared leading
+      bits, ``decided`` their number rounded down to a digit boundary (0: none).
+    """
+    bits = _kernels.key_bits(dtype)
+    lo = top - (jnp.log(vocab / ((1 - p) * total)) + 1.0)
+    key_lo, key_top = (_kernels._keys(v.astype(dtype).astype(_F32), bits) for v in (lo, top))
+    common = lax.clz(key_lo ^ key_top).astype(jnp.int32) - (32 - bits)
+    decided = jnp.where(p < 1, (common // _kernels.MAX_WIDTH) * _kernels.MAX_WIDTH, 0)
+    low_bits = (bits - decided).astype(_U32)
+    start = jnp.where(decided > 0, (key_top >> low_bits) << low_bits, _U32(0))
+    return start, decided
 
 
 def _fold_in(key: Array, data: int) -> Array:

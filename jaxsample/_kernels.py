@@ -277,11 +277,12 @@ def _reorder(kernel, n_per_row: int, n_row_inputs: int):
 
 # ----------------------------------------------------------------------------- fused step
 
-#: Lanes of :func:`row_stats`: raw max, raw sum of exp, scaled max, arg-max, bad count.
+#: Lanes of :func:`row_stats`: raw max, raw sum of exp, scaled max, arg-max, bad count,
+#: scaled sum of exp.
 _STATS = 8
 
 
-def _stats_kernel(x_ref, scale_ref, out_ref, *, vocab, block):
+def _stats_kernel(x_ref, scale_ref, out_ref, *, vocab, block, bits):
     raw = x_ref[...].astype(_F32)  # [1, block]
     col, valid = _columns(block, vocab, raw.shape)
     bad = jnp.isnan(raw) | (raw == jnp.inf)
@@ -295,13 +296,13 @@ def _stats_kernel(x_ref, scale_ref, out_ref, *, vocab, block):
         return x, top, jnp.sum(jnp.exp(x - safe), axis=1, keepdims=True)
 
     x0, m0, s0 = max_and_sum(raw)
-    scaled = _scores(x_ref, scale_ref)
-    m1 = jnp.max(jnp.where(ok, scaled, neg_inf), axis=1, keepdims=True)
+    # The scaled scores, through their keys (see _from_keys: no fused multiply-add).
+    _, m1, s1 = max_and_sum(_from_keys(_keys(_scores(x_ref, scale_ref), bits), bits))
     arg = jnp.min(jnp.where(ok & (x0 == m0), col, vocab), axis=1, keepdims=True)
     n_bad = jnp.sum(jnp.where(valid & bad, 1.0, 0.0), axis=1, keepdims=True)
     lane = lax.broadcasted_iota(jnp.int32, (1, _STATS), 1)
     out = jnp.zeros((1, _STATS), _F32)
-    for c, value in enumerate((m0, s0, m1, arg.astype(_F32), n_bad)):
+    for c, value in enumerate((m0, s0, m1, arg.astype(_F32), n_bad, s1)):
         out = jnp.where(lane == c, value, out)
     out_ref[...] = out
 
@@ -310,23 +311,26 @@ def row_stats(x: Array, scale: Array, *, interpret: bool = False) -> dict[str, A
     """One read of ``x [R, V]``: what a sampling step needs about each row.
 
     Returns a dict of ``[R]`` arrays: ``max`` and ``sum_exp`` (``sum exp(x - max)``) of
-    the raw scores (their log-softmax), ``scaled_max`` (the max of ``x * scale`` rounded
-    to ``x.dtype``), ``argmax`` (lowest index on ties, int32) and ``bad`` (the number of
+    the raw scores (their log-softmax), ``scaled_max`` and ``scaled_sum_exp`` (the same
+    for ``x * scale`` rounded to ``x.dtype``), ``argmax`` (lowest index on ties, int32) and ``bad`` (the number of
     NaN and ``+inf`` entries, int32). NaN and ``+inf`` entries are left out of the
     max, the sum and the arg-max.
     """
     rows, vocab = x.shape
     block = _block_size(rows, vocab)
-    kernel = functools.partial(_stats_kernel, vocab=vocab, block=block)
+    kernel = functools.partial(_stats_kernel, vocab=vocab, block=block, bits=key_bits(x.dtype))
     part = _launch(kernel, x, [_per_row(scale, _F32)], [], _STATS, block, interpret)
     part = part.reshape(rows, -1, _STATS)  # [R, blocks, lanes]
-    m0 = jnp.max(part[:, :, 0], axis=1)
-    safe = jnp.where(m0 > -jnp.inf, m0, 0.0)
-    # Block sums were taken relative to the block max: rescale to the row max.
-    s0 = jnp.sum(jnp.where(part[:, :, 0] > -jnp.inf,
-                           part[:, :, 1] * jnp.exp(part[:, :, 0] - safe[:, None]), 0.0), axis=1)
+    def combine(block_max, block_sum):  # block sums are relative to the block max
+        top = jnp.max(block_max, axis=1)
+        safe = jnp.where(top > -jnp.inf, top, 0.0)
+        return top, jnp.sum(jnp.where(block_max > -jnp.inf,
+                                      block_sum * jnp.exp(block_max - safe[:, None]), 0.0), axis=1)
+
+    m0, s0 = combine(part[:, :, 0], part[:, :, 1])
+    m1, s1 = combine(part[:, :, 2], part[:, :, 5])
     arg = jnp.min(jnp.where(part[:, :, 0] == m0[:, None], part[:, :, 3], vocab), axis=1)
-    return {"max": m0, "sum_exp": s0, "scaled_max": jnp.max(part[:, :, 2], axis=1),
+    return {"max": m0, "sum_exp": s0, "scaled_max": m1, "scaled_sum_exp": s1,
             "argmax": arg.astype(jnp.int32), "bad": jnp.sum(part[:, :, 4], axis=1).astype(jnp.int32)}
 
 

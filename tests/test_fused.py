@@ -116,6 +116,26 @@ def test_fused_step_equals_the_chain_step(vocab, dtype):
     assert got[3].dtype == x.dtype
 
 
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_fused_step_on_lm_like_logits_skips_decided_digits(dtype):
+    """LM-like rows (a few tokens far above a N(0, 2) bulk, shifted) with top-p alone:
+    the leading digits of the top-p threshold are decided by `top_p_prefix` (those
+    passes read nothing), and the step still equals the unfused one."""
+    rng = np.random.default_rng(12)
+    rows, vocab = 8, 2048
+    x = rng.standard_normal((rows, vocab)) * 2.0 + np.where(rng.random((rows, vocab)) < 0.003, 12.0, 0.0)
+    x = jnp.asarray(x + rng.uniform(0, 25, (rows, 1)), DTYPES[dtype])
+    t = np.array([1.0, 0.7, 1.3, 1.0, 0.9, 1.0, 0.6, 1.1], np.float32)
+    p = np.array([0.9, 0.95, 0.5, 0.99, 0.8, 0.9, 0.3, 0.999], np.float32)
+    chain = js.default_chain(temperature=t, top_p=p)
+    s = (x.astype(jnp.float32) * (1.0 / t)[:, None]).astype(x.dtype).astype(jnp.float32)
+    top = jnp.max(s, axis=1)
+    _, decided = _fused.top_p_prefix(top, jnp.sum(jnp.exp(s - top[:, None]), axis=1), p, vocab, x.dtype)
+    assert (np.asarray(decided) >= 4).sum() >= rows // 2, decided
+    keys = jax.random.split(jax.random.key(4), rows)
+    _assert_same_step(_fused_step(chain, x, keys), _reference_step(chain, x, keys))
+
+
 def test_sample_step_takes_the_fused_path_on_the_kernel_plan(monkeypatch):
     """With the GPU plan, `sample_step` runs the fused kernels for the default chain (and
     only for it; no XLA conditional) and gives the CPU path's results."""
@@ -198,3 +218,30 @@ def test_fused_step_values_are_traced():
     for t, k, p, m in ((1.0, 0, 1.0, 0.0), (0.5, 7, 0.9, 0.1), (0.0, 600, 0.3, 1.0)):
         step(js.default_chain(temperature=t, top_k=k, top_p=p, min_p=m), x, keys)
     assert len(traces) == 1
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_top_p_prefix_holds_the_threshold_and_skips_passes(dtype):
+    """The bound of `top_p_prefix`: the sort reference's top-p threshold always has the
+    decided leading key bits (adversarial rows and LM-like rows, many p), and on LM-like
+    logits it decides whole digits (passes that read nothing)."""
+    from jaxsample import _kernels
+
+    rng = np.random.default_rng(11)
+    vocab = 4096
+    lm_like = rng.standard_normal((24, vocab)) * 2.0 + np.where(rng.random((24, vocab)) < 0.002, 15.0, 0.0)
+    x = np.concatenate([adversarial(rng, 24, vocab), lm_like + rng.uniform(-5, 25, (24, 1))])
+    x = jnp.asarray(x, DTYPES[dtype])
+    p = jnp.asarray(np.resize([0.5, 0.9, 0.95, 0.99, 0.999, 1e-3], len(x)), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    top = jnp.max(x32, axis=1)
+    total = jnp.sum(jnp.exp(x32 - top[:, None]), axis=1)
+    start, decided = _fused.top_p_prefix(top, total, p, vocab, x.dtype)
+    bits = _kernels.key_bits(x.dtype)
+    want = _select.mass_threshold(x32, None, p, method="sort")  # float32: exact for bf16
+    key = _kernels._keys(want.astype(jnp.float32), bits)
+    low = (bits - decided).astype(jnp.uint32)
+    finite = np.asarray(jnp.isfinite(top))
+    held = np.asarray((decided == 0) | ((key >> low) == (start >> low)))
+    assert held[finite].all(), np.flatnonzero(~held & finite)
+    assert (np.asarray(decided)[24:] >= 4).mean() > 0.5  # LM-like rows: digits decided
