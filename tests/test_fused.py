@@ -10,7 +10,6 @@ import dataclasses
 import re
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -27,18 +26,7 @@ ROWS = 24
 def _xla_prims(closed):
     """Primitives of the program outside the kernels (a kernel's `pl.when` is a `cond`
     of its own, on chip, not an XLA conditional)."""
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            yield eqn.primitive.name
-            if eqn.primitive.name == "pallas_call":
-                continue
-            for sub in eqn.params.values():
-                for s in (sub if isinstance(sub, (tuple, list)) else (sub,)):
-                    if isinstance(s, jax.extend.core.ClosedJaxpr):
-                        yield from walk(s.jaxpr)
-                    elif isinstance(s, jax.extend.core.Jaxpr):
-                        yield from walk(s)
-    return list(walk(closed.jaxpr))
+    return [eqn.primitive.name for eqn in _eqns(closed.jaxpr, into_kernels=False)]
 
 
 def _chain(rng, rows, vocab):
@@ -199,7 +187,7 @@ def test_fused_step_lowers_for_cuda_with_few_reads_and_no_sort(dtype):
            or p.startswith("scatter")}
     assert not bad, bad
     assert prims.count("pallas_call") == 2 + 2 * digits
-    over_vocab = [eqn.primitive.name for eqn in _eqns(jaxpr.jaxpr)
+    over_vocab = [eqn.primitive.name for eqn in _eqns(jaxpr.jaxpr, into_kernels=False)
                   if eqn.primitive.name.startswith("reduce_") and any(
                       getattr(getattr(v, "aval", None), "shape", ())[-1:] == (vocab,) for v in eqn.invars)]
     assert not over_vocab, over_vocab
