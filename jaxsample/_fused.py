@@ -98,8 +98,8 @@ def _keys(s: Array, dtype: Any) -> Array:
     return _kernels._keys(s, _kernels.key_bits(dtype))
 
 
-def fused_default_step(chain: Any, logits: Array, key: Array, *,
-                       interpret: bool = False) -> tuple[Array, Array, Array, Array]:
+def fused_default_step(chain: Any, logits: Array, key: Array, *, interpret: bool = False,
+                       rolled: bool | None = None) -> tuple[Array, Array, Array, Array]:
     """One step of ``sample_step(default_chain(...), logits, None, key)``, fused.
 
     Args:
@@ -107,6 +107,9 @@ def fused_default_step(chain: Any, logits: Array, key: Array, *,
       logits: ``[..., V]`` model logits.
       key: typed keys, one per row (``logits.shape[:-1]``) or one for all.
       interpret: run the kernels in the Pallas interpreter (CPU tests).
+      rolled: run the digit passes as a ``fori_loop`` (default: when interpreting,
+        one kernel to compile) rather than unrolled (on a GPU, where a loop reads
+        its predicate back to the host).
 
     Returns:
       ``(token int32[...], logprob_raw, logprob_processed, processed_logits)``, as
@@ -140,7 +143,8 @@ def fused_default_step(chain: Any, logits: Array, key: Array, *,
                 x, prefix, shift, top, None, width=width, mode=mode, scale=scale, floor=floor,
                 active=active if skip is None else active & ~skip, with_total=with_total,
                 interpret=interpret)
-        key_t = _select._digit_search(count, target, digits, bits, rolled=interpret, rows=rows,
+        key_t = _select._digit_search(count, target, digits, bits, rows=rows,
+                                      rolled=interpret if rolled is None else rolled,
                                       start=start, decided=decided)
         return jnp.where(active, key_t, _U32(0))  # 0: keeps everything
 

@@ -7,6 +7,7 @@ top_k or conditional; the number of reads of ``[B, V]``); and the dispatch from
 """
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -44,9 +45,9 @@ def _logits(rng, vocab, dtype):
     return jnp.asarray(x, DTYPES[dtype])
 
 
-@jax.jit
-def _fused_step(chain, x, keys):
-    return _fused.fused_default_step(chain, x, keys, interpret=True)
+@functools.partial(jax.jit, static_argnames="rolled")
+def _fused_step(chain, x, keys, rolled=None):
+    return _fused.fused_default_step(chain, x, keys, interpret=True, rolled=rolled)
 
 
 @jax.jit
@@ -101,6 +102,8 @@ def test_fused_step_equals_the_chain_step(vocab, dtype):
     _assert_same_step(got, want, skip=[5, 17])
     assert got[0][5] == -1 and got[0][17] == -1
     assert np.isnan(np.asarray(got[1])[[5, 17]]).all() and np.isnan(np.asarray(got[2])[[5, 17]]).all()
+    if dtype == "bf16":  # the unrolled passes (the GPU's program), interpreted
+        _assert_same_step(_fused_step(chain, x, keys, rolled=False), want, skip=[5, 17])
     assert got[3].dtype == x.dtype
 
 
@@ -121,7 +124,10 @@ def test_fused_step_on_lm_like_logits_skips_decided_digits(dtype):
     _, decided = _fused.top_p_prefix(top, jnp.sum(jnp.exp(s - top[:, None]), axis=1), p, vocab, x.dtype)
     assert (np.asarray(decided) >= 4).sum() >= rows // 2, decided
     keys = jax.random.split(jax.random.key(4), rows)
-    _assert_same_step(_fused_step(chain, x, keys), _reference_step(chain, x, keys))
+    want = _reference_step(chain, x, keys)
+    _assert_same_step(_fused_step(chain, x, keys), want)
+    if dtype == "bf16":  # the unrolled passes (the GPU's program), interpreted
+        _assert_same_step(_fused_step(chain, x, keys, rolled=False), want)
 
 
 def test_sample_step_takes_the_fused_path_on_the_kernel_plan(monkeypatch):
