@@ -550,15 +550,16 @@ def _stream(model, args, static, chunk_size, return_stats):
     start = _stream_start_traced if traced else _stream_start_static
     step = _stream_chunk_traced if traced else _stream_chunk_static
     top_logprobs = static["top_logprobs"]
+    n_steps = static["max_new_tokens"]
 
     def chunk(begin, carry, ys, prompt_lp=None):
         _, _, state, done, lengths, finish = carry
         main, top, stats = _split_outputs(ys, top_logprobs, return_stats, state)
+        done = done | (begin + main[0].shape[1] >= n_steps)  # the last chunk: every row is done
         return StreamChunk(begin, *main, lengths, finish, done, *top, prompt_lp, stats)
 
     carry, first, prompt_lp, prompt_lengths = start(model, *args, **static, return_stats=return_stats)
     yield chunk(0, carry, [y[:, None] for y in first], prompt_lp)
-    n_steps = static["max_new_tokens"]
     limit = jnp.asarray(n_steps, jnp.int32)
     for begin in range(1, n_steps, chunk_size):
         token, cache, state, done, lengths, finish = carry  # the cache is donated: updated in place

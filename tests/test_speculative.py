@@ -334,13 +334,18 @@ def _generate_script():
     (["--num-draft-tokens", "3"], "--num-draft-tokens needs a draft"),
     (["--prompt-lookup", "0"], "--prompt-lookup must be >= 1, got 0"),
     (["--prompt-lookup", "2", "--num-draft-tokens", "0"], "--num-draft-tokens must be >= 1, got 0"),
-    (["--prompt-lookup", "2", "--num-samples", "2"], "--num-samples is not supported with speculative"),
-    (["--draft-checkpoint", "d", "--prompt-logprobs"], "--prompt-logprobs is not supported with speculative"),
     (["--prompt-lookup", "2", "--num-beams", "2"], "--prompt-lookup cannot be used with --num-beams"),
 ])
 def test_cli_bad_combinations(argv, match):
     gen = _generate_script()
     assert re_search(match, gen.check_speculative_args(gen.build_parser().parse_args(argv)))
+
+
+def test_cli_speculative_takes_the_output_flags():
+    gen = _generate_script()
+    for argv in (["--prompt-lookup", "2", "--num-samples", "2", "--top-logprobs", "3"],
+                 ["--draft-checkpoint", "d", "--prompt-logprobs"]):
+        assert gen.check_speculative_args(gen.build_parser().parse_args(argv)) is None
 
 
 def re_search(pattern, text):
@@ -350,12 +355,14 @@ def re_search(pattern, text):
 
 @pytest.mark.slow
 def test_cli_speculative_greedy_equals_plain(tmp_path, capsys, target):
-    """scripts/generate.py --greedy prints the same text with either draft as without."""
+    """scripts/generate.py --greedy prints the same text, top-N and prompt log-probs (two
+    prompts, two samples each) with either draft as without."""
     from models import save_model
     save_model(str(tmp_path / "target"), target)
     save_model(str(tmp_path / "draft"), DecoderLM.random(preset("tiny"), jax.random.key(2)))
     gen = _generate_script()
-    base = ["ROMEO: ROMEO:", "--checkpoint", str(tmp_path / "target"), "--greedy", "--max-new-tokens", "16"]
+    base = ["ROMEO: ROMEO:", "JULIET:", "--checkpoint", str(tmp_path / "target"), "--greedy", "--max-new-tokens",
+            "16", "--num-samples", "2", "--top-logprobs", "2", "--prompt-logprobs", "--no-stream"]
     texts = []
     for extra in ([], ["--prompt-lookup", "2"], ["--draft-checkpoint", str(tmp_path / "draft"),
                                                  "--num-draft-tokens", "3"]):

@@ -66,8 +66,9 @@ def test_stream_outputs_equal_generate(outputs):
     for f in got:
         np.testing.assert_array_equal(got[f], want[f][:, :width], err_msg=f)
     last = chunks[-1]
-    if width < 9:  # stopped early: every row finished; the rest of generate's tokens is padding
-        assert np.all(np.asarray(last.done)) and np.all(np.asarray(out.tokens)[:, width:] == V - 1)
+    assert np.all(np.asarray(last.done))  # every row finished (a stop id or max_new_tokens)
+    if width < 9:  # stopped early: the rest of generate's tokens is padding
+        assert np.all(np.asarray(out.tokens)[:, width:] == V - 1)
     np.testing.assert_array_equal(last.lengths, out.lengths)
     np.testing.assert_array_equal(last.finish_reason, out.finish_reason)
     if outputs:
@@ -136,4 +137,35 @@ def test_cli_stream_prints_what_generate_returns(tmp_path):
     want = "[0] ROMEO:" + tok.decode(np.asarray(out.tokens[0, :int(out.lengths[0])]))
     assert streamed.stdout.decode("utf-8") == want + "\n\n"  # bytes: random text may hold a "\r"
     with pytest.raises(SystemExit):  # exits with status 2 before loading anything
-        cli.main(["ROMEO:", "--stream", "--num-samples", "2"])
+        cli.main(["ROMEO:", "--stream", "--num-beams", "2"])
+    with pytest.raises(SystemExit):
+        cli.main(["ROMEO:", "--stream", "--prompt-lookup", "2"])
+
+
+def test_cli_streams_several_rows_as_they_finish(tmp_path, capsys):
+    """Two prompts x two samples, --stream: each row is printed whole (with its top-N and
+    prompt log-probs) as soon as it finishes, so a short "no" row comes before a long one;
+    the rows are exactly --no-stream's, which prints them in order at the end."""
+    pytest.importorskip("outlines_core", reason="--choice needs pip install '.[structured]'")
+    from models import DecoderLM, preset, save_model
+
+    spec = importlib.util.spec_from_file_location("generate_cli", os.path.join(ROOT, "scripts", "generate.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    path = str(tmp_path / "tiny")
+    save_model(path, DecoderLM.random(preset("tiny"), jax.random.key(0)))
+    flags = ["ROMEO:", "JULIET:", "--checkpoint", path, "--max-new-tokens", "24", "--num-samples", "2",
+             "--choice", "no,maybe so perhaps", "--temperature", "3", "--seed", "1", "--top-logprobs", "1",
+             "--prompt-logprobs", "--chunk-size", "2"]
+    blocks = {}
+    for mode in ("--stream", "--no-stream"):
+        assert cli.main(flags + [mode]) == 0
+        out = capsys.readouterr().out
+        blocks[mode] = [b for b in out.split("\n\n") if b.strip()]
+    tags = lambda mode: [b.split()[0] for b in blocks[mode]]
+    assert tags("--no-stream") == ["[0.0]", "[0.1]", "[1.0]", "[1.1]"]
+    assert sorted(blocks["--stream"]) == sorted(blocks["--no-stream"])
+    # seed 1 draws "no" for rows 0.1 and 1.0 (3 tokens with the end of sequence), the long choice for the others
+    assert tags("--stream") == ["[0.1]", "[1.0]", "[0.0]", "[1.1]"]
+    assert blocks["--stream"][0].splitlines()[0] == "[0.1] ROMEO:no"
+    assert "prompt log-likelihood" in blocks["--stream"][2]  # sample 0 of each prompt carries it
