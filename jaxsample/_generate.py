@@ -136,7 +136,8 @@ class StreamChunk(NamedTuple):
       logprobs_raw, logprobs_processed: float32 [B, C] (0 where a row had finished).
       lengths: int32 [B], generated tokens per row so far (a stop token counts).
       finish_reason: int32 [B], a `FinishReason`, final for rows with `done`.
-      done: bool [B], rows that finished (stop id, no valid token, or max_new_tokens).
+      done: bool [B], rows that finished (stop id, no valid token, or max_new_tokens: on
+        the last chunk every row is done).
       top_token_ids, top_logprobs: int32 / float32 [B, C, K], `generate`'s top-N fields
         for these C indices (`pad_id` / 0 where a row had finished); None unless
         `top_logprobs=K` was requested.
