@@ -373,7 +373,8 @@ def _impl(model, draft, prompt_tokens, prompt_lengths, keys, sampler, stops, pad
     emitted = idx < length[:, None]
     tokens = jnp.take_along_axis(seq, jnp.minimum(prompt_lengths[:, None] + idx, width - 1), axis=1)
     top_ids, top_lp = (None, None) if not top_logprobs else (
-        jnp.where(emitted[..., None], tops[0][:, :n_max], pad_id), jnp.where(emitted[..., None], tops[1][:, :n_max], 0.0))
+        jnp.where(emitted[..., None], tops[0][:, :n_max], pad_id),
+        jnp.where(emitted[..., None], tops[1][:, :n_max], 0.0))
     out = GenerateOutput(jnp.where(emitted, tokens, pad_id), length, jnp.where(emitted, raw[:, :n_max], 0.0),
                          jnp.where(emitted, proc_lp[:, :n_max], 0.0), finish, top_ids, top_lp, prompt_lp)
     return SpeculativeOutput(out, stats)
