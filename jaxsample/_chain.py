@@ -845,9 +845,10 @@ def sample_step(
     key = _sampling.as_typed_key(key)
     state = _state_or_init(chain, state, logits.shape[-1])
     plan = _select.default_plan(vocab=logits.shape[-1])
-    if plan.engine == "kernel" and _fused.fusable(chain):  # GPU: a few kernels, same result
+    logits = jnp.asarray(logits)
+    if plan.engine == "kernel" and _fused.fusable(chain, logits.dtype):  # GPU: a few kernels
         token, raw, processed_lp, processed = _fused.fused_default_step(
-            chain, jnp.asarray(logits), key, interpret=plan.interpret)
+            chain, logits, key, interpret=plan.interpret)
         return token, chain.update(state, token, processed), StepOutput(raw, processed_lp, processed)
     processed = chain.apply(logits, state, key)  # [..., V]
     token = _sampling.sample(fold_in_rows(key, 0), processed)  # [...]

@@ -4,7 +4,9 @@
 MinP``, ``min_tokens_to_keep = 1``) on a GPU runs this instead of applying the four
 filters one after the other and then sampling. The token, both log-probs and the
 processed logits are those of the unfused step (same keys, same draw; see the
-deviations below); what changes is how many times the ``[B, V]`` logits are read and
+deviations below), up to float32 rounding of the masses (summed in another order on
+a GPU: a draw whose uniform lies within a few ulps of a segment boundary may pick the
+neighbouring token); what changes is how many times the ``[B, V]`` logits are read and
 how many programs run:
 
 1. :func:`jaxsample._kernels.row_stats` (one read): the raw row max and sum of exp
@@ -47,6 +49,8 @@ Deviations from the unfused step, both documented in `sample_step`:
 * A row whose *model* logits hold a NaN or ``+inf`` is invalid (token ``-1``, NaN
   log-probs) whatever the filters; the chain may drop a NaN in a truncation (a NaN
   compares false) and draw from the rest.
+* Processed logits come back through their keys: ``-0.0`` reads ``+0.0`` (equal
+  values).
 """
 
 from __future__ import annotations
@@ -67,12 +71,13 @@ _F32 = jnp.float32
 _U32 = jnp.uint32
 
 
-def fusable(chain: Any) -> bool:
+def fusable(chain: Any, dtype: Any = jnp.float32) -> bool:
     """True for a chain the fused step implements exactly: the four processors of
-    :func:`jaxsample.default_chain`, in its order, each with ``min_tokens_to_keep = 1``."""
+    :func:`jaxsample.default_chain`, in its order, each with ``min_tokens_to_keep = 1``,
+    on float32 / bfloat16 / float16 logits."""
     from jaxsample._chain import Chain, MinP, Temperature, TopK, TopP
 
-    if type(chain) is not Chain:
+    if type(chain) is not Chain or jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
         return False
     procs = chain.processors
     if tuple(type(p) for p in procs) != (Temperature, TopK, TopP, MinP):
@@ -131,8 +136,10 @@ def fused_default_step(chain: Any, logits: Array, key: Array, *, interpret: bool
     scale = 1.0 / jnp.where(greedy, 1.0, t)  # x * (1 / T): see the module docstring
 
     stats = _kernels.row_stats(x, scale, interpret=interpret)  # one read
-    valid = (stats["bad"] == 0) & (stats["max"] > -jnp.inf)
     top = stats["scaled_max"]  # max of x * (1 / T)
+    # Invalid: a NaN or +inf logit, no finite one, or scaled logits that overflow (the
+    # chain's processed row would hold +inf, or nothing finite).
+    valid = (stats["bad"] == 0) & (stats["max"] > -jnp.inf) & (greedy | jnp.isfinite(top))
     sampled = valid & ~greedy
     bits = _kernels.key_bits(x.dtype)
     digits = (_kernels.MAX_WIDTH,) * (bits // _kernels.MAX_WIDTH)
@@ -157,7 +164,8 @@ def fused_default_step(chain: Any, logits: Array, key: Array, *, interpret: bool
     # and top are decided before any pass: those passes read nothing for the row.
     total = stats["scaled_sum_exp"]
     start, decided = top_p_prefix(top, total, p, vocab, x.dtype)
-    decided = jnp.where(k_on, 0, decided)
+    # With top-k the total is the survivors', from the search's own first pass: no start.
+    start, decided = jnp.where(k_on, _U32(0), start), jnp.where(k_on, 0, decided)
     floor_p = search(lambda first_total: p * jnp.where(k_on, first_total, total), "softmax",
                      floor_k, p_on, start, decided)
     floor = jnp.maximum(floor_k, floor_p)

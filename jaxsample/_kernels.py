@@ -58,17 +58,25 @@ def _block_size(rows: int, vocab: int) -> int:
     return block
 
 
-def _scores(x_ref, scale_ref):
-    """The kernel's float32 view of a block of scores: ``x``, or with a per-row
-    ``scale`` (an inverse temperature) ``x * scale`` rounded to the scores' own dtype.
-    A product, not a quotient: IEEE multiplication rounds the same in every backend
-    (Triton, XLA, the interpreter), so the kernels and the XLA code around them agree
-    on every scaled value bit for bit."""
-    x = x_ref[...].astype(_F32)  # [1, block]
+def _load_row(ref, in_row):
+    """A ``(1, block)`` block of a ``[R, V]`` input as float32, reading only the columns
+    inside the row (the last block may hang past ``V``; the Triton lowering of
+    ``ref[...]`` would read past the buffer there). What lies outside is 0."""
+    from jax.experimental.pallas import triton as pltriton
+
+    return pltriton.load(ref, mask=in_row, other=0).astype(_F32)
+
+
+def _scores(x, scale_ref, dtype):
+    """The kernel's float32 view of a block of scores ``x`` (float32 values of
+    ``dtype``): ``x``, or with a per-row ``scale`` (an inverse temperature) ``x * scale``
+    rounded to ``dtype``. A product, not a quotient: IEEE multiplication rounds the
+    same in every backend (Triton, XLA, the interpreter), so the kernels and the XLA
+    code around them agree on every scaled value bit for bit."""
     if scale_ref is None:
         return x
     x = x * scale_ref[...]
-    return x if x_ref.dtype == _F32 else x.astype(x_ref.dtype).astype(_F32)
+    return x if dtype == _F32 else x.astype(dtype).astype(_F32)
 
 
 def _keys(x, bits):
@@ -115,17 +123,22 @@ def _columns(block, vocab, shape):
 
 def _gated(out_ref, active_ref, compute):
     """Writes ``compute()`` to ``out_ref``, or zeros without reading anything when the
-    row is inactive (``active_ref`` is ``None``: always active)."""
+    row is inactive (``active_ref`` is ``None``: always active). Two exclusive branches:
+    each output element is stored once."""
     from jax.experimental import pallas as pl
 
     if active_ref is None:
         out_ref[...] = compute()
         return
-    out_ref[...] = jnp.zeros(out_ref.shape, out_ref.dtype)
+    active = active_ref[0, 0] != 0
 
-    @pl.when(active_ref[0, 0] != 0)
+    @pl.when(active)
     def _():
         out_ref[...] = compute()
+
+    @pl.when(jnp.logical_not(active))
+    def _():
+        out_ref[...] = jnp.zeros(out_ref.shape, out_ref.dtype)
 
 
 def _kernel(*refs, width, vocab, block, bits, mode, scaled, gated):
@@ -138,7 +151,7 @@ def _kernel(*refs, width, vocab, block, bits, mode, scaled, gated):
     _, in_row = _columns(block, vocab, (1, block))  # (outside `pl.when`: the interpreter)
 
     def compute():
-        x = _scores(x_ref, scale_ref)  # [1, block]
+        x = _scores(_load_row(x_ref, in_row), scale_ref, x_ref.dtype)  # [1, block]
         valid = in_row
         key = _keys(x, bits)
         if mode == "count":
@@ -146,7 +159,7 @@ def _kernel(*refs, width, vocab, block, bits, mode, scaled, gated):
         elif mode == "softmax":  # stat: the row max
             w = jnp.exp((x if scale_ref is None else _from_keys(key, bits)) - stat_ref[...])
         else:
-            w = w_ref[...].astype(_F32)
+            w = _load_row(w_ref, in_row)
         if floor_ref is not None:  # only the elements at or above the floor count
             valid = valid & (key >= floor_ref[...])
         w = jnp.where(valid, w, 0.0)
@@ -196,7 +209,8 @@ def _launch(kernel, x: Array, per_row: list[Array], row_inputs: list[Array], lan
 
         # The Triton lowering (not Mosaic GPU, jax 0.10's default for pallas_call).
         params_type = getattr(pltriton, "CompilerParams", None) or pltriton.TritonCompilerParams
-        params["compiler_params"] = params_type(num_warps=4, num_stages=2)
+        # 8 warps on the wide blocks: at most 16-32 elements per thread in registers.
+        params["compiler_params"] = params_type(num_warps=8 if block >= 4096 else 4, num_stages=2)
     return pl.pallas_call(
         kernel, grid=(rows, blocks),
         in_specs=[row_block] + [one] * len(per_row) + [row_block] * len(row_inputs),
@@ -283,8 +297,8 @@ _STATS = 8
 
 
 def _stats_kernel(x_ref, scale_ref, out_ref, *, vocab, block, bits):
-    raw = x_ref[...].astype(_F32)  # [1, block]
-    col, valid = _columns(block, vocab, raw.shape)
+    col, valid = _columns(block, vocab, (1, block))
+    raw = _load_row(x_ref, valid)  # [1, block]
     bad = jnp.isnan(raw) | (raw == jnp.inf)
     ok = valid & ~bad
     neg_inf = jnp.float32(-jnp.inf)
@@ -297,7 +311,7 @@ def _stats_kernel(x_ref, scale_ref, out_ref, *, vocab, block, bits):
 
     x0, m0, s0 = max_and_sum(raw)
     # The scaled scores, through their keys (see _from_keys: no fused multiply-add).
-    _, m1, s1 = max_and_sum(_from_keys(_keys(_scores(x_ref, scale_ref), bits), bits))
+    _, m1, s1 = max_and_sum(_from_keys(_keys(_scores(raw, scale_ref, x_ref.dtype), bits), bits))
     arg = jnp.min(jnp.where(ok & (x0 == m0), col, vocab), axis=1, keepdims=True)
     n_bad = jnp.sum(jnp.where(valid & bad, 1.0, 0.0), axis=1, keepdims=True)
     lane = lax.broadcasted_iota(jnp.int32, (1, _STATS), 1)
@@ -340,8 +354,8 @@ SEGMENT = 256
 
 def _masses_kernel(x_ref, scale_ref, stat_ref, floor_ref, t_min_ref, out_ref, *, vocab, block,
                    bits):
-    x = _scores(x_ref, scale_ref)  # [1, block]
-    _, valid = _columns(block, vocab, x.shape)
+    _, valid = _columns(block, vocab, (1, block))
+    x = _scores(_load_row(x_ref, valid), scale_ref, x_ref.dtype)  # [1, block]
     key = _keys(x, bits)
     keep = valid & (key >= floor_ref[...]) & (x >= t_min_ref[...])
     e = jnp.where(keep, jnp.exp(_from_keys(key, bits) - stat_ref[...]), 0.0)

@@ -109,25 +109,53 @@ def test_fused_step_equals_the_chain_step(vocab, dtype):
 
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
 def test_fused_step_on_lm_like_logits_skips_decided_digits(dtype):
-    """LM-like rows (a few tokens far above a N(0, 2) bulk, shifted) with top-p alone:
-    the leading digits of the top-p threshold are decided by `top_p_prefix` (those
-    passes read nothing), and the step still equals the unfused one."""
+    """LM-like rows (a few tokens far above a N(0, 2) bulk, shifted): with top-p alone
+    the leading digits of the threshold are decided by `top_p_prefix` (those passes read
+    nothing); with a large top-k as well they are not (the survivors' total comes from
+    the search); the step equals the unfused one, rolled (interpreter) and unrolled (the
+    GPU's program)."""
     rng = np.random.default_rng(12)
-    rows, vocab = 8, 2048
+    rows, vocab = 12, 2048
     x = rng.standard_normal((rows, vocab)) * 2.0 + np.where(rng.random((rows, vocab)) < 0.003, 12.0, 0.0)
     x = jnp.asarray(x + rng.uniform(0, 25, (rows, 1)), DTYPES[dtype])
-    t = np.array([1.0, 0.7, 1.3, 1.0, 0.9, 1.0, 0.6, 1.1], np.float32)
-    p = np.array([0.9, 0.95, 0.5, 0.99, 0.8, 0.9, 0.3, 0.999], np.float32)
-    chain = js.default_chain(temperature=t, top_p=p)
+    t = np.resize(np.array([1.0, 0.7, 1.3, 1.0, 0.9, 1.0, 0.6, 1.1], np.float32), rows)
+    p = np.resize(np.array([0.9, 0.95, 0.5, 0.99, 0.8, 0.9, 0.3, 0.999], np.float32), rows)
+    k = np.where(np.arange(rows) >= 8, vocab // 2, 0).astype(np.int32)  # rows 8+: top-k too
+    chain = js.default_chain(temperature=t, top_k=k, top_p=p)
     s = (x.astype(jnp.float32) * (1.0 / t)[:, None]).astype(x.dtype).astype(jnp.float32)
     top = jnp.max(s, axis=1)
     _, decided = _fused.top_p_prefix(top, jnp.sum(jnp.exp(s - top[:, None]), axis=1), p, vocab, x.dtype)
-    assert (np.asarray(decided) >= 4).sum() >= rows // 2, decided
+    assert (np.asarray(decided)[:8] >= 4).sum() >= 4, decided
     keys = jax.random.split(jax.random.key(4), rows)
     want = _reference_step(chain, x, keys)
     _assert_same_step(_fused_step(chain, x, keys), want)
-    if dtype == "bf16":  # the unrolled passes (the GPU's program), interpreted
-        _assert_same_step(_fused_step(chain, x, keys, rolled=False), want)
+    _assert_same_step(_fused_step(chain, x, keys, rolled=False), want)
+
+
+def test_fused_step_top_k_then_top_p_keeps_the_survivors_nucleus():
+    """top-k 1000 then top-p 0.3 on 1024 tokens whose nucleus lies among 256 near-ties:
+    the top-p mass is that of the top-k survivors (a review's counter-example)."""
+    x = np.full((1, 1024), 999.0, np.float32)
+    x[0, 0] = 1003.0
+    x[0, 1:257] = np.linspace(1002.75, 1003.0, 256, dtype=np.float32)
+    chain = js.default_chain(top_k=np.array([1000], np.int32), top_p=np.array([0.3], np.float32))
+    keys = jax.random.split(jax.random.key(0), 1)
+    _assert_same_step(_fused_step(chain, jnp.asarray(x), keys), _reference_step(chain, jnp.asarray(x), keys))
+
+
+@pytest.mark.parametrize("dtype, value, t", [("f16", 4000.0, 0.05), ("f32", 3e38, 0.5),
+                                             ("f32", -3e38, 0.5)])
+def test_fused_step_scaled_overflow_is_an_invalid_row(dtype, value, t):
+    """Finite logits whose scaled value overflows (+inf, or every logit -inf): token -1
+    and NaN log-probs, as the unfused step."""
+    x = jnp.asarray(np.full((2, 600), value, np.float32), DTYPES[dtype])
+    chain = js.default_chain(temperature=np.array([t, t], np.float32), top_p=0.9)
+    keys = jax.random.split(jax.random.key(0), 2)
+    token, raw, processed, _ = _fused_step(chain, x, keys)
+    want_token = _reference_step(chain, x, keys)[0]
+    np.testing.assert_array_equal(token, [-1, -1])
+    np.testing.assert_array_equal(want_token, [-1, -1])
+    assert np.isnan(np.asarray(raw)).all() and np.isnan(np.asarray(processed)).all()
 
 
 def test_sample_step_takes_the_fused_path_on_the_kernel_plan(monkeypatch):
@@ -146,6 +174,7 @@ def test_sample_step_takes_the_fused_path_on_the_kernel_plan(monkeypatch):
     assert not _fused.fusable(js.chain(js.TopK(5), js.TopP(0.9)))
     assert not _fused.fusable(js.default_chain(min_tokens_to_keep=2))
     assert not _fused.fusable(js.chain(js.BanTokens([3]), js.default_chain()))
+    assert _fused.fusable(js.default_chain(), jnp.bfloat16) and not _fused.fusable(js.default_chain(), jnp.float64)
 
 
 @pytest.mark.slow
