@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsample import _filters
+from jaxsample import _filters, _fused, _select
 from jaxsample import _sampling
 from jaxsample import _validation as _val
 
@@ -826,6 +826,13 @@ def sample_step(
       ``(token int32[...], new_state, StepOutput)``; ``token`` is ``-1`` for a row with
       no finite (or a NaN) processed logit.
 
+    On a GPU (the backend's selection plan is the Pallas kernel plan), a chain with
+    the structure of :func:`default_chain` (``min_tokens_to_keep = 1``) runs as one
+    fused step (`jaxsample._fused`): the same keys, draw and log-probs in a few
+    kernels. Two documented differences there: the temperature is applied as
+    ``x * (1 / T)`` (within one ulp of ``x / T``), and a row whose model logits hold a
+    NaN or ``+inf`` gives ``-1`` whatever the filters.
+
     Example:
       >>> import jax, jax.numpy as jnp
       >>> c = default_chain(top_k=1)
@@ -837,6 +844,12 @@ def sample_step(
     """
     key = _sampling.as_typed_key(key)
     state = _state_or_init(chain, state, logits.shape[-1])
+    plan = _select.default_plan(vocab=logits.shape[-1])
+    logits = jnp.asarray(logits)
+    if plan.engine == "kernel" and _fused.fusable(chain, logits.dtype):  # GPU: a few kernels
+        token, raw, processed_lp, processed = _fused.fused_default_step(
+            chain, logits, key, interpret=plan.interpret)
+        return token, chain.update(state, token, processed), StepOutput(raw, processed_lp, processed)
     processed = chain.apply(logits, state, key)  # [..., V]
     token = _sampling.sample(fold_in_rows(key, 0), processed)  # [...]
     new_state = chain.update(state, token, processed)

@@ -136,7 +136,17 @@ class StreamChunk(NamedTuple):
       logprobs_raw, logprobs_processed: float32 [B, C] (0 where a row had finished).
       lengths: int32 [B], generated tokens per row so far (a stop token counts).
       finish_reason: int32 [B], a `FinishReason`, final for rows with `done`.
-      done: bool [B], rows that finished (stop id, no valid token, or max_new_tokens).
+      done: bool [B], rows that finished (stop id, no valid token, or max_new_tokens: on
+        the last chunk every row is done).
+      top_token_ids, top_logprobs: int32 / float32 [B, C, K], `generate`'s top-N fields
+        for these C indices (`pad_id` / 0 where a row had finished); None unless
+        `top_logprobs=K` was requested.
+      prompt_logprobs: float32 [B_prompts, P], as `generate`'s, on the first chunk
+        (start 0) only: it comes from the prefill that produced that chunk. None on the
+        other chunks and unless requested.
+      stats: a `GenerateStats` with `return_stats=True` (else None): `entropy` and
+        `num_kept` [B, C] for these C indices, `final_state` the processors' state
+        after this chunk (after the last chunk: `generate`'s `final_state`).
     """
 
     start: int
@@ -146,6 +156,10 @@ class StreamChunk(NamedTuple):
     lengths: jax.Array
     finish_reason: jax.Array
     done: jax.Array
+    top_token_ids: jax.Array | None = None
+    top_logprobs: jax.Array | None = None
+    prompt_logprobs: jax.Array | None = None
+    stats: GenerateStats | None = None
 
 
 def _row_keys(keys: jax.Array, batch: int) -> jax.Array:
@@ -465,10 +479,16 @@ def _generate_impl(model, prompt_tokens, prompt_lengths, keys, sampler, stops, p
     (_, _, state, _, lengths, finish), rest = jax.lax.scan(body, carry, jnp.arange(1, max_new_tokens))
     # first: [B, ...] for index 0; rest: [N-1, B, ...] -> [B, N, ...]
     ys = [jnp.concatenate([f[:, None], jnp.moveaxis(r, 0, 1)], axis=1) for f, r in zip(first, rest)]
-    tokens, raw, processed = ys[:3]
-    top_ids, top_lp = ys[3:5] if top_logprobs else (None, None)
+    (tokens, raw, processed), top, stats = _split_outputs(ys, top_logprobs, return_stats, state)
+    return GenerateOutput(tokens, lengths, raw, processed, finish, *top, prompt_lp, stats)
+
+
+def _split_outputs(ys, top_logprobs, return_stats, state):
+    """`_decode_step`'s per-step outputs (stacked over steps) -> ((tokens, raw, processed),
+    (top ids, top log-probs) or (None, None), `GenerateStats` or None)."""
+    top = tuple(ys[3:5]) if top_logprobs else (None, None)
     stats = GenerateStats(*ys[-2:], final_state=state) if return_stats else None
-    return GenerateOutput(tokens, lengths, raw, processed, finish, top_ids, top_lp, prompt_lp, stats)
+    return tuple(ys[:3]), top, stats
 
 
 _STATIC = ("max_new_tokens", "cache_size", "n", "top_logprobs", "prompt_logprobs", "sample_fn", "return_stats")
@@ -482,7 +502,8 @@ _generate_static_model = jax.jit(_generate_impl, static_argnums=(0,), static_arg
 def generate_stream(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengths: jax.Array, keys: jax.Array,
                     *, max_new_tokens: int, chunk_size: int = 16, sampler: Chain | None = None,
                     stop_ids: Sequence[int] = (), pad_id: int = 0, cache_size: int | None = None, n: int = 1,
-                    sample_fn: Callable = sample_step) -> Iterator[StreamChunk]:
+                    top_logprobs: int = 0, prompt_logprobs: bool = False, sample_fn: Callable = sample_step,
+                    return_stats: bool = False) -> Iterator[StreamChunk]:
     """Like `generate`, but yields the tokens chunk by chunk while they are produced.
 
     The first chunk is generated index 0 alone (right after the prefill: the first
@@ -496,12 +517,16 @@ def generate_stream(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengt
 
     Args:
       model, prompt_tokens, prompt_lengths, keys, max_new_tokens, sampler, stop_ids,
-        pad_id, cache_size, n, sample_fn: as for `generate`.
+        pad_id, cache_size, n, top_logprobs, prompt_logprobs, sample_fn, return_stats:
+        as for `generate`, with the same meaning and layout per chunk.
       chunk_size: C, static: decode steps per chunk (larger: fewer host round trips).
 
     Yields:
-      `StreamChunk`s; concatenating their `tokens` along axis 1 gives `generate`'s
-      tokens up to the last chunk (padded with `pad_id` where rows finished).
+      `StreamChunk`s; concatenating a per-step field (`tokens`, the log-probs, the top-N
+      fields, `stats.entropy`, `stats.num_kept`) along axis 1 gives `generate`'s up to
+      the last chunk (padded where rows finished). `prompt_logprobs` comes once, on the
+      first chunk; the last chunk's `lengths`, `finish_reason` and `stats.final_state`
+      are `generate`'s.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxsample as js
@@ -516,41 +541,46 @@ def generate_stream(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengt
     if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     args, static = _prepare(model, prompt_tokens, prompt_lengths, keys, max_new_tokens, sampler, stop_ids,
-                            pad_id, cache_size, n, 0, False, sample_fn, "generate_stream")
-    return _stream(model, args, static, int(chunk_size))
+                            pad_id, cache_size, n, top_logprobs, prompt_logprobs, sample_fn, "generate_stream")
+    return _stream(model, args, static, int(chunk_size), bool(return_stats))
 
 
-def _stream(model, args, static, chunk_size):
+def _stream(model, args, static, chunk_size, return_stats):
     _, _, keys, sampler, stops, pad_id = args
     traced = _is_pytree(model)
     start = _stream_start_traced if traced else _stream_start_static
     step = _stream_chunk_traced if traced else _stream_chunk_static
-    carry, first, _, prompt_lengths = start(model, *args, **static, return_stats=False)
-    _, _, _, done, lengths, finish = carry
-    yield StreamChunk(0, *(y[:, None] for y in first), lengths, finish, done)
+    top_logprobs = static["top_logprobs"]
     n_steps = static["max_new_tokens"]
+
+    def chunk(begin, carry, ys, prompt_lp=None):
+        _, _, state, done, lengths, finish = carry
+        main, top, stats = _split_outputs(ys, top_logprobs, return_stats, state)
+        done = done | (begin + main[0].shape[1] >= n_steps)  # the last chunk: every row is done
+        return StreamChunk(begin, *main, lengths, finish, done, *top, prompt_lp, stats)
+
+    carry, first, prompt_lp, prompt_lengths = start(model, *args, **static, return_stats=return_stats)
+    yield chunk(0, carry, [y[:, None] for y in first], prompt_lp)
     limit = jnp.asarray(n_steps, jnp.int32)
     for begin in range(1, n_steps, chunk_size):
+        token, cache, state, done, lengths, finish = carry  # the cache is donated: updated in place
         if bool(np.all(np.asarray(done))):
             return
-        token, cache, state, done, lengths, finish = carry  # the cache is donated: updated in place
         carry, ys = step(model, sampler, keys, stops, pad_id, prompt_lengths, cache, (token, state, done, lengths,
                          finish), jnp.asarray(begin, jnp.int32), limit, chunk_size=chunk_size,
-                         sample_fn=static["sample_fn"])
-        _, _, _, done, lengths, finish = carry
+                         sample_fn=static["sample_fn"], top_logprobs=top_logprobs, return_stats=return_stats)
         width = min(chunk_size, n_steps - begin)
-        if width < chunk_size:
-            ys = tuple(y[:, :width] for y in ys)
-        yield StreamChunk(begin, *ys, lengths, finish, done)
+        yield chunk(begin, carry, [y[:, :width] for y in ys])
 
 
 def _stream_chunk(model, sampler, keys, stops, pad_id, prompt_lengths, cache, rest, begin, limit, *, chunk_size,
-                  sample_fn):
+                  sample_fn, top_logprobs=0, return_stats=False):
     """`chunk_size` decode steps from generated index `begin` (traced); steps >= `limit` are skipped.
 
     The carry comes as `cache` (donated: the KV cache is updated in place) and `rest`
     (token, state, done, lengths, finish), which the caller may still hold."""
-    _, body = _decode_step(model, sampler, keys, stops, pad_id, prompt_lengths, sample_fn=sample_fn)
+    _, body = _decode_step(model, sampler, keys, stops, pad_id, prompt_lengths, sample_fn=sample_fn,
+                           top_logprobs=top_logprobs, return_stats=return_stats)
     token, state, done, lengths, finish = rest
     carry = (token, cache, state, done, lengths, finish)
 
@@ -563,7 +593,7 @@ def _stream_chunk(model, sampler, keys, stops, pad_id, prompt_lengths, cache, re
 
 
 _START_STATIC = _STATIC
-_CHUNK_STATIC = ("chunk_size", "sample_fn")
+_CHUNK_STATIC = ("chunk_size", "sample_fn", "top_logprobs", "return_stats")
 _stream_start_traced = jax.jit(_start, static_argnames=_START_STATIC)
 _stream_start_static = jax.jit(_start, static_argnums=(0,), static_argnames=_START_STATIC)
 _stream_chunk_traced = jax.jit(_stream_chunk, static_argnames=_CHUNK_STATIC, donate_argnums=(6,))

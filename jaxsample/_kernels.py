@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["count_above", "key_bits", "MAX_WIDTH"]
+__all__ = ["count_above", "row_stats", "segment_masses", "key_bits", "MAX_WIDTH", "SEGMENT"]
 
 Array = jax.Array
 
@@ -58,16 +58,30 @@ def _block_size(rows: int, vocab: int) -> int:
     return block
 
 
-def _kernel(*refs, width, vocab, block, bits, mode):
-    if mode == "weights":
-        x_ref, prefix_ref, shift_ref, stat_ref, w_ref, out_ref = refs
-    else:
-        x_ref, prefix_ref, shift_ref, stat_ref, out_ref = refs
-    from jax.experimental import pallas as pl
+def _load_row(ref, in_row):
+    """A ``(1, block)`` block of a ``[R, V]`` input as float32, reading only the columns
+    inside the row (the last block may hang past ``V``; the Triton lowering of
+    ``ref[...]`` would read past the buffer there). What lies outside is 0."""
+    from jax.experimental.pallas import triton as pltriton
 
-    x = x_ref[...].astype(_F32)  # [1, block]
-    col = pl.program_id(1) * block + lax.broadcasted_iota(jnp.int32, x.shape, 1)
-    valid = col < vocab
+    return pltriton.load(ref, mask=in_row, other=0).astype(_F32)
+
+
+def _scores(x, scale_ref, dtype):
+    """The kernel's float32 view of a block of scores ``x`` (float32 values of
+    ``dtype``): ``x``, or with a per-row ``scale`` (an inverse temperature) ``x * scale``
+    rounded to ``dtype``. A product, not a quotient: IEEE multiplication rounds the
+    same in every backend (Triton, XLA, the interpreter), so the kernels and the XLA
+    code around them agree on every scaled value bit for bit."""
+    if scale_ref is None:
+        return x
+    x = x * scale_ref[...]
+    return x if dtype == _F32 else x.astype(dtype).astype(_F32)
+
+
+def _keys(x, bits):
+    """Order-preserving keys (uint32) of float32 values, as `_select.ordered_keys`:
+    16-bit keys from the high half (bfloat16 scores), else 32-bit."""
     x = jnp.where(x == 0, 0.0, x)  # -0.0 -> +0.0
     b = lax.bitcast_convert_type(x, _U32)
     if bits == 16:  # bfloat16: the high half of its float32 bits is its own
@@ -76,21 +90,88 @@ def _kernel(*refs, width, vocab, block, bits, mode):
     else:
         sign, full = _U32(0x80000000), _U32(0xFFFFFFFF)
     key = jnp.where(b >= sign, (~b) & full, b | sign)
-    key = jnp.where(jnp.isnan(x), full, key)  # NaN last, as ordered_keys
-    if mode == "count":
-        w = jnp.ones_like(x)
-    elif mode == "softmax":
-        w = jnp.exp(x - stat_ref[...])  # stat: the row max
+    return jnp.where(jnp.isnan(x), full, key)  # NaN last, as ordered_keys
+
+
+def _from_keys(key, bits):
+    """The float32 value of a key (the inverse of :func:`_keys`; ``-0.0`` comes back as
+    ``+0.0``, a NaN as a NaN).
+
+    ``exp(_from_keys(key) - stat)`` rather than ``exp(s - stat)`` for a scaled ``s``:
+    the compiler cannot see through the round trip, so it cannot contract the product
+    ``x * scale`` and the subtraction into one fused multiply-add, which would
+    subtract the *unrounded* product (for large logits far more than a rounding error,
+    e.g. ``exp(+1e22)`` at logits of ``-1e30``).
+    """
+    if bits == 16:
+        sign = _U32(0x8000)
+        b = jnp.where(key >= sign, key & _U32(0x7FFF), (~key) & _U32(0xFFFF))
+        b = lax.shift_left(b, _U32(16))
     else:
-        w = w_ref[...].astype(_F32)
-    w = jnp.where(valid, w, 0.0)
-    prefix, shift = prefix_ref[...], shift_ref[...]  # [1, 1] uint32 each
-    lane = lax.broadcasted_iota(jnp.int32, (1, _LANES), 1)
-    out = jnp.zeros((1, _LANES), _F32)
-    for c in range(1, 1 << width):  # static: one masked sum per candidate
-        above = key >= (prefix | lax.shift_left(_U32(c), shift))
-        out = jnp.where(lane == c, jnp.sum(jnp.where(above, w, 0.0), axis=1, keepdims=True), out)
-    out_ref[...] = out
+        sign = _U32(0x80000000)
+        b = jnp.where(key >= sign, key & _U32(0x7FFFFFFF), ~key)
+    return lax.bitcast_convert_type(b, _F32)
+
+
+def _columns(block, vocab, shape):
+    """(global column ``int32``, ``column < vocab``) of the current block."""
+    from jax.experimental import pallas as pl
+
+    col = pl.program_id(1) * block + lax.broadcasted_iota(jnp.int32, shape, 1)
+    return col, col < vocab
+
+
+def _gated(out_ref, active_ref, compute):
+    """Writes ``compute()`` to ``out_ref``, or zeros without reading anything when the
+    row is inactive (``active_ref`` is ``None``: always active). Two exclusive branches:
+    each output element is stored once."""
+    from jax.experimental import pallas as pl
+
+    if active_ref is None:
+        out_ref[...] = compute()
+        return
+    active = active_ref[0, 0] != 0
+
+    @pl.when(active)
+    def _():
+        out_ref[...] = compute()
+
+    @pl.when(jnp.logical_not(active))
+    def _():
+        out_ref[...] = jnp.zeros(out_ref.shape, out_ref.dtype)
+
+
+def _kernel(*refs, width, vocab, block, bits, mode, scaled, gated):
+    refs = list(refs)
+    x_ref, prefix_ref, shift_ref, stat_ref = refs[:4]
+    w_ref = refs.pop(4) if mode == "weights" else None
+    scale_ref = refs.pop(4) if scaled else None
+    floor_ref, active_ref = (refs.pop(4), refs.pop(4)) if gated else (None, None)
+    out_ref = refs[4]
+    _, in_row = _columns(block, vocab, (1, block))  # (outside `pl.when`: the interpreter)
+
+    def compute():
+        x = _scores(_load_row(x_ref, in_row), scale_ref, x_ref.dtype)  # [1, block]
+        valid = in_row
+        key = _keys(x, bits)
+        if mode == "count":
+            w = jnp.ones_like(x)
+        elif mode == "softmax":  # stat: the row max
+            w = jnp.exp((x if scale_ref is None else _from_keys(key, bits)) - stat_ref[...])
+        else:
+            w = _load_row(w_ref, in_row)
+        if floor_ref is not None:  # only the elements at or above the floor count
+            valid = valid & (key >= floor_ref[...])
+        w = jnp.where(valid, w, 0.0)
+        prefix, shift = prefix_ref[...], shift_ref[...]  # [1, 1] uint32 each
+        lane = lax.broadcasted_iota(jnp.int32, (1, _LANES), 1)
+        out = jnp.zeros((1, _LANES), _F32)
+        for c in range(1 << width):  # static: one masked sum per candidate (0: the prefix)
+            above = key >= (prefix | lax.shift_left(_U32(c), shift))
+            out = jnp.where(lane == c, jnp.sum(jnp.where(above, w, 0.0), axis=1, keepdims=True), out)
+        return out
+
+    _gated(out_ref, active_ref, compute)
 
 
 def _out_shape(shape: tuple[int, ...], like: Array) -> jax.ShapeDtypeStruct:
@@ -106,8 +187,42 @@ def _out_shape(shape: tuple[int, ...], like: Array) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, _F32)
 
 
+def _per_row(value: Array, dtype) -> Array:
+    """A ``[R]`` per-row value as the ``[R, 1]`` input a ``(1, 1)`` block reads."""
+    return value.astype(dtype)[:, None]
+
+
+def _launch(kernel, x: Array, per_row: list[Array], row_inputs: list[Array], lanes: int,
+            block: int, interpret: bool) -> Array:
+    """``kernel`` over the grid ``[R, ceil(V / block)]``: ``x`` and ``row_inputs`` in
+    ``(1, block)`` blocks, each of ``per_row`` (``[R, 1]``) as a ``(1, 1)`` block;
+    returns the ``float32 [R, blocks * lanes]`` of the programs' ``(1, lanes)`` outputs."""
+    from jax.experimental import pallas as pl
+
+    rows, vocab = x.shape
+    blocks = -(-vocab // block)
+    row_block = pl.BlockSpec((1, block), lambda i, j: (i, j))
+    one = pl.BlockSpec((1, 1), lambda i, j: (i, 0))
+    params = {}
+    if not interpret:
+        from jax.experimental.pallas import triton as pltriton
+
+        # The Triton lowering (not Mosaic GPU, jax 0.10's default for pallas_call).
+        params_type = getattr(pltriton, "CompilerParams", None) or pltriton.TritonCompilerParams
+        # 8 warps on the wide blocks: at most 16-32 elements per thread in registers.
+        params["compiler_params"] = params_type(num_warps=8 if block >= 4096 else 4, num_stages=2)
+    return pl.pallas_call(
+        kernel, grid=(rows, blocks),
+        in_specs=[row_block] + [one] * len(per_row) + [row_block] * len(row_inputs),
+        out_specs=pl.BlockSpec((1, lanes), lambda i, j: (i, j)),
+        out_shape=_out_shape((rows, blocks * lanes), x),
+        interpret=interpret, **params)(x, *per_row, *row_inputs)
+
+
 def count_above(x: Array, prefix: Array, shift: Array | int, stat: Array | None,
                 weights: Array | None, *, width: int, mode: str,
+                scale: Array | None = None, floor: Array | None = None,
+                active: Array | None = None, with_total: bool = False,
                 interpret: bool = False) -> Array:
     """Mass of ``key >= prefix | (c << shift)`` for ``c = 1 .. 2**width - 1``, per row.
 
@@ -120,41 +235,149 @@ def count_above(x: Array, prefix: Array, shift: Array | int, stat: Array | None,
       weights: ``[R, V]`` weights for ``mode="weights"``, else None.
       width: the digit's width (static; ``width <= MAX_WIDTH``).
       mode: ``"count"``, ``"softmax"`` or ``"weights"``.
+      scale: ``float32 [R]`` or None: the scores are ``x * scale`` rounded to
+        ``x.dtype`` (an inverse temperature applied on chip; ``stat`` is then their
+        max).
+      floor: ``uint32 [R]`` key or None: only elements with ``key >= floor`` weigh.
+      active: ``bool [R]`` or None: an inactive row's programs read nothing and
+        report zero mass (a disabled filter costs a launch, not a read).
+      with_total: also return column 0, the mass above ``prefix`` itself.
       interpret: run the kernel in the Pallas interpreter (CPU, tests).
 
     Returns:
-      ``float32 [R, 2**width - 1]``: column ``c - 1`` holds the mass above candidate
-      ``c``; for ``"count"`` exact integers (as float32, up to 2**24 per block).
+      ``float32 [R, 2**width - 1]`` (``[R, 2**width]`` with ``with_total``): column
+      ``c - 1`` (``c``) holds the mass above candidate ``c``; for ``"count"`` exact
+      integers as ``int32`` (up to 2**24 per block).
     """
-    from jax.experimental import pallas as pl
-
     rows, vocab = x.shape
     block = _block_size(rows, vocab)
-    blocks = -(-vocab // block)
+    gated = floor is not None or active is not None
     kernel = functools.partial(_kernel, width=width, vocab=vocab, block=block,
-                               bits=key_bits(x.dtype), mode=mode)
-    row_block = pl.BlockSpec((1, block), lambda i, j: (i, j))
-    per_row = pl.BlockSpec((1, 1), lambda i, j: (i, 0))
-    stat = jnp.zeros((rows,), _F32) if stat is None else stat.astype(_F32)
+                               bits=key_bits(x.dtype), mode=mode, scaled=scale is not None,
+                               gated=gated)
+    stat = jnp.zeros((rows,), _F32) if stat is None else stat
     shift = jnp.broadcast_to(jnp.asarray(shift, _U32), (rows,))
-    args = [x, prefix.astype(_U32)[:, None], shift[:, None], stat[:, None]]
-    in_specs = [row_block, per_row, per_row, per_row]
-    if mode == "weights":
-        args.append(weights)
-        in_specs.append(row_block)
-    params = {}
-    if not interpret:
-        from jax.experimental.pallas import triton as pltriton
-
-        # The Triton lowering (not Mosaic GPU, jax 0.10's default for pallas_call).
-        params_type = getattr(pltriton, "CompilerParams", None) or pltriton.TritonCompilerParams
-        params["compiler_params"] = params_type(num_warps=4, num_stages=2)
-    partial = pl.pallas_call(
-        kernel, grid=(rows, blocks), in_specs=in_specs,
-        out_specs=pl.BlockSpec((1, _LANES), lambda i, j: (i, j)),
-        out_shape=_out_shape((rows, blocks * _LANES), x),
-        interpret=interpret, **params)(*args)  # [R, blocks * 16]
-    partial = partial.reshape(rows, blocks, _LANES)[:, :, 1:1 << width]
+    per_row = [_per_row(prefix, _U32), _per_row(shift, _U32), _per_row(stat, _F32)]
+    if scale is not None:
+        per_row.append(_per_row(scale, _F32))
+    if gated:
+        per_row.append(_per_row(jnp.zeros((rows,), _U32) if floor is None else floor, _U32))
+        per_row.append(_per_row(jnp.ones((rows,), bool) if active is None else active,
+                                jnp.int32))
+    row_inputs = [weights] if mode == "weights" else []
+    # The weights are the last kernel input but come right after `stat` in `_kernel`'s
+    # argument list: reorder per_row / row_inputs to the kernel's order.
+    partial = _launch(_reorder(kernel, len(per_row), len(row_inputs)), x, per_row, row_inputs,
+                      _LANES, block, interpret)  # [R, blocks * 16]
+    partial = partial.reshape(rows, -1, _LANES)[:, :, (0 if with_total else 1):1 << width]
     if mode == "count":  # exact: integers per block, summed as integers
         return jnp.sum(partial.astype(jnp.int32), axis=1)
     return jnp.sum(partial, axis=1)
+
+
+def _reorder(kernel, n_per_row: int, n_row_inputs: int):
+    """``kernel`` called as ``(x, *per_row, *row_inputs, out)`` with its refs in the
+    order ``(x, prefix, shift, stat, *row_inputs, *rest_of_per_row, out)``."""
+    if not n_row_inputs:
+        return kernel
+
+    def reordered(*refs):
+        x, per_row = refs[0], refs[1:1 + n_per_row]
+        row_inputs = refs[1 + n_per_row:1 + n_per_row + n_row_inputs]
+        return kernel(x, *per_row[:3], *row_inputs, *per_row[3:], *refs[1 + n_per_row + n_row_inputs:])
+
+    return reordered
+
+
+# ----------------------------------------------------------------------------- fused step
+
+#: Lanes of :func:`row_stats`: raw max, raw sum of exp, scaled max, arg-max, bad count,
+#: scaled sum of exp.
+_STATS = 8
+
+
+def _stats_kernel(x_ref, scale_ref, out_ref, *, vocab, block, bits):
+    col, valid = _columns(block, vocab, (1, block))
+    raw = _load_row(x_ref, valid)  # [1, block]
+    bad = jnp.isnan(raw) | (raw == jnp.inf)
+    ok = valid & ~bad
+    neg_inf = jnp.float32(-jnp.inf)
+
+    def max_and_sum(x):
+        x = jnp.where(ok, x, neg_inf)
+        top = jnp.max(x, axis=1, keepdims=True)  # [1, 1]
+        safe = jnp.where(top > neg_inf, top, 0.0)
+        return x, top, jnp.sum(jnp.exp(x - safe), axis=1, keepdims=True)
+
+    x0, m0, s0 = max_and_sum(raw)
+    # The scaled scores, through their keys (see _from_keys: no fused multiply-add).
+    _, m1, s1 = max_and_sum(_from_keys(_keys(_scores(raw, scale_ref, x_ref.dtype), bits), bits))
+    arg = jnp.min(jnp.where(ok & (x0 == m0), col, vocab), axis=1, keepdims=True)
+    n_bad = jnp.sum(jnp.where(valid & bad, 1.0, 0.0), axis=1, keepdims=True)
+    lane = lax.broadcasted_iota(jnp.int32, (1, _STATS), 1)
+    out = jnp.zeros((1, _STATS), _F32)
+    for c, value in enumerate((m0, s0, m1, arg.astype(_F32), n_bad, s1)):
+        out = jnp.where(lane == c, value, out)
+    out_ref[...] = out
+
+
+def row_stats(x: Array, scale: Array, *, interpret: bool = False) -> dict[str, Array]:
+    """One read of ``x [R, V]``: what a sampling step needs about each row.
+
+    Returns a dict of ``[R]`` arrays: ``max`` and ``sum_exp`` (``sum exp(x - max)``) of
+    the raw scores (their log-softmax), ``scaled_max`` and ``scaled_sum_exp`` (the same
+    for ``x * scale`` rounded to ``x.dtype``), ``argmax`` (lowest index on ties, int32) and ``bad`` (the number of
+    NaN and ``+inf`` entries, int32). NaN and ``+inf`` entries are left out of the
+    max, the sum and the arg-max.
+    """
+    rows, vocab = x.shape
+    block = _block_size(rows, vocab)
+    kernel = functools.partial(_stats_kernel, vocab=vocab, block=block, bits=key_bits(x.dtype))
+    part = _launch(kernel, x, [_per_row(scale, _F32)], [], _STATS, block, interpret)
+    part = part.reshape(rows, -1, _STATS)  # [R, blocks, lanes]
+    def combine(block_max, block_sum):  # block sums are relative to the block max
+        top = jnp.max(block_max, axis=1)
+        safe = jnp.where(top > -jnp.inf, top, 0.0)
+        return top, jnp.sum(jnp.where(block_max > -jnp.inf,
+                                      block_sum * jnp.exp(block_max - safe[:, None]), 0.0), axis=1)
+
+    m0, s0 = combine(part[:, :, 0], part[:, :, 1])
+    m1, s1 = combine(part[:, :, 2], part[:, :, 5])
+    arg = jnp.min(jnp.where(part[:, :, 0] == m0[:, None], part[:, :, 3], vocab), axis=1)
+    return {"max": m0, "sum_exp": s0, "scaled_max": m1, "scaled_sum_exp": s1,
+            "argmax": arg.astype(jnp.int32), "bad": jnp.sum(part[:, :, 4], axis=1).astype(jnp.int32)}
+
+
+#: Tokens per segment of :func:`segment_masses` (the sampler's inverse-CDF block).
+SEGMENT = 256
+
+
+def _masses_kernel(x_ref, scale_ref, stat_ref, floor_ref, t_min_ref, out_ref, *, vocab, block,
+                   bits):
+    _, valid = _columns(block, vocab, (1, block))
+    x = _scores(_load_row(x_ref, valid), scale_ref, x_ref.dtype)  # [1, block]
+    key = _keys(x, bits)
+    keep = valid & (key >= floor_ref[...]) & (x >= t_min_ref[...])
+    e = jnp.where(keep, jnp.exp(_from_keys(key, bits) - stat_ref[...]), 0.0)
+    segments = block // SEGMENT
+    out_ref[...] = jnp.sum(e.reshape(segments, SEGMENT), axis=1).reshape(1, segments)
+
+
+def segment_masses(x: Array, scale: Array, stat: Array, floor: Array, t_min: Array, *,
+                   interpret: bool = False) -> Array:
+    """Softmax mass of the kept tokens per segment of :data:`SEGMENT` tokens: one read.
+
+    Token ``i`` of row ``r`` weighs ``exp(s_i - stat_r)`` where ``s = x * scale``
+    (rounded to ``x.dtype``) if it is kept, ``key(s_i) >= floor_r`` and
+    ``s_i >= t_min_r``, else 0 (as does every column past ``V``).
+
+    Returns:
+      ``float32 [R, ceil(V / SEGMENT)]``.
+    """
+    rows, vocab = x.shape
+    block = max(_block_size(rows, vocab), SEGMENT)
+    kernel = functools.partial(_masses_kernel, vocab=vocab, block=block, bits=key_bits(x.dtype))
+    per_row = [_per_row(scale, _F32), _per_row(stat, _F32), _per_row(floor, _U32),
+               _per_row(t_min, _F32)]
+    part = _launch(kernel, x, per_row, [], block // SEGMENT, block, interpret)
+    return part[:, :-(-vocab // SEGMENT)]

@@ -47,7 +47,8 @@ Randomness (per row, documented like `generate`'s): generated index i of row b u
 `fold_in(s, ACCEPT_STREAM)`. Index i is decided in exactly one round (proposals after a
 rejection are discarded and re-drawn next round with the same keys, but nothing that
 was emitted depended on them), so a row's output depends only on its own key, prompt
-and sampler values, never on its batch-mates.
+and sampler values, never on its batch-mates. With n samples per prompt the row key of
+sample j of prompt i (row i * n + j) is `fold_in(keys[i], j)`, exactly as in `generate`.
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ import numpy as np
 from jaxsample import _sampling
 from jaxsample._chain import Chain, Temperature, chain, init_state
 from jaxsample._ngram import NGramDraft
-from jaxsample._generate import (FinishReason, GenerateOutput, LanguageModel, _as_int, _is_pytree, _prefill,
-                                 _row_keys, _validate)
+from jaxsample._generate import (FinishReason, GenerateOutput, LanguageModel, _as_int, _is_pytree, _prefill_samples,
+                                 _row_keys, _sample_keys, _top_logprobs, _validate, _validate_outputs)
 
 __all__ = ["PromptLookup", "SpeculativeOutput", "SpeculativeStats", "speculative_generate",
            "DRAFT_STREAM", "ACCEPT_STREAM"]
@@ -262,15 +263,20 @@ def _draft_model_proposals(draft, dcache, seq, pos, length, sampler, state, keys
     return tokens, qs, dcache
 
 
-def _impl(model, draft, prompt_tokens, prompt_lengths, keys, sampler, stops, pad_id, *, max_new_tokens, k):
+def _impl(model, draft, prompt_tokens, prompt_lengths, keys, sampler, stops, pad_id, *, max_new_tokens, k, n=1,
+          top_logprobs=0, prompt_logprobs=False):
     n_max = max_new_tokens
-    b, p = prompt_tokens.shape
+    p = prompt_tokens.shape[1]
     v = model.vocab_size
     width = p + n_max + k + 1  # context buffer and cache length: room for a full last round
-    logits, cache, _ = _prefill(model, prompt_tokens, prompt_lengths, width, False)
+    # n samples per prompt: each prompt prefilled once, logits and caches repeated (as in generate)
+    logits, cache, prompt_lp = _prefill_samples(model, prompt_tokens, prompt_lengths, width, n, prompt_logprobs)
     lookup = isinstance(draft, PromptLookup)
     ngram = isinstance(draft, NGramDraft)
-    dcache = () if lookup or ngram else _prefill(draft, prompt_tokens, prompt_lengths, width, False)[1]
+    dcache = () if lookup or ngram else _prefill_samples(draft, prompt_tokens, prompt_lengths, width, n, False)[1]
+    prompt_tokens = jnp.repeat(prompt_tokens, n, axis=0)  # [B * n, P], row i * n + j = prompt i
+    prompt_lengths = jnp.repeat(prompt_lengths, n, axis=0)
+    b = prompt_tokens.shape[0]
     state = init_state(sampler, prompt_tokens, prompt_lengths, v, max_new_tokens=n_max + k + 1)
 
     # Index 0 from the prefill logits, exactly like generate's first step.
@@ -292,11 +298,14 @@ def _impl(model, draft, prompt_tokens, prompt_lengths, keys, sampler, stops, pad
         jnp.where(invalid, 0.0, _sampling._token_logprobs(logits, first)))
     proc_lp = jnp.zeros((b, out_w), jnp.float32).at[:, 0].set(
         jnp.where(invalid, 0.0, _sampling._token_logprobs(processed, first)))
+    # top-N raw log-probs per emitted index (`()` unless requested): ids, log-probs [B, out_w, K]
+    tops = () if not top_logprobs else tuple(
+        jnp.zeros((b, out_w, top_logprobs), x.dtype).at[:, 0].set(x) for x in _top_logprobs(logits, top_logprobs))
     zeros = jnp.zeros((b,), jnp.int32)
     stats = SpeculativeStats(zeros, zeros, zeros)
 
     def round_(carry):
-        seq, length, done, finish, cache, dcache, state, raw, proc_lp, stats = carry
+        seq, length, done, finish, cache, dcache, state, raw, proc_lp, tops, stats = carry
         # Position of the last committed token, which is not in the target's cache yet (a
         # row that finished with no token at all is clamped: its results are discarded).
         pos = jnp.maximum(prompt_lengths + length - 1, 1)
@@ -357,6 +366,9 @@ def _impl(model, draft, prompt_tokens, prompt_lengths, keys, sampler, stops, pad
         proc_j = jnp.take_along_axis(jnp.log(ps), safe[..., None], -1)[..., 0]
         raw = raw.at[rows, out_dest].set(raw_j, mode="drop")
         proc_lp = proc_lp.at[rows, out_dest].set(proc_j, mode="drop")
+        if top_logprobs:  # the top-N of the verification call's raw logits [B, k+1, K]
+            tops = tuple(x.at[rows, out_dest].set(x_j, mode="drop")
+                         for x, x_j in zip(tops, _top_logprobs(t_logits, top_logprobs)))
         # --- sampler state after the emitted tokens (frozen for rows that are done)
         new_state = sampler.update(_select_rows(states, accepted), extra, p_a)
         keep = lambda new, old: jnp.where(new_done.reshape(new_done.shape + (1,) * (new.ndim - 1)), old, new)
@@ -365,20 +377,23 @@ def _impl(model, draft, prompt_tokens, prompt_lengths, keys, sampler, stops, pad
         proposed = active * q_valid[:, 0].astype(jnp.int32)  # rows that had a proposal this round
         stats = SpeculativeStats(stats.rounds + active, stats.drafted + k * proposed,
                                  stats.accepted + accepted * active)
-        return seq, new_length, new_done, finish, cache, dcache, state, raw, proc_lp, stats
+        return seq, new_length, new_done, finish, cache, dcache, state, raw, proc_lp, tops, stats
 
-    carry = (seq, length, done, finish, cache, dcache, state, raw, proc_lp, stats)
-    seq, length, done, finish, *_, raw, proc_lp, stats = jax.lax.while_loop(
+    carry = (seq, length, done, finish, cache, dcache, state, raw, proc_lp, tops, stats)
+    seq, length, done, finish, *_, raw, proc_lp, tops, stats = jax.lax.while_loop(
         lambda c: ~jnp.all(c[2]), round_, carry)
     idx = jnp.arange(n_max)[None, :]
     emitted = idx < length[:, None]
     tokens = jnp.take_along_axis(seq, jnp.minimum(prompt_lengths[:, None] + idx, width - 1), axis=1)
+    top_ids, top_lp = (None, None) if not top_logprobs else (
+        jnp.where(emitted[..., None], tops[0][:, :n_max], pad_id),
+        jnp.where(emitted[..., None], tops[1][:, :n_max], 0.0))
     out = GenerateOutput(jnp.where(emitted, tokens, pad_id), length, jnp.where(emitted, raw[:, :n_max], 0.0),
-                         jnp.where(emitted, proc_lp[:, :n_max], 0.0), finish)
+                         jnp.where(emitted, proc_lp[:, :n_max], 0.0), finish, top_ids, top_lp, prompt_lp)
     return SpeculativeOutput(out, stats)
 
 
-_STATIC = ("max_new_tokens", "k")
+_STATIC = ("max_new_tokens", "k", "n", "top_logprobs", "prompt_logprobs")
 
 
 @functools.lru_cache(maxsize=None)
@@ -390,7 +405,8 @@ def _jitted(static_model: bool, static_draft: bool):
 def speculative_generate(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengths: jax.Array,
                          keys: jax.Array, *, max_new_tokens: int, draft: LanguageModel | PromptLookup,
                          num_draft_tokens: int = 4, sampler: Chain | None = None, stop_ids: Sequence[int] = (),
-                         pad_id: int = 0) -> SpeculativeOutput:
+                         pad_id: int = 0, n: int = 1, top_logprobs: int = 0,
+                         prompt_logprobs: bool = False) -> SpeculativeOutput:
     """`generate` with exact speculative decoding: same output distribution, fewer target calls.
 
     Each round the draft proposes `num_draft_tokens` (k) tokens per row, the target
@@ -415,14 +431,26 @@ def speculative_generate(model: LanguageModel, prompt_tokens: jax.Array, prompt_
         `max_new_tokens=N + k + 1` (room for the drafted tokens of the last round).
       stop_ids: token ids that end a row (included in its output).
       pad_id: written after a row has finished.
+      n: samples per prompt, static, as in `generate`: B * n output rows, prompt-major;
+        sample j of prompt i uses the row key `fold_in(keys[i], j)` (n = 1: `keys` as
+        given), so it is reproduced alone by passing that key with n = 1. Each prompt
+        is prefilled once (target and draft) and its caches copied to its samples.
+        Per-row sampler values have B * n entries.
+      top_logprobs: K, static, as in `generate`: the K most likely tokens at every
+        emitted index with their raw log-probs (`top_token_ids`, `top_logprobs`,
+        [B * n, N, K]), taken from the target's logits of the verification call that
+        decided that index (index 0: the prefill's).
+      prompt_logprobs: static, as in `generate`: the raw log-prob of every prompt token
+        given its prefix ([B, P], one row per prompt), from the target's prefill (the
+        target needs `prefill_all`).
 
     Returns:
-      `SpeculativeOutput(output, stats)`: `output` is a `GenerateOutput` (tokens,
-      lengths, raw and processed log-probs, finish reasons; the top-N and prompt
-      log-prob fields are None), `stats` the per-row rounds / drafted / accepted counts.
-      `logprobs_processed` is the log-prob of each token under the processed target
-      distribution p it is distributed by (the token may come from the draft or from
-      the residual, but its marginal is p, as in `generate`).
+      `SpeculativeOutput(output, stats)`: `output` is the `GenerateOutput` of `generate`
+      (tokens, lengths, raw and processed log-probs, finish reasons, top-N and prompt
+      log-probs when requested; `stats` None), `stats` the per-row rounds / drafted /
+      accepted counts. `logprobs_processed` is the log-prob of each token under the
+      processed target distribution p it is distributed by (the token may come from the
+      draft or from the residual, but its marginal is p, as in `generate`).
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxsample as js
@@ -455,9 +483,13 @@ def speculative_generate(model: LanguageModel, prompt_tokens: jax.Array, prompt_
                              f"the draft must share the target's tokenizer")
     p = prompt_tokens.shape[-1] if prompt_tokens.ndim else 0
     _validate(prompt_tokens, prompt_lengths, max_new_tokens, p + max_new_tokens, model.vocab_size, stop_ids)
+    _validate_outputs(model, n, top_logprobs, prompt_logprobs)
     keys = _row_keys(keys, prompt_tokens.shape[0])
+    if n > 1:
+        keys = _sample_keys(keys, n)  # row i * n + j: fold_in(keys[i], j), as in generate
     sampler = chain(Temperature(0.0)) if sampler is None else sampler
     stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
     run = _jitted(not _is_pytree(model), not _is_pytree(draft))
     return run(model, draft, prompt_tokens.astype(jnp.int32), prompt_lengths.astype(jnp.int32), keys, sampler,
-               stops, jnp.asarray(pad_id, jnp.int32), max_new_tokens=int(max_new_tokens), k=int(num_draft_tokens))
+               stops, jnp.asarray(pad_id, jnp.int32), max_new_tokens=int(max_new_tokens), k=int(num_draft_tokens),
+               n=int(n), top_logprobs=int(top_logprobs), prompt_logprobs=bool(prompt_logprobs))

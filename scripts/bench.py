@@ -325,10 +325,16 @@ SORT = "full-sort top-p + categorical"
 def gpu_check_cases(batch: int) -> dict[str, Callable]:
     """name -> f(keys, x, k, p) -> a value per row (summed into the loop's carry)."""
     chain = js.default_chain(temperature=0.8, top_p=0.9)
+    # The same processors nested one level deeper: not the default chain's structure,
+    # so `sample_step` applies them one by one (the unfused baseline on a GPU).
+    unfused = js.chain(js.chain(*chain.processors))
+    with_top_k = js.default_chain(temperature=0.8, top_k=50, top_p=0.9)
 
-    def chain_step(keys, x, k, p):
-        token, _, out = js.sample_step(chain, x, chain.init(None, None, x.shape[-1]), keys)
-        return token + (out.token_logprob_processed + out.token_logprob_raw > 0)
+    def step(c):
+        def run(keys, x, k, p):
+            token, _, out = js.sample_step(c, x, None, keys)
+            return token + (out.token_logprob_processed + out.token_logprob_raw > 0)
+        return run
 
     return {
         ONE_READ: lambda keys, x, k, p: jnp.max(x, axis=-1).astype(jnp.float32) > 0,
@@ -336,7 +342,9 @@ def gpu_check_cases(batch: int) -> dict[str, Callable]:
         "top_p(0.9) + sample": lambda keys, x, k, p: js.sample(keys, js.top_p(x, p)),
         "top_k(50, traced) + sample": lambda keys, x, k, p: js.sample(keys, js.top_k(x, k)),
         "typical_p(0.9) + sample": lambda keys, x, k, p: js.sample(keys, js.typical_p(x, p)),
-        "default_chain(T=0.8, top_p=0.9) step": chain_step,
+        "default_chain(T=0.8, top_p=0.9) step": step(chain),
+        "same chain, unfused step": step(unfused),
+        "default_chain(T=0.8, top_k=50, top_p=0.9) step": step(with_top_k),
         SORT: lambda keys, x, k, p: reference_top_p_sample(keys[0], x, p),
     }
 

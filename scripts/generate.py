@@ -13,8 +13,14 @@
 Every sampling method of jaxsample is a flag (see docs/methods.md); --order picks the chain
 order: jaxsample's documented default (every method), or the default order of transformers,
 vLLM or llama.cpp (only the methods that system has). Prints each continuation, then the
-compile time and the decode speed. A single prompt on a terminal is streamed: the text
-appears while it is generated (--stream forces it, --no-stream turns it off).
+compile time and the decode speed.
+
+Streaming (the default when stdout is a terminal; --stream forces it, --no-stream turns it
+off): one prompt and one sample is printed while it is generated; several prompts or
+samples run as one batch and each row is printed whole as soon as it finishes (a stop
+id), in the order they finish, with progress on stderr. With --no-stream the batch is one
+`generate` call: every row is printed at the end, in order (beam search, speculative
+decoding and --json-output always run this way).
 
 A Hugging Face checkpoint directory (Llama, Mistral, Qwen2, Gemma, Gemma 2; see
 models/hf.py) brings its defaults: every end-of-sequence id of generation_config.json
@@ -92,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='single-token texts that stop DRY matching, separated by "|" (default: llama.cpp\'s)')
     g = p.add_argument_group("streaming")
     g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
-                   help="print the text while it is generated (one prompt, one sample); "
-                        "default: on for a single prompt when stdout is a terminal")
+                   help="one row: print the text while it is generated; several prompts/samples (one batch): "
+                        "print each row as soon as it finishes, progress on stderr. --no-stream: one generate "
+                        "call, every row printed at the end. Default: on when stdout is a terminal")
     g.add_argument("--chunk-size", type=int, default=16, help="decode steps per streamed chunk")
     g = p.add_argument_group("Hugging Face checkpoints")
     g.add_argument("--chat", action="store_true",
@@ -134,10 +141,6 @@ def check_speculative_args(args) -> str | None:
         return f"--prompt-lookup must be >= 1, got {args.prompt_lookup}"
     if args.num_draft_tokens is not None and args.num_draft_tokens < 1:
         return f"--num-draft-tokens must be >= 1, got {args.num_draft_tokens}"
-    for flag, unsupported in (("--num-samples", args.num_samples != 1), ("--top-logprobs", args.top_logprobs),
-                              ("--prompt-logprobs", args.prompt_logprobs)):
-        if unsupported:
-            return f"{flag} is not supported with speculative decoding ({drafts[0]})"
     return None
 
 
@@ -165,7 +168,9 @@ def speculative_runner(args, lm, ids, lengths, keys, sampler, stop_ids, pad_id, 
 
     def run():
         out, st = js.speculative_generate(lm, ids, lengths, keys, max_new_tokens=args.max_new_tokens, draft=draft,
-                                          num_draft_tokens=k, sampler=sampler, stop_ids=stop_ids, pad_id=pad_id)
+                                          num_draft_tokens=k, sampler=sampler, stop_ids=stop_ids, pad_id=pad_id,
+                                          n=args.num_samples, top_logprobs=args.top_logprobs,
+                                          prompt_logprobs=args.prompt_logprobs)
         stats.append(st)
         return out
     return run
@@ -449,33 +454,91 @@ class Progress:
                   flush=True)
 
 
-def stream_text(lm, tok, ids, lengths, keys, sampler, stop_ids, prompt: str, args) -> int:
-    """Generates one continuation with `jaxsample.generate_stream`, printing it as it comes."""
+class StreamedRows:
+    """`generate_stream`'s chunks gathered on the host, with the fields of a `GenerateOutput`
+    that `print_row` reads (rows are complete once `add` reports them finished)."""
+
+    def __init__(self, batch: int, max_new_tokens: int, top_logprobs: int, pad_id: int):
+        self.tokens = np.full((batch, max_new_tokens), pad_id, np.int32)
+        self.logprobs_raw = np.zeros((batch, max_new_tokens), np.float32)
+        self.top_token_ids = np.full((batch, max_new_tokens, top_logprobs), pad_id, np.int32) if top_logprobs else None
+        self.top_logprobs = np.zeros((batch, max_new_tokens, top_logprobs), np.float32) if top_logprobs else None
+        self.lengths = np.zeros(batch, np.int32)
+        self.prompt_logprobs = None
+        self.finished = np.zeros(batch, bool)
+
+    def add(self, chunk) -> list[int]:
+        """Stores a chunk; returns the rows that finished in it, in row order."""
+        cols = slice(chunk.start, chunk.start + chunk.tokens.shape[1])
+        self.tokens[:, cols] = np.asarray(chunk.tokens)
+        self.logprobs_raw[:, cols] = np.asarray(chunk.logprobs_raw)
+        if self.top_token_ids is not None:
+            self.top_token_ids[:, cols] = np.asarray(chunk.top_token_ids)
+            self.top_logprobs[:, cols] = np.asarray(chunk.top_logprobs)
+        if chunk.prompt_logprobs is not None:
+            self.prompt_logprobs = np.asarray(chunk.prompt_logprobs)
+        self.lengths = np.asarray(chunk.lengths)
+        new = np.asarray(chunk.done) & ~self.finished
+        self.finished |= new
+        return np.flatnonzero(new).tolist()
+
+
+def print_row(tok, out, i: int, text: str, n: int, args, prompt_lengths, header: bool = True) -> None:
+    """Prints row i of a `GenerateOutput` (or `StreamedRows`): its tag, prompt and completion
+    (unless `header` is False: already printed while streaming), then the prompt
+    log-likelihood (once per prompt) and the top-N log-probs of each step when asked for."""
+    tokens = np.asarray(out.tokens[i, : int(out.lengths[i])])
+    if header:
+        tag = f"[{i // n}.{i % n}]" if n > 1 else f"[{i}]"
+        print(f"{tag} {text}{tok.decode(tokens)}")
+    if args.prompt_logprobs and i % n == 0:
+        lp = np.asarray(out.prompt_logprobs[i // n])
+        print(f"  prompt log-likelihood {lp.sum():.3f} over {int(prompt_lengths[i // n]) - 1} tokens")
+    if args.top_logprobs:
+        for t, token in enumerate(tokens):
+            top = ", ".join(f"{_show(tok, k)} {v:.2f}" for k, v in zip(out.top_token_ids[i, t], out.top_logprobs[i, t]))
+            print(f"  {_show(tok, token)} {float(out.logprobs_raw[i, t]):.2f} | {top}")
+    print(flush=True)
+
+
+def stream_batch(lm, tok, ids, lengths, keys, sampler, stop_ids, texts: list[str], args) -> int:
+    """Runs `jaxsample.generate_stream` over the whole batch. One row: its text is printed
+    while it is generated. Several rows: each row is printed whole as soon as it finishes,
+    in the order they finish, with progress on stderr every few seconds."""
     t0 = time.perf_counter()
+    n, single = args.num_samples, len(texts) == 1
     chunks = js.generate_stream(lm, ids, lengths, keys, max_new_tokens=args.max_new_tokens,
-                                chunk_size=args.chunk_size, sampler=sampler, stop_ids=stop_ids, pad_id=tok.pad_id)
-    progress = Progress(args.max_new_tokens, enabled=not sys.stdout.isatty())
-    print(f"[0] {prompt}", end="", flush=True)
-    tokens: list[int] = []
+                                chunk_size=args.chunk_size, sampler=sampler, stop_ids=stop_ids, pad_id=tok.pad_id,
+                                n=n, top_logprobs=args.top_logprobs, prompt_logprobs=args.prompt_logprobs)
+    rows = StreamedRows(len(texts), args.max_new_tokens, args.top_logprobs, tok.pad_id)
+    # One row on a terminal shows its own progress; otherwise report it on stderr.
+    progress = Progress(len(texts) * args.max_new_tokens, enabled=not (single and sys.stdout.isatty()))
+    if single:
+        print(f"[0] {texts[0]}", end="", flush=True)
     shown = ""
     marks = []  # (seconds since start, tokens so far) after each chunk
     for chunk in chunks:
-        emitted = max(int(chunk.lengths[0]) - chunk.start, 0)  # this chunk's tokens before a stop
-        tokens += np.asarray(chunk.tokens[0, :emitted]).tolist()
-        text = tok.decode(tokens)
-        ready = text.rstrip("\ufffd")  # hold back a multi-byte character cut by the chunk
-        print(ready[len(shown):], end="", flush=True)
-        shown = ready
-        marks.append((time.perf_counter() - t0, len(tokens)))
-        progress.update(len(tokens))
-    print(tok.decode(tokens)[len(shown):] + "\n", flush=True)
+        finished = rows.add(chunk)
+        if single:
+            text = tok.decode(rows.tokens[0, : rows.lengths[0]])
+            ready = text.rstrip("\ufffd")  # hold back a multi-byte character cut by the chunk
+            print(ready[len(shown):], end="", flush=True)
+            shown = ready
+        else:
+            for i in finished:
+                print_row(tok, rows, i, texts[i], n, args, lengths)
+        marks.append((time.perf_counter() - t0, int(rows.lengths.sum())))
+        progress.update(marks[-1][1])
+    if single:
+        print(tok.decode(rows.tokens[0, : rows.lengths[0]])[len(shown):], flush=True)
+        print_row(tok, rows, 0, texts[0], n, args, lengths, header=False)
     # Chunk 0 is the prefill (compiled first), chunk 1 compiles the chunk program; the
     # decode speed is measured over the chunks after it when there are any.
     (t_a, n_a), (t_b, n_b) = (marks[1], marks[-1]) if len(marks) > 2 else (marks[0], marks[-1])
     speed = f"{(n_b - n_a) / (t_b - t_a):,.0f} tokens/s" if n_b > n_a else "too short to time"
     print(f"first token {marks[0][0]:.2f} s (compile and prefill) | {marks[-1][1]} tokens in {marks[-1][0]:.2f} s | "
           f"decode {speed} (chunks of {args.chunk_size}, {'after compiling' if len(marks) > 2 else 'with compile'}, "
-          f"batch 1, {jax.default_backend()})", file=sys.stderr)
+          f"batch {len(texts)}, {jax.default_backend()})", file=sys.stderr)
     return 0
 
 
@@ -502,14 +565,14 @@ def main(argv=None) -> int:
     check_structured_flags(parser, args, beam)
     if args.chunk_size < 1:
         parser.error(f"--chunk-size must be >= 1, got {args.chunk_size}")
-    single = (len(prompts) == 1 and args.num_samples == 1 and not (args.top_logprobs or args.prompt_logprobs)
-              and not beam and not args.json_output and args.draft_checkpoint is None and args.prompt_lookup is None
-              and args.ngram_draft is None)
-    if args.stream and not single:
-        parser.error("--stream prints one sampled continuation as it comes: use one prompt, --num-samples 1 and "
-                     "no --top-logprobs/--prompt-logprobs/--num-beams/--json-output/--draft-checkpoint/"
-                     "--ngram-draft/--prompt-lookup (or --no-stream)")
-    stream = single and sys.stdout.isatty() if args.stream is None else args.stream
+    unstreamed = [flag for flag, given in (("--num-beams", beam), ("--json-output", args.json_output),
+                                           ("--draft-checkpoint", args.draft_checkpoint is not None),
+                                           ("--ngram-draft", args.ngram_draft is not None),
+                                           ("--prompt-lookup", args.prompt_lookup is not None)) if given]
+    if args.stream and unstreamed:
+        parser.error(f"--stream cannot be used with {unstreamed[0]}, which returns every row at the end "
+                     f"(use --no-stream)")
+    stream = not unstreamed and sys.stdout.isatty() if args.stream is None else args.stream
     try:
         apply_checkpoint_defaults(args)
         build_sampler(args)  # checks every value before the model loads
@@ -541,7 +604,7 @@ def main(argv=None) -> int:
     stop_ids = list(tok.eos_ids) if args.stop_at_eos else []
     if stream:
         try:
-            return stream_text(lm, tok, ids, lengths, keys, sampler, stop_ids, prompts[0], args)
+            return stream_batch(lm, tok, ids, lengths, keys, sampler, stop_ids, texts, args)
         except ValueError as e:
             parser.error(str(e))
     run = lambda: js.generate(lm, ids, lengths, keys, max_new_tokens=args.max_new_tokens, sampler=sampler,
@@ -554,22 +617,12 @@ def main(argv=None) -> int:
         parser.error(str(e) if str(e).startswith("--") else f"--draft-checkpoint: {e}")
     out, first, steady = timed_run(parser, run)
 
-    tokens, gen_lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    out = jax.tree.map(np.asarray, out)  # one transfer, then host indexing
     if args.json_output:
         print("\n".join(json_lines(out, texts, tok, args.top_logprobs, n, np.asarray(lengths))))
     for i, text in enumerate([] if args.json_output else texts):
-        tag = f"[{i // n}.{i % n}]" if n > 1 else f"[{i}]"
-        print(f"{tag} {text}{tok.decode(tokens[i, : gen_lengths[i]])}")
-        if args.prompt_logprobs and i % n == 0:
-            lp = np.asarray(out.prompt_logprobs[i // n])
-            print(f"  prompt log-likelihood {lp.sum():.3f} over {int(lengths[i // n]) - 1} tokens")
-        if args.top_logprobs:
-            for t in range(gen_lengths[i]):
-                top = ", ".join(f"{_show(tok, k)} {v:.2f}"
-                                for k, v in zip(out.top_token_ids[i, t], out.top_logprobs[i, t]))
-                print(f"  {_show(tok, tokens[i, t])} {float(out.logprobs_raw[i, t]):.2f} | {top}")
-        print()
-    n_tokens = int(gen_lengths.sum())
+        print_row(tok, out, i, text, n, args, lengths)
+    n_tokens = int(out.lengths.sum())
     print(f"compile {max(first - steady, 0.0):.2f} s | generate {steady * 1e3:.0f} ms for {n_tokens} tokens "
           f"({n_tokens / steady:,.0f} tokens/s, batch {len(texts)}, {jax.default_backend()})", file=sys.stderr)
     if spec_stats:

@@ -162,16 +162,19 @@ def test_sharded_gpu_path_lowers_for_cuda_inside_shard_map():
     assert text.count(_TRITON) == 8
 
 
-def _eqns(jaxpr):
-    """Every equation of a jaxpr, those of sub-jaxprs (cond, pjit, ...) included."""
+def _eqns(jaxpr, into_kernels=True):
+    """Every equation of a jaxpr, those of sub-jaxprs (cond, pjit, ...) included; those
+    inside Pallas kernels only with ``into_kernels``."""
     for eqn in jaxpr.eqns:
         yield eqn
+        if eqn.primitive.name == "pallas_call" and not into_kernels:
+            continue
         for param in eqn.params.values():
             for sub in (param if isinstance(param, (tuple, list)) else (param,)):
                 if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    yield from _eqns(sub.jaxpr)
+                    yield from _eqns(sub.jaxpr, into_kernels)
                 elif isinstance(sub, jax.extend.core.Jaxpr):
-                    yield from _eqns(sub)
+                    yield from _eqns(sub, into_kernels)
 
 
 def _passes(closed, vocab):

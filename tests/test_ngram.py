@@ -289,7 +289,7 @@ def test_shipped_table_loads_and_fits_budget():
 @pytest.mark.parametrize("argv, match", [
     (["--ngram-draft", "--draft-checkpoint", "d"], "--draft-checkpoint and --ngram-draft are two drafts"),
     (["--ngram-draft", "--num-beams", "2"], "--ngram-draft cannot be used with --num-beams"),
-    (["--ngram-draft", "t.safetensors", "--num-samples", "2"], "--num-samples is not supported with speculative"),
+    (["--ngram-draft", "t.safetensors", "--num-draft-tokens", "0"], "--num-draft-tokens must be >= 1, got 0"),
     (["--ngram-draft", "--prompt-lookup", "0"], "--prompt-lookup must be >= 1, got 0"),
 ])
 def test_cli_bad_combinations(argv, match):

@@ -88,21 +88,26 @@ def stop_id(target):
 
 @pytest.mark.parametrize("which, k", [("lookup", 3), pytest.param("model", 3, marks=pytest.mark.slow), ("self", 2)])
 def test_greedy_equals_generate(target, draft, stop_id, which, k):
-    """Token for token (and lengths, finish reasons, log-probs) on a ragged batch, with a
-    stateful penalty in the chain and a stop id that some rows hit mid-round."""
+    """Token for token (and lengths, finish reasons, log-probs, top-4 and prompt log-probs)
+    on a ragged batch with n = 2 samples per prompt (n identical greedy copies), a stateful
+    penalty in the chain and a stop id that some rows hit mid-round."""
     d = {"lookup": js.PromptLookup(3), "model": draft, "self": target}[which]
     sampler = js.chain(js.RepetitionPenalty(1.3), js.Temperature(0.0))
     n, stop = 40, stop_id
-    ref = js.generate(target, PROMPTS, LENGTHS, row_keys(1, 3), max_new_tokens=n, sampler=sampler,
-                      stop_ids=[stop], pad_id=258)
-    out, stats = js.speculative_generate(target, PROMPTS, LENGTHS, row_keys(1, 3), max_new_tokens=n, draft=d,
-                                         num_draft_tokens=k, sampler=sampler, stop_ids=[stop], pad_id=258)
-    np.testing.assert_array_equal(out.tokens, ref.tokens)
-    np.testing.assert_array_equal(out.lengths, ref.lengths)
-    np.testing.assert_array_equal(out.finish_reason, ref.finish_reason)
+    kw = dict(max_new_tokens=n, sampler=sampler, stop_ids=[stop], pad_id=258, n=2, top_logprobs=4,
+              prompt_logprobs=True)
+    ref = js.generate(target, PROMPTS, LENGTHS, row_keys(1, 3), **kw)
+    out, stats = js.speculative_generate(target, PROMPTS, LENGTHS, row_keys(1, 3), draft=d, num_draft_tokens=k,
+                                         **kw)
+    assert out.tokens.shape == (6, n) and out.top_token_ids.shape == (6, n, 4) and out.prompt_logprobs.shape == (3, 8)
+    for f in ("tokens", "lengths", "finish_reason", "top_token_ids"):
+        np.testing.assert_array_equal(getattr(out, f), getattr(ref, f), err_msg=f)
     assert int(ref.finish_reason[0]) == js.FinishReason.STOP
+    np.testing.assert_array_equal(np.asarray(out.tokens)[0::2], np.asarray(out.tokens)[1::2])  # greedy copies
     np.testing.assert_allclose(out.logprobs_raw, ref.logprobs_raw, atol=1e-4)
     np.testing.assert_allclose(out.logprobs_processed, ref.logprobs_processed, atol=1e-4)
+    for f in ("top_logprobs", "prompt_logprobs"):
+        np.testing.assert_allclose(getattr(out, f), getattr(ref, f), atol=1e-5, rtol=1e-5, err_msg=f)
     # Stats: k drafted per round; each round emits accepted + 1 tokens (rounds that hit
     # the stop or N may emit fewer, never more).
     rounds, drafted, accepted = (np.asarray(x) for x in stats)
@@ -116,6 +121,22 @@ def test_greedy_equals_generate(target, draft, stop_id, which, k):
         np.testing.assert_array_equal(rounds, np.ceil((np.asarray(ref.lengths) - 1) / (k + 1)))
     print(f"\n{which} k={k}: acceptance {stats.acceptance_rate:.2f}, "
           f"{stats.tokens_per_round:.2f} tokens per target call")
+
+
+def test_n_samples_use_generates_row_keys(target):
+    """Sampled, n = 2: sample j of prompt i is speculative_generate alone with the row key
+    fold_in(keys[i], j) (generate's key discipline), and the samples differ."""
+    kw = dict(max_new_tokens=10, draft=js.PromptLookup(2), num_draft_tokens=2, top_logprobs=2,
+              sampler=js.chain(js.Temperature(1.0)))
+    keys = row_keys(5, 2)
+    out, _ = js.speculative_generate(target, PROMPTS[:2], LENGTHS[:2], keys, n=2, **kw)
+    tokens = np.asarray(out.tokens)
+    assert len(set(map(tuple, tokens))) == 4
+    for i, j in itertools.product(range(2), range(2)):
+        alone, _ = js.speculative_generate(target, PROMPTS[i:i + 1], LENGTHS[i:i + 1],
+                                           jax.random.fold_in(keys[i], j)[None], **kw)
+        np.testing.assert_array_equal(alone.tokens[0], tokens[2 * i + j])
+        np.testing.assert_array_equal(alone.top_token_ids[0], out.top_token_ids[2 * i + j])
 
 
 def test_prompt_lookup_proposals():
@@ -264,6 +285,10 @@ def test_no_recompile_when_values_change(target):
     (dict(max_new_tokens=0), "max_new_tokens must be a positive int"),
     (dict(prompt_lengths=[0, 2, 2]), r"prompt_lengths\[0\]=0"),
     (dict(stop_ids=[300]), "stop id 300 is outside the vocabulary"),
+    (dict(n=0), "n must be a positive int .*got 0"),
+    (dict(n=2.0), "n must be a positive int .*got 2.0"),
+    (dict(top_logprobs=-1), r"top_logprobs must be an int in \[0, vocab size 259\], got -1"),
+    (dict(top_logprobs=260), r"top_logprobs must be an int in \[0, vocab size 259\], got 260"),
 ])
 def test_validation(target, kwargs, match):
     args = dict(prompt_tokens=PROMPTS, prompt_lengths=LENGTHS, keys=row_keys(0, 3), max_new_tokens=4,
@@ -272,6 +297,16 @@ def test_validation(target, kwargs, match):
     args["prompt_lengths"] = np.asarray(args["prompt_lengths"])
     with pytest.raises(ValueError, match=match):
         js.speculative_generate(target, **args)
+
+
+def test_prompt_logprobs_need_prefill_all():
+    class NoPrefillAll:  # a LanguageModel without the optional prefill_all
+        vocab_size = V
+        init_cache = prefill = decode = staticmethod(lambda *a: None)
+
+    with pytest.raises(ValueError, match="prompt_logprobs=True needs a model with prefill_all.*NoPrefillAll"):
+        js.speculative_generate(NoPrefillAll(), PROMPTS[:, :2] % V, np.array([2, 2, 2]), row_keys(0, 3),
+                                max_new_tokens=4, draft=js.PromptLookup(2), prompt_logprobs=True)
 
 
 def test_prompt_lookup_validation():
@@ -299,13 +334,18 @@ def _generate_script():
     (["--num-draft-tokens", "3"], "--num-draft-tokens needs a draft"),
     (["--prompt-lookup", "0"], "--prompt-lookup must be >= 1, got 0"),
     (["--prompt-lookup", "2", "--num-draft-tokens", "0"], "--num-draft-tokens must be >= 1, got 0"),
-    (["--prompt-lookup", "2", "--num-samples", "2"], "--num-samples is not supported with speculative"),
-    (["--draft-checkpoint", "d", "--prompt-logprobs"], "--prompt-logprobs is not supported with speculative"),
     (["--prompt-lookup", "2", "--num-beams", "2"], "--prompt-lookup cannot be used with --num-beams"),
 ])
 def test_cli_bad_combinations(argv, match):
     gen = _generate_script()
     assert re_search(match, gen.check_speculative_args(gen.build_parser().parse_args(argv)))
+
+
+def test_cli_speculative_takes_the_output_flags():
+    gen = _generate_script()
+    for argv in (["--prompt-lookup", "2", "--num-samples", "2", "--top-logprobs", "3"],
+                 ["--draft-checkpoint", "d", "--prompt-logprobs"]):
+        assert gen.check_speculative_args(gen.build_parser().parse_args(argv)) is None
 
 
 def re_search(pattern, text):
@@ -315,12 +355,14 @@ def re_search(pattern, text):
 
 @pytest.mark.slow
 def test_cli_speculative_greedy_equals_plain(tmp_path, capsys, target):
-    """scripts/generate.py --greedy prints the same text with either draft as without."""
+    """scripts/generate.py --greedy prints the same text, top-N and prompt log-probs (two
+    prompts, two samples each) with either draft as without."""
     from models import save_model
     save_model(str(tmp_path / "target"), target)
     save_model(str(tmp_path / "draft"), DecoderLM.random(preset("tiny"), jax.random.key(2)))
     gen = _generate_script()
-    base = ["ROMEO: ROMEO:", "--checkpoint", str(tmp_path / "target"), "--greedy", "--max-new-tokens", "16"]
+    base = ["ROMEO: ROMEO:", "JULIET:", "--checkpoint", str(tmp_path / "target"), "--greedy", "--max-new-tokens",
+            "16", "--num-samples", "2", "--top-logprobs", "2", "--prompt-logprobs", "--no-stream"]
     texts = cli_texts(gen, capsys, base, [], ["--prompt-lookup", "2"],
                       ["--draft-checkpoint", str(tmp_path / "draft"), "--num-draft-tokens", "3"])
     assert texts[0] == texts[1] == texts[2]

@@ -1,0 +1,251 @@
+"""The fused sampling step: ``default_chain`` + draw + log-probs in a few kernels (GPU).
+
+:func:`jaxsample.sample_step` with the default chain (``Temperature -> TopK -> TopP ->
+MinP``, ``min_tokens_to_keep = 1``) on a GPU runs this instead of applying the four
+filters one after the other and then sampling. The token, both log-probs and the
+processed logits are those of the unfused step (same keys, same draw; see the
+deviations below), up to float32 rounding of the masses (summed in another order on
+a GPU: a draw whose uniform lies within a few ulps of a segment boundary may pick the
+neighbouring token); what changes is how many times the ``[B, V]`` logits are read and
+how many programs run:
+
+1. :func:`jaxsample._kernels.row_stats` (one read): the raw row max and sum of exp
+   (the raw log-softmax), the max of the scaled logits ``x * (1 / T)`` (rounded to
+   the logits' dtype), the arg-max (greedy rows) and a count
+   of NaN / ``+inf`` entries (invalid rows).
+2. The top-k threshold: the radix digit search of :mod:`jaxsample._select` over the
+   keys of the scaled logits (one counting kernel per 4-bit digit: 8 for float32 logits, 4 for
+   bfloat16), computed on chip; a row with ``k`` disabled (0 or ``>= V``), a greedy row
+   or an invalid row reads nothing (its programs exit at once).
+3. The top-p threshold over the top-k survivors: the same search on softmax mass, with
+   the top-k key as a floor (so the mass is that of the top-k-filtered row, as in the
+   chain) and the total taken from the first pass (no separate pass). Rows with
+   ``p = 1`` read nothing.
+4. min-p needs no pass: its threshold is ``max(s) + ln(min_p)`` (``s``: scaled logits).
+5. :func:`jaxsample._kernels.segment_masses` (one read): the kept softmax mass of every
+   segment of 256 tokens. The draw is :func:`jaxsample.sample`'s two-stage inverse CDF
+   with the same two uniforms: a segment by its mass (a running sum over
+   ``V / 256`` numbers), then a token inside it (256 values gathered and recomputed).
+   The processed log-prob is ``s_t - max(s) - ln(kept mass)``; the raw one comes from
+   step 1.
+
+No sort, no scatter, no ``lax.top_k`` and no ``lax.cond`` (on a GPU a conditional
+reads its predicate back to the host): a disabled stage costs its kernel launches but
+no reads. Reads of ``[B, V]``: 2 + 4 (bfloat16) or 2 + 8 (float32) with top-p alone,
+2 + 8 / 2 + 16 with top-k and top-p, 2 with min-p alone.
+
+Thresholds are digit-aligned keys (the smallest key of the kept set has the same
+kept set), compared to the keys of the scaled logits; the kept sets are the chain's
+(ties kept), up to float32 rounding in the top-p mass (as every radix path:
+:mod:`jaxsample._select`).
+
+Deviations from the unfused step, both documented in `sample_step`:
+
+* The temperature is applied as ``x * (1 / T)``, not ``x / T``: the two differ by at
+  most one ulp, and a product rounds identically in a Triton kernel and in XLA (a
+  quotient may not: GPU divisions can be approximate), so the kernels, the final
+  draw and the log-probs agree on every scaled logit. The fused step equals the
+  chain applied to ``x * (1 / T)`` with ``T = 1``.
+* A row whose *model* logits hold a NaN or ``+inf`` is invalid (token ``-1``, NaN
+  log-probs) whatever the filters; the chain may drop a NaN in a truncation (a NaN
+  compares false) and draw from the rest.
+* Processed logits come back through their keys: ``-0.0`` reads ``+0.0`` (equal
+  values).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxsample import _kernels, _sampling, _select
+
+__all__ = ["fusable", "fused_default_step", "top_p_prefix"]
+
+Array = jax.Array
+
+_F32 = jnp.float32
+_U32 = jnp.uint32
+
+
+def fusable(chain: Any, dtype: Any = jnp.float32) -> bool:
+    """True for a chain the fused step implements exactly: the four processors of
+    :func:`jaxsample.default_chain`, in its order, each with ``min_tokens_to_keep = 1``,
+    on float32 / bfloat16 / float16 logits."""
+    from jaxsample._chain import Chain, MinP, Temperature, TopK, TopP
+
+    if type(chain) is not Chain or jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        return False
+    procs = chain.processors
+    if tuple(type(p) for p in procs) != (Temperature, TopK, TopP, MinP):
+        return False
+    return all(p.min_tokens_to_keep == 1 for p in procs[1:])
+
+
+def _scaled(x: Array, scale: Array) -> Array:
+    """``x * scale`` rounded to ``x.dtype``, as float32: the kernels' ``_scores``, bit
+    for bit (a product rounds the same everywhere). Returned through its key (the
+    kernels' ``_from_keys``) so that no compiler contracts ``x * scale - top``
+    downstream into a fused multiply-add (which subtracts the unrounded product; an
+    ``optimization_barrier`` does not stop XLA from fusing)."""
+    bits = _kernels.key_bits(x.dtype)
+    s = x.astype(_F32) * scale
+    if x.dtype != _F32:
+        s = s.astype(x.dtype).astype(_F32)
+    return _kernels._from_keys(_kernels._keys(s, bits), bits)
+
+
+def _keys(s: Array, dtype: Any) -> Array:
+    """Keys of scaled scores in the kernels' key space (16-bit for bfloat16)."""
+    return _kernels._keys(s, _kernels.key_bits(dtype))
+
+
+def fused_default_step(chain: Any, logits: Array, key: Array, *, interpret: bool = False,
+                       rolled: bool | None = None) -> tuple[Array, Array, Array, Array]:
+    """One step of ``sample_step(default_chain(...), logits, None, key)``, fused.
+
+    Args:
+      chain: a chain for which :func:`fusable` holds.
+      logits: ``[..., V]`` model logits.
+      key: typed keys, one per row (``logits.shape[:-1]``) or one for all.
+      interpret: run the kernels in the Pallas interpreter (CPU tests).
+      rolled: run the digit passes as a ``fori_loop`` (default: when interpreting,
+        one kernel to compile) rather than unrolled (on a GPU, where a loop reads
+        its predicate back to the host).
+
+    Returns:
+      ``(token int32[...], logprob_raw, logprob_processed, processed_logits)``, as
+      :func:`jaxsample.sample_step` (``-1`` / NaN for an invalid row).
+    """
+    batch, vocab = logits.shape[:-1], logits.shape[-1]
+    x = logits.reshape(-1, vocab)  # [R, V]
+    rows = x.shape[0]
+    temp, top_k, top_p, min_p = chain.processors
+
+    def per_row(v, dtype):
+        return jnp.broadcast_to(jnp.asarray(v, dtype), batch).reshape(-1)
+
+    t = per_row(temp.t, _F32)
+    k = per_row(top_k.k, jnp.int32)
+    p = per_row(top_p.p, _F32)
+    p_min = per_row(min_p.p, _F32)
+    greedy = t == 0
+    scale = 1.0 / jnp.where(greedy, 1.0, t)  # x * (1 / T): see the module docstring
+
+    stats = _kernels.row_stats(x, scale, interpret=interpret)  # one read
+    top = stats["scaled_max"]  # max of x * (1 / T)
+    # Invalid: a NaN or +inf logit, no finite one, or scaled logits that overflow (the
+    # chain's processed row would hold +inf, or nothing finite).
+    valid = (stats["bad"] == 0) & (stats["max"] > -jnp.inf) & (greedy | jnp.isfinite(top))
+    sampled = valid & ~greedy
+    bits = _kernels.key_bits(x.dtype)
+    digits = (_kernels.MAX_WIDTH,) * (bits // _kernels.MAX_WIDTH)
+
+    def search(target, mode, floor, active, start=None, decided=None):
+        def count(prefix, shift, width, with_total=False, skip=None):
+            return _kernels.count_above(
+                x, prefix, shift, top, None, width=width, mode=mode, scale=scale, floor=floor,
+                active=active if skip is None else active & ~skip, with_total=with_total,
+                interpret=interpret)
+        key_t = _select._digit_search(count, target, digits, bits, rows=rows,
+                                      rolled=interpret if rolled is None else rolled,
+                                      start=start, decided=decided)
+        return jnp.where(active, key_t, _U32(0))  # 0: keeps everything
+
+    k_on = sampled & (k > 0) & (k < vocab)
+    floor_k = search(k, "count", None, k_on)  # the k-th largest key
+    p_on = sampled & (p < 1)
+    # Top-p over the top-k survivors: their total comes from the search's first pass.
+    # Without top-k, the total is the stats' and the threshold lies in [lo, top] (the
+    # mass below lo is under (1 - p) * total), so the digits shared by the keys of lo
+    # and top are decided before any pass: those passes read nothing for the row.
+    total = stats["scaled_sum_exp"]
+    start, decided = top_p_prefix(top, total, p, vocab, x.dtype)
+    # With top-k the total is the survivors', from the search's own first pass: no start.
+    start, decided = jnp.where(k_on, _U32(0), start), jnp.where(k_on, 0, decided)
+    floor_p = search(lambda first_total: p * jnp.where(k_on, first_total, total), "softmax",
+                     floor_k, p_on, start, decided)
+    floor = jnp.maximum(floor_k, floor_p)
+    t_min = jnp.minimum(top + jnp.log(p_min), top)  # min-p; ln 0 = -inf keeps everything
+
+    u = _sampling._uniform_per_row(_fold_in(key, 0), batch, 2).reshape(rows, 2)
+
+    def kept(s):  # s: scaled scores [R, n], float32
+        return (_keys(s, x.dtype) >= floor[:, None]) & (s >= t_min[:, None])
+
+    if vocab <= 2 * _kernels.SEGMENT:  # the one-level draw of `sample`: whole rows
+        s = _scaled(x, scale[:, None])
+        processed = jnp.where(kept(s), s, -jnp.inf)
+        token = _sampling.inverse_cdf(u[:, 0], processed)
+        mass = jnp.sum(jnp.exp(processed - top[:, None]), axis=1)
+    else:
+        masses = _kernels.segment_masses(x, scale, top, floor, t_min, interpret=interpret)
+        token, mass = _draw(x, scale, masses, u, kept, top)
+    token = jnp.where(greedy, stats["argmax"], token)
+    token = jnp.where(valid, token, -1)
+
+    x_tok = jnp.take_along_axis(x, jnp.clip(token, 0, vocab - 1)[:, None], axis=1)[:, 0]
+    raw = (x_tok.astype(_F32) - stats["max"]) - jnp.log(stats["sum_exp"])
+    processed_lp = jnp.where(greedy, 0.0, (_scaled(x_tok, scale) - top) - jnp.log(mass))
+    nan = jnp.float32(jnp.nan)
+    raw, processed_lp = (jnp.where(token >= 0, v, nan) for v in (raw, processed_lp))
+
+    # The processed logits, as the chain returns them (free under jit when unused).
+    s = _scaled(x, scale[:, None])
+    ids = lax.broadcasted_iota(jnp.int32, x.shape, 1)
+    processed_logits = jnp.where(
+        greedy[:, None], jnp.where(ids == stats["argmax"][:, None], x.astype(_F32), -jnp.inf),
+        jnp.where(kept(s), s, -jnp.inf)).astype(logits.dtype)
+    return (token.reshape(batch), raw.reshape(batch), processed_lp.reshape(batch),
+            processed_logits.reshape(logits.shape))
+
+
+def top_p_prefix(top: Array, total: Array, p: Array, vocab: int, dtype: Any) -> tuple[Array, Array]:
+    """The leading key bits every top-p threshold of the row shares, before any pass.
+
+    With weights ``exp(s - top)`` (total ``W``), the tokens below
+    ``lo = top - ln(V / ((1 - p) W)) - 1`` weigh less than ``V exp(lo - top) < (1 - p) W``
+    together, so the mass at or above ``lo`` exceeds ``p W`` and the threshold lies in
+    ``[lo, top]``: its key shares the leading bits that the keys of ``lo`` and ``top``
+    share (the ``- 1``, a factor e, covers rounding in ``W``).
+
+    Returns:
+      ``(start uint32 [R], decided int32 [R])``: ``start`` holds the shared leading
+      bits, ``decided`` their number rounded down to a digit boundary (0: none).
+    """
+    bits = _kernels.key_bits(dtype)
+    lo = top - (jnp.log(vocab / ((1 - p) * total)) + 1.0)
+    key_lo, key_top = (_kernels._keys(v.astype(dtype).astype(_F32), bits) for v in (lo, top))
+    common = lax.clz(key_lo ^ key_top).astype(jnp.int32) - (32 - bits)
+    decided = jnp.where(p < 1, (common // _kernels.MAX_WIDTH) * _kernels.MAX_WIDTH, 0)
+    low_bits = (bits - decided).astype(_U32)
+    start = jnp.where(decided > 0, (key_top >> low_bits) << low_bits, _U32(0))
+    return start, decided
+
+
+def _fold_in(key: Array, data: int) -> Array:
+    from jaxsample._chain import fold_in_rows
+
+    return fold_in_rows(key, data)
+
+
+def _draw(x, scale, masses, u, kept, top):
+    """:func:`jaxsample.sample`'s two-stage draw from segment masses ``[R, nb]``:
+    (token ``int32 [R]``, total kept mass ``[R]``)."""
+    seg = _kernels.SEGMENT
+    rows, vocab = x.shape
+    cdf = jnp.cumsum(masses, axis=1)  # [R, nb]
+    total = jnp.max(cdf, axis=1)
+    target = jnp.minimum(u[:, 0] * total, jnp.nextafter(total, jnp.zeros_like(total)))
+    j = jnp.minimum(_sampling._first_true(cdf > target[:, None], cdf.shape[1]), cdf.shape[1] - 1)
+    cols = j[:, None] * seg + jnp.arange(seg, dtype=jnp.int32)[None, :]  # [R, 256]
+    inside = cols < vocab
+    s = _scaled(jnp.take_along_axis(x, jnp.minimum(cols, vocab - 1), axis=1), scale[:, None])
+    e = jnp.where(inside & kept(s), jnp.exp(s - top[:, None]), 0.0)  # [R, 256]
+    block_total = jnp.max(jnp.cumsum(e, axis=1), axis=1)
+    inner = jnp.minimum(u[:, 1] * block_total, jnp.nextafter(block_total, jnp.zeros_like(block_total)))
+    token = j * seg + _sampling._pick_in(e, jnp.zeros_like(block_total), inner)
+    return token.astype(jnp.int32), jnp.sum(masses, axis=1)
