@@ -28,7 +28,6 @@ One proposal costs one gather of [B, N, probes] slots, no host callback.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
