@@ -135,8 +135,8 @@ class NGramDraft:
         placed in a fixed order.
 
         Args:
-          tokens: int [T], or a sequence of such arrays (documents): a context never
-            spans two arrays.
+          tokens: int [T] (an array or a list of ints), or a sequence of such arrays
+            (documents): a context never spans two arrays.
           vocab_size: every token must lie in [0, vocab_size).
           weights: None (all 1), or one int >= 0 per array of `tokens`: each of its
             occurrences counts that many times (e.g. to weigh text the target model
@@ -159,7 +159,9 @@ class NGramDraft:
         prompt_lookup = _check_int("prompt_lookup", prompt_lookup, 0)
         if not isinstance(load_factor, (int, float)) or isinstance(load_factor, bool) or not 0 < load_factor <= 1:
             raise ValueError(f"NGramDraft: load_factor must be a float in (0, 1], got {load_factor!r}")
-        docs = [tokens] if isinstance(tokens, (np.ndarray, jax.Array)) else list(tokens)
+        single = isinstance(tokens, (np.ndarray, jax.Array)) or (
+            isinstance(tokens, (list, tuple)) and len(tokens) > 0 and np.isscalar(tokens[0]))
+        docs = [tokens] if single else list(tokens)
         if not docs:
             raise ValueError("NGramDraft: tokens is an empty sequence")
         docs = [np.asarray(d) for d in docs]
@@ -167,7 +169,7 @@ class NGramDraft:
         if len(weights) != len(docs):
             raise ValueError(f"NGramDraft: weights has {len(weights)} entries for {len(docs)} token arrays")
         for i, (d, w) in enumerate(zip(docs, weights)):
-            where = "tokens" if len(docs) == 1 and isinstance(tokens, (np.ndarray, jax.Array)) else f"tokens[{i}]"
+            where = "tokens" if single else f"tokens[{i}]"
             if d.ndim != 1 or not (np.issubdtype(d.dtype, np.integer) or d.size == 0):
                 raise ValueError(f"NGramDraft: {where} must be a 1-D integer array, got shape {d.shape} "
                                  f"dtype {d.dtype}")

@@ -97,8 +97,8 @@ def test_documents_and_weights():
     a, b = np.array([1, 2]), np.array([6, 5, 5, 5, 5])
     draft = js.NGramDraft.build([a, b], vocab_size=8, max_ngram=1, min_count=1)
     assert propose(draft, [[2]], 1) == [[5]]  # '2 -> 6' spans two documents: not counted (fallback 5)
-    joined = js.NGramDraft.build(np.concatenate([a, b]), vocab_size=8, max_ngram=1, min_count=1)
-    assert propose(joined, [[2]], 1) == [[6]]
+    joined = js.NGramDraft.build(np.concatenate([a, b]).tolist(), vocab_size=8, max_ngram=1, min_count=1)
+    assert propose(joined, [[2]], 1) == [[6]]  # a list of ints is one document
     c, d = np.array([1, 2, 1, 2, 1, 2]), np.array([1, 3])  # after 1: 2 (x3) vs 3 (x1 * weight)
     assert propose(js.NGramDraft.build([c, d], weights=[1, 3], vocab_size=8, max_ngram=1), [[1]], 1) == [[2]]
     assert propose(js.NGramDraft.build([c, d], weights=[1, 4], vocab_size=8, max_ngram=1), [[1]], 1) == [[3]]
