@@ -97,14 +97,15 @@ class NGramDraft:
       keys: uint32 [S] slot fingerprints (0: empty), S a power of two.
       values: int32 [S] the predicted next token of each slot.
       fallback: int32 [] the corpus' most frequent token (order 0).
+      stats: int32 [4] about the build: corpus tokens, stored entries, dropped entries
+        (no free slot within `probes`), min_count (data, so it never recompiles;
+        `info` names them).
       max_ngram: N, the longest context used (static).
       probes: slots searched per context (static).
       vocab_size: the token vocabulary the table was built for (static; checked against
         the target model).
       prompt_lookup: 0, or n: when the row's last n tokens occurred earlier in its own
         context, propose what followed them (`PromptLookup(n, n)`) instead (static).
-      info: (name, int) pairs about the build (static): corpus `tokens`, stored
-        `entries`, `dropped` entries (no free slot within `probes`), `min_count`.
 
     Example:
       >>> import numpy as np, jaxsample as js
@@ -118,11 +119,11 @@ class NGramDraft:
     keys: jax.Array
     values: jax.Array
     fallback: jax.Array
+    stats: jax.Array
     max_ngram: int = dataclasses.field(metadata=dict(static=True))
     probes: int = dataclasses.field(metadata=dict(static=True))
     vocab_size: int = dataclasses.field(metadata=dict(static=True))
     prompt_lookup: int = dataclasses.field(default=0, metadata=dict(static=True))
-    info: tuple = dataclasses.field(default=(), metadata=dict(static=True))
 
     # ------------------------------------------------------------------ building
 
@@ -149,7 +150,7 @@ class NGramDraft:
           prompt_lookup: see the class attributes (0: off).
 
         Returns:
-          The draft, with `info` naming the corpus size, the stored entries and the
+          The draft; `info` names the corpus size, the stored entries and the
           dropped ones (entries without a free slot).
         """
         vocab_size = _check_int("vocab_size", vocab_size, 1)
@@ -216,15 +217,20 @@ class NGramDraft:
         ent_h, ent_v = np.concatenate(ent_h), np.concatenate(ent_v)
         size = 1 << max(int(np.ceil(np.log2(max(ent_h.size, 1) / load_factor))), 1)
         keys, values, dropped = _place(ent_h, ent_v, size, probes)
-        info = (("tokens", int(m)), ("entries", int(ent_h.size)), ("dropped", int(dropped)), ("min_count", min_count))
-        return cls(jnp.asarray(keys), jnp.asarray(values), jnp.asarray(fallback, jnp.int32), max_ngram, probes,
-                   vocab_size, prompt_lookup, info)
+        stats = jnp.asarray([m, ent_h.size, dropped, min_count], jnp.int32)
+        return cls(jnp.asarray(keys), jnp.asarray(values), jnp.asarray(fallback, jnp.int32), stats, max_ngram, probes,
+                   vocab_size, prompt_lookup)
 
     def replace(self, **changes) -> "NGramDraft":
         """A copy with some fields changed, e.g. `draft.replace(prompt_lookup=5)`."""
         if "prompt_lookup" in changes:
             _check_int("prompt_lookup", changes["prompt_lookup"], 0)
         return dataclasses.replace(self, **changes)
+
+    @property
+    def info(self) -> dict[str, int]:
+        """The build's `stats` by name: tokens, entries, dropped, min_count."""
+        return dict(zip(_INFO, np.asarray(self.stats).tolist()))
 
     @property
     def num_slots(self) -> int:
@@ -247,10 +253,11 @@ class NGramDraft:
 
         meta = {"format": _FORMAT, "version": _VERSION, "max_ngram": str(self.max_ngram),
                 "probes": str(self.probes), "vocab_size": str(self.vocab_size)}
-        meta.update({k: str(v) for k, v in self.info})
+        meta.update({k: str(v) for k, v in self.info.items()})
         meta.update({k: str(v) for k, v in metadata.items()})
         tensors = {"keys": np.asarray(self.keys, np.uint32), "values": np.asarray(self.values, np.int32),
-                   "fallback": np.asarray(self.fallback, np.int32).reshape(1)}
+                   "fallback": np.asarray(self.fallback, np.int32).reshape(1),
+                   "stats": np.asarray(self.stats, np.int32)}
         directory = os.path.dirname(os.path.abspath(path))
         tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
         try:
@@ -272,7 +279,7 @@ class NGramDraft:
             with safe_open(path, framework="numpy") as f:
                 meta = f.metadata() or {}
                 names = set(f.keys())
-                tensors = {k: f.get_tensor(k) for k in names & {"keys", "values", "fallback"}}
+                tensors = {k: f.get_tensor(k) for k in names & {"keys", "values", "fallback", "stats"}}
         except (SafetensorError, OSError, ValueError) as e:
             raise ValueError(f"NGramDraft.load: {path!r} is not a safetensors file ({e})") from None
         if meta.get("format") != _FORMAT:
@@ -281,7 +288,7 @@ class NGramDraft:
         if meta.get("version") != _VERSION:
             raise ValueError(f"NGramDraft.load: {path!r} has table version {meta.get('version')!r}; "
                              f"this jaxsample reads version {_VERSION!r} (rebuild the table)")
-        missing = {"keys", "values", "fallback"} - names
+        missing = {"keys", "values", "fallback", "stats"} - names
         if missing:
             raise ValueError(f"NGramDraft.load: {path!r} lacks tensor(s) {sorted(missing)}")
         ints = {}
@@ -308,11 +315,13 @@ class NGramDraft:
         used = values[keys != 0]
         if (used.size and (used.min() < 0 or used.max() >= v)) or not 0 <= fallback[0] < v:
             raise ValueError(f"NGramDraft.load: {path!r} holds token ids outside its vocabulary [0, {v})")
+        if tensors["stats"].dtype != np.int32 or tensors["stats"].shape != (len(_INFO),):
+            raise ValueError(f"NGramDraft.load: {path!r} stats must be int32 [{len(_INFO)}], got "
+                             f"{tensors['stats'].dtype} {tensors['stats'].shape}")
         if ints["probes"] > s:
             raise ValueError(f"NGramDraft.load: {path!r} probes={ints['probes']} exceeds the {s} slots")
-        info = tuple((k, int(meta[k])) for k in _INFO if meta.get(k, "").isdigit())
-        return cls(jnp.asarray(keys), jnp.asarray(values), jnp.asarray(fallback[0]), ints["max_ngram"],
-                   ints["probes"], v, prompt_lookup, info)
+        return cls(jnp.asarray(keys), jnp.asarray(values), jnp.asarray(fallback[0]), jnp.asarray(tensors["stats"]),
+                   ints["max_ngram"], ints["probes"], v, prompt_lookup)
 
     # ------------------------------------------------------------------ drafting
 

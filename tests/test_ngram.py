@@ -161,7 +161,8 @@ def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match="is not a safetensors file"):
         js.NGramDraft.load(str(junk))
     good = small_draft()
-    tensors = dict(keys=np.asarray(good.keys), values=np.asarray(good.values), fallback=np.array([2], np.int32))
+    tensors = dict(keys=np.asarray(good.keys), values=np.asarray(good.values), fallback=np.array([2], np.int32),
+                   stats=np.asarray(good.stats))
     meta = dict(format="jaxsample.ngram_draft", version="1", max_ngram="2", probes="8", vocab_size="8")
     cases = [
         (dict(tensors), {**meta, "format": "weights"}, "is not an n-gram draft table"),
@@ -171,6 +172,7 @@ def test_load_errors(tmp_path):
         ({**tensors, "keys": tensors["keys"][:6]}, meta, "S a power of two"),
         ({**tensors, "values": tensors["values"].astype(np.int64)}, meta, "values must be int32"),
         ({**tensors, "fallback": np.array([9], np.int32)}, meta, r"token ids outside its vocabulary \[0, 8\)"),
+        ({**tensors, "stats": np.zeros(3, np.int32)}, meta, r"stats must be int32 \[4\]"),
         (dict(tensors), {**meta, "probes": "64"}, "probes=64 exceeds the 8 slots"),
     ]
     for i, (t, m, match) in enumerate(cases):
@@ -238,18 +240,20 @@ def test_ngram_draft_vocabulary_must_match(target):  # noqa: F811
         js.speculative_generate(target, PROMPTS, LENGTHS, row_keys(0, 3), max_new_tokens=4, draft=small_draft())
 
 
-def test_new_table_of_the_same_shape_does_not_recompile(target):  # noqa: F811
-    """The table is data (a pytree), not a compile-time constant."""
-    from jaxsample import _speculative
+def test_new_table_of_the_same_shape_does_not_recompile(target, monkeypatch):  # noqa: F811
+    """The table is data (a pytree), not a compile-time constant: `propose` is traced once."""
+    traces = []
+    propose = js.NGramDraft.propose
+    monkeypatch.setattr(js.NGramDraft, "propose", lambda self, *a: traces.append(1) or propose(self, *a))
     a = js.NGramDraft.build(CORPUS, vocab_size=259, max_ngram=2, min_count=1)
-    b = js.NGramDraft.build(CORPUS[::-1].copy(), vocab_size=259, max_ngram=2, min_count=1)
-    assert a.num_slots == b.num_slots and not np.array_equal(a.values, b.values)
-    run = _speculative._jitted(False, False)  # both pytrees: traced
+    b = js.NGramDraft.build(np.r_[CORPUS[::-1], 7], vocab_size=259, max_ngram=2, min_count=1)
+    assert a.num_slots == b.num_slots and not np.array_equal(a.values, b.values) and a.info != b.info
     kw = dict(max_new_tokens=6, num_draft_tokens=2)
-    js.speculative_generate(target, PROMPTS, LENGTHS, row_keys(0, 3), draft=a, **kw)
-    before = run._cache_size()
-    js.speculative_generate(target, PROMPTS, LENGTHS, row_keys(0, 3), draft=b, **kw)
-    assert run._cache_size() == before
+    for draft in (a, b):
+        js.speculative_generate(target, PROMPTS, LENGTHS, row_keys(0, 3), draft=draft, **kw)
+    assert len(traces) == 1
+    js.speculative_generate(target, PROMPTS, LENGTHS, row_keys(0, 3), draft=a.replace(prompt_lookup=2), **kw)
+    assert len(traces) == 2  # a static field is part of the program: a new trace (the counter works)
 
 
 @pytest.mark.slow  # the point-mass path is covered by test_speculative's prompt-lookup case too
