@@ -227,7 +227,7 @@ def _search(x, target, mode, floor, active, start, decided, *, top, scale, digit
     dummy = jnp.zeros((rows, _kernels.pass_lanes(rows, vocab)), _F32)
     partials, prefix = run(jnp.int32(0), dummy, prefix, jnp.full((rows,), never))
     if callable(target):  # the total is the mass above prefix 0 (lane 0 of the first pass)
-        total = jnp.sum(partials[:, :lanes].reshape(rows, -1, 16)[:, :, 0], axis=1)
+        total = jnp.sum(partials[:, :lanes].reshape(rows, -1, _kernels.LANES)[:, :, 0], axis=1)
         target = target(total)
 
     def body(i, carry):

@@ -49,7 +49,8 @@ _F32 = jnp.float32
 _U32 = jnp.uint32
 #: Widest digit a pass may take (2**width - 1 candidates, unrolled in the kernel).
 MAX_WIDTH = 4
-_LANES = 1 << MAX_WIDTH
+#: Lanes (candidates) per program and pass.
+LANES = _LANES = 1 << MAX_WIDTH
 
 
 def key_bits(dtype) -> int:
