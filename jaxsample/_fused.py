@@ -14,9 +14,11 @@ how many programs run:
    the logits' dtype), the arg-max (greedy rows) and a count
    of NaN / ``+inf`` entries (invalid rows).
 2. The top-k threshold: the radix digit search of :mod:`jaxsample._select` over the
-   keys of the scaled logits (one counting kernel per 4-bit digit: 8 for float32 logits, 4 for
-   bfloat16), computed on chip; a row with ``k`` disabled (0 or ``>= V``), a greedy row
-   or an invalid row reads nothing (its programs exit at once).
+   keys of the scaled logits, one kernel per 4-bit digit (8 for float32 logits, 4 for
+   bfloat16): each kernel also finishes the previous digit from its partial counts
+   (:func:`jaxsample._kernels.chained_pass`), so no XLA step runs between passes. A
+   row with ``k`` disabled (0 or ``>= V``), a greedy row or an invalid row reads
+   nothing (its programs exit at once).
 3. The top-p threshold over the top-k survivors: the same search on softmax mass, with
    the top-k key as a floor (so the mass is that of the top-k-filtered row, as in the
    chain) and the total taken from the first pass (no separate pass). Rows with
@@ -145,14 +147,9 @@ def fused_default_step(chain: Any, logits: Array, key: Array, *, interpret: bool
     digits = (_kernels.MAX_WIDTH,) * (bits // _kernels.MAX_WIDTH)
 
     def search(target, mode, floor, active, start=None, decided=None):
-        def count(prefix, shift, width, with_total=False, skip=None):
-            return _kernels.count_above(
-                x, prefix, shift, top, None, width=width, mode=mode, scale=scale, floor=floor,
-                active=active if skip is None else active & ~skip, with_total=with_total,
-                interpret=interpret)
-        key_t = _select._digit_search(count, target, digits, bits, rows=rows,
-                                      rolled=interpret if rolled is None else rolled,
-                                      start=start, decided=decided)
+        key_t = _search(x, target, mode, floor, active, start, decided, top=top, scale=scale,
+                        digits=digits, interpret=interpret,
+                        rolled=interpret if rolled is None else rolled)
         return jnp.where(active, key_t, _U32(0))  # 0: keeps everything
 
     k_on = sampled & (k > 0) & (k < vocab)
@@ -201,6 +198,49 @@ def fused_default_step(chain: Any, logits: Array, key: Array, *, interpret: bool
         jnp.where(kept(s), s, -jnp.inf)).astype(logits.dtype)
     return (token.reshape(batch), raw.reshape(batch), processed_lp.reshape(batch),
             processed_logits.reshape(logits.shape))
+
+
+def _search(x, target, mode, floor, active, start, decided, *, top, scale, digits, interpret,
+            rolled):
+    """The radix digit search of `jaxsample._select._digit_search` (largest digit-aligned
+    key ``T`` with ``mass(key >= T) >= target``), one kernel launch per digit: each
+    pass also finishes the previous one on chip (:func:`jaxsample._kernels.chained_pass`),
+    so no XLA step runs between passes. ``target`` may be a function of the row total
+    (taken from the first pass); ``start`` / ``decided``: leading bits known before any
+    pass (those passes read nothing for the row)."""
+    rows, vocab = x.shape
+    bits = sum(digits)
+    width = digits[0]  # all digits have the same width
+    lanes = _kernels.block_lanes(rows, vocab)
+    prefix = jnp.zeros((rows,), _U32) if start is None else start
+    decided = jnp.zeros((rows,), jnp.int32) if decided is None else decided
+    never = jnp.iinfo(jnp.int32).max if mode == "count" else jnp.inf  # first pass: no digit yet
+
+    def run(i, previous, prefix, target):
+        shift = (bits - width * (i + 1)).astype(_U32)
+        skip = (bits - shift.astype(jnp.int32)) <= decided  # a digit the bound decided
+        return _kernels.chained_pass(
+            x, previous, prefix, shift + width, shift, target, width=width, prev_width=width,
+            mode=mode, stat=top, scale=scale, floor=jnp.zeros_like(prefix) if floor is None else floor,
+            active=active & ~skip, interpret=interpret)
+
+    dummy = jnp.zeros((rows, _kernels.pass_lanes(rows, vocab)), _F32)
+    partials, prefix = run(jnp.int32(0), dummy, prefix, jnp.full((rows,), never))
+    if callable(target):  # the total is the mass above prefix 0 (lane 0 of the first pass)
+        total = jnp.sum(partials[:, :lanes].reshape(rows, -1, _kernels.LANES)[:, :, 0], axis=1)
+        target = target(total)
+
+    def body(i, carry):
+        return run(i, *carry, target)
+
+    if rolled:
+        partials, prefix = lax.fori_loop(1, len(digits), body, (partials, prefix))
+    else:
+        for i in range(1, len(digits)):
+            partials, prefix = body(jnp.int32(i), (partials, prefix))
+    skip_last = bits <= decided  # the last digit (shift 0) decided too
+    d = _kernels.finish_digit(partials, lanes, target, width=width, mode=mode)
+    return prefix | (jnp.where(skip_last, 0, d).astype(_U32))
 
 
 def top_p_prefix(top: Array, total: Array, p: Array, vocab: int, dtype: Any) -> tuple[Array, Array]:

@@ -1,12 +1,18 @@
-"""Pallas kernels for the accelerator selection path (Triton lowering on GPU).
+"""Pallas kernels for the accelerator sampling path (Triton lowering on GPU).
 
-One kernel, :func:`count_above`: for every row and each of the ``2**width - 1``
-candidate thresholds of one radix digit, the mass of the row's elements whose
-order-preserving key is ``>=`` the candidate. It reads the logits once, computes the
-keys (and the softmax weights) on chip, and writes ``[R, blocks, 2**width]`` partial
-sums, which the caller adds up (and, on vocab-sharded rows, ``psum``-s over the
-model axis). The search that drives it (:func:`jaxsample._select._digit_search`) is
-the same for whole rows and for shards.
+* :func:`count_above`: for every row and each of the ``2**width - 1`` candidate
+  thresholds of one radix digit, the mass of the row's elements whose order-preserving
+  key is ``>=`` the candidate. It reads the logits once, computes the keys (and the
+  softmax weights) on chip, and writes ``[R, blocks, 2**width]`` partial sums, which
+  the caller adds up (and, on vocab-sharded rows, ``psum``-s over the model axis). The
+  search that drives it (:func:`jaxsample._select._digit_search`) is the same for
+  whole rows and for shards: the filters' GPU engine.
+* The fused sampling step's kernels (`jaxsample._fused`): :func:`row_stats` (one read:
+  the raw log-softmax, the scaled max and total, the arg-max, bad entries),
+  :func:`chained_pass` (one digit of the same search, which also finishes the
+  previous digit on chip, so a search is one launch per digit; temperature, a floor
+  key and per-row skipping on chip) and :func:`segment_masses` (the kept mass of every
+  256-token segment, for the draw).
 
 Why a kernel: on a GPU, XLA evaluates "mass above 15 candidates" as a ``[R, 15, V]``
 compare-and-reduce that costs 4-5 reads of the logits (shared/ANCHORS.md), while a
@@ -20,8 +26,9 @@ ordered_keys`), every other dtype the 32-bit keys of its float32 value. Weights:
 ``"weights"`` (a second ``[R, V]`` input). A column past ``V`` (the last, partial
 block) weighs 0, whatever the padding holds.
 
-On a CPU the kernel runs with ``interpret=True`` (the tests do, against the sort
-reference); ``jax.export`` for ``platforms=["cuda"]`` runs the real Triton lowering.
+On a CPU the kernels run with ``interpret=True`` (the tests do, against the sort
+reference and the unfused step); ``jax.export`` for ``platforms=["cuda"]`` runs the
+real Triton lowering.
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["count_above", "row_stats", "segment_masses", "key_bits", "MAX_WIDTH", "SEGMENT"]
+__all__ = ["count_above", "row_stats", "chained_pass", "finish_digit", "segment_masses", "key_bits",
+           "MAX_WIDTH", "SEGMENT"]
 
 Array = jax.Array
 
@@ -41,7 +49,8 @@ _F32 = jnp.float32
 _U32 = jnp.uint32
 #: Widest digit a pass may take (2**width - 1 candidates, unrolled in the kernel).
 MAX_WIDTH = 4
-_LANES = 1 << MAX_WIDTH
+#: Lanes (candidates) per program and pass.
+LANES = _LANES = 1 << MAX_WIDTH
 
 
 def key_bits(dtype) -> int:
@@ -141,37 +150,42 @@ def _gated(out_ref, active_ref, compute):
         out_ref[...] = jnp.zeros(out_ref.shape, out_ref.dtype)
 
 
-def _kernel(*refs, width, vocab, block, bits, mode, scaled, gated):
-    refs = list(refs)
-    x_ref, prefix_ref, shift_ref, stat_ref = refs[:4]
-    w_ref = refs.pop(4) if mode == "weights" else None
-    scale_ref = refs.pop(4) if scaled else None
-    floor_ref, active_ref = (refs.pop(4), refs.pop(4)) if gated else (None, None)
-    out_ref = refs[4]
-    _, in_row = _columns(block, vocab, (1, block))  # (outside `pl.when`: the interpreter)
+def _kernel(*refs, width, vocab, block, bits, mode):
+    if mode == "weights":
+        x_ref, prefix_ref, shift_ref, stat_ref, w_ref, out_ref = refs
+    else:
+        (x_ref, prefix_ref, shift_ref, stat_ref, out_ref), w_ref = refs, None
+    _, in_row = _columns(block, vocab, (1, block))
+    x = _load_row(x_ref, in_row)  # [1, block]
+    key = _keys(x, bits)
+    w = _weights(x, key, in_row, bits=bits, mode=mode, stat_ref=stat_ref, scaled=False,
+                 floor_ref=None, w_ref=w_ref)
+    out_ref[...] = _candidate_masses(key, w, prefix_ref[...], shift_ref[...], width)
 
-    def compute():
-        x = _scores(_load_row(x_ref, in_row), scale_ref, x_ref.dtype)  # [1, block]
-        valid = in_row
-        key = _keys(x, bits)
-        if mode == "count":
-            w = jnp.ones_like(x)
-        elif mode == "softmax":  # stat: the row max
-            w = jnp.exp((x if scale_ref is None else _from_keys(key, bits)) - stat_ref[...])
-        else:
-            w = _load_row(w_ref, in_row)
-        if floor_ref is not None:  # only the elements at or above the floor count
-            valid = valid & (key >= floor_ref[...])
-        w = jnp.where(valid, w, 0.0)
-        prefix, shift = prefix_ref[...], shift_ref[...]  # [1, 1] uint32 each
-        lane = lax.broadcasted_iota(jnp.int32, (1, _LANES), 1)
-        out = jnp.zeros((1, _LANES), _F32)
-        for c in range(1 << width):  # static: one masked sum per candidate (0: the prefix)
-            above = key >= (prefix | lax.shift_left(_U32(c), shift))
-            out = jnp.where(lane == c, jnp.sum(jnp.where(above, w, 0.0), axis=1, keepdims=True), out)
-        return out
 
-    _gated(out_ref, active_ref, compute)
+def _weights(x, key, in_row, *, bits, mode, stat_ref, scaled, floor_ref, w_ref=None):
+    """Each element's weight (0 outside the row and below the floor)."""
+    if mode == "count":
+        w = jnp.ones_like(x)
+    elif mode == "softmax":  # stat: the row max
+        w = jnp.exp((_from_keys(key, bits) if scaled else x) - stat_ref[...])
+    else:
+        w = _load_row(w_ref, in_row)
+    valid = in_row
+    if floor_ref is not None:  # only the elements at or above the floor count
+        valid = valid & (key >= floor_ref[...])
+    return jnp.where(valid, w, 0.0)
+
+
+def _candidate_masses(key, w, prefix, shift, width):
+    """``(1, 16)``: lane ``c`` holds the mass of ``key >= prefix | c << shift`` (lane 0:
+    above the prefix itself; lanes past ``2**width - 1`` hold 0)."""
+    lane = lax.broadcasted_iota(jnp.int32, (1, _LANES), 1)
+    out = jnp.zeros((1, _LANES), _F32)
+    for c in range(1 << width):  # static: one masked sum per candidate
+        above = key >= (prefix | lax.shift_left(_U32(c), shift))
+        out = jnp.where(lane == c, jnp.sum(jnp.where(above, w, 0.0), axis=1, keepdims=True), out)
+    return out
 
 
 def _out_shape(shape: tuple[int, ...], like: Array) -> jax.ShapeDtypeStruct:
@@ -203,26 +217,28 @@ def _launch(kernel, x: Array, per_row: list[Array], row_inputs: list[Array], lan
     blocks = -(-vocab // block)
     row_block = pl.BlockSpec((1, block), lambda i, j: (i, j))
     one = pl.BlockSpec((1, 1), lambda i, j: (i, 0))
-    params = {}
-    if not interpret:
-        from jax.experimental.pallas import triton as pltriton
-
-        # The Triton lowering (not Mosaic GPU, jax 0.10's default for pallas_call).
-        params_type = getattr(pltriton, "CompilerParams", None) or pltriton.TritonCompilerParams
-        # 8 warps on the wide blocks: at most 16-32 elements per thread in registers.
-        params["compiler_params"] = params_type(num_warps=8 if block >= 4096 else 4, num_stages=2)
     return pl.pallas_call(
         kernel, grid=(rows, blocks),
         in_specs=[row_block] + [one] * len(per_row) + [row_block] * len(row_inputs),
         out_specs=pl.BlockSpec((1, lanes), lambda i, j: (i, j)),
         out_shape=_out_shape((rows, blocks * lanes), x),
-        interpret=interpret, **params)(x, *per_row, *row_inputs)
+        interpret=interpret, **_params(block, interpret))(x, *per_row, *row_inputs)
+
+
+def _params(block: int, interpret: bool) -> dict:
+    """``pallas_call`` keywords: the Triton lowering (not Mosaic GPU, jax 0.10's default
+    for pallas_call), 8 warps on the wide blocks (at most 16-32 elements per thread in
+    registers)."""
+    if interpret:
+        return {}
+    from jax.experimental.pallas import triton as pltriton
+
+    params_type = getattr(pltriton, "CompilerParams", None) or pltriton.TritonCompilerParams
+    return {"compiler_params": params_type(num_warps=8 if block >= 4096 else 4, num_stages=2)}
 
 
 def count_above(x: Array, prefix: Array, shift: Array | int, stat: Array | None,
                 weights: Array | None, *, width: int, mode: str,
-                scale: Array | None = None, floor: Array | None = None,
-                active: Array | None = None, with_total: bool = False,
                 interpret: bool = False) -> Array:
     """Mass of ``key >= prefix | (c << shift)`` for ``c = 1 .. 2**width - 1``, per row.
 
@@ -235,58 +251,25 @@ def count_above(x: Array, prefix: Array, shift: Array | int, stat: Array | None,
       weights: ``[R, V]`` weights for ``mode="weights"``, else None.
       width: the digit's width (static; ``width <= MAX_WIDTH``).
       mode: ``"count"``, ``"softmax"`` or ``"weights"``.
-      scale: ``float32 [R]`` or None: the scores are ``x * scale`` rounded to
-        ``x.dtype`` (an inverse temperature applied on chip; ``stat`` is then their
-        max).
-      floor: ``uint32 [R]`` key or None: only elements with ``key >= floor`` weigh.
-      active: ``bool [R]`` or None: an inactive row's programs read nothing and
-        report zero mass (a disabled filter costs a launch, not a read).
-      with_total: also return column 0, the mass above ``prefix`` itself.
       interpret: run the kernel in the Pallas interpreter (CPU, tests).
 
     Returns:
-      ``float32 [R, 2**width - 1]`` (``[R, 2**width]`` with ``with_total``): column
-      ``c - 1`` (``c``) holds the mass above candidate ``c``; for ``"count"`` exact
-      integers as ``int32`` (up to 2**24 per block).
+      ``float32 [R, 2**width - 1]``: column ``c - 1`` holds the mass above candidate
+      ``c``; for ``"count"`` exact integers as ``int32`` (up to 2**24 per block).
     """
     rows, vocab = x.shape
     block = _block_size(rows, vocab)
-    gated = floor is not None or active is not None
     kernel = functools.partial(_kernel, width=width, vocab=vocab, block=block,
-                               bits=key_bits(x.dtype), mode=mode, scaled=scale is not None,
-                               gated=gated)
+                               bits=key_bits(x.dtype), mode=mode)
     stat = jnp.zeros((rows,), _F32) if stat is None else stat
     shift = jnp.broadcast_to(jnp.asarray(shift, _U32), (rows,))
     per_row = [_per_row(prefix, _U32), _per_row(shift, _U32), _per_row(stat, _F32)]
-    if scale is not None:
-        per_row.append(_per_row(scale, _F32))
-    if gated:
-        per_row.append(_per_row(jnp.zeros((rows,), _U32) if floor is None else floor, _U32))
-        per_row.append(_per_row(jnp.ones((rows,), bool) if active is None else active,
-                                jnp.int32))
     row_inputs = [weights] if mode == "weights" else []
-    # The weights are the last kernel input but come right after `stat` in `_kernel`'s
-    # argument list: reorder per_row / row_inputs to the kernel's order.
-    partial = _launch(_reorder(kernel, len(per_row), len(row_inputs)), x, per_row, row_inputs,
-                      _LANES, block, interpret)  # [R, blocks * 16]
-    partial = partial.reshape(rows, -1, _LANES)[:, :, (0 if with_total else 1):1 << width]
+    partial = _launch(kernel, x, per_row, row_inputs, _LANES, block, interpret)  # [R, blocks * 16]
+    partial = partial.reshape(rows, -1, _LANES)[:, :, 1:1 << width]
     if mode == "count":  # exact: integers per block, summed as integers
         return jnp.sum(partial.astype(jnp.int32), axis=1)
     return jnp.sum(partial, axis=1)
-
-
-def _reorder(kernel, n_per_row: int, n_row_inputs: int):
-    """``kernel`` called as ``(x, *per_row, *row_inputs, out)`` with its refs in the
-    order ``(x, prefix, shift, stat, *row_inputs, *rest_of_per_row, out)``."""
-    if not n_row_inputs:
-        return kernel
-
-    def reordered(*refs):
-        x, per_row = refs[0], refs[1:1 + n_per_row]
-        row_inputs = refs[1 + n_per_row:1 + n_per_row + n_row_inputs]
-        return kernel(x, *per_row[:3], *row_inputs, *per_row[3:], *refs[1 + n_per_row + n_row_inputs:])
-
-    return reordered
 
 
 # ----------------------------------------------------------------------------- fused step
@@ -381,3 +364,111 @@ def segment_masses(x: Array, scale: Array, stat: Array, floor: Array, t_min: Arr
                _per_row(t_min, _F32)]
     part = _launch(kernel, x, per_row, [], block // SEGMENT, block, interpret)
     return part[:, :-(-vocab // SEGMENT)]
+
+
+# ----------------------------------------------------------------------------- chained passes
+
+
+def _chained_kernel(x_ref, prefix_ref, prev_shift_ref, shift_ref, target_ref, stat_ref, scale_ref,
+                    floor_ref, active_ref, prev_ref, out_ref, prefix_out_ref, *, width, prev_width,
+                    vocab, block, bits, mode, prev_lanes):
+    from jax.experimental.pallas import triton as pltriton
+
+    _, in_row = _columns(block, vocab, (1, block))
+    # The previous pass's digit, from its partial masses over every block of the row.
+    lanes = prev_ref.shape[1]
+    lane = lax.broadcasted_iota(jnp.int32, (1, lanes), 1)
+    part = pltriton.load(prev_ref, mask=lane < prev_lanes, other=0).reshape(lanes // _LANES, _LANES)
+    if mode == "count":  # exact: integers per block, summed as integers
+        mass = jnp.sum(part.astype(jnp.int32), axis=0, keepdims=True)  # [1, 16]
+    else:
+        mass = jnp.sum(part, axis=0, keepdims=True)
+    c = lax.broadcasted_iota(jnp.int32, (1, _LANES), 1)
+    ok = (mass >= target_ref[...]) & (c >= 1) & (c < (1 << prev_width))
+    d = jnp.max(jnp.where(ok, c, 0), axis=1, keepdims=True)  # [1, 1]
+    prefix = prefix_ref[...] | lax.shift_left(d.astype(_U32), prev_shift_ref[...])
+    prefix_out_ref[...] = prefix  # (every program of the row writes the same value)
+
+    def compute():
+        x = _scores(_load_row(x_ref, in_row), scale_ref, x_ref.dtype)  # [1, block]
+        key = _keys(x, bits)
+        w = _weights(x, key, in_row, bits=bits, mode=mode, stat_ref=stat_ref,
+                     scaled=True, floor_ref=floor_ref)
+        return _candidate_masses(key, w, prefix, shift_ref[...], width)
+
+    _gated(out_ref, active_ref, compute)
+
+
+def chained_pass(x: Array, previous: Array, prefix: Array, prev_shift: Array | int,
+                 shift: Array | int, target: Array, *, width: int, prev_width: int, mode: str,
+                 stat: Array, scale: Array, floor: Array, active: Array,
+                 interpret: bool = False) -> tuple[Array, Array]:
+    """One digit pass that also finishes the previous one on chip (no XLA step between).
+
+    Every program reads the previous pass's partial masses of its row (``previous``,
+    as returned here: 16 per block, :func:`pass_lanes` in all; zeros before the first
+    pass), adds them up (``pass_lanes`` floats from L2 per program), picks the previous digit (the largest ``c`` whose mass reaches
+    ``target``), extends ``prefix`` with it at ``prev_shift``, and then counts the
+    masses above the ``2**width - 1`` candidates of the digit at ``shift``: the digit
+    search of `jaxsample._select._digit_search`, one launch per digit.
+
+    Args:
+      x: ``[R, V]`` scores; ``scale`` (``[R]``) multiplies them on chip (rounded to
+        ``x.dtype``), ``stat`` (``[R]``) is their max (softmax weights).
+      previous: ``float32 [R, P]`` partial masses of the previous pass.
+      prefix: ``uint32 [R]``: what the previous pass counted above.
+      target: ``[R]``: int32 counts (``mode="count"``) or float32 mass.
+      floor, active: as :func:`count_above`; an inactive row's partials are 0.
+
+    Returns:
+      ``(partials float32 [R, P'], prefix uint32 [R])``: this pass's partial masses
+      (``P'`` a power of two; lanes past ``16 * blocks`` are unspecified) and the
+      prefix it counted above.
+    """
+    from jax.experimental import pallas as pl
+
+    rows, vocab = x.shape
+    block = _block_size(rows, vocab)
+    blocks = -(-vocab // block)
+    lanes = pass_lanes(rows, vocab)
+    if previous.shape != (rows, lanes):
+        raise ValueError(f"chained_pass: previous must be [{rows}, {lanes}], got {previous.shape}")
+    kernel = functools.partial(_chained_kernel, width=width, prev_width=prev_width, vocab=vocab,
+                               block=block, bits=key_bits(x.dtype), mode=mode,
+                               prev_lanes=_LANES * blocks)
+    target_dtype = jnp.int32 if mode == "count" else _F32
+    per_row = [_per_row(prefix, _U32),
+               _per_row(jnp.broadcast_to(jnp.asarray(prev_shift, _U32), (rows,)), _U32),
+               _per_row(jnp.broadcast_to(jnp.asarray(shift, _U32), (rows,)), _U32),
+               _per_row(target, target_dtype), _per_row(stat, _F32), _per_row(scale, _F32),
+               _per_row(floor, _U32), _per_row(active, jnp.int32)]
+    one = pl.BlockSpec((1, 1), lambda i, j: (i, 0))
+    partials, prefix = pl.pallas_call(
+        kernel, grid=(rows, blocks),
+        in_specs=[pl.BlockSpec((1, block), lambda i, j: (i, j))] + [one] * len(per_row)
+        + [pl.BlockSpec((1, lanes), lambda i, j: (i, 0))],
+        out_specs=[pl.BlockSpec((1, _LANES), lambda i, j: (i, j)), one],
+        out_shape=[_out_shape((rows, lanes), x),
+                   jax.ShapeDtypeStruct((rows, 1), _U32)],
+        interpret=interpret, **_params(block, interpret))(x, *per_row, previous)
+    return partials, prefix[:, 0]
+
+
+def finish_digit(partials: Array, blocks_lanes: int, target: Array, *, width: int,
+                 mode: str) -> Array:
+    """The digit of a pass from its partials ``[R, P]`` (the first ``blocks_lanes``
+    lanes), in XLA: int32 ``[R]``."""
+    part = partials[:, :blocks_lanes].reshape(partials.shape[0], -1, _LANES)[:, :, 1:1 << width]
+    mass = jnp.sum(part.astype(jnp.int32), axis=1) if mode == "count" else jnp.sum(part, axis=1)
+    c = jnp.arange(1, 1 << width, dtype=jnp.int32)
+    return jnp.max(jnp.where(mass >= target[:, None], c[None, :], 0), axis=1)
+
+
+def pass_lanes(rows: int, vocab: int) -> int:
+    """Lanes of :func:`chained_pass`'s partials: a power of two ``>= 16 * blocks``."""
+    return _LANES * (1 << (-(-vocab // _block_size(rows, vocab)) - 1).bit_length())
+
+
+def block_lanes(rows: int, vocab: int) -> int:
+    """``16 * blocks``: the meaningful lanes of a pass's partials for ``[rows, vocab]``."""
+    return _LANES * -(-vocab // _block_size(rows, vocab))

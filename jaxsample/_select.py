@@ -431,9 +431,8 @@ def _compare_counts(keys, weights):
     return count
 
 
-def _digit_search(count, target, digits: tuple[int, ...], bits: int,
-                  reduce=lambda m: m, rolled: bool = False, *, rows: int | None = None,
-                  start: Array | None = None, decided: Array | None = None) -> Array:
+def _digit_search(count, target: Array, digits: tuple[int, ...], bits: int,
+                  reduce=lambda m: m, rolled: bool = False) -> Array:
     """Largest ``T`` (digit-aligned) with ``mass(key >= T) >= target``: the one search.
 
     Builds ``T`` a digit at a time, most significant first. ``count(prefix, shift,
@@ -447,57 +446,23 @@ def _digit_search(count, target, digits: tuple[int, ...], bits: int,
     unrolled (on a GPU a ``while`` loop reads its predicate back to the host every
     trip), or a ``fori_loop`` with a traced ``shift`` when ``rolled`` (the Pallas
     interpreter: one kernel to compile instead of one per digit).
-
-    ``target`` is ``[R]``, or a function of the row totals (then ``count`` takes
-    ``with_total=True`` and ``rows`` is given): the first pass also returns the mass
-    above prefix 0, and the target comes from it (no separate pass for the total).
-
-    ``start`` (``uint32 [R]``) and ``decided`` (``int32 [R]``, a digit boundary): the
-    answer's leading ``decided`` bits are known to be those of ``start`` (a bound on
-    where the threshold lies); the passes of those digits skip the row (``count`` takes
-    ``skip=``, a ``bool [R]``, and may leave skipped rows' masses at anything).
     """
-    def skipped(shift):
-        if decided is None:
-            return None
-        return (bits - jnp.asarray(shift).astype(jnp.int32)) <= decided  # [R]
-
-    def counted(prefix, shift, width, **kwargs):
-        skip = skipped(shift)
-        mass = reduce(count(prefix, shift, width, **kwargs) if skip is None else
-                      count(prefix, shift, width, skip=skip, **kwargs))
-        return mass, skip
-
-    def digit(mass, target, width, skip):
+    def step(prefix, shift, width):
+        mass = reduce(count(prefix, shift, width))  # [R, C]
+        ok = mass >= target[:, None]
         c = jnp.arange(1, 1 << width, dtype=jnp.int32)
-        d = jnp.max(jnp.where(mass >= target[:, None], c[None, :], 0), axis=1)
-        return d if skip is None else jnp.where(skip, 0, d)  # a decided digit is in `start`
+        d = jnp.max(jnp.where(ok, c[None, :], 0), axis=1)
+        return prefix | (d.astype(_U32) << shift)
 
-    def step(prefix, shift, width, target):
-        mass, skip = counted(prefix, shift, width)  # [R, C]
-        return prefix | (digit(mass, target, width, skip).astype(_U32) << shift)
-
-    if start is not None:
-        prefix = start.astype(_U32)
-    elif callable(target):
-        prefix = jnp.zeros((rows,), _U32)
-    else:
-        prefix = jnp.zeros_like(target, _U32)  # (inside shard_map: varies like the target)
-    done = 0
-    if callable(target):
-        shift = _U32(bits - digits[0])
-        first, skip = counted(prefix, shift, digits[0], with_total=True)
-        target = target(first[:, 0])
-        prefix = prefix | (digit(first[:, 1:], target, digits[0], skip).astype(_U32) << shift)
-        done, digits = digits[0], digits[1:]
+    prefix = jnp.zeros_like(target, _U32)  # (inside shard_map: varies like the target)
     if rolled and len(set(digits)) == 1:  # one traced body (a shorter program to compile)
         width = digits[0]
         return lax.fori_loop(0, len(digits), lambda i, prefix: step(
-            prefix, (bits - done - width * (i + 1)).astype(_U32), width, target), prefix)
-    shift = bits - done
+            prefix, (bits - width * (i + 1)).astype(_U32), width), prefix)
+    shift = bits
     for width in digits:
         shift -= width
-        prefix = step(prefix, _U32(shift), width, target)
+        prefix = step(prefix, _U32(shift), width)
     return prefix
 
 

@@ -268,3 +268,26 @@ def test_top_p_prefix_holds_the_threshold_and_skips_passes(dtype):
     held = np.asarray((decided == 0) | ((key >> low) == (start >> low)))
     assert held[finite].all(), np.flatnonzero(~held & finite)
     assert (np.asarray(decided)[24:] >= 4).mean() > 0.5  # LM-like rows: digits decided
+
+
+def test_generate_lowers_for_cuda_with_the_fused_step_and_no_conditional(monkeypatch):
+    """The whole `generate` program with the default chain, as a GPU would compile it:
+    the fused kernels lower (jax.export for cuda), and no XLA conditional remains in the
+    decode loop (each would read its predicate back to the host every step)."""
+    from models import DecoderLM, preset
+
+    monkeypatch.setattr(_select, "default_plan", lambda *a, **k: _select.KERNEL_PLAN)
+    model = DecoderLM.random(preset("tiny"), jax.random.key(1))
+
+    def run(chain, prompts, lengths, keys):
+        out = js.generate(model, prompts, lengths, keys, sampler=chain, max_new_tokens=4)
+        return out.tokens, out.logprobs_processed
+
+    text = _export_cuda(run, js.default_chain(temperature=0.8, top_p=0.9),
+                        jax.ShapeDtypeStruct((2, 5), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32),
+                        jax.ShapeDtypeStruct((2,), jax.random.key(0).dtype))
+    # Index 0 and the scan body: stats + 2 x 8 digit passes (+ segment masses above 512
+    # tokens; the tiny model's rows are drawn whole).
+    per_step = 1 + 2 * 8 + (model.config.vocab_size > 512)
+    assert text.count(_TRITON) == 2 * per_step
+    assert not re.search(r"stablehlo\.(case|if)\b", text)  # (the KV-cache writes scatter)
