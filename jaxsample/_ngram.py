@@ -5,8 +5,8 @@ from a corpus (e.g. the target model's training text):
 
     d_1 = f(last N tokens of the context),  d_2 = f(last N tokens of context + d_1), ...
     f(c) = the most frequent next token after the longest suffix of c (order n = N .. 1)
-           seen at least `min_count` times in the corpus; the most frequent token overall
-           when no suffix was seen.
+           whose most frequent continuation was seen at least `min_count` times in the
+           corpus; the most frequent token overall when no suffix was seen.
 
 Optionally a match in the row's own context comes first (`prompt_lookup=n`: the
 `PromptLookup(n, n)` proposal when the last n tokens occurred earlier in the row). The
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from typing import Any
 
 import jax
@@ -74,6 +75,13 @@ def _context_hashes(window, xp):
         h = _extend_hash(h, window[..., n_max - n], xp)
         out.append(h)
     return xp.stack(out, axis=-1)
+
+
+def _check_score_range(max_ngram: int, vocab_size: int, where: str) -> None:
+    """`predict` ranks hits by ``order * vocab_size + token`` in int32."""
+    if (max_ngram + 1) * vocab_size >= 2 ** 31:
+        raise ValueError(f"{where}: max_ngram={max_ngram} with vocab_size={vocab_size} is too large "
+                         f"((max_ngram + 1) * vocab_size must stay below 2**31)")
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
@@ -143,8 +151,9 @@ class NGramDraft:
             occurrences counts that many times (e.g. to weigh text the target model
             generated above the raw corpus).
           max_ngram: N >= 1, the longest context.
-          min_count: a context of order >= 2 is used only when its (weighted) count is
-            at least this (rarer ones back off to shorter contexts), >= 1.
+          min_count: a context of order >= 2 is used only when its most frequent next
+            token was seen (weighted) at least this often after it (rarer ones back off
+            to shorter contexts), >= 1.
           probes: slots searched per lookup, >= 1.
           load_factor: target entries / slots, in (0, 1]; S is the next power of two.
           prompt_lookup: see the class attributes (0: off).
@@ -155,6 +164,7 @@ class NGramDraft:
         """
         vocab_size = _check_int("vocab_size", vocab_size, 1)
         max_ngram = _check_int("max_ngram", max_ngram, 1)
+        _check_score_range(max_ngram, vocab_size, "NGramDraft")
         min_count = _check_int("min_count", min_count, 1)
         probes = _check_int("probes", probes, 1)
         prompt_lookup = _check_int("prompt_lookup", prompt_lookup, 0)
@@ -215,7 +225,8 @@ class NGramDraft:
             ent_h.append(stored)
             ent_v.append(pred[store][idx])
         ent_h, ent_v = np.concatenate(ent_h), np.concatenate(ent_v)
-        size = 1 << max(int(np.ceil(np.log2(max(ent_h.size, 1) / load_factor))), 1)
+        # At least `probes` slots: a lookup never probes past the table (or `load` refuses it).
+        size = 1 << max(int(np.ceil(np.log2(max(ent_h.size, 1) / load_factor))), (probes - 1).bit_length(), 1)
         keys, values, dropped = _place(ent_h, ent_v, size, probes)
         stats = jnp.asarray([m, ent_h.size, dropped, min_count], jnp.int32)
         return cls(jnp.asarray(keys), jnp.asarray(values), jnp.asarray(fallback, jnp.int32), stats, max_ngram, probes,
@@ -254,18 +265,29 @@ class NGramDraft:
         meta = {"format": _FORMAT, "version": _VERSION, "max_ngram": str(self.max_ngram),
                 "probes": str(self.probes), "vocab_size": str(self.vocab_size)}
         meta.update({k: str(v) for k, v in self.info.items()})
+        reserved = sorted(set(metadata) & set(meta))
+        if reserved:
+            raise ValueError(f"NGramDraft.save: metadata keys {reserved} are reserved (the table's own fields)")
         meta.update({k: str(v) for k, v in metadata.items()})
         tensors = {"keys": np.asarray(self.keys, np.uint32), "values": np.asarray(self.values, np.int32),
                    "fallback": np.asarray(self.fallback, np.int32).reshape(1),
                    "stats": np.asarray(self.stats, np.int32)}
+        # A temporary file next to `path`, fsynced, given the usual permissions, renamed.
         directory = os.path.dirname(os.path.abspath(path))
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.tmp")
+        os.close(fd)
         try:
             save_file(tensors, tmp, metadata=meta)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
             os.replace(tmp, path)
-        finally:
+        except BaseException:
             if os.path.exists(tmp):
                 os.remove(tmp)
+            raise
 
     @classmethod
     def load(cls, path: str, *, prompt_lookup: int = 0) -> "NGramDraft":
@@ -318,6 +340,7 @@ class NGramDraft:
         if tensors["stats"].dtype != np.int32 or tensors["stats"].shape != (len(_INFO),):
             raise ValueError(f"NGramDraft.load: {path!r} stats must be int32 [{len(_INFO)}], got "
                              f"{tensors['stats'].dtype} {tensors['stats'].shape}")
+        _check_score_range(ints["max_ngram"], ints["vocab_size"], f"NGramDraft.load: {path!r}")
         if ints["probes"] > s:
             raise ValueError(f"NGramDraft.load: {path!r} probes={ints['probes']} exceeds the {s} slots")
         return cls(jnp.asarray(keys), jnp.asarray(values), jnp.asarray(fallback[0]), jnp.asarray(tensors["stats"]),

@@ -51,7 +51,7 @@ def parse_args(argv=None):
     for name in ("distill_rows", "distill_weight", "seed"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("distill_prompt_len", "distill_new_tokens", "batch_size"):
+    for name in ("distill_prompt_len", "distill_new_tokens", "batch_size", "max_ngram", "min_count", "probes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
@@ -100,9 +100,13 @@ def main(argv=None) -> int:
         return 2
     settings = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                         if k not in ("out", "data", "held_out") and v is not None)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    draft.save(args.out, train_works=",".join(corpus.train_works), held_out_works=",".join(corpus.valid_works),
-               settings=settings)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        draft.save(args.out, train_works=",".join(corpus.train_works), held_out_works=",".join(corpus.valid_works),
+                   settings=settings)
+    except OSError as e:
+        print(f"build_ngram_draft.py: error: --out {args.out}: {e}", file=sys.stderr)
+        return 2
     info = dict(draft.info)
     print(f"wrote {args.out}: {info['entries']:,} contexts of 1..{args.max_ngram} tokens from {corpus.train.size:,} "
           f"training tokens ({len(corpus.train_works)} works; held out: {', '.join(corpus.valid_works)}) and "

@@ -15,7 +15,7 @@ order: jaxsample's documented default (every method), or the default order of tr
 vLLM or llama.cpp (only the methods that system has). Prints each continuation, then the
 compile time and the decode speed.
 
-Streaming (the default when stdout is a terminal; --stream forces it, --no-stream turns it
+Streaming (the default when stdout or stderr is a terminal; --stream forces it, --no-stream turns it
 off): one prompt and one sample is printed while it is generated; several prompts or
 samples run as one batch and each row is printed whole as soon as it finishes (a stop
 id), in the order they finish, with progress on stderr. With --no-stream the batch is one
@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="one row: print the text while it is generated; several prompts/samples (one batch): "
                         "print each row as soon as it finishes, progress on stderr. --no-stream: one generate "
-                        "call, every row printed at the end. Default: on when stdout is a terminal")
+                        "call, every row printed at the end. Default: on when stdout or stderr is a terminal "
+                        "(progress on stderr)")
     g.add_argument("--chunk-size", type=int, default=16, help="decode steps per streamed chunk")
     g = p.add_argument_group("Hugging Face checkpoints")
     g.add_argument("--chat", action="store_true",
@@ -154,7 +155,11 @@ def speculative_runner(args, lm, ids, lengths, keys, sampler, stop_ids, pad_id, 
             draft = load_ngram_draft(None if args.ngram_draft == "shipped" else args.ngram_draft,
                                      prompt_lookup=args.prompt_lookup)
         except ValueError as e:
-            raise ValueError(f"--ngram-draft: {e}") from None
+            hint = ""
+            if not os.path.exists(args.ngram_draft) and args.ngram_draft != "shipped":
+                hint = (" (--ngram-draft takes an optional FILE: a prompt right after it is read as one; "
+                        "put the prompt first or write --ngram-draft=FILE)")
+            raise ValueError(f"--ngram-draft: {e}{hint}") from None
         if draft.vocab_size != lm.vocab_size:
             raise ValueError(f"--ngram-draft: the table's vocab_size {draft.vocab_size} != the target's "
                              f"{lm.vocab_size}")
@@ -572,7 +577,10 @@ def main(argv=None) -> int:
     if args.stream and unstreamed:
         parser.error(f"--stream cannot be used with {unstreamed[0]}, which returns every row at the end "
                      f"(use --no-stream)")
-    stream = not unstreamed and sys.stdout.isatty() if args.stream is None else args.stream
+    # Streamed by default when someone watches: the text on a terminal, or the progress
+    # on stderr when stdout goes to a file.
+    watched = sys.stdout.isatty() or sys.stderr.isatty()
+    stream = not unstreamed and watched if args.stream is None else args.stream
     try:
         apply_checkpoint_defaults(args)
         build_sampler(args)  # checks every value before the model loads

@@ -144,12 +144,32 @@ def test_build_is_deterministic_and_file_round_trips(tmp_path):
     (dict(tokens=[CORPUS, CORPUS], weights=[1]), "weights has 1 entries for 2 token arrays"),
     (dict(tokens=[CORPUS, CORPUS], weights=[1, -1]), r"weights\[1\] must be an int >= 0, got -1"),
     (dict(tokens=[CORPUS], weights=[0]), "no context to count"),
+    (dict(vocab_size=2 ** 28, max_ngram=7), r"max_ngram=7 with vocab_size=268435456 is too large"),
 ])
 def test_build_errors(kwargs, match):
     args = dict(tokens=CORPUS, vocab_size=8, max_ngram=2)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         js.NGramDraft.build(args.pop("tokens"), **args)
+
+
+def test_small_table_round_trips_and_saves_carefully(tmp_path):
+    """A table smaller than its probe count still loads (at least `probes` slots); the
+    file gets the usual permissions; the table's own metadata keys are refused."""
+    draft = js.NGramDraft.build([1, 2], vocab_size=5, max_ngram=2, min_count=1)
+    assert draft.num_slots >= draft.probes
+    path = str(tmp_path / "small.safetensors")
+    umask = os.umask(0o022)
+    try:
+        draft.save(path)
+    finally:
+        os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    again = js.NGramDraft.load(path)
+    np.testing.assert_array_equal(again.propose(np.array([[1]], np.int32), np.array([1]), 2),
+                                  draft.propose(np.array([[1]], np.int32), np.array([1]), 2))
+    with pytest.raises(ValueError, match=r"metadata keys \['probes', 'vocab_size'\] are reserved"):
+        draft.save(path, probes="1", vocab_size="9")
 
 
 def test_load_errors(tmp_path):
@@ -283,7 +303,8 @@ def test_shipped_table_loads_and_fits_budget():
     from models import SHIPPED_NGRAM_DRAFT, load_ngram_draft
     draft = load_ngram_draft()
     assert os.path.getsize(SHIPPED_NGRAM_DRAFT) <= 5_000_000
-    assert (draft.vocab_size, draft.max_ngram, draft.prompt_lookup) == (259, 5, 0)
+    assert (draft.vocab_size, draft.max_ngram, draft.prompt_lookup) == (259, 5, 5)  # match of 5 first
+    assert load_ngram_draft(prompt_lookup=0).prompt_lookup == 0
     assert dict(draft.info)["entries"] == draft.num_entries + dict(draft.info)["dropped"]
 
 
@@ -319,3 +340,13 @@ def test_cli_ngram_draft_greedy_equals_plain(tmp_path, capsys):
     with pytest.raises(SystemExit):
         gen.main(base + ["--ngram-draft", str(tmp_path / "missing.safetensors")])
     assert "--ngram-draft: NGramDraft.load: no such file" in capsys.readouterr().err
+
+
+def test_cli_ngram_draft_reading_a_prompt_as_its_file_says_so():
+    """`--ngram-draft "ROMEO:"` reads the prompt as the optional FILE: the error says how
+    to write it instead."""
+    from test_speculative import _generate_script
+    gen = _generate_script()
+    args = gen.build_parser().parse_args(["--greedy", "--ngram-draft", "ROMEO:"])
+    with pytest.raises(ValueError, match=r"no such file: 'ROMEO:'.*--ngram-draft=FILE"):
+        gen.speculative_runner(args, None, None, None, None, None, (), 0, [])
