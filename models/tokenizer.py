@@ -21,8 +21,9 @@ class _BatchMixin:
     eos_id: int
     pad_id: int
 
-    def encode_batch(self, texts: Sequence[str], *, add_bos: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """Encodes texts to a right-padded int32 array [B, P] and int32 lengths [B]."""
+    def encode_batch(self, texts: Sequence[str], *, add_bos: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Encodes texts to a right-padded int32 array [B, P] and int32 lengths [B]; `add_bos`
+        as `encode` (None: the tokenizer's own rule)."""
         if isinstance(texts, str):
             raise TypeError("encode_batch takes a sequence of strings, not one string")
         rows = [self.encode(t, add_bos=add_bos) for t in texts]
@@ -60,9 +61,10 @@ class ByteTokenizer(_BatchMixin):
     eos_ids = (257,)
     chat_template = None
 
-    def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
+    def encode(self, text: str, *, add_bos: bool | None = True) -> list[int]:
+        """UTF-8 bytes, after a BOS unless `add_bos=False` (None: BOS, this tokenizer's rule)."""
         ids = list(text.encode("utf-8"))
-        return [self.bos_id, *ids] if add_bos else ids
+        return ids if add_bos is False else [self.bos_id, *ids]
 
     def decode(self, ids) -> str:
         """Decodes ids, skipping special ids; invalid UTF-8 (a cut multi-byte char) becomes U+FFFD."""
@@ -81,6 +83,10 @@ class HFTokenizer(_BatchMixin):
     `eos_ids` holds every end-of-sequence id of `generation_config.json` and
     `config.json` (`eos_id` first). `chat_template` is `tokenizer_config.json`'s
     `chat_template` (or the `chat_template.jinja` file), None if the checkpoint has none.
+    `add_bos_token` says whether a plain prompt gets a BOS, as transformers'
+    `tokenizer(text)` does: `tokenizer_config.json`'s `add_bos_token` when it sets one,
+    else whether `tokenizer.json`'s post-processor puts the BOS first (Llama, Mistral and
+    Gemma files do, Qwen2's does not), else whenever there is a BOS.
 
     Args:
       path: a checkpoint directory holding `tokenizer.json`, or the file itself.
@@ -113,6 +119,7 @@ class HFTokenizer(_BatchMixin):
         if bad:
             raise ValueError(f"HFTokenizer: eos_token_id {bad} outside the vocabulary [0, {self.vocab_size})")
         self.chat_template = _chat_template(folder, token_config)
+        self.add_bos_token = self._adds_bos(token_config)
         self._special_tokens = {key: (v.get("content") if isinstance(v, dict) else v)
                                 for key, v in token_config.items()
                                 if key.endswith("_token") and isinstance(v, (str, dict))}
@@ -130,8 +137,24 @@ class HFTokenizer(_BatchMixin):
                              f"[0, {self.vocab_size})")
         return None if value is None else int(value)
 
-    def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
+    def _adds_bos(self, token_config: dict) -> bool:
+        """Whether a plain prompt gets a BOS (see the class docstring)."""
+        flag = token_config.get("add_bos_token")
+        if isinstance(flag, bool):
+            return flag and self.bos_id is not None
+        if self.bos_id is None:
+            return False
+        if self._tok.post_processor is not None:
+            probe = self._tok.encode("a", add_special_tokens=True).ids
+            return bool(probe) and probe[0] == self.bos_id
+        return True
+
+    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`: after a BOS if `add_bos` (an error without one), none if
+        False; None (default): as the checkpoint's tokenizer does (`add_bos_token`)."""
         ids = self._tok.encode(text, add_special_tokens=False).ids
+        if add_bos is None:
+            add_bos = self.add_bos_token
         if not add_bos:
             return ids
         if self.bos_id is None:

@@ -412,9 +412,9 @@ def beam_settings(parser: argparse.ArgumentParser, args) -> dict | None:
 def encode_prompts(parser, tok, prompts: list[str], chat: bool):
     """Right-padded ids [B, P] and lengths [B]; with --chat each prompt becomes a user message
     in the checkpoint's chat template (which writes its own BOS)."""
-    if not chat:  # a BOS only where the tokenizer has one (many Hugging Face ones do not)
+    if not chat:  # a BOS where the checkpoint's tokenizer adds one (Qwen2's adds none)
         try:
-            return tok.encode_batch(prompts, add_bos=getattr(tok, "bos_id", None) is not None)
+            return tok.encode_batch(prompts)
         except ValueError as e:
             parser.error(str(e))
     if getattr(tok, "chat_template", None) is None:

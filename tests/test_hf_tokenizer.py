@@ -78,9 +78,45 @@ def test_tokenizer_file_path_directly_and_no_bos(tmp_path, tokenizer_file):
     folder = checkpoint_dir(tmp_path, tokenizer_file, tokenizer_config=dict(eos_token="</s>"))
     tok = HFTokenizer(folder + "/tokenizer.json")
     assert tok.bos_id is None and tok.eos_id == 2
-    assert tok.encode("ab", add_bos=False) == tok._tok.encode("ab", add_special_tokens=False).ids
+    plain = tok._tok.encode("ab", add_special_tokens=False).ids
+    assert tok.encode("ab", add_bos=False) == tok.encode("ab") == plain  # no BOS to add
+    assert not tok.add_bos_token
     with pytest.raises(ValueError, match="no BOS token; pass add_bos=False"):
-        tok.encode("ab")
+        tok.encode("ab", add_bos=True)
+
+
+@pytest.mark.parametrize("post_processor, tokenizer_config, adds_bos", [
+    ("bos_template", {}, True),        # Llama / Mistral / Gemma files: "<s> $A"
+    ("byte_level", {}, False),         # Qwen2's file: a ByteLevel post-processor, no BOS
+    ("bos_template", dict(add_bos_token=False), False),  # the config's flag wins
+    ("byte_level", dict(add_bos_token=True), True),
+    (None, {}, True),                  # no post-processor: a BOS whenever there is one
+])
+def test_plain_prompts_get_a_bos_as_transformers_does(tmp_path, tokenizer_file, post_processor,
+                                                       tokenizer_config, adds_bos):
+    """`encode` / `encode_batch` add the BOS exactly where transformers' `tokenizer(text)`
+    does: the backend post-processor's output (what `PreTrainedTokenizerFast` returns),
+    unless tokenizer_config.json sets `add_bos_token` (as Llama's tokenizer class honours)."""
+    from tokenizers import Tokenizer, processors
+
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    if post_processor == "bos_template":
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    elif post_processor == "byte_level":
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    (tmp_path / "tokenizer.json").write_text(tok.to_str())
+    (tmp_path / "config.json").write_text(json.dumps(dict(bos_token_id=1, eos_token_id=2)))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    ours = HFTokenizer(str(tmp_path))
+    assert ours.add_bos_token is adds_bos
+    plain = tok.encode(TEXTS[0], add_special_tokens=False).ids
+    assert ours.encode(TEXTS[0]) == ([1] if adds_bos else []) + plain
+    if not tokenizer_config:  # the backend's own rule: what transformers' fast tokenizer returns
+        assert ours.encode(TEXTS[0]) == tok.encode(TEXTS[0], add_special_tokens=True).ids \
+            or post_processor is None
+    ids, lengths = ours.encode_batch(TEXTS[:1])
+    assert list(ids[0, :lengths[0]]) == ours.encode(TEXTS[0])
+    assert ours.encode(TEXTS[0], add_bos=True)[0] == 1 and ours.encode(TEXTS[0], add_bos=False) == plain
 
 
 @pytest.mark.parametrize("config, tokenizer_config, match", [
