@@ -10,8 +10,8 @@ neighbouring token); what changes is how many times the ``[B, V]`` logits are re
 how many programs run:
 
 1. :func:`jaxsample._kernels.row_stats` (one read): the raw row max and sum of exp
-   (the raw log-softmax), the max of the scaled logits ``x * (1 / T)`` (rounded to
-   the logits' dtype), the arg-max (greedy rows) and a count
+   (the raw log-softmax), the max and sum of exp of the scaled logits ``x * (1 / T)``
+   (rounded to the logits' dtype), the arg-max (greedy rows) and a count
    of NaN / ``+inf`` entries (invalid rows).
 2. The top-k threshold: the radix digit search of :mod:`jaxsample._select` over the
    keys of the scaled logits, one kernel per 4-bit digit (8 for float32 logits, 4 for
@@ -21,8 +21,9 @@ how many programs run:
    nothing (its programs exit at once).
 3. The top-p threshold over the top-k survivors: the same search on softmax mass, with
    the top-k key as a floor (so the mass is that of the top-k-filtered row, as in the
-   chain) and the total taken from the first pass (no separate pass). Rows with
-   ``p = 1`` read nothing.
+   chain) and the total taken from the first pass (no separate pass). Without top-k
+   the total is step 1's and a bound (:func:`top_p_prefix`) decides the leading
+   digits before any pass: those passes read nothing, as rows with ``p = 1``.
 4. min-p needs no pass: its threshold is ``max(s) + ln(min_p)`` (``s``: scaled logits).
 5. :func:`jaxsample._kernels.segment_masses` (one read): the kept softmax mass of every
    segment of 256 tokens. The draw is :func:`jaxsample.sample`'s two-stage inverse CDF
@@ -239,7 +240,7 @@ def _search(x, target, mode, floor, active, start, decided, *, top, scale, digit
         for i in range(1, len(digits)):
             partials, prefix = body(jnp.int32(i), (partials, prefix))
     skip_last = bits <= decided  # the last digit (shift 0) decided too
-    d = _kernels.finish_digit(partials, lanes, target, width=width, mode=mode)
+    d = _select.pick_digit(_kernels.pass_masses(partials, lanes, width=width, mode=mode), target, width)
     return prefix | (jnp.where(skip_last, 0, d).astype(_U32))
 
 

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["count_above", "row_stats", "chained_pass", "finish_digit", "segment_masses", "key_bits",
+__all__ = ["count_above", "row_stats", "chained_pass", "pass_masses", "segment_masses", "key_bits",
            "MAX_WIDTH", "SEGMENT"]
 
 Array = jax.Array
@@ -454,14 +454,11 @@ def chained_pass(x: Array, previous: Array, prefix: Array, prev_shift: Array | i
     return partials, prefix[:, 0]
 
 
-def finish_digit(partials: Array, blocks_lanes: int, target: Array, *, width: int,
-                 mode: str) -> Array:
-    """The digit of a pass from its partials ``[R, P]`` (the first ``blocks_lanes``
-    lanes), in XLA: int32 ``[R]``."""
+def pass_masses(partials: Array, blocks_lanes: int, *, width: int, mode: str) -> Array:
+    """A pass's masses above its candidates from its partials ``[R, P]`` (the first
+    ``blocks_lanes`` lanes), in XLA: ``[R, 2**width - 1]`` (int32 for counts)."""
     part = partials[:, :blocks_lanes].reshape(partials.shape[0], -1, _LANES)[:, :, 1:1 << width]
-    mass = jnp.sum(part.astype(jnp.int32), axis=1) if mode == "count" else jnp.sum(part, axis=1)
-    c = jnp.arange(1, 1 << width, dtype=jnp.int32)
-    return jnp.max(jnp.where(mass >= target[:, None], c[None, :], 0), axis=1)
+    return jnp.sum(part.astype(jnp.int32), axis=1) if mode == "count" else jnp.sum(part, axis=1)
 
 
 def pass_lanes(rows: int, vocab: int) -> int:

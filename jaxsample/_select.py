@@ -431,6 +431,13 @@ def _compare_counts(keys, weights):
     return count
 
 
+def pick_digit(mass: Array, target: Array, width: int) -> Array:
+    """The digit of one pass: the largest ``c`` in ``1 .. 2**width - 1`` whose mass
+    ``mass[:, c - 1]`` (``[R, C]``) reaches ``target`` (``[R]``), else 0; int32 ``[R]``."""
+    c = jnp.arange(1, 1 << width, dtype=jnp.int32)
+    return jnp.max(jnp.where(mass >= target[:, None], c[None, :], 0), axis=1)
+
+
 def _digit_search(count, target: Array, digits: tuple[int, ...], bits: int,
                   reduce=lambda m: m, rolled: bool = False) -> Array:
     """Largest ``T`` (digit-aligned) with ``mass(key >= T) >= target``: the one search.
@@ -449,10 +456,7 @@ def _digit_search(count, target: Array, digits: tuple[int, ...], bits: int,
     """
     def step(prefix, shift, width):
         mass = reduce(count(prefix, shift, width))  # [R, C]
-        ok = mass >= target[:, None]
-        c = jnp.arange(1, 1 << width, dtype=jnp.int32)
-        d = jnp.max(jnp.where(ok, c[None, :], 0), axis=1)
-        return prefix | (d.astype(_U32) << shift)
+        return prefix | (pick_digit(mass, target, width).astype(_U32) << shift)
 
     prefix = jnp.zeros_like(target, _U32)  # (inside shard_map: varies like the target)
     if rolled and len(set(digits)) == 1:  # one traced body (a shorter program to compile)

@@ -409,6 +409,14 @@ def beam_settings(parser: argparse.ArgumentParser, args) -> dict | None:
     return settings
 
 
+def streams(flag: bool | None, unstreamed: list[str]) -> bool:
+    """--stream / --no-stream, else streamed when someone watches: the text on a terminal,
+    or the progress on stderr when stdout goes to a file; never with an unstreamed mode."""
+    if flag is not None:
+        return flag
+    return not unstreamed and (sys.stdout.isatty() or sys.stderr.isatty())
+
+
 def encode_prompts(parser, tok, prompts: list[str], chat: bool):
     """Right-padded ids [B, P] and lengths [B]; with --chat each prompt becomes a user message
     in the checkpoint's chat template (which writes its own BOS)."""
@@ -577,10 +585,7 @@ def main(argv=None) -> int:
     if args.stream and unstreamed:
         parser.error(f"--stream cannot be used with {unstreamed[0]}, which returns every row at the end "
                      f"(use --no-stream)")
-    # Streamed by default when someone watches: the text on a terminal, or the progress
-    # on stderr when stdout goes to a file.
-    watched = sys.stdout.isatty() or sys.stderr.isatty()
-    stream = not unstreamed and watched if args.stream is None else args.stream
+    stream = streams(args.stream, unstreamed)
     try:
         apply_checkpoint_defaults(args)
         build_sampler(args)  # checks every value before the model loads

@@ -169,3 +169,20 @@ def test_cli_streams_several_rows_as_they_finish(tmp_path, capsys):
     assert tags("--stream") == ["[0.1]", "[1.0]", "[0.0]", "[1.1]"]
     assert blocks["--stream"][0].splitlines()[0] == "[0.1] ROMEO:no"
     assert "prompt log-likelihood" in blocks["--stream"][2]  # sample 0 of each prompt carries it
+
+
+@pytest.mark.parametrize("flag, unstreamed, stdout_tty, stderr_tty, want", [
+    (None, [], True, False, True),     # text on a terminal
+    (None, [], False, True, True),     # stdout to a file, progress on a terminal
+    (None, [], False, False, False),   # both redirected (tests, pipes)
+    (None, ["--num-beams"], True, True, False),
+    (False, [], True, True, False),
+    (True, [], False, False, True),
+])
+def test_cli_streams_when_someone_watches(monkeypatch, flag, unstreamed, stdout_tty, stderr_tty, want):
+    """Without --stream/--no-stream the CLI streams when stdout or stderr is a terminal."""
+    from test_speculative import _generate_script
+    gen = _generate_script()
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: stdout_tty, raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: stderr_tty, raising=False)
+    assert gen.streams(flag, unstreamed) is want
