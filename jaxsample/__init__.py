@@ -1,6 +1,6 @@
 """jaxsample: pure, jitted, per-row token sampling for language models in JAX.
 
-Semantics follow ``shared/SAMPLING.md``: filters are pure ``logits -> logits``
+Semantics follow ``docs/sampling.md``: filters are pure ``logits -> logits``
 functions with traced (per-row) values, processors are pytrees composed with
 :func:`chain`, and :func:`sample` draws with an explicit (per-row) key.
 
@@ -12,58 +12,58 @@ Example:
 """
 
 # --- filters: logits[..., V] -> logits[..., V] --------------------------------------
-from jaxsample._filters import allow_tokens
-from jaxsample._filters import ban_tokens
-from jaxsample._filters import epsilon_cutoff
-from jaxsample._filters import eta_cutoff
-from jaxsample._filters import logit_bias
-from jaxsample._filters import min_p
-from jaxsample._filters import sparse_logit_bias
-from jaxsample._filters import temperature
-from jaxsample._filters import top_k
-from jaxsample._filters import top_n_sigma
-from jaxsample._filters import top_p
-from jaxsample._filters import typical_p
+from jaxsample._filters.filters import allow_tokens
+from jaxsample._filters.filters import ban_tokens
+from jaxsample._filters.filters import epsilon_cutoff
+from jaxsample._filters.filters import eta_cutoff
+from jaxsample._filters.filters import logit_bias
+from jaxsample._filters.filters import min_p
+from jaxsample._filters.filters import sparse_logit_bias
+from jaxsample._filters.filters import temperature
+from jaxsample._filters.filters import top_k
+from jaxsample._filters.filters import top_n_sigma
+from jaxsample._filters.filters import top_p
+from jaxsample._filters.filters import typical_p
 
 # --- sampling and log-probs ----------------------------------------------------------
-from jaxsample._sampling import greedy
-from jaxsample._sampling import sample
-from jaxsample._sampling import token_logprobs
-from jaxsample._sampling import entropy
+from jaxsample._filters.sampling import greedy
+from jaxsample._filters.sampling import sample
+from jaxsample._filters.sampling import token_logprobs
+from jaxsample._filters.sampling import entropy
 
 # --- processors (pytrees), composition, one decode step ------------------------------
-from jaxsample._chain import AllowTokens
-from jaxsample._chain import BanTokens
-from jaxsample._chain import Chain
-from jaxsample._chain import EpsilonCutoff
-from jaxsample._chain import EtaCutoff
-from jaxsample._chain import LogitBias
-from jaxsample._chain import LogitsProcessor
-from jaxsample._chain import MinP
-from jaxsample._chain import SparseLogitBias
-from jaxsample._chain import StepOutput
-from jaxsample._chain import Temperature
-from jaxsample._chain import TopK
-from jaxsample._chain import TopNSigma
-from jaxsample._chain import TopP
-from jaxsample._chain import TypicalP
-from jaxsample._chain import chain
-from jaxsample._chain import default_chain
-from jaxsample._chain import sample_step
-from jaxsample._chain import Stateless
-from jaxsample._chain import check_processor
-from jaxsample._chain import processor_dataclass
-from jaxsample._chain import static_field
-from jaxsample._chain import stateless
+from jaxsample._processors.builtin import AllowTokens
+from jaxsample._processors.builtin import BanTokens
+from jaxsample._processors.base import Chain
+from jaxsample._processors.builtin import EpsilonCutoff
+from jaxsample._processors.builtin import EtaCutoff
+from jaxsample._processors.builtin import LogitBias
+from jaxsample._processors.base import LogitsProcessor
+from jaxsample._processors.builtin import MinP
+from jaxsample._processors.builtin import SparseLogitBias
+from jaxsample._step.step import StepOutput
+from jaxsample._processors.builtin import Temperature
+from jaxsample._processors.builtin import TopK
+from jaxsample._processors.builtin import TopNSigma
+from jaxsample._processors.builtin import TopP
+from jaxsample._processors.builtin import TypicalP
+from jaxsample._processors.base import chain
+from jaxsample._processors.builtin import default_chain
+from jaxsample._step.step import sample_step
+from jaxsample._processors.base import Stateless
+from jaxsample._processors.base import check_processor
+from jaxsample._processors.base import processor_dataclass
+from jaxsample._processors.base import static_field
+from jaxsample._processors.base import stateless
 
 # --- generation ----------------------------------------------------------------------
-from jaxsample._generate import FinishReason
-from jaxsample._generate import GenerateOutput
-from jaxsample._generate import LanguageModel
-from jaxsample._generate import generate
-from jaxsample._generate import GenerateStats
-from jaxsample._generate import StreamChunk
-from jaxsample._generate import generate_stream
+from jaxsample._decoding.generate import FinishReason
+from jaxsample._decoding.generate import GenerateOutput
+from jaxsample._decoding.generate import LanguageModel
+from jaxsample._decoding.generate import generate
+from jaxsample._decoding.generate import GenerateStats
+from jaxsample._decoding.generate import StreamChunk
+from jaxsample._decoding.stream import generate_stream
 
 __version__ = "0.1.0"
 
@@ -121,23 +121,23 @@ __all__ = [
 ]
 
 # --- penalties and stateful samplers, chain presets -----------------------------------
-from jaxsample._chain import init_state
-from jaxsample._penalties import DRY
-from jaxsample._penalties import XTC
-from jaxsample._penalties import BadWords
-from jaxsample._penalties import DynamicTemperature
-from jaxsample._penalties import History
-from jaxsample._penalties import MinNewTokens
-from jaxsample._penalties import MirostatV2
-from jaxsample._penalties import NoRepeatNGram
-from jaxsample._penalties import PresenceFrequencyPenalty
-from jaxsample._penalties import RepetitionPenalty
-from jaxsample._presets import ORDERS
-from jaxsample._presets import full_chain
-from jaxsample._presets import llamacpp_chain
-from jaxsample._presets import preset_chain
-from jaxsample._presets import transformers_chain
-from jaxsample._presets import vllm_chain
+from jaxsample._processors.base import init_state
+from jaxsample._processors.penalties import DRY
+from jaxsample._processors.penalties import XTC
+from jaxsample._processors.penalties import BadWords
+from jaxsample._processors.penalties import DynamicTemperature
+from jaxsample._processors.penalties import History
+from jaxsample._processors.penalties import MinNewTokens
+from jaxsample._processors.penalties import MirostatV2
+from jaxsample._processors.penalties import NoRepeatNGram
+from jaxsample._processors.penalties import PresenceFrequencyPenalty
+from jaxsample._processors.penalties import RepetitionPenalty
+from jaxsample._processors.presets import ORDERS
+from jaxsample._processors.presets import full_chain
+from jaxsample._processors.presets import llamacpp_chain
+from jaxsample._processors.presets import preset_chain
+from jaxsample._processors.presets import transformers_chain
+from jaxsample._processors.presets import vllm_chain
 
 __all__ += [
     "init_state",
@@ -160,13 +160,14 @@ __all__ += [
 ]
 
 # --- sharding: vocab-sharded sampling and data/model-parallel generation (jax.sharding) ---
-from jaxsample._sharded import ShardedSampler
-from jaxsample._sharded import VocabShard
-from jaxsample._sharded import gumbel_sample
-from jaxsample._sharded import gumbel_sample_step
-from jaxsample._sharded import register_vocab_parallel
-from jaxsample._sharded import sharded_generate
-from jaxsample._sharded import sharded_sample_step
+from jaxsample._sharding.sharded import ShardedSampler
+from jaxsample._selection.select import VocabShard
+from jaxsample._filters.gumbel import gumbel_sample
+from jaxsample._step.step import gumbel_sample_step
+from jaxsample._sharding.sharded import register_vocab_parallel
+from jaxsample._sharding.sharded import sharded_generate
+from jaxsample._sharding.sharded import place
+from jaxsample._sharding.sharded import sharded_sample_step
 
 __all__ += [
     "ShardedSampler",
@@ -174,16 +175,17 @@ __all__ += [
     "gumbel_sample",
     "gumbel_sample_step",
     "register_vocab_parallel",
+    "place",
     "sharded_generate",
     "sharded_sample_step",
 ]
 
 # --- speculative decoding (exact: the output distribution is generate's) -------------
-from jaxsample._ngram import NGramDraft
-from jaxsample._speculative import PromptLookup
-from jaxsample._speculative import SpeculativeOutput
-from jaxsample._speculative import SpeculativeStats
-from jaxsample._speculative import speculative_generate
+from jaxsample._decoding.ngram import NGramDraft
+from jaxsample._decoding.speculative import PromptLookup
+from jaxsample._decoding.speculative import SpeculativeOutput
+from jaxsample._decoding.speculative import SpeculativeStats
+from jaxsample._decoding.speculative import speculative_generate
 
 __all__ += [
     "NGramDraft",
@@ -194,8 +196,8 @@ __all__ += [
 ]
 
 # --- beam search (deterministic, transformers' semantics) -----------------------------
-from jaxsample._beam import BeamSearchOutput
-from jaxsample._beam import beam_search
+from jaxsample._decoding.beam import BeamSearchOutput
+from jaxsample._decoding.beam import beam_search
 
 __all__ += [
     "BeamSearchOutput",
@@ -203,12 +205,12 @@ __all__ += [
 ]
 
 # --- constrained decoding: regex / JSON schema / choices as token masks (pip install '.[structured]') ---
-from jaxsample._structured import Choice
-from jaxsample._structured import Constraint
-from jaxsample._structured import JSONSchema
-from jaxsample._structured import Regex
-from jaxsample._structured import stack_constraints
-from jaxsample._structured import token_bytes
+from jaxsample._constraints.structured import Choice
+from jaxsample._constraints.structured import Constraint
+from jaxsample._constraints.structured import JSONSchema
+from jaxsample._constraints.structured import Regex
+from jaxsample._constraints.structured import stack_constraints
+from jaxsample._constraints.structured import token_bytes
 
 __all__ += [
     "Choice",

@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxsample._sharded import place  # noqa: F401  (re-exported: models.sharding.place)
+from jaxsample import place  # noqa: F401  (re-exported: models.sharding.place)
 from models.config import DecoderConfig
 from models.decoder import DecoderLM, KVCache
 

@@ -66,6 +66,11 @@ class ByteTokenizer(_BatchMixin):
         ids = list(text.encode("utf-8"))
         return ids if add_bos is False else [self.bos_id, *ids]
 
+    def token_bytes(self) -> list[bytes | None]:
+        """The bytes each id stands for: ids 0..255 are bytes, the specials (BOS, EOS, PAD) None
+        (`jaxsample.token_bytes` reads this for constrained decoding)."""
+        return [bytes([i]) for i in range(256)] + [None] * (self.vocab_size - 256)
+
     def decode(self, ids) -> str:
         """Decodes ids, skipping special ids; invalid UTF-8 (a cut multi-byte char) becomes U+FFFD."""
         data = bytes(int(i) for i in np.asarray(ids).reshape(-1) if 0 <= int(i) < 256)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import jaxsample as js
-from jaxsample import _beam
+from jaxsample._decoding import beam as _beam
 from models.config import DecoderConfig
 from models.decoder import DecoderLM, init_params
 

@@ -11,7 +11,8 @@ import pytest
 
 import jaxsample as js
 import reference as ref
-from jaxsample._chain import fold_in_rows, processor_dataclass, static_field
+from jaxsample._filters.sampling import fold_in_rows
+from jaxsample._processors.base import processor_dataclass, static_field
 
 B, V = 3, 10
 

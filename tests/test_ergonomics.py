@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 import jaxsample as js
-from jaxsample import _chain, _generate
-from jaxsample._chain import fold_in_rows
+from jaxsample._decoding import generate as _generate
+from jaxsample._processors import base as _chain
+from jaxsample._filters.sampling import fold_in_rows
 from models import DecoderLM, preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,11 +88,11 @@ def test_readme_write_your_own_processor_runs_without_recompiling():
     model = bigram(1)
     prompts, lengths = jnp.array([[1, 2, 3], [4, 5, 0]]), jnp.array([3, 2])
     keys = jax.random.split(jax.random.key(0), 2)
-    before = _generate._generate_traced_model._cache_size()
+    before = _generate._generate_traced._cache_size()
     outs = [js.generate(model, prompts, lengths, keys, max_new_tokens=5,
                         sampler=js.chain(soft_cap(cap), penalty(p), js.TopP(0.9)))
             for cap, p in ((5.0, 0.0), (np.float64(2.0), 100), (jnp.float32(1.5), jnp.float32(100.0)))]
-    assert _generate._generate_traced_model._cache_size() == before + 1  # one compile for three settings
+    assert _generate._generate_traced._cache_size() == before + 1  # one compile for three settings
     tokens = np.asarray(outs[1].tokens)
     last = np.array([3, 5])
     prev = np.concatenate([last[:, None], tokens[:, :-1]], axis=1)
@@ -268,7 +269,9 @@ def test_stats_off_traces_no_stats_code(monkeypatch):
     def boom(*args):
         raise AssertionError("stats computed although return_stats=False")
 
-    monkeypatch.setattr(_generate, "_step_stats", boom)
+    from jaxsample._decoding import core
+
+    monkeypatch.setattr(core, "step_stats", boom)
     model = bigram(4)
     out = js.generate(model, jnp.array([[1, 2, 3, 4, 5]]), jnp.array([5]), jax.random.split(jax.random.key(0), 1),
                       max_new_tokens=7, sampler=js.default_chain(temperature=0.5))  # a fresh shape: traced now
@@ -281,10 +284,10 @@ def test_stats_off_traces_no_stats_code(monkeypatch):
 def test_stats_lower_to_a_larger_program_only_when_asked():
     model = bigram(5)
     args = (jnp.array([[1, 2]], jnp.int32), jnp.array([2], jnp.int32), jax.random.split(jax.random.key(0), 1),
-            js.default_chain(top_p=0.9), jnp.array([-1], jnp.int32), jnp.int32(0))
+            js.default_chain(top_p=0.9), jnp.array([-1], jnp.int32), jnp.int32(0), jnp.array([3], jnp.int32))
     static = dict(max_new_tokens=3, cache_size=5, n=1, top_logprobs=0, prompt_logprobs=False,
                   sample_fn=js.sample_step)
-    lower = lambda **kw: _generate._generate_traced_model.lower(model, *args, **static, **kw).as_text()
+    lower = lambda **kw: _generate._generate_traced.lower(model, *args, **static, **kw).as_text()
     off, default, on = lower(return_stats=False), lower(), lower(return_stats=True)
     assert off == default
     assert on.count("stablehlo.exponential") > off.count("stablehlo.exponential")

@@ -12,7 +12,8 @@ import pytest
 
 import jaxsample as js
 import reference as ref
-from jaxsample import _filters, _select
+from jaxsample._filters import filters as _filters
+from jaxsample._selection import select as _select
 
 FILTERS = {
     "temperature": js.temperature,

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 import jaxsample as js
-from jaxsample import _fused, _select
+from jaxsample._selection import select as _select
+from jaxsample._step import fused as _fused
 from test_kernels import DTYPES, _eqns, _export_cuda, _TRITON
 from test_select import adversarial, per_row_k, per_row_p, xla_equal
 
@@ -248,7 +249,7 @@ def test_top_p_prefix_holds_the_threshold_and_skips_passes(dtype):
     """The bound of `top_p_prefix`: the sort reference's top-p threshold always has the
     decided leading key bits (adversarial rows and LM-like rows, many p), and on LM-like
     logits it decides whole digits (passes that read nothing)."""
-    from jaxsample import _kernels
+    from jaxsample._selection import kernels as _kernels
 
     rng = np.random.default_rng(11)
     vocab = 4096

@@ -17,8 +17,10 @@ import pytest
 
 import jaxsample as js
 import reference as ref
-from jaxsample import _filters, _kernels, _select
-from jaxsample._select import VocabShard
+from jaxsample._filters import filters as _filters
+from jaxsample._selection import kernels as _kernels
+from jaxsample._selection import select as _select
+from jaxsample._selection.select import VocabShard
 from test_select import (adversarial, assert_element_values, assert_filter_matches_reference,
                          assert_same_thresholds, grid, mass_margin, per_row_k, per_row_p,
                          REL_MARGIN)

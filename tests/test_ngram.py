@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import jaxsample as js
-from jaxsample._speculative import _lookup
+from jaxsample._decoding.drafts import lookup as _lookup
 from test_speculative import (LENGTHS, PROMPTS, V, BigramExtend, chi_square, exact_distribution, row_keys,
                               target)  # noqa: F401  (target: a fixture)
 
@@ -39,7 +39,7 @@ def propose(draft, contexts, k):
     seq = np.full((len(contexts), w), -1, np.int32)
     for i, c in enumerate(contexts):
         seq[i, :len(c)] = c
-    return np.asarray(draft.propose(jnp.asarray(seq), jnp.asarray([len(c) for c in contexts]), k)).tolist()
+    return np.asarray(draft.continuation(jnp.asarray(seq), jnp.asarray([len(c) for c in contexts]), k)).tolist()
 
 
 def test_hand_computed_table_and_proposals():
@@ -129,7 +129,7 @@ def test_build_is_deterministic_and_file_round_trips(tmp_path):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c)):
         np.testing.assert_array_equal(x, y)
     ctx = rng.integers(0, 30, (8, 10)).astype(np.int32)
-    np.testing.assert_array_equal(a.propose(ctx, np.full(8, 10), 5), c.propose(ctx, np.full(8, 10), 5))
+    np.testing.assert_array_equal(a.continuation(ctx, np.full(8, 10), 5), c.continuation(ctx, np.full(8, 10), 5))
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -166,8 +166,8 @@ def test_small_table_round_trips_and_saves_carefully(tmp_path):
         os.umask(umask)
     assert os.stat(path).st_mode & 0o777 == 0o644
     again = js.NGramDraft.load(path)
-    np.testing.assert_array_equal(again.propose(np.array([[1]], np.int32), np.array([1]), 2),
-                                  draft.propose(np.array([[1]], np.int32), np.array([1]), 2))
+    np.testing.assert_array_equal(again.continuation(np.array([[1]], np.int32), np.array([1]), 2),
+                                  draft.continuation(np.array([[1]], np.int32), np.array([1]), 2))
     with pytest.raises(ValueError, match=r"metadata keys \['probes', 'vocab_size'\] are reserved"):
         draft.save(path, probes="1", vocab_size="9")
 

@@ -10,7 +10,7 @@ import pytest
 
 import jaxsample as js
 import reference as ref
-from jaxsample import _sampling
+from jaxsample._filters import sampling as _sampling
 
 
 def assert_frequencies(tokens, probs, sigmas=5.0):

@@ -19,9 +19,9 @@ import pytest
 
 import jaxsample as js
 import reference as ref
-from jaxsample import _sampling
-from jaxsample import _select
-from jaxsample._select import Plan
+from jaxsample._filters import sampling as _sampling
+from jaxsample._selection import select as _select
+from jaxsample._selection.select import Plan
 
 PLANS = {
     # the CPU plan: top-64 window, then scatter radix 13+10+9 below 65536 tokens, 16+16

@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 
 import jaxsample as js
-from jaxsample import _select
-from jaxsample import _sharded
+from jaxsample._selection import select as _select
+from jaxsample._filters import gumbel as _gumbel
+from jaxsample._sharding import sharded as _sharded
 from models import DecoderLM, preset
 from models import sharding
 
@@ -104,7 +105,7 @@ def _device_checks():
     keys = jax.random.split(jax.random.key(11), batch)
     def unsharded(x, keys, procs):
         top_lp, top_ids = jax.lax.top_k(jax.nn.log_softmax(x), 5)
-        return [p(x) for p in procs], _sharded.gumbel_sample(keys, x), (top_ids, top_lp)
+        return [p(x) for p in procs], js.gumbel_sample(keys, x), (top_ids, top_lp)
 
     expected, expected_draw, expected_top = jax.jit(unsharded)(x, keys, [p for _, p in cases])
     expected = {name: np.asarray(out) for (name, _), out in zip(cases, expected)}
@@ -213,17 +214,18 @@ def _device_checks():
 def _generate_collectives(model, prompts, lengths, keys, chain, new):
     """Collectives of the compiled generate loop that `sharded_generate` just ran (a cache hit)."""
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from jaxsample import _generate
+    from jaxsample._decoding import generate as _generate
 
     mesh = model.mesh
     sampler = _sharded.ShardedSampler(mesh)
     args = (model, jax.device_put(jnp.asarray(prompts), NamedSharding(mesh, P("data", None))),
             jax.device_put(jnp.asarray(lengths), NamedSharding(mesh, P("data"))),
             jax.device_put(keys, NamedSharding(mesh, P("data"))), chain,
-            jnp.asarray((-1,), jnp.int32), jnp.asarray(0, jnp.int32))
+            jnp.asarray((-1,), jnp.int32), jnp.asarray(0, jnp.int32),
+            jax.device_put(jnp.full((prompts.shape[0],), new, jnp.int32), NamedSharding(mesh, P("data"))))
     static = dict(max_new_tokens=new, cache_size=prompts.shape[1] + new, top_logprobs=0,
                   prompt_logprobs=False, sample_fn=sampler)
-    text = _generate._generate_traced_model.lower(*args, **static).compile().as_text()
+    text = _generate._generate_traced.lower(*args, **static).compile().as_text()
     return [[op, shapes] for op, shapes in _collectives(text)]
 
 
@@ -335,7 +337,7 @@ def test_gumbel_sample_matches_softmax_seeds_example():
     for logits in (x, x / 0.5, js.top_p(x, 0.9)):
         probs = np.asarray(jax.nn.softmax(logits), np.float64)
         probs = probs / probs.sum()
-        tokens = _sharded.gumbel_sample(keys, jnp.broadcast_to(logits, (n, 6)))
+        tokens = js.gumbel_sample(keys, jnp.broadcast_to(logits, (n, 6)))
         _chi2_ok(tokens, probs)
 
 
@@ -344,7 +346,7 @@ def test_gumbel_sample_large_vocab_tail():
     vocab, n = 2048, 4000
     logits = jnp.log(jnp.linspace(1.0, 4.0, vocab))  # probabilities from 1 to 4 (x 1/Z)
     keys = jax.random.split(jax.random.key(5), n)
-    tokens = np.asarray(_sharded.gumbel_sample(keys, jnp.broadcast_to(logits, (n, vocab))))
+    tokens = np.asarray(js.gumbel_sample(keys, jnp.broadcast_to(logits, (n, vocab))))
     probs = np.asarray(jax.nn.softmax(logits), np.float64)
     bins = np.arange(vocab) // 128  # 16 groups of 128 tokens
     grouped = np.bincount(bins, weights=probs / probs.sum())
@@ -353,8 +355,8 @@ def test_gumbel_sample_large_vocab_tail():
 
 def test_counter_noise_is_uniform_and_independent():
     """The hash's uniforms: flat histogram, no correlation between neighbouring ids or rows."""
-    seeds = _sharded._row_seeds(jax.random.split(jax.random.key(2), 256), (256,))
-    g = np.asarray(_sharded._gumbel_noise(seeds, jnp.arange(4096)), np.float64)  # [256, 4096]
+    seeds = _gumbel._row_seeds(jax.random.split(jax.random.key(2), 256), (256,))
+    g = np.asarray(_gumbel._gumbel_noise(seeds, jnp.arange(4096)), np.float64)  # [256, 4096]
     u = np.exp(-np.exp(-g))  # Gumbel CDF: uniform on (0, 1) if the noise is right
     counts = np.histogram(u, bins=64, range=(0, 1))[0]
     expected = u.size / 64
@@ -372,14 +374,14 @@ def test_gumbel_sample_per_row_keys_and_invalid_rows():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 50)), jnp.float32)
     x = x.at[1].set(-jnp.inf).at[2, 3].set(jnp.nan).at[4, :49].set(-jnp.inf)
     keys = jax.random.split(jax.random.key(4), 5)
-    tokens = np.asarray(_sharded.gumbel_sample(keys, x))
+    tokens = np.asarray(js.gumbel_sample(keys, x))
     assert tokens[1] == -1 and tokens[2] == -1 and tokens[4] == 49
-    alone = [int(_sharded.gumbel_sample(keys[r:r + 1], x[r:r + 1])[0]) for r in (0, 3)]
+    alone = [int(js.gumbel_sample(keys[r:r + 1], x[r:r + 1])[0]) for r in (0, 3)]
     assert alone == [tokens[0], tokens[3]]  # a row's token does not depend on its batch-mates
-    one_key = _sharded.gumbel_sample(jax.random.key(4), x)
+    one_key = js.gumbel_sample(jax.random.key(4), x)
     assert one_key.shape == (5,)
     with pytest.raises(ValueError, match="one key per row"):
-        _sharded.gumbel_sample(keys[:2], x)
+        js.gumbel_sample(keys[:2], x)
 
 
 def test_vocab_shard_selection_matches_select():
@@ -414,7 +416,7 @@ def test_sharded_sampler_on_a_one_device_mesh():
     chain = js.default_chain(temperature=0.9, top_p=0.8)
     state = chain.init(None, None, 32)
     steps = jax.jit(lambda x, keys: (sampler(chain, x, state, keys),
-                                     _sharded.gumbel_sample_step(chain, x, state, keys)))
+                                     js.gumbel_sample_step(chain, x, state, keys)))
     (token, _, out), (ref_token, _, ref_out) = steps(x, keys)
     np.testing.assert_array_equal(token, ref_token)
     np.testing.assert_allclose(out.token_logprob_processed, ref_out.token_logprob_processed, atol=1e-6)
@@ -423,7 +425,7 @@ def test_sharded_sampler_on_a_one_device_mesh():
 
 
 def test_unsupported_processors_are_refused():
-    from jaxsample._chain import processor_dataclass
+    from jaxsample._processors.base import processor_dataclass
 
     @processor_dataclass
     class Counting(js.LogitsProcessor):

@@ -142,7 +142,7 @@ def test_n_samples_use_generates_row_keys(target):
 def test_prompt_lookup_proposals():
     """Hand-computed proposals: most recent match of the longest n-gram, periodic
     continuation into the suffix, fallback to shorter n-grams and to the last token."""
-    from jaxsample._speculative import _lookup
+    from jaxsample._decoding.drafts import lookup as _lookup
     seq = jnp.array([[1, 2, 3, 9, 1, 2, 3, 4, 1, 2, 3, -1, -1, -1],   # '1 2 3' -> most recent: 4 1 2 3
                      [5, 6, 5, 6, 5, 6, -1, -1, -1, -1, -1, -1, -1, -1],  # period 2 runs into the suffix
                      [7, 8, 9, 3, 8, -1, -1, -1, -1, -1, -1, -1, -1, -1],  # only the 1-gram '8' matches

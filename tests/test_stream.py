@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import jaxsample as js
-from jaxsample import _generate
+from jaxsample._decoding import stream as _stream
 from test_ergonomics import V, Bigram, bigram
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,11 +52,11 @@ def test_stream_outputs_equal_generate(outputs):
     sampler = js.chain(js.RepetitionPenalty(1.3), js.Temperature(0.9), js.XTC(0.5, 0.05), js.TopK(10))
     kw = dict(max_new_tokens=9, sampler=sampler, stop_ids=[0], pad_id=V - 1, n=2, **outputs)
     out = js.generate(model, prompts, lengths, keys, **kw)
-    compiled = _generate._stream_chunk_traced._cache_size()
+    compiled = _stream._stream_chunk_traced._cache_size()
     chunks = list(js.generate_stream(model, prompts, lengths, keys, chunk_size=3, **kw))
     assert [c.start for c in chunks][:2] == [0, 1] and chunks[0].tokens.shape == (4, 1)
     if outputs:
-        assert len(chunks) >= 3 and _generate._stream_chunk_traced._cache_size() == compiled + 1
+        assert len(chunks) >= 3 and _stream._stream_chunk_traced._cache_size() == compiled + 1
     got = concat(chunks)
     width = got["tokens"].shape[1]
     want = {f: np.asarray(getattr(out, f)) for f in STEP_FIELDS if getattr(out, f) is not None}
@@ -85,7 +85,7 @@ def test_stream_outputs_equal_generate(outputs):
 def test_chunks_reuse_one_compiled_program():
     model = bigram(8)
     prompts, lengths = jnp.array([[1, 2, 3, 4, 5, 6]]), jnp.array([6])  # a shape no other test uses
-    chunk = _generate._stream_chunk_traced
+    chunk = _stream._stream_chunk_traced
     before = chunk._cache_size()
     first = list(js.generate_stream(model, prompts, lengths, jax.random.split(jax.random.key(0), 1),
                                     max_new_tokens=12, chunk_size=2, sampler=js.default_chain(temperature=0.7)))

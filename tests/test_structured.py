@@ -19,7 +19,7 @@ outlines_core = pytest.importorskip("outlines_core", reason="needs pip install '
 jsonschema = pytest.importorskip("jsonschema", reason="needs pip install '.[test]'")
 
 import jaxsample as js  # noqa: E402
-from jaxsample import _structured  # noqa: E402
+from jaxsample._constraints import structured as _structured  # noqa: E402
 from models import ByteTokenizer, DecoderLM, HFTokenizer, load_pretrained, preset, save_model  # noqa: E402
 
 TOK = ByteTokenizer()

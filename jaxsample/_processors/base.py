@@ -1,4 +1,4 @@
-"""Logits processors as pytrees, their composition, and one decode step.
+"""Logits processors as pytrees, and their composition (layer 3: processors and chains).
 
 A processor is a frozen dataclass registered as a pytree (:func:`processor_dataclass`):
 its numeric values (``p``, ``k``, ``t``, token ids, biases) are *data* leaves and
@@ -32,15 +32,13 @@ import dataclasses
 import functools
 import inspect
 import numbers
-from typing import Any, Callable, ClassVar, NamedTuple
+from typing import Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsample import _filters, _fused, _select
-from jaxsample import _sampling
-from jaxsample import _validation as _val
+from jaxsample._filters.sampling import as_typed_key, fold_in_rows
 
 __all__ = [
     "processor_dataclass",
@@ -49,24 +47,8 @@ __all__ = [
     "Stateless",
     "check_processor",
     "LogitsProcessor",
-    "Temperature",
-    "TopK",
-    "TopP",
-    "MinP",
-    "TypicalP",
-    "EpsilonCutoff",
-    "EtaCutoff",
-    "TopNSigma",
-    "LogitBias",
-    "SparseLogitBias",
-    "BanTokens",
-    "AllowTokens",
     "Chain",
     "chain",
-    "default_chain",
-    "StepOutput",
-    "sample_step",
-    "fold_in_rows",
     "init_state",
 ]
 
@@ -153,24 +135,6 @@ def processor_dataclass(cls: type) -> type:
 
     jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten, flatten)
     return cls
-
-
-def fold_in_rows(key: ArrayLike, data: int) -> Array:
-    """``jax.random.fold_in`` applied to every key of a key array (any shape).
-
-    Returns a typed key array of the same shape; raw ``uint32`` keys are wrapped first.
-
-    Example:
-      >>> import jax
-      >>> fold_in_rows(jax.random.split(jax.random.key(0), 3), 1).shape
-      (3,)
-    """
-    key = _sampling.as_typed_key(key)
-    if key.shape == ():
-        return jax.random.fold_in(key, data)
-    flat = key.reshape(-1)
-    return jax.vmap(lambda k: jax.random.fold_in(k, data))(flat).reshape(key.shape)
-
 
 def _set(obj: Any, name: str, value: Any) -> None:
     object.__setattr__(obj, name, value)
@@ -308,184 +272,8 @@ class LogitsProcessor:
         if self.needs_key and key is None:
             raise TypeError(f"{type(self).__name__} is stochastic: pass key=...")
         if key is not None:
-            key = _sampling.as_typed_key(key)
+            key = as_typed_key(key)
         return self.apply(logits, (), key)
-
-
-# ----------------------------------------------------------------------------- filters
-
-
-@processor_dataclass
-class Temperature(LogitsProcessor):
-    """:func:`jaxsample.temperature` as a processor (``t = 0``: greedy row).
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> Temperature(2.0)(jnp.array([1.0, 2.0]))
-      Array([0.5, 1. ], dtype=float32)
-    """
-
-    t: ArrayLike = 1.0
-
-    def __post_init__(self) -> None:
-        _val.check_param("temperature", "t", self.t)  # the value as given, before any cast
-        _set(self, "t", _leaf("Temperature", "t", self.t, np.float32))
-
-    def apply(self, logits: Array, state: State, key: Array | None) -> Array:
-        return _filters.temperature(logits, self.t)
-
-
-class _Truncation(LogitsProcessor):
-    """Shared code of the truncation processors: one value field + min_tokens_to_keep."""
-
-    _filter: ClassVar[str]  # name of the function in _filters
-    _field: ClassVar[str]  # name of the value field (= the filter's parameter)
-    _kind: ClassVar[type] = float
-
-    def __post_init__(self) -> None:
-        dtype = np.int32 if self._kind is int else np.float32
-        _val.check_param(self._filter, self._field, getattr(self, self._field))  # before any cast
-        _set(self, self._field, _leaf(type(self).__name__, self._field, getattr(self, self._field), dtype))
-        m = _val.check_min_tokens_to_keep(self._filter, self.min_tokens_to_keep)
-        _set(self, "min_tokens_to_keep", m)
-
-    def apply(self, logits: Array, state: State, key: Array | None) -> Array:
-        fn = getattr(_filters, self._filter)
-        return fn(logits, getattr(self, self._field), min_tokens_to_keep=self.min_tokens_to_keep)
-
-
-@processor_dataclass
-class TopK(_Truncation):
-    """:func:`jaxsample.top_k` as a processor (``k = 0`` disables)."""
-
-    _filter = "top_k"
-    _field = "k"
-    _kind = int
-    k: ArrayLike = 0
-    min_tokens_to_keep: int = static_field(default=1)
-
-
-@processor_dataclass
-class TopP(_Truncation):
-    """:func:`jaxsample.top_p` as a processor (``p = 1`` disables)."""
-
-    _filter = "top_p"
-    _field = "p"
-    p: ArrayLike = 1.0
-    min_tokens_to_keep: int = static_field(default=1)
-
-
-@processor_dataclass
-class MinP(_Truncation):
-    """:func:`jaxsample.min_p` as a processor (``p = 0`` disables)."""
-
-    _filter = "min_p"
-    _field = "p"
-    p: ArrayLike = 0.0
-    min_tokens_to_keep: int = static_field(default=1)
-
-
-@processor_dataclass
-class TypicalP(_Truncation):
-    """:func:`jaxsample.typical_p` as a processor (``p = 1`` disables)."""
-
-    _filter = "typical_p"
-    _field = "p"
-    p: ArrayLike = 1.0
-    min_tokens_to_keep: int = static_field(default=1)
-
-
-@processor_dataclass
-class EpsilonCutoff(_Truncation):
-    """:func:`jaxsample.epsilon_cutoff` as a processor (``epsilon = 0`` disables)."""
-
-    _filter = "epsilon_cutoff"
-    _field = "epsilon"
-    epsilon: ArrayLike = 0.0
-    min_tokens_to_keep: int = static_field(default=1)
-
-
-@processor_dataclass
-class EtaCutoff(_Truncation):
-    """:func:`jaxsample.eta_cutoff` as a processor (``eta = 0`` disables)."""
-
-    _filter = "eta_cutoff"
-    _field = "eta"
-    eta: ArrayLike = 0.0
-    min_tokens_to_keep: int = static_field(default=1)
-
-
-@processor_dataclass
-class TopNSigma(_Truncation):
-    """:func:`jaxsample.top_n_sigma` as a processor (``n = inf`` disables)."""
-
-    _filter = "top_n_sigma"
-    _field = "n"
-    n: ArrayLike = float("inf")
-    min_tokens_to_keep: int = static_field(default=1)
-
-
-# ----------------------------------------------------------------------------- biases, masks
-
-
-@processor_dataclass
-class LogitBias(LogitsProcessor):
-    """:func:`jaxsample.logit_bias` as a processor: a dense ``[V]``/``[..., V]`` bias."""
-
-    bias: ArrayLike
-
-    def __post_init__(self) -> None:
-        _val.check_bias("LogitBias", "bias", self.bias)
-        _set(self, "bias", _leaf("LogitBias", "bias", self.bias, np.float32))
-
-    def apply(self, logits: Array, state: State, key: Array | None) -> Array:
-        return _filters.logit_bias(logits, self.bias)
-
-
-@processor_dataclass
-class SparseLogitBias(LogitsProcessor):
-    """:func:`jaxsample.sparse_logit_bias` as a processor (``-1`` ids are padding)."""
-
-    token_ids: ArrayLike
-    values: ArrayLike
-
-    def __post_init__(self) -> None:
-        _check_ids("SparseLogitBias", self.token_ids)
-        _val.check_bias("SparseLogitBias", "values", self.values)
-        _set(self, "token_ids", _leaf("SparseLogitBias", "token_ids", self.token_ids, np.int32))
-        _set(self, "values", _leaf("SparseLogitBias", "values", self.values, np.float32))
-
-    def apply(self, logits: Array, state: State, key: Array | None) -> Array:
-        return _filters.sparse_logit_bias(logits, self.token_ids, self.values)
-
-
-@processor_dataclass
-class BanTokens(LogitsProcessor):
-    """:func:`jaxsample.ban_tokens` as a processor (``-1`` ids are padding)."""
-
-    token_ids: ArrayLike
-
-    def __post_init__(self) -> None:
-        _check_ids("BanTokens", self.token_ids)
-        _set(self, "token_ids", _leaf("BanTokens", "token_ids", self.token_ids, np.int32))
-
-    def apply(self, logits: Array, state: State, key: Array | None) -> Array:
-        return _filters.ban_tokens(logits, self.token_ids)
-
-
-@processor_dataclass
-class AllowTokens(LogitsProcessor):
-    """:func:`jaxsample.allow_tokens` as a processor (``-1`` ids are padding)."""
-
-    token_ids: ArrayLike
-
-    def __post_init__(self) -> None:
-        _check_ids("AllowTokens", self.token_ids)
-        _set(self, "token_ids", _leaf("AllowTokens", "token_ids", self.token_ids, np.int32))
-
-    def apply(self, logits: Array, state: State, key: Array | None) -> Array:
-        return _filters.allow_tokens(logits, self.token_ids)
-
 
 @functools.lru_cache(maxsize=None)
 def _init_takes_max_new_tokens(cls: type) -> bool:
@@ -513,13 +301,6 @@ def init_state(
     if max_new_tokens is None or not _init_takes_max_new_tokens(type(proc)):
         return proc.init(prompt_tokens, prompt_lengths, vocab_size)
     return proc.init(prompt_tokens, prompt_lengths, vocab_size, max_new_tokens=max_new_tokens)
-
-
-def _check_ids(fn: str, ids: Any) -> None:
-    """Token-id checks at construction (the vocabulary size is not known yet)."""
-    if _val.concrete_value(ids) is not None:
-        _val.check_token_ids(fn, "token_ids", ids, None)
-
 
 # ----------------------------------------------------------------------------- checks
 
@@ -733,129 +514,3 @@ def chain(*processors: LogitsProcessor) -> Chain:
     for i, proc in enumerate(processors):
         check_processor(proc, f"chain: argument {i}")
     return Chain(tuple(processors))
-
-
-def default_chain(
-    *,
-    temperature: ArrayLike = 1.0,
-    top_k: ArrayLike = 0,
-    top_p: ArrayLike = 1.0,
-    min_p: ArrayLike = 0.0,
-    min_tokens_to_keep: int = 1,
-) -> Chain:
-    """The documented default order: ``temperature -> top_k -> top_p -> min_p``.
-
-    This is the order of transformers and vLLM. The full documented order
-    (SAMPLING.md) is: masks and biases -> penalties -> temperature -> top_k -> top_p
-    -> min_p (and the other truncations) -> sample; masks, biases and penalties, when
-    wanted, go in front, e.g. ``chain(BanTokens(ids), default_chain(top_p=0.9))``
-    (chains nest). Every stage is always present, with its disabled value by default,
-    so a jitted function compiled for one setting serves every setting (each value may
-    also be one per row). llama.cpp's order (temperature last) is one line too:
-    ``chain(TopK(k), TopP(p), MinP(m), Temperature(t))``.
-
-    Example:
-      >>> c = default_chain(temperature=0.7, top_p=0.9)
-      >>> [type(p).__name__ for p in c.processors]
-      ['Temperature', 'TopK', 'TopP', 'MinP']
-    """
-    m = _val.check_min_tokens_to_keep("default_chain", min_tokens_to_keep)
-    return chain(
-        Temperature(temperature),
-        TopK(top_k, min_tokens_to_keep=m),
-        TopP(top_p, min_tokens_to_keep=m),
-        MinP(min_p, min_tokens_to_keep=m),
-    )
-
-
-# ----------------------------------------------------------------------------- one step
-
-
-class StepOutput(NamedTuple):
-    """Per-row log-probabilities of the drawn token (float32, shape of the token).
-
-    Attributes:
-      token_logprob_raw: ``log_softmax(model logits)[token]``.
-      token_logprob_processed: ``log_softmax(processed logits)[token]``, the
-        distribution the token was actually drawn from.
-      processed_logits: the processed logits ``[..., V]`` the token was drawn from
-        (:func:`sample_step` sets it; under ``jit`` it costs nothing when unused);
-        ``None`` from a step function that does not provide them.
-    """
-
-    token_logprob_raw: Array
-    token_logprob_processed: Array
-    processed_logits: Array | None = None
-
-
-def _state_or_init(chain: LogitsProcessor, state: State, vocab_size: int) -> State:
-    """``state``, or the (empty) state of a stateless ``chain`` when ``state`` is None/()."""
-    empty = isinstance(state, tuple) and not state and isinstance(chain, Chain) and chain.processors
-    if state is not None and not empty:
-        return state
-    if chain.stateful:
-        procs = chain.processors if isinstance(chain, Chain) else (chain,)
-        name = next(type(p).__name__ for p in procs if p.stateful)
-        raise ValueError(
-            f"sample_step: the chain is stateful ({name} keeps state): pass "
-            f"state=chain.init(prompt_tokens, prompt_lengths, V, max_new_tokens=N) and the state "
-            f"each step returns; only a stateless chain may pass state=None")
-    return chain.init(None, None, vocab_size)
-
-
-def sample_step(
-    chain: LogitsProcessor, logits: Array, state: State, key: ArrayLike
-) -> tuple[Array, State, StepOutput]:
-    """One decode step: process, draw, update the state, report log-probs.
-
-    Keys, row by row: processor ``j`` of the chain (0-based) gets
-    ``fold_in(key, j + 1)`` (a nested chain passes its key on the same way), and the
-    token is drawn by ``sample(fold_in(key, 0), processed_logits)``.
-    :func:`jaxsample.generate` passes ``key = fold_in(keys[b], i)`` for row ``b``'s
-    generated index ``i``, so a row's tokens depend only on its own key and step, never
-    on its batch-mates.
-
-    Args:
-      chain: a :class:`Chain` (or any :class:`LogitsProcessor`).
-      logits: ``[B, V]`` (or any ``[..., V]``) model logits.
-      state: the processor state (``chain.init(...)``); ``None`` (or ``()``) for a
-        stateless chain, which then needs no ``init``.
-      key: one key per row, shape ``logits.shape[:-1]`` (or a single key).
-
-    Returns:
-      ``(token int32[...], new_state, StepOutput)``; ``token`` is ``-1`` for a row with
-      no finite (or a NaN) processed logit.
-
-    On a GPU (the backend's selection plan is the Pallas kernel plan), a chain with
-    the structure of :func:`default_chain` (``min_tokens_to_keep = 1``) runs as one
-    fused step (`jaxsample._fused`): the same keys, draw and log-probs in a few
-    kernels. Two documented differences there: the temperature is applied as
-    ``x * (1 / T)`` (within one ulp of ``x / T``), and a row whose model logits hold a
-    NaN or ``+inf`` gives ``-1`` whatever the filters.
-
-    Example:
-      >>> import jax, jax.numpy as jnp
-      >>> c = default_chain(top_k=1)
-      >>> logits = jnp.array([[0.0, 2.0, 1.0]])
-      >>> keys = jax.random.split(jax.random.key(0), 1)
-      >>> token, state, out = sample_step(c, logits, None, keys)  # stateless: no init
-      >>> token
-      Array([1], dtype=int32)
-    """
-    key = _sampling.as_typed_key(key)
-    state = _state_or_init(chain, state, logits.shape[-1])
-    plan = _select.default_plan(vocab=logits.shape[-1])
-    logits = jnp.asarray(logits)
-    if plan.engine == "kernel" and _fused.fusable(chain, logits.dtype):  # GPU: a few kernels
-        token, raw, processed_lp, processed = _fused.fused_default_step(
-            chain, logits, key, interpret=plan.interpret)
-        return token, chain.update(state, token, processed), StepOutput(raw, processed_lp, processed)
-    processed = chain.apply(logits, state, key)  # [..., V]
-    token = _sampling.sample(fold_in_rows(key, 0), processed)  # [...]
-    new_state = chain.update(state, token, processed)
-    out = StepOutput(
-        token_logprob_raw=_sampling.token_logprobs(logits, token),
-        token_logprob_processed=_sampling.token_logprobs(processed, token),
-        processed_logits=processed,
-    )
-    return token, new_state, out

@@ -75,7 +75,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxsample import _kernels
+from jaxsample._selection import kernels as _kernels
 
 __all__ = [
     "kth_largest",

@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxsample import _validation as _val
 
-__all__ = ["sample", "greedy", "token_logprobs", "entropy", "as_typed_key"]
+__all__ = ["sample", "greedy", "token_logprobs", "entropy", "as_typed_key", "fold_in_rows"]
 
 Array = jax.Array
 ArrayLike = Any
@@ -47,6 +47,23 @@ def as_typed_key(key: ArrayLike) -> Array:
             f"(jax.random.PRNGKey), got an array of dtype {key.dtype}"
         )
     return jax.random.wrap_key_data(key)
+
+
+def fold_in_rows(key: ArrayLike, data: int) -> Array:
+    """``jax.random.fold_in`` applied to every key of a key array (any shape).
+
+    Returns a typed key array of the same shape; raw ``uint32`` keys are wrapped first.
+
+    Example:
+      >>> import jax
+      >>> fold_in_rows(jax.random.split(jax.random.key(0), 3), 1).shape
+      (3,)
+    """
+    key = as_typed_key(key)
+    if key.shape == ():
+        return jax.random.fold_in(key, data)
+    flat = key.reshape(-1)
+    return jax.vmap(lambda k: jax.random.fold_in(k, data))(flat).reshape(key.shape)
 
 
 def _uniform_per_row(key: ArrayLike, batch_shape: tuple[int, ...], count: int | None = None) -> Array:

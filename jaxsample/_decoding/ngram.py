@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsample._decoding.drafts import lookup
+
 __all__ = ["NGramDraft"]
 
 _FORMAT = "jaxsample.ngram_draft"
@@ -119,7 +121,7 @@ class NGramDraft:
       >>> import numpy as np, jaxsample as js
       >>> corpus = np.frombuffer(b"to be or not to be, that is the question", np.uint8)
       >>> draft = js.NGramDraft.build(corpus, vocab_size=256, max_ngram=3, min_count=1)
-      >>> bytes(np.asarray(draft.propose(np.frombuffer(b"not t", np.uint8)[None], np.array([5]), 4))[0]
+      >>> bytes(np.asarray(draft.continuation(np.frombuffer(b"not t", np.uint8)[None], np.array([5]), 4))[0]
       ...       .astype(np.uint8))
       b'o be'
     """
@@ -361,11 +363,17 @@ class NGramDraft:
         best = jnp.max(jnp.where(hit, order + self.values[slots], -1), axis=(1, 2))  # [B]
         return jnp.where(best >= 0, best % self.vocab_size, self.fallback).astype(jnp.int32)
 
-    def propose(self, seq: jax.Array, length: jax.Array, k: int) -> jax.Array:
+    def start(self, prompt_tokens: jax.Array, prompt_lengths: jax.Array, cache_size: int, n: int) -> Any:
+        """The draft protocol (`jaxsample._decoding.drafts`): no state."""
+        return ()
+
+    def propose(self, state: Any, ctx: Any, k: int) -> tuple[jax.Array, None, Any]:
+        """The draft protocol: :meth:`continuation` of every row's context, a point mass."""
+        return self.continuation(ctx.seq, ctx.length, k), None, state
+
+    def continuation(self, seq: jax.Array, length: jax.Array, k: int) -> jax.Array:
         """k proposals per row after the context seq[b, :length[b]] (seq int [B, W], length
         int [B] >= 1): int32 [B, k]. Jittable; k is static."""
-        from jaxsample._speculative import _lookup
-
         seq = jnp.asarray(seq).astype(jnp.int32)
         length = jnp.asarray(length).astype(jnp.int32)
         n = self.max_ngram
@@ -380,8 +388,8 @@ class NGramDraft:
             available = available + 1
         proposals = jnp.stack(out, axis=1)
         if self.prompt_lookup:
-            lookup, found = _lookup(seq, length, self.prompt_lookup, k, self.prompt_lookup)
-            proposals = jnp.where(found[:, None], lookup, proposals)
+            matched, found = lookup(seq, length, self.prompt_lookup, k, self.prompt_lookup)
+            proposals = jnp.where(found[:, None], matched, proposals)
         return proposals
 
 

@@ -43,13 +43,12 @@ from typing import Any, Callable
 import numpy as np
 
 from jaxsample import _validation as _val
-from jaxsample._chain import (
+from jaxsample._processors.base import Chain, LogitsProcessor, chain
+from jaxsample._processors.builtin import (
     AllowTokens,
-    Chain,
     EpsilonCutoff,
     EtaCutoff,
     LogitBias,
-    LogitsProcessor,
     MinP,
     SparseLogitBias,
     Temperature,
@@ -57,9 +56,8 @@ from jaxsample._chain import (
     TopNSigma,
     TopP,
     TypicalP,
-    chain,
 )
-from jaxsample._penalties import (
+from jaxsample._processors.penalties import (
     DRY,
     XTC,
     BadWords,

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsample._chain import LogitsProcessor, _set, processor_dataclass, static_field
+from jaxsample._processors.base import LogitsProcessor, _set, processor_dataclass, static_field
 
 __all__ = [
     "Constraint",
@@ -128,12 +128,8 @@ def token_bytes(tokenizer: Any) -> list[bytes | None]:
       >>> token_bytes(ByteTokenizer())[65], token_bytes(ByteTokenizer())[257]
       (b'A', None)
     """
-    if hasattr(tokenizer, "token_bytes"):
+    if callable(getattr(tokenizer, "token_bytes", None)):  # models.ByteTokenizer has one
         return list(tokenizer.token_bytes())
-    from models.tokenizer import ByteTokenizer  # local: the library does not depend on models
-
-    if isinstance(tokenizer, ByteTokenizer):
-        return [bytes([i]) for i in range(256)] + [None] * (tokenizer.vocab_size - 256)
     inner = getattr(tokenizer, "_tok", tokenizer)  # models.HFTokenizer wraps a tokenizers.Tokenizer
     if hasattr(inner, "to_str") and hasattr(inner, "get_vocab"):
         return _hf_token_bytes(inner)

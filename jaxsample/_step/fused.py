@@ -64,7 +64,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxsample import _kernels, _sampling, _select
+from jaxsample._filters import sampling as _sampling
+from jaxsample._filters.sampling import fold_in_rows
+from jaxsample._processors.base import Chain
+from jaxsample._processors.builtin import MinP, Temperature, TopK, TopP
+from jaxsample._selection import kernels as _kernels
+from jaxsample._selection import select as _select
 
 __all__ = ["fusable", "fused_default_step", "top_p_prefix"]
 
@@ -78,8 +83,6 @@ def fusable(chain: Any, dtype: Any = jnp.float32) -> bool:
     """True for a chain the fused step implements exactly: the four processors of
     :func:`jaxsample.default_chain`, in its order, each with ``min_tokens_to_keep = 1``,
     on float32 / bfloat16 / float16 logits."""
-    from jaxsample._chain import Chain, MinP, Temperature, TopK, TopP
-
     if type(chain) is not Chain or jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
         return False
     procs = chain.processors
@@ -169,7 +172,7 @@ def fused_default_step(chain: Any, logits: Array, key: Array, *, interpret: bool
     floor = jnp.maximum(floor_k, floor_p)
     t_min = jnp.minimum(top + jnp.log(p_min), top)  # min-p; ln 0 = -inf keeps everything
 
-    u = _sampling._uniform_per_row(_fold_in(key, 0), batch, 2).reshape(rows, 2)
+    u = _sampling._uniform_per_row(fold_in_rows(key, 0), batch, 2).reshape(rows, 2)
 
     def kept(s):  # s: scaled scores [R, n], float32
         return (_keys(s, x.dtype) >= floor[:, None]) & (s >= t_min[:, None])
@@ -265,12 +268,6 @@ def top_p_prefix(top: Array, total: Array, p: Array, vocab: int, dtype: Any) -> 
     low_bits = (bits - decided).astype(_U32)
     start = jnp.where(decided > 0, (key_top >> low_bits) << low_bits, _U32(0))
     return start, decided
-
-
-def _fold_in(key: Array, data: int) -> Array:
-    from jaxsample._chain import fold_in_rows
-
-    return fold_in_rows(key, data)
 
 
 def _draw(x, scale, masses, u, kept, top):

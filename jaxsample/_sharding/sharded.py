@@ -38,21 +38,7 @@ float32 rounding of the sharded reductions (|difference| <= 1e-4 in the tests, t
 ~1e-6). `jaxsample.sample` (a two-stage inverse CDF) is exact in distribution
 too but consumes randomness differently, so its tokens differ from the Gumbel draw's.
 
-The counter-based noise: with ``(s0, s1)`` = two ``uint32`` drawn from the row's key
-(`jax.random.bits`) and ``i`` the global token id,
-
-.. math::
-
-   h_i = \\mathrm{fmix32}(\\mathrm{fmix32}(i \\oplus s_0) + s_1), \\quad
-   v_i = (h_i + \\tfrac12) 2^{-32}, \\quad
-   g_i = -\\ln(-\\ln(1 - v_i)),
-
-``fmix32`` being MurmurHash3's finaliser (a bijection on 32 bits), and the token is
-``argmax_i (x_i + g_i)``, lowest index on ties. ``g`` is a Gumbel variate with 32-bit
-resolution near the winning (upper) tail; the tests check the draw's frequencies
-against ``softmax(x)`` (chi-square) and the independence of neighbouring tokens' noise.
-The hash is a statistical, not a cryptographic, generator; it costs a few integer
-operations per token instead of a threefry block.
+The counter-based noise is defined in :mod:`jaxsample._filters.gumbel`.
 
 Example (8 simulated CPU devices; set
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before importing jax)::
@@ -80,16 +66,19 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxsample import _chain
-from jaxsample import _filters
-from jaxsample import _sampling
 from jaxsample import _validation as _val
-from jaxsample._chain import Chain, LogitsProcessor, StepOutput, fold_in_rows
-from jaxsample._select import VocabShard
+from jaxsample._decoding import core as _core
+from jaxsample._decoding.generate import generate
+from jaxsample._filters import filters as _filters
+from jaxsample._filters import sampling as _sampling
+from jaxsample._filters.sampling import fold_in_rows
+from jaxsample._filters.gumbel import _check_key, _draw, _keep, _row_seeds
+from jaxsample._processors import builtin as _builtin
+from jaxsample._processors.base import Chain, LogitsProcessor
+from jaxsample._selection.select import VocabShard
+from jaxsample._step.step import StepOutput, gumbel_sample_step
 
 __all__ = [
-    "gumbel_sample",
-    "gumbel_sample_step",
     "VocabShard",
     "ShardedSampler",
     "sharded_sample_step",
@@ -105,80 +94,7 @@ _F32 = jnp.float32
 _U32 = jnp.uint32
 _NEG_INF = -jnp.inf
 
-# ----------------------------------------------------------------------------- noise
-
-
-def _fmix32(h: Array) -> Array:
-    """MurmurHash3's 32-bit finaliser: a bijection of ``uint32`` with full avalanche."""
-    h = h ^ (h >> 16)
-    h = h * _U32(0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = h * _U32(0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-def _gumbel_noise(seeds: Array, ids: Array) -> Array:
-    """Counter-based Gumbel noise ``g[r, j]`` for row seeds ``[R, 2]`` and token ids ``[n]``.
-
-    ``g[r, j]`` depends only on ``seeds[r]`` and ``ids[j]`` (the global token id).
-    Returns float32 ``[R, n]``, every value finite.
-    """
-    seeds = seeds.astype(_U32)
-    ids = ids.astype(_U32)[None, :]  # [1, n]
-    h = _fmix32(_fmix32(ids ^ seeds[:, 0:1]) + seeds[:, 1:2])  # [R, n]
-    v = (h.astype(_F32) + 0.5) * _F32(2.0**-32)  # (0, 1], fine resolution near 0
-    v = jnp.minimum(v, _F32(1.0 - 2.0**-24))  # (0, 1): float32 rounds h ~ 2**32 up to 1
-    exponential = -jnp.log1p(-v)  # Exp(1), accurate for small v (the winners)
-    return -jnp.log(exponential)
-
-
-def _row_seeds(key: Array, batch_shape: tuple[int, ...]) -> Array:
-    """Two ``uint32`` per row, ``[*batch_shape, 2]``: from one key, or row r from ``key[r]``."""
-    if key.shape == ():
-        return jax.random.bits(key, tuple(batch_shape) + (2,), _U32)
-    flat = key.reshape(-1)
-    bits = jax.vmap(lambda k: jax.random.bits(k, (2,), _U32))(flat)  # [R, 2]
-    return bits.reshape(tuple(batch_shape) + (2,))
-
-
-def _check_key(fn: str, key: ArrayLike, batch_shape: tuple[int, ...]) -> Array:
-    key = _sampling.as_typed_key(key)
-    if key.shape not in ((), tuple(batch_shape)):
-        raise ValueError(
-            f"{fn}: key must be one key or one key per row with shape logits.shape[:-1] = "
-            f"{tuple(batch_shape)}, got a key array of shape {key.shape}")
-    return key
-
-
 # ----------------------------------------------------------------------------- local ops
-
-
-def _keep(logits: Array, keep: Array) -> Array:
-    return jnp.where(keep, logits, jnp.array(_NEG_INF, logits.dtype))
-
-
-def _draw(seeds: Array, logits: Array, shard: VocabShard, raw: Array | None = None):
-    """Gumbel-max over the vocabulary, in two collectives.
-
-    One ``pmax`` of the stacked row maxima (Gumbel scores, logits, NaN flag, and the raw
-    logits when given), then one ``pmin`` of the winning id.
-
-    Returns:
-      ``(token int32[b], valid bool[b], maxima)``: ``token = -1`` for an invalid row (no
-      finite logit, or a NaN); ``maxima = (max of logits, max of raw or None)``.
-    """
-    x = logits.astype(_F32)  # [b, V_local]
-    score = x + _gumbel_noise(seeds, shard.ids())
-    rows = [jnp.max(score, -1), jnp.max(x, -1), jnp.any(jnp.isnan(x), axis=-1).astype(_F32)]
-    if raw is not None:
-        rows.append(jnp.max(raw.astype(_F32), -1))
-    top_score, top, nan, *top_raw = shard._pmax(jnp.stack(rows))  # [b] each
-    hit = score == top_score[:, None]
-    first = jnp.argmax(hit, axis=-1).astype(jnp.int32)
-    token = shard._pmin(jnp.where(jnp.any(hit, axis=-1), shard.offset + first, shard.vocab_size))
-    valid = jnp.isfinite(top) & (nan == 0)
-    token = jnp.where(valid, token, jnp.int32(-1))
-    return token, valid, (top, top_raw[0] if top_raw else None)
 
 
 def _draw_and_logprobs(seeds: Array, processed: Array, raw: Array, shard: VocabShard):
@@ -350,22 +266,22 @@ def _top_k_enabled(k, vocab):
 
 
 for _type, _field, _dtype, _on, _fn in (
-        (_chain.Temperature, "t", _F32, lambda t, v: t == 0, _apply_temperature),
-        (_chain.TopK, "k", jnp.int32, _top_k_enabled, _shared_rule(_filters.top_k_rows, "k", True)),
-        (_chain.TopP, "p", _F32, lambda p, v: p < 1, _shared_rule(_filters.top_p_rows, "p", True)),
-        (_chain.MinP, "p", _F32, None, _shared_rule(_filters.min_p_rows, "p", False)),
-        (_chain.TypicalP, "p", _F32, lambda p, v: p < 1,
+        (_builtin.Temperature, "t", _F32, lambda t, v: t == 0, _apply_temperature),
+        (_builtin.TopK, "k", jnp.int32, _top_k_enabled, _shared_rule(_filters.top_k_rows, "k", True)),
+        (_builtin.TopP, "p", _F32, lambda p, v: p < 1, _shared_rule(_filters.top_p_rows, "p", True)),
+        (_builtin.MinP, "p", _F32, None, _shared_rule(_filters.min_p_rows, "p", False)),
+        (_builtin.TypicalP, "p", _F32, lambda p, v: p < 1,
          _shared_rule(_filters.typical_p_rows, "p", True)),
-        (_chain.EpsilonCutoff, "epsilon", _F32, None,
+        (_builtin.EpsilonCutoff, "epsilon", _F32, None,
          _shared_rule(_filters.epsilon_cutoff_rows, "epsilon", False)),
-        (_chain.EtaCutoff, "eta", _F32, None, _shared_rule(_filters.eta_cutoff_rows, "eta", False)),
-        (_chain.TopNSigma, "n", _F32, None, _shared_rule(_filters.top_n_sigma_rows, "n", False))):
+        (_builtin.EtaCutoff, "eta", _F32, None, _shared_rule(_filters.eta_cutoff_rows, "eta", False)),
+        (_builtin.TopNSigma, "n", _F32, None, _shared_rule(_filters.top_n_sigma_rows, "n", False))):
     register_vocab_parallel(_type, params=_per_row_rule(_field, _dtype, _on), apply=_fn)
-register_vocab_parallel(_chain.LogitBias, params=_bias_params, apply=_apply_bias)
-register_vocab_parallel(_chain.SparseLogitBias, params=functools.partial(_ids_params, with_values=True),
+register_vocab_parallel(_builtin.LogitBias, params=_bias_params, apply=_apply_bias)
+register_vocab_parallel(_builtin.SparseLogitBias, params=functools.partial(_ids_params, with_values=True),
                         apply=_apply_sparse_bias)
-register_vocab_parallel(_chain.BanTokens, params=_ids_params, apply=_apply_ban)
-register_vocab_parallel(_chain.AllowTokens, params=_ids_params, apply=_apply_allow)
+register_vocab_parallel(_builtin.BanTokens, params=_ids_params, apply=_apply_ban)
+register_vocab_parallel(_builtin.AllowTokens, params=_ids_params, apply=_apply_allow)
 del _type, _field, _dtype, _on, _fn
 
 
@@ -392,66 +308,6 @@ def _rules_for(proc: LogitsProcessor) -> list[tuple[LogitsProcessor, _Rule]]:
 
 
 # ----------------------------------------------------------------------------- single device
-
-
-def gumbel_sample(key: ArrayLike, logits: ArrayLike) -> Array:
-    """Draws one token per row with probability ``softmax(logits)``: counter-based Gumbel-max.
-
-    The single-device form of the sharded draw (module docstring): the noise of token
-    ``i`` depends only on the row's key and ``i``, so `ShardedSampler` draws the same
-    token for the same key on any number of vocabulary shards. Exact in distribution up
-    to float32 rounding; a ``-inf`` token is never drawn.
-
-    Args:
-      key: one key for the whole array or one key per row (shape ``logits.shape[:-1]``);
-        typed or raw ``uint32`` keys.
-      logits: ``[..., V]`` floating array.
-
-    Returns:
-      ``int32[...]`` token ids; ``-1`` for a row with no finite logit or with a NaN.
-
-    Example:
-      >>> import jax, jax.numpy as jnp
-      >>> gumbel_sample(jax.random.key(0), jnp.log(jnp.array([[0.0, 1.0, 0.0]])))
-      Array([1], dtype=int32)
-    """
-    _val.check_logits(logits, "gumbel_sample")
-    logits = jnp.asarray(logits)
-    key = _check_key("gumbel_sample", key, logits.shape[:-1])
-    return _gumbel_sample(key, logits)
-
-
-@jax.jit
-def _gumbel_sample(key: Array, logits: Array) -> Array:
-    batch_shape, vocab = logits.shape[:-1], logits.shape[-1]
-    seeds = _row_seeds(key, batch_shape).reshape(-1, 2)  # [R, 2]
-    token = _draw(seeds, logits.reshape(-1, vocab), VocabShard(vocab, vocab))[0]
-    return token.reshape(batch_shape)
-
-
-def gumbel_sample_step(chain: LogitsProcessor, logits: Array, state: State,
-                       key: ArrayLike) -> tuple[Array, State, StepOutput]:
-    """`jaxsample.sample_step` with the counter-based Gumbel draw (`gumbel_sample`).
-
-    The single-device reference of `ShardedSampler`: same arguments, same keys
-    (processors get ``fold_in(key, i + 1)``, the draw ``fold_in(key, 0)``), and for the
-    same keys the same tokens as a sharded step.
-
-    Example:
-      >>> import jax, jax.numpy as jnp, jaxsample as js
-      >>> c = js.default_chain(top_k=1)
-      >>> keys = jax.random.split(jax.random.key(0), 1)
-      >>> gumbel_sample_step(c, jnp.array([[0.0, 2.0, 1.0]]), c.init(None, None, 3), keys)[0]
-      Array([1], dtype=int32)
-    """
-    key = _sampling.as_typed_key(key)
-    processed = chain.apply(logits, state, key)
-    token = gumbel_sample(fold_in_rows(key, 0), processed)
-    new_state = chain.update(state, token, processed)
-    out = StepOutput(token_logprob_raw=_sampling.token_logprobs(logits, token),
-                     token_logprob_processed=_sampling.token_logprobs(processed, token),
-                     processed_logits=processed)
-    return token, new_state, out
 
 
 # ----------------------------------------------------------------------------- sharded
@@ -763,8 +619,6 @@ def sharded_generate(model: Any, prompt_tokens: ArrayLike, prompt_lengths: Array
     Returns:
       A `jaxsample.GenerateOutput` whose arrays are split over ``batch_axis``.
     """
-    from jaxsample import _generate
-
     mesh = getattr(model, "mesh", None) if mesh is None else mesh
     if mesh is None:
         raise ValueError("sharded_generate: pass mesh=... (the model has no .mesh)")
@@ -779,7 +633,7 @@ def sharded_generate(model: Any, prompt_tokens: ArrayLike, prompt_lengths: Array
     host_tokens, host_lengths = _host_value(prompt_tokens), _host_value(prompt_lengths)
     if host_tokens is not None and host_lengths is not None:  # on the host, before placing (global arrays may not be readable here)
         p = shape[1]
-        _generate._validate(host_tokens, host_lengths, max_new_tokens,
+        _core.check_prompts(host_tokens, host_lengths, max_new_tokens,
                             p + max_new_tokens if cache_size is None else cache_size,
                             model.vocab_size, tuple(int(s) for s in stop_ids))
     rows = NamedSharding(mesh, P(batch_axis))
@@ -791,6 +645,5 @@ def sharded_generate(model: Any, prompt_tokens: ArrayLike, prompt_lengths: Array
     else:  # many hosts: place the raw key data, then wrap it again
         data = place(jax.random.key_data(keys), NamedSharding(mesh, P(batch_axis, None)))
         keys = jax.random.wrap_key_data(data, impl=jax.random.key_impl(keys))
-    return _generate.generate(model, tokens, lengths, keys, max_new_tokens=max_new_tokens, sampler=sampler,
-                              stop_ids=stop_ids, pad_id=pad_id, cache_size=cache_size, sample_fn=sample_fn,
-                              **outputs)
+    return generate(model, tokens, lengths, keys, max_new_tokens=max_new_tokens, sampler=sampler,
+                    stop_ids=stop_ids, pad_id=pad_id, cache_size=cache_size, sample_fn=sample_fn, **outputs)

@@ -39,8 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsample._generate import (FinishReason, LanguageModel, _as_int, _batch_leading_cache, _is_pytree,
-                                 _prefill_samples, _validate)
+from jaxsample._decoding import core
+from jaxsample._decoding.core import FinishReason, LanguageModel
 from jaxsample._validation import check_range
 
 _NEG = -1.0e9  # transformers' "impossible" score offset (finite: the masks multiply it by 0 or 1)
@@ -153,7 +153,7 @@ def _beam_search_impl(model, prompt_tokens, prompt_lengths, stops, pad_id, lengt
     """All K finished hypotheses per prompt, best first (the caller keeps the first R)."""
     b, k, n = prompt_tokens.shape[0], num_beams, max_new_tokens
     # Each prompt is prefilled once; its logits and cache are copied to its K beams (rows b * K + j).
-    logits, cache, _ = _prefill_samples(model, prompt_tokens, prompt_lengths, cache_size, k, False)
+    logits, cache, _ = core.prefill_samples(model, prompt_tokens, prompt_lengths, cache_size, k, False)
     positions = jnp.repeat(prompt_lengths, k)  # [B * K], where generated token 0 goes
     step = lambda i, logits, s: _step(i, logits, s, stops, length_penalty, early_stopping, n)
     state = step(0, logits, _init_state(b, k, n, pad_id))
@@ -180,15 +180,9 @@ _beam_traced_model = jax.jit(_beam_search_impl, static_argnames=_STATIC)
 _beam_static_model = jax.jit(_beam_search_impl, static_argnums=(0,), static_argnames=_STATIC)
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
 def _validate_beam(model, b, num_beams, num_return_sequences, length_penalty, early_stopping, n_stops, cache_size):
-    num_beams = _positive_int("num_beams", num_beams)
-    num_return_sequences = _positive_int("num_return_sequences", num_return_sequences)
+    num_beams = core.positive_int("num_beams", num_beams)
+    num_return_sequences = core.positive_int("num_return_sequences", num_return_sequences)
     if num_return_sequences > num_beams:
         raise ValueError(f"num_return_sequences={num_return_sequences} must be <= num_beams={num_beams}")
     if np.ndim(length_penalty) != 0:
@@ -205,7 +199,7 @@ def _validate_beam(model, b, num_beams, num_return_sequences, length_penalty, ea
     if keep > model.vocab_size:
         raise ValueError(f"stop_ids: beam search keeps max(2, 1 + len(stop_ids)) = {keep} candidates per beam, "
                          f"more than the vocabulary size {model.vocab_size}")
-    if not _batch_leading_cache(model, b, num_beams, cache_size):
+    if not core.batch_leading_cache(model, b, num_beams, cache_size):
         raise ValueError(f"beam search reorders the KV cache along its leading axis, but "
                          f"{type(model).__name__}.init_cache(B, S) has leaves whose leading axis is not B")
     return num_beams, num_return_sequences, mode
@@ -260,19 +254,14 @@ def beam_search(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengths: 
       >>> out.sequences.shape, out.scores.shape
       ((1, 2, 8), (1, 2))
     """
-    prompt_tokens = jnp.asarray(prompt_tokens)
-    prompt_lengths = jnp.asarray(prompt_lengths)
-    stop_ids = tuple(_as_int("stop_ids", s) for s in np.asarray(stop_ids).reshape(-1).tolist())
-    pad_id = _as_int("pad_id", pad_id)
-    p = prompt_tokens.shape[-1] if prompt_tokens.ndim else 0
-    cache_size = p + max_new_tokens if cache_size is None else cache_size
-    _validate(prompt_tokens, prompt_lengths, max_new_tokens, cache_size, model.vocab_size, stop_ids)
-    num_beams, num_return_sequences, mode = _validate_beam(model, prompt_tokens.shape[0], num_beams,
-                                                     num_return_sequences, length_penalty, early_stopping,
-                                                     len(stop_ids), cache_size)
-    stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
-    args = (prompt_tokens.astype(jnp.int32), prompt_lengths.astype(jnp.int32), stops,
-            jnp.asarray(pad_id, jnp.int32), jnp.asarray(length_penalty, jnp.float32), jnp.asarray(mode, jnp.int32))
-    run = _beam_traced_model if _is_pytree(model) else _beam_static_model
-    out = run(model, *args, num_beams=num_beams, max_new_tokens=int(max_new_tokens), cache_size=int(cache_size))
+    prompts = core.prepare_prompts(model, prompt_tokens, prompt_lengths, max_new_tokens=max_new_tokens,
+                                   stop_ids=stop_ids, pad_id=pad_id, cache_size=cache_size)
+    num_beams, num_return_sequences, mode = _validate_beam(model, prompts.tokens.shape[0], num_beams,
+                                                           num_return_sequences, length_penalty, early_stopping,
+                                                           len(prompts.stop_ids), prompts.cache_size)
+    args = (prompts.tokens, prompts.lengths, prompts.stops, prompts.pad_id, jnp.asarray(length_penalty, jnp.float32),
+            jnp.asarray(mode, jnp.int32))
+    run = _beam_traced_model if core.is_pytree(model) else _beam_static_model
+    out = run(model, *args, num_beams=num_beams, max_new_tokens=prompts.max_new_tokens,
+              cache_size=prompts.cache_size)
     return jax.tree.map(lambda x: x[:, :num_return_sequences], out)

@@ -35,10 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsample import _filters
-from jaxsample import _sampling
+from jaxsample._filters import filters as _filters
+from jaxsample._filters import sampling as _sampling
 from jaxsample import _validation as _val
-from jaxsample._chain import LogitsProcessor, _leaf, _set, processor_dataclass, static_field
+from jaxsample._processors.base import LogitsProcessor, _leaf, _set, processor_dataclass, static_field
 
 __all__ = [
     "History",

@@ -41,9 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsample import _select
+from jaxsample._selection import select as _select
 from jaxsample import _validation as _val
-from jaxsample._select import VocabShard
+from jaxsample._selection.select import VocabShard
 
 __all__ = [
     "temperature",

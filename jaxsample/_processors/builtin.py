@@ -1,0 +1,250 @@
+"""The built-in processors: filters, biases and masks as pytrees, and :func:`default_chain`.
+
+Each wraps one function of :mod:`jaxsample._filters.filters` (``jaxsample.top_p`` and
+friends); its value fields are traced leaves, so changing them never recompiles.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import jax
+import numpy as np
+
+from jaxsample import _validation as _val
+from jaxsample._filters import filters as _filters
+from jaxsample._processors.base import (Chain, LogitsProcessor, _leaf, _set, chain, processor_dataclass,
+                                        static_field)
+
+__all__ = [
+    "Temperature",
+    "TopK",
+    "TopP",
+    "MinP",
+    "TypicalP",
+    "EpsilonCutoff",
+    "EtaCutoff",
+    "TopNSigma",
+    "LogitBias",
+    "SparseLogitBias",
+    "BanTokens",
+    "AllowTokens",
+    "default_chain",
+]
+
+Array = jax.Array
+ArrayLike = Any
+State = Any
+
+
+# ----------------------------------------------------------------------------- filters
+
+
+@processor_dataclass
+class Temperature(LogitsProcessor):
+    """:func:`jaxsample.temperature` as a processor (``t = 0``: greedy row).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> Temperature(2.0)(jnp.array([1.0, 2.0]))
+      Array([0.5, 1. ], dtype=float32)
+    """
+
+    t: ArrayLike = 1.0
+
+    def __post_init__(self) -> None:
+        _val.check_param("temperature", "t", self.t)  # the value as given, before any cast
+        _set(self, "t", _leaf("Temperature", "t", self.t, np.float32))
+
+    def apply(self, logits: Array, state: State, key: Array | None) -> Array:
+        return _filters.temperature(logits, self.t)
+
+
+class _Truncation(LogitsProcessor):
+    """Shared code of the truncation processors: one value field + min_tokens_to_keep."""
+
+    _filter: ClassVar[str]  # name of the function in _filters
+    _field: ClassVar[str]  # name of the value field (= the filter's parameter)
+    _kind: ClassVar[type] = float
+
+    def __post_init__(self) -> None:
+        dtype = np.int32 if self._kind is int else np.float32
+        _val.check_param(self._filter, self._field, getattr(self, self._field))  # before any cast
+        _set(self, self._field, _leaf(type(self).__name__, self._field, getattr(self, self._field), dtype))
+        m = _val.check_min_tokens_to_keep(self._filter, self.min_tokens_to_keep)
+        _set(self, "min_tokens_to_keep", m)
+
+    def apply(self, logits: Array, state: State, key: Array | None) -> Array:
+        fn = getattr(_filters, self._filter)
+        return fn(logits, getattr(self, self._field), min_tokens_to_keep=self.min_tokens_to_keep)
+
+
+@processor_dataclass
+class TopK(_Truncation):
+    """:func:`jaxsample.top_k` as a processor (``k = 0`` disables)."""
+
+    _filter = "top_k"
+    _field = "k"
+    _kind = int
+    k: ArrayLike = 0
+    min_tokens_to_keep: int = static_field(default=1)
+
+
+@processor_dataclass
+class TopP(_Truncation):
+    """:func:`jaxsample.top_p` as a processor (``p = 1`` disables)."""
+
+    _filter = "top_p"
+    _field = "p"
+    p: ArrayLike = 1.0
+    min_tokens_to_keep: int = static_field(default=1)
+
+
+@processor_dataclass
+class MinP(_Truncation):
+    """:func:`jaxsample.min_p` as a processor (``p = 0`` disables)."""
+
+    _filter = "min_p"
+    _field = "p"
+    p: ArrayLike = 0.0
+    min_tokens_to_keep: int = static_field(default=1)
+
+
+@processor_dataclass
+class TypicalP(_Truncation):
+    """:func:`jaxsample.typical_p` as a processor (``p = 1`` disables)."""
+
+    _filter = "typical_p"
+    _field = "p"
+    p: ArrayLike = 1.0
+    min_tokens_to_keep: int = static_field(default=1)
+
+
+@processor_dataclass
+class EpsilonCutoff(_Truncation):
+    """:func:`jaxsample.epsilon_cutoff` as a processor (``epsilon = 0`` disables)."""
+
+    _filter = "epsilon_cutoff"
+    _field = "epsilon"
+    epsilon: ArrayLike = 0.0
+    min_tokens_to_keep: int = static_field(default=1)
+
+
+@processor_dataclass
+class EtaCutoff(_Truncation):
+    """:func:`jaxsample.eta_cutoff` as a processor (``eta = 0`` disables)."""
+
+    _filter = "eta_cutoff"
+    _field = "eta"
+    eta: ArrayLike = 0.0
+    min_tokens_to_keep: int = static_field(default=1)
+
+
+@processor_dataclass
+class TopNSigma(_Truncation):
+    """:func:`jaxsample.top_n_sigma` as a processor (``n = inf`` disables)."""
+
+    _filter = "top_n_sigma"
+    _field = "n"
+    n: ArrayLike = float("inf")
+    min_tokens_to_keep: int = static_field(default=1)
+
+
+# ----------------------------------------------------------------------------- biases, masks
+
+
+@processor_dataclass
+class LogitBias(LogitsProcessor):
+    """:func:`jaxsample.logit_bias` as a processor: a dense ``[V]``/``[..., V]`` bias."""
+
+    bias: ArrayLike
+
+    def __post_init__(self) -> None:
+        _val.check_bias("LogitBias", "bias", self.bias)
+        _set(self, "bias", _leaf("LogitBias", "bias", self.bias, np.float32))
+
+    def apply(self, logits: Array, state: State, key: Array | None) -> Array:
+        return _filters.logit_bias(logits, self.bias)
+
+
+@processor_dataclass
+class SparseLogitBias(LogitsProcessor):
+    """:func:`jaxsample.sparse_logit_bias` as a processor (``-1`` ids are padding)."""
+
+    token_ids: ArrayLike
+    values: ArrayLike
+
+    def __post_init__(self) -> None:
+        _check_ids("SparseLogitBias", self.token_ids)
+        _val.check_bias("SparseLogitBias", "values", self.values)
+        _set(self, "token_ids", _leaf("SparseLogitBias", "token_ids", self.token_ids, np.int32))
+        _set(self, "values", _leaf("SparseLogitBias", "values", self.values, np.float32))
+
+    def apply(self, logits: Array, state: State, key: Array | None) -> Array:
+        return _filters.sparse_logit_bias(logits, self.token_ids, self.values)
+
+
+@processor_dataclass
+class BanTokens(LogitsProcessor):
+    """:func:`jaxsample.ban_tokens` as a processor (``-1`` ids are padding)."""
+
+    token_ids: ArrayLike
+
+    def __post_init__(self) -> None:
+        _check_ids("BanTokens", self.token_ids)
+        _set(self, "token_ids", _leaf("BanTokens", "token_ids", self.token_ids, np.int32))
+
+    def apply(self, logits: Array, state: State, key: Array | None) -> Array:
+        return _filters.ban_tokens(logits, self.token_ids)
+
+
+@processor_dataclass
+class AllowTokens(LogitsProcessor):
+    """:func:`jaxsample.allow_tokens` as a processor (``-1`` ids are padding)."""
+
+    token_ids: ArrayLike
+
+    def __post_init__(self) -> None:
+        _check_ids("AllowTokens", self.token_ids)
+        _set(self, "token_ids", _leaf("AllowTokens", "token_ids", self.token_ids, np.int32))
+
+    def apply(self, logits: Array, state: State, key: Array | None) -> Array:
+        return _filters.allow_tokens(logits, self.token_ids)
+
+def _check_ids(fn: str, ids: Any) -> None:
+    """Token-id checks at construction (the vocabulary size is not known yet)."""
+    if _val.concrete_value(ids) is not None:
+        _val.check_token_ids(fn, "token_ids", ids, None)
+
+
+def default_chain(
+    *,
+    temperature: ArrayLike = 1.0,
+    top_k: ArrayLike = 0,
+    top_p: ArrayLike = 1.0,
+    min_p: ArrayLike = 0.0,
+    min_tokens_to_keep: int = 1,
+) -> Chain:
+    """The documented default order: ``temperature -> top_k -> top_p -> min_p``.
+
+    This is the order of transformers and vLLM. The full documented order
+    (SAMPLING.md) is: masks and biases -> penalties -> temperature -> top_k -> top_p
+    -> min_p (and the other truncations) -> sample; masks, biases and penalties, when
+    wanted, go in front, e.g. ``chain(BanTokens(ids), default_chain(top_p=0.9))``
+    (chains nest). Every stage is always present, with its disabled value by default,
+    so a jitted function compiled for one setting serves every setting (each value may
+    also be one per row). llama.cpp's order (temperature last) is one line too:
+    ``chain(TopK(k), TopP(p), MinP(m), Temperature(t))``.
+
+    Example:
+      >>> c = default_chain(temperature=0.7, top_p=0.9)
+      >>> [type(p).__name__ for p in c.processors]
+      ['Temperature', 'TopK', 'TopP', 'MinP']
+    """
+    m = _val.check_min_tokens_to_keep("default_chain", min_tokens_to_keep)
+    return chain(
+        Temperature(temperature),
+        TopK(top_k, min_tokens_to_keep=m),
+        TopP(top_p, min_tokens_to_keep=m),
+        MinP(min_p, min_tokens_to_keep=m),
+    )
