@@ -64,6 +64,9 @@ from jaxsample._decoding.generate import generate
 from jaxsample._decoding.generate import GenerateStats
 from jaxsample._decoding.generate import StreamChunk
 from jaxsample._decoding.stream import generate_stream
+from jaxsample._decoding.engine import Completion
+from jaxsample._decoding.engine import generate_many
+from jaxsample._decoding.engine import generate_many_stream
 
 __version__ = "0.1.0"
 
@@ -118,6 +121,9 @@ __all__ = [
     "GenerateStats",
     "StreamChunk",
     "generate_stream",
+    "Completion",
+    "generate_many",
+    "generate_many_stream",
 ]
 
 # --- penalties and stateful samplers, chain presets -----------------------------------

@@ -315,6 +315,7 @@ class Constraint(LogitsProcessor):
     targets: Any
     initial: Any
     vocab_size: int = static_field(default=0)
+    field_ranks = {"allowed": None, "offsets": None, "targets": None}
 
     def __post_init__(self) -> None:
         fn = "Constraint"

@@ -247,6 +247,25 @@ def _as_int(name: str, value: Any) -> int:
     return out
 
 
+def row_limits(max_new_tokens: Any, batch: int) -> np.ndarray:
+    """Per-prompt ``max_new_tokens`` (int array [B], each >= 1) as int32 host values."""
+    if isinstance(max_new_tokens, jax.core.Tracer):
+        raise ValueError("max_new_tokens: a per-row array must be concrete (its maximum is the static "
+                         "output width N)")
+    arr = np.asarray(max_new_tokens)
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"max_new_tokens: a per-row array must hold integers, got dtype {arr.dtype}")
+    if arr.shape != (batch,):
+        raise ValueError(f"max_new_tokens: a per-row array must have shape [B] = ({batch},) (one limit per "
+                         f"prompt), got {arr.shape}")
+    bad = np.flatnonzero(arr < 1)
+    if bad.size:
+        raise ValueError(f"max_new_tokens[{bad[0]}]={arr[bad[0]]} must be >= 1")
+    if arr.max() >= 2**31:
+        raise ValueError(f"max_new_tokens: {arr.max()} does not fit in int32")
+    return arr.astype(np.int32)
+
+
 def positive_int(name: str, value: Any) -> int:
     """``value`` as a Python int >= 1; bools, floats and strings are refused."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:

@@ -36,6 +36,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsample._decoding import core
 from jaxsample._decoding.core import FinishReason, LanguageModel, Outputs
@@ -150,7 +151,9 @@ def generate(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengths: jax
       prompt_tokens: int [B, P], right-padded prompts.
       prompt_lengths: int [B], real tokens per row, in [1, P].
       keys: B PRNG keys, one per row (typed `jax.random.key` or raw uint32 [B, 2]).
-      max_new_tokens: N, static.
+      max_new_tokens: N, static; or an int array [B] of per-prompt limits (like vLLM's
+        per-request ``max_tokens``), whose maximum is the static N (the output width):
+        changing the limits below that maximum never recompiles.
       sampler: a `Chain` of processors (values are traced: changing them never recompiles);
         None means greedy (`chain(Temperature(0.0))`). Stateful processors (penalties,
         mirostat, ...) get `init(prompt_tokens, prompt_lengths, V, max_new_tokens=N)`.
@@ -214,11 +217,18 @@ def prepare_generate(model, prompt_tokens, prompt_lengths, keys, *, max_new_toke
     per-row limits [B * n]. Static: max_new_tokens, cache_size, n, top_logprobs,
     prompt_logprobs, sample_fn.
     """
+    limits = None
+    if np.ndim(max_new_tokens) > 0:  # per-row limits: the static bound is their maximum
+        limits = core.row_limits(max_new_tokens, np.shape(prompt_tokens)[0] if np.ndim(prompt_tokens) else 0)
+        max_new_tokens = int(limits.max())
     prompts = core.prepare_prompts(model, prompt_tokens, prompt_lengths, max_new_tokens=max_new_tokens,
                                    stop_ids=stop_ids, pad_id=pad_id, cache_size=cache_size)
     sampling = core.prepare_sampling(model, keys, prompts.tokens.shape[0], sampler=sampler, n=n,
                                      top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs, fn=fn)
-    limit = jnp.full(sampling.keys.shape, prompts.max_new_tokens, jnp.int32)
+    if limits is None:
+        limit = jnp.full(sampling.keys.shape, prompts.max_new_tokens, jnp.int32)
+    else:
+        limit = jnp.asarray(np.repeat(limits, sampling.n), jnp.int32)
     args = (prompts.tokens, prompts.lengths, sampling.keys, sampling.sampler, prompts.stops, prompts.pad_id, limit)
     static = dict(max_new_tokens=prompts.max_new_tokens, cache_size=prompts.cache_size, n=sampling.n,
                   top_logprobs=sampling.top_logprobs, prompt_logprobs=sampling.prompt_logprobs, sample_fn=sample_fn)

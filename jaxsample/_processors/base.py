@@ -41,6 +41,8 @@ import numpy as np
 from jaxsample._filters.sampling import as_typed_key, fold_in_rows
 
 __all__ = [
+    "take_rows",
+    "put_rows",
     "processor_dataclass",
     "static_field",
     "stateless",
@@ -236,6 +238,10 @@ class LogitsProcessor:
 
     stateful: ClassVar[bool] = False
     needs_key: ClassVar[bool] = False
+    #: Trailing (non-batch) axes of each data field's per-row form, for :func:`take_rows`:
+    #: a field not listed is a value per row (rank 0: a scalar, or ``[B]``); an id list
+    #: has rank 1 (``[S]`` shared, ``[B, S]`` per row); ``None``: never per row (tables).
+    field_ranks: ClassVar[dict[str, int | None]] = {}
 
     def init(
         self,
@@ -514,3 +520,78 @@ def chain(*processors: LogitsProcessor) -> Chain:
     for i, proc in enumerate(processors):
         check_processor(proc, f"chain: argument {i}")
     return Chain(tuple(processors))
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def _row_fields(proc: LogitsProcessor, batch: int) -> list[str]:
+    """The data fields of ``proc`` that hold one entry per row of a ``batch``-row call."""
+    out = []
+    for field in dataclasses.fields(proc):
+        if field.metadata.get("static", False):
+            continue
+        rank = type(proc).field_ranks.get(field.name, 0)
+        value = getattr(proc, field.name)
+        if rank is None or not hasattr(value, "shape"):
+            continue
+        if value.ndim == rank + 1 and value.shape[0] == batch:
+            out.append(field.name)
+    return out
+
+
+def _map_rows(proc: LogitsProcessor, batch: int, fn: Callable[[str, Any], Any]) -> LogitsProcessor:
+    if isinstance(proc, Chain):
+        new = object.__new__(Chain)
+        _set(new, "processors", tuple(_map_rows(p, batch, fn) for p in proc.processors))
+        return new
+    if not dataclasses.is_dataclass(proc):
+        return proc
+    new = object.__new__(type(proc))
+    for field in dataclasses.fields(proc):
+        _set(new, field.name, getattr(proc, field.name))
+    for name in _row_fields(proc, batch):
+        _set(new, name, fn(name, getattr(proc, name)))
+    return new
+
+
+def take_rows(proc: LogitsProcessor, index: Array, batch: int) -> LogitsProcessor:
+    """``proc`` for rows ``index`` (int ``[G]``) of a ``batch``-row call: every per-row value
+    (a data field whose leading axis is the batch, given its ``field_ranks``) is gathered;
+    shared values are kept. Chains are taken through; jittable (``index`` may be traced).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxsample._processors.builtin import TopP
+      >>> take_rows(TopP(jnp.array([0.5, 0.9, 1.0])), jnp.array([2, 0]), 3).p
+      Array([1. , 0.5], dtype=float32)
+    """
+    return _map_rows(proc, batch, lambda name, value: jnp.take(value, index, axis=0))
+
+
+def put_rows(dst: LogitsProcessor, index: Array, src: LogitsProcessor, batch: int) -> LogitsProcessor:
+    """``dst`` (a ``batch``-row processor) with rows ``index`` (``[G]``) of its per-row values
+    replaced by ``src``'s (the same processor for ``G`` rows); indices >= batch are dropped."""
+    per_row = {}
+
+    def collect(proc, prefix):
+        if isinstance(proc, Chain):
+            for i, p in enumerate(proc.processors):
+                collect(p, prefix + (i,))
+        elif dataclasses.is_dataclass(proc):
+            per_row[prefix] = proc
+
+    collect(src, ())
+
+    def walk(proc, prefix):
+        if isinstance(proc, Chain):
+            new = object.__new__(Chain)
+            _set(new, "processors", tuple(walk(p, prefix + (i,)) for i, p in enumerate(proc.processors)))
+            return new
+        if not dataclasses.is_dataclass(proc):
+            return proc
+        other = per_row[prefix]
+        return _map_rows(proc, batch, lambda name, value: value.at[index].set(
+            getattr(other, name).astype(value.dtype), mode="drop"))
+
+    return walk(dst, ())

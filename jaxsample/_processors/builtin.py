@@ -158,6 +158,7 @@ class LogitBias(LogitsProcessor):
     """:func:`jaxsample.logit_bias` as a processor: a dense ``[V]``/``[..., V]`` bias."""
 
     bias: ArrayLike
+    field_ranks = {"bias": 1}
 
     def __post_init__(self) -> None:
         _val.check_bias("LogitBias", "bias", self.bias)
@@ -173,6 +174,7 @@ class SparseLogitBias(LogitsProcessor):
 
     token_ids: ArrayLike
     values: ArrayLike
+    field_ranks = {"token_ids": 1, "values": 1}
 
     def __post_init__(self) -> None:
         _check_ids("SparseLogitBias", self.token_ids)
@@ -189,6 +191,7 @@ class BanTokens(LogitsProcessor):
     """:func:`jaxsample.ban_tokens` as a processor (``-1`` ids are padding)."""
 
     token_ids: ArrayLike
+    field_ranks = {"token_ids": 1}
 
     def __post_init__(self) -> None:
         _check_ids("BanTokens", self.token_ids)
@@ -203,6 +206,7 @@ class AllowTokens(LogitsProcessor):
     """:func:`jaxsample.allow_tokens` as a processor (``-1`` ids are padding)."""
 
     token_ids: ArrayLike
+    field_ranks = {"token_ids": 1}
 
     def __post_init__(self) -> None:
         _check_ids("AllowTokens", self.token_ids)

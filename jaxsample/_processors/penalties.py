@@ -466,6 +466,7 @@ class BadWords(_HistoryProcessor):
     """
 
     sequences: ArrayLike = ((-1,),)
+    field_ranks = {"sequences": 2}
     include_prompt: bool = static_field(default=True)
 
     def __post_init__(self) -> None:
@@ -540,6 +541,7 @@ class MinNewTokens(LogitsProcessor):
 
     min_new_tokens: ArrayLike = 0
     stop_ids: ArrayLike = ()
+    field_ranks = {"stop_ids": 1}
     stateful: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
@@ -600,6 +602,7 @@ class DRY(_HistoryProcessor):
     allowed_length: ArrayLike = 2
     window: ArrayLike = 0
     sequence_breakers: ArrayLike = ()
+    field_ranks = {"sequence_breakers": 1}
 
     def __post_init__(self) -> None:
         _float_field(self, "multiplier", 0.0, _INF)
