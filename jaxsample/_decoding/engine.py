@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +40,7 @@ from jaxsample._decoding.loop import DecodeStep, initial_state
 from jaxsample._processors.base import Chain, init_state, put_rows, take_rows
 from jaxsample._step.step import sample_step
 
-__all__ = ["Completion", "generate_many", "generate_many_stream"]
+__all__ = ["Completion", "ManyStream", "generate_many", "generate_many_stream"]
 
 Array = jax.Array
 
@@ -157,8 +157,8 @@ def _chunk(model, slots: _Slots, slot_sampler, stops, pad_id, waiting, *, chunk_
         s, outputs = step.step(s, outputs)
         return i + 1, s, outputs
 
-    _, s, outputs = jax.lax.while_loop(more, body, (jnp.asarray(0, jnp.int32), slots.state, slots.outputs))
-    return slots._replace(state=s, outputs=outputs)
+    steps, s, outputs = jax.lax.while_loop(more, body, (jnp.asarray(0, jnp.int32), slots.state, slots.outputs))
+    return slots._replace(state=s, outputs=outputs), steps
 
 
 _STATIC_EMPTY = ("slots", "max_new_tokens", "cache_size", "prompt_len", "top_logprobs", "prompt_logprobs",
@@ -208,12 +208,13 @@ def generate_many_stream(model: LanguageModel, prompt_tokens: Any, prompt_length
                          max_new_tokens: Any, sampler: Chain | None = None, stop_ids: Sequence[int] = (),
                          pad_id: int = 0, cache_size: int | None = None, n: int = 1, top_logprobs: int = 0,
                          prompt_logprobs: bool = False, sample_fn: Callable = sample_step,
-                         return_stats: bool = False, chunk_size: int = CHUNK) -> Iterator[Completion]:
+                         return_stats: bool = False, chunk_size: int = CHUNK) -> "ManyStream":
     """`generate_many`, yielding each row as soon as it finishes (a `Completion`, host arrays).
 
     Rows come in the order they finish (``Completion.index`` says which row); the tokens
     and log-probs of each are `generate`'s for that row. Use it to write a data set to
-    disk as it goes. Arguments as `generate_many`.
+    disk as it goes. Arguments as `generate_many`. The iterator counts its work as it goes
+    (``.steps``: decode steps run, ``.chunks``: host round trips).
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxsample as js
@@ -229,10 +230,31 @@ def generate_many_stream(model: LanguageModel, prompt_tokens: Any, prompt_length
         model, prompt_tokens, prompt_lengths, keys, slots=slots, max_new_tokens=max_new_tokens, sampler=sampler,
         stop_ids=stop_ids, pad_id=pad_id, cache_size=cache_size, n=n, top_logprobs=top_logprobs,
         prompt_logprobs=prompt_logprobs, chunk_size=chunk_size, fn="generate_many")
-    return _schedule(model, prompts, sampling, limit, n_slots, chunk_size, sample_fn, bool(return_stats))
+    return ManyStream(lambda stream: _schedule(stream, model, prompts, sampling, limit, n_slots, chunk_size,
+                                               sample_fn, bool(return_stats)))
 
 
-def _schedule(model, prompts, sampling, limit, n_slots, chunk_size, sample_fn, return_stats):
+class ManyStream:
+    """The iterator `generate_many_stream` returns: `Completion`s as rows finish.
+
+    Attributes (updated as it runs):
+      steps: decode steps run so far (every slot advances once a step).
+      chunks: chunks run so far (one device -> host transfer each).
+    """
+
+    def __init__(self, schedule):
+        self.steps = 0
+        self.chunks = 0
+        self._rows = schedule(self)
+
+    def __iter__(self) -> "ManyStream":
+        return self
+
+    def __next__(self) -> Completion:
+        return next(self._rows)
+
+
+def _schedule(stream, model, prompts, sampling, limit, n_slots, chunk_size, sample_fn, return_stats):
     empty, admit, chunk = _programs(not core.is_pytree(model))
     rows = sampling.keys.shape[0]
     n, big_n = sampling.n, prompts.max_new_tokens
@@ -256,19 +278,21 @@ def _schedule(model, prompts, sampling, limit, n_slots, chunk_size, sample_fn, r
 
     slots, slot_sampler = fill(slots, slot_sampler)
     while np.any(owner >= 0):
-        slots = chunk(model, slots, slot_sampler, prompts.stops, prompts.pad_id, jnp.asarray(bool(queue)),
-                      chunk_size=chunk_size, sample_fn=sample_fn, top_logprobs=sampling.top_logprobs,
-                      return_stats=return_stats)
-        host = jax.device_get(_readback(slots, return_stats))  # the one round trip of the chunk
+        slots, steps = chunk(model, slots, slot_sampler, prompts.stops, prompts.pad_id, jnp.asarray(bool(queue)),
+                             chunk_size=chunk_size, sample_fn=sample_fn, top_logprobs=sampling.top_logprobs,
+                             return_stats=return_stats)
+        host = jax.device_get(_readback(slots, steps, return_stats))  # the one round trip of the chunk
+        stream.steps += int(host["steps"])
+        stream.chunks += 1
         for s in np.flatnonzero((owner >= 0) & host["done"]):
             yield _completion(host, s, int(owner[s]), n)
             owner[s] = -1
         slots, slot_sampler = fill(slots, slot_sampler)
 
 
-def _readback(slots: _Slots, return_stats: bool) -> dict:
+def _readback(slots: _Slots, steps: Array, return_stats: bool) -> dict:
     s = slots.state
-    out = dict(done=s.done, lengths=s.lengths, finish=s.finish, outputs=slots.outputs,
+    out = dict(steps=steps, done=s.done, lengths=s.lengths, finish=s.finish, outputs=slots.outputs,
                prompt_logprobs=slots.prompt_logprobs)
     if return_stats:
         out["sampler_state"] = s.sampler_state
@@ -332,8 +356,9 @@ def generate_many(model: LanguageModel, prompt_tokens: Any, prompt_lengths: Any,
         model, prompt_tokens, prompt_lengths, keys, slots=slots, max_new_tokens=max_new_tokens, sampler=sampler,
         stop_ids=stop_ids, pad_id=pad_id, cache_size=cache_size, n=n, top_logprobs=top_logprobs,
         prompt_logprobs=prompt_logprobs, chunk_size=chunk_size, fn="generate_many")
-    done = sorted(_schedule(model, prompts, sampling, limit, n_slots, chunk_size, sample_fn, bool(return_stats)),
-                  key=lambda c: c.index)
+    stream = ManyStream(lambda stream: _schedule(stream, model, prompts, sampling, limit, n_slots, chunk_size,
+                                                 sample_fn, bool(return_stats)))
+    done = sorted(stream, key=lambda c: c.index)
     stack = lambda field: None if getattr(done[0], field) is None else jnp.asarray(
         np.stack([getattr(c, field) for c in done]))
     prompt_lp = None

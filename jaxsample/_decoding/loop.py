@@ -19,6 +19,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsample._decoding import core
 from jaxsample._decoding.core import DecodeState, FinishReason, Outputs
@@ -90,7 +91,7 @@ def initial_state(cache: Any, sampler_state: Any, prompt_lengths: Array, pad_id:
     b = prompt_lengths.shape[0]
     return DecodeState(token=jnp.full((b,), pad_id, jnp.int32), cache=cache, sampler_state=sampler_state,
                        done=jnp.zeros((b,), bool), lengths=jnp.zeros((b,), jnp.int32),
-                       finish=jnp.full((b,), FinishReason.LENGTH, jnp.int32), position=prompt_lengths - 1)
+                       finish=jnp.asarray(np.full((b,), FinishReason.LENGTH, np.int32)), position=prompt_lengths - 1)
 
 
 def run_until_done(step: Callable, s: DecodeState, outputs: Outputs, steps: int,

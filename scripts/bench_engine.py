@@ -1,0 +1,202 @@
+"""Benchmark: decode work that follows the rows (early exit, continuous batching).
+
+    python scripts/bench_engine.py                       # shipped model, 48 held-out prompts
+    python scripts/bench_engine.py --quick --json out.json
+    python scripts/bench_engine.py --slots 4 8 16 --prompts 96
+
+Workload: --prompts windows of the held-out works (hamlet, twelfth_night; never trained
+on) whose lengths follow a skewed (log-normal) distribution in [6, --max-prompt-len];
+every row stops at '.', '!' or '?' (stop ids) or at its own limit, drawn from a skewed
+(log-normal) distribution in [8, --max-new-tokens]; sampling T=0.8, top-p 0.9. The same
+prompts, keys and limits go through every method, in one run:
+
+* batch, no early exit: `generate` --batch rows at a time, every one of max_new_tokens
+  steps (as the loop ran before it could exit: no stop ids, fixed limit, the tokens cut
+  at the first stop on the host; the tokens up to there are the same);
+* batch, early exit: `generate` --batch rows at a time with the stop ids and per-row
+  limits: each batch runs until its last row is done (to the next chunk of 16 steps);
+* generate_many slots=S: continuous batching, a finished row's slot takes the next
+  prompt at once;
+* ideal slots=S: total generated tokens / S steps (no slot ever idle).
+
+Steps are decode steps of the batch (every row advances once a step); tokens/s counts the
+generated tokens (the same for every method) over the median wall time of --repeats
+interleaved rounds (compile excluded); tok/CPU-s uses process CPU time, steadier on a
+shared machine. "same" checks that every method's tokens equal batch early exit's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jaxsample as js  # noqa: E402
+from models import load_pretrained  # noqa: E402
+
+CHUNK = 16  # generate's early-exit granularity (jaxsample/_decoding/loop.py)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="checkpoint (default: the shipped Shakespeare model)")
+    p.add_argument("--prompts", type=int, default=48)
+    p.add_argument("--max-prompt-len", type=int, default=182)
+    p.add_argument("--max-new-tokens", type=int, default=192)
+    p.add_argument("--batch", type=int, default=8, help="rows per batch of the batch-by-batch baselines")
+    p.add_argument("--slots", type=int, nargs="+", default=[4, 8, 16], help="generate_many slot counts")
+    p.add_argument("--chunk-size", type=int, default=16, help="generate_many's steps between host round trips")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="16 prompts, 64 new tokens, slots 8, 1 repeat")
+    p.add_argument("--json", help="also write the results as JSON (atomically)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.prompts, args.max_new_tokens, args.max_prompt_len, args.slots, args.repeats = 16, 64, 64, [8], 1
+    for name in ("prompts", "batch", "repeats", "chunk_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_prompt_len < 6:
+        p.error(f"--max-prompt-len must be >= 6, got {args.max_prompt_len}")
+    if args.max_new_tokens < 8:
+        p.error(f"--max-new-tokens must be >= 8, got {args.max_new_tokens}")
+    if any(s < 1 for s in args.slots):
+        p.error(f"--slots must be >= 1, got {args.slots}")
+    return args
+
+
+def workload(tok, args):
+    """(prompt ids [R, P], lengths [R], per-row limits [R], keys [R]) from the held-out works."""
+    from models.training import load_corpus
+
+    rng = np.random.default_rng(args.seed)
+    text = np.asarray(load_corpus().valid, np.int32)
+    lengths = np.clip(np.round(rng.lognormal(np.log(24), 0.8, args.prompts)), 6, args.max_prompt_len).astype(int)
+    limits = np.clip(np.round(rng.lognormal(np.log(48), 0.9, args.prompts)), 8, args.max_new_tokens).astype(np.int32)
+    starts = rng.integers(0, len(text) - args.max_prompt_len - 1, args.prompts)
+    ids = np.full((args.prompts, int(lengths.max()) + 1), tok.pad_id, np.int32)
+    for r, (s, n) in enumerate(zip(starts, lengths)):
+        ids[r, 0] = tok.bos_id
+        ids[r, 1:n + 1] = text[s:s + n]
+    keys = jax.random.split(jax.random.key(args.seed), args.prompts)
+    return ids, lengths + 1, limits, keys
+
+
+def cut_at_stop(tokens: np.ndarray, limits: np.ndarray, stops: list[int], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Host truncation of full-length rows at their first stop id (included) or limit."""
+    out = np.full_like(tokens, pad)
+    lengths = np.zeros(len(tokens), np.int32)
+    for r, row in enumerate(tokens):
+        hit = np.flatnonzero(np.isin(row[:limits[r]], stops))
+        n = int(hit[0]) + 1 if hit.size else int(limits[r])
+        out[r, :n], lengths[r] = row[:n], n
+    return out, lengths
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    lm, tok = load_pretrained(args.checkpoint)
+    ids, lengths, limits, keys = workload(tok, args)
+    stops = [tok.encode(c, add_bos=False)[0] for c in ".!?"]
+    sampler = js.default_chain(temperature=0.8, top_p=0.9)
+    n, b, pad = args.max_new_tokens, args.batch, tok.pad_id
+    common = dict(sampler=sampler, pad_id=pad)
+    batches = [slice(i, min(i + b, len(ids))) for i in range(0, len(ids), b)]
+
+    def batch_no_exit():
+        tokens, steps = [], 0
+        for s in batches:
+            out = js.generate(lm, ids[s], lengths[s], keys[s], max_new_tokens=n, **common)
+            tokens.append(np.asarray(out.tokens))
+            steps += n
+        return cut_at_stop(np.concatenate(tokens), limits, stops, pad)[0], steps
+
+    def batch_early_exit():
+        tokens, steps = [], 0
+        for s in batches:
+            out = js.generate(lm, ids[s], lengths[s], keys[s], max_new_tokens=limits[s], stop_ids=stops, **common)
+            tokens.append(np.asarray(out.tokens))
+            longest = int(np.max(np.asarray(out.lengths)))  # the loop runs whole chunks after index 0
+            steps += 1 + min(int(limits[s].max()) - 1, -(-(longest - 1) // CHUNK) * CHUNK)
+        width = max(t.shape[1] for t in tokens)
+        return np.concatenate([np.pad(t, ((0, 0), (0, width - t.shape[1])), constant_values=pad)
+                               for t in tokens]), steps
+
+    def many(slots):
+        def run():
+            stream = js.generate_many_stream(lm, ids, lengths, keys, slots=slots, max_new_tokens=limits,
+                                             stop_ids=stops, chunk_size=args.chunk_size, **common)
+            rows = {c.index: c.tokens for c in stream}
+            return np.stack([rows[r] for r in range(len(ids))]), stream.steps
+        return run
+
+    methods = {"batch, no early exit": batch_no_exit, "batch, early exit": batch_early_exit}
+    for s in args.slots:
+        methods[f"generate_many slots={s}"] = many(s)
+    results, compile_s = {}, {}
+    for name, fn in methods.items():  # compile (first call); keep tokens and steps
+        t0 = time.perf_counter()
+        results[name] = fn()
+        compile_s[name] = time.perf_counter() - t0
+    wall = {m: [] for m in methods}
+    cpu = {m: [] for m in methods}
+    for _ in range(args.repeats):  # interleaved rounds
+        for name, fn in methods.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+
+    reference = results["batch, early exit"][0]
+    generated = int(np.sum(reference != pad))
+    base = float(np.median(wall["batch, early exit"]))
+    rows = []
+    for name in methods:
+        tokens, steps = results[name]
+        width = min(tokens.shape[1], reference.shape[1])
+        seconds, cpu_s = float(np.median(wall[name])), float(np.median(cpu[name]))
+        rows.append(dict(method=name, steps=int(steps), tokens_per_s=generated / seconds,
+                         tokens_per_cpu_s=generated / cpu_s, vs_early_exit=base / seconds,
+                         same=bool(np.array_equal(tokens[:, :width], reference[:, :width])), seconds=seconds,
+                         compile_s=compile_s[name]))
+    for s in args.slots:
+        rows.append(dict(method=f"ideal slots={s}", steps=-(-generated // s), tokens_per_s=None,
+                         tokens_per_cpu_s=None, vs_early_exit=None, same=None, seconds=None, compile_s=None))
+
+    device = jax.devices()[0].device_kind if jax.default_backend() != "cpu" else (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    print(f"decode engine: {len(ids)} held-out prompts (lengths {lengths.min()}..{lengths.max()}, mean "
+          f"{lengths.mean():.0f}), limits {limits.min()}..{limits.max()} (max_new_tokens {n}), stops .!?, "
+          f"{generated} tokens generated, batch {b}, {jax.default_backend()} ({device})")
+    print(f"{'method':<26} {'steps':>6} {'tokens/s':>9} {'tok/CPU-s':>10} {'vs early exit':>13} {'same':>5}")
+    for r in rows:
+        f = lambda v, fmt: "-" if v is None else format(v, fmt)
+        same = "-" if r["same"] is None else ("yes" if r["same"] else "NO")
+        print(f"{r['method']:<26} {r['steps']:>6} {f(r['tokens_per_s'], '9.1f'):>9} "
+              f"{f(r['tokens_per_cpu_s'], '10.1f'):>10} {f(r['vs_early_exit'], '12.2f'):>12}x {same:>5}")
+    if args.json:
+        result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                      backend=jax.default_backend(), device=device, jax=jax.__version__,
+                      checkpoint=args.checkpoint or "shipped", prompts=len(ids), max_new_tokens=n, batch=b,
+                      generated=generated, repeats=args.repeats, rows=rows)
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(result, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, args.json)
+        print(f"wrote {args.json}")
+    return 0 if all(r["same"] in (None, True) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
