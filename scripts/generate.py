@@ -9,6 +9,7 @@
     python scripts/generate.py "ROMEO:" --greedy --prompt-lookup 3 --num-draft-tokens 4   # speculative
     python scripts/generate.py "ROMEO:" --greedy --ngram-draft --num-draft-tokens 5        # speculative
     python scripts/generate.py "ROMEO:" --num-beams 4 --num-return-sequences 2 --length-penalty 1.2
+    python scripts/generate.py --prompt-file prompts.txt --batch-size 8 --output out.jsonl  # continuous batching
 
 Every sampling method of jaxsample is a flag (see docs/methods.md); --order picks the chain
 order: jaxsample's documented default (every method), or the default order of transformers,
@@ -21,6 +22,12 @@ samples run as one batch and each row is printed whole as soon as it finishes (a
 id), in the order they finish, with progress on stderr. With --no-stream the batch is one
 `generate` call: every row is printed at the end, in order (beam search, speculative
 decoding and --json-output always run this way).
+
+Many prompts: with --batch-size B and more rows (prompts x samples) than B, at most B rows
+decode at a time and a finished row's slot takes the next prompt at once
+(`jaxsample.generate_many`); each row is written as a JSON line (with its "index") as soon
+as it finishes, to stdout or --output FILE, with a progress bar on stderr. Every row's
+tokens are those the one-batch run gives it.
 
 A Hugging Face checkpoint directory (Llama, Mistral, Qwen2, Gemma, Gemma 2; see
 models/hf.py) brings its defaults: every end-of-sequence id of generation_config.json
@@ -103,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "call, every row printed at the end. Default: on when stdout or stderr is a terminal "
                         "(progress on stderr)")
     g.add_argument("--chunk-size", type=int, default=16, help="decode steps per streamed chunk")
+    g = p.add_argument_group("many prompts (continuous batching)")
+    g.add_argument("--batch-size", type=int, default=0,
+                   help="decode at most this many rows at a time (0: every row in one batch); with more rows "
+                        "(prompts x samples) than this, a finished row's slot takes the next prompt at once "
+                        "(jaxsample.generate_many) and each row is written as a JSON line as soon as it "
+                        "finishes, with a progress bar on stderr")
+    g.add_argument("--output", metavar="FILE",
+                   help="with --batch-size: write the JSON lines to FILE (FILE.partial while running, renamed "
+                        "to FILE once every row is written) instead of stdout")
     g = p.add_argument_group("Hugging Face checkpoints")
     g.add_argument("--chat", action="store_true",
                    help="wrap each prompt as a user message in the checkpoint's chat template (jinja2)")
@@ -222,23 +238,76 @@ def build_constraint(args, tok) -> js.Constraint | None:
     return None
 
 
+def json_row(tok, text: str, ids, finish_reason: int, top=None, prompt_lp=None, scored: int | None = None) -> str:
+    """One JSON line: prompt, completion, token ids and finish reason (with --top-logprobs:
+    [id, log-prob] pairs per step, top = (ids [L, K], log-probs [L, K]); with
+    --prompt-logprobs: the prompt's log-likelihood and how many tokens it scores)."""
+    ids = np.asarray(ids)
+    row = dict(prompt=text, completion=tok.decode(ids), token_ids=ids.tolist(),
+               finish_reason=js.FinishReason(int(finish_reason)).name.lower())
+    if top is not None:
+        row["top_logprobs"] = [[[int(k), float(v)] for k, v in zip(top[0][t], top[1][t])] for t in range(len(ids))]
+    if prompt_lp is not None:
+        row["prompt_logprob"] = float(np.asarray(prompt_lp).sum())
+        row["prompt_tokens_scored"] = int(scored)
+    return json.dumps(row, ensure_ascii=False)
+
+
 def json_lines(out, texts, tok, top_logprobs: int, n: int = 1, prompt_lengths=None) -> list[str]:
-    """--json-output: one JSON object per sample (with --top-logprobs: [id, log-prob] pairs per
-    step; with --prompt-logprobs: the prompt's log-likelihood and how many tokens it scores)."""
+    """--json-output: one JSON line per sample (`json_row`)."""
     tokens, gen_lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     lines = []
     for i, text in enumerate(texts):
-        ids = tokens[i, : gen_lengths[i]]
-        row = dict(prompt=text, completion=tok.decode(ids), token_ids=ids.tolist(),
-                   finish_reason=js.FinishReason(int(out.finish_reason[i])).name.lower())
-        if top_logprobs:
-            row["top_logprobs"] = [[[int(k), float(v)] for k, v in zip(out.top_token_ids[i, t], out.top_logprobs[i, t])]
-                                   for t in range(gen_lengths[i])]
-        if out.prompt_logprobs is not None:
-            row["prompt_logprob"] = float(np.asarray(out.prompt_logprobs[i // n]).sum())
-            row["prompt_tokens_scored"] = int(prompt_lengths[i // n]) - 1
-        lines.append(json.dumps(row, ensure_ascii=False))
+        length = gen_lengths[i]
+        top = (out.top_token_ids[i, :length], out.top_logprobs[i, :length]) if top_logprobs else None
+        plp = None if out.prompt_logprobs is None else out.prompt_logprobs[i // n]
+        scored = None if plp is None else int(prompt_lengths[i // n]) - 1
+        lines.append(json_row(tok, text, tokens[i, :length], out.finish_reason[i], top, plp, scored))
     return lines
+
+
+def run_many(parser, lm, tok, ids, lengths, keys, sampler, stop_ids, texts: list[str], args) -> int:
+    """--batch-size with more rows than slots: `jaxsample.generate_many_stream`, a JSON line per
+    row as it finishes (its "index" is the row: prompt i's sample j is i * n + j), progress on
+    stderr (prompts done / total, tokens/s, ETA)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        parser.error("--batch-size: the progress bar needs tqdm (pip install tqdm, or the '[cli]' extra)")
+    n = args.num_samples
+    try:
+        rows = js.generate_many_stream(lm, ids, lengths, keys, slots=args.batch_size,
+                                       max_new_tokens=args.max_new_tokens, sampler=sampler, stop_ids=stop_ids,
+                                       pad_id=tok.pad_id, n=n, top_logprobs=args.top_logprobs,
+                                       prompt_logprobs=args.prompt_logprobs, chunk_size=args.chunk_size)
+    except ValueError as e:
+        parser.error(str(e))
+    partial = None if args.output is None else args.output + ".partial"
+    try:
+        sink = sys.stdout if partial is None else open(partial, "w", encoding="utf-8")
+    except OSError as e:
+        parser.error(f"--output: {e}")
+    t0, tokens = time.perf_counter(), 0
+    with tqdm(total=len(texts), unit="prompt", file=sys.stderr, dynamic_ncols=True) as bar:
+        for c in rows:
+            top = (c.top_token_ids[:c.length], c.top_logprobs[:c.length]) if args.top_logprobs else None
+            scored = int(lengths[c.prompt_index]) - 1
+            line = json.loads(json_row(tok, texts[c.index], c.tokens[:c.length], c.finish_reason, top,
+                                       c.prompt_logprobs, scored))
+            print(json.dumps({"index": c.index, **line}, ensure_ascii=False), file=sink, flush=True)
+            tokens += c.length
+            bar.set_postfix_str(f"{tokens / (time.perf_counter() - t0):,.0f} tokens/s", refresh=False)
+            bar.update(1)
+    if partial is not None:
+        sink.flush()
+        os.fsync(sink.fileno())
+        sink.close()
+        os.replace(partial, args.output)
+    elapsed = time.perf_counter() - t0
+    print(f"{len(texts)} rows, {tokens} tokens in {elapsed:.2f} s ({tokens / elapsed:,.0f} tokens/s with compile), "
+          f"{rows.steps} decode steps of {args.batch_size} slots, {rows.chunks} chunks, {jax.default_backend()}",
+          file=sys.stderr)
+    return 0
 
 
 # Flag -> (preset keyword, identity value). Only flags set away from their identity value
@@ -578,6 +647,17 @@ def main(argv=None) -> int:
     check_structured_flags(parser, args, beam)
     if args.chunk_size < 1:
         parser.error(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    if args.batch_size < 0:
+        parser.error(f"--batch-size must be >= 0 (0: one batch), got {args.batch_size}")
+    if args.output is not None and not args.batch_size:
+        parser.error("--output needs --batch-size (the rows are written as JSON lines as they finish)")
+    many = 0 < args.batch_size < len(prompts) * args.num_samples
+    if many:
+        for flag, given in (("--num-beams", beam), ("--draft-checkpoint", args.draft_checkpoint is not None),
+                            ("--ngram-draft", args.ngram_draft is not None),
+                            ("--prompt-lookup", args.prompt_lookup is not None), ("--stream", args.stream)):
+            if given:
+                parser.error(f"--batch-size (continuous batching) cannot be used with {flag}")
     unstreamed = [flag for flag, given in (("--num-beams", beam), ("--json-output", args.json_output),
                                            ("--draft-checkpoint", args.draft_checkpoint is not None),
                                            ("--ngram-draft", args.ngram_draft is not None),
@@ -585,7 +665,7 @@ def main(argv=None) -> int:
     if args.stream and unstreamed:
         parser.error(f"--stream cannot be used with {unstreamed[0]}, which returns every row at the end "
                      f"(use --no-stream)")
-    stream = streams(args.stream, unstreamed)
+    stream = streams(args.stream, unstreamed + (["--batch-size"] if many else []))
     try:
         apply_checkpoint_defaults(args)
         build_sampler(args)  # checks every value before the model loads
@@ -615,6 +695,8 @@ def main(argv=None) -> int:
     ids, lengths = encode_prompts(parser, tok, prompts, args.chat)
     keys = prompt_keys(args.seed, len(prompts), n)
     stop_ids = list(tok.eos_ids) if args.stop_at_eos else []
+    if many:
+        return run_many(parser, lm, tok, ids, lengths, keys, sampler, stop_ids, texts, args)
     if stream:
         try:
             return stream_batch(lm, tok, ids, lengths, keys, sampler, stop_ids, texts, args)

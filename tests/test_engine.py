@@ -208,3 +208,38 @@ def test_refills_need_prefill_into_or_a_batch_leading_cache():
     with pytest.raises(ValueError, match="slots must be a positive int, got 0"):
         js.generate_many(CountingBigram(jnp.zeros((8, 8)), 8), jnp.array([[1, 2]]), jnp.array([2]), keys(0, 1),
                          slots=0, max_new_tokens=3)
+
+
+def test_cli_batch_size_writes_every_row_as_one_batch_would(tmp_path):
+    """--prompt-file with more rows than --batch-size: JSON lines as rows finish, then the
+    file; every row's tokens equal the one-batch --json-output run's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from models import save_model
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ckpt = str(tmp_path / "tiny")
+    save_model(ckpt, DecoderLM.random(dataclasses.replace(preset("tiny"), n_layers=1), jax.random.key(3)))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("ROMEO:\nJULIET: O\nA\nTo be\nKING:\n", encoding="utf-8")
+    flags = ["--prompt-file", str(prompts), "--checkpoint", ckpt, "--max-new-tokens", "8", "--num-samples", "2",
+             "--seed", "5", "--top-p", "0.9"]
+    run = lambda *extra: subprocess.run([sys.executable, os.path.join(root, "scripts", "generate.py"), *flags,
+                                         *extra], capture_output=True, text=True, timeout=600, cwd=root)
+    out = tmp_path / "out.jsonl"
+    many = run("--batch-size", "3", "--output", str(out))
+    assert many.returncode == 0, many.stderr
+    assert "10/10" in many.stderr and "tokens/s" in many.stderr  # the progress bar's last state
+    assert not os.path.exists(str(out) + ".partial")
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert sorted(r["index"] for r in rows) == list(range(10))
+    one = run("--json-output", "--no-stream")
+    assert one.returncode == 0, one.stderr
+    want = [json.loads(line) for line in one.stdout.splitlines() if line.startswith("{")]
+    for r in rows:
+        assert r["token_ids"] == want[r["index"]]["token_ids"] and r["prompt"] == want[r["index"]]["prompt"]
+    bad = run("--batch-size", "3", "--prompt-lookup", "3")
+    assert bad.returncode == 2 and "--batch-size (continuous batching) cannot be used with --prompt-lookup" in bad.stderr
