@@ -50,6 +50,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="checkpoint (default: the shipped Shakespeare model)")
     p.add_argument("--prompts", type=int, default=48)
+    p.add_argument("--text", help="take the prompts from this UTF-8 file instead of the held-out works")
     p.add_argument("--max-prompt-len", type=int, default=182)
     p.add_argument("--max-new-tokens", type=int, default=192)
     p.add_argument("--batch", type=int, default=8, help="rows per batch of the batch-by-batch baselines")
@@ -76,10 +77,16 @@ def parse_args(argv=None):
 
 def workload(tok, args):
     """(prompt ids [R, P], lengths [R], per-row limits [R], keys [R]) from the held-out works."""
-    from models.training import load_corpus
-
     rng = np.random.default_rng(args.seed)
-    text = np.asarray(load_corpus().valid, np.int32)
+    if args.text is None:
+        from models.training import load_corpus
+
+        text = np.asarray(load_corpus().valid, np.int32)
+    else:
+        with open(args.text, encoding="utf-8") as f:
+            text = np.asarray(tok.encode(f.read(), add_bos=False), np.int32)
+    if len(text) < args.max_prompt_len + 2:
+        raise ValueError(f"{len(text)} tokens of text, fewer than --max-prompt-len + 2 = {args.max_prompt_len + 2}")
     lengths = np.clip(np.round(rng.lognormal(np.log(24), 0.8, args.prompts)), 6, args.max_prompt_len).astype(int)
     limits = np.clip(np.round(rng.lognormal(np.log(48), 0.9, args.prompts)), 8, args.max_new_tokens).astype(np.int32)
     starts = rng.integers(0, len(text) - args.max_prompt_len - 1, args.prompts)
@@ -105,7 +112,11 @@ def cut_at_stop(tokens: np.ndarray, limits: np.ndarray, stops: list[int], pad: i
 def main(argv=None) -> int:
     args = parse_args(argv)
     lm, tok = load_pretrained(args.checkpoint)
-    ids, lengths, limits, keys = workload(tok, args)
+    try:
+        ids, lengths, limits, keys = workload(tok, args)
+    except (OSError, ValueError, ImportError) as e:
+        print(f"bench_engine.py: error: prompts: {e}", file=sys.stderr)
+        return 2
     stops = [tok.encode(c, add_bos=False)[0] for c in ".!?"]
     sampler = js.default_chain(temperature=0.8, top_p=0.9)
     n, b, pad = args.max_new_tokens, args.batch, tok.pad_id

@@ -100,6 +100,8 @@ SMALL = {
                  "--seq-len": "16", "--warmup-steps": "1", "--eval-every": "2", "--eval-windows": "2",
                  "--checkpoint-every": "2"},
     "seeds_demo.py": {"--draws": "2000"},
+    "bench_engine.py": {"--text": "corpus.txt", "--quick": True, "--prompts": "6", "--max-new-tokens": "8", "--max-prompt-len": "8",
+                        "--slots": "2", "--repeats": "1"},
     "bench_speculative.py": {"--text": "corpus.txt", "--prompts": "1", "--prompt-len": "16", "--new-tokens": "4",
                              "--num-draft-tokens": "2", "--prompt-lookup-min": "1", "--repeats": "1"},
     "measure_load_memory.py": {"--size-gb": "0.03", "--hidden-size": "64"},
@@ -113,6 +115,12 @@ SMALL = {
 # Every command the docs show, exactly as shown (whitespace collapsed, `\` continuations
 # joined, `a && b` split). Keep the sections in the order of the docs.
 COMMANDS: dict[str, Action] = {
+    "python scripts/seeds_demo.py": run(slow=True),  # tests/test_seeds_example.py runs it
+    "python scripts/bench_engine.py": run(slow=True),
+    "python scripts/bench_engine.py --quick --json out.json": run(expect="wrote out.json", slow=True),
+    "python scripts/bench_engine.py --slots 4 8 16 --prompts 96": run(slow=True),
+    "python scripts/generate.py --prompt-file prompts.txt --batch-size 8 --output out.jsonl":
+        run({"--batch-size": "1", "--max-new-tokens": "4"}, slow=True),  # tests/test_engine.py runs the CLI
     # ---- README: two commands, install notes
     "pip install -e .": install(),
     'python scripts/generate.py "ROMEO:" --top-p 0.9': run(expect="ROMEO:"),
