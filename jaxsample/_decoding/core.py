@@ -196,13 +196,16 @@ class Outputs(NamedTuple):
     def write(self, index: Array, e: Emission, raw: Array, processed: Array,
               top: tuple[Array, Array] | None = None, stats: tuple[Array, Array] | None = None) -> "Outputs":
         """Writes index ``index[b]`` of every row: the token and log-probs (and top-N) where
-        ``e.emitted``, the stats where ``e.active``; indices outside ``[0, W)`` are dropped."""
-        rows = jnp.arange(index.shape[0])
-        w = self.tokens.shape[1]
-        at = lambda mask: jnp.where(mask, index, w)  # w: dropped
+        ``e.emitted``, the stats where ``e.active``; indices outside ``[0, W)`` are dropped.
+
+        An elementwise select over ``[B, W]`` (not a scatter): each row writes only its own
+        row, so a batch-partitioned loop needs no communication for it."""
+        columns = jnp.arange(self.tokens.shape[1])[None, :]  # [1, W]
 
         def put(buf, value, mask):
-            return buf.at[rows, at(mask)].set(value.astype(buf.dtype), mode="drop")
+            hit = (columns == index[:, None]) & mask[:, None]  # [B, W]
+            value = value.astype(buf.dtype)[:, None]  # [B, 1, ...]
+            return jnp.where(hit.reshape(hit.shape + (1,) * (buf.ndim - 2)), value, buf)
 
         out = self._replace(tokens=put(self.tokens, e.token, e.emitted),
                             logprobs_raw=put(self.logprobs_raw, raw, e.emitted),

@@ -248,7 +248,8 @@ def _generate_impl(model, prompt_tokens, prompt_lengths, keys, sampler, stops, p
     s, outputs, prompt_lp = step.start(prompt_tokens, prompt_lengths, max_new_tokens=max_new_tokens,
                                        cache_size=cache_size, n=n, prompt_logprobs=prompt_logprobs,
                                        width=max_new_tokens)
-    s, outputs = run_until_done(step.step, s, outputs, max_new_tokens - 1)
+    s, outputs = run_until_done(step.step, s, outputs, max_new_tokens - 1,
+                                constrain=getattr(sample_fn, "constrain_rows", None))
     return to_generate_output(s, outputs, prompt_lp, return_stats)
 
 

@@ -95,21 +95,34 @@ def initial_state(cache: Any, sampler_state: Any, prompt_lengths: Array, pad_id:
 
 
 def run_until_done(step: Callable, s: DecodeState, outputs: Outputs, steps: int,
-                   chunk: int = CHUNK) -> tuple[DecodeState, Outputs]:
+                   chunk: int = CHUNK, constrain: Callable | None = None) -> tuple[DecodeState, Outputs]:
     """Runs ``step(s, outputs) -> (s, outputs)`` up to ``steps`` times, in chunks of ``chunk``
-    scanned steps, stopping after the first chunk at whose end every row is done."""
+    scanned steps, stopping after the first chunk at whose end every row is done.
+
+    ``constrain`` (optional) maps a per-row array (leading axis B) to itself with a layout
+    constraint; it is applied to the carry's per-row fields and the output buffers at every
+    chunk, so a partitioned loop (`jaxsample.sharded_generate`) keeps them split over the
+    batch (a `lax.while_loop` carry gets no layout from its body otherwise).
+    """
     if steps <= 0:
         return s, outputs
     chunk = max(1, min(chunk, steps))
 
+    def pin(s, outputs):
+        if constrain is None:
+            return s, outputs
+        rows = {f: constrain(getattr(s, f)) for f in ("token", "done", "lengths", "finish", "position")}
+        return s._replace(**rows), jax.tree.map(constrain, outputs)
+
     def run_chunk(carry):
         s, outputs, i = carry
         (s, outputs), _ = jax.lax.scan(lambda c, _: (step(*c), None), (s, outputs), None, length=chunk)
-        return s, outputs, i + chunk
+        return *pin(s, outputs), i + chunk
 
     def more(carry):
         s, _, i = carry
         return (i < steps) & ~jnp.all(s.done)
 
+    s, outputs = pin(s, outputs)
     s, outputs, _ = jax.lax.while_loop(more, run_chunk, (s, outputs, jnp.asarray(0, jnp.int32)))
     return s, outputs

@@ -381,6 +381,12 @@ class ShardedSampler:
         """Where the logits ``[B, V]`` are expected: ``P(batch_axis, vocab_axis)``."""
         return NamedSharding(self.mesh, P(self.batch_axis, self.vocab_axis))
 
+    def constrain_rows(self, x: Array) -> Array:
+        """``x`` (leading axis B) constrained to ``P(batch_axis)``: the decode loop pins its
+        per-row carry and output buffers with it (`jaxsample.sharded_generate`)."""
+        spec = P(self.batch_axis, *([None] * (x.ndim - 1)))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
     def _sizes(self, logits: Array) -> tuple[int, int, int]:
         if logits.ndim != 2:
             raise ValueError(f"ShardedSampler: logits must be [B, V], got shape {logits.shape}")
