@@ -131,16 +131,16 @@ COMMANDS: dict[str, Action] = {
     "python -m pytest -m slow": skip("the slow tests of the suite itself (this module's slow commands among them)"),
     'pip install -U "jax[cuda12]"': install(),
     'pip install -U "jax[tpu]"': install(),
-    # ---- README: the shipped model, benchmarks
+    # ---- docs/checkpoints.md (the shipped model), docs/benchmarks.md
     'scripts/generate.py "ROMEO:" --max-new-tokens 250 --top-p 0.9': run(slow=True),
     "python scripts/bench.py": run(slow=True),
     "python scripts/bench.py --generate-dtypes bf16,fp32 --json runs/bench_full.json": run(slow=True),
     "python scripts/bench.py --skip-sampling --generate-preset shakespeare --new-tokens 64 --batches 1,8":
         run(expect="| jaxsample.generate | fp32 | 1 | top-p 0.9 |", slow=True),  # fast: test_cli's bench test
-    # ---- README: beam search
+    # ---- docs/beam.md
     'python scripts/generate.py "ROMEO:" --num-beams 4 --num-return-sequences 2 --length-penalty 1.2 '
     "--max-new-tokens 60": run(slow=True),
-    # ---- README: speculative decoding
+    # ---- docs/speculative.md
     'python scripts/generate.py "ROMEO:" --greedy --prompt-lookup 3 --num-draft-tokens 4':
         run(expect="speculative: acceptance", slow=True),  # tests/test_speculative.py runs the CLI too
     "python scripts/build_ngram_draft.py --out models/checkpoints/shakespeare/ngram_draft.safetensors":
@@ -150,12 +150,12 @@ COMMANDS: dict[str, Action] = {
     # ---- docs/benchmarks.md: the n-gram draft at temperature 0.8
     "python scripts/bench_speculative.py --prompts 8 --num-draft-tokens 3 4 --prompt-lookup-min 1 --temperature 0.8":
         run(slow=True),
-    # ---- README: Hugging Face checkpoints
+    # ---- docs/checkpoints.md: Hugging Face checkpoints
     'pip install -e ".[hf]"': install(),
     'python scripts/generate.py "Name three rivers." --checkpoint DIR --chat':
         skip("needs a downloaded chat checkpoint (tests/test_hf_families.py runs --chat on a tiny one it builds)"),
     "python scripts/measure_load_memory.py": run(slow=True, expect="peak / checkpoint"),
-    # ---- README / docs/sharding.md: a mesh
+    # ---- docs/sharding.md: a mesh
     "XLA_FLAGS=--xla_force_host_platform_device_count=8 python my_script.py":
         skip("'my_script.py' stands for the user's own script (the mesh snippet above runs in this module)"),
     "python scripts/generate_sharded.py --devices 8 --mesh 2,4 --preset shakespeare":
@@ -165,7 +165,7 @@ COMMANDS: dict[str, Action] = {
     "python scripts/generate_sharded.py --devices 8 --mesh D,M --preset P --batch 16 --prompt-len 16 "
     "--new-tokens 64 --repeats 7":
         run({"--mesh": "8,1"}, slow=True, expect="mesh tokens == 1-device tokens (same keys): True"),
-    # ---- README: structured output
+    # ---- docs/constraints.md (and the README's command line)
     'pip install -e ".[structured]"': install(),
     'python scripts/generate.py "ROMEO: the day is " --regex "[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])" '
     "--max-new-tokens 16": run(slow=True),  # tests/test_structured.py runs the constraint flags
@@ -173,7 +173,7 @@ COMMANDS: dict[str, Action] = {
         run(slow=True, expect='"finish_reason"'),
     'python scripts/generate.py "NURSE: " --json-schema docs/examples/person.schema.json --max-new-tokens 200 '
     "--json-output": run(slow=True, sub={"docs/examples/": os.path.join(ROOT, "docs", "examples", "")}),
-    # ---- README: command line
+    # ---- README and docs/cli.md: command line
     'python scripts/generate.py "KING:" "QUEEN:" --max-new-tokens 300 --temperature 0.9 --top-k 40 '
     "--num-samples 2 --seed 7": run(slow=True),
     "python scripts/generate.py --prompt-file prompts.txt --greedy": run(slow=True),

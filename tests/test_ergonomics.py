@@ -58,14 +58,14 @@ def compiles(fn):
     return jax.jit(traced), traces
 
 
-def readme_section(title):
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+def docs_section(title, page="docs/api.md"):
+    text = open(os.path.join(ROOT, page), encoding="utf-8").read()
     start = text.index(f"## {title}\n")
     end = text.find("\n## ", start + 1)
     return text[start:end if end > 0 else None]
 
 
-# ----------------------------------------------------------------------------- 1. public decorator, README
+# ----------------------------------------------------------------------------- 1. public decorator, docs/api.md
 
 
 def test_processor_dataclass_and_static_field_are_public():
@@ -75,14 +75,14 @@ def test_processor_dataclass_and_static_field_are_public():
 
 
 def test_readme_write_your_own_processor_runs_without_recompiling():
-    section = readme_section("Write your own processor")
+    section = docs_section("Write your own processor")
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert len(blocks) >= 1
-    # The classes as the README defines them (tests/test_docs.py runs the whole blocks, with
+    # The classes as docs/api.md defines them (tests/test_docs.py runs the whole blocks, with
     # the shipped model, in order): here they drive generate on a small model.
     definitions = blocks[0][:blocks[0].index("lm, tok = load_pretrained()")]
     namespace: dict = {}
-    exec(compile(definitions, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+    exec(compile(definitions, "docs/api.md", "exec"), namespace)  # noqa: S102 - the docs' own code
     soft_cap, penalty = namespace["SoftCap"], namespace["PreviousTokenPenalty"]
     assert not soft_cap.stateful and penalty.stateful
     model = bigram(1)
@@ -243,7 +243,9 @@ def _rebuild(model, prompts, lengths, row_keys, procs, n_steps):
 
 def test_readme_and_docstring_state_the_key_derivation():
     sentence = "fold_in(fold_in(keys[b], i), 0)"
-    assert sentence in readme_section("API tour") and "j + 1" in readme_section("API tour")
+    api = open(os.path.join(ROOT, "docs", "api.md"), encoding="utf-8").read()
+    assert sentence in docs_section("API tour", "README.md")
+    assert sentence in api and "fold_in(fold_in(keys[b], i), j + 1)" in api
     assert "sample(fold_in(k, 0), processed_logits)" in js.generate.__doc__
     assert "fold_in(k, j + 1)" in js.generate.__doc__
 
