@@ -108,6 +108,66 @@ def attend(q, k, v, mask, scale: float | None = None, cap: float | None = None):
     return out.reshape(b, t, h * dh)
 
 
+FILLED_BLOCK = 128  # cache positions per block of `attend_filled`
+
+
+def attend_filled(q, k, v, positions, scale: float | None = None, cap: float | None = None,
+                  block: int = FILLED_BLOCK):
+    """One decode query per row against a cache, reading only its filled blocks.
+
+    The cost follows the largest position in the batch, not the cache's capacity: the
+    cache is read in blocks of ``block`` positions, up to the block holding
+    ``max(positions)``, with an online softmax (running max, sum and weighted values in
+    float32). A block holding none of a row's positions leaves that row's running values
+    exactly as they were, so a row's result does not depend on how many blocks the other
+    rows need (the continuous-batching engine's exactness rests on this). Equal to
+    `attend` with the causal mask up to float32 rounding.
+
+    Args:
+      q: [B, 1, H, Dh]; k, v: [B, K, S, Dh] (head-major cache) with K dividing H.
+      positions: int32 [B], the query's position (it attends to cache positions <= it).
+      scale, cap: as `attend`.
+      block: positions per block (a static int).
+    Returns:
+      [B, 1, H * Dh].
+    """
+    b, _, h, dh = q.shape
+    kv_heads, s = k.shape[1], k.shape[2]
+    if s <= block:  # one block: the plain masked form
+        mask = jnp.arange(s)[None, None, :] <= positions[:, None, None]
+        return attend(q, k, v, mask, scale, cap)
+    q = q.reshape(b, kv_heads, h // kv_heads, dh)  # [B, K, G, Dh]
+    low = jnp.finfo(jnp.float32).min
+    last = jnp.clip(jnp.max(positions), 0, s - 1) // block  # the last block anyone reads
+
+    def body(j, carry):
+        m, l, acc = carry  # [B, K, G], [B, K, G], [B, K, G, Dh]
+        start = jnp.minimum(j * block, s - block)  # the last block may overlap the one before
+        kb = jax.lax.dynamic_slice_in_dim(k, start, block, axis=2)  # [B, K, blk, Dh]
+        vb = jax.lax.dynamic_slice_in_dim(v, start, block, axis=2)
+        idx = start + jnp.arange(block)  # [blk]
+        valid = (idx[None, :] <= positions[:, None]) & (idx[None, :] >= j * block)  # [B, blk]
+        scores = jnp.einsum("bkgd,bksd->bkgs", q, kb, preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(dh) if scale is None else scores * scale
+        scores = jnp.where(valid[:, None, None], softcap(scores, cap), low)
+        new_m = jnp.maximum(m, jnp.max(scores, axis=-1))
+        p = jnp.where(valid[:, None, None], jnp.exp(scores - new_m[..., None]), 0.0)
+        corr = jnp.exp(m - new_m)
+        pv = jnp.einsum("bkgs,bksd->bkgd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
+        any_valid = jnp.any(valid, axis=-1)[:, None, None]  # [B, 1, 1]
+        m = jnp.where(any_valid, new_m, m)
+        l = jnp.where(any_valid, l * corr + jnp.sum(p, axis=-1), l)
+        acc = jnp.where(any_valid[..., None], acc * corr[..., None] + pv, acc)
+        return m, l, acc
+
+    init = (jnp.full((b, kv_heads, h // kv_heads), low, jnp.float32),
+            jnp.zeros((b, kv_heads, h // kv_heads), jnp.float32),
+            jnp.zeros((b, kv_heads, h // kv_heads, dh), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, last + 1, body, init)
+    out = (acc / jnp.where(l > 0, l, 1.0)[..., None]).astype(v.dtype)  # no valid position: zeros
+    return out.reshape(b, 1, h * dh)
+
+
 class Block(nn.Module):
     config: DecoderConfig
     window: int | None = None  # sliding window of this layer (None: whole context)
@@ -147,7 +207,11 @@ class Block(nn.Module):
         mask = key_pos[:, None, :] <= positions[:, :, None]  # [B, T, S] causal
         if self.window is not None:  # and only the last `window` positions
             mask &= key_pos[:, None, :] > positions[:, :, None] - self.window
-        attn = attend(q, keys, values, mask, c.attn_scale, c.attn_softcap)
+        if cache_kv is not None and t == 1 and self.window is None:  # decode: the filled blocks only
+            attn = attend_filled(q, keys, values, positions[:, 0], c.attn_scale, c.attn_softcap,
+                                 block=FILLED_BLOCK)
+        else:
+            attn = attend(q, keys, values, mask, c.attn_scale, c.attn_softcap)
         attn = _dense(c.d_model, "o", dt, out_std)(attn)
         x = x + (norm("attn_post_norm")(attn) if c.post_norms else attn)
 

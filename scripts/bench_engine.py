@@ -19,6 +19,14 @@ prompts, keys and limits go through every method, in one run:
   prompt at once;
 * ideal slots=S: total generated tokens / S steps (no slot ever idle).
 
+Two more measurements, same run:
+
+* early stop: the first --batch prompts, every row stopping at a newline (or '.', '!',
+  '?'), `generate` with max_new_tokens=64 vs 512 (the same tokens): the ratio of their
+  times (before early exit and attention over the filled cache it was 16x);
+* cache capacity: ms per decode step at position ~100 of --batch rows with a cache of 512
+  vs 4096 positions (32 jitted steps; decode attention reads only the filled blocks).
+
 Steps are decode steps of the batch (every row advances once a step); tokens/s counts the
 generated tokens (the same for every method) over the median wall time of --repeats
 interleaved rounds (compile excluded); tok/CPU-s uses process CPU time, steadier on a
@@ -109,6 +117,56 @@ def cut_at_stop(tokens: np.ndarray, limits: np.ndarray, stops: list[int], pad: i
     return out, lengths
 
 
+def _median_time(fn, repeats: int) -> float:
+    fn()  # compile
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def early_stop(lm, tok, ids, lengths, keys, sampler, repeats: int) -> dict:
+    """`generate` on rows that all stop early: max_new_tokens=512 vs 64, same tokens."""
+    stops = [tok.encode(c, add_bos=False)[0] for c in "\n.!?"]
+    outs = {}
+
+    def run(n):
+        def go():
+            outs[n] = js.generate(lm, ids, lengths, keys, max_new_tokens=n, sampler=sampler, stop_ids=stops,
+                                  pad_id=tok.pad_id)
+            jax.block_until_ready(outs[n].tokens)
+        return go
+
+    t64, t512 = _median_time(run(64), repeats), _median_time(run(512), repeats)
+    longest = int(np.max(np.asarray(outs[512].lengths)))
+    same = longest <= 64 and bool(np.array_equal(np.asarray(outs[512].tokens)[:, :64], np.asarray(outs[64].tokens)))
+    return dict(rows=len(ids), longest_row=longest, ms_64=1e3 * t64, ms_512=1e3 * t512, ratio=t512 / t64, same=same)
+
+
+def cache_capacity(lm, batch: int, repeats: int, position: int = 100, steps: int = 32) -> dict:
+    """ms per decode step at ``position`` with a cache of 512 vs 4096 positions."""
+    result = {}
+    for size in (512, 4096):
+        cache = lm.init_cache(batch, size)
+        tokens = np.full((batch, position), 65, np.int32)
+        _, cache = jax.jit(lm.prefill)(tokens, np.full((batch,), position, np.int32), cache)
+
+        @jax.jit
+        def decode_steps(cache):
+            def body(i, carry):
+                token, cache = carry
+                logits, cache = lm.decode(token, jax.numpy.full((batch,), position, jax.numpy.int32) + i, cache)
+                return jax.numpy.argmax(logits, axis=-1).astype(jax.numpy.int32), cache
+            return jax.lax.fori_loop(0, steps, body, (jax.numpy.full((batch,), 65, jax.numpy.int32), cache))[0]
+
+        t = _median_time(lambda: jax.block_until_ready(decode_steps(cache)), repeats)
+        result[f"ms_per_step_{size}"] = 1e3 * t / steps
+    result["ratio"] = result["ms_per_step_4096"] / result["ms_per_step_512"]
+    return dict(batch=batch, position=position, steps=steps, **result)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     lm, tok = load_pretrained(args.checkpoint)
@@ -183,6 +241,10 @@ def main(argv=None) -> int:
         rows.append(dict(method=f"ideal slots={s}", steps=-(-generated // s), tokens_per_s=None,
                          tokens_per_cpu_s=None, vs_early_exit=None, same=None, seconds=None, compile_s=None))
 
+    first = slice(0, min(b, len(ids)))
+    stop_early = early_stop(lm, tok, ids[first], lengths[first], keys[first], sampler, max(args.repeats, 3))
+    capacity = cache_capacity(lm, b, max(args.repeats, 3))
+
     device = jax.devices()[0].device_kind if jax.default_backend() != "cpu" else (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     print(f"decode engine: {len(ids)} held-out prompts (lengths {lengths.min()}..{lengths.max()}, mean "
@@ -194,11 +256,18 @@ def main(argv=None) -> int:
         same = "-" if r["same"] is None else ("yes" if r["same"] else "NO")
         print(f"{r['method']:<26} {r['steps']:>6} {f(r['tokens_per_s'], '9.1f'):>9} "
               f"{f(r['tokens_per_cpu_s'], '10.1f'):>10} {f(r['vs_early_exit'], '12.2f'):>12}x {same:>5}")
+    print(f"early stop: {stop_early['rows']} rows, longest {stop_early['longest_row']} tokens: "
+          f"max_new_tokens=512 {stop_early['ms_512']:.0f} ms vs 64 {stop_early['ms_64']:.0f} ms = "
+          f"{stop_early['ratio']:.2f}x (same tokens: {'yes' if stop_early['same'] else 'NO'})")
+    print(f"cache capacity: decode at position {capacity['position']}, {capacity['batch']} rows: "
+          f"{capacity['ms_per_step_4096']:.2f} ms/step with 4096 positions vs "
+          f"{capacity['ms_per_step_512']:.2f} with 512 = {capacity['ratio']:.2f}x")
     if args.json:
         result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                       backend=jax.default_backend(), device=device, jax=jax.__version__,
                       checkpoint=args.checkpoint or "shipped", prompts=len(ids), max_new_tokens=n, batch=b,
-                      generated=generated, repeats=args.repeats, rows=rows)
+                      generated=generated, repeats=args.repeats, rows=rows,
+                      early_stop=stop_early, cache_capacity=capacity)
         tmp = args.json + ".tmp"
         with open(tmp, "w") as fh:
             json.dump(result, fh, indent=2)
@@ -206,7 +275,7 @@ def main(argv=None) -> int:
             os.fsync(fh.fileno())
         os.replace(tmp, args.json)
         print(f"wrote {args.json}")
-    return 0 if all(r["same"] in (None, True) for r in rows) else 1
+    return 0 if all(r["same"] in (None, True) for r in rows) and stop_early["same"] else 1
 
 
 if __name__ == "__main__":
