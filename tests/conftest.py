@@ -1,7 +1,24 @@
-"""Test setup: make ``tests/`` (for ``reference``) and the repo root importable."""
+"""Test setup: the repo root and ``tests/`` importable, one compilation cache per run."""
 
+import json
 import os
+import shutil
 import sys
+import tempfile
+import time
+
+# One XLA compilation cache for the whole run, shared by its processes (pytest-xdist's
+# workers and the scripts the tests start): a program compiled once is loaded, not compiled
+# again, when another module, worker or subprocess needs it (the in-memory jit caches are
+# cleared after every module, below). Set before jax is imported, and inherited by every
+# child process. A fresh directory each run (removed at the end), so every run compiles
+# what it runs at least once; JAXSAMPLE_TEST_COMPILE_CACHE=DIR keeps one across runs.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _kept = os.environ.get("JAXSAMPLE_TEST_COMPILE_CACHE")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _kept or tempfile.mkdtemp(prefix="jaxsample-tests-xla-")
+    os.environ["JAXSAMPLE_TEST_COMPILE_CACHE_OWNER"] = "" if _kept else str(os.getpid())
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 for _path in (_TESTS, os.path.dirname(_TESTS)):
@@ -27,3 +44,19 @@ def _release_compiled_programs():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+def pytest_unconfigure(config):
+    """The run's own compilation cache goes when the process that made it ends."""
+    if os.environ.get("JAXSAMPLE_TEST_COMPILE_CACHE_OWNER") == str(os.getpid()):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+def pytest_runtest_logreport(report):
+    """JAXSAMPLE_TEST_TIMES=FILE appends each test phase's duration to FILE as it ends (a
+    JSON line; readable while the run goes on, unlike --durations)."""
+    path = os.environ.get("JAXSAMPLE_TEST_TIMES")
+    if path:
+        with open(path, "a") as fh:
+            fh.write(json.dumps(dict(test=report.nodeid, when=report.when, seconds=round(report.duration, 3),
+                                     outcome=report.outcome, end=time.time())) + "\n")
