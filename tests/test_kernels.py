@@ -85,6 +85,36 @@ def test_count_above_partial_blocks_and_rows():
     np.testing.assert_array_equal(np.asarray(got), want)
 
 
+def test_float16_gets_16_bit_keys_on_every_path():
+    """One key width per dtype (issue 20): the kernels gave float16 32-bit keys while
+    `ordered_keys` gives it 16-bit ones, so the GPU searched 8 digits where 4 do. The
+    kernel counts over float16 scores are those of the 16-bit `ordered_keys`, and the
+    GPU plan's searches and the fused step run 4 digit passes for float16, as for
+    bfloat16."""
+    from jaxsample._step import fused as _fused
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((3, 1500)), jnp.float16)
+    keys = np.asarray(_select.ordered_keys(x)).astype(np.int64)
+    assert keys.max() < 1 << 16
+    prefix = np.asarray(keys[:, 17] & 0xF000, np.uint32)  # a first 16-bit digit, per row
+    got = _kernels.count_above(x, jnp.asarray(prefix), 8, None, None, width=4,
+                               mode="count", interpret=True)
+    cand = prefix[:, None].astype(np.int64) | (np.arange(1, 16)[None, :] << 8)
+    np.testing.assert_array_equal(np.asarray(got), (keys[:, None, :] >= cand[:, :, None]).sum(-1))
+
+    rows = jax.ShapeDtypeStruct((4,), jnp.int32)
+    chain = js.default_chain(temperature=0.7, top_k=np.zeros(4, np.int32), top_p=0.9)
+    for dtype in (jnp.bfloat16, jnp.float16):
+        x = jax.ShapeDtypeStruct((4, 4096), dtype)
+        kth = jax.make_jaxpr(lambda x, k: _select.kth_largest(x, k, method=_select.KERNEL_PLAN))(x, rows)
+        fused = jax.make_jaxpr(lambda x: _fused.fused_default_step(
+            chain, x, jax.random.split(jax.random.key(0), 4))[:3])(x)
+        for jaxpr, want in ((kth, 4), (fused, 2 + 2 * 4)):
+            calls = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "pallas_call"]
+            assert len(calls) == want, (dtype, len(calls))
+
+
 # ----------------------------------------------------------------------------- filters
 
 
@@ -254,3 +284,4 @@ def test_typical_p_equals_transformers_on_random_logits():
         if (vocab, m) == (1000, 3):  # one shape through the (interpreted) kernel
             on_gpu_plan = _kernel_filter("typical_p", m)(jnp.asarray(x), np.full(16, mass, np.float32))
             np.testing.assert_array_equal(np.isfinite(np.asarray(on_gpu_plan)), theirs)
+

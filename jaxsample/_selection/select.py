@@ -15,11 +15,12 @@ sets, not by positions in a sort:
 
 Both are found **without sorting the vocabulary** (``method="auto"``):
 
-1. *Order-preserving keys.* A float maps to an unsigned integer with the same order
+1. *Order-preserving keys* (:mod:`jaxsample._selection.radix`, shared with the
+   kernels and the fused step). A float maps to an unsigned integer with the same order
    (:func:`ordered_keys`: set the sign bit of a non-negative float, invert every bit of
    a negative one; ``-0.0`` becomes ``+0.0``, every NaN the largest key). float32 gives
    32-bit keys; bfloat16 / float16 give 16-bit keys (their values, compared in float32,
-   are exact).
+   are exact), on every engine (:func:`jaxsample._selection.radix.key_bits`).
 2. *Radix select* (:func:`radix_select`): the answer is the largest key ``T`` with
    ``sum(w_i : key_i >= T) >= target``. It is built a digit at a time, most significant
    first. Each pass makes the weighted histogram of the next digit over the elements
@@ -37,14 +38,15 @@ Both are found **without sorting the vocabulary** (``method="auto"``):
      thresholds are counted directly (compare and sum over the vocabulary, no scatter).
      Eight 4-bit passes for float32. The default on TPU and for vocab-sharded rows on
      CPU.
-   * ``"kernel"``: the same counts from a Pallas kernel (`jaxsample._kernels`) that
+   * ``"kernel"``: the same counts from a Pallas kernel (`jaxsample._selection.kernels`) that
      reads the scores once per digit and evaluates the 15 candidates on chip (XLA's
      ``[R, 15, V]`` compare costs 4-5 reads on a GPU). The default on GPU.
 
-   The digit loop (:func:`_digit_search`) is written once for the compare and kernel
-   engines, whole rows or vocab shards alike: the per-pass masses go through
-   ``VocabShard._psum``, the identity on one device and a ``psum`` over the model axis
-   inside `shard_map` (:class:`VocabShard`).
+   Every engine drives the one digit loop of :func:`jaxsample._selection.radix.
+   digit_loop` with its own pass; the compare and kernel engines share one search
+   (:func:`_digit_search`), whole rows or vocab shards alike: the per-pass masses go
+   through ``VocabShard._psum``, the identity on one device and a ``psum`` over the
+   model axis inside `shard_map` (:class:`VocabShard`).
 
    Counts (top-k) are integers: exact. Masses are float32 sums, accumulated in a
    different order than a sort's running sum, so a row whose running mass lies within
@@ -76,6 +78,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxsample._selection import kernels as _kernels
+from jaxsample._selection import radix as _radix
+from jaxsample._selection.radix import from_ordered_keys, ordered_keys, pick_digit
 
 __all__ = [
     "kth_largest",
@@ -137,6 +141,11 @@ class Plan:
         if self.window < 0 or self.top_k_static_max < 0:
             raise ValueError("Plan: window and top_k_static_max must be >= 0")
 
+    def digits(self, bits: int) -> tuple[int, ...]:
+        """The digit widths for keys of ``bits`` bits (:func:`jaxsample._selection.radix.
+        key_bits`): ``digits32`` or ``digits16``."""
+        return self.digits32 if bits == 32 else self.digits16
+
 
 #: CPU: scatter-add histograms (2 passes for float32), top-64 candidate window.
 CPU_PLAN = Plan("scatter", (16, 16), (16,), window=64, top_k_static_max=256)
@@ -149,8 +158,6 @@ ACCELERATOR_PLAN = Plan("compare", (4,) * 8, (4,) * 4, window=0, top_k_static_ma
 #: GPU: the Pallas counting kernel (`jaxsample._kernels`), 4 bits a pass (8 passes for
 #: float32, 4 for bfloat16), each one read of the logits; no lax.top_k, sort or scatter.
 KERNEL_PLAN = Plan("kernel", (4,) * 8, (4,) * 4, window=0, top_k_static_max=0)
-
-
 def default_plan(backend: str | None = None, vocab: int | None = None, *,
                  sharded: bool = False) -> Plan:
     """The plan ``method="auto"`` uses on ``backend`` (default: ``jax.default_backend()``)
@@ -306,53 +313,7 @@ def _shard_for(x: Array, shard: VocabShard | None, method: Any) -> tuple[VocabSh
 # ----------------------------------------------------------------------------- keys
 
 
-def _key_bits(dtype: Any) -> int:
-    return 16 if jnp.dtype(dtype).itemsize == 2 else 32
-
-
-def ordered_keys(x: Array) -> Array:
-    """Order-preserving unsigned keys of a float array, as ``uint32``.
-
-    float32 (and float64, computed in float32) gives 32-bit keys, bfloat16 / float16
-    16-bit keys (in the low bits). ``a < b`` iff ``key(a) < key(b)`` for non-NaN
-    floats; ``-0.0`` and ``+0.0`` get the same key; ``-inf`` gets the smallest non-NaN
-    key; every NaN gets the largest key (a sort puts NaN last too).
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> k = ordered_keys(jnp.array([-jnp.inf, -1.0, -0.0, 0.0, 2.0]))
-      >>> bool(jnp.all(k[1:] >= k[:-1])), bool(k[2] == k[3])
-      (True, True)
-    """
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(_F32)
-    bits = _key_bits(x.dtype)
-    if bits == 32 and x.dtype != _F32:
-        x = x.astype(_F32)
-    x = jnp.where(x == 0, jnp.zeros_like(x), x)  # -0.0 -> +0.0
-    if bits == 16:
-        b = lax.bitcast_convert_type(x, jnp.uint16).astype(_U32)
-        sign, full = _U32(0x8000), _U32(0xFFFF)
-        key = jnp.where(b >= sign, (~b) & full, b | sign)
-    else:
-        b = lax.bitcast_convert_type(x, _U32)
-        sign, full = _U32(0x80000000), _U32(0xFFFFFFFF)
-        key = jnp.where(b >= sign, ~b, b | sign)
-    return jnp.where(jnp.isnan(x), full, key)
-
-
-def from_ordered_keys(key: Array, dtype: Any = _F32) -> Array:
-    """Inverse of :func:`ordered_keys` (``-0.0`` comes back as ``+0.0``)."""
-    dtype = jnp.dtype(dtype)
-    if _key_bits(dtype) == 16:
-        sign = _U32(0x8000)
-        b = jnp.where(key >= sign, key & _U32(0x7FFF), (~key) & _U32(0xFFFF))
-        return lax.bitcast_convert_type(b.astype(jnp.uint16), dtype)
-    sign = _U32(0x80000000)
-    b = jnp.where(key >= sign, key & _U32(0x7FFFFFFF), ~key)
-    out = lax.bitcast_convert_type(b, _F32)
-    return out if dtype == _F32 else out.astype(dtype)
+# ordered_keys, from_ordered_keys: :mod:`jaxsample._selection.radix` (re-exported here).
 
 
 # ----------------------------------------------------------------------------- radix select
@@ -431,13 +392,6 @@ def _compare_counts(keys, weights):
     return count
 
 
-def pick_digit(mass: Array, target: Array, width: int) -> Array:
-    """The digit of one pass: the largest ``c`` in ``1 .. 2**width - 1`` whose mass
-    ``mass[:, c - 1]`` (``[R, C]``) reaches ``target`` (``[R]``), else 0; int32 ``[R]``."""
-    c = jnp.arange(1, 1 << width, dtype=jnp.int32)
-    return jnp.max(jnp.where(mass >= target[:, None], c[None, :], 0), axis=1)
-
-
 def _digit_search(count, target: Array, digits: tuple[int, ...], bits: int,
                   reduce=lambda m: m, rolled: bool = False) -> Array:
     """Largest ``T`` (digit-aligned) with ``mass(key >= T) >= target``: the one search.
@@ -454,20 +408,12 @@ def _digit_search(count, target: Array, digits: tuple[int, ...], bits: int,
     trip), or a ``fori_loop`` with a traced ``shift`` when ``rolled`` (the Pallas
     interpreter: one kernel to compile instead of one per digit).
     """
-    def step(prefix, shift, width):
-        mass = reduce(count(prefix, shift, width))  # [R, C]
-        return prefix | (pick_digit(mass, target, width).astype(_U32) << shift)
+    def step(_, shift, width, prefix):
+        mass = reduce(count(prefix, jnp.asarray(shift, _U32), width))  # [R, C]
+        return _radix.extend(prefix, pick_digit(mass, target, width), shift)
 
     prefix = jnp.zeros_like(target, _U32)  # (inside shard_map: varies like the target)
-    if rolled and len(set(digits)) == 1:  # one traced body (a shorter program to compile)
-        width = digits[0]
-        return lax.fori_loop(0, len(digits), lambda i, prefix: step(
-            prefix, (bits - width * (i + 1)).astype(_U32), width), prefix)
-    shift = bits
-    for width in digits:
-        shift -= width
-        prefix = step(prefix, _U32(shift), width)
-    return prefix
+    return _radix.digit_loop(step, digits, bits, prefix, rolled=rolled)
 
 
 def _snap(keys: Array, prefix: Array, shard: VocabShard) -> Array:
@@ -500,21 +446,20 @@ def radix_select(keys: Array, weights: Array | None, target: Array, *, bits: int
       ``uint32 [R]``.
     """
     rows = keys.shape[0]
-    digits = plan.digits32 if bits == 32 else plan.digits16
+    digits = plan.digits(bits)
     if plan.engine == "kernel":
         raise ValueError("radix_select: the kernel engine takes scores, not keys")
     if plan.engine == "compare":
         prefix = _digit_search(_compare_counts(keys, weights), target, digits, bits)
         return _snap(keys, prefix, VocabShard.whole(keys.shape[-1]))
-    prefix = jnp.zeros((rows,), _U32)
-    above = jnp.zeros((rows,), target.dtype)
-    shift = bits
-    for width in digits:
-        shift -= width
-        d, above = _scatter_pass(keys, weights, target, prefix, above, shift, width,
-                                 first=shift + width == bits)
-        prefix = prefix | (d.astype(_U32) << _U32(shift))
-    return prefix
+
+    def step(i, shift, width, carry):  # one scatter-add histogram of the digit
+        prefix, above = carry
+        d, above = _scatter_pass(keys, weights, target, prefix, above, shift, width, first=i == 0)
+        return _radix.extend(prefix, d, shift), above
+
+    start = (jnp.zeros((rows,), _U32), jnp.zeros((rows,), target.dtype))
+    return _radix.digit_loop(step, digits, bits, start)[0]
 
 
 def _search(s: Array, weights: Array | None, target: Array, plan: Plan, shard: VocabShard,
@@ -526,17 +471,13 @@ def _search(s: Array, weights: Array | None, target: Array, plan: Plan, shard: V
     Scatter (whole rows only) and compare work on materialised keys; the kernel engine
     reads the scores themselves once per digit.
     """
+    keys = ordered_keys(s)
+    bits = _radix.key_bits(s.dtype)
     if plan.engine == "kernel":
-        bits = _kernels.key_bits(s.dtype)
         mode = "count" if weights is None and softmax_max is None else (
             "softmax" if weights is None else "weights")
         count = functools.partial(_kernel_counts, s, softmax_max, weights, mode, plan.interpret)
-        keys = ordered_keys(s if bits == 16 else s.astype(_F32))
-        value_dtype = s.dtype if bits == 16 else _F32
     else:
-        keys = ordered_keys(s)
-        bits = _key_bits(s.dtype)
-        value_dtype = s.dtype
         if softmax_max is not None:
             weights = jnp.exp(s.astype(_F32) - softmax_max[:, None])
         if plan.engine == "scatter":
@@ -545,12 +486,11 @@ def _search(s: Array, weights: Array | None, target: Array, plan: Plan, shard: V
             return from_ordered_keys(radix_select(keys, weights, target, bits=bits, plan=plan),
                                      s.dtype)
         count = _compare_counts(keys, weights)
-    digits = plan.digits32 if bits == 32 else plan.digits16
-    prefix = _digit_search(count, target, digits, bits, shard._psum,
+    prefix = _digit_search(count, target, plan.digits(bits), bits, shard._psum,
                            rolled=plan.engine == "kernel" and plan.interpret)
     if snap:
         prefix = _snap(keys, prefix, shard)
-    return from_ordered_keys(prefix, value_dtype).astype(s.dtype)
+    return from_ordered_keys(prefix, s.dtype)
 
 
 def _kernel_counts(s, softmax_max, weights, mode, interpret, prefix, shift, width):
