@@ -32,6 +32,12 @@ block) weighs 0, whatever the padding holds.
 On a CPU the kernels run with ``interpret=True`` (the tests do, against the sort
 reference and the unfused step); ``jax.export`` for ``platforms=["cuda"]`` runs the
 real Triton lowering.
+
+The kernel switch (`jaxsample.use_kernels`, ``JAXSAMPLE_KERNELS``; docs/kernels.md)
+decides whether the sampling path calls these kernels at all; a kernel that fails while
+it is traced raises :class:`jaxsample.KernelError`, whose message names the switch (and
+so does the self-check of :func:`jaxsample._selection.select.kernel_self_check`, which a
+GPU runs before it first uses them).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxsample._selection import radix as _radix
+from jaxsample._selection import switch as _switch
 from jaxsample._selection.radix import key_bits
 
 __all__ = ["count_above", "row_stats", "chained_pass", "pass_masses", "segment_masses", "key_bits",
@@ -202,12 +209,26 @@ def _launch(kernel, x: Array, per_row: list[Array], row_inputs: list[Array], lan
     blocks = -(-vocab // block)
     row_block = pl.BlockSpec((1, block), lambda i, j: (i, j))
     one = pl.BlockSpec((1, 1), lambda i, j: (i, 0))
-    return pl.pallas_call(
-        kernel, grid=(rows, blocks),
+    return _call(
+        kernel, (x, *per_row, *row_inputs), grid=(rows, blocks),
         in_specs=[row_block] + [one] * len(per_row) + [row_block] * len(row_inputs),
         out_specs=pl.BlockSpec((1, lanes), lambda i, j: (i, j)),
         out_shape=_out_shape((rows, blocks * lanes), x),
-        interpret=interpret, **_params(block, interpret))(x, *per_row, *row_inputs)
+        interpret=interpret, **_params(block, interpret))
+
+
+def _call(kernel, args, **params):
+    """``pl.pallas_call(kernel, **params)(*args)``; a failure raises
+    :class:`jaxsample.KernelError` naming the kernel switch."""
+    from jax.experimental import pallas as pl
+
+    name = getattr(getattr(kernel, "func", kernel), "__name__", "kernel").strip("_")
+    try:
+        return pl.pallas_call(kernel, **params)(*args)
+    except Exception as error:  # noqa: BLE001 (whatever Pallas raised, with the way out)
+        raise _switch.KernelError(
+            f"jaxsample's Pallas kernel {name} failed ({type(error).__name__}: {error}); "
+            f"{_switch.HINT}") from error
 
 
 def _params(block: int, interpret: bool) -> dict:
@@ -425,14 +446,14 @@ def chained_pass(x: Array, previous: Array, prefix: Array, prev_shift: Array | i
                _per_row(target, target_dtype), _per_row(stat, _F32), _per_row(scale, _F32),
                _per_row(floor, _U32), _per_row(active, jnp.int32)]
     one = pl.BlockSpec((1, 1), lambda i, j: (i, 0))
-    partials, prefix = pl.pallas_call(
-        kernel, grid=(rows, blocks),
+    partials, prefix = _call(
+        kernel, (x, *per_row, previous), grid=(rows, blocks),
         in_specs=[pl.BlockSpec((1, block), lambda i, j: (i, j))] + [one] * len(per_row)
         + [pl.BlockSpec((1, lanes), lambda i, j: (i, 0))],
         out_specs=[pl.BlockSpec((1, _LANES), lambda i, j: (i, j)), one],
         out_shape=[_out_shape((rows, lanes), x),
                    jax.ShapeDtypeStruct((rows, 1), _U32)],
-        interpret=interpret, **_params(block, interpret))(x, *per_row, previous)
+        interpret=interpret, **_params(block, interpret))
     return partials, prefix[:, 0]
 
 

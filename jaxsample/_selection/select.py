@@ -68,10 +68,14 @@ All functions work on the last axis and broadcast over the leading ones.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import operator
+import warnings
 from typing import Any
+
+import numpy as np
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +83,7 @@ from jax import lax
 
 from jaxsample._selection import kernels as _kernels
 from jaxsample._selection import radix as _radix
+from jaxsample._selection import switch as _switch
 from jaxsample._selection.radix import from_ordered_keys, ordered_keys, pick_digit
 
 __all__ = [
@@ -86,6 +91,7 @@ __all__ = [
     "mass_threshold",
     "Plan",
     "default_plan",
+    "kernel_self_check",
     "ordered_keys",
     "from_ordered_keys",
     "radix_select",
@@ -158,17 +164,149 @@ ACCELERATOR_PLAN = Plan("compare", (4,) * 8, (4,) * 4, window=0, top_k_static_ma
 #: GPU: the Pallas counting kernel (`jaxsample._kernels`), 4 bits a pass (8 passes for
 #: float32, 4 for bfloat16), each one read of the logits; no lax.top_k, sort or scatter.
 KERNEL_PLAN = Plan("kernel", (4,) * 8, (4,) * 4, window=0, top_k_static_max=0)
+#: The kernel plan in the Pallas interpreter: what ``JAXSAMPLE_KERNELS=1`` runs off a GPU.
+KERNEL_PLAN_INTERPRET = dataclasses.replace(KERNEL_PLAN, interpret=True)
+
+_GPU = ("gpu", "cuda", "rocm")
+
+
+def _backend() -> str:
+    return jax.default_backend()
+
+
+def _on_gpu() -> bool:
+    """Whether this process runs on a GPU (where the kernels are compiled for real)."""
+    return jax.default_backend() in _GPU
+
+
 def default_plan(backend: str | None = None, vocab: int | None = None, *,
                  sharded: bool = False) -> Plan:
     """The plan ``method="auto"`` uses on ``backend`` (default: ``jax.default_backend()``)
     for rows of ``vocab`` entries; ``sharded``: rows split over devices (only engines
-    whose per-pass counts can be ``psum``-ed: compare, kernel)."""
-    backend = jax.default_backend() if backend is None else backend
-    if backend in ("gpu", "cuda", "rocm"):
-        return KERNEL_PLAN
+    whose per-pass counts can be ``psum``-ed: compare, kernel).
+
+    The kernel switch (`jaxsample.use_kernels`, ``JAXSAMPLE_KERNELS``; docs/kernels.md)
+    decides the kernel plans: off, a GPU gets :data:`ACCELERATOR_PLAN` (pure JAX); on,
+    every other backend gets :data:`KERNEL_PLAN_INTERPRET`; auto, a GPU gets
+    :data:`KERNEL_PLAN` once the kernels pass their self-check there
+    (:func:`kernel_self_check`).
+    """
+    mode = _switch.kernels_mode()
+    backend = _backend() if backend is None else backend
+    if backend in _GPU:
+        return KERNEL_PLAN if mode != "off" and _kernels_work(mode) else ACCELERATOR_PLAN
+    if mode == "on":
+        return KERNEL_PLAN_INTERPRET
     if backend != "cpu" or sharded:
         return ACCELERATOR_PLAN
     return CPU_PLAN_SMALL_VOCAB if vocab is not None and vocab < 65536 else CPU_PLAN
+
+
+_SELF_CHECK: dict[str, Any] = {}
+
+
+def _kernels_work(mode: str) -> bool:
+    """Whether the kernels may run: True off a real GPU (nothing to check: a plan asked
+    for by name, or tests); on one, the result of :func:`kernel_self_check`, run once per
+    process. A failure raises with the switch ``on`` and warns (then the pure-JAX path)
+    with ``auto``."""
+    if not _on_gpu():
+        return True
+    if "error" not in _SELF_CHECK:
+        _SELF_CHECK["error"] = kernel_self_check()
+    error = _SELF_CHECK["error"]
+    if error is None:
+        return True
+    if mode == "on":
+        raise error
+    if not _SELF_CHECK.get("warned"):
+        _SELF_CHECK["warned"] = True
+        warnings.warn(f"{error} Running the pure-JAX path ({_switch.ENV}=auto); set "
+                      f"{_switch.ENV}=0 to silence this.", RuntimeWarning, stacklevel=3)
+    return False
+
+
+def kernel_self_check(interpret: bool = False) -> Exception | None:
+    """Compiles and runs every Pallas kernel once on small rows (float32 and bfloat16)
+    and checks the results against the pure-JAX path.
+
+    Runs in a thread of its own (JAX's tracing state is per thread), so it may be
+    called while a function is being traced: that is when :func:`default_plan` asks.
+
+    Returns:
+      ``None`` when every kernel ran and agreed, else the :class:`jaxsample.KernelError`
+      to raise (its message names the switch).
+    """
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(_self_check, interpret).result()
+
+
+def _self_check(interpret: bool) -> Exception | None:
+    rng = np.random.default_rng(0)
+    rows, vocab = 2, 1500
+    kernel = dataclasses.replace(KERNEL_PLAN, interpret=interpret)
+    problems = []
+    try:
+        for dtype in (_F32, jnp.bfloat16):
+            x = jnp.asarray(rng.standard_normal((rows, vocab)), dtype)
+            w = jnp.asarray(rng.exponential(size=(rows, vocab)), _F32)
+            k, p = jnp.array([1, 37], jnp.int32), jnp.array([0.5, 0.9], _F32)
+
+            def thresholds(x, k, p, w, plan):
+                return (kth_largest(x, k, method=plan), mass_threshold(x, None, p, method=plan),
+                        mass_threshold(x, w, p, method=plan))
+
+            got = jax.jit(functools.partial(thresholds, plan=kernel))(x, k, p, w)
+            want = jax.jit(functools.partial(thresholds, plan=ACCELERATOR_PLAN))(x, k, p, w)
+            x32 = np.asarray(x.astype(_F32))
+            soft = np.exp(x32 - x32.max(1, keepdims=True))
+            name = jnp.dtype(dtype).name
+            if not np.array_equal(np.asarray(got[0]), np.asarray(want[0])):
+                problems.append(f"top-k thresholds ({name})")
+            for label, t, weight in (("top-p", got[1], soft), ("weighted mass", got[2], w)):
+                t, weight = np.asarray(t.astype(_F32))[:, None], np.asarray(weight, np.float64)
+                target = np.asarray(p)[:, None] * weight.sum(1, keepdims=True)
+                kept, above = (np.sum(np.where(m, weight, 0), 1, keepdims=True)
+                               for m in (x32 >= t, x32 > t))
+                if not (np.all(kept >= target * (1 - 1e-4)) and np.all(above <= target * (1 + 1e-4))):
+                    problems.append(f"{label} thresholds ({name})")
+            scale = jnp.ones((rows,), _F32)
+            stats = jax.jit(functools.partial(_kernels.row_stats, interpret=interpret))(x, scale)
+            if not (np.array_equal(np.asarray(stats["argmax"]), x32.argmax(1))
+                    and np.array_equal(np.asarray(stats["max"]), x32.max(1))):
+                problems.append(f"row_stats ({name})")
+            top = jnp.asarray(x32.max(1))
+            masses = jax.jit(functools.partial(_kernels.segment_masses, interpret=interpret))(
+                x, scale, top, jnp.zeros((rows,), _U32), jnp.full((rows,), -jnp.inf))
+            if not np.allclose(np.asarray(masses).sum(1), soft.sum(1), rtol=1e-4):
+                problems.append(f"segment_masses ({name})")
+            bits = _radix.key_bits(dtype)
+            lanes = _kernels.pass_lanes(rows, vocab)
+
+            def first_digit(x):
+                partials, _ = _kernels.chained_pass(
+                    x, jnp.zeros((rows, lanes), _F32), jnp.zeros((rows,), _U32), bits, bits - 4,
+                    jnp.full((rows,), 2 ** 30, jnp.int32), width=4, prev_width=4, mode="count",
+                    stat=top, scale=scale, floor=jnp.zeros((rows,), _U32),
+                    active=jnp.ones((rows,), jnp.int32), interpret=interpret)
+                return _kernels.pass_masses(partials, _kernels.block_lanes(rows, vocab), width=4,
+                                            mode="count")
+
+            keys = np.asarray(ordered_keys(x)).astype(np.int64)
+            cand = (np.arange(1, 16) << (bits - 4))[None, :, None]
+            if not np.array_equal(np.asarray(jax.jit(first_digit)(x)),
+                                  (keys[:, None, :] >= cand).sum(-1)):
+                problems.append(f"chained_pass ({name})")
+    except Exception as error:  # noqa: BLE001 (any failure: lowering, Triton, CUDA)
+        detail = str(error) if isinstance(error, _switch.KernelError) else (
+            f"{type(error).__name__}: {error}; {_switch.HINT}")
+        return _switch.KernelError(f"jaxsample's Pallas GPU kernels failed their self-check "
+                                   f"on {jax.devices()[0]}: {detail}")
+    if problems:
+        return _switch.KernelError(
+            f"jaxsample's Pallas GPU kernels gave wrong results in their self-check on "
+            f"{jax.devices()[0]}: {', '.join(problems)}. {_switch.HINT}.")
+    return None
 
 
 def _resolve(method: Any, vocab: int, sharded: bool = False) -> Plan | None:
