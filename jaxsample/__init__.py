@@ -226,3 +226,12 @@ __all__ += [
     "stack_constraints",
     "token_bytes",
 ]
+
+# --- the GPU kernel switch (docs/kernels.md) ------------------------------------------
+from jaxsample._selection.switch import KernelError
+from jaxsample._selection.switch import use_kernels
+
+__all__ += [
+    "KernelError",
+    "use_kernels",
+]

@@ -179,6 +179,32 @@ def check_integer(fn: str, name: str, value: Any) -> None:
             raise ValueError(f"{fn}: {name} must be an integer, got {_describe(arr, bad)}")
 
 
+def check_int(name: str, value: Any, *, low: int = 1, high: int | None = None, fn: str | None = None,
+              expected: str | None = None) -> int:
+    """``value`` as a Python int in ``[low, high]``: the check of every static integer
+    argument (counts, sizes, widths). Bools, floats, strings and arrays are refused.
+
+    Args:
+      name: the parameter, as the error names it.
+      value: what was passed.
+      low, high: the bounds (``high=None``: none).
+      fn: the function, prefixed to the message (``"fn: name must be ..."``).
+      expected: the message's wording of the range (default ``"a positive int"`` for
+        ``low=1``, ``"an int >= low"`` or ``"an int in [low, high]"``).
+
+    Raises:
+      ValueError: ``"<fn>: <name> must be <expected>, got <value!r>"``.
+    """
+    ok = (isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+          and value >= low and (high is None or value <= high))
+    if not ok:
+        if expected is None:
+            expected = (f"an int in [{low}, {high}]" if high is not None
+                        else "a positive int" if low == 1 else f"an int >= {low}")
+        raise ValueError(f"{fn + ': ' if fn else ''}{name} must be {expected}, got {value!r}")
+    return int(value)
+
+
 def check_min_tokens_to_keep(fn: str, min_tokens_to_keep: Any) -> int:
     """Returns ``min_tokens_to_keep`` as a Python int, checking it is static and >= 1."""
     try:

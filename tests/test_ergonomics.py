@@ -378,3 +378,23 @@ def test_stats_with_the_sharded_and_gumbel_step_functions(kind):
                       max_new_tokens=4, sampler=js.default_chain(top_k=5), sample_fn=sample_fn, return_stats=True)
     np.testing.assert_array_equal(out.stats.num_kept, np.full((2, 4), 5))
     assert np.all(np.asarray(out.stats.entropy) > 0) and np.all(np.asarray(out.stats.entropy) < np.log(5) + 1e-5)
+
+
+def test_check_int_is_the_one_static_integer_check():
+    """`_validation.check_int`: what every static count / size argument goes through
+    (generate's n and top_logprobs, beam widths, draft sizes, automaton limits, history
+    lengths): Python and NumPy ints in range pass as int; bools, floats, strings and
+    arrays fail with the parameter, the range and the value."""
+    from jaxsample import _validation as _val
+
+    assert _val.check_int("n", np.int64(3)) == 3 and type(_val.check_int("n", np.int64(3))) is int
+    assert _val.check_int("k", 0, low=0, high=4) == 0
+    for value in (0, True, 2.0, "2", np.array([2])):
+        with pytest.raises(ValueError, match=rf"^f: n must be a positive int, got {re.escape(repr(value))}$"):
+            _val.check_int("n", value, fn="f")
+    with pytest.raises(ValueError, match=r"^k must be an int in \[0, 4\], got 5$"):
+        _val.check_int("k", 5, low=0, high=4)
+    with pytest.raises(ValueError, match=r"^w must be an int >= 0, got -1$"):
+        _val.check_int("w", -1, low=0)
+    with pytest.raises(ValueError, match=r"RepetitionPenalty.init: max_new_tokens must be an int >= 0, got -1"):
+        js.RepetitionPenalty(1.2).init(np.zeros((1, 3), np.int32), np.array([3]), 8, max_new_tokens=-1)

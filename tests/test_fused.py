@@ -249,7 +249,7 @@ def test_top_p_prefix_holds_the_threshold_and_skips_passes(dtype):
     """The bound of `top_p_prefix`: the sort reference's top-p threshold always has the
     decided leading key bits (adversarial rows and LM-like rows, many p), and on LM-like
     logits it decides whole digits (passes that read nothing)."""
-    from jaxsample._selection import kernels as _kernels
+    from jaxsample._selection import radix as _radix
 
     rng = np.random.default_rng(11)
     vocab = 4096
@@ -261,9 +261,9 @@ def test_top_p_prefix_holds_the_threshold_and_skips_passes(dtype):
     top = jnp.max(x32, axis=1)
     total = jnp.sum(jnp.exp(x32 - top[:, None]), axis=1)
     start, decided = _fused.top_p_prefix(top, total, p, vocab, x.dtype)
-    bits = _kernels.key_bits(x.dtype)
+    bits = _radix.key_bits(x.dtype)
     want = _select.mass_threshold(x32, None, p, method="sort")  # float32: exact for bf16
-    key = _kernels._keys(want.astype(jnp.float32), bits)
+    key = _radix.ordered_keys(want.astype(jnp.float32), x.dtype)
     low = (bits - decided).astype(jnp.uint32)
     finite = np.asarray(jnp.isfinite(top))
     held = np.asarray((decided == 0) | ((key >> low) == (start >> low)))

@@ -85,6 +85,36 @@ def test_count_above_partial_blocks_and_rows():
     np.testing.assert_array_equal(np.asarray(got), want)
 
 
+def test_float16_gets_16_bit_keys_on_every_path():
+    """One key width per dtype (issue 20): the kernels gave float16 32-bit keys while
+    `ordered_keys` gives it 16-bit ones, so the GPU searched 8 digits where 4 do. The
+    kernel counts over float16 scores are those of the 16-bit `ordered_keys`, and the
+    GPU plan's searches and the fused step run 4 digit passes for float16, as for
+    bfloat16."""
+    from jaxsample._step import fused as _fused
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((3, 1500)), jnp.float16)
+    keys = np.asarray(_select.ordered_keys(x)).astype(np.int64)
+    assert keys.max() < 1 << 16
+    prefix = np.asarray(keys[:, 17] & 0xF000, np.uint32)  # a first 16-bit digit, per row
+    got = _kernels.count_above(x, jnp.asarray(prefix), 8, None, None, width=4,
+                               mode="count", interpret=True)
+    cand = prefix[:, None].astype(np.int64) | (np.arange(1, 16)[None, :] << 8)
+    np.testing.assert_array_equal(np.asarray(got), (keys[:, None, :] >= cand[:, :, None]).sum(-1))
+
+    rows = jax.ShapeDtypeStruct((4,), jnp.int32)
+    chain = js.default_chain(temperature=0.7, top_k=np.zeros(4, np.int32), top_p=0.9)
+    for dtype in (jnp.bfloat16, jnp.float16):
+        x = jax.ShapeDtypeStruct((4, 4096), dtype)
+        kth = jax.make_jaxpr(lambda x, k: _select.kth_largest(x, k, method=_select.KERNEL_PLAN))(x, rows)
+        fused = jax.make_jaxpr(lambda x: _fused.fused_default_step(
+            chain, x, jax.random.split(jax.random.key(0), 4))[:3])(x)
+        for jaxpr, want in ((kth, 4), (fused, 2 + 2 * 4)):
+            calls = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "pallas_call"]
+            assert len(calls) == want, (dtype, len(calls))
+
+
 # ----------------------------------------------------------------------------- filters
 
 
@@ -254,3 +284,141 @@ def test_typical_p_equals_transformers_on_random_logits():
         if (vocab, m) == (1000, 3):  # one shape through the (interpreted) kernel
             on_gpu_plan = _kernel_filter("typical_p", m)(jnp.asarray(x), np.full(16, mass, np.float32))
             np.testing.assert_array_equal(np.isfinite(np.asarray(on_gpu_plan)), theirs)
+
+
+# ----------------------------------------------------------------------------- the switch
+
+
+@pytest.fixture
+def switch(monkeypatch):
+    """The kernel switch, reset (environment variable unset, no `use_kernels`) and reset
+    again afterwards."""
+    from jaxsample._selection import switch as _switch
+
+    monkeypatch.delenv(_switch.ENV, raising=False)
+    js.use_kernels(None)
+    yield _switch
+    js.use_kernels(None)
+
+
+def test_switch_positions_choose_the_plan(switch, monkeypatch):
+    """JAXSAMPLE_KERNELS (auto / 0 / 1) and `use_kernels` (which wins, globally or in a
+    `with` block) decide the plans: off, a GPU gets the pure-JAX compare plan; on, the
+    CPU gets the kernel plan in the Pallas interpreter."""
+    gpu, cpu = (lambda: _select.default_plan("gpu")), (lambda: _select.default_plan("cpu", 131072))
+    assert gpu() == _select.KERNEL_PLAN and cpu() == _select.CPU_PLAN  # auto
+    for value, on_gpu, on_cpu in (("0", _select.ACCELERATOR_PLAN, _select.CPU_PLAN),
+                                  ("off", _select.ACCELERATOR_PLAN, _select.CPU_PLAN),
+                                  ("1", _select.KERNEL_PLAN, _select.KERNEL_PLAN_INTERPRET),
+                                  ("auto", _select.KERNEL_PLAN, _select.CPU_PLAN)):
+        monkeypatch.setenv(switch.ENV, value)
+        assert (gpu(), cpu()) == (on_gpu, on_cpu), value
+    monkeypatch.setenv(switch.ENV, "1")
+    with js.use_kernels(False):  # the setting wins over the variable
+        assert gpu() == _select.ACCELERATOR_PLAN and switch.kernels_mode() == "off"
+        with js.use_kernels("auto"):
+            assert gpu() == _select.KERNEL_PLAN and cpu() == _select.CPU_PLAN
+        assert switch.kernels_mode() == "off"
+    assert switch.kernels_mode() == "on"  # restored: the variable again
+    js.use_kernels(False)  # process-wide
+    assert gpu() == _select.ACCELERATOR_PLAN
+    monkeypatch.setenv(switch.ENV, "maybe")
+    js.use_kernels(None)
+    with pytest.raises(ValueError, match="JAXSAMPLE_KERNELS.*'maybe'"):
+        gpu()
+    with pytest.raises(ValueError, match=r"use_kernels\(enabled\).*'yes please'"):
+        js.use_kernels("yes please")
+
+
+def _switch_program(vocab=128):
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((4, vocab)) * 3, jnp.float32)
+    chain = js.default_chain(top_k=np.array([0, 5, 50, vocab]), top_p=0.9)
+
+    def step(x, keys):  # sample_step with the default chain: the fused step when on
+        token, _, out = js.sample_step(chain, x, None, keys)
+        return token, out.token_logprob_processed, js.top_p(x, 0.8), js.top_k(x, jnp.array([1, 3, 9, vocab]))
+
+    return step, (x, jax.random.split(jax.random.key(2), 4))
+
+
+def test_both_switch_positions_trace_on_cpu(switch):
+    """On: a filter traces to the Pallas kernels (interpreted on CPU); off: no kernel.
+    (`sample_step`'s fused step: the slow test below and the cuda export.)"""
+    x = jnp.zeros((4, 128), jnp.bfloat16)
+    for on in (True, False):
+        with js.use_kernels(on):
+            prims = {e.primitive.name for e in _eqns(jax.make_jaxpr(lambda x: js.top_p(x, 0.8))(x).jaxpr)}
+            assert ("pallas_call" in prims) == on, on
+
+
+@pytest.mark.slow
+def test_both_switch_positions_give_the_same_samples_on_cpu(switch):
+    """Both positions run on CPU (on: the Pallas interpreter, the fused step for
+    `sample_step`) and give the same tokens, log-probs and kept sets; the switch is part
+    of jit's cache key (one jitted function, traced once per position)."""
+    step, args = _switch_program()
+    with js.use_kernels(True):
+        assert "pallas_call" in {e.primitive.name for e in _eqns(jax.make_jaxpr(step)(*args).jaxpr)}
+    traces = []
+    jitted = jax.jit(lambda *a: (traces.append(1), step(*a))[1])
+    results = {on: (js.use_kernels(on), jitted(*args))[1] for on in (True, False)}
+    js.use_kernels(True)
+    jitted(*args)  # cached: no third trace
+    assert len(traces) == 2
+    for got, want in zip(results[True], results[False]):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5)
+
+
+def test_kernel_path_exports_for_cuda_by_the_switch(switch, monkeypatch):
+    """As a GPU would compile it (jax.export for cuda, the real Triton lowering): the
+    same jitted `sample_step` + `top_p` has Triton kernels with the switch on and none
+    with it off (the same function traced again: the switch is in jit's cache key)."""
+    monkeypatch.setattr(_select, "_backend", lambda: "gpu")  # plans as on a GPU
+    chain = js.default_chain(temperature=0.8, top_p=0.9)
+    fn = jax.jit(lambda x, keys: (js.sample_step(chain, x, None, keys)[0], js.top_p(x, 0.5)))
+    shapes = (jax.ShapeDtypeStruct((2, 512), jnp.bfloat16),
+              jax.ShapeDtypeStruct((2,), jax.random.key(0).dtype))
+    counts = {}
+    for on in (True, False):  # ("auto" is "on" on a GPU: test_switch_positions_choose_the_plan)
+        with js.use_kernels(on):
+            counts[on] = _export_cuda(fn, *shapes).count(_TRITON)
+    # the fused step: stats + 4 top-k digits (they skip) + 4 top-p digits (rows of 512 are
+    # drawn whole); top_p: 4 digits
+    assert counts == {True: 1 + 2 * 4 + 4, False: 0}, counts
+
+
+def test_a_kernel_failure_names_the_switch(switch, monkeypatch):
+    """A kernel that fails while traced, a self-check that fails (`auto`: a warning and
+    the pure-JAX path; `on`: the error) and a self-check that finds wrong results: each
+    message names JAXSAMPLE_KERNELS=0 and use_kernels(False)."""
+    def broken(*args, **kwargs):
+        raise NotImplementedError("no Triton lowering for this op")
+
+    monkeypatch.setattr(_kernels, "_candidate_masses", broken)
+    x = jnp.zeros((2, 600))
+    with pytest.raises(js.KernelError, match=r"_kernel failed.*JAXSAMPLE_KERNELS=0.*use_kernels\(False\)"):
+        _select.kth_largest(x, 3, method=KERNEL)
+    error = _select.kernel_self_check(interpret=True)
+    assert isinstance(error, js.KernelError) and "NotImplementedError" in str(error)
+    assert "JAXSAMPLE_KERNELS=0" in str(error) and "use_kernels(False)" in str(error)
+
+    monkeypatch.setattr(_select, "_on_gpu", lambda: True)
+    monkeypatch.setattr(_select, "_SELF_CHECK", {"error": error})
+    with pytest.warns(RuntimeWarning, match="JAXSAMPLE_KERNELS=0"):
+        assert _select.default_plan("gpu") == _select.ACCELERATOR_PLAN  # auto: falls back
+    with js.use_kernels(True), pytest.raises(js.KernelError, match="JAXSAMPLE_KERNELS=0"):
+        _select.default_plan("gpu")
+
+
+@pytest.mark.slow
+def test_kernel_self_check_passes_and_catches_wrong_results(monkeypatch):
+    """Every kernel, interpreted, agrees with the pure-JAX path; one that gives a wrong
+    arg-max is reported by name."""
+    assert _select.kernel_self_check(interpret=True) is None
+    row_stats = _kernels.row_stats
+    monkeypatch.setattr(_kernels, "row_stats", lambda *a, **k: {
+        **row_stats(*a, **k), "argmax": jnp.zeros((2,), jnp.int32) - 1})
+    error = _select.kernel_self_check(interpret=True)
+    assert isinstance(error, js.KernelError) and "wrong results" in str(error)
+    assert "row_stats (float32)" in str(error) and "JAXSAMPLE_KERNELS=0" in str(error)

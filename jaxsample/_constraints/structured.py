@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsample import _validation as _val
 from jaxsample._processors.base import LogitsProcessor, _set, processor_dataclass, static_field
 
 __all__ = [
@@ -260,8 +261,8 @@ def _padded(table: _Table, initial: np.ndarray, vocab_size: int, max_states: int
     s, t = table.allowed.shape[0], table.targets.shape[0]
     for name, need, limit, default in (("max_states", s, max_states, DEFAULT_MAX_STATES),
                                        ("max_transitions", t, max_transitions, DEFAULT_MAX_TRANSITIONS)):
-        if limit is not None and (not isinstance(limit, (int, np.integer)) or isinstance(limit, bool) or limit < 1):
-            raise ValueError(f"{fn}: {name} must be a positive int, got {limit!r}")
+        if limit is not None:
+            _val.check_int(name, limit, fn=fn)
         if need > (default if limit is None else limit):
             raise ValueError(f"{fn}: the automaton needs {need} {name[4:]}, more than {name}="
                              f"{default if limit is None else limit}; pass a larger {name} or a simpler constraint")
@@ -327,8 +328,8 @@ class Constraint(LogitsProcessor):
             raise ValueError(f"{fn}: offsets must be int32 [S] = [{s}], got {offsets.dtype} {offsets.shape}")
         if targets.ndim != 1 or targets.dtype not in (np.int16, np.int32):
             raise ValueError(f"{fn}: targets must be int16 or int32 [T], got {targets.dtype} {targets.shape}")
-        if not isinstance(self.vocab_size, (int, np.integer)) or not 0 < self.vocab_size <= 32 * w:
-            raise ValueError(f"{fn}: vocab_size must be in [1, {32 * w}] (32 per mask word), got {self.vocab_size!r}")
+        _val.check_int("vocab_size", self.vocab_size, high=32 * w, fn=fn,
+                       expected=f"in [1, {32 * w}] (32 per mask word)")
         initial = np.asarray(self.initial)
         if initial.ndim > 1 or not np.issubdtype(initial.dtype, np.integer):
             raise ValueError(f"{fn}: initial must be an int scalar or [B], got {initial.dtype} {initial.shape}")

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsample import _validation as _val
 from jaxsample._filters.sampling import entropy
 from jaxsample._processors.base import Chain, chain, check_processor
 from jaxsample._processors.builtin import Temperature
@@ -271,9 +272,7 @@ def row_limits(max_new_tokens: Any, batch: int) -> np.ndarray:
 
 def positive_int(name: str, value: Any) -> int:
     """``value`` as a Python int >= 1; bools, floats and strings are refused."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
+    return _val.check_int(name, value)
 
 
 class Prompts(NamedTuple):
@@ -377,12 +376,9 @@ class Sampling(NamedTuple):
 def prepare_sampling(model: LanguageModel, keys: Any, batch: int, *, sampler: Chain | None, n: int = 1,
                      top_logprobs: int = 0, prompt_logprobs: bool = False, fn: str) -> Sampling:
     """Validates the sampling inputs of `generate`-like loops: keys, sampler, outputs."""
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"n must be a positive int (samples per prompt), got {n!r}")
-    if (not isinstance(top_logprobs, (int, np.integer)) or isinstance(top_logprobs, bool)
-            or not 0 <= top_logprobs <= model.vocab_size):
-        raise ValueError(f"top_logprobs must be an int in [0, vocab size {model.vocab_size}], "
-                         f"got {top_logprobs!r}")
+    _val.check_int("n", n, expected="a positive int (samples per prompt)")
+    _val.check_int("top_logprobs", top_logprobs, low=0, high=model.vocab_size,
+                   expected=f"an int in [0, vocab size {model.vocab_size}]")
     if prompt_logprobs and not callable(getattr(model, "prefill_all", None)):
         raise ValueError(f"prompt_logprobs=True needs a model with prefill_all(tokens, cache) -> "
                          f"(logits [B, P, V], cache); {type(model).__name__} has none")

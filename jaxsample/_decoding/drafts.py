@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsample import _validation as _val
 from jaxsample._decoding import core
 from jaxsample._filters import sampling as _sampling
 from jaxsample._processors.base import Chain
@@ -90,13 +91,9 @@ class PromptLookup:
     min_ngram: int = 1
 
     def __post_init__(self):
-        if isinstance(self.max_ngram, bool) or not isinstance(self.max_ngram, (int, np.integer)) \
-                or self.max_ngram < 1:
-            raise ValueError(f"PromptLookup: max_ngram must be an int >= 1, got {self.max_ngram!r}")
-        if isinstance(self.min_ngram, bool) or not isinstance(self.min_ngram, (int, np.integer)) \
-                or not 1 <= self.min_ngram <= self.max_ngram:
-            raise ValueError(f"PromptLookup: min_ngram must be an int in [1, max_ngram={self.max_ngram}], "
-                             f"got {self.min_ngram!r}")
+        _val.check_int("max_ngram", self.max_ngram, fn="PromptLookup", expected="an int >= 1")
+        _val.check_int("min_ngram", self.min_ngram, high=self.max_ngram, fn="PromptLookup",
+                       expected=f"an int in [1, max_ngram={self.max_ngram}]")
 
     def start(self, prompt_tokens: Array, prompt_lengths: Array, cache_size: int, n: int) -> Any:
         """No state: the proposals come from the row's own context."""

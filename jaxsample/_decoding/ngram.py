@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsample import _validation as _val
 from jaxsample._decoding.drafts import lookup
 
 __all__ = ["NGramDraft"]
@@ -87,9 +88,7 @@ def _check_score_range(max_ngram: int, vocab_size: int, where: str) -> None:
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"NGramDraft: {name} must be an int >= {low}, got {value!r}")
-    return int(value)
+    return _val.check_int(name, value, low=low, fn="NGramDraft", expected=f"an int >= {low}")
 
 
 @jax.tree_util.register_dataclass

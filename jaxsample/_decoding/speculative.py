@@ -64,6 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsample import _validation as _val
 from jaxsample._decoding import core
 from jaxsample._decoding.core import LanguageModel, Outputs
 from jaxsample._decoding.drafts import DRAFT_STREAM, DraftContext, PromptLookup, as_draft
@@ -335,10 +336,7 @@ def speculative_generate(model: LanguageModel, prompt_tokens: jax.Array, prompt_
       >>> out.tokens.shape
       (1, 8)
     """
-    if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, (int, np.integer)) \
-            or num_draft_tokens < 1:
-        raise ValueError(f"num_draft_tokens must be an int >= 1, got {num_draft_tokens!r}")
-    k = int(num_draft_tokens)
+    k = _val.check_int("num_draft_tokens", num_draft_tokens, expected="an int >= 1")
     _check_draft(model, draft)
     prompts = core.prepare_prompts(model, prompt_tokens, prompt_lengths, max_new_tokens=max_new_tokens,
                                    stop_ids=stop_ids, pad_id=pad_id)

@@ -267,9 +267,7 @@ class _HistoryProcessor(LogitsProcessor):
                 f"{type(self).__name__}.init: pass max_new_tokens=N (its history buffer is "
                 f"static: the prompt plus N generated tokens); generate passes it"
             )
-        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-            raise ValueError(f"{type(self).__name__}.init: max_new_tokens must be an int >= 0, "
-                             f"got {max_new_tokens!r}")
+        _val.check_int("max_new_tokens", max_new_tokens, low=0, fn=f"{type(self).__name__}.init")
         width = prompt_width if self._include_prompt() else 0
         return max(width + int(max_new_tokens), 1)
 

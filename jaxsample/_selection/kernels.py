@@ -5,9 +5,10 @@
   key is ``>=`` the candidate. It reads the logits once, computes the keys (and the
   softmax weights) on chip, and writes ``[R, blocks, 2**width]`` partial sums, which
   the caller adds up (and, on vocab-sharded rows, ``psum``-s over the model axis). The
-  search that drives it (:func:`jaxsample._select._digit_search`) is the same for
-  whole rows and for shards: the filters' GPU engine.
-* The fused sampling step's kernels (`jaxsample._fused`): :func:`row_stats` (one read:
+  search that drives it (:func:`jaxsample._selection.select._digit_search`, on the
+  digit loop of :mod:`jaxsample._selection.radix`) is the same for whole rows and for
+  shards: the filters' GPU engine.
+* The fused sampling step's kernels (`jaxsample._step.fused`): :func:`row_stats` (one read:
   the raw log-softmax, the scaled max and total, the arg-max, bad entries),
   :func:`chained_pass` (one digit of the same search, which also finishes the
   previous digit on chip, so a search is one launch per digit; temperature, a floor
@@ -20,8 +21,10 @@ program that holds a block of the row in registers evaluates the 15 candidates f
 price of one read. Rows are split over programs along the vocabulary (grid
 ``[R, ceil(V / block)]``), so a batch of one still fills the GPU.
 
-Keys: bfloat16 logits give 16-bit keys (their bits, as :func:`jaxsample._select.
-ordered_keys`), every other dtype the 32-bit keys of its float32 value. Weights:
+Keys: those of :mod:`jaxsample._selection.radix` (:func:`~jaxsample._selection.radix.
+ordered_keys` of the float32 values the kernel loads, with the width of
+:func:`~jaxsample._selection.radix.key_bits`: 16 bits for bfloat16 and float16 logits,
+32 for every other dtype), computed on chip. Weights:
 ``"count"`` (1 per element: top-k), ``"softmax"`` (``exp(x - row_max)``, top-p) or
 ``"weights"`` (a second ``[R, V]`` input). A column past ``V`` (the last, partial
 block) weighs 0, whatever the padding holds.
@@ -29,6 +32,12 @@ block) weighs 0, whatever the padding holds.
 On a CPU the kernels run with ``interpret=True`` (the tests do, against the sort
 reference and the unfused step); ``jax.export`` for ``platforms=["cuda"]`` runs the
 real Triton lowering.
+
+The kernel switch (`jaxsample.use_kernels`, ``JAXSAMPLE_KERNELS``; docs/kernels.md)
+decides whether the sampling path calls these kernels at all; a kernel that fails while
+it is traced raises :class:`jaxsample.KernelError`, whose message names the switch (and
+so does the self-check of :func:`jaxsample._selection.select.kernel_self_check`, which a
+GPU runs before it first uses them).
 """
 
 from __future__ import annotations
@@ -39,6 +48,10 @@ import inspect
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from jaxsample._selection import radix as _radix
+from jaxsample._selection import switch as _switch
+from jaxsample._selection.radix import key_bits
 
 __all__ = ["count_above", "row_stats", "chained_pass", "pass_masses", "segment_masses", "key_bits",
            "MAX_WIDTH", "SEGMENT"]
@@ -51,11 +64,6 @@ _U32 = jnp.uint32
 MAX_WIDTH = 4
 #: Lanes (candidates) per program and pass.
 LANES = _LANES = 1 << MAX_WIDTH
-
-
-def key_bits(dtype) -> int:
-    """16 for bfloat16 (its own bits), 32 for every other dtype (its float32 value)."""
-    return 16 if jnp.dtype(dtype) == jnp.bfloat16 else 32
 
 
 def _block_size(rows: int, vocab: int) -> int:
@@ -88,23 +96,14 @@ def _scores(x, scale_ref, dtype):
     return x if dtype == _F32 else x.astype(dtype).astype(_F32)
 
 
-def _keys(x, bits):
-    """Order-preserving keys (uint32) of float32 values, as `_select.ordered_keys`:
-    16-bit keys from the high half (bfloat16 scores), else 32-bit."""
-    x = jnp.where(x == 0, 0.0, x)  # -0.0 -> +0.0
-    b = lax.bitcast_convert_type(x, _U32)
-    if bits == 16:  # bfloat16: the high half of its float32 bits is its own
-        b = lax.shift_right_logical(b, _U32(16))
-        sign, full = _U32(0x8000), _U32(0xFFFF)
-    else:
-        sign, full = _U32(0x80000000), _U32(0xFFFFFFFF)
-    key = jnp.where(b >= sign, (~b) & full, b | sign)
-    return jnp.where(jnp.isnan(x), full, key)  # NaN last, as ordered_keys
+def _keys(x, dtype):
+    """Order-preserving keys (uint32) of the float32 values ``x`` of ``dtype``."""
+    return _radix.ordered_keys(x, dtype)
 
 
-def _from_keys(key, bits):
-    """The float32 value of a key (the inverse of :func:`_keys`; ``-0.0`` comes back as
-    ``+0.0``, a NaN as a NaN).
+def _from_keys(key, dtype):
+    """The float32 value of a key of ``dtype`` (the inverse of :func:`_keys`; ``-0.0``
+    comes back as ``+0.0``, a NaN as a NaN).
 
     ``exp(_from_keys(key) - stat)`` rather than ``exp(s - stat)`` for a scaled ``s``:
     the compiler cannot see through the round trip, so it cannot contract the product
@@ -112,14 +111,7 @@ def _from_keys(key, bits):
     subtract the *unrounded* product (for large logits far more than a rounding error,
     e.g. ``exp(+1e22)`` at logits of ``-1e30``).
     """
-    if bits == 16:
-        sign = _U32(0x8000)
-        b = jnp.where(key >= sign, key & _U32(0x7FFF), (~key) & _U32(0xFFFF))
-        b = lax.shift_left(b, _U32(16))
-    else:
-        sign = _U32(0x80000000)
-        b = jnp.where(key >= sign, key & _U32(0x7FFFFFFF), ~key)
-    return lax.bitcast_convert_type(b, _F32)
+    return _radix.key_value(key, dtype)
 
 
 def _columns(block, vocab, shape):
@@ -150,25 +142,25 @@ def _gated(out_ref, active_ref, compute):
         out_ref[...] = jnp.zeros(out_ref.shape, out_ref.dtype)
 
 
-def _kernel(*refs, width, vocab, block, bits, mode):
+def _count_kernel(*refs, width, vocab, block, mode):
     if mode == "weights":
         x_ref, prefix_ref, shift_ref, stat_ref, w_ref, out_ref = refs
     else:
         (x_ref, prefix_ref, shift_ref, stat_ref, out_ref), w_ref = refs, None
     _, in_row = _columns(block, vocab, (1, block))
     x = _load_row(x_ref, in_row)  # [1, block]
-    key = _keys(x, bits)
-    w = _weights(x, key, in_row, bits=bits, mode=mode, stat_ref=stat_ref, scaled=False,
+    key = _keys(x, x_ref.dtype)
+    w = _weights(x, key, in_row, dtype=x_ref.dtype, mode=mode, stat_ref=stat_ref, scaled=False,
                  floor_ref=None, w_ref=w_ref)
     out_ref[...] = _candidate_masses(key, w, prefix_ref[...], shift_ref[...], width)
 
 
-def _weights(x, key, in_row, *, bits, mode, stat_ref, scaled, floor_ref, w_ref=None):
+def _weights(x, key, in_row, *, dtype, mode, stat_ref, scaled, floor_ref, w_ref=None):
     """Each element's weight (0 outside the row and below the floor)."""
     if mode == "count":
         w = jnp.ones_like(x)
     elif mode == "softmax":  # stat: the row max
-        w = jnp.exp((_from_keys(key, bits) if scaled else x) - stat_ref[...])
+        w = jnp.exp((_from_keys(key, dtype) if scaled else x) - stat_ref[...])
     else:
         w = _load_row(w_ref, in_row)
     valid = in_row
@@ -217,12 +209,26 @@ def _launch(kernel, x: Array, per_row: list[Array], row_inputs: list[Array], lan
     blocks = -(-vocab // block)
     row_block = pl.BlockSpec((1, block), lambda i, j: (i, j))
     one = pl.BlockSpec((1, 1), lambda i, j: (i, 0))
-    return pl.pallas_call(
-        kernel, grid=(rows, blocks),
+    return _call(
+        kernel, (x, *per_row, *row_inputs), grid=(rows, blocks),
         in_specs=[row_block] + [one] * len(per_row) + [row_block] * len(row_inputs),
         out_specs=pl.BlockSpec((1, lanes), lambda i, j: (i, j)),
         out_shape=_out_shape((rows, blocks * lanes), x),
-        interpret=interpret, **_params(block, interpret))(x, *per_row, *row_inputs)
+        interpret=interpret, **_params(block, interpret))
+
+
+def _call(kernel, args, **params):
+    """``pl.pallas_call(kernel, **params)(*args)``; a failure raises
+    :class:`jaxsample.KernelError` naming the kernel switch."""
+    from jax.experimental import pallas as pl
+
+    name = getattr(getattr(kernel, "func", kernel), "__name__", "kernel").strip("_")
+    try:
+        return pl.pallas_call(kernel, **params)(*args)
+    except Exception as error:  # noqa: BLE001 (whatever Pallas raised, with the way out)
+        raise _switch.KernelError(
+            f"jaxsample's Pallas kernel {name} failed ({type(error).__name__}: {error}); "
+            f"{_switch.HINT}") from error
 
 
 def _params(block: int, interpret: bool) -> dict:
@@ -259,17 +265,13 @@ def count_above(x: Array, prefix: Array, shift: Array | int, stat: Array | None,
     """
     rows, vocab = x.shape
     block = _block_size(rows, vocab)
-    kernel = functools.partial(_kernel, width=width, vocab=vocab, block=block,
-                               bits=key_bits(x.dtype), mode=mode)
+    kernel = functools.partial(_count_kernel, width=width, vocab=vocab, block=block, mode=mode)
     stat = jnp.zeros((rows,), _F32) if stat is None else stat
     shift = jnp.broadcast_to(jnp.asarray(shift, _U32), (rows,))
     per_row = [_per_row(prefix, _U32), _per_row(shift, _U32), _per_row(stat, _F32)]
     row_inputs = [weights] if mode == "weights" else []
     partial = _launch(kernel, x, per_row, row_inputs, _LANES, block, interpret)  # [R, blocks * 16]
-    partial = partial.reshape(rows, -1, _LANES)[:, :, 1:1 << width]
-    if mode == "count":  # exact: integers per block, summed as integers
-        return jnp.sum(partial.astype(jnp.int32), axis=1)
-    return jnp.sum(partial, axis=1)
+    return pass_masses(partial, partial.shape[1], width=width, mode=mode)
 
 
 # ----------------------------------------------------------------------------- fused step
@@ -279,7 +281,7 @@ def count_above(x: Array, prefix: Array, shift: Array | int, stat: Array | None,
 _STATS = 8
 
 
-def _stats_kernel(x_ref, scale_ref, out_ref, *, vocab, block, bits):
+def _stats_kernel(x_ref, scale_ref, out_ref, *, vocab, block):
     col, valid = _columns(block, vocab, (1, block))
     raw = _load_row(x_ref, valid)  # [1, block]
     bad = jnp.isnan(raw) | (raw == jnp.inf)
@@ -294,7 +296,8 @@ def _stats_kernel(x_ref, scale_ref, out_ref, *, vocab, block, bits):
 
     x0, m0, s0 = max_and_sum(raw)
     # The scaled scores, through their keys (see _from_keys: no fused multiply-add).
-    _, m1, s1 = max_and_sum(_from_keys(_keys(_scores(raw, scale_ref, x_ref.dtype), bits), bits))
+    dtype = x_ref.dtype
+    _, m1, s1 = max_and_sum(_from_keys(_keys(_scores(raw, scale_ref, dtype), dtype), dtype))
     arg = jnp.min(jnp.where(ok & (x0 == m0), col, vocab), axis=1, keepdims=True)
     n_bad = jnp.sum(jnp.where(valid & bad, 1.0, 0.0), axis=1, keepdims=True)
     lane = lax.broadcasted_iota(jnp.int32, (1, _STATS), 1)
@@ -315,7 +318,7 @@ def row_stats(x: Array, scale: Array, *, interpret: bool = False) -> dict[str, A
     """
     rows, vocab = x.shape
     block = _block_size(rows, vocab)
-    kernel = functools.partial(_stats_kernel, vocab=vocab, block=block, bits=key_bits(x.dtype))
+    kernel = functools.partial(_stats_kernel, vocab=vocab, block=block)
     part = _launch(kernel, x, [_per_row(scale, _F32)], [], _STATS, block, interpret)
     part = part.reshape(rows, -1, _STATS)  # [R, blocks, lanes]
     def combine(block_max, block_sum):  # block sums are relative to the block max
@@ -335,13 +338,12 @@ def row_stats(x: Array, scale: Array, *, interpret: bool = False) -> dict[str, A
 SEGMENT = 256
 
 
-def _masses_kernel(x_ref, scale_ref, stat_ref, floor_ref, t_min_ref, out_ref, *, vocab, block,
-                   bits):
+def _masses_kernel(x_ref, scale_ref, stat_ref, floor_ref, t_min_ref, out_ref, *, vocab, block):
     _, valid = _columns(block, vocab, (1, block))
     x = _scores(_load_row(x_ref, valid), scale_ref, x_ref.dtype)  # [1, block]
-    key = _keys(x, bits)
+    key = _keys(x, x_ref.dtype)
     keep = valid & (key >= floor_ref[...]) & (x >= t_min_ref[...])
-    e = jnp.where(keep, jnp.exp(_from_keys(key, bits) - stat_ref[...]), 0.0)
+    e = jnp.where(keep, jnp.exp(_from_keys(key, x_ref.dtype) - stat_ref[...]), 0.0)
     segments = block // SEGMENT
     out_ref[...] = jnp.sum(e.reshape(segments, SEGMENT), axis=1).reshape(1, segments)
 
@@ -359,7 +361,7 @@ def segment_masses(x: Array, scale: Array, stat: Array, floor: Array, t_min: Arr
     """
     rows, vocab = x.shape
     block = max(_block_size(rows, vocab), SEGMENT)
-    kernel = functools.partial(_masses_kernel, vocab=vocab, block=block, bits=key_bits(x.dtype))
+    kernel = functools.partial(_masses_kernel, vocab=vocab, block=block)
     per_row = [_per_row(scale, _F32), _per_row(stat, _F32), _per_row(floor, _U32),
                _per_row(t_min, _F32)]
     part = _launch(kernel, x, per_row, [], block // SEGMENT, block, interpret)
@@ -371,7 +373,7 @@ def segment_masses(x: Array, scale: Array, stat: Array, floor: Array, t_min: Arr
 
 def _chained_kernel(x_ref, prefix_ref, prev_shift_ref, shift_ref, target_ref, stat_ref, scale_ref,
                     floor_ref, active_ref, prev_ref, out_ref, prefix_out_ref, *, width, prev_width,
-                    vocab, block, bits, mode, prev_lanes):
+                    vocab, block, mode, prev_lanes):
     from jax.experimental.pallas import triton as pltriton
 
     _, in_row = _columns(block, vocab, (1, block))
@@ -383,16 +385,17 @@ def _chained_kernel(x_ref, prefix_ref, prev_shift_ref, shift_ref, target_ref, st
         mass = jnp.sum(part.astype(jnp.int32), axis=0, keepdims=True)  # [1, 16]
     else:
         mass = jnp.sum(part, axis=0, keepdims=True)
+    # radix.pick_digit, on the 16 lanes (lane c: the mass above candidate c)
     c = lax.broadcasted_iota(jnp.int32, (1, _LANES), 1)
     ok = (mass >= target_ref[...]) & (c >= 1) & (c < (1 << prev_width))
     d = jnp.max(jnp.where(ok, c, 0), axis=1, keepdims=True)  # [1, 1]
-    prefix = prefix_ref[...] | lax.shift_left(d.astype(_U32), prev_shift_ref[...])
+    prefix = _radix.extend(prefix_ref[...], d, prev_shift_ref[...])
     prefix_out_ref[...] = prefix  # (every program of the row writes the same value)
 
     def compute():
         x = _scores(_load_row(x_ref, in_row), scale_ref, x_ref.dtype)  # [1, block]
-        key = _keys(x, bits)
-        w = _weights(x, key, in_row, bits=bits, mode=mode, stat_ref=stat_ref,
+        key = _keys(x, x_ref.dtype)
+        w = _weights(x, key, in_row, dtype=x_ref.dtype, mode=mode, stat_ref=stat_ref,
                      scaled=True, floor_ref=floor_ref)
         return _candidate_masses(key, w, prefix, shift_ref[...], width)
 
@@ -409,8 +412,8 @@ def chained_pass(x: Array, previous: Array, prefix: Array, prev_shift: Array | i
     as returned here: 16 per block, :func:`pass_lanes` in all; zeros before the first
     pass), adds them up (``pass_lanes`` floats from L2 per program), picks the previous digit (the largest ``c`` whose mass reaches
     ``target``), extends ``prefix`` with it at ``prev_shift``, and then counts the
-    masses above the ``2**width - 1`` candidates of the digit at ``shift``: the digit
-    search of `jaxsample._select._digit_search`, one launch per digit.
+    masses above the ``2**width - 1`` candidates of the digit at ``shift``: one step of
+    the digit loop of `jaxsample._selection.radix`, one launch per digit.
 
     Args:
       x: ``[R, V]`` scores; ``scale`` (``[R]``) multiplies them on chip (rounded to
@@ -434,7 +437,7 @@ def chained_pass(x: Array, previous: Array, prefix: Array, prev_shift: Array | i
     if previous.shape != (rows, lanes):
         raise ValueError(f"chained_pass: previous must be [{rows}, {lanes}], got {previous.shape}")
     kernel = functools.partial(_chained_kernel, width=width, prev_width=prev_width, vocab=vocab,
-                               block=block, bits=key_bits(x.dtype), mode=mode,
+                               block=block, mode=mode,
                                prev_lanes=_LANES * blocks)
     target_dtype = jnp.int32 if mode == "count" else _F32
     per_row = [_per_row(prefix, _U32),
@@ -443,14 +446,14 @@ def chained_pass(x: Array, previous: Array, prefix: Array, prev_shift: Array | i
                _per_row(target, target_dtype), _per_row(stat, _F32), _per_row(scale, _F32),
                _per_row(floor, _U32), _per_row(active, jnp.int32)]
     one = pl.BlockSpec((1, 1), lambda i, j: (i, 0))
-    partials, prefix = pl.pallas_call(
-        kernel, grid=(rows, blocks),
+    partials, prefix = _call(
+        kernel, (x, *per_row, previous), grid=(rows, blocks),
         in_specs=[pl.BlockSpec((1, block), lambda i, j: (i, j))] + [one] * len(per_row)
         + [pl.BlockSpec((1, lanes), lambda i, j: (i, 0))],
         out_specs=[pl.BlockSpec((1, _LANES), lambda i, j: (i, j)), one],
         out_shape=[_out_shape((rows, lanes), x),
                    jax.ShapeDtypeStruct((rows, 1), _U32)],
-        interpret=interpret, **_params(block, interpret))(x, *per_row, previous)
+        interpret=interpret, **_params(block, interpret))
     return partials, prefix[:, 0]
 
 

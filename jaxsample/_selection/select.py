@@ -15,11 +15,12 @@ sets, not by positions in a sort:
 
 Both are found **without sorting the vocabulary** (``method="auto"``):
 
-1. *Order-preserving keys.* A float maps to an unsigned integer with the same order
+1. *Order-preserving keys* (:mod:`jaxsample._selection.radix`, shared with the
+   kernels and the fused step). A float maps to an unsigned integer with the same order
    (:func:`ordered_keys`: set the sign bit of a non-negative float, invert every bit of
    a negative one; ``-0.0`` becomes ``+0.0``, every NaN the largest key). float32 gives
    32-bit keys; bfloat16 / float16 give 16-bit keys (their values, compared in float32,
-   are exact).
+   are exact), on every engine (:func:`jaxsample._selection.radix.key_bits`).
 2. *Radix select* (:func:`radix_select`): the answer is the largest key ``T`` with
    ``sum(w_i : key_i >= T) >= target``. It is built a digit at a time, most significant
    first. Each pass makes the weighted histogram of the next digit over the elements
@@ -37,14 +38,15 @@ Both are found **without sorting the vocabulary** (``method="auto"``):
      thresholds are counted directly (compare and sum over the vocabulary, no scatter).
      Eight 4-bit passes for float32. The default on TPU and for vocab-sharded rows on
      CPU.
-   * ``"kernel"``: the same counts from a Pallas kernel (`jaxsample._kernels`) that
+   * ``"kernel"``: the same counts from a Pallas kernel (`jaxsample._selection.kernels`) that
      reads the scores once per digit and evaluates the 15 candidates on chip (XLA's
      ``[R, 15, V]`` compare costs 4-5 reads on a GPU). The default on GPU.
 
-   The digit loop (:func:`_digit_search`) is written once for the compare and kernel
-   engines, whole rows or vocab shards alike: the per-pass masses go through
-   ``VocabShard._psum``, the identity on one device and a ``psum`` over the model axis
-   inside `shard_map` (:class:`VocabShard`).
+   Every engine drives the one digit loop of :func:`jaxsample._selection.radix.
+   digit_loop` with its own pass; the compare and kernel engines share one search
+   (:func:`_digit_search`), whole rows or vocab shards alike: the per-pass masses go
+   through ``VocabShard._psum``, the identity on one device and a ``psum`` over the
+   model axis inside `shard_map` (:class:`VocabShard`).
 
    Counts (top-k) are integers: exact. Masses are float32 sums, accumulated in a
    different order than a sort's running sum, so a row whose running mass lies within
@@ -66,22 +68,30 @@ All functions work on the last axis and broadcast over the leading ones.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import operator
+import warnings
 from typing import Any
+
+import numpy as np
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from jaxsample._selection import kernels as _kernels
+from jaxsample._selection import radix as _radix
+from jaxsample._selection import switch as _switch
+from jaxsample._selection.radix import from_ordered_keys, ordered_keys, pick_digit
 
 __all__ = [
     "kth_largest",
     "mass_threshold",
     "Plan",
     "default_plan",
+    "kernel_self_check",
     "ordered_keys",
     "from_ordered_keys",
     "radix_select",
@@ -137,6 +147,11 @@ class Plan:
         if self.window < 0 or self.top_k_static_max < 0:
             raise ValueError("Plan: window and top_k_static_max must be >= 0")
 
+    def digits(self, bits: int) -> tuple[int, ...]:
+        """The digit widths for keys of ``bits`` bits (:func:`jaxsample._selection.radix.
+        key_bits`): ``digits32`` or ``digits16``."""
+        return self.digits32 if bits == 32 else self.digits16
+
 
 #: CPU: scatter-add histograms (2 passes for float32), top-64 candidate window.
 CPU_PLAN = Plan("scatter", (16, 16), (16,), window=64, top_k_static_max=256)
@@ -149,19 +164,149 @@ ACCELERATOR_PLAN = Plan("compare", (4,) * 8, (4,) * 4, window=0, top_k_static_ma
 #: GPU: the Pallas counting kernel (`jaxsample._kernels`), 4 bits a pass (8 passes for
 #: float32, 4 for bfloat16), each one read of the logits; no lax.top_k, sort or scatter.
 KERNEL_PLAN = Plan("kernel", (4,) * 8, (4,) * 4, window=0, top_k_static_max=0)
+#: The kernel plan in the Pallas interpreter: what ``JAXSAMPLE_KERNELS=1`` runs off a GPU.
+KERNEL_PLAN_INTERPRET = dataclasses.replace(KERNEL_PLAN, interpret=True)
+
+_GPU = ("gpu", "cuda", "rocm")
+
+
+def _backend() -> str:
+    return jax.default_backend()
+
+
+def _on_gpu() -> bool:
+    """Whether this process runs on a GPU (where the kernels are compiled for real)."""
+    return jax.default_backend() in _GPU
 
 
 def default_plan(backend: str | None = None, vocab: int | None = None, *,
                  sharded: bool = False) -> Plan:
     """The plan ``method="auto"`` uses on ``backend`` (default: ``jax.default_backend()``)
     for rows of ``vocab`` entries; ``sharded``: rows split over devices (only engines
-    whose per-pass counts can be ``psum``-ed: compare, kernel)."""
-    backend = jax.default_backend() if backend is None else backend
-    if backend in ("gpu", "cuda", "rocm"):
-        return KERNEL_PLAN
+    whose per-pass counts can be ``psum``-ed: compare, kernel).
+
+    The kernel switch (`jaxsample.use_kernels`, ``JAXSAMPLE_KERNELS``; docs/kernels.md)
+    decides the kernel plans: off, a GPU gets :data:`ACCELERATOR_PLAN` (pure JAX); on,
+    every other backend gets :data:`KERNEL_PLAN_INTERPRET`; auto, a GPU gets
+    :data:`KERNEL_PLAN` once the kernels pass their self-check there
+    (:func:`kernel_self_check`).
+    """
+    mode = _switch.kernels_mode()
+    backend = _backend() if backend is None else backend
+    if backend in _GPU:
+        return KERNEL_PLAN if mode != "off" and _kernels_work(mode) else ACCELERATOR_PLAN
+    if mode == "on":
+        return KERNEL_PLAN_INTERPRET
     if backend != "cpu" or sharded:
         return ACCELERATOR_PLAN
     return CPU_PLAN_SMALL_VOCAB if vocab is not None and vocab < 65536 else CPU_PLAN
+
+
+_SELF_CHECK: dict[str, Any] = {}
+
+
+def _kernels_work(mode: str) -> bool:
+    """Whether the kernels may run: True off a real GPU (nothing to check: a plan asked
+    for by name, or tests); on one, the result of :func:`kernel_self_check`, run once per
+    process. A failure raises with the switch ``on`` and warns (then the pure-JAX path)
+    with ``auto``."""
+    if not _on_gpu():
+        return True
+    if "error" not in _SELF_CHECK:
+        _SELF_CHECK["error"] = kernel_self_check()
+    error = _SELF_CHECK["error"]
+    if error is None:
+        return True
+    if mode == "on":
+        raise error
+    if not _SELF_CHECK.get("warned"):
+        _SELF_CHECK["warned"] = True
+        warnings.warn(f"{error} Running the pure-JAX path ({_switch.ENV}=auto); set "
+                      f"{_switch.ENV}=0 to silence this.", RuntimeWarning, stacklevel=3)
+    return False
+
+
+def kernel_self_check(interpret: bool = False) -> Exception | None:
+    """Compiles and runs every Pallas kernel once on small rows (float32 and bfloat16)
+    and checks the results against the pure-JAX path.
+
+    Runs in a thread of its own (JAX's tracing state is per thread), so it may be
+    called while a function is being traced: that is when :func:`default_plan` asks.
+
+    Returns:
+      ``None`` when every kernel ran and agreed, else the :class:`jaxsample.KernelError`
+      to raise (its message names the switch).
+    """
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(_self_check, interpret).result()
+
+
+def _self_check(interpret: bool) -> Exception | None:
+    rng = np.random.default_rng(0)
+    rows, vocab = 2, 1500
+    kernel = dataclasses.replace(KERNEL_PLAN, interpret=interpret)
+    problems = []
+    try:
+        for dtype in (_F32, jnp.bfloat16):
+            x = jnp.asarray(rng.standard_normal((rows, vocab)), dtype)
+            w = jnp.asarray(rng.exponential(size=(rows, vocab)), _F32)
+            k, p = jnp.array([1, 37], jnp.int32), jnp.array([0.5, 0.9], _F32)
+
+            def thresholds(x, k, p, w, plan):
+                return (kth_largest(x, k, method=plan), mass_threshold(x, None, p, method=plan),
+                        mass_threshold(x, w, p, method=plan))
+
+            got = jax.jit(functools.partial(thresholds, plan=kernel))(x, k, p, w)
+            want = jax.jit(functools.partial(thresholds, plan=ACCELERATOR_PLAN))(x, k, p, w)
+            x32 = np.asarray(x.astype(_F32))
+            soft = np.exp(x32 - x32.max(1, keepdims=True))
+            name = jnp.dtype(dtype).name
+            if not np.array_equal(np.asarray(got[0]), np.asarray(want[0])):
+                problems.append(f"top-k thresholds ({name})")
+            for label, t, weight in (("top-p", got[1], soft), ("weighted mass", got[2], w)):
+                t, weight = np.asarray(t.astype(_F32))[:, None], np.asarray(weight, np.float64)
+                target = np.asarray(p)[:, None] * weight.sum(1, keepdims=True)
+                kept, above = (np.sum(np.where(m, weight, 0), 1, keepdims=True)
+                               for m in (x32 >= t, x32 > t))
+                if not (np.all(kept >= target * (1 - 1e-4)) and np.all(above <= target * (1 + 1e-4))):
+                    problems.append(f"{label} thresholds ({name})")
+            scale = jnp.ones((rows,), _F32)
+            stats = jax.jit(functools.partial(_kernels.row_stats, interpret=interpret))(x, scale)
+            if not (np.array_equal(np.asarray(stats["argmax"]), x32.argmax(1))
+                    and np.array_equal(np.asarray(stats["max"]), x32.max(1))):
+                problems.append(f"row_stats ({name})")
+            top = jnp.asarray(x32.max(1))
+            masses = jax.jit(functools.partial(_kernels.segment_masses, interpret=interpret))(
+                x, scale, top, jnp.zeros((rows,), _U32), jnp.full((rows,), -jnp.inf))
+            if not np.allclose(np.asarray(masses).sum(1), soft.sum(1), rtol=1e-4):
+                problems.append(f"segment_masses ({name})")
+            bits = _radix.key_bits(dtype)
+            lanes = _kernels.pass_lanes(rows, vocab)
+
+            def first_digit(x):
+                partials, _ = _kernels.chained_pass(
+                    x, jnp.zeros((rows, lanes), _F32), jnp.zeros((rows,), _U32), bits, bits - 4,
+                    jnp.full((rows,), 2 ** 30, jnp.int32), width=4, prev_width=4, mode="count",
+                    stat=top, scale=scale, floor=jnp.zeros((rows,), _U32),
+                    active=jnp.ones((rows,), jnp.int32), interpret=interpret)
+                return _kernels.pass_masses(partials, _kernels.block_lanes(rows, vocab), width=4,
+                                            mode="count")
+
+            keys = np.asarray(ordered_keys(x)).astype(np.int64)
+            cand = (np.arange(1, 16) << (bits - 4))[None, :, None]
+            if not np.array_equal(np.asarray(jax.jit(first_digit)(x)),
+                                  (keys[:, None, :] >= cand).sum(-1)):
+                problems.append(f"chained_pass ({name})")
+    except Exception as error:  # noqa: BLE001 (any failure: lowering, Triton, CUDA)
+        detail = str(error) if isinstance(error, _switch.KernelError) else (
+            f"{type(error).__name__}: {error}; {_switch.HINT}")
+        return _switch.KernelError(f"jaxsample's Pallas GPU kernels failed their self-check "
+                                   f"on {jax.devices()[0]}: {detail}")
+    if problems:
+        return _switch.KernelError(
+            f"jaxsample's Pallas GPU kernels gave wrong results in their self-check on "
+            f"{jax.devices()[0]}: {', '.join(problems)}. {_switch.HINT}.")
+    return None
 
 
 def _resolve(method: Any, vocab: int, sharded: bool = False) -> Plan | None:
@@ -306,53 +451,7 @@ def _shard_for(x: Array, shard: VocabShard | None, method: Any) -> tuple[VocabSh
 # ----------------------------------------------------------------------------- keys
 
 
-def _key_bits(dtype: Any) -> int:
-    return 16 if jnp.dtype(dtype).itemsize == 2 else 32
-
-
-def ordered_keys(x: Array) -> Array:
-    """Order-preserving unsigned keys of a float array, as ``uint32``.
-
-    float32 (and float64, computed in float32) gives 32-bit keys, bfloat16 / float16
-    16-bit keys (in the low bits). ``a < b`` iff ``key(a) < key(b)`` for non-NaN
-    floats; ``-0.0`` and ``+0.0`` get the same key; ``-inf`` gets the smallest non-NaN
-    key; every NaN gets the largest key (a sort puts NaN last too).
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> k = ordered_keys(jnp.array([-jnp.inf, -1.0, -0.0, 0.0, 2.0]))
-      >>> bool(jnp.all(k[1:] >= k[:-1])), bool(k[2] == k[3])
-      (True, True)
-    """
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(_F32)
-    bits = _key_bits(x.dtype)
-    if bits == 32 and x.dtype != _F32:
-        x = x.astype(_F32)
-    x = jnp.where(x == 0, jnp.zeros_like(x), x)  # -0.0 -> +0.0
-    if bits == 16:
-        b = lax.bitcast_convert_type(x, jnp.uint16).astype(_U32)
-        sign, full = _U32(0x8000), _U32(0xFFFF)
-        key = jnp.where(b >= sign, (~b) & full, b | sign)
-    else:
-        b = lax.bitcast_convert_type(x, _U32)
-        sign, full = _U32(0x80000000), _U32(0xFFFFFFFF)
-        key = jnp.where(b >= sign, ~b, b | sign)
-    return jnp.where(jnp.isnan(x), full, key)
-
-
-def from_ordered_keys(key: Array, dtype: Any = _F32) -> Array:
-    """Inverse of :func:`ordered_keys` (``-0.0`` comes back as ``+0.0``)."""
-    dtype = jnp.dtype(dtype)
-    if _key_bits(dtype) == 16:
-        sign = _U32(0x8000)
-        b = jnp.where(key >= sign, key & _U32(0x7FFF), (~key) & _U32(0xFFFF))
-        return lax.bitcast_convert_type(b.astype(jnp.uint16), dtype)
-    sign = _U32(0x80000000)
-    b = jnp.where(key >= sign, key & _U32(0x7FFFFFFF), ~key)
-    out = lax.bitcast_convert_type(b, _F32)
-    return out if dtype == _F32 else out.astype(dtype)
+# ordered_keys, from_ordered_keys: :mod:`jaxsample._selection.radix` (re-exported here).
 
 
 # ----------------------------------------------------------------------------- radix select
@@ -431,13 +530,6 @@ def _compare_counts(keys, weights):
     return count
 
 
-def pick_digit(mass: Array, target: Array, width: int) -> Array:
-    """The digit of one pass: the largest ``c`` in ``1 .. 2**width - 1`` whose mass
-    ``mass[:, c - 1]`` (``[R, C]``) reaches ``target`` (``[R]``), else 0; int32 ``[R]``."""
-    c = jnp.arange(1, 1 << width, dtype=jnp.int32)
-    return jnp.max(jnp.where(mass >= target[:, None], c[None, :], 0), axis=1)
-
-
 def _digit_search(count, target: Array, digits: tuple[int, ...], bits: int,
                   reduce=lambda m: m, rolled: bool = False) -> Array:
     """Largest ``T`` (digit-aligned) with ``mass(key >= T) >= target``: the one search.
@@ -454,20 +546,12 @@ def _digit_search(count, target: Array, digits: tuple[int, ...], bits: int,
     trip), or a ``fori_loop`` with a traced ``shift`` when ``rolled`` (the Pallas
     interpreter: one kernel to compile instead of one per digit).
     """
-    def step(prefix, shift, width):
-        mass = reduce(count(prefix, shift, width))  # [R, C]
-        return prefix | (pick_digit(mass, target, width).astype(_U32) << shift)
+    def step(_, shift, width, prefix):
+        mass = reduce(count(prefix, jnp.asarray(shift, _U32), width))  # [R, C]
+        return _radix.extend(prefix, pick_digit(mass, target, width), shift)
 
     prefix = jnp.zeros_like(target, _U32)  # (inside shard_map: varies like the target)
-    if rolled and len(set(digits)) == 1:  # one traced body (a shorter program to compile)
-        width = digits[0]
-        return lax.fori_loop(0, len(digits), lambda i, prefix: step(
-            prefix, (bits - width * (i + 1)).astype(_U32), width), prefix)
-    shift = bits
-    for width in digits:
-        shift -= width
-        prefix = step(prefix, _U32(shift), width)
-    return prefix
+    return _radix.digit_loop(step, digits, bits, prefix, rolled=rolled)
 
 
 def _snap(keys: Array, prefix: Array, shard: VocabShard) -> Array:
@@ -500,21 +584,20 @@ def radix_select(keys: Array, weights: Array | None, target: Array, *, bits: int
       ``uint32 [R]``.
     """
     rows = keys.shape[0]
-    digits = plan.digits32 if bits == 32 else plan.digits16
+    digits = plan.digits(bits)
     if plan.engine == "kernel":
         raise ValueError("radix_select: the kernel engine takes scores, not keys")
     if plan.engine == "compare":
         prefix = _digit_search(_compare_counts(keys, weights), target, digits, bits)
         return _snap(keys, prefix, VocabShard.whole(keys.shape[-1]))
-    prefix = jnp.zeros((rows,), _U32)
-    above = jnp.zeros((rows,), target.dtype)
-    shift = bits
-    for width in digits:
-        shift -= width
-        d, above = _scatter_pass(keys, weights, target, prefix, above, shift, width,
-                                 first=shift + width == bits)
-        prefix = prefix | (d.astype(_U32) << _U32(shift))
-    return prefix
+
+    def step(i, shift, width, carry):  # one scatter-add histogram of the digit
+        prefix, above = carry
+        d, above = _scatter_pass(keys, weights, target, prefix, above, shift, width, first=i == 0)
+        return _radix.extend(prefix, d, shift), above
+
+    start = (jnp.zeros((rows,), _U32), jnp.zeros((rows,), target.dtype))
+    return _radix.digit_loop(step, digits, bits, start)[0]
 
 
 def _search(s: Array, weights: Array | None, target: Array, plan: Plan, shard: VocabShard,
@@ -526,17 +609,13 @@ def _search(s: Array, weights: Array | None, target: Array, plan: Plan, shard: V
     Scatter (whole rows only) and compare work on materialised keys; the kernel engine
     reads the scores themselves once per digit.
     """
+    keys = ordered_keys(s)
+    bits = _radix.key_bits(s.dtype)
     if plan.engine == "kernel":
-        bits = _kernels.key_bits(s.dtype)
         mode = "count" if weights is None and softmax_max is None else (
             "softmax" if weights is None else "weights")
         count = functools.partial(_kernel_counts, s, softmax_max, weights, mode, plan.interpret)
-        keys = ordered_keys(s if bits == 16 else s.astype(_F32))
-        value_dtype = s.dtype if bits == 16 else _F32
     else:
-        keys = ordered_keys(s)
-        bits = _key_bits(s.dtype)
-        value_dtype = s.dtype
         if softmax_max is not None:
             weights = jnp.exp(s.astype(_F32) - softmax_max[:, None])
         if plan.engine == "scatter":
@@ -545,12 +624,11 @@ def _search(s: Array, weights: Array | None, target: Array, plan: Plan, shard: V
             return from_ordered_keys(radix_select(keys, weights, target, bits=bits, plan=plan),
                                      s.dtype)
         count = _compare_counts(keys, weights)
-    digits = plan.digits32 if bits == 32 else plan.digits16
-    prefix = _digit_search(count, target, digits, bits, shard._psum,
+    prefix = _digit_search(count, target, plan.digits(bits), bits, shard._psum,
                            rolled=plan.engine == "kernel" and plan.interpret)
     if snap:
         prefix = _snap(keys, prefix, shard)
-    return from_ordered_keys(prefix, value_dtype).astype(s.dtype)
+    return from_ordered_keys(prefix, s.dtype)
 
 
 def _kernel_counts(s, softmax_max, weights, mode, interpret, prefix, shift, width):

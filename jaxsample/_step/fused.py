@@ -9,14 +9,14 @@ a GPU: a draw whose uniform lies within a few ulps of a segment boundary may pic
 neighbouring token); what changes is how many times the ``[B, V]`` logits are read and
 how many programs run:
 
-1. :func:`jaxsample._kernels.row_stats` (one read): the raw row max and sum of exp
+1. :func:`jaxsample._selection.kernels.row_stats` (one read): the raw row max and sum of exp
    (the raw log-softmax), the max and sum of exp of the scaled logits ``x * (1 / T)``
    (rounded to the logits' dtype), the arg-max (greedy rows) and a count
    of NaN / ``+inf`` entries (invalid rows).
-2. The top-k threshold: the radix digit search of :mod:`jaxsample._select` over the
+2. The top-k threshold: the radix digit search of :mod:`jaxsample._selection.select` over the
    keys of the scaled logits, one kernel per 4-bit digit (8 for float32 logits, 4 for
    bfloat16): each kernel also finishes the previous digit from its partial counts
-   (:func:`jaxsample._kernels.chained_pass`), so no XLA step runs between passes. A
+   (:func:`jaxsample._selection.kernels.chained_pass`), so no XLA step runs between passes. A
    row with ``k`` disabled (0 or ``>= V``), a greedy row or an invalid row reads
    nothing (its programs exit at once).
 3. The top-p threshold over the top-k survivors: the same search on softmax mass, with
@@ -25,7 +25,7 @@ how many programs run:
    the total is step 1's and a bound (:func:`top_p_prefix`) decides the leading
    digits before any pass: those passes read nothing, as rows with ``p = 1``.
 4. min-p needs no pass: its threshold is ``max(s) + ln(min_p)`` (``s``: scaled logits).
-5. :func:`jaxsample._kernels.segment_masses` (one read): the kept softmax mass of every
+5. :func:`jaxsample._selection.kernels.segment_masses` (one read): the kept softmax mass of every
    segment of 256 tokens. The draw is :func:`jaxsample.sample`'s two-stage inverse CDF
    with the same two uniforms: a segment by its mass (a running sum over
    ``V / 256`` numbers), then a token inside it (256 values gathered and recomputed).
@@ -40,7 +40,7 @@ no reads. Reads of ``[B, V]``: 2 + 4 (bfloat16) or 2 + 8 (float32) with top-p al
 Thresholds are digit-aligned keys (the smallest key of the kept set has the same
 kept set), compared to the keys of the scaled logits; the kept sets are the chain's
 (ties kept), up to float32 rounding in the top-p mass (as every radix path:
-:mod:`jaxsample._select`).
+:mod:`jaxsample._selection.select`).
 
 Deviations from the unfused step, both documented in `sample_step`:
 
@@ -69,7 +69,7 @@ from jaxsample._filters.sampling import fold_in_rows
 from jaxsample._processors.base import Chain
 from jaxsample._processors.builtin import MinP, Temperature, TopK, TopP
 from jaxsample._selection import kernels as _kernels
-from jaxsample._selection import select as _select
+from jaxsample._selection import radix as _radix
 
 __all__ = ["fusable", "fused_default_step", "top_p_prefix"]
 
@@ -97,16 +97,15 @@ def _scaled(x: Array, scale: Array) -> Array:
     kernels' ``_from_keys``) so that no compiler contracts ``x * scale - top``
     downstream into a fused multiply-add (which subtracts the unrounded product; an
     ``optimization_barrier`` does not stop XLA from fusing)."""
-    bits = _kernels.key_bits(x.dtype)
     s = x.astype(_F32) * scale
     if x.dtype != _F32:
         s = s.astype(x.dtype).astype(_F32)
-    return _kernels._from_keys(_kernels._keys(s, bits), bits)
+    return _radix.key_value(_radix.ordered_keys(s, x.dtype), x.dtype)
 
 
 def _keys(s: Array, dtype: Any) -> Array:
-    """Keys of scaled scores in the kernels' key space (16-bit for bfloat16)."""
-    return _kernels._keys(s, _kernels.key_bits(dtype))
+    """Keys of scaled scores ``s`` (float32 values of ``dtype``), as the kernels make them."""
+    return _radix.ordered_keys(s, dtype)
 
 
 def fused_default_step(chain: Any, logits: Array, key: Array, *, interpret: bool = False,
@@ -147,7 +146,7 @@ def fused_default_step(chain: Any, logits: Array, key: Array, *, interpret: bool
     # chain's processed row would hold +inf, or nothing finite).
     valid = (stats["bad"] == 0) & (stats["max"] > -jnp.inf) & (greedy | jnp.isfinite(top))
     sampled = valid & ~greedy
-    bits = _kernels.key_bits(x.dtype)
+    bits = _radix.key_bits(x.dtype)
     digits = (_kernels.MAX_WIDTH,) * (bits // _kernels.MAX_WIDTH)
 
     def search(target, mode, floor, active, start=None, decided=None):
@@ -206,10 +205,11 @@ def fused_default_step(chain: Any, logits: Array, key: Array, *, interpret: bool
 
 def _search(x, target, mode, floor, active, start, decided, *, top, scale, digits, interpret,
             rolled):
-    """The radix digit search of `jaxsample._select._digit_search` (largest digit-aligned
-    key ``T`` with ``mass(key >= T) >= target``), one kernel launch per digit: each
-    pass also finishes the previous one on chip (:func:`jaxsample._kernels.chained_pass`),
-    so no XLA step runs between passes. ``target`` may be a function of the row total
+    """The radix digit search (largest digit-aligned key ``T`` with ``mass(key >= T) >=
+    target``) on the digit loop of :func:`jaxsample._selection.radix.digit_loop`, one
+    kernel launch per digit: each pass also finishes the previous one on chip
+    (:func:`jaxsample._selection.kernels.chained_pass`), so no XLA step runs between
+    passes. ``target`` may be a function of the row total
     (taken from the first pass); ``start`` / ``decided``: leading bits known before any
     pass (those passes read nothing for the row)."""
     rows, vocab = x.shape
@@ -220,8 +220,8 @@ def _search(x, target, mode, floor, active, start, decided, *, top, scale, digit
     decided = jnp.zeros((rows,), jnp.int32) if decided is None else decided
     never = jnp.iinfo(jnp.int32).max if mode == "count" else jnp.inf  # first pass: no digit yet
 
-    def run(i, previous, prefix, target):
-        shift = (bits - width * (i + 1)).astype(_U32)
+    def run(shift, previous, prefix, target):
+        shift = jnp.asarray(shift, _U32)
         skip = (bits - shift.astype(jnp.int32)) <= decided  # a digit the bound decided
         return _kernels.chained_pass(
             x, previous, prefix, shift + width, shift, target, width=width, prev_width=width,
@@ -229,22 +229,19 @@ def _search(x, target, mode, floor, active, start, decided, *, top, scale, digit
             active=active & ~skip, interpret=interpret)
 
     dummy = jnp.zeros((rows, _kernels.pass_lanes(rows, vocab)), _F32)
-    partials, prefix = run(jnp.int32(0), dummy, prefix, jnp.full((rows,), never))
+    partials, prefix = run(bits - width, dummy, prefix, jnp.full((rows,), never))
     if callable(target):  # the total is the mass above prefix 0 (lane 0 of the first pass)
         total = jnp.sum(partials[:, :lanes].reshape(rows, -1, _kernels.LANES)[:, :, 0], axis=1)
         target = target(total)
 
-    def body(i, carry):
-        return run(i, *carry, target)
+    def step(_, shift, width, carry):
+        return run(shift, *carry, target)
 
-    if rolled:
-        partials, prefix = lax.fori_loop(1, len(digits), body, (partials, prefix))
-    else:
-        for i in range(1, len(digits)):
-            partials, prefix = body(jnp.int32(i), (partials, prefix))
+    partials, prefix = _radix.digit_loop(step, digits, bits, (partials, prefix), rolled=rolled,
+                                         start=1)
     skip_last = bits <= decided  # the last digit (shift 0) decided too
-    d = _select.pick_digit(_kernels.pass_masses(partials, lanes, width=width, mode=mode), target, width)
-    return prefix | (jnp.where(skip_last, 0, d).astype(_U32))
+    d = _radix.pick_digit(_kernels.pass_masses(partials, lanes, width=width, mode=mode), target, width)
+    return _radix.extend(prefix, jnp.where(skip_last, 0, d), 0)
 
 
 def top_p_prefix(top: Array, total: Array, p: Array, vocab: int, dtype: Any) -> tuple[Array, Array]:
@@ -260,9 +257,9 @@ def top_p_prefix(top: Array, total: Array, p: Array, vocab: int, dtype: Any) -> 
       ``(start uint32 [R], decided int32 [R])``: ``start`` holds the shared leading
       bits, ``decided`` their number rounded down to a digit boundary (0: none).
     """
-    bits = _kernels.key_bits(dtype)
+    bits = _radix.key_bits(dtype)
     lo = top - (jnp.log(vocab / ((1 - p) * total)) + 1.0)
-    key_lo, key_top = (_kernels._keys(v.astype(dtype).astype(_F32), bits) for v in (lo, top))
+    key_lo, key_top = (_radix.ordered_keys(v.astype(dtype).astype(_F32), dtype) for v in (lo, top))
     common = lax.clz(key_lo ^ key_top).astype(jnp.int32) - (32 - bits)
     decided = jnp.where(p < 1, (common // _kernels.MAX_WIDTH) * _kernels.MAX_WIDTH, 0)
     low_bits = (bits - decided).astype(_U32)
