@@ -6,12 +6,15 @@ implementation), never from each other; shared pytest fixtures live in ``conftes
 
 Contents:
 
+* paths and scripts: `ROOT`, `docs_section` (one section of a docs page), `load_script`
+  (a module of ``scripts/``), `re_search`, `cli_texts` (generate.py's output per flag set).
 * keys: `row_keys`.
 * toy models (the `jaxsample.generate` model protocol, no neural network):
   `TableModel` (a pytree bigram: logits = table[last token]) and its variants
   `ExtendTableModel` (+ ``extend``), `CountingTableModel` (counts executed decode steps),
   `StaticTableModel` (hashable, not a pytree), with the factories `table_model` and
-  `bigram`; `PlusOneModel` (always predicts last + 1); `count_prefill_traces` (a copy of a
+  `bigram`; `PlusOneModel` (always predicts last + 1); `make_hf_llama` (a small random
+  transformers Llama); `count_prefill_traces` (a copy of a
   pytree model that records each trace of ``prefill``).
 * speculative decoding: the ragged prompts `LOOKUP_PROMPTS` / `LOOKUP_LENGTHS`,
   `exact_distribution` (a chain's exact distribution over every sequence) and `chi_square`.
@@ -26,8 +29,11 @@ Contents:
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import itertools
 import math
+import os
+import re
 from typing import ClassVar
 
 import jax
@@ -39,6 +45,44 @@ import pytest
 import jaxsample as js
 import reference as ref
 from jaxsample._selection import select as _select
+
+#: The repository root.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def docs_section(title, page="docs/api.md"):
+    """The text of the ``## {title}`` section of ``page`` (a path from the repository root)."""
+    text = open(os.path.join(ROOT, page), encoding="utf-8").read()
+    start = text.index(f"## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def load_script(name):
+    """A fresh module object of ``scripts/{name}.py`` (executed on every call)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def re_search(pattern, text):
+    """Whether ``text`` (a message, or None for no message) matches the regex ``pattern``."""
+    return text is not None and re.search(pattern, text) is not None
+
+
+def cli_texts(gen, capsys, base, *extras):
+    """scripts/generate.py's (module ``gen``) stdout for `base + extra`, for each extra; a
+    non-empty extra is a draft flag, so its run must report the acceptance rate."""
+    texts = []
+    for extra in extras:
+        assert gen.main(base + extra) == 0
+        captured = capsys.readouterr()
+        texts.append(captured.out)
+        if extra:
+            assert "speculative: acceptance" in captured.err
+    return texts
+
 
 # ----------------------------------------------------------------------------- keys
 
@@ -173,6 +217,30 @@ class PlusOneModel:
     def decode(self, tokens, positions, cache):
         cache = cache.at[jnp.arange(tokens.shape[0]), positions].set(tokens)
         return self._logits(tokens), cache
+
+
+def make_hf_llama(hf, *, tie=True, kv_heads=2, rope_theta=10000.0, seed=0):
+    """A small random float32 ``transformers.LlamaForCausalLM`` (vocab 300, 2 layers of
+    width 64, 4 heads) with O(1) weights; ``hf`` is conftest.py's ``(torch, transformers)``."""
+    torch, transformers = hf
+    cfg = transformers.LlamaConfig(
+        vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=kv_heads, intermediate_size=128, max_position_embeddings=128,
+        rope_theta=rope_theta, rms_norm_eps=1e-5, tie_word_embeddings=tie,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.float32).eval()
+    # Default init (std 0.02, norms = 1) gives near-zero logits; use O(1) weights so every
+    # mapping (norm scales included) is exercised and errors are visible.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+    return model
 
 
 def count_prefill_traces(model):
