@@ -60,3 +60,26 @@ def pytest_runtest_logreport(report):
         with open(path, "a") as fh:
             fh.write(json.dumps(dict(test=report.nodeid, when=report.when, seconds=round(report.duration, 3),
                                      outcome=report.outcome, end=time.time())) + "\n")
+
+
+# ----------------------------------------------------------------------------- shared fixtures
+
+
+@pytest.fixture(scope="module")
+def hf():
+    """``(torch, transformers)``, single-threaded; skips the test when either is missing."""
+    torch = pytest.importorskip("torch", reason="torch not installed (pip install '.[test]')")
+    transformers = pytest.importorskip("transformers", reason="transformers not installed (pip install '.[test]')")
+    torch.set_num_threads(1)
+    return torch, transformers
+
+
+@pytest.fixture(scope="module")
+def target():
+    """The speculative-decoding target: a random tiny decoder with weights scaled by 3, so
+    its greedy output varies with some repeats (an unscaled random model repeats one
+    token: every draft would be accepted)."""
+    from models import DecoderLM, preset
+
+    lm = DecoderLM.random(preset("tiny"), jax.random.key(0))
+    return DecoderLM(jax.tree.map(lambda x: x * 3.0, lm.params), lm.config)

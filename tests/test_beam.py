@@ -20,6 +20,7 @@ import pytest
 
 import jaxsample as js
 from jaxsample._decoding import beam as _beam
+from helpers import StaticTableModel, load_script, make_hf_llama
 from models.config import DecoderConfig
 from models.decoder import DecoderLM, init_params
 
@@ -29,14 +30,11 @@ PROMPT_LENGTHS = (5, 3, 7, 4)
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    torch = pytest.importorskip("torch", reason="torch not installed (pip install '.[test]')")
-    transformers = pytest.importorskip("transformers", reason="transformers not installed (pip install '.[test]')")
-    from test_llama_import import _make_hf_model
-
+def models(hf, tmp_path_factory):
     from models.llama import load_llama
-    torch.set_num_threads(1)
-    hf_model = _make_hf_model((torch, transformers), seed=0)
+
+    torch, _ = hf
+    hf_model = make_hf_llama(hf, seed=0)
     with torch.no_grad():
         hf_model.model.embed_tokens.weight.mul_(0.5)  # entropy ~1.4 nats instead of ~0
     path = tmp_path_factory.mktemp("beam_llama")
@@ -159,29 +157,12 @@ def test_sum_logprobs_match_a_full_forward(models, prompts):
             np.testing.assert_allclose(float(out.sum_logprobs[b, r]), expected, atol=TOL)
 
 
-class _Bigram:
-    """A hashable (static, not a pytree) toy model: logits of the next token given the last."""
-
-    def __init__(self, table):
-        self.table, self.vocab_size = jnp.asarray(table, jnp.float32), table.shape[0]
-
-    def init_cache(self, batch_size, max_len):
-        return jnp.zeros((batch_size,), jnp.int32)
-
-    def prefill(self, tokens, lengths, cache):
-        last = tokens[jnp.arange(tokens.shape[0]), lengths - 1]
-        return self.table[last], last
-
-    def decode(self, tokens, positions, cache):
-        return self.table[tokens], tokens
-
-
 @pytest.mark.parametrize("length_penalty", [0.0, 1.5])
 def test_enough_beams_find_the_exhaustive_best(length_penalty):
     """With more beams than candidates, early_stopping="never" is exact: the best
     hypotheses equal the top of an exhaustive enumeration of every finished sequence."""
     v, eos, n = 4, 3, 4
-    model = _Bigram(np.random.default_rng(0).normal(size=(v, v)) * 1.5)
+    model = StaticTableModel(np.random.default_rng(0).normal(size=(v, v)) * 1.5)
     logp = np.asarray(jax.nn.log_softmax(model.table, axis=-1), np.float64)
     finished = []  # (score, tokens): ends with eos, or has n tokens and no eos before the last
 
@@ -261,14 +242,7 @@ def test_cache_that_is_not_batch_leading_raises(tiny):
 
 @pytest.fixture(scope="module")
 def cli():
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "generate.py")
-    spec = importlib.util.spec_from_file_location("generate_cli_beam", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("generate")
 
 
 def test_cli_prints_the_hypotheses_of_beam_search(cli, tiny, tmp_path, capsys):

@@ -14,6 +14,7 @@ import pytest
 import jaxsample as js
 from jaxsample._decoding import engine
 from jaxsample._processors.base import put_rows, take_rows
+from helpers import CountingTableModel, row_keys
 from models import DecoderLM, preset
 
 V = 259
@@ -32,10 +33,6 @@ def prompts(seed=0, b=7, p=6):
     return tokens, lengths
 
 
-def keys(seed, b):
-    return jax.random.split(jax.random.key(seed), b)
-
-
 def assert_same(a, b, *, fields=("tokens", "lengths", "finish_reason")):
     for f in fields:
         np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
@@ -49,7 +46,7 @@ STOPS = [3, 17, 40, 101, 200]
 
 def test_generate_many_equals_generate_with_every_output(lm):
     tokens, lengths = prompts(0, b=5)
-    k = keys(1, 5)
+    k = row_keys(1, 5)
     sampler = js.chain(js.RepetitionPenalty(1.3),
                        js.default_chain(temperature=np.linspace(0.0, 1.4, 10).astype(np.float32), top_p=0.9))
     kw = dict(max_new_tokens=12, sampler=sampler, stop_ids=STOPS, pad_id=258, n=2, top_logprobs=3,
@@ -70,14 +67,14 @@ def test_generate_many_equals_generate_with_every_output(lm):
 @pytest.mark.parametrize("slots", [1, 4, 16])
 def test_any_slot_count_gives_the_same_rows(lm, slots):
     tokens, lengths = prompts(2, b=6)
-    k = keys(4, 6)
+    k = row_keys(4, 6)
     kw = dict(max_new_tokens=10, sampler=js.default_chain(temperature=0.9, top_k=40), stop_ids=STOPS, pad_id=258)
     assert_same(js.generate_many(lm, tokens, lengths, k, slots=slots, **kw), js.generate(lm, tokens, lengths, k, **kw))
 
 
 def test_per_row_max_new_tokens(lm):
     tokens, lengths = prompts(5, b=4)
-    k = keys(6, 4)
+    k = row_keys(6, 4)
     kw = dict(sampler=js.default_chain(temperature=0.8), pad_id=258)
     full = js.generate(lm, tokens, lengths, k, max_new_tokens=9, **kw)
     limits = np.array([1, 9, 4, 6])
@@ -100,45 +97,24 @@ def test_per_row_max_new_tokens(lm):
 def test_max_new_tokens_changes_no_token(lm):
     tokens, lengths = prompts(7, b=3)
     kw = dict(sampler=js.default_chain(temperature=1.0), pad_id=258)
-    short = js.generate(lm, tokens, lengths, keys(8, 3), max_new_tokens=5, **kw)
-    long = js.generate(lm, tokens, lengths, keys(8, 3), max_new_tokens=40, **kw)
+    short = js.generate(lm, tokens, lengths, row_keys(8, 3), max_new_tokens=5, **kw)
+    long = js.generate(lm, tokens, lengths, row_keys(8, 3), max_new_tokens=40, **kw)
     np.testing.assert_array_equal(long.tokens[:, :5], short.tokens)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class CountingBigram:
-    """A bigram model whose decode calls a host counter (one call per executed step)."""
-
-    table: jax.Array
-    vocab_size: int = dataclasses.field(metadata=dict(static=True))
-
-    def init_cache(self, batch_size, max_len):
-        return jnp.zeros((batch_size,), jnp.int32)
-
-    def prefill(self, tokens, lengths, cache):
-        return self.table[tokens[jnp.arange(tokens.shape[0]), lengths - 1]], cache
-
-    def decode(self, tokens, positions, cache):
-        jax.debug.callback(lambda: CALLS.append(1))
-        return self.table[tokens], cache
-
-
-CALLS = []
 
 
 def test_generate_exits_once_every_row_is_done():
     """Rows that stop after 2-3 tokens: max_new_tokens=256 runs at most one chunk more."""
     table = jnp.full((8, 8), -1e9).at[1, 2].set(0.0).at[2, 3].set(0.0).at[4, 3].set(0.0)  # 1 -> 2 -> 3, 4 -> 3
-    model = CountingBigram(table, 8)
+    model = CountingTableModel(table)
     p = jnp.array([[1, 0], [4, 0]])
     for n in (4, 256):
-        CALLS.clear()
-        out = js.generate(model, p, jnp.array([1, 1]), keys(0, 2), max_new_tokens=n, stop_ids=[3], pad_id=7)
+        calls = CountingTableModel.calls
+        calls.clear()
+        out = js.generate(model, p, jnp.array([1, 1]), row_keys(0, 2), max_new_tokens=n, stop_ids=[3], pad_id=7)
         jax.effects_barrier()
         np.testing.assert_array_equal(out.lengths, [2, 1])
         np.testing.assert_array_equal(out.tokens[:, :3], [[2, 3, 7], [3, 7, 7]])
-        assert len(CALLS) <= 16, (n, len(CALLS))  # one chunk (CHUNK = 16 steps) at most
+        assert len(calls) <= 16, (n, len(calls))  # one chunk (CHUNK = 16 steps) at most
 
 
 def test_no_recompile_for_new_prompts_or_chunks(lm):
@@ -147,17 +123,17 @@ def test_no_recompile_for_new_prompts_or_chunks(lm):
     tokens, lengths = prompts(9, b=5)
     programs = engine._programs(False)
     before = [f._cache_size() for f in programs]
-    js.generate_many(lm, tokens, lengths, keys(0, 5), **kw)
+    js.generate_many(lm, tokens, lengths, row_keys(0, 5), **kw)
     sizes = [f._cache_size() for f in programs]
     assert [a - b for a, b in zip(sizes, before)] == [1, 1, 1]  # one program for every refill, one per chunk
     tokens, lengths = prompts(10, b=5)
-    js.generate_many(lm, tokens, lengths, keys(1, 5), **{**kw, "sampler": js.default_chain(temperature=1.3)})
+    js.generate_many(lm, tokens, lengths, row_keys(1, 5), **{**kw, "sampler": js.default_chain(temperature=1.3)})
     assert [f._cache_size() for f in programs] == sizes
 
 
 def test_stream_yields_each_row_once_as_it_finishes(lm):
     tokens, lengths = prompts(11, b=6)
-    k = keys(12, 6)
+    k = row_keys(12, 6)
     kw = dict(max_new_tokens=10, sampler=js.default_chain(temperature=0.9), stop_ids=STOPS, pad_id=258)
     want = js.generate(lm, tokens, lengths, k, **kw)
     seen = []
@@ -177,8 +153,8 @@ def test_constraints_are_per_slot(lm):
     sampler = js.chain(js.stack_constraints(rows), js.Temperature(0.9))
     tokens, lengths = prompts(13, b=4)
     kw = dict(max_new_tokens=6, sampler=sampler, stop_ids=[tok.eos_id], pad_id=258)
-    want = js.generate(lm, tokens, lengths, keys(14, 4), **kw)
-    got = js.generate_many(lm, tokens, lengths, keys(14, 4), slots=2, **kw)
+    want = js.generate(lm, tokens, lengths, row_keys(14, 4), **kw)
+    got = js.generate_many(lm, tokens, lengths, row_keys(14, 4), slots=2, **kw)
     assert_same(got, want)
     assert tok.decode(np.asarray(got.tokens[3])) == "maybe"
 
@@ -198,15 +174,15 @@ def test_take_and_put_rows_follow_the_field_ranks():
 def test_refills_need_prefill_into_or_a_batch_leading_cache():
     @jax.tree_util.register_dataclass
     @dataclasses.dataclass(frozen=True)
-    class Transposed(CountingBigram):
+    class Transposed(CountingTableModel):
         def init_cache(self, batch_size, max_len):
             return jnp.zeros((max_len, batch_size), jnp.int32)
 
-    model = Transposed(jnp.zeros((8, 8)), 8)
+    model = Transposed(jnp.zeros((8, 8)))
     with pytest.raises(ValueError, match="generate_many: refilling a slot .* prefill_into"):
-        js.generate_many(model, jnp.array([[1, 2]]), jnp.array([2]), keys(0, 1), slots=1, max_new_tokens=3)
+        js.generate_many(model, jnp.array([[1, 2]]), jnp.array([2]), row_keys(0, 1), slots=1, max_new_tokens=3)
     with pytest.raises(ValueError, match="slots must be a positive int, got 0"):
-        js.generate_many(CountingBigram(jnp.zeros((8, 8)), 8), jnp.array([[1, 2]]), jnp.array([2]), keys(0, 1),
+        js.generate_many(CountingTableModel(jnp.zeros((8, 8))), jnp.array([[1, 2]]), jnp.array([2]), row_keys(0, 1),
                          slots=0, max_new_tokens=3)
 
 

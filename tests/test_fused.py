@@ -6,7 +6,6 @@ top_k or conditional; the number of reads of ``[B, V]``); and the dispatch from
 `sample_step` and `generate`.
 """
 
-import dataclasses
 import functools
 import re
 
@@ -18,17 +17,16 @@ import pytest
 import jaxsample as js
 from jaxsample._selection import select as _select
 from jaxsample._step import fused as _fused
-from test_kernels import DTYPES, _eqns, _export_cuda, _TRITON
-from test_select import adversarial, per_row_k, per_row_p, xla_equal
+from helpers import DTYPES, TRITON, adversarial, eqns, export_cuda, per_row_k, per_row_p, xla_equal
+from helpers import INTERPRET_KERNEL_PLAN as KERNEL
 
-KERNEL = dataclasses.replace(_select.KERNEL_PLAN, interpret=True)
 ROWS = 24
 
 
 def _xla_prims(closed):
     """Primitives of the program outside the kernels (a kernel's `pl.when` is a `cond`
     of its own, on chip, not an XLA conditional)."""
-    return [eqn.primitive.name for eqn in _eqns(closed.jaxpr, into_kernels=False)]
+    return [eqn.primitive.name for eqn in eqns(closed.jaxpr, into_kernels=False)]
 
 
 def _chain(rng, rows, vocab):
@@ -223,12 +221,12 @@ def test_fused_step_lowers_for_cuda_with_few_reads_and_no_sort(dtype):
            or p.startswith("scatter")}
     assert not bad, bad
     assert prims.count("pallas_call") == 2 + 2 * digits
-    over_vocab = [eqn.primitive.name for eqn in _eqns(jaxpr.jaxpr, into_kernels=False)
+    over_vocab = [eqn.primitive.name for eqn in eqns(jaxpr.jaxpr, into_kernels=False)
                   if eqn.primitive.name.startswith("reduce_") and any(
                       getattr(getattr(v, "aval", None), "shape", ())[-1:] == (vocab,) for v in eqn.invars)]
     assert not over_vocab, over_vocab
-    text = _export_cuda(fn, chain, x, keys)
-    assert text.count(_TRITON) == 2 + 2 * digits
+    text = export_cuda(fn, chain, x, keys)
+    assert text.count(TRITON) == 2 + 2 * digits
     assert not re.search(r"stablehlo\.(sort|scatter|case|if|while)|TopK|topk", text)
 
 
@@ -284,11 +282,11 @@ def test_generate_lowers_for_cuda_with_the_fused_step_and_no_conditional(monkeyp
         out = js.generate(model, prompts, lengths, keys, sampler=chain, max_new_tokens=4)
         return out.tokens, out.logprobs_processed
 
-    text = _export_cuda(run, js.default_chain(temperature=0.8, top_p=0.9),
+    text = export_cuda(run, js.default_chain(temperature=0.8, top_p=0.9),
                         jax.ShapeDtypeStruct((2, 5), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32),
                         jax.ShapeDtypeStruct((2,), jax.random.key(0).dtype))
     # Index 0 and the scan body: stats + 2 x 8 digit passes (+ segment masses above 512
     # tokens; the tiny model's rows are drawn whole).
     per_step = 1 + 2 * 8 + (model.config.vocab_size > 512)
-    assert text.count(_TRITON) == 2 * per_step
+    assert text.count(TRITON) == 2 * per_step
     assert not re.search(r"stablehlo\.(case|if)\b", text)  # (the KV-cache writes scatter)

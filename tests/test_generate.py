@@ -3,48 +3,16 @@ invariance, stop handling, no recompiles, and input validation."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxsample as js
+from helpers import PlusOneModel, count_prefill_traces, row_keys
 from models import DecoderLM, preset
 
-V = 16
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class PlusOneModel:
-    """A fake model that always predicts (last token + 1) mod V, with margin `confidence`.
-
-    Its "cache" records every token written, so tests can check what the loop fed it.
-    """
-
-    confidence: jax.Array
-    vocab_size: int = dataclasses.field(default=V, metadata=dict(static=True))
-
-    def _logits(self, last):
-        return self.confidence * jax.nn.one_hot((last + 1) % self.vocab_size, self.vocab_size)
-
-    def init_cache(self, batch_size, max_len):
-        return jnp.full((batch_size, max_len), -1, jnp.int32)
-
-    def prefill(self, tokens, lengths, cache):
-        cache = cache.at[:, : tokens.shape[1]].set(tokens)
-        last = jnp.take_along_axis(tokens, (lengths - 1)[:, None], axis=1)[:, 0]
-        return self._logits(last), cache
-
-    def decode(self, tokens, positions, cache):
-        cache = cache.at[jnp.arange(tokens.shape[0]), positions].set(tokens)
-        return self._logits(tokens), cache
-
-
-def row_keys(seed, b):
-    return jax.random.split(jax.random.key(seed), b)
+V = PlusOneModel.vocab_size  # its default vocabulary: 16
 
 
 def test_fake_model_exact_sequence_and_stop():
@@ -147,16 +115,7 @@ def test_padding_content_never_matters(tiny_lm):
 
 def test_no_recompile_when_values_change(tiny_lm):
     """Sampler values, prompt contents, keys, stop ids and pad id are traced."""
-    traces = []
-
-    @jax.tree_util.register_dataclass
-    @dataclasses.dataclass(frozen=True)
-    class Counting(DecoderLM):
-        def prefill(self, tokens, lengths, cache):
-            traces.append(1)  # runs once per trace (compile), not per call
-            return super().prefill(tokens, lengths, cache)
-
-    lm = Counting(tiny_lm.params, tiny_lm.config)
+    lm, traces = count_prefill_traces(tiny_lm)  # traces: one entry per compile, not per call
     prompts = np.full((2, 4), 258, np.int32)
     prompts[:, 0] = 256
     for i, (t, p, k) in enumerate([(0.5, 0.9, 3), (1.5, 0.2, 7), (0.0, 1.0, 0)]):

@@ -65,14 +65,6 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def hf():
-    torch = pytest.importorskip("torch", reason="torch not installed (pip install '.[test]')")
-    transformers = pytest.importorskip("transformers", reason="transformers not installed (pip install '.[test]')")
-    torch.set_num_threads(1)
-    return torch, transformers
-
-
 def _randomize(torch, model, plus_one: bool):
     """O(1) weights (the default init gives near-zero logits), so every mapping matters."""
     with torch.no_grad():

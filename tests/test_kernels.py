@@ -5,29 +5,22 @@ structure of the compiled path (no sort, no scatter, no ``lax.top_k``, a bounded
 of passes over ``[B, V]``).
 """
 
-import dataclasses
-import functools
 import re
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxsample as js
-import reference as ref
 from jaxsample._filters import filters as _filters
 from jaxsample._selection import kernels as _kernels
 from jaxsample._selection import select as _select
 from jaxsample._selection.select import VocabShard
-from test_select import (adversarial, assert_element_values, assert_filter_matches_reference,
-                         assert_same_thresholds, grid, mass_margin, per_row_k, per_row_p,
-                         REL_MARGIN)
-
-#: The GPU plan, run by the Pallas interpreter.
-KERNEL = dataclasses.replace(_select.KERNEL_PLAN, interpret=True)
-DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
+from helpers import (DTYPES, FILTER_CASES, REL_MARGIN, TRITON, adversarial, assert_element_values,
+                     assert_filter_matches_reference, assert_same_thresholds, eqns, export_cuda, grid, mass_margin,
+                     per_row_k, per_row_p)
+from helpers import INTERPRET_KERNEL_PLAN as KERNEL
 
 
 # ----------------------------------------------------------------------------- primitives
@@ -131,8 +124,6 @@ def _kernel_filter(name, m):
 def test_kernel_filters_match_the_float64_reference(name, m, dtype):
     """Every filter body, with the GPU plan, against tests/reference.py (set semantics,
     ties kept, min_tokens_to_keep)."""
-    from test_select import FILTER_CASES
-
     vocab = 1000
     rng = np.random.default_rng(vocab + 3)
     _, row_fn, values_fn = FILTER_CASES[name]
@@ -157,16 +148,6 @@ def test_kernel_filters_equal_the_cpu_path_on_large_rows():
 # ----------------------------------------------------------------------------- lowering
 
 
-_TRITON = "__gpu$xla.gpu.triton"
-
-
-def _export_cuda(fn, *shapes):
-    exported = jax.export.export(
-        jax.jit(fn), platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(_TRITON)])(*shapes)
-    return exported.mlir_module()
-
-
 @pytest.mark.parametrize("shape, dtype", [((2, 1000), "f32"), ((1, 32000), "bf16"),
                                           ((3, 4096), "f16")])
 def test_every_gpu_kernel_lowers_for_cuda(shape, dtype):
@@ -176,10 +157,10 @@ def test_every_gpu_kernel_lowers_for_cuda(shape, dtype):
     rows = jax.ShapeDtypeStruct(shape[:1], jnp.float32)
     k = jax.ShapeDtypeStruct(shape[:1], jnp.int32)
     shard = VocabShard.whole(shape[1], _select.KERNEL_PLAN)
-    text = _export_cuda(lambda x, k, p: (_filters.top_k_rows(x, k, 1, shard),
+    text = export_cuda(lambda x, k, p: (_filters.top_k_rows(x, k, 1, shard),
                                          _filters.top_p_rows(x, p, 2, shard),
                                          _filters.typical_p_rows(x, p, 1, shard)), x, k, rows)
-    assert text.count(_TRITON) >= 3
+    assert text.count(TRITON) >= 3
 
 
 def test_sharded_gpu_path_lowers_for_cuda_inside_shard_map():
@@ -189,31 +170,16 @@ def test_sharded_gpu_path_lowers_for_cuda_inside_shard_map():
 
     sampler = js.ShardedSampler(sharding.make_mesh((1, 1)), method=_select.KERNEL_PLAN)
     chain = js.default_chain(top_k=np.array([1, 5, 9, 40]), top_p=0.9)
-    text = _export_cuda(lambda x: sampler.apply(chain, x),
+    text = export_cuda(lambda x: sampler.apply(chain, x),
                         jax.ShapeDtypeStruct((4, 1024), jnp.bfloat16))
-    assert text.count(_TRITON) == 8
-
-
-def _eqns(jaxpr, into_kernels=True):
-    """Every equation of a jaxpr, those of sub-jaxprs (cond, pjit, ...) included; those
-    inside Pallas kernels only with ``into_kernels``."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        if eqn.primitive.name == "pallas_call" and not into_kernels:
-            continue
-        for param in eqn.params.values():
-            for sub in (param if isinstance(param, (tuple, list)) else (param,)):
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    yield from _eqns(sub.jaxpr, into_kernels)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    yield from _eqns(sub, into_kernels)
+    assert text.count(TRITON) == 8
 
 
 def _passes(closed, vocab):
     """Equations that read a ``[..., V]`` operand and reduce or count it: reductions over
     the vocabulary and the kernel calls (one read of the logits each)."""
     return sum(
-        1 for eqn in _eqns(closed.jaxpr)
+        1 for eqn in eqns(closed.jaxpr)
         if (eqn.primitive.name == "pallas_call" or eqn.primitive.name.startswith("reduce_")
             or eqn.primitive.name in ("argmax", "argmin"))
         and any(getattr(getattr(v, "aval", None), "shape", ())[-1:] == (vocab,) for v in eqn.invars))
@@ -238,13 +204,13 @@ def test_gpu_path_has_no_sort_scatter_or_top_k_and_few_passes(dtype):
              "typical_p": (lambda x, p: _filters.typical_p_rows(x, p, 1, shard), v, 8 + 6)}
     for name, (fn, arg, max_passes) in cases.items():
         jaxpr = jax.make_jaxpr(fn)(x, arg)
-        prims = {eqn.primitive.name for eqn in _eqns(jaxpr.jaxpr)}
+        prims = {eqn.primitive.name for eqn in eqns(jaxpr.jaxpr)}
         bad = {p for p in prims if p in ("sort", "top_k", "approx_top_k") or p.startswith("scatter")}
         assert not bad, (name, bad)
         assert "pallas_call" in prims, name
         passes = _passes(jaxpr, vocab)
         assert min(digits, max_passes) <= passes <= max_passes, (name, passes)
-        text = _export_cuda(fn, x, arg)
+        text = export_cuda(fn, x, arg)
         assert not re.search(r"stablehlo\.(sort|scatter)|TopK|topk", text), name
 
 

@@ -1,7 +1,9 @@
 """The library's layers import one way only (README "Code layout", docs/architecture.md).
 
 Read from the source with `ast` (nothing is imported): every `import` in `jaxsample/`,
-at module level or inside a function, is an edge of the import graph.
+at module level or inside a function, is an edge of the import graph. The same reading
+checks the test suite's own rule: test modules share code through tests/helpers.py, never
+by importing each other.
 """
 
 import ast
@@ -113,3 +115,15 @@ def test_models_and_scripts_use_only_public_names(folder):
                 assert {a.name for a in node.names} <= public, f"{where}: not in jaxsample.__all__"
             elif isinstance(node, ast.Import):
                 assert all(a.name == "jaxsample" for a in node.names if a.name.startswith("jaxsample")), where
+
+
+def test_test_modules_never_import_each_other():
+    """Shared test code lives in tests/helpers.py (and the reference implementation in
+    tests/reference.py), shared fixtures in tests/conftest.py: no file of tests/ imports a
+    test module or conftest, at module level or inside a function."""
+    tests = ROOT / "tests"
+    forbidden = {p.stem for p in tests.glob("*.py") if p.stem.startswith("test_") or p.stem == "conftest"}
+    found = {f"tests/{path.name}:{line} imports {target}"
+             for path in tests.glob("*.py") for target, line, _ in imports(path)
+             if target.removeprefix("tests.").split(".")[0] in forbidden}
+    assert not found, "move what they share into tests/helpers.py or conftest.py:\n" + "\n".join(sorted(found))

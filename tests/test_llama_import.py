@@ -18,38 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import make_hf_llama
 from models import checkpoint as ckpt
 from models.config import DecoderConfig
 from models.decoder import DecoderLM, init_params
 from models.hf import load_hf, read_generation_defaults
 from models.llama import config_from_hf, is_llama_checkpoint, load_llama
-from test_hf_families import hf  # noqa: F401  (the torch/transformers fixture)
 
 TOL = 1e-4  # fp32 max abs logit difference vs torch
 
 # ------------------------------------------------------------------- torch conformance
-
-
-def _make_hf_model(hf, *, tie=True, kv_heads=2, rope_theta=10000.0, seed=0):
-    torch, transformers = hf
-    cfg = transformers.LlamaConfig(
-        vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=kv_heads, intermediate_size=128, max_position_embeddings=128,
-        rope_theta=rope_theta, rms_norm_eps=1e-5, tie_word_embeddings=tie,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg).to(torch.float32).eval()
-    # Default init (std 0.02, norms = 1) gives near-zero logits; use O(1) weights so every
-    # mapping (norm scales included) is exercised and errors are visible.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif "embed_tokens" in name:
-                p.copy_(torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
-    return model
 
 
 def _torch_logits(hf, model, tokens: np.ndarray) -> np.ndarray:
@@ -60,7 +38,7 @@ def _torch_logits(hf, model, tokens: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("kv_heads,rope_theta", [(2, 10000.0), (4, 500000.0)], ids=["gqa", "mha-theta5e5"])
 def test_forward_matches_transformers(hf, tmp_path, kv_heads, rope_theta):
-    model = _make_hf_model(hf, kv_heads=kv_heads, rope_theta=rope_theta)
+    model = make_hf_llama(hf, kv_heads=kv_heads, rope_theta=rope_theta)
     model.save_pretrained(tmp_path)
     assert is_llama_checkpoint(str(tmp_path))
     lm = load_llama(str(tmp_path))
@@ -82,7 +60,7 @@ def test_forward_matches_transformers(hf, tmp_path, kv_heads, rope_theta):
 
 
 def test_cached_decode_matches_transformers(hf, tmp_path):
-    model = _make_hf_model(hf, kv_heads=2, seed=1)
+    model = make_hf_llama(hf, kv_heads=2, seed=1)
     model.save_pretrained(tmp_path)
     lm = load_llama(str(tmp_path))
     tokens = np.random.default_rng(1).integers(0, 300, size=(1, 20))
@@ -119,7 +97,7 @@ def test_mistral_without_sliding_window_matches_transformers(hf, tmp_path):
 
 
 def test_untied_checkpoint_loads_its_lm_head(hf, tmp_path):
-    model = _make_hf_model(hf, tie=False)
+    model = make_hf_llama(hf, tie=False)
     model.save_pretrained(tmp_path)
     lm = load_llama(str(tmp_path))
     assert not lm.config.tie_embeddings
@@ -129,7 +107,7 @@ def test_untied_checkpoint_loads_its_lm_head(hf, tmp_path):
 
 def test_untied_config_with_identical_lm_head_loads(hf, tmp_path):
     torch, _ = hf
-    model = _make_hf_model(hf, tie=False)
+    model = make_hf_llama(hf, tie=False)
     with torch.no_grad():
         model.lm_head.weight.copy_(model.model.embed_tokens.weight)
     model.save_pretrained(tmp_path)

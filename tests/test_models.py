@@ -12,6 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+import jaxsample as js
 from models import checkpoint as ckpt
 from models.config import PRESETS, DecoderConfig, preset
 from models.decoder import Decoder, DecoderLM, init_params
@@ -165,6 +166,19 @@ def test_logits_are_tied_to_the_embedding():
     params["embed"]["embedding"] = embedding.at[42].set(0.0)
     logits2 = jax.jit(DecoderLM.forward)(DecoderLM(params, TINY), tokens)
     np.testing.assert_array_equal(np.asarray(logits2[..., 42]), 0.0)
+
+
+def test_decode_past_the_cache_end_gives_nan_and_writes_nothing():
+    lm = DecoderLM.random(preset("tiny"), jax.random.key(0))
+    cache = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape, x.dtype), lm.init_cache(3, 4))
+    logits, new = jax.jit(lm.decode)(jnp.array([11, 12, 13]), jnp.array([2, 4, -1]), cache)
+    logits = np.asarray(logits)
+    assert np.all(np.isfinite(logits[0])) and np.all(np.isnan(logits[1:]))
+    for old_k, new_k in zip(cache.k, new.k):
+        np.testing.assert_array_equal(new_k[1:], old_k[1:])  # rows past the end: cache untouched
+        assert not np.array_equal(new_k[0], old_k[0])
+    # a sampler reports such a row as having no valid token
+    assert list(np.asarray(js.sample(jax.random.split(jax.random.key(0), 3), logits))) [1:] == [-1, -1]
 
 
 # ---------------------------------------------------------------------------- config

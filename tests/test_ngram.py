@@ -17,8 +17,11 @@ import pytest
 
 import jaxsample as js
 from jaxsample._decoding.drafts import lookup as _lookup
-from test_speculative import (LENGTHS, PROMPTS, V, BigramExtend, chi_square, exact_distribution, row_keys,
-                              target)  # noqa: F401  (target: a fixture)
+from helpers import LOOKUP_LENGTHS as LENGTHS
+from helpers import LOOKUP_PROMPTS as PROMPTS
+from helpers import ExtendTableModel, chi_square, cli_texts, exact_distribution, load_script, re_search, row_keys
+
+V = 6  # the vocabulary of the distribution test's toy target
 
 # Worked by hand (vocab 8, max_ngram 2, min_count 2):
 #   fallback: token counts 1:2 2:5 3:2 4:3 5:3 -> 2
@@ -233,7 +236,7 @@ def test_prompt_lookup_matches_python_reference():
 # ----------------------------------------------------------------------------- speculative decoding
 
 
-def test_greedy_with_ngram_draft_equals_generate(target):  # noqa: F811
+def test_greedy_with_ngram_draft_equals_generate(target):
     """Ragged prompts, a stateful penalty, a stop id: token for token equal to generate. The
     table is built from the target's own greedy text, so most proposals are accepted."""
     sampler = js.chain(js.RepetitionPenalty(1.3), js.Temperature(0.0))
@@ -255,12 +258,12 @@ def test_greedy_with_ngram_draft_equals_generate(target):  # noqa: F811
     assert 0.2 < stats.acceptance_rate < 1.0
 
 
-def test_ngram_draft_vocabulary_must_match(target):  # noqa: F811
+def test_ngram_draft_vocabulary_must_match(target):
     with pytest.raises(ValueError, match="NGramDraft vocab_size 8 != target vocab_size 259"):
         js.speculative_generate(target, PROMPTS, LENGTHS, row_keys(0, 3), max_new_tokens=4, draft=small_draft())
 
 
-def test_new_table_of_the_same_shape_does_not_recompile(target, monkeypatch):  # noqa: F811
+def test_new_table_of_the_same_shape_does_not_recompile(target, monkeypatch):
     """The table is data (a pytree), not a compile-time constant: `propose` is traced once."""
     traces = []
     propose = js.NGramDraft.propose
@@ -281,7 +284,7 @@ def test_sampled_distribution_with_ngram_draft():
     """20,000 rows, first 3 tokens against the chain's exact distribution (chi-square <=
     df + 5 sqrt(2 df)), with a point-mass draft that is sometimes right and sometimes not."""
     ta = jax.random.normal(jax.random.key(11), (V, V)) * 1.5
-    target_model = BigramExtend(ta, vocab_size=V)
+    target_model = ExtendTableModel(ta)
     sampler = js.chain(js.RepetitionPenalty(1.8), js.Temperature(0.9), js.TopK(4))
     draft = js.NGramDraft.build(np.array([0, 1, 2, 3, 4, 5, 1, 3, 5, 0, 2, 4]), vocab_size=V, max_ngram=2,
                                 min_count=1)
@@ -318,8 +321,7 @@ def test_shipped_table_loads_and_fits_budget():
     (["--ngram-draft", "--prompt-lookup", "0"], "--prompt-lookup must be >= 1, got 0"),
 ])
 def test_cli_bad_combinations(argv, match):
-    from test_speculative import _generate_script, re_search
-    gen = _generate_script()
+    gen = load_script("generate")
     assert re_search(match, gen.check_speculative_args(gen.build_parser().parse_args(argv)))
     assert gen.check_speculative_args(gen.build_parser().parse_args(["--ngram-draft", "--prompt-lookup", "3"])) is None
 
@@ -328,8 +330,7 @@ def test_cli_bad_combinations(argv, match):
 def test_cli_ngram_draft_greedy_equals_plain(tmp_path, capsys):
     """scripts/generate.py --greedy prints the same text with --ngram-draft (the shipped
     table, and a table file with --prompt-lookup) as without; a bad file is a clear error."""
-    from test_speculative import _generate_script, cli_texts
-    gen = _generate_script()
+    gen = load_script("generate")
     path = str(tmp_path / "t.safetensors")
     js.NGramDraft.build(np.frombuffer(b"ROMEO: Good morrow, cousin. ROMEO: What, is the day so young?", np.uint8),
                         vocab_size=259, max_ngram=3, min_count=1).save(path)
@@ -345,8 +346,7 @@ def test_cli_ngram_draft_greedy_equals_plain(tmp_path, capsys):
 def test_cli_ngram_draft_reading_a_prompt_as_its_file_says_so():
     """`--ngram-draft "ROMEO:"` reads the prompt as the optional FILE: the error says how
     to write it instead."""
-    from test_speculative import _generate_script
-    gen = _generate_script()
+    gen = load_script("generate")
     args = gen.build_parser().parse_args(["--greedy", "--ngram-draft", "ROMEO:"])
     with pytest.raises(ValueError, match=r"no such file: 'ROMEO:'.*--ngram-draft=FILE"):
         gen.speculative_runner(args, None, None, None, None, None, (), 0, [])

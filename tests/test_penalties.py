@@ -5,7 +5,6 @@ values, no recompilation when values change)."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
@@ -14,8 +13,9 @@ import numpy as np
 import pytest
 
 import jaxsample as js
+from helpers import TABLE_V, count_prefill_traces, table_model
 
-V = 8  # a small vocabulary, so random contexts repeat a lot
+V = TABLE_V  # 8: a small vocabulary, so random contexts repeat a lot (table_model's too)
 NEG = -np.inf
 
 
@@ -409,34 +409,6 @@ def test_matches_transformers_processors():
 # ----------------------------------------------------------------------------- inside generate
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class TableModel:
-    """Fake model: logits = table[last token] (+ nothing else). Deterministic, so a test can
-    replay every step's raw logits. ``prefill_all`` gives table[token] at every position."""
-
-    table: jax.Array  # [V, V]
-    vocab_size: int = dataclasses.field(default=V, metadata=dict(static=True))
-
-    def init_cache(self, batch_size, max_len):
-        return jnp.zeros((batch_size,), jnp.int32)
-
-    def prefill(self, tokens, lengths, cache):
-        last = jnp.take_along_axis(tokens, (lengths - 1)[:, None], axis=1)[:, 0]
-        return self.table[last], cache
-
-    def prefill_all(self, tokens, cache):
-        return self.table[tokens], cache
-
-    def decode(self, tokens, positions, cache):
-        return self.table[tokens], cache
-
-
-def table_model(seed=0):
-    rng = np.random.default_rng(seed)
-    return TableModel(jnp.asarray(np.round(rng.normal(0, 1.5, (V, V)), 2), jnp.float32))
-
-
 PROMPTS = np.array([[1, 2, 3, 1, 2], [4, 4, 0, 0, 0], [5, 6, 7, 5, 0], [2, 0, 0, 0, 0]], np.int32)
 LENGTHS = np.array([5, 2, 4, 1])
 N_NEW = 10
@@ -505,16 +477,7 @@ def replay(model, out, ref, tau, eta=0.5):
 
 
 def test_every_method_inside_generate_matches_reference_without_recompiling():
-    traces = []
-
-    @jax.tree_util.register_dataclass
-    @dataclasses.dataclass(frozen=True)
-    class Counting(TableModel):
-        def prefill(self, tokens, lengths, cache):
-            traces.append(1)  # once per trace, i.e. per compilation
-            return super().prefill(tokens, lengths, cache)
-
-    model = Counting(table_model().table)
+    model, traces = count_prefill_traces(table_model())  # traces: one entry per compilation
     tokens = []
     for scale in (1, 2):  # every value changes (and some methods turn on or off)
         chain, ref, tau = every_method(scale)

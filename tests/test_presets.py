@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import jaxsample as js
+from helpers import load_script
 
 SEEDS = np.array([[1.2, 2.0, 3.5, 3.0, 1.8, 1.0]], np.float32)  # SAMPLING.md's worked example
 WORDS = ("wonderful", "cloudy", "nice", "hot", "gloomy", "delicious")
@@ -142,15 +143,9 @@ def test_transformers_chain_equals_transformers_own_processor_list():
 
 
 def test_cli_has_a_flag_for_every_method():
-    import importlib.util
-    import os
-
     from models import ByteTokenizer
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "generate.py")
-    spec = importlib.util.spec_from_file_location("generate_cli", path)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("generate")
     flags = ("--temperature 0.7 --dynatemp-range 0.2 --top-k 40 --top-p 0.9 --min-p 0.05 --typical-p 0.95 "
              "--epsilon-cutoff 1e-4 --eta-cutoff 1e-4 --top-n-sigma 2 --xtc-probability 0.5 --xtc-threshold 0.2 "
              "--mirostat-tau 5 --repetition-penalty 1.1 --presence-penalty 0.3 --frequency-penalty 0.2 "

@@ -1,7 +1,5 @@
 """The seeds' worked example from SAMPLING.md, as a golden test."""
 
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +7,7 @@ import numpy as np
 import pytest
 
 import jaxsample as js
+from helpers import load_script
 
 WORDS = ("wonderful", "cloudy", "nice", "hot", "gloomy", "delicious")
 LOGITS = jnp.array([1.2, 2.0, 3.5, 3.0, 1.8, 1.0], jnp.float32)
@@ -80,10 +79,7 @@ def test_min_p_is_relative_to_the_max_probability():
 
 
 def test_seeds_demo_script_runs(capsys):
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "seeds_demo.py")
-    spec = importlib.util.spec_from_file_location("seeds_demo", path)
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_script("seeds_demo")
     demo.main(draws=2000, seed=1)
     out = capsys.readouterr().out
     assert "0.0068     0.0339     0.6813     0.2506     0.0227     0.0046" in out

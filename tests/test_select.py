@@ -22,6 +22,9 @@ import reference as ref
 from jaxsample._filters import sampling as _sampling
 from jaxsample._selection import select as _select
 from jaxsample._selection.select import Plan
+from helpers import (FILTER_CASES, REL_MARGIN, adversarial, assert_element_values,
+                     assert_filter_matches_reference, assert_same_thresholds, grid, mass_margin, per_row_k,
+                     per_row_p)
 
 PLANS = {
     # the CPU plan: top-64 window, then scatter radix 13+10+9 below 65536 tokens, 16+16
@@ -33,14 +36,7 @@ PLANS = {
     "scatter-11-11-10": Plan("scatter", (11, 11, 10), (5, 5, 6), window=0),
     "compare-8-window4": Plan("compare", (8, 8, 8, 8), (8, 8), window=4, top_k_static_max=0),
 }
-REL_MARGIN = 1e-5
 slow = pytest.mark.slow
-
-
-def grid(full, fast):
-    """``full`` parameter tuples; those not in ``fast`` only run with ``-m slow``."""
-    return [(v if len(v) > 1 else v[0]) if v in fast else pytest.param(*v, marks=slow) for v in full]
-
 
 # The default run covers every engine and the auto path (window + scatter fallback) at a
 # small and a mid vocabulary; -m slow runs the full matrix.
@@ -50,62 +46,7 @@ PRIMITIVE_GRID = grid(
      ("scatter-16-16", 1000), ("scatter-11-11-10", 1000), ("compare-8-window4", 1000)])
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def adversarial(rng, n, vocab, dtype=np.float32, subnormal=False):
-    """``n`` rows of ``vocab`` logits, cycling through adversarial kinds.
-
-    ``subnormal``: one kind is scaled into the subnormal range. XLA:CPU compares
-    subnormals as zero (and so do the keys, and ``x >= threshold`` in the filters), the
-    float64 reference does not; those rows are only compared with XLA's own sort.
-    """
-    rows = []
-    for i in range(n):
-        kind = i % 12
-        x = rng.standard_normal(vocab)
-        if kind == 1:
-            x = x * 1e-3  # tiny spread
-        elif kind == 2:
-            x = x * 1e3  # huge spread: one token holds all the mass
-        elif kind == 3:
-            x = np.round(x * 2) / 2  # heavy ties
-        elif kind == 4:
-            x = np.full(vocab, 0.25)  # all equal
-        elif kind == 5:
-            x[rng.random(vocab) < 0.4] = -np.inf
-        elif kind == 6:
-            x = np.full(vocab, -np.inf)
-            x[rng.integers(vocab)] = -2.0  # a single finite value
-        elif kind == 7:
-            x = rng.choice(np.array([-0.0, 0.0, 1.0, -1.0]), vocab)  # signed zeros, ties
-        elif kind == 8:
-            x = -2.0 * np.log(rng.permutation(vocab) + 1.0)  # peaked (Zipf-like)
-        elif kind == 9:
-            # subnormals, or a spread of 1e-6 (at 1e-30 the float64 reference's
-            # probabilities tie where the logits do not)
-            x = x * (1e-40 if subnormal else 1e-6)
-        elif kind == 10:
-            x = np.round(x * 3) * 4.0  # ties, wide
-            x[rng.random(vocab) < 0.5] = -np.inf
-        elif kind == 11:
-            x = -1e30 + np.round(x) * 1e24  # large negative, ties
-        if not np.isfinite(x).any():
-            x[0] = 1.0
-        rows.append(x)
-    return np.stack(rows).astype(dtype)
-
-
-def per_row_k(rng, n, vocab):
-    edges = [0, 1, 2, vocab, vocab + 3, max(vocab - 1, 1), 64, 65]
-    return np.array([edges[i % len(edges)] if i % 3 == 0 else rng.integers(1, vocab + 1)
-                     for i in range(n)], np.int32)
-
-
-def per_row_p(rng, n):
-    edges = [1.0, 0.01, 0.5, 0.9, 0.99, 1e-6]
-    return np.array([edges[i % len(edges)] if i % 3 == 0 else rng.uniform(0.05, 0.99)
-                     for i in range(n)], np.float32)
+# ----------------------------------------------------------------------------- jitted primitives
 
 
 @functools.lru_cache(maxsize=None)
@@ -118,45 +59,6 @@ def mass_fn(method, with_weights):
     if with_weights:
         return jax.jit(lambda s, w, p: _select.mass_threshold(s, w, p, method=method))
     return jax.jit(lambda s, p: _select.mass_threshold(s, None, p, method=method))
-
-
-def mass_margin(scores, weights, p):
-    """Relative distance (float64) between p * total and the running mass at the end of
-    each tie group of the descending scores, minimised over the groups up to the
-    crossing; inf for p >= 1 or an empty row."""
-    out = []
-    for s, w, pp in zip(scores, weights, p):
-        total = w.sum()
-        if pp >= 1 or not total > 0:
-            out.append(math.inf)
-            continue
-        order = np.argsort(-s, kind="stable")
-        s_sorted, cum = s[order], np.cumsum(w[order])
-        ends = np.flatnonzero(np.append(s_sorted[1:] != s_sorted[:-1], True))
-        gaps = np.abs(cum[ends] - pp * total) / total
-        cross = np.searchsorted(cum[ends], pp * total)
-        out.append(float(gaps[: cross + 1].min()))
-    return np.array(out)
-
-
-def xla_equal(a, b):
-    """Elementwise ``a == b`` as XLA compares (subnormals equal zero on XLA:CPU)."""
-    return np.asarray(jnp.asarray(a).astype(jnp.float32) == jnp.asarray(b).astype(jnp.float32))
-
-
-def assert_same_thresholds(got, want, rows=None):
-    same = xla_equal(got, want)
-    if rows is not None:
-        same = same[rows]
-    assert same.all(), (np.flatnonzero(~same), np.asarray(got), np.asarray(want))
-
-
-def assert_element_values(x, t):
-    """Each threshold is a value of its row (as XLA compares), or -inf."""
-    x = jnp.asarray(x).astype(jnp.float32)
-    t = jnp.asarray(t).astype(jnp.float32)
-    ok = np.asarray(jnp.any(x == t[..., None], axis=-1) | (t == -jnp.inf))
-    assert ok.all(), np.flatnonzero(~ok)
 
 
 # ----------------------------------------------------------------------------- keys
@@ -301,29 +203,6 @@ def test_no_sort_in_the_compiled_filters_and_sampler(dtype):
 
 
 # ----------------------------------------------------------------------------- filters vs reference
-
-
-def assert_filter_matches_reference(row_fn, logits, values, out, m=1, min_clear=0.75):
-    out = np.asarray(out)
-    assert out.shape == logits.shape and out.dtype == logits.dtype
-    x = np.asarray(logits).astype(np.float64)
-    want, margin = ref.apply(row_fn, x, values, m=m)
-    clear = margin > REL_MARGIN
-    assert clear.mean() >= min_clear, clear.mean()
-    got = out.astype(np.float64)
-    np.testing.assert_array_equal(np.isfinite(got)[clear], np.isfinite(want)[clear])
-    fin = np.isfinite(got)
-    np.testing.assert_array_equal(got[fin], x[fin])  # kept logits unchanged
-    assert np.all(np.isfinite(got).sum(-1) >= np.minimum(m, np.isfinite(x).sum(-1)))
-
-
-FILTER_CASES = {
-    "top_k": (js.top_k, ref.top_k_row, per_row_k),
-    "top_p": (js.top_p, ref.top_p_row, lambda rng, n, v: per_row_p(rng, n)),
-    "typical_p": (js.typical_p, ref.typical_p_row, lambda rng, n, v: per_row_p(rng, n)),
-    "min_p": (js.min_p, ref.min_p_row,
-              lambda rng, n, v: np.where(np.arange(n) % 4 == 0, 0.0, rng.uniform(0, 0.5, n)).astype(np.float32)),
-}
 
 
 @functools.lru_cache(maxsize=None)

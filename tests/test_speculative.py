@@ -5,7 +5,6 @@ recompiles, and input validation."""
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 
@@ -15,36 +14,21 @@ import numpy as np
 import pytest
 
 import jaxsample as js
+from helpers import LOOKUP_LENGTHS as LENGTHS
+from helpers import LOOKUP_PROMPTS as PROMPTS
+from helpers import (ExtendTableModel, TableModel, chi_square, cli_texts, count_prefill_traces, exact_distribution,
+                     load_script, re_search, row_keys)
 from models import DecoderLM, preset
-from test_penalties import TableModel
-
-
-def row_keys(seed, b):
-    return jax.random.split(jax.random.key(seed), b)
-
-
-@pytest.fixture(scope="module")
-def target():
-    """A random tiny decoder with weights scaled by 3: varied greedy output with some
-    repeats (an unscaled random model repeats one token: every draft would be accepted)."""
-    lm = DecoderLM.random(preset("tiny"), jax.random.key(0))
-    return DecoderLM(jax.tree.map(lambda x: x * 3.0, lm.params), lm.config)
 
 
 @pytest.fixture(scope="module")
 def draft(target):
-    """The target with 10% multiplicative noise on every weight: a partly agreeing draft."""
+    """The target (conftest.py's `target` fixture) with 10% multiplicative noise on every
+    weight: a partly agreeing draft."""
     leaves, treedef = jax.tree.flatten(target.params)
     keys = jax.random.split(jax.random.key(9), len(leaves))
     noisy = [x * (1 + 0.1 * jax.random.normal(k, x.shape)) for x, k in zip(leaves, keys)]
     return DecoderLM(jax.tree.unflatten(treedef, noisy), target.config)
-
-
-# Ragged prompts; row 1 repeats itself so prompt lookup has something to find.
-PROMPTS = np.array([[256, 72, 105, 33, 72, 105, 0, 0],
-                    [256, 65, 66, 67, 65, 66, 67, 65],
-                    [256, 7, 0, 0, 0, 0, 0, 0]], np.int32)
-LENGTHS = np.array([6, 8, 2], np.int32)
 
 
 # ----------------------------------------------------------------------------- extend
@@ -161,48 +145,6 @@ def test_prompt_lookup_proposals():
 V = 6
 
 
-def bigram(table):
-    """A toy model, next-token logits table[last token], without `extend` (the loop falls
-    back to decode calls): test_penalties' TableModel."""
-    return TableModel(table, vocab_size=table.shape[-1])
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class BigramExtend(TableModel):
-    """TableModel with `extend` (the target of the distribution tests)."""
-
-    def extend(self, tokens, positions, cache):
-        return self.table[tokens], cache
-
-
-def exact_distribution(model, sampler, prompt, steps):
-    """P(t_1 .. t_steps) for every sequence, by running the chain's init/apply/update along
-    all V**steps sequences (the distribution plain `generate` samples from)."""
-    seqs = np.array(list(itertools.product(range(V), repeat=steps)), np.int32)  # [V**steps, steps]
-    n = len(seqs)
-    prompts = jnp.asarray(np.repeat(prompt[None], n, 0))
-    state = js.init_state(sampler, prompts, jnp.full((n,), prompt.size), V, max_new_tokens=steps)
-    keys = row_keys(0, n)
-    logits, _ = model.prefill(prompts, jnp.full((n,), prompt.size), None)
-    prob = np.ones(n)
-    for i in range(steps):
-        processed = sampler.apply(logits, state, keys)
-        prob *= np.asarray(jax.nn.softmax(processed, -1))[np.arange(n), seqs[:, i]]
-        state = sampler.update(state, jnp.asarray(seqs[:, i]), processed)
-        logits, _ = model.decode(jnp.asarray(seqs[:, i]), None, None)
-    return seqs, prob
-
-
-def chi_square(counts, expected, min_expected=5.0):
-    """Pearson's statistic over cells with >= min_expected expected (the rest pooled), and df."""
-    big = expected >= min_expected
-    obs = np.append(counts[big], counts[~big].sum())
-    exp = np.append(expected[big], expected[~big].sum())
-    keep = exp > 0
-    return float(np.sum((obs[keep] - exp[keep]) ** 2 / exp[keep])), int(keep.sum()) - 1
-
-
 @pytest.mark.parametrize("which, k", [pytest.param("model", 1, marks=pytest.mark.slow), ("model", 3), ("lookup", 2)])
 def test_sampled_distribution_matches_exact(which, k):
     """The first 3 tokens of 20,000 rows, binned over all V**3 = 216 sequences, against the
@@ -212,8 +154,8 @@ def test_sampled_distribution_matches_exact(which, k):
     the bonus draw within 3 tokens, k = 3 the residual at every index, lookup a point-mass q.
     """
     ta, tb = jax.random.normal(jax.random.key(11), (2, V, V)) * 1.5
-    target = BigramExtend(ta, vocab_size=V)
-    draft = bigram(tb)
+    target = ExtendTableModel(ta)
+    draft = TableModel(tb)  # without `extend`: the loop falls back to decode calls
     if which == "lookup":  # stateless, per-row values: the batched (vmapped) processing path
         reference = js.chain(js.Temperature(0.9), js.TopK(4))
         sampler = js.chain(js.Temperature(np.full(20_000, 0.9, np.float32)), js.TopK(4))
@@ -260,16 +202,7 @@ def test_row_independent_of_batch_mates(target):
 
 
 def test_no_recompile_when_values_change(target):
-    traces = []
-
-    @jax.tree_util.register_dataclass
-    @dataclasses.dataclass(frozen=True)
-    class Counting(DecoderLM):
-        def prefill(self, tokens, lengths, cache):
-            traces.append(1)  # once per trace, not per call
-            return super().prefill(tokens, lengths, cache)
-
-    lm = Counting(target.params, target.config)
+    lm, traces = count_prefill_traces(target)  # traces: one entry per trace, not per call
     for i, t in enumerate([0.5, 0.0]):
         js.speculative_generate(lm, PROMPTS, LENGTHS, row_keys(i, 3), max_new_tokens=12, draft=js.PromptLookup(2),
                                 num_draft_tokens=2, sampler=js.chain(js.Temperature(np.full(3, t, np.float32))),
@@ -281,7 +214,7 @@ def test_no_recompile_when_values_change(target):
     (dict(num_draft_tokens=0), "num_draft_tokens must be an int >= 1, got 0"),
     (dict(num_draft_tokens=2.0), "num_draft_tokens must be an int >= 1, got 2.0"),
     (dict(draft="ngram"), "draft must be a LanguageModel .* str has no init_cache"),
-    (dict(draft=bigram(jnp.zeros((V, V)))), "draft vocab_size 6 != target vocab_size 259"),
+    (dict(draft=TableModel(jnp.zeros((V, V)))), "draft vocab_size 6 != target vocab_size 259"),
     (dict(max_new_tokens=0), "max_new_tokens must be a positive int"),
     (dict(prompt_lengths=[0, 2, 2]), r"prompt_lengths\[0\]=0"),
     (dict(stop_ids=[300]), "stop id 300 is outside the vocabulary"),
@@ -319,16 +252,6 @@ def test_prompt_lookup_validation():
 # ----------------------------------------------------------------------------- CLI
 
 
-def _generate_script():
-    import importlib.util
-    import os
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "generate.py")
-    spec = importlib.util.spec_from_file_location("generate_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("argv, match", [
     (["--prompt-lookup", "2", "--draft-checkpoint", "d"], "two drafts: choose one"),
     (["--num-draft-tokens", "3"], "--num-draft-tokens needs a draft"),
@@ -337,20 +260,15 @@ def _generate_script():
     (["--prompt-lookup", "2", "--num-beams", "2"], "--prompt-lookup cannot be used with --num-beams"),
 ])
 def test_cli_bad_combinations(argv, match):
-    gen = _generate_script()
+    gen = load_script("generate")
     assert re_search(match, gen.check_speculative_args(gen.build_parser().parse_args(argv)))
 
 
 def test_cli_speculative_takes_the_output_flags():
-    gen = _generate_script()
+    gen = load_script("generate")
     for argv in (["--prompt-lookup", "2", "--num-samples", "2", "--top-logprobs", "3"],
                  ["--draft-checkpoint", "d", "--prompt-logprobs"]):
         assert gen.check_speculative_args(gen.build_parser().parse_args(argv)) is None
-
-
-def re_search(pattern, text):
-    import re
-    return text is not None and re.search(pattern, text) is not None
 
 
 @pytest.mark.slow
@@ -360,25 +278,12 @@ def test_cli_speculative_greedy_equals_plain(tmp_path, capsys, target):
     from models import save_model
     save_model(str(tmp_path / "target"), target)
     save_model(str(tmp_path / "draft"), DecoderLM.random(preset("tiny"), jax.random.key(2)))
-    gen = _generate_script()
+    gen = load_script("generate")
     base = ["ROMEO: ROMEO:", "JULIET:", "--checkpoint", str(tmp_path / "target"), "--greedy", "--max-new-tokens",
             "16", "--num-samples", "2", "--top-logprobs", "2", "--prompt-logprobs", "--no-stream"]
     texts = cli_texts(gen, capsys, base, [], ["--prompt-lookup", "2"],
                       ["--draft-checkpoint", str(tmp_path / "draft"), "--num-draft-tokens", "3"])
     assert texts[0] == texts[1] == texts[2]
-
-
-def cli_texts(gen, capsys, base, *extras):
-    """scripts/generate.py's stdout for `base + extra`, for each extra; a non-empty extra is
-    a draft flag, so its run must report the acceptance rate."""
-    texts = []
-    for extra in extras:
-        assert gen.main(base + extra) == 0
-        captured = capsys.readouterr()
-        texts.append(captured.out)
-        if extra:
-            assert "speculative: acceptance" in captured.err
-    return texts
 
 
 def test_one_token_and_immediate_stop(target):

@@ -1,9 +1,7 @@
-"""generate_stream (issue 13, part 3): same tokens as generate, chunks without recompiling, early stop, CLI."""
+"""generate_stream: same tokens as generate, chunks without recompiling, early stop, CLI."""
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import os
 import subprocess
 import sys
@@ -15,18 +13,8 @@ import pytest
 
 import jaxsample as js
 from jaxsample._decoding import stream as _stream
-from test_ergonomics import V, Bigram, bigram
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class BigramAll(Bigram):
-    """The test bigram with `prefill_all` (logits at every prompt position), for prompt_logprobs."""
-
-    def prefill_all(self, tokens, cache):
-        return self.table[tokens], cache
+from helpers import BIGRAM_V as V
+from helpers import ROOT, bigram, load_script
 
 
 STEP_FIELDS = ("tokens", "logprobs_raw", "logprobs_processed", "top_token_ids", "top_logprobs")
@@ -46,7 +34,7 @@ def test_stream_outputs_equal_generate(outputs):
     """Every field of every chunk equals generate's for the same keys (ragged prompts, n = 2,
     a stateful chain, a stop id), with and without the optional outputs; with them (static
     settings no other test uses) the chunks after the first share one compiled program."""
-    model = BigramAll(bigram(7).table)
+    model = bigram(7)  # a TableModel: it has prefill_all, for prompt_logprobs
     prompts, lengths = jnp.array([[3, 4, 5], [6, 0, 0]]), jnp.array([3, 1])
     keys = jax.random.split(jax.random.key(2), 2)
     sampler = js.chain(js.RepetitionPenalty(1.3), js.Temperature(0.9), js.XTC(0.5, 0.05), js.TopK(10))
@@ -115,9 +103,7 @@ def test_stream_stops_when_every_row_is_done_and_checks_chunk_size():
 def test_cli_stream_prints_what_generate_returns(tmp_path):
     from models import DecoderLM, load_pretrained, preset, save_model
 
-    spec = importlib.util.spec_from_file_location("generate_cli", os.path.join(ROOT, "scripts", "generate.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("generate")
 
     path = str(tmp_path / "tiny")
     save_model(path, DecoderLM.random(preset("tiny"), jax.random.key(0)))
@@ -149,9 +135,7 @@ def test_cli_streams_several_rows_as_they_finish(tmp_path, capsys):
     pytest.importorskip("outlines_core", reason="--choice needs pip install '.[structured]'")
     from models import DecoderLM, preset, save_model
 
-    spec = importlib.util.spec_from_file_location("generate_cli", os.path.join(ROOT, "scripts", "generate.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("generate")
     path = str(tmp_path / "tiny")
     save_model(path, DecoderLM.random(preset("tiny"), jax.random.key(0)))
     flags = ["ROMEO:", "JULIET:", "--checkpoint", path, "--max-new-tokens", "24", "--num-samples", "2",
@@ -181,8 +165,7 @@ def test_cli_streams_several_rows_as_they_finish(tmp_path, capsys):
 ])
 def test_cli_streams_when_someone_watches(monkeypatch, flag, unstreamed, stdout_tty, stderr_tty, want):
     """Without --stream/--no-stream the CLI streams when stdout or stderr is a terminal."""
-    from test_speculative import _generate_script
-    gen = _generate_script()
+    gen = load_script("generate")
     monkeypatch.setattr(sys.stdout, "isatty", lambda: stdout_tty, raising=False)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: stderr_tty, raising=False)
     assert gen.streams(flag, unstreamed) is want

@@ -20,6 +20,7 @@ jsonschema = pytest.importorskip("jsonschema", reason="needs pip install '.[test
 
 import jaxsample as js  # noqa: E402
 from jaxsample._constraints import structured as _structured  # noqa: E402
+from helpers import load_script  # noqa: E402
 from models import ByteTokenizer, DecoderLM, HFTokenizer, load_pretrained, preset, save_model  # noqa: E402
 
 TOK = ByteTokenizer()
@@ -409,14 +410,7 @@ def tiny_checkpoint(tmp_path_factory, tiny_lm):
 
 
 def run_generate(capsys, *argv):
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "generate.py")
-    spec = importlib.util.spec_from_file_location("generate_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    code = module.main(list(argv))
+    code = load_script("generate").main(list(argv))
     return code, capsys.readouterr()
 
 
