@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -111,6 +112,10 @@ class DecoderConfig:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"DecoderConfig.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"DecoderConfig.{name} must be a finite number > 0, got {value!r}")
         if self.head_dim % 2:
             raise ValueError(f"DecoderConfig.head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.dtype not in _DTYPES:

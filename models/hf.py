@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Iterator
 
@@ -131,6 +132,21 @@ def _family(hf: dict[str, Any]) -> tuple[str, _Family]:
     return archs[0], family
 
 
+def _positive_int(hf: dict[str, Any], field: str) -> int:
+    """hf[field] as a positive int, or a ValueError naming config.json's field and value."""
+    value = hf[field]
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"config.json: {field}={value!r} must be a positive int")
+    return value
+
+
+def _positive_float(value: Any, field: str) -> float:
+    """A finite number > 0 (not a bool or a string), or a ValueError naming config.json's field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"config.json: {field}={value!r} must be a finite number > 0")
+    return float(value)
+
+
 def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     """(rope_theta, scaling) from the transformers 4.x (`rope_scaling`) or 5.x
     (`rope_parameters`) layout."""
@@ -165,7 +181,7 @@ def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         if scaling is not None and scaling != new:
             raise ValueError(f"conflicting rope_scaling and rope_parameters: {scaling!r} vs {new!r}")
         scaling = new
-    return (10000.0 if theta is None else float(theta)), scaling
+    return (10000.0 if theta is None else _positive_float(theta, "rope_theta")), scaling
 
 
 def _sliding(hf: dict[str, Any], family: _Family, n_layers: int) -> tuple[int | None, tuple[int, ...] | None]:
@@ -214,6 +230,11 @@ def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> DecoderConfi
     missing = [f for f in required if f not in hf]
     if missing:
         raise ValueError(f"config.json lacks required fields {missing}")
+    for field in required:
+        _positive_int(hf, field)
+    for field in ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+        if hf.get(field) is not None:
+            _positive_int(hf, field)
     hidden, heads, n_layers = hf["hidden_size"], hf["num_attention_heads"], hf["num_hidden_layers"]
     kv_heads = hf.get("num_key_value_heads") or heads
     head_dim = hf.get("head_dim") or (256 if family.gemma else hidden // heads)
@@ -240,7 +261,7 @@ def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> DecoderConfi
         vocab_size=hf["vocab_size"], d_model=hidden, n_layers=n_layers, n_heads=heads,
         n_kv_heads=kv_heads, head_dim=head_dim, d_ff=hf["intermediate_size"],
         max_seq_len=hf.get("max_position_embeddings", family.max_positions_default), rope_theta=theta,
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), dtype=dtype,
+        norm_eps=_positive_float(hf.get("rms_norm_eps", 1e-6), "rms_norm_eps"), dtype=dtype,
         tie_embeddings=bool(hf.get("tie_word_embeddings", family.tie_default)), qkv_bias=family.qkv_bias,
         activation="gelu_tanh" if family.gemma else "silu", norm_plus_one=family.gemma,
         embed_scale=family.gemma, sliding_window=window, sliding_window_layers=window_layers,
@@ -296,6 +317,39 @@ def _open(path: str):
         raise ckpt.CheckpointError(f"{path}: {ckpt.explain_bad_safetensors(path, e)}") from None
 
 
+def _check_shard_name(name: str, index_path: str) -> None:
+    """A shard named by the index must be a relative path inside the checkpoint directory.
+
+    The name is confined, not the resolved file: a symbolic link inside the directory
+    (as in the Hugging Face cache, whose snapshot files link to its blobs) is followed.
+    """
+    parts = name.replace("\\", "/").split("/")
+    if not name or os.path.isabs(name) or name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+        raise ckpt.CheckpointError(f"{index_path}: shard name {name!r} is not a relative path inside the "
+                                   "checkpoint directory")
+
+
+def _layer_indices(names) -> set[int]:
+    out = set()
+    for name in names:
+        parts = name.split(".")
+        for a, b in zip(parts, parts[1:]):
+            if a == "layers" and b.isdigit():
+                out.add(int(b))
+                break
+    return out
+
+
+def check_layer_count(n_layers: Any, locations: dict[str, str], directory: str) -> None:
+    """Refuses a config whose layer count exceeds the layers the checkpoint's tensors hold,
+    before anything per layer is built (a forged `num_hidden_layers: 10**7` on a small file)."""
+    present = _layer_indices(locations)
+    held = max(present) + 1 if present else 0
+    if isinstance(n_layers, int) and not isinstance(n_layers, bool) and n_layers > held:
+        raise ckpt.CheckpointError(f"{directory}: config.json num_hidden_layers={n_layers} but the checkpoint's "
+                                   f"tensors hold {held} layers")
+
+
 def tensor_locations(directory: str) -> dict[str, str]:
     """Tensor name -> the safetensors file holding it (single file, or the index's shards)."""
     index_path = os.path.join(directory, INDEX_FILE)
@@ -304,6 +358,8 @@ def tensor_locations(directory: str) -> dict[str, str]:
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ckpt.CheckpointError(f"{index_path}: malformed index: no 'weight_map' of tensor name -> file")
         files = sorted(set(weight_map.values()))
+        for f in files:
+            _check_shard_name(f, index_path)
         absent = [f for f in files if not os.path.isfile(os.path.join(directory, f))]
         if absent:
             raise ckpt.CheckpointError(f"{index_path}: shard files listed in the index are missing: {absent}")
@@ -344,12 +400,17 @@ def _normalize_names(locations: dict[str, str], config: DecoderConfig) -> dict[s
     return out
 
 
-def iter_hf_tensors(directory: str, config: DecoderConfig) -> Iterator[tuple[str, np.ndarray]]:
+def iter_hf_tensors(directory: str, config: DecoderConfig,
+                    locations: dict[str, str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """Yields (our flat parameter name, array in our layout and dtype), one tensor at a time.
 
     Every name, shape and dtype is validated from the file headers before any data is read.
+    `locations` is `tensor_locations(directory)` when the caller has it already.
     """
-    locations = _normalize_names(tensor_locations(directory), config)
+    if locations is None:
+        locations = tensor_locations(directory)
+    check_layer_count(config.n_layers, locations, directory)
+    locations = _normalize_names(locations, config)
     expected = expected_hf_tensors(config)
     missing = sorted(set(expected) - set(locations), key=_natural)
     unexpected = sorted(set(locations) - set(expected), key=_natural)
@@ -411,9 +472,12 @@ def load_hf(directory: str, dtype: str | None = None) -> DecoderLM:
       >>> lm.config.qkv_bias, lm.config.tie_embeddings
       (True, True)
     """
-    config = config_from_hf(read_hf_config(directory), dtype)
+    hf = read_hf_config(directory)
+    locations = tensor_locations(directory)  # file headers only
+    check_layer_count(hf.get("num_hidden_layers"), locations, directory)  # before any per-layer build
+    config = config_from_hf(hf, dtype)
     flat = {}
-    for name, arr in iter_hf_tensors(directory, config):
+    for name, arr in iter_hf_tensors(directory, config, locations):
         flat[name] = jnp.asarray(arr)  # on the device now; the host copy is freed before the next tensor
         del arr
     template = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
