@@ -171,7 +171,7 @@ def _number(params: dict, key: str, field: str, kind=float):
     try:
         value = params[key]
     except KeyError:
-        raise ValueError(f"config.json: {field} needs {key!r}") from None
+        raise ValueError(f"config.json: {field}={params!r} needs {key!r}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
         raise ValueError(f"config.json: {field}.{key}={value!r} must be a number")
     return kind(value)
@@ -183,7 +183,7 @@ def _scaling(params: dict, field: str, hf: dict[str, Any], rotary: int) -> RopeS
     if rope_type in ("su", "yarn") and hf.get("model_type") == "phi3":
         rope_type = "longrope"  # transformers' Phi3Config renames these legacy values
     if rope_type not in ("default", "linear", "llama3", "longrope"):
-        raise ValueError(f"unsupported {field}.rope_type={rope_type!r} in {params!r}: expected 'default', "
+        raise ValueError(f"unsupported {field}={params!r}: rope_type {rope_type!r} is not 'default', "
                          "'linear', 'llama3' or 'longrope'")
     if rope_type == "longrope" and hf.get("model_type") != "phi3":
         raise ValueError(f"unsupported {field}.rope_type='longrope' for model_type={hf.get('model_type')!r} "
@@ -258,8 +258,8 @@ def _rope(hf: dict[str, Any], family: _Family, rotary: int) -> tuple[float, Rope
         if factor != 1.0 and not family.fused:
             raise ValueError(f"unsupported {field}.partial_rotary_factor={factor!r}: partial rotary embeddings "
                              "are implemented for phi3")
-        theta = _theta(params.get("rope_theta"), f"{field}.rope_theta", theta)
         new = _scaling(params, field, hf, rotary)
+        theta = _theta(params.get("rope_theta"), f"{field}.rope_theta", theta)
         if new is None:
             continue
         if scaling is not None and scaling != new:
