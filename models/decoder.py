@@ -34,12 +34,22 @@ from models.config import DecoderConfig
 from models.rope import rope
 
 
-class KVCache(NamedTuple):
-    """Keys and values of every layer: tuples of L arrays, each [B, K, S, Dh].
+# A sliding-window layer's cache is a ring of `window + RING_SLACK` positions (when that is
+# shorter than the cache asked for): position p lives at slot p % size. The slack lets a
+# call of up to RING_SLACK + 1 tokens (speculative verification) write drafts that may be
+# rejected without overwriting a key the window still needs.
+RING_SLACK = 15
 
-    Head-major, so each (row, kv head) reads one contiguous [S, Dh] block in attention
-    (no transpose of the cache per step). Position s of row b holds the key/value of
-    that row's token at position s.
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer: tuples of L arrays, each [B, K, S_l, Dh].
+
+    Head-major, so each (row, kv head) reads one contiguous [S_l, Dh] block in attention
+    (no transpose of the cache per step). A full-attention layer has S_l = the cache
+    length S asked for, and position s of row b holds the key/value of that row's token
+    at position s. A sliding-window layer of window W holds only a ring of
+    S_l = min(S, W + RING_SLACK) positions: position p at slot p % S_l (see
+    `layer_cache_len`), so Gemma 3 and Mistral pay for their windows, not the context.
     Which positions are valid is decided by the caller's positions (a query at
     position t attends to cache positions <= t), so the cache needs no length field.
     """
@@ -49,14 +59,40 @@ class KVCache(NamedTuple):
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[2]
+        """The longest cache array (S when the model has a full-attention layer)."""
+        return max(k.shape[2] for k in self.k)
+
+
+def layer_cache_len(config: DecoderConfig, layer: int, max_len: int) -> int:
+    """Positions layer `layer`'s cache holds for a cache of `max_len` positions."""
+    window = config.layer_window(layer)
+    return max_len if window is None else min(max_len, window + RING_SLACK)
 
 
 def init_cache(config: DecoderConfig, batch_size: int, max_len: int) -> KVCache:
-    """An all-zero cache for `batch_size` rows of up to `max_len` positions."""
-    shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
-    zeros = tuple(jnp.zeros(shape, config.jnp_dtype) for _ in range(config.n_layers))
+    """An all-zero cache for `batch_size` rows of up to `max_len` positions (sliding-window
+    layers hold a ring of their window, see `KVCache`)."""
+    zeros = tuple(jnp.zeros((batch_size, config.n_kv_heads, layer_cache_len(config, i, max_len), config.head_dim),
+                            config.jnp_dtype) for i in range(config.n_layers))
     return KVCache(k=zeros, v=tuple(jnp.zeros_like(z) for z in zeros))
+
+
+def cache_bytes(config: DecoderConfig, batch_size: int, max_len: int) -> int:
+    """Bytes of `init_cache(config, batch_size, max_len)` (computed from shapes only)."""
+    shapes = jax.eval_shape(lambda: init_cache(config, batch_size, max_len))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+
+
+def position_limit(config: DecoderConfig, cache: KVCache) -> int | None:
+    """The first position the cache cannot hold (None: any position >= 0 fits, e.g. a
+    model whose layers all use sliding-window rings)."""
+    limit = None
+    for i, k in enumerate(cache.k):
+        size, window = k.shape[2], config.layer_window(i)
+        if window is not None and size >= window + RING_SLACK:
+            continue  # a full ring: every position fits
+        limit = size if limit is None else min(limit, size)
+    return limit
 
 
 class RMSNorm(nn.Module):
@@ -168,58 +204,184 @@ def attend_filled(q, k, v, positions, scale: float | None = None, cap: float | N
     return out.reshape(b, 1, h * dh)
 
 
-class Block(nn.Module):
+def _write_rows(cache, new, slots):
+    """cache [B, K, S, Dh] with new [B, K, T, Dh] written at slots [B, T] (slot S: dropped)."""
+    rows = jnp.arange(cache.shape[0])[:, None]  # [B, 1] with slots [B, T]: cache[b, :, slot[b, t]]
+    return cache.at[rows, :, slots].set(new.astype(cache.dtype).transpose(0, 2, 1, 3), mode="drop")
+
+
+def full_cache_attention(q, k, v, positions, cache_k, cache_v, scale=None, cap=None):
+    """Attention of a full-context layer through its linear cache: this call's keys/values
+    are written at their positions, then the queries attend over the cache (a decode
+    step, T = 1, reads only the blocks up to the batch's largest position: `attend_filled`).
+
+    Args:
+      q: [B, T, H, Dh]; k, v: [B, K, T, Dh] (this call's); positions: [B, T].
+      cache_k, cache_v: [B, K, S, Dh].
+    Returns:
+      (attention output [B, T, H * Dh], (cache_k, cache_v)).
+    """
+    s = cache_k.shape[2]
+    # Outside [0, S) nothing is written (negative indices would wrap): the logits are NaN.
+    write_at = jnp.where(positions < 0, s, positions)
+    cache_k, cache_v = _write_rows(cache_k, k, write_at), _write_rows(cache_v, v, write_at)
+    if q.shape[1] == 1:  # decode: only the filled blocks are read
+        return attend_filled(q, cache_k, cache_v, positions[:, 0], scale, cap, block=FILLED_BLOCK), (cache_k, cache_v)
+    key_pos = jnp.broadcast_to(jnp.arange(s), (q.shape[0], s))
+    mask = key_pos[:, None, :] <= positions[:, :, None]  # [B, T, S] causal
+    return attend(q, cache_k, cache_v, mask, scale, cap), (cache_k, cache_v)
+
+
+def ring_cache_attention(q, k, v, positions, seq_len, cache_k, cache_v, window: int, scale=None, cap=None):
+    """Attention of a sliding-window layer through its ring cache of R slots.
+
+    The queries attend over the ring as it was before this call (slot r holds the latest
+    position < p0 that is r mod R, p0 = the call's first position) followed by this
+    call's own keys, masked to the window (t - window, t]; then the call's keys are
+    written at slot p % R, only those of real tokens (p < seq_len) among the last R.
+    Stale slots (rejected drafts, a previous occupant of the row) always fall outside
+    the window, so they are never attended.
+
+    Args:
+      q: [B, T, H, Dh]; k, v: [B, K, T, Dh]; positions: [B, T] consecutive per row.
+      seq_len: int32 [B]: tokens at positions >= seq_len are padding (not written).
+      cache_k, cache_v: [B, K, R, Dh].
+    Returns:
+      (attention output [B, T, H * Dh], (cache_k, cache_v)).
+    """
+    r = cache_k.shape[2]
+    before = positions[:, :1] - 1  # [B, 1]
+    ring_pos = before - jnp.mod(before - jnp.arange(r)[None, :], r)  # [B, R], all <= before
+    keys = jnp.concatenate([cache_k, k.astype(cache_k.dtype)], axis=2)
+    values = jnp.concatenate([cache_v, v.astype(cache_v.dtype)], axis=2)
+    key_pos = jnp.concatenate([ring_pos, positions], axis=1)[:, None, :]  # [B, 1, R + T]
+    query_pos = positions[:, :, None]
+    mask = (key_pos <= query_pos) & (key_pos > query_pos - window) & (key_pos >= 0)
+    out = attend(q, keys, values, mask, scale, cap)
+    last = seq_len[:, None]
+    write = (positions >= 0) & (positions < last) & (positions >= last - r)
+    slots = jnp.where(write, jnp.mod(positions, r), r)
+    return out, (_write_rows(cache_k, k, slots), _write_rows(cache_v, v, slots))
+
+
+def _activation(name: str):
+    return nn.silu if name == "silu" else (lambda x: nn.gelu(x, approximate=True))
+
+
+class MoE(nn.Module):
+    """Sparse mixture-of-experts MLP (Qwen3-MoE, Mixtral): router softmax over E experts,
+    top-k (`jax.lax.top_k`: ties go to the lower expert index, as torch.topk on CPU),
+    optionally renormalised, each token through its k experts' SwiGLU only.
+
+    Parameters: router.kernel [D, E]; gate, up [E, D, F]; down [E, F, D].
+    """
+
     config: DecoderConfig
-    window: int | None = None  # sliding window of this layer (None: whole context)
 
     @nn.compact
-    def __call__(self, x, positions, cache_kv):
-        """x: [B, T, D]; positions: [B, T]; cache_kv: None or (k, v), each [B, K, S, Dh]."""
+    def __call__(self, x):
         c = self.config
         dt = c.jnp_dtype
+        e, f, d, k = c.num_experts, c.moe_d_ff, c.d_model, c.experts_per_token
+        init = nn.initializers.normal(0.02)
+        gate = self.param("gate", init, (e, d, f), dt)
+        up = self.param("up", init, (e, d, f), dt)
+        down = self.param("down", nn.initializers.normal(0.02 / math.sqrt(2 * c.n_layers)), (e, f, d), dt)
+        shape = x.shape
+        xf = x.reshape(-1, d)  # [N, D]
+        probs = jax.nn.softmax(_dense(e, "router", dt)(xf).astype(jnp.float32), axis=-1)  # [N, E]
+        weights, experts = jax.lax.top_k(probs, k)  # [N, k]
+        if c.norm_topk_prob:
+            weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+        out = moe_experts(xf, gate, up, down, weights.astype(dt), experts, c.moe_impl, _activation(c.activation))
+        return out.reshape(shape)
+
+
+def moe_experts(x, gate, up, down, weights, experts, impl: str, act):
+    """sum_j weights[n, j] * down_e(act(gate_e x) * up_e x), e = experts[n, j].
+
+    Args:
+      x: [N, D]; gate, up: [E, D, F]; down: [E, F, D]; weights, experts: [N, k].
+      impl: "gather", "ragged", "dense" or "auto" (see `DecoderConfig.moe_impl`).
+    Returns:
+      [N, D].
+    """
+    n, k = experts.shape
+    e = gate.shape[0]
+    if impl == "auto":
+        impl = "gather" if n * k <= e else "ragged"
+    if impl == "gather":  # reads the k chosen experts of each token
+        h = act(jnp.einsum("nd,nkdf->nkf", x, gate[experts])) * jnp.einsum("nd,nkdf->nkf", x, up[experts])
+        y = jnp.einsum("nkf,nkfd->nkd", h, down[experts])
+        return jnp.einsum("nkd,nk->nd", y, weights)
+    if impl == "ragged":  # (token, expert) pairs sorted by expert, one grouped matmul per weight
+        flat = experts.reshape(-1)
+        order = jnp.argsort(flat, stable=True)
+        token = order // k
+        xs = x[token]  # [N k, D]
+        sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+        h = act(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)
+        ys = jax.lax.ragged_dot(h, down, sizes) * weights.reshape(-1)[order][:, None]
+        return jnp.zeros_like(x).at[token].add(ys)
+    # dense: every expert on every token, weighted by the (mostly zero) combine matrix
+    combine = jnp.zeros((n, e), weights.dtype).at[jnp.arange(n)[:, None], experts].set(weights)
+    h = act(jnp.einsum("nd,edf->nef", x, gate)) * jnp.einsum("nd,edf->nef", x, up)
+    return jnp.einsum("nef,efd,ne->nd", h, down, combine)
+
+
+class Block(nn.Module):
+    config: DecoderConfig
+    layer: int = 0
+
+    @nn.compact
+    def __call__(self, x, positions, cache_kv, seq_len):
+        """x: [B, T, D]; positions: [B, T]; cache_kv: None or (k, v), each [B, K, S_l, Dh];
+        seq_len: int32 [B], tokens at positions >= seq_len are padding."""
+        c = self.config
+        dt = c.jnp_dtype
+        window = c.layer_window(self.layer)
         out_std = 0.02 / math.sqrt(2 * c.n_layers)
         norm = lambda name: RMSNorm(c.norm_eps, dt, c.norm_plus_one, name=name)  # noqa: E731
+        pre = (lambda name, y: norm(name)(y)) if c.pre_norms else (lambda name, y: y)  # noqa: E731
 
-        y = norm("attn_norm")(x)
+        y = pre("attn_norm", x)
         b, t, _ = y.shape
-        q = _dense(c.n_heads * c.head_dim, "q", dt, bias=c.qkv_bias)(y).reshape(b, t, c.n_heads, c.head_dim)
-        k = _dense(c.n_kv_heads * c.head_dim, "k", dt, bias=c.qkv_bias)(y).reshape(b, t, c.n_kv_heads, c.head_dim)
-        v = _dense(c.n_kv_heads * c.head_dim, "v", dt, bias=c.qkv_bias)(y).reshape(b, t, c.n_kv_heads, c.head_dim)
-        q = rope(q, positions, c.rope_theta, c.rope_scaling)
-        k = rope(k, positions, c.rope_theta, c.rope_scaling).transpose(0, 2, 1, 3)  # [B, K, T, Dh]
-        v = v.transpose(0, 2, 1, 3)  # [B, K, T, Dh]
+        hd = c.head_dim
+        q = _dense(c.n_heads * hd, "q", dt, bias=c.qkv_bias)(y)
+        k = _dense(c.n_kv_heads * hd, "k", dt, bias=c.qkv_bias)(y)
+        v = _dense(c.n_kv_heads * hd, "v", dt, bias=c.qkv_bias)(y).reshape(b, t, c.n_kv_heads, hd)
+        if c.qk_norm == "full":  # OLMo 2: over the whole projection
+            q, k = norm("q_norm")(q), norm("k_norm")(k)
+        q, k = q.reshape(b, t, c.n_heads, hd), k.reshape(b, t, c.n_kv_heads, hd)
+        if c.qk_norm == "head":  # Qwen3, Gemma 3: over each head
+            q, k = norm("q_norm")(q), norm("k_norm")(k)
+        if self.layer not in c.no_rope_layers:
+            local = window is not None and c.local_rope_theta is not None
+            theta, scaling = (c.local_rope_theta, None) if local else (c.rope_theta, c.rope_scaling)
+            q = rope(q, positions, theta, scaling, c.rotary_dim, seq_len)
+            k = rope(k, positions, theta, scaling, c.rotary_dim, seq_len)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, Dh]
 
         if cache_kv is None:  # Full forward: attend within this call, causally.
-            keys, values, key_pos = k, v, positions
-        else:  # Write this call's keys/values at their positions, then attend over the cache.
-            cache_k, cache_v = cache_kv
-            rows = jnp.arange(b)[:, None]  # [B, 1] with positions [B, T]: cache[b, :, pos[b, t]]
-            k_rows = k.astype(cache_k.dtype).transpose(0, 2, 1, 3)  # [B, T, K, Dh]
-            v_rows = v.astype(cache_v.dtype).transpose(0, 2, 1, 3)
-            # Outside [0, S) nothing is written (negative indices would wrap): the logits are NaN.
-            write_at = jnp.where(positions < 0, cache_k.shape[2], positions)
-            cache_k = cache_k.at[rows, :, write_at].set(k_rows, mode="drop")
-            cache_v = cache_v.at[rows, :, write_at].set(v_rows, mode="drop")
-            keys, values = cache_k, cache_v
-            s = cache_k.shape[2]
-            key_pos = jnp.broadcast_to(jnp.arange(s), (b, s))
-            cache_kv = (cache_k, cache_v)
-        mask = key_pos[:, None, :] <= positions[:, :, None]  # [B, T, S] causal
-        if self.window is not None:  # and only the last `window` positions
-            mask &= key_pos[:, None, :] > positions[:, :, None] - self.window
-        if cache_kv is not None and t == 1 and self.window is None:  # decode: the filled blocks only
-            attn = attend_filled(q, keys, values, positions[:, 0], c.attn_scale, c.attn_softcap,
-                                 block=FILLED_BLOCK)
+            mask = positions[:, None, :] <= positions[:, :, None]  # [B, T, T]
+            if window is not None:
+                mask &= positions[:, None, :] > positions[:, :, None] - window
+            attn = attend(q, k, v, mask, c.attn_scale, c.attn_softcap)
+        elif window is None:
+            attn, cache_kv = full_cache_attention(q, k, v, positions, *cache_kv, c.attn_scale, c.attn_softcap)
         else:
-            attn = attend(q, keys, values, mask, c.attn_scale, c.attn_softcap)
+            attn, cache_kv = ring_cache_attention(q, k, v, positions, seq_len, *cache_kv, window, c.attn_scale,
+                                                  c.attn_softcap)
         attn = _dense(c.d_model, "o", dt, out_std)(attn)
         x = x + (norm("attn_post_norm")(attn) if c.post_norms else attn)
 
-        y = norm("mlp_norm")(x)
-        gate = _dense(c.d_ff, "gate", dt)(y)
-        up = _dense(c.d_ff, "up", dt)(y)
-        act = nn.silu(gate) if c.activation == "silu" else nn.gelu(gate, approximate=True)
-        mlp = _dense(c.d_model, "down", dt, out_std)(act * up)
+        y = pre("mlp_norm", x)
+        if c.layer_is_moe(self.layer):
+            mlp = MoE(c, name="moe")(y)
+        else:
+            gate = _dense(c.d_ff, "gate", dt)(y)
+            up = _dense(c.d_ff, "up", dt)(y)
+            mlp = _dense(c.d_model, "down", dt, out_std)(_activation(c.activation)(gate) * up)
         x = x + (norm("mlp_post_norm")(mlp) if c.post_norms else mlp)
         return x, cache_kv
 
@@ -230,7 +392,7 @@ class Decoder(nn.Module):
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, tokens, positions, cache: KVCache | None = None, hidden_index=None):
+    def __call__(self, tokens, positions, cache: KVCache | None = None, hidden_index=None, lengths=None):
         """
         Args:
           tokens: int32 [B, T].
@@ -238,6 +400,9 @@ class Decoder(nn.Module):
           cache: None for a plain forward pass, else a `KVCache` to read and update.
           hidden_index: None for logits at every position ([B, T, V]), or int32 [B]
             to return only the logits at that position of each row ([B, V]).
+          lengths: None (every token is real), or int32 [B]: tokens at positions
+            >= lengths are padding (not written into sliding-window rings; longrope
+            picks its factors from the real length).
         Returns:
           (logits, cache); cache is None when none was given.
         """
@@ -247,10 +412,11 @@ class Decoder(nn.Module):
         x = embed(tokens)  # [B, T, D]
         if c.embed_scale:  # Gemma: sqrt(D), rounded to the model's dtype as transformers does
             x = x * jnp.asarray(math.sqrt(c.d_model), c.jnp_dtype)
+        seq_len = jnp.max(positions, axis=1) + 1 if lengths is None else lengths
         new_k, new_v = [], []
         for i in range(c.n_layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            x, layer_cache = Block(c, c.layer_window(i), name=f"layers_{i}")(x, positions, layer_cache)
+            x, layer_cache = Block(c, i, name=f"layers_{i}")(x, positions, layer_cache, seq_len)
             if cache is not None:
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])
@@ -263,19 +429,21 @@ class Decoder(nn.Module):
             logits = _dense(c.vocab_size, "lm_head", c.jnp_dtype)(x).astype(jnp.float32)
         logits = softcap(logits, c.final_softcap)
         if cache is not None:
-            logits = _nan_outside_cache(logits, positions, cache.max_len, hidden_index)
+            logits = _nan_outside_cache(logits, positions, position_limit(c, cache), hidden_index)
         return logits, (None if cache is None else KVCache(tuple(new_k), tuple(new_v)))
 
 
-def _nan_outside_cache(logits, positions, max_len: int, hidden_index=None):
+def _nan_outside_cache(logits, positions, max_len: int | None, hidden_index=None):
     """NaN logits for tokens at a position outside the cache [0, S): never a silent result.
 
     Such a token's key/value is not written (the scatter drops it), so its logits would
     be computed without its own key; NaN makes the mistake visible (a sampler returns
     -1, `generate` reports NO_VALID_TOKEN). Positions [B, T]; logits [B, T, V], or [B, V]
-    at `hidden_index`.
+    at `hidden_index`. max_len None: only negative positions are outside.
     """
-    outside = (positions < 0) | (positions >= max_len)  # [B, T]
+    outside = positions < 0
+    if max_len is not None:
+        outside |= positions >= max_len  # [B, T]
     if hidden_index is not None:
         outside = jnp.take_along_axis(outside, hidden_index[:, None], axis=1)[:, 0]  # [B]
     return jnp.where(outside[..., None], jnp.nan, logits)
@@ -316,10 +484,13 @@ class DecoderLM:
     def _apply(self, *args, **kwargs):
         return Decoder(self.config).apply({"params": self.params}, *args, **kwargs)
 
-    def forward(self, tokens: jax.Array) -> jax.Array:
-        """Full forward pass without cache: int32 [B, T] -> float32 logits [B, T, V]."""
+    def forward(self, tokens: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
+        """Full forward pass without cache: int32 [B, T] -> float32 logits [B, T, V].
+
+        `lengths` [B] (optional) marks tokens past each row's length as right padding;
+        it only matters for longrope, whose factors depend on the real length."""
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        return self._apply(tokens, positions)[0]
+        return self._apply(tokens, positions, lengths=lengths)[0]
 
     def init_cache(self, batch_size: int, max_len: int) -> KVCache:
         return init_cache(self.config, batch_size, max_len)
@@ -335,16 +506,30 @@ class DecoderLM:
         """
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         tokens = jnp.where(positions < lengths[:, None], tokens, 0)
-        return self._apply(tokens, positions, cache, hidden_index=lengths - 1)
+        return self._apply(tokens, positions, cache, hidden_index=lengths - 1, lengths=lengths)
 
-    def prefill_all(self, tokens: jax.Array, cache: KVCache):
+    def prefill_into(self, tokens: jax.Array, lengths: jax.Array, rows: jax.Array, cache: KVCache):
+        """Prefills R prompts into rows `rows` of an existing cache (`generate_many`'s refills).
+
+        tokens int32 [R, P] (right-padded), lengths [R], rows int32 [R] -> (logits [R, V]
+        at each prompt's last real token, cache). The logits and the rows written are
+        exactly those of `prefill` on a fresh cache of R rows; every other row of `cache`
+        is untouched, and a row index outside [0, B) writes nothing.
+        """
+        fresh = jax.tree.map(lambda c: jnp.zeros((tokens.shape[0],) + c.shape[1:], c.dtype), cache)
+        logits, fresh = self.prefill(tokens, lengths, fresh)
+        return logits, jax.tree.map(lambda c, f: c.at[rows].set(f, mode="drop"), cache, fresh)
+
+    def prefill_all(self, tokens: jax.Array, cache: KVCache, lengths: jax.Array | None = None):
         """Like `prefill` but returns the logits at every prompt position [B, P, V].
 
         Every id in `tokens` must be inside the vocabulary, padding included (there are
         no lengths to mask it with): `generate` replaces padding by id 0 before calling.
+        `lengths` [B] (optional; `generate` passes it) keeps padding out of the
+        sliding-window rings, as `prefill` does.
         """
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        return self._apply(tokens, positions, cache)
+        return self._apply(tokens, positions, cache, lengths=lengths)
 
     def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache):
         """One token per row: tokens int32 [B] at positions int32 [B] -> (logits [B, V], cache).
@@ -357,6 +542,17 @@ class DecoderLM:
     def extend(self, tokens: jax.Array, positions: jax.Array, cache: KVCache):
         """T tokens per row in one call: tokens int32 [B, T], token t of row b at position
         positions[b] + t -> (logits [B, T, V], cache). Equals T successive `decode` calls
-        (up to float rounding); used to verify speculative drafts."""
-        positions = positions[:, None] + jnp.arange(tokens.shape[1])[None, :]  # [B, T]
+        (up to float rounding); used to verify speculative drafts.
+
+        Raises:
+          ValueError: T exceeds what a sliding-window ring can take back (its slack,
+            RING_SLACK + 1 tokens for a ring of window + RING_SLACK slots).
+        """
+        t = tokens.shape[1]
+        for i, k in enumerate(cache.k):
+            window = self.config.layer_window(i)
+            if window is not None and k.shape[2] >= window + RING_SLACK and t > k.shape[2] - window + 1:
+                raise ValueError(f"extend: {t} tokens in one call exceed layer {i}'s sliding-window ring "
+                                 f"({k.shape[2]} slots for window {window}: at most {k.shape[2] - window + 1})")
+        positions = positions[:, None] + jnp.arange(t)[None, :]  # [B, T]
         return self._apply(tokens, positions, cache)

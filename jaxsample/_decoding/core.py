@@ -32,6 +32,7 @@ key, prompt and sampler values, never on its batch-mates or the schedule.
 from __future__ import annotations
 
 import enum
+import inspect
 import operator
 from typing import Any, NamedTuple, Protocol, Sequence
 
@@ -59,7 +60,9 @@ class LanguageModel(Protocol):
 
     * ``prefill_all(tokens [B, P], cache) -> (logits [B, P, V], cache)``: logits at every
       prompt position, for ``prompt_logprobs=True`` (no fallback: refused without it).
-      Padding is replaced by id 0 before the call.
+      Padding is replaced by id 0 before the call; a ``lengths`` keyword, where the
+      method has one, receives the prompt lengths [B] (a cache that must not hold the
+      padding, such as a sliding-window ring, needs them).
     * ``extend(tokens [B, T], positions [B], cache) -> (logits [B, T, V], cache)``: T
       tokens per row at consecutive positions, for speculative verification (fallback:
       T ``decode`` calls).
@@ -404,7 +407,10 @@ def _prefill_with_logprobs(model, prompt_tokens, prompt_lengths, cache):
     p = prompt_tokens.shape[1]
     real = jnp.arange(p)[None, :] < prompt_lengths[:, None]  # [B, P]
     tokens = jnp.where(real, prompt_tokens, 0)  # padding may be any id, even outside the vocabulary
-    all_logits, cache = model.prefill_all(tokens, cache)  # [B, P, V]
+    if "lengths" in inspect.signature(model.prefill_all).parameters:  # keeps padding out of its cache
+        all_logits, cache = model.prefill_all(tokens, cache, lengths=prompt_lengths)  # [B, P, V]
+    else:
+        all_logits, cache = model.prefill_all(tokens, cache)  # [B, P, V]
     last = jnp.take_along_axis(all_logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
     logp = jax.nn.log_softmax(all_logits[:, :-1].astype(jnp.float32), axis=-1)  # predicts 1 .. P-1
     picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, P-1]

@@ -1,0 +1,157 @@
+"""The decoder's family switches without transformers: sliding-window rings, prefill_into,
+the three MoE computations, cache sizes (tests/test_hf_families.py checks them against
+transformers)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxsample as js
+from models import DecoderConfig, DecoderLM
+from models.decoder import RING_SLACK, cache_bytes, init_cache
+
+BASE = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48, max_seq_len=128)
+
+
+def _lm(seed=0, **changes):
+    lm = DecoderLM.random(DecoderConfig(**{**BASE, **changes}), jax.random.key(seed))
+    # O(1) weights, so that every key the window keeps or drops changes the logits
+    return DecoderLM(jax.tree.map(lambda x: x * 20.0 if x.ndim > 1 else x, lm.params), lm.config)
+
+
+def _tokens(b, t, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(1, 97, size=(b, t)), jnp.int32)
+
+
+def test_ring_cache_sizes_and_bytes():
+    c = DecoderConfig(**BASE, sliding_window=4, sliding_window_layers=(0,))
+    cache = init_cache(c, 2, 100)
+    assert cache.k[0].shape == (2, 2, 4 + RING_SLACK, 8) and cache.k[1].shape == (2, 2, 100, 8)
+    assert cache_bytes(c, 2, 100) == 2 * 2 * 2 * 8 * 4 * (4 + RING_SLACK + 100)
+    assert init_cache(c, 1, 10).k[0].shape[2] == 10  # shorter than the ring: the cache asked for
+
+
+@pytest.mark.parametrize("layers", [None, (1,)])
+def test_ring_prefill_longer_than_ring_then_decode_equals_full_forward(layers):
+    """Prompt 27 > ring 4 + 15 = 19 slots: prefill writes only the last 19 real positions
+    (ragged rows: padding never enters the ring), then 12 decode steps wrap the ring; every
+    logit equals the cache-free forward of the whole sequence (window mask, no cache)."""
+    lm = _lm(sliding_window=4, sliding_window_layers=layers)
+    seq = _tokens(2, 40, seed=1)
+    lengths = jnp.array([27, 20], jnp.int32)
+    full = np.asarray(lm.forward(seq))  # [2, 40, V]
+    cache = lm.init_cache(2, 64)
+    assert cache.k[1].shape[2] == 4 + RING_SLACK
+    padded = jnp.where(jnp.arange(40) < lengths[:, None], seq, 96)
+    logits, cache = jax.jit(lm.prefill)(padded[:, :27], lengths, cache)
+    for b in range(2):
+        np.testing.assert_allclose(np.asarray(logits[b]), full[b, lengths[b] - 1], atol=2e-4, rtol=0)
+    decode = jax.jit(lm.decode)
+    pos = lengths
+    for _ in range(12):
+        tok = jnp.take_along_axis(seq, pos[:, None], axis=1)[:, 0]
+        logits, cache = decode(tok, pos, cache)
+        for b in range(2):
+            np.testing.assert_allclose(np.asarray(logits[b]), full[b, pos[b]], atol=2e-4, rtol=0)
+        pos = pos + 1
+
+
+def test_ring_extend_equals_decode_and_refuses_more_than_the_slack():
+    lm = _lm(sliding_window=3)
+    seq = _tokens(1, 30, seed=2)
+    full = np.asarray(lm.forward(seq))
+    cache = lm.init_cache(1, 64)  # ring of 18
+    _, cache = lm.prefill(seq[:, :20], jnp.array([20]), cache)
+    # verify 16 drafts in one call (the slack), then resume from a rejection point: stale slots
+    # of rejected drafts must not be attended
+    logits, cache2 = lm.extend(seq[:, 20:30].at[:, 5:].set(7), jnp.array([20]), cache)
+    np.testing.assert_allclose(np.asarray(logits[0, :5]), full[0, 20:25], atol=2e-4, rtol=0)
+    out, _ = lm.decode(seq[:, 25], jnp.array([25]), lm.extend(seq[:, 20:25], jnp.array([20]), cache2)[1])
+    np.testing.assert_allclose(np.asarray(out[0]), full[0, 25], atol=2e-4, rtol=0)
+    with pytest.raises(ValueError, match="exceed layer 0's sliding-window ring"):
+        lm.extend(_tokens(1, RING_SLACK + 2), jnp.array([20]), cache)
+
+
+def test_all_ring_model_has_no_position_limit_and_generates_past_the_ring():
+    """Every layer sliding (Mistral): the cache is 19 slots, yet 40 positions decode exactly."""
+    lm = _lm(sliding_window=4)
+    seq = _tokens(1, 40, seed=3)
+    cache = lm.init_cache(1, 40)
+    assert all(k.shape[2] == 4 + RING_SLACK for k in cache.k)
+    _, cache = lm.prefill(seq[:, :2], jnp.array([2]), cache)
+    full = np.asarray(lm.forward(seq))
+    for p in range(2, 40):
+        logits, cache = lm.decode(seq[:, p], jnp.array([p]), cache)
+    np.testing.assert_allclose(np.asarray(logits[0]), full[0, 39], atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("changes", [dict(), dict(sliding_window=3, sliding_window_layers=(0,)),
+                                     dict(num_experts=4, experts_per_token=2, moe_d_ff=16)])
+def test_prefill_into_equals_a_fresh_prefill_and_leaves_other_rows(changes):
+    lm = _lm(**changes)
+    cache = lm.init_cache(4, 40)
+    _, cache = lm.prefill(_tokens(4, 30, seed=4), jnp.full((4,), 30, jnp.int32), cache)  # occupied rows
+    tokens, lengths, rows = _tokens(2, 25, seed=5), jnp.array([25, 9], jnp.int32), jnp.array([3, 1], jnp.int32)
+    logits, new = jax.jit(lm.prefill_into)(tokens, lengths, rows, cache)
+    ref_logits, ref = lm.prefill(tokens, lengths, lm.init_cache(2, 40))
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(ref_logits))
+    for layer in range(2):
+        for name in ("k", "v"):
+            got, old, want = (np.asarray(getattr(c, name)[layer]) for c in (new, cache, ref))
+            np.testing.assert_array_equal(got[[3, 1]], want)
+            np.testing.assert_array_equal(got[[0, 2]], old[[0, 2]])
+    # a row index outside the cache writes nothing
+    _, same = lm.prefill_into(tokens, lengths, jnp.array([4, 7], jnp.int32), cache)
+    np.testing.assert_array_equal(np.asarray(same.k[0]), np.asarray(cache.k[0]))
+
+
+def test_generate_many_with_ring_and_moe_equals_generate():
+    lm = _lm(sliding_window=3, sliding_window_layers=(1,), num_experts=4, experts_per_token=2, moe_d_ff=16)
+    tokens = _tokens(3, 12, seed=6)
+    lengths = jnp.array([12, 5, 8], jnp.int32)
+    keys = jax.random.split(jax.random.key(0), 3)
+    ref = js.generate(lm, tokens, lengths, keys, max_new_tokens=10)
+    rows = list(js.generate_many(lm, tokens, lengths, keys, max_new_tokens=10, slots=2))
+    for r in rows:
+        np.testing.assert_array_equal(r.tokens[:r.length], np.asarray(ref.tokens[r.index, :r.length]))
+
+
+@pytest.mark.parametrize("impl", ["gather", "ragged", "dense", "auto"])
+def test_moe_implementations_agree(impl):
+    """The three computations of the chosen experts give the same logits (dense: every expert
+    weighted by a mostly-zero mask, the reference)."""
+    base = _lm(num_experts=6, experts_per_token=2, moe_d_ff=16, moe_impl="dense")
+    lm = DecoderLM(base.params, base.config.replace(moe_impl=impl))
+    seq = _tokens(2, 9, seed=7)
+    np.testing.assert_allclose(np.asarray(lm.forward(seq)), np.asarray(base.forward(seq)), atol=2e-4, rtol=0)
+    cache = lm.init_cache(2, 12)
+    _, cache = lm.prefill(seq[:, :8], jnp.array([8, 8]), cache)
+    got, _ = lm.decode(seq[:, 8], jnp.array([8, 8]), cache)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(base.forward(seq)[:, 8]), atol=2e-4, rtol=0)
+
+
+def test_moe_routes_to_the_top_k_by_hand():
+    """One token, 3 experts, k=2: out = sum of the two largest-probability experts' SwiGLU outputs,
+    weights renormalised (norm_topk_prob) or not."""
+    from models.decoder import moe_experts
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1, 4)), jnp.float32)
+    gate, up = (jnp.asarray(rng.standard_normal((3, 4, 5)), jnp.float32) for _ in range(2))
+    down = jnp.asarray(rng.standard_normal((3, 5, 4)), jnp.float32)
+    w, e = jnp.array([[0.5, 0.3]]), jnp.array([[2, 0]])
+    silu = jax.nn.silu
+    want = sum(wk * ((silu(x @ gate[ek]) * (x @ up[ek])) @ down[ek]) for wk, ek in ((0.5, 2), (0.3, 0)))
+    for impl in ("gather", "ragged", "dense"):
+        np.testing.assert_allclose(np.asarray(moe_experts(x, gate, up, down, w, e, impl, silu)), np.asarray(want),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_active_parameter_count():
+    c = DecoderConfig(**BASE, num_experts=8, experts_per_token=2, moe_d_ff=16, moe_layers=(1,))
+    dense_layer = 3 * 32 * 48
+    assert c.num_params() - c.num_active_params() == 6 * 3 * 32 * 16
+    assert c.num_params() == DecoderConfig(**BASE).num_params() - dense_layer + 8 * 3 * 32 * 16 + 32 * 8
