@@ -19,8 +19,12 @@ AST nodes::
 from __future__ import annotations
 
 import re
-import sre_constants as _C
-import sre_parse as _P
+try:  # Python >= 3.11
+    from re import _constants as _C
+    from re import _parser as _P
+except ImportError:  # pragma: no cover
+    import sre_constants as _C
+    import sre_parse as _P
 from typing import Any, Sequence
 
 import numpy as np
@@ -34,8 +38,8 @@ class TooLarge(ValueError):
     """A size limit was crossed while building (the build stopped there)."""
 
     def __init__(self, what: str, limit_name: str, limit: int, detail: str = ""):
-        self.limit_name, self.limit = limit_name, limit
-        super().__init__(f"{what} needs more than {limit_name}={limit}{detail}")
+        self.limit_name, self.limit, self.detail = limit_name, limit, detail
+        super().__init__(f"{what} needs more than {limit} {limit_name[4:]}{detail}")
 
 
 # ----------------------------------------------------------------------------- AST helpers
@@ -197,7 +201,7 @@ class _NFA:
 
     def new(self) -> int:
         if len(self.eps) >= self.max_nfa:
-            raise TooLarge(self.what, "max_states", self.max_nfa, " (NFA states while building)")
+            raise TooLarge(self.what, "max_states", self.max_nfa, " NFA states")
         self.eps.append([])
         self.moves.append([])
         return len(self.eps) - 1
@@ -338,7 +342,11 @@ class _NFA:
         kind, a, b = node
         da = determinize(a, self.max_nfa, self.what)
         db = determinize(b, self.max_nfa, self.what)
-        ta, tb = da.table, db.table
+        ta = da.table
+        dead_b = db.table.shape[0]  # b's dead state as a real sink row (a diff continues through it)
+        tb = np.vstack([db.table, np.full((1, 256), -1, db.table.dtype)])
+        tb = np.where(tb < 0, dead_b, tb)
+        acc_b_of = np.append(db.accept, False)
         ids = {(0, 0): 0}
         order = [(0, 0)]
         rows = []
@@ -349,12 +357,12 @@ class _NFA:
             row = np.full(256, -1, np.int64)
             for byte in range(256):
                 x, y = na[byte], nb[byte]
-                if x < 0 or (kind == "and" and y < 0):
+                if x < 0 or (kind == "and" and y == dead_b):
                     continue
                 key = (int(x), int(y))
                 if key not in ids:
                     if len(order) >= self.max_nfa:
-                        raise TooLarge(self.what, "max_states", self.max_nfa, " (product automaton)")
+                        raise TooLarge(self.what, "max_states", self.max_nfa, " product states")
                     ids[key] = len(order)
                     order.append(key)
                 row[byte] = ids[key]
@@ -363,7 +371,7 @@ class _NFA:
         states = [start] + [self.new() for _ in order[1:]]
         end = self.new()
         for k, (sa, sb) in enumerate(order):
-            acc_b = sb >= 0 and db.accept[sb]
+            acc_b = bool(acc_b_of[sb])
             if da.accept[sa] and (acc_b if kind == "and" else not acc_b):
                 self.eps[states[k]].append(end)
             row = rows[k]
@@ -462,7 +470,7 @@ def determinize(node, max_states: int, what: str, max_nfa: int | None = None) ->
             j = ids.get(key)
             if j is None:
                 if len(order) >= max_states:
-                    raise TooLarge(what, "max_states", max_states, " (DFA states; the build stopped there)")
+                    raise TooLarge(what, "max_states", max_states, " DFA states")
                 j = ids[key] = len(order)
                 order.append(key)
             row[c] = j
@@ -580,7 +588,7 @@ def token_automaton(d: DFA, trie: TokenTrie, max_states: int, max_transitions: i
         r, k = np.nonzero(end >= 0)
         total += r.size
         if total > max_transitions * 4:
-            raise TooLarge(what, "max_transitions", max_transitions, " (token transitions; the build stopped there)")
+            raise TooLarge(what, "max_transitions", max_transitions, " token transitions")
         srcs.append(st[r])
         toks.append(trie.tok_id[k].astype(np.int32))
         dsts.append(end[r, k])
@@ -600,7 +608,7 @@ def token_automaton(d: DFA, trie: TokenTrie, max_states: int, max_transitions: i
         seen[nxt] = True
         count += nxt.size
         if count > max_states:
-            raise TooLarge(what, "max_states", max_states, " (token-level states; the build stopped there)")
+            raise TooLarge(what, "max_states", max_states, " token-level states")
         if nxt.size:
             order.append(nxt)
         frontier = nxt
@@ -609,7 +617,7 @@ def token_automaton(d: DFA, trie: TokenTrie, max_states: int, max_transitions: i
     local[order] = np.arange(order.size)
     keep = seen[src]
     if int(keep.sum()) > max_transitions:
-        raise TooLarge(what, "max_transitions", max_transitions, " (token transitions)")
+        raise TooLarge(what, "max_transitions", max_transitions, " token transitions")
     return (order.size, local[src[keep]], tok[keep].astype(np.int64), local[dst[keep]], d.accept[order])
 
 

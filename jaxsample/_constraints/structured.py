@@ -431,7 +431,10 @@ def _build(node: tuple, tokenizer: Any, fn: str, what: str, max_states, max_tran
         table = _pack(n, src, tok, dst, accept, vocab.size, vocab.eos_id)
     except _A.TooLarge as e:
         bound = s_lim if e.limit_name == "max_states" else t_lim
-        raise ValueError(f"{fn}: {e} (the bound is {e.limit_name}={bound}); pass a larger {e.limit_name} "
+        per = 4 * _words(vocab.size) + 4 if e.limit_name == "max_states" else 2
+        raise ValueError(f"{fn}: the automaton of {what} needs more than {e.limit_name}={bound} "
+                         f"{e.limit_name[4:]} (at least {bound * per / 2**20:.1f} MiB of device table; the build "
+                         f"stopped as soon as it crossed {e.limit}{e.detail}); pass a larger {e.limit_name} "
                          f"or a simpler constraint") from None
     except ValueError as e:
         raise ValueError(f"{fn}: cannot build a token automaton for {what}: {e}") from None
