@@ -493,22 +493,36 @@ def _trim_dfa(d: DFA) -> DFA:
     return DFA(table, d.accept & live)
 
 
+def _reach(src: np.ndarray, dst: np.ndarray, seeds, n: int) -> tuple[np.ndarray, list[int]]:
+    """States reachable from ``seeds`` along edges src -> dst: (mask, BFS order).
+
+    One pass over a CSR adjacency (``O(states + edges)``, no per-level array work), so a
+    chain of a million states costs the same per state as a wide automaton.
+    """
+    order_e = np.argsort(src, kind="stable")
+    nbr = dst[order_e].tolist()
+    starts = np.searchsorted(src[order_e], np.arange(n + 1)).tolist()
+    seen = bytearray(n)
+    order = []
+    for g in seeds:
+        g = int(g)
+        if not seen[g]:
+            seen[g] = 1
+            order.append(g)
+    i = 0
+    while i < len(order):
+        s = order[i]
+        i += 1
+        for t in nbr[starts[s]:starts[s + 1]]:
+            if not seen[t]:
+                seen[t] = 1
+                order.append(t)
+    return np.frombuffer(bytes(seen), np.uint8).astype(bool), order
+
+
 def _co_reachable(src: np.ndarray, dst: np.ndarray, goals: np.ndarray, n: int) -> np.ndarray:
-    """States from which a goal is reachable: a reverse BFS over CSR edges, O(states + edges)."""
-    order = np.argsort(dst, kind="stable")
-    rsrc = src[order]
-    starts = np.searchsorted(dst[order], np.arange(n + 1))
-    live = np.zeros(n, bool)
-    live[goals] = True
-    frontier = np.unique(goals)
-    while frontier.size:
-        idx = np.concatenate([rsrc[starts[f]:starts[f + 1]] for f in frontier]) if frontier.size < 64 else \
-            rsrc[np.concatenate([np.arange(starts[f], starts[f + 1]) for f in frontier])]
-        idx = np.unique(idx)
-        idx = idx[~live[idx]]
-        live[idx] = True
-        frontier = idx
-    return live
+    """States from which a goal is reachable (a reverse search, linear in states + edges)."""
+    return _reach(np.asarray(dst, np.int64), np.asarray(src, np.int64), goals, n)[0]
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -593,26 +607,11 @@ def token_automaton(d: DFA, trie: TokenTrie, max_states: int, max_transitions: i
         toks.append(trie.tok_id[k].astype(np.int32))
         dsts.append(end[r, k])
     src, tok, dst = np.concatenate(srcs), np.concatenate(toks), np.concatenate(dsts)
-    # forward BFS from the start over token edges
-    order_e = np.argsort(src, kind="stable")
-    src, tok, dst = src[order_e], tok[order_e], dst[order_e]
-    starts = np.searchsorted(src, np.arange(n_dfa + 1))
-    seen = np.zeros(n_dfa, bool)
-    seen[0] = True
-    order = [np.array([0])]
-    frontier = order[0]
-    count = 1
-    while frontier.size:
-        nxt = np.unique(np.concatenate([dst[starts[f]:starts[f + 1]] for f in frontier.tolist()]))
-        nxt = nxt[~seen[nxt]]
-        seen[nxt] = True
-        count += nxt.size
-        if count > max_states:
-            raise TooLarge(what, "max_states", max_states, " token-level states")
-        if nxt.size:
-            order.append(nxt)
-        frontier = nxt
-    order = np.concatenate(order)
+    # the states reachable from the start at token boundaries, in BFS order
+    seen, order = _reach(src.astype(np.int64), dst.astype(np.int64), [0], n_dfa)
+    if len(order) > max_states:
+        raise TooLarge(what, "max_states", max_states, " token-level states")
+    order = np.array(order, np.int64)
     local = np.full(n_dfa, -1, np.int64)
     local[order] = np.arange(order.size)
     keep = seen[src]
