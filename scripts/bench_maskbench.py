@@ -81,8 +81,8 @@ class BPETok:
         self.eos_id = eos[0] if eos else specials[0]["id"]
 
     def token_bytes(self):
-        from jaxsample._constraints.structured import token_bytes
-        return token_bytes(self._tok)
+        import jaxsample as js
+        return js.token_bytes(self._tok)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -107,59 +107,22 @@ def make_tokenizer(spec: str | None):
 
 
 class Ours:
-    """jaxsample's JSONSchema: the device tables walked on the host (or its host engine)."""
+    """jaxsample's JSONSchema (host="auto"): the device table walked on the host, or the host engine."""
 
     name = "jaxsample"
 
     def __init__(self, tok):
-        self.tok = tok
-        from jaxsample._constraints import structured as S
-        self.S = S
-        S._vocabulary(tok)  # the token trie, once
+        import jaxsample as js
+        self.js, self.tok = js, tok
+        js.Regex("a", tok)  # the vocabulary's trie, once
 
     def compile(self, schema):
-        from jaxsample._constraints import automaton as A
-        from jaxsample._constraints import schema as SC
-        S = self.S
-        vocab = S._vocabulary(self.tok)
-        ws = A.parse_regex(r"[ ]?")
-        try:
-            node = SC.schema_node(schema, ws)
-            dfa = A.determinize(node, 2 * S.DEFAULT_MAX_STATES + 8, "schema")
-            if not dfa.accept.any():
-                raise ValueError("the language is empty")
-            table = S._pack(*A.token_automaton(dfa, vocab.trie, S.DEFAULT_MAX_STATES, S.DEFAULT_MAX_TRANSITIONS,
-                                                "schema"), vocab.size, vocab.eos_id)
-            return ("device", _Walker(table, vocab.eos_id))
-        except (SC.NotRegular, A.TooLarge) as e:
-            lg = LLGuidance(self.tok)
-            return ("host", lg.compile(schema, why=str(e)))
+        c = self.js.JSONSchema(schema, self.tok)
+        return ("host" if isinstance(c, self.js.HostJSONSchema) else "device", c)
 
     @staticmethod
     def accepts(compiled, ids) -> bool:
-        kind, c = compiled
-        return c.accepts(ids) if kind == "device" else LLGuidance.accepts(c, ids)
-
-
-class _Walker:
-    def __init__(self, table, eos):
-        self.allowed, self.offsets, self.targets, self.eos = table.allowed, table.offsets, table.targets, eos
-        self.counts = np.unpackbits(self.allowed.view(np.uint8), axis=-1, bitorder="little").reshape(
-            self.allowed.shape[0], -1)
-
-    def step(self, s: int, t: int) -> int:
-        bits = self.counts[s]
-        if t >= bits.size or not bits[t]:
-            return 0
-        return int(self.targets[self.offsets[s] + int(bits[:t].sum())])
-
-    def accepts(self, ids) -> bool:
-        s = 2
-        for t in list(ids) + [self.eos]:
-            s = self.step(s, t)
-            if s == 0:
-                return False
-        return s == 1
+        return compiled[1].accepts(ids)
 
 
 class LLGuidance:
@@ -305,7 +268,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(shared_dir() / "maskbench" / "data"),
                    help="folder of MaskBench schema files (default: ../shared/maskbench/data)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N files (sorted by name)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N files (after --every)")
+    p.add_argument("--every", type=int, default=1, help="every K-th file sorted by name (a spread-out sample)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per schema and engine (default 10)")
     p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated engines (default: all installed)")
     t = p.add_mutually_exclusive_group()
@@ -313,6 +277,7 @@ def main(argv=None) -> int:
     t.add_argument("--train-bpe", type=int, metavar="V", help="train a byte-level BPE of V tokens on the instances")
     p.add_argument("--json-output", metavar="FILE", help="write the per-schema results and the summary here")
     p.add_argument("--show", type=int, default=0, help="print up to N failures per engine")
+    p.add_argument("--progress", action="store_true", help="print every schema's result to stderr as it finishes")
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         p.error(f"--limit must be >= 1, got {args.limit}")
@@ -321,7 +286,9 @@ def main(argv=None) -> int:
     data = Path(args.data)
     if not data.is_dir():
         p.error(f"--data: {str(data)!r} is not a folder (MaskBench's data)")
-    files = sorted(data.glob("*.json"))[: args.limit]
+    if args.every < 1:
+        p.error(f"--every must be >= 1, got {args.every}")
+    files = sorted(data.glob("*.json"))[:: args.every][: args.limit]
     cases = []
     for f in files:
         d = json.loads(f.read_text(encoding="utf-8"))
@@ -349,10 +316,13 @@ def main(argv=None) -> int:
     for n in names:
         w = Worker(n, tok_spec)
         t0 = time.time()
-        for fname, schema, tests in cases:
+        for i, (fname, schema, tests) in enumerate(cases):
             r = w.run(schema, tests, args.timeout)
             r["file"] = fname
             results[n].append(r)
+            if args.progress:
+                print(f"{n} {i + 1}/{len(cases)} {fname}: {r['status']} "
+                      f"{'' if r.get('compile_s') is None else round(r['compile_s'], 3)}", file=sys.stderr, flush=True)
         w.close()
         print(f"{n}: {len(cases)} schemas in {time.time() - t0:.0f} s", file=sys.stderr)
     summary = {}
@@ -365,7 +335,8 @@ def main(argv=None) -> int:
                           compile_p90_ms=float(np.percentile(ct, 90) * 1e3) if ct.size else None,
                           compile_max_ms=float(ct.max() * 1e3) if ct.size else None,
                           host_routed=sum(r.get("route") == "host" for r in rs))
-    print(f"\nMaskBench sample: {len(cases)} schemas, tokenizer {tok_name}, timeout {args.timeout:g} s\n")
+    print(f"\nMaskBench sample: {len(cases)} schemas (every {args.every}th file), tokenizer {tok_name}, "
+          f"timeout {args.timeout:g} s\n")
     print("| engine | passing | compile errors | timeouts | valid rejected | invalid accepted | compile p50 / p90 / max |")
     print("|---|---|---|---|---|---|---|")
     for n, s in summary.items():

@@ -62,12 +62,12 @@ def cat(*xs) -> tuple:
 
 
 def alt(*xs) -> tuple:
-    flat = []
+    flat, seen = [], set()
     for x in xs:
-        if x[0] == "alt":
-            flat.extend(y for y in x[1] if y not in flat)
-        elif x not in flat:
-            flat.append(x)
+        for y in (x[1] if x[0] == "alt" else (x,)):
+            if id(y) not in seen:
+                seen.add(id(y))
+                flat.append(y)
     return flat[0] if len(flat) == 1 else ("alt", tuple(flat))
 
 
@@ -126,6 +126,16 @@ def intersect_ranges(a, b) -> list[tuple[int, int]]:
             if lo <= hi:
                 out.append((lo, hi))
     return out
+
+
+def det(x) -> tuple:
+    """``x``, determinized on its own once and embedded as a DFA wherever it occurs.
+
+    The language is the same; the enclosing subset construction then sees one state of
+    ``x`` at a time instead of a set of its NFA states (much faster for strings, numbers
+    and any-value subschemas that occur many times).
+    """
+    return x if x[0] in ("lit", "dfa", "det") else ("det", x)
 
 
 def seq(items: Sequence[tuple[tuple, bool, bool]], sep: tuple, lo: int = 0, hi: int | None = None) -> tuple:
@@ -194,10 +204,11 @@ def _utf8_aligned(lo: int, hi: int, out: list) -> None:
 class _NFA:
     """Thompson NFA: ``eps[s]`` epsilon targets, ``moves[s]`` (byte lo, byte hi, target)."""
 
-    def __init__(self, max_nfa: int, what: str):
+    def __init__(self, max_nfa: int, what: str, cache: dict | None = None):
         self.eps: list[list[int]] = []
         self.moves: list[list[tuple[int, int, int]]] = []
         self.max_nfa, self.what = max_nfa, what
+        self.cache = {} if cache is None else cache  # id(node) -> (node, range moves, accepting)
 
     def new(self) -> int:
         if len(self.eps) >= self.max_nfa:
@@ -266,6 +277,20 @@ class _NFA:
             return end
         if kind in ("and", "diff"):
             return self._product(node, start)
+        if kind == "det":
+            got = self.cache.get(id(node[1]))
+            if got is None:
+                d = determinize(node[1], self.max_nfa, self.what, cache=self.cache)
+                got = (node[1], _range_moves(d.table), d.accept.tolist())
+                self.cache[id(node[1])] = got
+            _, moves, accept = got
+            states = [start] + [self.new() for _ in moves[1:]]
+            end = self.new()
+            for k, ms in enumerate(moves):
+                if accept[k]:
+                    self.eps[states[k]].append(end)
+                self.moves[states[k]].extend((a, b, states[t]) for a, b, t in ms)
+            return end
         if kind == "dfa":  # an explicit DFA: (rows of 256 targets or -1, accepting flags); row 0 = start
             table, accept = node[1]
             states = [start] + [self.new() for _ in table[1:]]
@@ -340,8 +365,8 @@ class _NFA:
 
     def _product(self, node, start: int) -> int:
         kind, a, b = node
-        da = determinize(a, self.max_nfa, self.what)
-        db = determinize(b, self.max_nfa, self.what)
+        da = determinize(a, self.max_nfa, self.what, cache=self.cache)
+        db = determinize(b, self.max_nfa, self.what, cache=self.cache)
         ta = da.table
         dead_b = db.table.shape[0]  # b's dead state as a real sink row (a diff continues through it)
         tb = np.vstack([db.table, np.full((1, 256), -1, db.table.dtype)])
@@ -389,6 +414,25 @@ class _NFA:
         return end
 
 
+def _range_moves(table: np.ndarray) -> list[list[tuple[int, int, int]]]:
+    """A DFA table as per-state (byte lo, byte hi, target) runs."""
+    out = []
+    for row in table.tolist():
+        ms, byte = [], 0
+        while byte < 256:
+            t = row[byte]
+            if t < 0:
+                byte += 1
+                continue
+            e = byte
+            while e + 1 < 256 and row[e + 1] == t:
+                e += 1
+            ms.append((byte, e, t))
+            byte = e + 1
+        out.append(ms)
+    return out
+
+
 class DFA:
     """``table[s, byte]`` next state (-1: dead), ``accept[s]``; state 0 is the start."""
 
@@ -396,13 +440,13 @@ class DFA:
         self.table, self.accept = table, accept
 
 
-def determinize(node, max_states: int, what: str, max_nfa: int | None = None) -> DFA:
+def determinize(node, max_states: int, what: str, max_nfa: int | None = None, cache: dict | None = None) -> DFA:
     """The DFA of ``node`` (subset construction), trimmed to states that can still accept.
 
     Raises:
       TooLarge: more than ``max_states`` DFA states (checked as each state is created).
     """
-    nfa = _NFA(max_nfa or max(4 * max_states, 1 << 20), what)
+    nfa = _NFA(max_nfa or max(4 * max_states, 1 << 20), what, cache)
     s0 = nfa.new()
     final = nfa.build(node, s0)
     eps, moves = nfa.eps, nfa.moves

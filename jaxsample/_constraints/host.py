@@ -167,6 +167,16 @@ class HostJSONSchema(LogitsProcessor):
         _set(self, "vocab_size", size)
         _set(self, "words", max(1, -(-size // 32)))
 
+    def accepts(self, token_ids, row: int = 0) -> bool:
+        """Whether ``token_ids`` then end-of-sequence is a complete output (llguidance on the host)."""
+        del row
+        llg = _llguidance()
+        lltok, grammar, eos, _ = _GRAMMARS[int(self.handle)]
+        m = llg.LLMatcher(lltok, grammar)
+        ids = [int(t) for t in token_ids]
+        return m.try_consume_tokens(ids) == len(ids) and not m.is_error() and m.consume_token(eos) \
+            and not m.is_error()
+
     def init(self, prompt_tokens, prompt_lengths, vocab_size, *, max_new_tokens=None) -> Array:
         """Fresh host matchers, one per row: their slot ids, ``int32[B]``."""
         del prompt_lengths, max_new_tokens

@@ -20,7 +20,8 @@ from typing import Any
 
 from jaxsample._constraints import automaton as A
 
-ANY_DEPTH = 2  # any-value subschemas ({} / true / unset additionalProperties): nesting depth
+ANY_DEPTH = 2  # any-value subschemas ({} / true): nesting depth of the values written
+EXTRA_DEPTH = 1  # likewise for the values of properties allowed by an unset additionalProperties
 MAX_CASES = 64  # dependencies / uniqueItems enumerations beyond this are refused
 ALL_TYPES = frozenset({"null", "boolean", "object", "array", "string", "number", "integer"})
 _ANNOTATIONS = {"$schema", "$id", "id", "title", "description", "default", "examples", "$comment", "readOnly",
@@ -72,7 +73,7 @@ def json_char(ranges) -> tuple:
 
 CHAR = json_char([(0, A.MAX_CP)])
 QUOTE = A.lit('"')
-STRING = A.cat(QUOTE, A.rep(CHAR, 0, None), QUOTE)
+STRING = A.det(A.cat(QUOTE, A.rep(CHAR, 0, None), QUOTE))
 DIGIT = A.cset([(48, 57)])
 DIGIT19 = A.cset([(49, 57)])
 FRAC_ANY = A.opt(A.cat(A.lit("."), A.rep(DIGIT, 1, None)))
@@ -81,7 +82,8 @@ FRAC_NONZERO = A.cat(A.lit("."), A.rep(DIGIT, 0, None), DIGIT19, A.rep(DIGIT, 0,
 EXP = A.opt(A.cat(A.cset([(69, 69), (101, 101)]), A.opt(A.cset([(43, 43), (45, 45)])), A.rep(DIGIT, 1, None)))
 NATURAL = A.alt(A.lit("0"), A.cat(DIGIT19, A.rep(DIGIT, 0, None)))
 INTEGER = A.cat(A.opt(A.lit("-")), NATURAL)
-NUMBER = A.cat(INTEGER, FRAC_ANY, EXP)
+NUMBER = A.det(A.cat(INTEGER, FRAC_ANY, EXP))
+INTEGER = A.det(INTEGER)
 BOOLEAN = A.alt(A.lit("true"), A.lit("false"))
 NULL = A.lit("null")
 
@@ -275,7 +277,7 @@ def _pointer(root: Any, ref: str, path: str) -> Any:
 class Compiler:
     """One schema's compiler (see the module docstring)."""
 
-    def __init__(self, root: Any, ws: tuple):
+    def __init__(self, root: Any, ws: tuple, check_only: bool = False):
         import jsonschema
         self.root, self.ws = root, ws
         cls = jsonschema.validators.validator_for(root if isinstance(root, dict) else {},
@@ -285,6 +287,8 @@ class Compiler:
         self.old_draft = cls.__name__ in ("Draft3Validator", "Draft4Validator", "Draft6Validator", "Draft7Validator")
         self.draft4 = cls.__name__ in ("Draft3Validator", "Draft4Validator")
         self.active: list[str] = []
+        self._any: dict[int, tuple] = {}
+        self.check_only = check_only  # a recursive $ref stands for any value: only the keywords are checked
         self.sep = A.cat(ws, A.lit(","), ws)
         self.colon = A.cat(ws, A.lit(":"), ws)
 
@@ -309,6 +313,8 @@ class Compiler:
                 if not isinstance(ref, str):
                     raise Unsupported(f"{path}/$ref", "$ref must be a string")
                 if ref in self.active or ref in refs:
+                    if self.check_only:
+                        continue
                     raise NotRegular(f"{path}/$ref: recursive reference {ref!r}")
                 refs.append(ref)
                 target = _pointer(self.root, ref, f"{path}/$ref")
@@ -602,7 +608,7 @@ class Compiler:
                 if not isinstance(p, str):
                     raise Unsupported(f"{path}/pattern", "pattern must be a string")
                 try:
-                    pats.append(A.parse_regex(p, search=True, char=json_char))
+                    pats.append(A.det(A.parse_regex(p, search=True, char=json_char)))
                 except A.RegexError as e:
                     raise Unsupported(f"{path}/pattern", f"pattern {p!r}: {e}") from None
             if "format" in s:
@@ -611,10 +617,10 @@ class Compiler:
                 if node is None and f in _STANDARD_FORMATS:
                     raise Unsupported(f"{path}/format", f"format {f!r} is not supported")
                 if node is not None:
-                    pats.append(node)
+                    pats.append(A.det(node))
         if hi is not None and hi < lo:
             return A.NOTHING
-        content = A.rep(CHAR, lo, hi)
+        content = A.det(A.rep(CHAR, lo, hi))
         if pats:
             body = pats[0]
             for p in pats[1:]:
@@ -806,7 +812,7 @@ class Compiler:
                 lang = ("diff", lang, listed)
             for f in key_filter:
                 lang = ("and", lang, f)
-            value = self.conj(sub) if sub else self.any_value(ANY_DEPTH)
+            value = self.conj(sub) if sub else self.any_value(EXTRA_DEPTH)
             if value != A.NOTHING:
                 extras.append(A.cat(lang, self.colon, value))
         if extras and allow_dup_count and (hi is None or hi > len(required)):
@@ -841,6 +847,12 @@ class Compiler:
         return [] if ap is True else [(ap, f"{path}/additionalProperties")]
 
     def any_value(self, depth: int) -> tuple:
+        got = self._any.get(depth)
+        if got is None:
+            got = self._any[depth] = A.det(self._any_value(depth))
+        return got
+
+    def _any_value(self, depth: int) -> tuple:
         scalars = A.alt(NULL, BOOLEAN, NUMBER, STRING)
         if depth <= 0:
             return scalars
@@ -902,5 +914,17 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def schema_node(schema: Any, ws: tuple) -> tuple:
-    """The AST of a schema's JSON texts (see the module docstring)."""
-    return Compiler(schema, ws).compile()
+    """The AST of a schema's JSON texts (see the module docstring).
+
+    Raises:
+      Unsupported: a keyword that cannot be enforced exactly (anywhere in the schema, also
+        beyond a recursive reference).
+      NotRegular: a recursive ``$ref`` (every keyword is supported).
+    """
+    try:
+        return Compiler(schema, ws).compile()
+    except NotRegular:
+        Compiler(schema, ws, check_only=True).compile()  # Unsupported wins over NotRegular
+        raise
+    except RecursionError:
+        raise NotRegular("the schema nests too deeply for the regex compiler") from None

@@ -1,8 +1,10 @@
 """Constrained decoding on device: regular expressions, JSON schemas and choices as token masks.
 
 A constraint is a token-level automaton (a DFA whose symbols are whole tokens) built on the
-host by ``outlines-core`` from a regular expression and a tokenizer's vocabulary, then held
-as arrays by the :class:`Constraint` processor. Its state is one DFA state per row
+host from a regular expression (or a JSON schema compiled to one, :mod:`.schema`) and a
+tokenizer's vocabulary (:mod:`.automaton`: byte DFA with a hard state bound, then every
+token's bytes walked through it at once over a trie), then held as arrays by the
+:class:`Constraint` processor (docs/structured.md). Its state is one DFA state per row
 (``int32[B]``), carried through ``generate``'s ``lax.scan`` like any other processor state:
 no host round trip per token.
 
@@ -346,6 +348,31 @@ class Constraint(LogitsProcessor):
                     padded_states=int(self.allowed.shape[0]), padded_transitions=int(self.targets.shape[0]),
                     nbytes=self.nbytes)
 
+    def accepts(self, token_ids: Sequence[int], row: int = 0) -> bool:
+        """Whether ``token_ids`` then end-of-sequence is a complete output (a host-side walk).
+
+        The walk is the device's ``update`` on the host (the same table): for tests,
+        benchmarks and checking outputs. ``row`` picks the start state of a per-row table.
+        """
+        host = self.__dict__.get("_host")
+        if host is None:
+            allowed = np.asarray(self.allowed)
+            bits = np.unpackbits(allowed.view(np.uint8), axis=-1, bitorder="little")
+            host = (bits, np.asarray(self.offsets), np.asarray(self.targets))
+            object.__setattr__(self, "_host", host)
+        bits, offsets, targets = host
+        init = np.asarray(self.initial)
+        s = int(init if init.ndim == 0 else init[row])
+        if s < 0:
+            return True
+        for t in token_ids:
+            t = int(t)
+            if not (0 <= t < bits.shape[1]) or not bits[s, t]:
+                return False
+            s = int(targets[offsets[s] + int(bits[s, :t].sum())])
+        n = int(bits[s].sum())
+        return bool((targets[offsets[s]:offsets[s] + n] == DONE).any())
+
     # -- processor protocol ---------------------------------------------------------
 
     def init(self, prompt_tokens, prompt_lengths, vocab_size, *, max_new_tokens=None) -> Array:
@@ -412,8 +439,22 @@ def _check_limit(fn: str, name: str, value) -> int:
                                                  "max_transitions": DEFAULT_MAX_TRANSITIONS}[name]
 
 
+def _table(node: tuple, vocab: "_Vocab", what: str, s_lim: int, t_lim: int, dfa_cap: int | None = None) -> _Table:
+    """AST -> bounded byte DFA -> token automaton -> packed host table (raises _A.TooLarge)."""
+    dfa = _A.determinize(node, dfa_cap or 2 * s_lim + 8, what)
+    if not dfa.accept.any():
+        raise ValueError("the language is empty (nothing can match)")
+    n, src, tok, dst, accept = _A.token_automaton(dfa, vocab.trie, s_lim, t_lim, what)
+    return _pack(n, src, tok, dst, accept, vocab.size, vocab.eos_id)
+
+
+#: With ``host="auto"``, JSON schemas whose byte DFA needs more states than this go to the
+#: host engine (their device build would take seconds on the host CPU).
+AUTO_DEVICE_STATES = 12_000
+
+
 def _build(node: tuple, tokenizer: Any, fn: str, what: str, max_states, max_transitions,
-           key: tuple | None = None) -> Constraint:
+           key: tuple | None = None, dfa_cap: int | None = None) -> Constraint:
     """AST -> bounded byte DFA -> token automaton -> padded device table (cached by ``key``)."""
     s_lim = _check_limit(fn, "max_states", max_states)
     t_lim = _check_limit(fn, "max_transitions", max_transitions)
@@ -424,11 +465,7 @@ def _build(node: tuple, tokenizer: Any, fn: str, what: str, max_states, max_tran
         if hit is not None:
             return hit
     try:
-        dfa = _A.determinize(node, 2 * s_lim + 8, what)
-        if not dfa.accept.any():
-            raise ValueError("the language is empty (nothing can match)")
-        n, src, tok, dst, accept = _A.token_automaton(dfa, vocab.trie, s_lim, t_lim, what)
-        table = _pack(n, src, tok, dst, accept, vocab.size, vocab.eos_id)
+        table = _table(node, vocab, what, s_lim, t_lim, dfa_cap)
     except _A.TooLarge as e:
         bound = s_lim if e.limit_name == "max_states" else t_lim
         per = 4 * _words(vocab.size) + 4 if e.limit_name == "max_states" else 2
@@ -450,9 +487,12 @@ def Regex(pattern: str, tokenizer: Any, *, max_states: int | None = None,
           max_transitions: int | None = None) -> Constraint:
     """Outputs that fully match a regular expression, then end-of-sequence.
 
-    The syntax is Rust's ``regex`` crate (as outlines-core uses it): the usual classes,
-    repetitions and groups; no look-around, back-references or ``^``; ``\\d`` and ``\\w``
-    are Unicode-aware, as in Python's ``re``. The match is over the UTF-8 bytes of the
+    The syntax is Python's ``re`` (parsed by its own parser): classes, repetitions,
+    groups and alternation; ``^`` / ``$`` only at the ends of the pattern or of a
+    top-level alternative; no look-around, back-references or inline flags (a clear
+    error). ``\\d``, ``\\w``, ``\\s`` match their ASCII members, ``\\D``, ``\\W``,
+    ``\\S`` what Python's Unicode classes leave out, so every output also matches the
+    pattern under Python's ``re``. The match is over the UTF-8 bytes of the
     tokens, so a token may stop inside a multi-byte character.
 
     Args:
@@ -564,7 +604,9 @@ def JSONSchema(schema: Any, tokenizer: Any, *, whitespace: str = r"[ ]?", host: 
                              f"installed to run it on the host") from None
         return _host_schema(schema, tokenizer, whitespace, fn, str(e))
     try:
-        return _build(node, tokenizer, fn, f"schema {text[:200]!r}", max_states, max_transitions, key=key[:3])
+        cap = None if host == "never" else min(2 * _check_limit(fn, "max_states", max_states) + 8, AUTO_DEVICE_STATES)
+        return _build(node, tokenizer, fn, f"schema {text[:200]!r}", max_states, max_transitions, key=key[:3],
+                      dfa_cap=cap)
     except ValueError as e:
         if host == "never" or "max_" not in str(e):
             raise
@@ -578,14 +620,6 @@ def _host_schema(schema, tokenizer, whitespace, fn, why):
     except ImportError:
         raise ValueError(f"{fn}: {why or 'host=always'}; the host engine needs llguidance: "
                          f"pip install 'jaxsample[structured]'") from None
-
-
-_META = set("\\.+*?()|[]{}^$#&-~")
-
-
-def _literal(text: str) -> str:
-    """``text`` as a regex that matches it literally (Rust regex escapes)."""
-    return "".join("\\" + c if c in _META else c for c in text)
 
 
 def Choice(choices: Sequence[str], tokenizer: Any, *, max_states: int | None = None,
