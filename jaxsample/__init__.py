@@ -211,6 +211,7 @@ __all__ += [
 ]
 
 # --- constrained decoding: regex / JSON schema / choices as token masks (pip install '.[structured]') ---
+from jaxsample._constraints.host import HostJSONSchema
 from jaxsample._constraints.structured import Choice
 from jaxsample._constraints.structured import Constraint
 from jaxsample._constraints.structured import JSONSchema
@@ -220,6 +221,7 @@ from jaxsample._constraints.structured import token_bytes
 
 __all__ += [
     "Choice",
+    "HostJSONSchema",
     "Constraint",
     "JSONSchema",
     "Regex",

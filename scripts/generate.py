@@ -204,19 +204,30 @@ def add_structured_flags(p: argparse.ArgumentParser) -> None:
     x.add_argument("--regex", metavar="PATTERN", help="every completion fully matches this regular expression")
     x.add_argument("--json-schema", metavar="FILE", help="every completion is JSON valid under this schema file")
     x.add_argument("--choice", metavar="A,B,C", help='every completion is one of these comma-separated texts')
+    g.add_argument("--max-states", type=int, metavar="N", default=None,
+                   help="the most automaton states a --regex / --json-schema / --choice constraint may use "
+                        "(default 65536; the build stops as soon as it needs more)")
+    g.add_argument("--max-transitions", type=int, metavar="N", default=None,
+                   help="likewise for (state, token) transitions (default 2**26)")
     g.add_argument("--json-output", action="store_true",
                    help="print one JSON object per sample (prompt, completion, token_ids, finish_reason)")
 
 
-def read_schema(path: str | None) -> dict | None:
+def read_schema(path: str | None) -> dict | bool | None:
     """The --json-schema file as a dict (a ValueError naming the flag and file if unreadable)."""
     if path is None:
         return None
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            schema = json.load(f)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--json-schema: {path!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"--json-schema: cannot read a JSON schema from {path!r}: {e}") from None
+    if not isinstance(schema, (dict, bool)):
+        raise ValueError(f"--json-schema: {path!r} holds a JSON {type(schema).__name__}, not a schema "
+                         f"(a JSON object or a boolean)")
+    return schema
 
 
 def check_structured_flags(parser: argparse.ArgumentParser, args, beam) -> None:
@@ -228,13 +239,29 @@ def check_structured_flags(parser: argparse.ArgumentParser, args, beam) -> None:
 
 
 def build_constraint(args, tok) -> js.Constraint | None:
-    """The constraint of --regex / --json-schema / --choice (None without one), built before tracing."""
-    if args.regex is not None:
-        return js.Regex(args.regex, tok)
-    if args.json_schema is not None:
-        return js.JSONSchema(read_schema(args.json_schema), tok)
-    if args.choice is not None:
-        return js.Choice(args.choice.split(","), tok)
+    """The constraint of --regex / --json-schema / --choice (None without one), built before tracing.
+
+    Errors name the CLI flags (--max-states, not the Python argument max_states).
+    """
+    for flag in ("max_states", "max_transitions"):
+        v = getattr(args, flag, None)
+        if v is not None and v < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+    limits = dict(max_states=getattr(args, "max_states", None), max_transitions=getattr(args, "max_transitions", None))
+    try:
+        if args.regex is not None:
+            return js.Regex(args.regex, tok, **limits)
+        if args.json_schema is not None:
+            return js.JSONSchema(read_schema(args.json_schema), tok, **limits)
+        if args.choice is not None:
+            return js.Choice(args.choice.split(","), tok, **limits)
+    except ValueError as e:
+        msg = str(e)
+        for name in ("max_states", "max_transitions"):
+            msg = msg.replace(f"pass a larger {name}", f"pass a larger --{name.replace('_', '-')}")
+            msg = msg.replace(f"{name}=", f"--{name.replace('_', '-')} ")
+        flag = "--regex" if args.regex is not None else "--json-schema" if args.json_schema is not None else "--choice"
+        raise ValueError(f"{flag}: {msg}") from None
     return None
 
 

@@ -214,8 +214,9 @@ def _reference_mask(regex_dfa, prefix: bytes, pieces, eos_id, vocab_size):
 @pytest.mark.parametrize("which", ["byte", "hf"])
 def test_device_mask_equals_brute_force_walk_over_token_bytes(which, hf_tok):
     tok = TOK if which == "byte" else hf_tok
-    regexes = [DATE, NUMBER, outlines_core.json_schema.build_regex_from_schema(json.dumps(SCHEMA), r"[ ]?")]
-    built = [js.Regex(DATE, tok), js.Regex(NUMBER, tok), js.JSONSchema(SCHEMA, tok)]
+    # outlines-core's byte DFA of the same regexes is the independent reference
+    regexes = [DATE, NUMBER, "(yes|no|perchance)"]
+    built = [js.Regex(DATE, tok), js.Regex(NUMBER, tok), js.Choice(["yes", "no", "perchance"], tok)]
     walks = 6  # random walks per constraint, all stacked in one per-row constraint
     c = js.stack_constraints([b for b in built for _ in range(walks)])
     dfas = [_byte_automaton(r) for r in regexes for _ in range(walks)]
@@ -349,14 +350,14 @@ def test_docstring_examples():
 
 
 @pytest.mark.parametrize("build, match", [
-    (lambda: js.Regex("a(", TOK), r"Regex: cannot build a token automaton for pattern='a\('"),
-    (lambda: js.Regex("^a", TOK), "pattern='\\^a'"),
-    (lambda: js.Regex(DATE, TOK, max_states=4), "needs 16 states, more than max_states=4"),
+    (lambda: js.Regex("a(", TOK), r"Regex: pattern='a\(': invalid regular expression"),
+    (lambda: js.Regex("a^b", TOK), "pattern='a\\^b': an anchor"),
+    (lambda: js.Regex(DATE, TOK, max_states=4), "needs more than max_states=4 states"),
     (lambda: js.Regex(DATE, TOK, max_transitions=10), "more than max_transitions=10"),
     (lambda: js.Regex(DATE, TOK, max_states=0), "max_states must be a positive int"),
     (lambda: js.JSONSchema("{not json", TOK), "schema is not valid JSON"),
-    (lambda: js.JSONSchema({"type": "foo"}, TOK), "unsupported or invalid schema"),
-    (lambda: js.JSONSchema({"type": "integer", "minimum": 0}, TOK), r"#/minimum cannot be enforced"),
+    (lambda: js.JSONSchema({"type": "foo"}, TOK), r"#/type: unknown type 'foo'"),
+    (lambda: js.JSONSchema({"type": "array", "contains": {"type": "integer"}}, TOK), r"#/contains"),
     (lambda: js.JSONSchema({"type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}}, TOK),
      r"#/properties/a/uniqueItems"),
     (lambda: js.Choice([], TOK), "choices must not be empty"),
@@ -377,10 +378,10 @@ def test_more_errors(hf_tok):
     digits = js.Regex("[0-9]+", Digits())
     mask = digits.apply(jnp.zeros((1, 11)), digits.init(jnp.zeros((1, 1), jnp.int32), None, 11), None)
     assert np.isfinite(np.asarray(mask[0])).tolist() == [True] * 10 + [False]  # no EOS before a digit
-    with pytest.raises(ValueError, match=r"pattern='\[0-9\]x'.*missing tokens"):
-        js.Regex("[0-9]x", Digits())  # the vocabulary cannot spell "x" (outlines-core's error)
+    with pytest.raises(ValueError, match=r"pattern='\[0-9\]x'.*cannot spell any complete match"):
+        js.Regex("[0-9]x", Digits())  # the vocabulary cannot spell "x"
     with pytest.raises(ValueError, match=r"pattern='\[0-9\]\+x'.*cannot spell any complete match"):
-        js.Regex("[0-9]+x", Digits())  # outlines-core builds a digit loop with no way out: refused
+        js.Regex("[0-9]+x", Digits())  # a digit loop with no way out: refused
     trap = js.Regex("1[0-9]*x|2", Digits())  # after "1" the output could never end: "1" is masked
     state = trap.init(jnp.zeros((1, 1), jnp.int32), None, 11)
     assert np.nonzero(np.isfinite(np.asarray(trap.apply(jnp.zeros((1, 11)), state, None)[0])))[0].tolist() == [2]
@@ -393,7 +394,7 @@ def test_more_errors(hf_tok):
         c.init(jnp.zeros((3, 1), jnp.int32), None, 259)
     with pytest.raises(ValueError, match="model's vocabulary"):
         c.init(jnp.zeros((2, 1), jnp.int32), None, 100)
-    assert js.JSONSchema({"type": "integer", "minimum": 0}, TOK, strict=False).sizes()["states"] > 2
+    assert js.JSONSchema({"type": "integer", "minimum": 0}, TOK).sizes()["states"] > 2
     # regex semantics follow Python's re on these: escapes in choices are literal
     c = js.Choice(["a.b", "(x|y)", "1+1"], TOK)
     assert c.sizes()["states"] == js.Choice(["axb", "[x,y]", "121"], TOK).sizes()["states"]

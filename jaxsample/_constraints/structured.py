@@ -1,8 +1,10 @@
 """Constrained decoding on device: regular expressions, JSON schemas and choices as token masks.
 
 A constraint is a token-level automaton (a DFA whose symbols are whole tokens) built on the
-host by ``outlines-core`` from a regular expression and a tokenizer's vocabulary, then held
-as arrays by the :class:`Constraint` processor. Its state is one DFA state per row
+host from a regular expression (or a JSON schema compiled to one, :mod:`.schema`) and a
+tokenizer's vocabulary (:mod:`.automaton`: byte DFA with a hard state bound, then every
+token's bytes walked through it at once over a trie), then held as arrays by the
+:class:`Constraint` processor (docs/structured.md). Its state is one DFA state per row
 (``int32[B]``), carried through ``generate``'s ``lax.scan`` like any other processor state:
 no host round trip per token.
 
@@ -45,6 +47,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsample import _validation as _val
+from jaxsample._constraints import automaton as _A
+from jaxsample._constraints.host import HostJSONSchema
+from jaxsample._constraints.vocab import _bits, _hf_token_bytes, token_bytes  # noqa: F401  (token_bytes: public)
 from jaxsample._processors.base import LogitsProcessor, _set, processor_dataclass, static_field
 
 __all__ = [
@@ -64,99 +69,21 @@ DEFAULT_MAX_STATES = 1 << 16
 DEFAULT_MAX_TRANSITIONS = 1 << 26
 
 
-# ----------------------------------------------------------------------------- vocabulary
-
-
-def _byte_level_decoder() -> dict[str, int]:
-    """GPT-2's byte <-> printable-unicode map, inverted (the ByteLevel pre-tokenizer's alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
-def _hf_token_bytes(tok: Any) -> list[bytes | None]:
-    """Bytes of every id of a ``tokenizers.Tokenizer`` (None for special tokens).
-
-    Supports byte-level BPE (a ``ByteLevel`` decoder: GPT-2, Llama 3, Qwen, ...) and
-    SentencePiece-style vocabularies (``▁`` for space, ``<0xNN>`` byte fallback: Llama 2,
-    Mistral). Other decoders (WordPiece, ...) are refused.
-    """
-    spec = json.loads(tok.to_str())
-    decoder = spec.get("decoder") or {}
-    kinds = {d.get("type") for d in decoder.get("decoders", [decoder])}
-    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
-    added = {t["id"]: t["content"] for t in spec.get("added_tokens", []) if not t.get("special")}
-    vocab = tok.get_vocab(with_added_tokens=True)
-    out: list[bytes | None] = [None] * tok.get_vocab_size()
-    if "ByteLevel" in kinds:
-        table = _byte_level_decoder()
-
-        def to_bytes(s: str) -> bytes | None:
-            try:
-                return bytes(table[c] for c in s)
-            except KeyError:  # not in the byte alphabet: a plain-text added token
-                return s.encode("utf-8")
-    elif kinds & {"ByteFallback", "Metaspace", "Replace"}:
-        def to_bytes(s: str) -> bytes | None:
-            if len(s) == 6 and s.startswith("<0x") and s.endswith(">"):
-                return bytes([int(s[3:5], 16)])
-            return s.replace("\u2581", " ").encode("utf-8")
-    else:
-        raise ValueError(f"token_bytes: unsupported tokenizer decoder {sorted(k for k in kinds if k)}; "
-                         f"byte-level BPE and SentencePiece-style vocabularies are supported")
-    for text, i in vocab.items():
-        if i in special or not 0 <= i < len(out):
-            continue
-        out[i] = added[i].encode("utf-8") if i in added else to_bytes(text)
-    return out
-
-
-def token_bytes(tokenizer: Any) -> list[bytes | None]:
-    """The bytes each token id stands for (``None``: a special token, never generated as text).
-
-    Accepts ``models.ByteTokenizer`` (ids 0..255 are bytes), ``models.HFTokenizer``, a
-    ``tokenizers.Tokenizer``, or any object with a ``token_bytes()`` method returning such
-    a list.
-
-    Example:
-      >>> from models import ByteTokenizer
-      >>> token_bytes(ByteTokenizer())[65], token_bytes(ByteTokenizer())[257]
-      (b'A', None)
-    """
-    if callable(getattr(tokenizer, "token_bytes", None)):  # models.ByteTokenizer has one
-        return list(tokenizer.token_bytes())
-    inner = getattr(tokenizer, "_tok", tokenizer)  # models.HFTokenizer wraps a tokenizers.Tokenizer
-    if hasattr(inner, "to_str") and hasattr(inner, "get_vocab"):
-        return _hf_token_bytes(inner)
-    raise TypeError(f"token_bytes: unsupported tokenizer {type(tokenizer).__name__}; pass a ByteTokenizer, "
-                    f"an HFTokenizer, a tokenizers.Tokenizer, or an object with token_bytes()")
-
-
 class _Vocab(NamedTuple):
-    index_vocabulary: Any  # outlines_core.Vocabulary
+    trie: Any  # automaton.TokenTrie
     size: int
     eos_id: int
+    pieces: frozenset  # the bytes of every ordinary token
+    max_len: int
+    cache: dict  # compiled constraints by (kind, text, options)
 
 
 _VOCABS: "weakref.WeakKeyDictionary[Any, _Vocab]" = weakref.WeakKeyDictionary()
-
-
-def _outlines():
-    try:
-        import outlines_core
-    except ImportError as e:  # pragma: no cover - depends on the optional extra
-        raise ImportError("constrained decoding needs outlines-core: pip install 'jaxsample[structured]'") from e
-    return outlines_core
+_CACHE_SIZE = 64
 
 
 def _vocabulary(tokenizer: Any) -> _Vocab:
-    """outlines-core's Vocabulary of a tokenizer (cached per tokenizer object)."""
+    """The tokenizer's token trie (cached per tokenizer object, with its compiled constraints)."""
     try:
         return _VOCABS[tokenizer]
     except (KeyError, TypeError):
@@ -168,16 +95,26 @@ def _vocabulary(tokenizer: Any) -> _Vocab:
     size = int(getattr(tokenizer, "vocab_size", len(pieces)))
     if not 0 <= int(eos) < size:
         raise ValueError(f"constraint: eos_id={eos} is outside the vocabulary [0, {size})")
-    by_bytes: dict[bytes, list[int]] = {}
-    for i, b in enumerate(pieces[:size]):
-        if b and i != eos:  # empty and special tokens never match text
-            by_bytes.setdefault(b, []).append(i)
-    vocab = _Vocab(_outlines().Vocabulary(int(eos), by_bytes), size, int(eos))
+    words = frozenset(b for i, b in enumerate(pieces[:size]) if b and i != eos)
+    vocab = _Vocab(_A.TokenTrie(pieces, int(eos), size), size, int(eos), words,
+                   max((len(b) for b in words), default=0), {})
     try:
         _VOCABS[tokenizer] = vocab
     except TypeError:  # not weak-referenceable: no cache
         pass
     return vocab
+
+
+def _spellable(vocab: _Vocab, text: bytes) -> bool:
+    """Whether some sequence of the vocabulary's tokens spells ``text`` exactly."""
+    reach = np.zeros(len(text) + 1, bool)
+    reach[0] = True
+    for i in range(len(text)):
+        if reach[i]:
+            for j in range(i + 1, min(len(text), i + vocab.max_len) + 1):
+                if text[i:j] in vocab.pieces:
+                    reach[j] = True
+    return bool(reach[-1])
 
 
 # ----------------------------------------------------------------------------- host tables
@@ -195,33 +132,19 @@ def _words(vocab_size: int) -> int:
     return max(1, -(-vocab_size // 32))
 
 
-def _pack(index: Any, vocab_size: int, eos_id: int) -> _Table:
-    """outlines-core Index -> packed arrays: DEAD = 0, DONE = 1, the initial state = 2."""
-    transitions = index.get_transitions()  # {state: {token: next state}}
-    initial = index.get_initial_state()
-    order = [initial] + sorted(s for s in transitions if s != initial)
-    local = {s: START + i for i, s in enumerate(order)}
-    n = START + len(order)
-    src, tok, dst = [np.array([DONE], np.int64)], [np.array([eos_id], np.int64)], [np.array([DONE], np.int64)]
-    for s, moves in transitions.items():
-        if not moves:
-            continue
-        t = np.fromiter(moves.keys(), np.int64, len(moves))
-        d = np.fromiter((DONE if k == eos_id else local.get(v, DEAD) for k, v in moves.items()), np.int64, len(moves))
-        src.append(np.full(len(moves), local[s], np.int64))
-        tok.append(t)
-        dst.append(d)
-    src, tok, dst = np.concatenate(src), np.concatenate(tok), np.concatenate(dst)
-    # Only states from which the output can still end (DONE is reachable) are kept: with a
-    # vocabulary that cannot spell some continuation, outlines-core leaves trap states.
-    live = np.zeros(n, bool)
-    live[DONE] = True
-    while True:
-        grown = live.copy()
-        grown[src[live[dst]]] = True
-        if (grown == live).all():
-            break
-        live = grown
+def _pack(n: int, src: np.ndarray, tok: np.ndarray, dst: np.ndarray, accept: np.ndarray,
+          vocab_size: int, eos_id: int) -> _Table:
+    """Token automaton (local state 0 = start) -> packed arrays: DEAD = 0, DONE = 1, start = 2.
+
+    Only states from which the output can still end are kept (a reverse search, linear in
+    states + transitions): a vocabulary that cannot spell some continuation leaves traps.
+    """
+    acc = np.nonzero(accept)[0]
+    src = np.concatenate([[DONE], src + START, acc + START]).astype(np.int64)
+    tok = np.concatenate([[eos_id], tok, np.full(acc.size, eos_id)]).astype(np.int64)
+    dst = np.concatenate([[DONE], dst + START, np.full(acc.size, DONE)]).astype(np.int64)
+    n = n + START
+    live = _A._co_reachable(src, dst, np.array([DONE]), n)
     if not live[START]:
         raise ValueError("the vocabulary cannot spell any complete match (no accepting state is reachable)")
     keep = (tok >= 0) & (tok < vocab_size) & live[src] & live[dst]
@@ -354,6 +277,31 @@ class Constraint(LogitsProcessor):
                     padded_states=int(self.allowed.shape[0]), padded_transitions=int(self.targets.shape[0]),
                     nbytes=self.nbytes)
 
+    def accepts(self, token_ids: Sequence[int], row: int = 0) -> bool:
+        """Whether ``token_ids`` then end-of-sequence is a complete output (a host-side walk).
+
+        The walk is the device's ``update`` on the host (the same table): for tests,
+        benchmarks and checking outputs. ``row`` picks the start state of a per-row table.
+        """
+        host = self.__dict__.get("_host")
+        if host is None:
+            allowed = np.asarray(self.allowed)
+            bits = np.unpackbits(allowed.view(np.uint8), axis=-1, bitorder="little")
+            host = (bits, np.asarray(self.offsets), np.asarray(self.targets))
+            object.__setattr__(self, "_host", host)
+        bits, offsets, targets = host
+        init = np.asarray(self.initial)
+        s = int(init if init.ndim == 0 else init[row])
+        if s < 0:
+            return True
+        for t in token_ids:
+            t = int(t)
+            if not (0 <= t < bits.shape[1]) or not bits[s, t]:
+                return False
+            s = int(targets[offsets[s] + int(bits[s, :t].sum())])
+        n = int(bits[s].sum())
+        return bool((targets[offsets[s]:offsets[s] + n] == DONE).any())
+
     # -- processor protocol ---------------------------------------------------------
 
     def init(self, prompt_tokens, prompt_lengths, vocab_size, *, max_new_tokens=None) -> Array:
@@ -377,14 +325,6 @@ class Constraint(LogitsProcessor):
     def update(self, state: Array, token: Array, processed_logits: Array) -> Array:
         del processed_logits
         return _update(state, token, self.allowed, self.offsets, self.targets)
-
-
-def _bits(words: Array, v: int) -> Array:
-    """uint32 [B, W] -> bool [B, v] (bit j of word i is token 32 i + j; beyond 32 W: False)."""
-    shifts = jnp.arange(32, dtype=jnp.uint32)
-    bits = ((words[..., None] >> shifts) & 1).astype(bool).reshape(*words.shape[:-1], -1)  # [B, 32 W]
-    n = bits.shape[-1]
-    return bits[..., :v] if v <= n else jnp.pad(bits, [(0, 0)] * (bits.ndim - 1) + [(0, v - n)])
 
 
 def _apply(logits: Array, state: Array, allowed: Array) -> Array:
@@ -413,26 +353,67 @@ def _update(state: Array, token: Array, allowed: Array, offsets: Array, targets:
 # ----------------------------------------------------------------------------- builders
 
 
-def _build(regex: str, tokenizer: Any, fn: str, what: str, max_states, max_transitions) -> Constraint:
+def _check_limit(fn: str, name: str, value) -> int:
+    if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{fn}: {name} must be a positive int, got {value!r}")
+    return int(value) if value is not None else {"max_states": DEFAULT_MAX_STATES,
+                                                 "max_transitions": DEFAULT_MAX_TRANSITIONS}[name]
+
+
+def _table(node: tuple, vocab: "_Vocab", what: str, s_lim: int, t_lim: int, dfa_cap: int | None = None) -> _Table:
+    """AST -> bounded byte DFA -> token automaton -> packed host table (raises _A.TooLarge)."""
+    dfa = _A.determinize(node, dfa_cap or 2 * s_lim + 8, what)
+    if not dfa.accept.any():
+        raise ValueError("the language is empty (nothing can match)")
+    n, src, tok, dst, accept = _A.token_automaton(dfa, vocab.trie, s_lim, t_lim, what)
+    return _pack(n, src, tok, dst, accept, vocab.size, vocab.eos_id)
+
+
+#: With ``host="auto"``, JSON schemas whose byte DFA needs more states than this go to the
+#: host engine (their device build would take seconds on the host CPU).
+AUTO_DEVICE_STATES = 12_000
+
+
+def _build(node: tuple, tokenizer: Any, fn: str, what: str, max_states, max_transitions,
+           key: tuple | None = None, dfa_cap: int | None = None) -> Constraint:
+    """AST -> bounded byte DFA -> token automaton -> padded device table (cached by ``key``)."""
+    s_lim = _check_limit(fn, "max_states", max_states)
+    t_lim = _check_limit(fn, "max_transitions", max_transitions)
     vocab = _vocabulary(tokenizer)
+    if key is not None:
+        key = key + (max_states, max_transitions)
+        hit = vocab.cache.get(key)
+        if hit is not None:
+            return hit
     try:
-        index = _outlines().Index(regex, vocab.index_vocabulary)
+        table = _table(node, vocab, what, s_lim, t_lim, dfa_cap)
+    except _A.TooLarge as e:
+        bound = s_lim if e.limit_name == "max_states" else t_lim
+        per = 4 * _words(vocab.size) + 4 if e.limit_name == "max_states" else 2
+        raise ValueError(f"{fn}: the automaton of {what} needs more than {e.limit_name}={bound} "
+                         f"{e.limit_name[4:]} (at least {bound * per / 2**20:.1f} MiB of device table; the build "
+                         f"stopped as soon as it crossed {e.limit}{e.detail}); pass a larger {e.limit_name} "
+                         f"or a simpler constraint") from None
     except ValueError as e:
         raise ValueError(f"{fn}: cannot build a token automaton for {what}: {e}") from None
-    try:
-        table = _pack(index, vocab.size, vocab.eos_id)
-    except ValueError as e:
-        raise ValueError(f"{fn}: cannot build a token automaton for {what}: {e}") from None
-    return _padded(table, np.int32(START), vocab.size, max_states, max_transitions, fn)
+    out = _padded(table, np.int32(START), vocab.size, max_states, max_transitions, fn)
+    if key is not None:
+        if len(vocab.cache) >= _CACHE_SIZE:
+            vocab.cache.pop(next(iter(vocab.cache)))
+        vocab.cache[key] = out
+    return out
 
 
 def Regex(pattern: str, tokenizer: Any, *, max_states: int | None = None,
           max_transitions: int | None = None) -> Constraint:
     """Outputs that fully match a regular expression, then end-of-sequence.
 
-    The syntax is Rust's ``regex`` crate (as outlines-core uses it): the usual classes,
-    repetitions and groups; no look-around, back-references or ``^``; ``\\d`` and ``\\w``
-    are Unicode-aware, as in Python's ``re``. The match is over the UTF-8 bytes of the
+    The syntax is Python's ``re`` (parsed by its own parser): classes, repetitions,
+    groups and alternation; ``^`` / ``$`` only at the ends of the pattern or of a
+    top-level alternative; no look-around, back-references or inline flags (a clear
+    error). ``\\d``, ``\\w``, ``\\s`` match their ASCII members, ``\\D``, ``\\W``,
+    ``\\S`` what Python's Unicode classes leave out, so every output also matches the
+    pattern under Python's ``re``. The match is over the UTF-8 bytes of the
     tokens, so a token may stop inside a multi-byte character.
 
     Args:
@@ -458,56 +439,54 @@ def Regex(pattern: str, tokenizer: Any, *, max_states: int | None = None,
     """
     if not isinstance(pattern, str):
         raise TypeError(f"Regex: pattern must be a str, got {type(pattern).__name__}")
-    return _build(pattern, tokenizer, "Regex", f"pattern={pattern!r}", max_states, max_transitions)
+    try:
+        node = _A.parse_regex(pattern)
+    except _A.RegexError as e:
+        raise ValueError(f"Regex: pattern={pattern!r}: {e}") from None
+    return _build(node, tokenizer, "Regex", f"pattern={pattern!r}", max_states, max_transitions,
+                  key=("regex", pattern))
 
 
-#: Keywords outlines-core's regex does not enforce (outputs could violate them).
-_UNENFORCED = frozenset({
-    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "uniqueItems", "contains",
-    "minContains", "maxContains", "minProperties", "maxProperties", "patternProperties", "dependentRequired",
-    "dependentSchemas", "propertyNames", "unevaluatedProperties", "unevaluatedItems"})
-_SUBSCHEMA = ("items", "additionalProperties", "not", "if", "then", "else")
-_SUBSCHEMA_LISTS = ("prefixItems", "anyOf", "oneOf", "allOf")
-_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")
+def _schema_text(schema: Any, fn: str) -> tuple[Any, str]:
+    """(parsed schema, canonical JSON text) of a dict, a JSON text or a Pydantic model class."""
+    if isinstance(schema, type) and callable(getattr(schema, "model_json_schema", None)):
+        schema = schema.model_json_schema()  # a Pydantic v2 model class
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{fn}: schema is not valid JSON: {e}") from None
+    if not isinstance(schema, (dict, bool)):
+        raise TypeError(f"{fn}: schema must be a dict, a JSON text, a boolean or a Pydantic model class, "
+                        f"got {type(schema).__name__}")
+    return schema, json.dumps(schema, sort_keys=False, separators=(",", ":"))
 
 
-def _unenforced(schema: Any, path: str = "#") -> list[str]:
-    """Paths of keywords in ``schema`` that the regex would silently ignore."""
-    if not isinstance(schema, dict):
-        return []
-    found = [f"{path}/{k}" for k in schema if k in _UNENFORCED]
-    for k in _SUBSCHEMA:
-        found += _unenforced(schema.get(k), f"{path}/{k}")
-    for k in _SUBSCHEMA_LISTS:
-        for i, sub in enumerate(schema.get(k) or []):
-            found += _unenforced(sub, f"{path}/{k}/{i}")
-    for k in _SUBSCHEMA_MAPS:
-        for name, sub in (schema.get(k) or {}).items():
-            found += _unenforced(sub, f"{path}/{k}/{name}")
-    return found
+def JSONSchema(schema: Any, tokenizer: Any, *, whitespace: str = r"[ ]?", host: str = "auto",
+               max_states: int | None = None, max_transitions: int | None = None):
+    """Outputs that are JSON documents valid under a JSON schema, never an invalid one.
 
-
-def JSONSchema(schema: dict | str, tokenizer: Any, *, whitespace: str = r"[ ]?", strict: bool = True,
-               max_states: int | None = None, max_transitions: int | None = None) -> Constraint:
-    """Outputs that are JSON documents valid under a JSON schema (outlines-core's subset).
-
-    The schema becomes a regular expression (``outlines_core.json_schema.
-    build_regex_from_schema``): objects with ``properties`` (in the given order;
-    ``required`` ones always present), arrays (``items``, ``minItems``/``maxItems``),
-    strings (``minLength``/``maxLength``, ``pattern``, ``format``), numbers, integers,
-    ``enum``, ``const``, ``anyOf``/``oneOf``/``allOf``, ``$ref``. Strings and numbers
-    without bounds are unbounded: set ``max_new_tokens`` accordingly. Keywords the regex
-    cannot enforce (``minimum``, ``maximum``, ``multipleOf``, ``uniqueItems``,
-    ``minProperties``, ``patternProperties``, ...) are refused unless ``strict=False``.
+    The schema is compiled to a regular language of JSON texts (docs/structured.md lists
+    the keywords): every keyword is enforced exactly, or the schema is refused with an
+    error naming the keyword and its JSON path. Objects are written with their listed
+    properties in the schema's order, then any other allowed properties; strings as
+    ``json.dumps(..., ensure_ascii=False)`` writes them; numbers without an exponent where
+    bounded. A schema that is valid but not regular (a recursive ``$ref``) or whose
+    automaton exceeds the limits runs on the host with llguidance when ``host="auto"``
+    and llguidance is installed (:class:`HostJSONSchema`); the others stay on device.
 
     Args:
-      schema: a dict, or its JSON text.
+      schema: a dict, its JSON text, or a Pydantic model class (``model_json_schema()``).
       tokenizer: as for :func:`Regex`.
       whitespace: the regex for whitespace between JSON tokens (default: one optional
-        space; ``""`` for compact JSON).
-      strict: refuse keywords the regex would ignore (default); ``False`` ignores them,
-        and outputs may then violate them.
+        space, as ``json.dumps`` writes after ``,`` and ``:``; ``""`` for compact JSON).
+      host: ``"auto"`` (device, else the host engine), ``"never"`` (device or an
+        error) or ``"always"`` (the host engine).
       max_states, max_transitions: as for :func:`Regex`.
+
+    Raises:
+      ValueError: a keyword that cannot be enforced (named with its path), an invalid
+        schema, or a size limit (with ``host="never"`` or without llguidance).
 
     Example:
       >>> import jaxsample as js
@@ -517,33 +496,50 @@ def JSONSchema(schema: dict | str, tokenizer: Any, *, whitespace: str = r"[ ]?",
       >>> c.sizes()["states"] > 10
       True
     """
-    if isinstance(schema, dict):
-        text = json.dumps(schema)
-    elif isinstance(schema, str):
-        try:
-            json.loads(schema)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"JSONSchema: schema is not valid JSON: {e}") from None
-        text = schema
-    else:
-        raise TypeError(f"JSONSchema: schema must be a dict or a JSON string, got {type(schema).__name__}")
-    ignored = _unenforced(json.loads(text))
-    if strict and ignored:
-        raise ValueError(f"JSONSchema: the keywords at {', '.join(ignored[:8])} cannot be enforced by the "
-                         f"regex (outputs could violate them); remove them or pass strict=False")
+    from jaxsample._constraints import schema as _S
+
+    fn = "JSONSchema"
+    if host not in ("auto", "never", "always"):
+        raise ValueError(f"{fn}: host must be 'auto', 'never' or 'always', got {host!r}")
+    schema, text = _schema_text(schema, fn)
+    if not isinstance(whitespace, str):
+        raise TypeError(f"{fn}: whitespace must be a str (a regex), got {type(whitespace).__name__}")
     try:
-        regex = _outlines().json_schema.build_regex_from_schema(text, whitespace)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"JSONSchema: unsupported or invalid schema {text[:200]!r}: {e}") from None
-    return _build(regex, tokenizer, "JSONSchema", f"schema {text[:200]!r}", max_states, max_transitions)
+        ws = _A.parse_regex(whitespace)
+    except _A.RegexError as e:
+        raise ValueError(f"{fn}: whitespace={whitespace!r}: {e}") from None
+    if host == "always":
+        return _host_schema(schema, tokenizer, whitespace, fn, None)
+    vocab = _vocabulary(tokenizer)
+    key = ("schema", text, whitespace, max_states, max_transitions)
+    hit = vocab.cache.get(key)
+    if hit is not None:
+        return hit
+    try:
+        node = _S.schema_node(schema, ws)
+    except _S.Unsupported as e:
+        raise ValueError(f"{fn}: cannot enforce the schema exactly: {e}") from None
+    except _S.NotRegular as e:
+        if host == "never":
+            raise ValueError(f"{fn}: the schema is not regular ({e}); pass host='auto' with llguidance "
+                             f"installed to run it on the host") from None
+        return _host_schema(schema, tokenizer, whitespace, fn, str(e))
+    try:
+        cap = None if host == "never" else min(2 * _check_limit(fn, "max_states", max_states) + 8, AUTO_DEVICE_STATES)
+        return _build(node, tokenizer, fn, f"schema {text[:200]!r}", max_states, max_transitions, key=key[:3],
+                      dfa_cap=cap)
+    except ValueError as e:
+        if host == "never" or "max_" not in str(e):
+            raise
+        return _host_schema(schema, tokenizer, whitespace, fn, str(e))
 
 
-_META = set("\\.+*?()|[]{}^$#&-~")
-
-
-def _literal(text: str) -> str:
-    """``text`` as a regex that matches it literally (Rust regex escapes)."""
-    return "".join("\\" + c if c in _META else c for c in text)
+def _host_schema(schema, tokenizer, whitespace, fn, why):
+    try:
+        return HostJSONSchema(schema, tokenizer, whitespace=whitespace)
+    except ImportError:
+        raise ValueError(f"{fn}: {why or 'host=always'}; the host engine needs llguidance: "
+                         f"pip install 'jaxsample[structured]'") from None
 
 
 def Choice(choices: Sequence[str], tokenizer: Any, *, max_states: int | None = None,
@@ -563,8 +559,13 @@ def Choice(choices: Sequence[str], tokenizer: Any, *, max_states: int | None = N
     bad = [c for c in choices if not isinstance(c, str)]
     if bad:
         raise TypeError(f"Choice: every choice must be a str, got {bad[:3]!r}")
-    regex = "(?:" + "|".join(_literal(c) for c in choices) + ")"
-    return _build(regex, tokenizer, "Choice", f"choices={list(choices)[:20]!r}", max_states, max_transitions)
+    vocab = _vocabulary(tokenizer)
+    for c in choices:
+        if not _spellable(vocab, c.encode("utf-8")):
+            raise ValueError(f"Choice: the choice {c!r} cannot be spelled with the tokenizer's vocabulary")
+    node = _A.alt(*(_A.lit(c) for c in choices))
+    return _build(node, tokenizer, "Choice", f"choices={list(choices)[:20]!r}", max_states, max_transitions,
+                  key=("choice", tuple(choices)))
 
 
 def stack_constraints(rows: Sequence[Constraint | None], *, max_states: int | None = None,
