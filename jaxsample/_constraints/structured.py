@@ -450,7 +450,7 @@ def _table(node: tuple, vocab: "_Vocab", what: str, s_lim: int, t_lim: int, dfa_
 
 #: With ``host="auto"``, JSON schemas whose byte DFA needs more states than this go to the
 #: host engine (their device build would take seconds on the host CPU).
-AUTO_DEVICE_STATES = 12_000
+AUTO_DEVICE_STATES = 4_000
 
 
 def _build(node: tuple, tokenizer: Any, fn: str, what: str, max_states, max_transitions,
