@@ -449,7 +449,7 @@ def test_cli_choice_and_json_schema(capsys, tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--regex", "a("], "Regex: cannot build a token automaton for pattern='a('"),
+    (["--regex", "a("], "--regex: Regex: pattern='a(': invalid regular expression"),
     (["--json-schema", "/nonexistent.json"], "--json-schema: cannot read a JSON schema"),
     (["--regex", "a", "--choice", "a,b"], "not allowed with argument"),
     (["--regex", "a", "--num-beams", "2"], "--regex cannot be used with --num-beams"),
