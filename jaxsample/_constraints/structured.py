@@ -47,6 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsample._constraints import automaton as _A
+from jaxsample._constraints import host as _H
+from jaxsample._constraints import schema as _S
 from jaxsample._processors.base import LogitsProcessor, _set, processor_dataclass, static_field
 
 __all__ = [
@@ -575,8 +577,6 @@ def JSONSchema(schema: Any, tokenizer: Any, *, whitespace: str = r"[ ]?", host: 
       >>> c.sizes()["states"] > 10
       True
     """
-    from jaxsample._constraints import schema as _S
-
     fn = "JSONSchema"
     if host not in ("auto", "never", "always"):
         raise ValueError(f"{fn}: host must be 'auto', 'never' or 'always', got {host!r}")
@@ -615,8 +615,7 @@ def JSONSchema(schema: Any, tokenizer: Any, *, whitespace: str = r"[ ]?", host: 
 
 def _host_schema(schema, tokenizer, whitespace, fn, why):
     try:
-        from jaxsample._constraints.host import HostJSONSchema
-        return HostJSONSchema(schema, tokenizer, whitespace=whitespace)
+        return _H.HostJSONSchema(schema, tokenizer, token_bytes(tokenizer), whitespace=whitespace)
     except ImportError:
         raise ValueError(f"{fn}: {why or 'host=always'}; the host engine needs llguidance: "
                          f"pip install 'jaxsample[structured]'") from None
