@@ -126,6 +126,8 @@ COMMANDS: dict[str, Action] = {
     "pip install -e .": install(),
     "pip install 'jaxsample[structured]'": install(),
     "python scripts/bench_maskbench.py --every 7 --timeout 10 --json-output maskbench.json": run(slow=True),
+    "python scripts/bench_maskbench.py --every 35 --timeout 10 --train-bpe 1000 --engines jaxsample,llguidance":
+        run(slow=True),
     'python scripts/generate.py "ROMEO:" --top-p 0.9': run(expect="ROMEO:"),
     'pip install -e ".[test]"': install(),
     "python scripts/bench.py --gpu-check": skip(
