@@ -18,7 +18,7 @@ instances). Prints a table and writes JSON (``--json-output``). docs/structured.
 figures and the command.
 
 Usage:
-  python scripts/bench_maskbench.py --limit 100 --timeout 10 --json-output maskbench.json
+  python scripts/bench_maskbench.py --every 7 --timeout 10 --json-output maskbench.json
 """
 
 from __future__ import annotations

@@ -109,6 +109,7 @@ SMALL = {
                              "--distill-new-tokens": "4", "--max-ngram": "3"},
     "bench_structured.py": {"--vocab-size": "400", "--preset": "tiny", "--batches": "1", "--new-tokens": "2",
                             "--repeats": "1", "--mask-iters": "1", "--prompt-len": "4"},
+    "bench_maskbench.py": {"--limit": "2", "--every": "50", "--timeout": "60", "--engines": "jaxsample"},
     "plot_distributions.py": {},
 }
 
@@ -123,6 +124,10 @@ COMMANDS: dict[str, Action] = {
         run({"--batch-size": "1", "--max-new-tokens": "4"}, slow=True),  # tests/test_engine.py runs the CLI
     # ---- README: two commands, install notes
     "pip install -e .": install(),
+    "pip install 'jaxsample[structured]'": install(),
+    "python scripts/bench_maskbench.py --every 7 --timeout 10 --json-output maskbench.json": run(slow=True),
+    "python scripts/bench_maskbench.py --every 35 --timeout 10 --train-bpe 1000 --engines jaxsample,llguidance":
+        run(slow=True),
     'python scripts/generate.py "ROMEO:" --top-p 0.9': run(expect="ROMEO:"),
     'pip install -e ".[test]"': install(),
     "python scripts/bench.py --gpu-check": skip(

@@ -332,3 +332,23 @@ def test_maskbench_sample_never_accepts_an_invalid_instance():
         for t in d["tests"]:
             if not t["valid"]:
                 assert not accepts(c, dumps(t["data"])), (f.name, t["data"])
+
+
+# ----------------------------------------------------------------------------- host engine
+
+
+def test_recursive_schema_goes_to_the_host_engine_and_still_refuses_keywords():
+    pytest.importorskip("llguidance")
+    tree = {"$defs": {"node": {"type": "object", "properties": {"v": {"type": "integer"},
+                                                                "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}}},
+                               "required": ["v"], "additionalProperties": False}}, "$ref": "#/$defs/node"}
+    c = js.JSONSchema(tree, TOK)
+    assert isinstance(c, js.HostJSONSchema)
+    assert c.accepts(list(b'{"v": 1, "kids": [{"v": 2, "kids": []}]}'))
+    assert not c.accepts(list(b'{"v": 1, "kids": [{"w": 2}]}')) and not c.accepts(list(b'{"v": 1'))
+    with pytest.raises(ValueError, match="not regular"):
+        js.JSONSchema(tree, TOK, host="never")
+    bad = json.loads(json.dumps(tree))
+    bad["$defs"]["node"]["properties"]["v"]["multipleOf"] = 0.3
+    with pytest.raises(ValueError, match=r"properties/v/multipleOf"):  # checked beyond the recursion too
+        js.JSONSchema(bad, TOK)

@@ -280,7 +280,7 @@ class _NFA:
         if kind == "det":
             got = self.cache.get(id(node[1]))
             if got is None:
-                d = determinize(node[1], self.max_nfa, self.what, cache=self.cache)
+                d = determinize(node[1], self.cache.get("__cap__", self.max_nfa), self.what, cache=self.cache)
                 got = (node[1], _range_moves(d.table), d.accept.tolist())
                 self.cache[id(node[1])] = got
             _, moves, accept = got
@@ -365,8 +365,9 @@ class _NFA:
 
     def _product(self, node, start: int) -> int:
         kind, a, b = node
-        da = determinize(a, self.max_nfa, self.what, cache=self.cache)
-        db = determinize(b, self.max_nfa, self.what, cache=self.cache)
+        cap = self.cache.get("__cap__", self.max_nfa)
+        da = determinize(a, cap, self.what, cache=self.cache)
+        db = determinize(b, cap, self.what, cache=self.cache)
         ta = da.table
         dead_b = db.table.shape[0]  # b's dead state as a real sink row (a diff continues through it)
         tb = np.vstack([db.table, np.full((1, 256), -1, db.table.dtype)])
@@ -386,8 +387,8 @@ class _NFA:
                     continue
                 key = (int(x), int(y))
                 if key not in ids:
-                    if len(order) >= self.max_nfa:
-                        raise TooLarge(self.what, "max_states", self.max_nfa, " product states")
+                    if len(order) >= cap:
+                        raise TooLarge(self.what, "max_states", cap, " product states")
                     ids[key] = len(order)
                     order.append(key)
                 row[byte] = ids[key]
@@ -446,6 +447,9 @@ def determinize(node, max_states: int, what: str, max_nfa: int | None = None, ca
     Raises:
       TooLarge: more than ``max_states`` DFA states (checked as each state is created).
     """
+    if cache is None:  # the outermost build: its bound also caps the nested ones, and all their work
+        cache = {"__cap__": max_states, "__work__": [0, 3 * max_states]}
+    work = cache["__work__"]
     nfa = _NFA(max_nfa or max(4 * max_states, 1 << 20), what, cache)
     s0 = nfa.new()
     final = nfa.build(node, s0)
@@ -513,7 +517,8 @@ def determinize(node, max_states: int, what: str, max_nfa: int | None = None, ca
             key = closure(ts)
             j = ids.get(key)
             if j is None:
-                if len(order) >= max_states:
+                work[0] += 1
+                if len(order) >= max_states or work[0] > work[1]:
                     raise TooLarge(what, "max_states", max_states, " DFA states")
                 j = ids[key] = len(order)
                 order.append(key)

@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-from jaxsample._constraints.vocab import _bits, token_bytes
 from jaxsample._processors.base import LogitsProcessor, _set, processor_dataclass, static_field
 
 Array = jax.Array
@@ -43,13 +42,12 @@ def _llguidance():
     return llguidance
 
 
-def _lltokenizer(tokenizer: Any):
+def _lltokenizer(tokenizer: Any, pieces: list):
     key = id(tokenizer)
     got = _TOKENIZERS.get(key)
     if got is not None and got[0] is tokenizer:
         return got[1]
     llg = _llguidance()
-    pieces = token_bytes(tokenizer)
     size = int(getattr(tokenizer, "vocab_size", len(pieces)))
     eos = int(tokenizer.eos_id)
     names = [(p if p is not None else f"<|special_{i}|>".encode()) for i, p in enumerate(pieces[:size])]
@@ -130,11 +128,20 @@ def _consume(slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     return slots
 
 
+def _bits(words: Array, v: int) -> Array:
+    """uint32 [B, W] -> bool [B, v] (bit j of word i is token 32 i + j; beyond 32 W: False)."""
+    shifts = jnp.arange(32, dtype=jnp.uint32)
+    bits = ((words[..., None] >> shifts) & 1).astype(bool).reshape(*words.shape[:-1], -1)
+    n = bits.shape[-1]
+    return bits[..., :v] if v <= n else jnp.pad(bits, [(0, 0)] * (bits.ndim - 1) + [(0, v - n)])
+
+
 @processor_dataclass
 class HostJSONSchema(LogitsProcessor):
     """A JSON schema enforced by llguidance on the host, one mask per step (see the module docstring).
 
-    Build it through :func:`jaxsample.JSONSchema` (``host="always"`` forces it). Rows
+    Build it through :func:`jaxsample.JSONSchema` (``host="always"`` forces it; ``pieces``
+    is :func:`jaxsample.token_bytes` of the tokenizer). Rows
     whose state is ``-1`` are unconstrained.
 
     Attributes:
@@ -148,9 +155,9 @@ class HostJSONSchema(LogitsProcessor):
     vocab_size: int = static_field(default=0)
     words: int = static_field(default=0)
 
-    def __init__(self, schema: Any, tokenizer: Any, *, whitespace: str = r"[ ]?"):
+    def __init__(self, schema: Any, tokenizer: Any, pieces: list, *, whitespace: str = r"[ ]?"):
         llg = _llguidance()
-        lltok = _lltokenizer(tokenizer)
+        lltok = _lltokenizer(tokenizer, pieces)
         text = schema if isinstance(schema, str) else json.dumps(schema)
         opts = {"whitespace_pattern": whitespace} if whitespace else {"whitespace_flexible": False}
         try:

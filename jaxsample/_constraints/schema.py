@@ -17,6 +17,7 @@ import math
 import re
 from fractions import Fraction
 from typing import Any
+from urllib.parse import unquote
 
 from jaxsample._constraints import automaton as A
 
@@ -263,7 +264,6 @@ def _pointer(root: Any, ref: str, path: str) -> Any:
         raise Unsupported(path, f"$ref {ref!r}: anchors are not supported; use a JSON pointer (#/$defs/...)")
     for raw in frag.split("/")[1:]:
         key = raw.replace("~1", "/").replace("~0", "~")
-        from urllib.parse import unquote
         key = unquote(key)
         if isinstance(node, dict) and key in node:
             node = node[key]

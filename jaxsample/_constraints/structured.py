@@ -46,10 +46,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsample import _validation as _val
 from jaxsample._constraints import automaton as _A
-from jaxsample._constraints.host import HostJSONSchema
-from jaxsample._constraints.vocab import _bits, _hf_token_bytes, token_bytes  # noqa: F401  (token_bytes: public)
+from jaxsample._constraints import host as _H
+from jaxsample._constraints import schema as _S
 from jaxsample._processors.base import LogitsProcessor, _set, processor_dataclass, static_field
 
 __all__ = [
@@ -67,6 +66,80 @@ DEAD, DONE, START = 0, 1, 2  # reserved local states of every table
 #: Default size limits (pass max_states / max_transitions to change them).
 DEFAULT_MAX_STATES = 1 << 16
 DEFAULT_MAX_TRANSITIONS = 1 << 26
+
+
+# ----------------------------------------------------------------------------- vocabulary
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte <-> printable-unicode map, inverted (the ByteLevel pre-tokenizer's alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _hf_token_bytes(tok: Any) -> list[bytes | None]:
+    """Bytes of every id of a ``tokenizers.Tokenizer`` (None for special tokens).
+
+    Supports byte-level BPE (a ``ByteLevel`` decoder: GPT-2, Llama 3, Qwen, ...) and
+    SentencePiece-style vocabularies (``▁`` for space, ``<0xNN>`` byte fallback: Llama 2,
+    Mistral). Other decoders (WordPiece, ...) are refused.
+    """
+    spec = json.loads(tok.to_str())
+    decoder = spec.get("decoder") or {}
+    kinds = {d.get("type") for d in decoder.get("decoders", [decoder])}
+    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    added = {t["id"]: t["content"] for t in spec.get("added_tokens", []) if not t.get("special")}
+    vocab = tok.get_vocab(with_added_tokens=True)
+    out: list[bytes | None] = [None] * tok.get_vocab_size()
+    if "ByteLevel" in kinds:
+        table = _byte_level_decoder()
+
+        def to_bytes(s: str) -> bytes | None:
+            try:
+                return bytes(table[c] for c in s)
+            except KeyError:  # not in the byte alphabet: a plain-text added token
+                return s.encode("utf-8")
+    elif kinds & {"ByteFallback", "Metaspace", "Replace"}:
+        def to_bytes(s: str) -> bytes | None:
+            if len(s) == 6 and s.startswith("<0x") and s.endswith(">"):
+                return bytes([int(s[3:5], 16)])
+            return s.replace("\u2581", " ").encode("utf-8")
+    else:
+        raise ValueError(f"token_bytes: unsupported tokenizer decoder {sorted(k for k in kinds if k)}; "
+                         f"byte-level BPE and SentencePiece-style vocabularies are supported")
+    for text, i in vocab.items():
+        if i in special or not 0 <= i < len(out):
+            continue
+        out[i] = added[i].encode("utf-8") if i in added else to_bytes(text)
+    return out
+
+
+def token_bytes(tokenizer: Any) -> list[bytes | None]:
+    """The bytes each token id stands for (``None``: a special token, never generated as text).
+
+    Accepts ``models.ByteTokenizer`` (ids 0..255 are bytes), ``models.HFTokenizer``, a
+    ``tokenizers.Tokenizer``, or any object with a ``token_bytes()`` method returning such
+    a list.
+
+    Example:
+      >>> from models import ByteTokenizer
+      >>> token_bytes(ByteTokenizer())[65], token_bytes(ByteTokenizer())[257]
+      (b'A', None)
+    """
+    if callable(getattr(tokenizer, "token_bytes", None)):  # models.ByteTokenizer has one
+        return list(tokenizer.token_bytes())
+    inner = getattr(tokenizer, "_tok", tokenizer)  # models.HFTokenizer wraps a tokenizers.Tokenizer
+    if hasattr(inner, "to_str") and hasattr(inner, "get_vocab"):
+        return _hf_token_bytes(inner)
+    raise TypeError(f"token_bytes: unsupported tokenizer {type(tokenizer).__name__}; pass a ByteTokenizer, "
+                    f"an HFTokenizer, a tokenizers.Tokenizer, or an object with token_bytes()")
 
 
 class _Vocab(NamedTuple):
@@ -184,8 +257,8 @@ def _padded(table: _Table, initial: np.ndarray, vocab_size: int, max_states: int
     s, t = table.allowed.shape[0], table.targets.shape[0]
     for name, need, limit, default in (("max_states", s, max_states, DEFAULT_MAX_STATES),
                                        ("max_transitions", t, max_transitions, DEFAULT_MAX_TRANSITIONS)):
-        if limit is not None:
-            _val.check_int(name, limit, fn=fn)
+        if limit is not None and (not isinstance(limit, (int, np.integer)) or isinstance(limit, bool) or limit < 1):
+            raise ValueError(f"{fn}: {name} must be a positive int, got {limit!r}")
         if need > (default if limit is None else limit):
             raise ValueError(f"{fn}: the automaton needs {need} {name[4:]}, more than {name}="
                              f"{default if limit is None else limit}; pass a larger {name} or a simpler constraint")
@@ -251,8 +324,8 @@ class Constraint(LogitsProcessor):
             raise ValueError(f"{fn}: offsets must be int32 [S] = [{s}], got {offsets.dtype} {offsets.shape}")
         if targets.ndim != 1 or targets.dtype not in (np.int16, np.int32):
             raise ValueError(f"{fn}: targets must be int16 or int32 [T], got {targets.dtype} {targets.shape}")
-        _val.check_int("vocab_size", self.vocab_size, high=32 * w, fn=fn,
-                       expected=f"in [1, {32 * w}] (32 per mask word)")
+        if not isinstance(self.vocab_size, (int, np.integer)) or not 0 < self.vocab_size <= 32 * w:
+            raise ValueError(f"{fn}: vocab_size must be in [1, {32 * w}] (32 per mask word), got {self.vocab_size!r}")
         initial = np.asarray(self.initial)
         if initial.ndim > 1 or not np.issubdtype(initial.dtype, np.integer):
             raise ValueError(f"{fn}: initial must be an int scalar or [B], got {initial.dtype} {initial.shape}")
@@ -327,6 +400,9 @@ class Constraint(LogitsProcessor):
         return _update(state, token, self.allowed, self.offsets, self.targets)
 
 
+_bits = _H._bits  # uint32 [B, W] -> bool [B, v]: one definition, shared with the host engine
+
+
 def _apply(logits: Array, state: Array, allowed: Array) -> Array:
     """logits [B, V], state int32 [B] -> logits with disallowed tokens at -inf."""
     words = allowed[jnp.maximum(state, 0)]  # [B, W]
@@ -371,7 +447,7 @@ def _table(node: tuple, vocab: "_Vocab", what: str, s_lim: int, t_lim: int, dfa_
 
 #: With ``host="auto"``, JSON schemas whose byte DFA needs more states than this go to the
 #: host engine (their device build would take seconds on the host CPU).
-AUTO_DEVICE_STATES = 12_000
+AUTO_DEVICE_STATES = 4_000
 
 
 def _build(node: tuple, tokenizer: Any, fn: str, what: str, max_states, max_transitions,
@@ -496,8 +572,6 @@ def JSONSchema(schema: Any, tokenizer: Any, *, whitespace: str = r"[ ]?", host: 
       >>> c.sizes()["states"] > 10
       True
     """
-    from jaxsample._constraints import schema as _S
-
     fn = "JSONSchema"
     if host not in ("auto", "never", "always"):
         raise ValueError(f"{fn}: host must be 'auto', 'never' or 'always', got {host!r}")
@@ -536,7 +610,7 @@ def JSONSchema(schema: Any, tokenizer: Any, *, whitespace: str = r"[ ]?", host: 
 
 def _host_schema(schema, tokenizer, whitespace, fn, why):
     try:
-        return HostJSONSchema(schema, tokenizer, whitespace=whitespace)
+        return _H.HostJSONSchema(schema, tokenizer, token_bytes(tokenizer), whitespace=whitespace)
     except ImportError:
         raise ValueError(f"{fn}: {why or 'host=always'}; the host engine needs llguidance: "
                          f"pip install 'jaxsample[structured]'") from None
