@@ -38,14 +38,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _cli  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -72,15 +73,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.prompts, args.max_new_tokens, args.max_prompt_len, args.slots, args.repeats = 16, 64, 64, [8], 1
-    for name in ("prompts", "batch", "repeats", "chunk_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.max_prompt_len < 6:
-        p.error(f"--max-prompt-len must be >= 6, got {args.max_prompt_len}")
-    if args.max_new_tokens < 8:
-        p.error(f"--max-new-tokens must be >= 8, got {args.max_new_tokens}")
-    if any(s < 1 for s in args.slots):
-        p.error(f"--slots must be >= 1, got {args.slots}")
+    _cli.check_minimums(p, args, {"--prompts": 1, "--batch": 1, "--repeats": 1, "--chunk-size": 1,
+                                  "--max-prompt-len": 6, "--max-new-tokens": 8, "--slots": 1})
     return args
 
 
@@ -278,12 +272,7 @@ def main(argv=None) -> int:
                       checkpoint=args.checkpoint or "shipped", prompts=len(ids), max_new_tokens=n, batch=b,
                       generated=generated, repeats=args.repeats, rows=rows,
                       early_stop=stop_early, cache_capacity=capacity)
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(result, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, args.json)
+        _cli.write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0 if all(r["same"] in (None, True) for r in rows) and stop_early["same"] else 1
 

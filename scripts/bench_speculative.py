@@ -30,14 +30,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _cli  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -71,15 +72,11 @@ def parse_args(argv=None):
     if any(not 1 <= m <= args.prompt_lookup for m in args.prompt_lookup_min):
         p.error(f"--prompt-lookup-min values must be in [1, --prompt-lookup={args.prompt_lookup}], "
                 f"got {args.prompt_lookup_min}")
-    for name in ("prompts", "prompt_len", "new_tokens", "repeats", "prompt_lookup"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    _cli.check_minimums(p, args, {"--prompts": 1, "--prompt-len": 1, "--new-tokens": 1, "--repeats": 1,
+                                  "--prompt-lookup": 1})
     if any(n < 0 for n in args.ngram_prompt_lookup):
         p.error(f"--ngram-prompt-lookup values must be >= 0, got {args.ngram_prompt_lookup}")
-    if any(k < 1 for k in args.num_draft_tokens):
-        p.error(f"--num-draft-tokens must be >= 1, got {args.num_draft_tokens}")
-    if not args.temperature >= 0:
-        p.error(f"--temperature must be >= 0, got {args.temperature}")
+    _cli.check_minimums(p, args, {"--num-draft-tokens": 1, "--temperature": 0})
     return args
 
 
@@ -189,10 +186,7 @@ def main(argv=None) -> int:
                       jax=jax.__version__, target=args.checkpoint or "shipped", draft=draft_dir, ngram_draft=args.ngram_draft,
                       prompts=len(prompts), prompt_len=args.prompt_len, new_tokens=n,
                       temperature=args.temperature, repeats=args.repeats, rows=rows)
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, args.json)
+        _cli.write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
 

@@ -21,7 +21,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _cli  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -48,12 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="rows generated per generate call")
     p.add_argument("--seed", type=int, default=0, help="picks the prompt windows")
     args = p.parse_args(argv)
-    for name in ("distill_rows", "distill_weight", "seed"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("distill_prompt_len", "distill_new_tokens", "batch_size", "max_ngram", "min_count", "probes"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    _cli.check_minimums(p, args, {"--distill-rows": 0, "--distill-weight": 0, "--seed": 0,
+                                  "--distill-prompt-len": 1, "--distill-new-tokens": 1, "--batch-size": 1,
+                                  "--max-ngram": 1, "--min-count": 1, "--probes": 1})
     return args
 
 

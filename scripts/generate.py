@@ -45,11 +45,13 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import _cli  # noqa: E402
 import jaxsample as js  # noqa: E402
 from models import (CheckpointError, is_hf_checkpoint, load_ngram_draft, load_pretrained,  # noqa: E402
                     read_generation_defaults)
@@ -71,12 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="stop a row at the end-of-sequence token")
     g = p.add_argument_group("temperature and truncation")
-    g.add_argument("--temperature", type=float, default=None,
-                   help="0 is greedy (default: the checkpoint's generation_config.json, else 0.8)")
+    _cli.sampling_flags(g, temperature=None, top_k=None, top_p=None, seed_and_greedy=False,
+                        temperature_help="0 is greedy (default: the checkpoint's generation_config.json, else 0.8)",
+                        default_help=" (default: the checkpoint's, else {identity})")
     g.add_argument("--dynatemp-range", type=float, default=0.0, help="dynamic temperature range; 0 disables")
     g.add_argument("--dynatemp-exponent", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=None, help="0 disables (default: the checkpoint's, else 0)")
-    g.add_argument("--top-p", type=float, default=None, help="1 disables (default: the checkpoint's, else 1)")
     g.add_argument("--min-p", type=float, default=0.0, help="0 disables")
     g.add_argument("--typical-p", type=float, default=1.0, help="1 disables")
     g.add_argument("--epsilon-cutoff", type=float, default=0.0, help="0 disables")
@@ -662,20 +663,12 @@ def main(argv=None) -> int:
         except OSError as e:
             parser.error(f"--prompt-file: {e}")
     prompts = prompts or ["ROMEO:"]
-    if args.max_new_tokens < 1:
-        parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.num_samples < 1:
-        parser.error(f"--num-samples must be >= 1, got {args.num_samples}")
-    if args.top_logprobs < 0:
-        parser.error(f"--top-logprobs must be >= 0, got {args.top_logprobs}")
+    _cli.check_minimums(parser, args, {"--max-new-tokens": 1, "--num-samples": 1, "--top-logprobs": 0})
     if (spec_error := check_speculative_args(args)) is not None:
         parser.error(spec_error)
     beam = beam_settings(parser, args)
     check_structured_flags(parser, args, beam)
-    if args.chunk_size < 1:
-        parser.error(f"--chunk-size must be >= 1, got {args.chunk_size}")
-    if args.batch_size < 0:
-        parser.error(f"--batch-size must be >= 0 (0: one batch), got {args.batch_size}")
+    _cli.check_minimums(parser, args, {"--chunk-size": 1, "--batch-size": (0, " (0: one batch)")})
     if args.output is not None and not args.batch_size:
         parser.error("--output needs --batch-size (the rows are written as JSON lines as they finish)")
     many = 0 < args.batch_size < len(prompts) * args.num_samples

@@ -36,6 +36,10 @@ import statistics
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _cli  # noqa: E402 (imports jax, which reads XLA_FLAGS only when its backends start)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,11 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=16, help="rows (divisible by the data-axis size)")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--greedy", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    _cli.sampling_flags(p, temperature=0.8, top_k=0, top_p=0.9)
     p.add_argument("--repeats", type=int, default=3, help="timed runs after the compiling one")
     p.add_argument("--no-single", action="store_true", help="skip the one-device comparison")
     p.add_argument("--multi-host", action="store_true", help="call jax.distributed.initialize() first")
@@ -75,10 +75,7 @@ def parse_mesh(text: str) -> tuple[int, int]:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag, value, least in (("--batch", args.batch, 1), ("--prompt-len", args.prompt_len, 1),
-                               ("--new-tokens", args.new_tokens, 1), ("--repeats", args.repeats, 0)):
-        if value < least:
-            parser.error(f"{flag} must be >= {least}, got {value}")
+    _cli.check_minimums(parser, args, {"--batch": 1, "--prompt-len": 1, "--new-tokens": 1, "--repeats": 0})
     try:
         data, model = parse_mesh(args.mesh)
     except ValueError as e:
@@ -89,7 +86,6 @@ def main(argv=None) -> int:
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import jax
     import jax.numpy as jnp
     import numpy as np

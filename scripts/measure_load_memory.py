@@ -24,7 +24,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _cli  # noqa: E402
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 import safetensors.numpy  # noqa: E402
@@ -116,8 +118,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not args.size_gb > 0:
         p.error(f"--size-gb must be > 0, got {args.size_gb}")
-    if args.shards < 1:
-        p.error(f"--shards must be >= 1, got {args.shards}")
+    _cli.check_minimums(p, args, {"--shards": 1})
     if args.hidden_size < 16 or args.hidden_size % 16:
         p.error(f"--hidden-size must be a positive multiple of 16, got {args.hidden_size}")
     directory = args.dir or tempfile.mkdtemp(prefix="load-mem-")

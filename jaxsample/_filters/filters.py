@@ -34,8 +34,9 @@ Conventions (the contract is ``shared/SAMPLING.md``):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -295,7 +296,7 @@ def _top_k(logits: Array, k: ArrayLike, min_tokens_to_keep: int) -> Array:
     vocab = logits.shape[-1]
     k = jnp.asarray(k).astype(jnp.int32)
     return _unless_all_disabled(
-        (k <= 0) | (k >= vocab),
+        TABLE["top_k"].disabled(k, vocab),
         lambda x: top_k_rows(x, k, min_tokens_to_keep, _whole(x)), logits)
 
 
@@ -327,7 +328,8 @@ def top_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -> Ar
 @functools.partial(jax.jit, static_argnames="min_tokens_to_keep")
 def _top_p(logits: Array, p: ArrayLike, min_tokens_to_keep: int) -> Array:
     return _unless_all_disabled(
-        jnp.asarray(p) >= 1, lambda x: top_p_rows(x, p, min_tokens_to_keep, _whole(x)), logits)
+        TABLE["top_p"].disabled(p, logits.shape[-1]),
+        lambda x: top_p_rows(x, p, min_tokens_to_keep, _whole(x)), logits)
 
 
 def min_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -> Array:
@@ -358,7 +360,8 @@ def min_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -> Ar
 @functools.partial(jax.jit, static_argnames="min_tokens_to_keep")
 def _min_p(logits: Array, p: ArrayLike, min_tokens_to_keep: int) -> Array:
     return _unless_all_disabled(
-        jnp.asarray(p) <= 0, lambda x: min_p_rows(x, p, min_tokens_to_keep, _whole(x)), logits)
+        TABLE["min_p"].disabled(p, logits.shape[-1]),
+        lambda x: min_p_rows(x, p, min_tokens_to_keep, _whole(x)), logits)
 
 
 def typical_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -> Array:
@@ -392,8 +395,8 @@ def typical_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -
 @functools.partial(jax.jit, static_argnames="min_tokens_to_keep")
 def _typical_p(logits: Array, p: ArrayLike, min_tokens_to_keep: int) -> Array:
     return _unless_all_disabled(
-        jnp.asarray(p) >= 1, lambda x: typical_p_rows(x, p, min_tokens_to_keep, _whole(x)),
-        logits)
+        TABLE["typical_p"].disabled(p, logits.shape[-1]),
+        lambda x: typical_p_rows(x, p, min_tokens_to_keep, _whole(x)), logits)
 
 
 def epsilon_cutoff(
@@ -650,3 +653,67 @@ def allow_tokens(logits: ArrayLike, token_ids: ArrayLike) -> Array:
     logits = jnp.asarray(logits)
     _check_ids("allow_tokens", logits, token_ids)
     return _mask_tokens(logits, jnp.asarray(token_ids), allow=True)
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+@dataclasses.dataclass(frozen=True)
+class Filter:
+    """One row of :data:`TABLE`: what every layer needs to know about a per-row filter.
+
+    Read by the filters' batch-wide shortcut (above), the processors of
+    :mod:`jaxsample._processors.builtin` (their value field and its default), the chain
+    presets (``prune``), the vocab-parallel rules of :mod:`jaxsample._sharding` and the
+    command line (``scripts/_cli.py``, through the processors' ``spec``).
+
+    Attributes:
+      name: the filter (``jaxsample.<name>``) and its keyword in the presets.
+      field: the processor's value field.
+      identity: the value that leaves every row as it is (the default: "off").
+      dtype: the value's dtype (int32 counts, float32 otherwise).
+      rows: the per-row body ``rows(logits, values, min_tokens_to_keep, shard)`` (whole
+        rows or a vocab shard alike); ``None`` for temperature (its body takes no
+        ``min_tokens_to_keep``).
+      off: ``off(values, vocab) -> bool [...]``, the rows the filter leaves as they are;
+        when every row of a batch is off, the filter is skipped (one batch-wide
+        ``lax.cond``). ``None``: never skipped (a cheap filter: one or two reductions).
+      flag: the command-line flag.
+      help: what the flag's help says after the identity (e.g. ``"0 disables"``).
+    """
+
+    name: str
+    field: str
+    identity: float | int
+    dtype: Any
+    rows: Callable | None
+    off: Callable[[Any, int], Any] | None
+    flag: str
+    help: str
+
+    def disabled(self, values: Any, vocab: int) -> Array:
+        """``off(values, vocab)`` (all False where the filter has no ``off`` test)."""
+        values = jnp.asarray(values)
+        return jnp.zeros(values.shape, bool) if self.off is None else self.off(values, vocab)
+
+    def enabled(self, values: Any, vocab: int) -> Array:
+        """The rows the filter changes (the negation of :meth:`disabled`)."""
+        return ~self.disabled(values, vocab)
+
+
+def _filter(name, field, identity, rows, off, help, dtype=np.float32):
+    return Filter(name, field, identity, dtype, rows, off, "--" + name.replace("_", "-"), help)
+
+
+#: The per-row filters, in the default order of a chain.
+TABLE: dict[str, Filter] = {f.name: f for f in (
+    _filter("temperature", "t", 1.0, None, None, "1 is the identity, 0 greedy"),
+    _filter("top_k", "k", 0, top_k_rows, lambda k, vocab: (k <= 0) | (k >= vocab), "0 disables",
+            dtype=np.int32),
+    _filter("top_p", "p", 1.0, top_p_rows, lambda p, vocab: p >= 1, "1 disables"),
+    _filter("min_p", "p", 0.0, min_p_rows, lambda p, vocab: p <= 0, "0 disables"),
+    _filter("typical_p", "p", 1.0, typical_p_rows, lambda p, vocab: p >= 1, "1 disables"),
+    _filter("epsilon_cutoff", "epsilon", 0.0, epsilon_cutoff_rows, None, "0 disables"),
+    _filter("eta_cutoff", "eta", 0.0, eta_cutoff_rows, None, "0 disables"),
+    _filter("top_n_sigma", "n", float("inf"), top_n_sigma_rows, None, "inf disables"),
+)}

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsample import _validation as _val
 from jaxsample._filters.sampling import as_typed_key, fold_in_rows
 
 __all__ = [
@@ -242,6 +243,21 @@ class LogitsProcessor:
     #: a field not listed is a value per row (rank 0: a scalar, or ``[B]``); an id list
     #: has rank 1 (``[S]`` shared, ``[B, S]`` per row); ``None``: never per row (tables).
     field_ranks: ClassVar[dict[str, int | None]] = {}
+    #: The value of each field that makes the processor the identity (every row as it
+    #: is): what ``prune=True`` of the presets drops. ``None``: never the identity.
+    #: For the per-row filters it comes from their row of `jaxsample._filters.filters.TABLE`.
+    identity: ClassVar[dict[str, Any] | None] = None
+
+    def is_identity(self) -> bool:
+        """True when every field of :attr:`identity` holds, concretely, its identity value
+        (a traced value is never known to be the identity)."""
+        if self.identity is None:
+            return False
+        for name, identity in self.identity.items():
+            value = _val.concrete_value(getattr(self, name))
+            if value is None or not np.all(value == identity):
+                return False
+        return True
 
     def init(
         self,

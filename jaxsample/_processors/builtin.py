@@ -50,7 +50,9 @@ class Temperature(LogitsProcessor):
       Array([0.5, 1. ], dtype=float32)
     """
 
-    t: ArrayLike = 1.0
+    spec: ClassVar[_filters.Filter] = _filters.TABLE["temperature"]
+    identity: ClassVar[dict[str, Any]] = {spec.field: spec.identity}
+    t: ArrayLike = spec.identity
 
     def __post_init__(self) -> None:
         _val.check_param("temperature", "t", self.t)  # the value as given, before any cast
@@ -61,32 +63,34 @@ class Temperature(LogitsProcessor):
 
 
 class _Truncation(LogitsProcessor):
-    """Shared code of the truncation processors: one value field + min_tokens_to_keep."""
+    """Shared code of the truncation processors: one value field + min_tokens_to_keep,
+    described by the filter's row of `jaxsample._filters.filters.TABLE` (``spec``)."""
 
-    _filter: ClassVar[str]  # name of the function in _filters
-    _field: ClassVar[str]  # name of the value field (= the filter's parameter)
-    _kind: ClassVar[type] = float
+    spec: ClassVar[_filters.Filter]
 
     def __post_init__(self) -> None:
-        dtype = np.int32 if self._kind is int else np.float32
-        _val.check_param(self._filter, self._field, getattr(self, self._field))  # before any cast
-        _set(self, self._field, _leaf(type(self).__name__, self._field, getattr(self, self._field), dtype))
-        m = _val.check_min_tokens_to_keep(self._filter, self.min_tokens_to_keep)
+        name, field = self.spec.name, self.spec.field
+        _val.check_param(name, field, getattr(self, field))  # before any cast
+        _set(self, field, _leaf(type(self).__name__, field, getattr(self, field), self.spec.dtype))
+        m = _val.check_min_tokens_to_keep(name, self.min_tokens_to_keep)
         _set(self, "min_tokens_to_keep", m)
 
     def apply(self, logits: Array, state: State, key: Array | None) -> Array:
-        fn = getattr(_filters, self._filter)
-        return fn(logits, getattr(self, self._field), min_tokens_to_keep=self.min_tokens_to_keep)
+        fn = getattr(_filters, self.spec.name)
+        return fn(logits, getattr(self, self.spec.field), min_tokens_to_keep=self.min_tokens_to_keep)
+
+
+def _spec(name: str) -> tuple[_filters.Filter, dict[str, Any]]:
+    spec = _filters.TABLE[name]
+    return spec, {spec.field: spec.identity}
 
 
 @processor_dataclass
 class TopK(_Truncation):
     """:func:`jaxsample.top_k` as a processor (``k = 0`` disables)."""
 
-    _filter = "top_k"
-    _field = "k"
-    _kind = int
-    k: ArrayLike = 0
+    spec, identity = _spec("top_k")
+    k: ArrayLike = spec.identity
     min_tokens_to_keep: int = static_field(default=1)
 
 
@@ -94,9 +98,8 @@ class TopK(_Truncation):
 class TopP(_Truncation):
     """:func:`jaxsample.top_p` as a processor (``p = 1`` disables)."""
 
-    _filter = "top_p"
-    _field = "p"
-    p: ArrayLike = 1.0
+    spec, identity = _spec("top_p")
+    p: ArrayLike = spec.identity
     min_tokens_to_keep: int = static_field(default=1)
 
 
@@ -104,9 +107,8 @@ class TopP(_Truncation):
 class MinP(_Truncation):
     """:func:`jaxsample.min_p` as a processor (``p = 0`` disables)."""
 
-    _filter = "min_p"
-    _field = "p"
-    p: ArrayLike = 0.0
+    spec, identity = _spec("min_p")
+    p: ArrayLike = spec.identity
     min_tokens_to_keep: int = static_field(default=1)
 
 
@@ -114,9 +116,8 @@ class MinP(_Truncation):
 class TypicalP(_Truncation):
     """:func:`jaxsample.typical_p` as a processor (``p = 1`` disables)."""
 
-    _filter = "typical_p"
-    _field = "p"
-    p: ArrayLike = 1.0
+    spec, identity = _spec("typical_p")
+    p: ArrayLike = spec.identity
     min_tokens_to_keep: int = static_field(default=1)
 
 
@@ -124,9 +125,8 @@ class TypicalP(_Truncation):
 class EpsilonCutoff(_Truncation):
     """:func:`jaxsample.epsilon_cutoff` as a processor (``epsilon = 0`` disables)."""
 
-    _filter = "epsilon_cutoff"
-    _field = "epsilon"
-    epsilon: ArrayLike = 0.0
+    spec, identity = _spec("epsilon_cutoff")
+    epsilon: ArrayLike = spec.identity
     min_tokens_to_keep: int = static_field(default=1)
 
 
@@ -134,9 +134,8 @@ class EpsilonCutoff(_Truncation):
 class EtaCutoff(_Truncation):
     """:func:`jaxsample.eta_cutoff` as a processor (``eta = 0`` disables)."""
 
-    _filter = "eta_cutoff"
-    _field = "eta"
-    eta: ArrayLike = 0.0
+    spec, identity = _spec("eta_cutoff")
+    eta: ArrayLike = spec.identity
     min_tokens_to_keep: int = static_field(default=1)
 
 
@@ -144,9 +143,8 @@ class EtaCutoff(_Truncation):
 class TopNSigma(_Truncation):
     """:func:`jaxsample.top_n_sigma` as a processor (``n = inf`` disables)."""
 
-    _filter = "top_n_sigma"
-    _field = "n"
-    n: ArrayLike = float("inf")
+    spec, identity = _spec("top_n_sigma")
+    n: ArrayLike = spec.identity
     min_tokens_to_keep: int = static_field(default=1)
 
 

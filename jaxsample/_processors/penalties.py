@@ -310,6 +310,7 @@ class RepetitionPenalty(_HistoryProcessor):
       Array([[ 1. ,  0.5, -2. ,  1. ]], dtype=float32)
     """
 
+    identity: ClassVar[dict[str, Any]] = {"penalty": 1.0}  # `prune` drops it
     penalty: ArrayLike = 1.0
     window: ArrayLike = 0
 
@@ -359,6 +360,7 @@ class PresenceFrequencyPenalty(_HistoryProcessor):
       Array([[ 0. , -2.5,  0. ,  0. ]], dtype=float32)
     """
 
+    identity: ClassVar[dict[str, Any]] = {"presence": 0.0, "frequency": 0.0}  # `prune` drops it
     presence: ArrayLike = 0.0
     frequency: ArrayLike = 0.0
     window: ArrayLike = 0
@@ -413,6 +415,7 @@ class NoRepeatNGram(_HistoryProcessor):
       Array([[ True,  True, False,  True,  True]], dtype=bool)
     """
 
+    identity: ClassVar[dict[str, Any]] = {"n": 0}  # `prune` drops it
     n: ArrayLike = 0
 
     def __post_init__(self) -> None:
@@ -537,6 +540,7 @@ class MinNewTokens(LogitsProcessor):
       Array([[0., 0., 0.]], dtype=float32)
     """
 
+    identity: ClassVar[dict[str, Any]] = {"min_new_tokens": 0}  # `prune` drops it
     min_new_tokens: ArrayLike = 0
     stop_ids: ArrayLike = ()
     field_ranks = {"stop_ids": 1}
@@ -595,6 +599,7 @@ class DRY(_HistoryProcessor):
       Array([[ 0.,  0.,  0.,  0., -2.,  0.]], dtype=float32)
     """
 
+    identity: ClassVar[dict[str, Any]] = {"multiplier": 0.0}  # `prune` drops it
     multiplier: ArrayLike = 0.0
     base: ArrayLike = 1.75
     allowed_length: ArrayLike = 2
@@ -683,6 +688,7 @@ class XTC(LogitsProcessor):
       Array([[False, False,  True,  True]], dtype=bool)
     """
 
+    identity: ClassVar[dict[str, Any]] = {"probability": 0.0}  # `prune` drops it
     probability: ArrayLike = 0.0
     threshold: ArrayLike = 0.1
     needs_key: ClassVar[bool] = True
@@ -739,6 +745,7 @@ class MirostatV2(LogitsProcessor):
       Array([[ True,  True, False, False]], dtype=bool)
     """
 
+    identity: ClassVar[dict[str, Any]] = {"tau": _INF}  # `prune` drops it
     tau: ArrayLike = _INF
     eta: ArrayLike = 0.1
     stateful: ClassVar[bool] = True
@@ -804,6 +811,7 @@ class DynamicTemperature(LogitsProcessor):
       Array(True, dtype=bool)
     """
 
+    identity: ClassVar[dict[str, Any]] = {"t": 1.0, "range": 0.0}  # `prune` drops it
     t: ArrayLike = 1.0
     range: ArrayLike = 0.0
     exponent: ArrayLike = 1.0

@@ -83,41 +83,9 @@ _INF = math.inf
 
 # ----------------------------------------------------------------------------- helpers
 
-#: Identity values per processor type (used by ``prune``).
-_IDENTITY: dict[type, dict[str, float]] = {
-    Temperature: {"t": 1.0},
-    TopK: {"k": 0},
-    TopP: {"p": 1.0},
-    MinP: {"p": 0.0},
-    TypicalP: {"p": 1.0},
-    EpsilonCutoff: {"epsilon": 0.0},
-    EtaCutoff: {"eta": 0.0},
-    TopNSigma: {"n": _INF},
-    RepetitionPenalty: {"penalty": 1.0},
-    PresenceFrequencyPenalty: {"presence": 0.0, "frequency": 0.0},
-    NoRepeatNGram: {"n": 0},
-    DRY: {"multiplier": 0.0},
-    MinNewTokens: {"min_new_tokens": 0},
-    XTC: {"probability": 0.0},
-    MirostatV2: {"tau": _INF},
-    DynamicTemperature: {"t": 1.0, "range": 0.0},
-}
-
-
-def _is_identity(proc: LogitsProcessor) -> bool:
-    """True when every value of ``proc`` is concretely its identity value."""
-    fields = _IDENTITY.get(type(proc))
-    if fields is None:
-        return False
-    for name, identity in fields.items():
-        value = _val.concrete_value(getattr(proc, name))
-        if value is None or not np.all(value == identity):
-            return False
-    return True
-
-
 def _build(stages: list[LogitsProcessor | None], prune: bool) -> Chain:
-    stages = [s for s in stages if s is not None and not (prune and _is_identity(s))]
+    # prune: each processor's own `identity` (for the filters, their row of the filter table)
+    stages = [s for s in stages if s is not None and not (prune and s.is_identity())]
     return chain(*stages)
 
 

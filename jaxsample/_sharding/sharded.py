@@ -261,28 +261,21 @@ def _apply_allow(proc, p, logits, shard):
     return _keep(logits, _local_scatter(p, logits.shape[0], shard, values=False))
 
 
-def _top_k_enabled(k, vocab):
-    return (k > 0) & (k < vocab)
-
-
-for _type, _field, _dtype, _on, _fn in (
-        (_builtin.Temperature, "t", _F32, lambda t, v: t == 0, _apply_temperature),
-        (_builtin.TopK, "k", jnp.int32, _top_k_enabled, _shared_rule(_filters.top_k_rows, "k", True)),
-        (_builtin.TopP, "p", _F32, lambda p, v: p < 1, _shared_rule(_filters.top_p_rows, "p", True)),
-        (_builtin.MinP, "p", _F32, None, _shared_rule(_filters.min_p_rows, "p", False)),
-        (_builtin.TypicalP, "p", _F32, lambda p, v: p < 1,
-         _shared_rule(_filters.typical_p_rows, "p", True)),
-        (_builtin.EpsilonCutoff, "epsilon", _F32, None,
-         _shared_rule(_filters.epsilon_cutoff_rows, "epsilon", False)),
-        (_builtin.EtaCutoff, "eta", _F32, None, _shared_rule(_filters.eta_cutoff_rows, "eta", False)),
-        (_builtin.TopNSigma, "n", _F32, None, _shared_rule(_filters.top_n_sigma_rows, "n", False))):
-    register_vocab_parallel(_type, params=_per_row_rule(_field, _dtype, _on), apply=_fn)
+# The per-row filters: their rows of the filter table (value field, dtype, "enabled"
+# test, per-row body), through the processors that carry them.
+for _type in (_builtin.Temperature, _builtin.TopK, _builtin.TopP, _builtin.MinP, _builtin.TypicalP,
+              _builtin.EpsilonCutoff, _builtin.EtaCutoff, _builtin.TopNSigma):
+    _spec = _type.spec
+    _gated = _spec.off is not None
+    register_vocab_parallel(
+        _type, params=_per_row_rule(_spec.field, _spec.dtype, _spec.enabled if _gated else None),
+        apply=_apply_temperature if _spec.rows is None else _shared_rule(_spec.rows, _spec.field, _gated))
 register_vocab_parallel(_builtin.LogitBias, params=_bias_params, apply=_apply_bias)
 register_vocab_parallel(_builtin.SparseLogitBias, params=functools.partial(_ids_params, with_values=True),
                         apply=_apply_sparse_bias)
 register_vocab_parallel(_builtin.BanTokens, params=_ids_params, apply=_apply_ban)
 register_vocab_parallel(_builtin.AllowTokens, params=_ids_params, apply=_apply_allow)
-del _type, _field, _dtype, _on, _fn
+del _type, _spec, _gated
 
 
 def _flatten(proc: LogitsProcessor) -> list[LogitsProcessor]:
