@@ -354,6 +354,8 @@ def shard_model(lm: DecoderLM, mesh: Mesh, *, data_axis: str | None = DATA_AXIS,
             pad = jnp.zeros((kernel.shape[0], v_pad - config.vocab_size), kernel.dtype)
             params["lm_head"] = {**params["lm_head"], "kernel": jnp.concatenate([kernel, pad], axis=1)}
         config = config.replace(vocab_size=v_pad)
+    if config.moe_impl == "auto":  # the rows are vmapped (see _per_row): no ragged_dot there
+        config = config.replace(moe_impl="auto_dense")
     specs = param_specs(config, mesh, data_axis=data_axis, model_axis=model_axis)
     params = jax.tree.map(lambda s, x: place(x, NamedSharding(mesh, s)), specs, params,
                           is_leaf=lambda s: isinstance(s, P))

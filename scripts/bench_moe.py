@@ -86,7 +86,8 @@ def main(argv=None) -> int:
         steps, outs = {}, {}
         for name, lm in models.items():
             cache = lm.init_cache(batch, args.context + 8)
-            step = jax.jit(lm.decode)
+            jitted = jax.jit(lambda m, t, p, c: m.decode(t, p, c))  # weights as arguments, not constants
+            step = lambda t, p, c, m=lm, f=jitted: f(m, t, p, c)  # noqa: E731
             outs[name] = np.asarray(step(tokens, positions, cache)[0])  # compile
             steps[name] = (step, cache)
         times = {name: [] for name in models}
