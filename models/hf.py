@@ -1,4 +1,4 @@
-"""Load local Hugging Face checkpoints of five decoder families into our `DecoderLM`.
+"""Load local Hugging Face checkpoints of the decoder families below into our `DecoderLM`.
 
     >>> from models import load_hf
     >>> lm = load_hf("path/to/Llama-3.2-1B")          # config.json + *.safetensors
@@ -14,9 +14,19 @@ see `DecoderConfig`):
 | Qwen2ForCausalLM    | q/k/v biases; tied or untied; sliding layers from `layer_types`          |
 | GemmaForCausalLM    | embeddings * sqrt(D), (1 + w) RMSNorm, GeGLU, free head_dim, tied        |
 | Gemma2ForCausalLM   | Gemma + post-norms, attention and final soft-capping, query_pre_attn_scalar, alternating sliding-window layers |
+| Qwen3ForCausalLM    | per-head q/k RMSNorm; sliding layers                                     |
+| Qwen3MoeForCausalLM | Qwen3 + sparse MoE (top-k, norm_topk_prob, decoder_sparse_step, mlp_only_layers) |
+| MixtralForCausalLM  | sparse MoE, top-k renormalised; sliding_window                           |
+| Gemma3ForCausalLM   | Gemma 2 + q/k norm, local RoPE base, 5:1 sliding layers, no soft-caps     |
+| Gemma3ForConditionalGeneration | its text model only (vision tower not read)                   |
+| Phi3ForCausalLM     | fused qkv / gate_up, partial rotary, longrope                           |
+| Olmo2ForCausalLM    | norms after each sublayer only, q/k norm over the whole projection       |
+| SmolLM3ForCausalLM  | no RoPE on the `no_rope_layers`                                          |
+
+docs/models.md has the details, the MoE benchmark and the ring-cache figures.
 
 Anything else (another architecture, biases where the family has none, another
-activation or RoPE type, partial rotary, bidirectional attention, ...) raises a
+activation or RoPE type, partial rotary outside Phi-3, bidirectional attention, ...) raises a
 `ValueError` naming the field, rather than loading a model that silently computes
 something else.
 
