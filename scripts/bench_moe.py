@@ -48,7 +48,7 @@ def _positive(text: str) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experts", type=_positive, default=32, help="num_experts (default 32)")
     ap.add_argument("--top-k", type=_positive, default=4, help="experts per token (default 4)")
     ap.add_argument("--d-model", type=_positive, default=512)
