@@ -13,7 +13,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _ACTIVATIONS = ("silu", "gelu_tanh")
 _ROPE_TYPES = ("linear", "llama3", "longrope")
 _QK_NORMS = (None, "head", "full")
-_MOE_IMPLS = ("auto", "gather", "ragged", "dense")
+_MOE_IMPLS = ("auto", "gather", "ragged", "dense", "auto_dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +120,9 @@ class DecoderConfig:
         weights gathered: reads k experts per token), "ragged" (tokens sorted by
         expert, `jax.lax.ragged_dot` grouped matmuls), "dense" (every expert on every
         token, weighted by a mask: the reference and benchmark baseline), "auto"
-        (gather when tokens * k <= num_experts, i.e. decode; ragged otherwise).
+        (gather when tokens * k <= num_experts, i.e. decode; ragged otherwise),
+        "auto_dense" (gather, else dense: for code that vmaps the model, such as
+        `models.sharding`, since `jax.lax.ragged_dot` has no batching rule there).
     """
 
     vocab_size: int

@@ -308,8 +308,8 @@ def moe_experts(x, gate, up, down, weights, experts, impl: str, act):
     """
     n, k = experts.shape
     e = gate.shape[0]
-    if impl == "auto":
-        impl = "gather" if n * k <= e else "ragged"
+    if impl in ("auto", "auto_dense"):
+        impl = "gather" if n * k <= e else ("ragged" if impl == "auto" else "dense")
     if impl == "gather":  # reads the k chosen experts of each token
         h = act(jnp.einsum("nd,nkdf->nkf", x, gate[experts])) * jnp.einsum("nd,nkdf->nkf", x, up[experts])
         y = jnp.einsum("nkf,nkfd->nkd", h, down[experts])

@@ -1,4 +1,4 @@
-"""Load local Hugging Face checkpoints of five decoder families into our `DecoderLM`.
+"""Load local Hugging Face checkpoints of the decoder families below into our `DecoderLM`.
 
     >>> from models import load_hf
     >>> lm = load_hf("path/to/Llama-3.2-1B")          # config.json + *.safetensors
@@ -14,9 +14,19 @@ see `DecoderConfig`):
 | Qwen2ForCausalLM    | q/k/v biases; tied or untied; sliding layers from `layer_types`          |
 | GemmaForCausalLM    | embeddings * sqrt(D), (1 + w) RMSNorm, GeGLU, free head_dim, tied        |
 | Gemma2ForCausalLM   | Gemma + post-norms, attention and final soft-capping, query_pre_attn_scalar, alternating sliding-window layers |
+| Qwen3ForCausalLM    | per-head q/k RMSNorm; sliding layers                                     |
+| Qwen3MoeForCausalLM | Qwen3 + sparse MoE (top-k, norm_topk_prob, decoder_sparse_step, mlp_only_layers) |
+| MixtralForCausalLM  | sparse MoE, top-k renormalised; sliding_window                           |
+| Gemma3ForCausalLM   | Gemma 2 + q/k norm, local RoPE base, 5:1 sliding layers, no soft-caps     |
+| Gemma3ForConditionalGeneration | its text model only (vision tower not read)                   |
+| Phi3ForCausalLM     | fused qkv / gate_up, partial rotary, longrope                           |
+| Olmo2ForCausalLM    | norms after each sublayer only, q/k norm over the whole projection       |
+| SmolLM3ForCausalLM  | no RoPE on the `no_rope_layers`                                          |
+
+docs/models.md has the details, the MoE benchmark and the ring-cache figures.
 
 Anything else (another architecture, biases where the family has none, another
-activation or RoPE type, partial rotary, bidirectional attention, ...) raises a
+activation or RoPE type, partial rotary outside Phi-3, bidirectional attention, ...) raises a
 `ValueError` naming the field, rather than loading a model that silently computes
 something else.
 
@@ -127,6 +137,56 @@ def _read_json(path: str, required: bool = True) -> dict[str, Any]:
 def read_hf_config(directory: str) -> dict[str, Any]:
     """config.json of a Hugging Face checkpoint directory, as a dict."""
     return _read_json(os.path.join(directory, CONFIG_FILE))
+
+
+MULTIMODAL = {"Gemma3ForConditionalGeneration": ("gemma3", "Gemma3ForCausalLM", "gemma3_text")}
+# Tensor-name prefixes of a multimodal checkpoint's text model (the Hub's layout, and the one
+# transformers 5 holds in memory) and the parts the text model never reads.
+_TEXT_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."),
+                  ("language_model.lm_head.", "lm_head."))
+_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+def text_model_config(hf: dict[str, Any]) -> dict[str, Any]:
+    """The text model's config of a multimodal checkpoint (Gemma 3's `text_config`), as a
+    text-only config.json; any other config is returned unchanged.
+
+    The vision tower and projector are not loaded (the decoder takes token ids only); a
+    checkpoint without a `text_config` dict says so.
+    """
+    archs = hf.get("architectures")
+    if not (isinstance(archs, list) and len(archs) == 1 and archs[0] in MULTIMODAL):
+        return hf
+    model_type, text_arch, text_type = MULTIMODAL[archs[0]]
+    text = hf.get("text_config")
+    if not isinstance(text, dict):
+        raise ValueError(f"config.json: {archs[0]} needs a text_config dict to load its text model, got "
+                         f"text_config={text!r}")
+    if text.get("model_type", text_type) != text_type:
+        raise ValueError(f"config.json: text_config.model_type={text.get('model_type')!r}, expected {text_type!r}")
+    out = {**text, "architectures": [text_arch], "model_type": text_type}
+    for field in ("tie_word_embeddings", "torch_dtype", "dtype", "quantization_config"):
+        if field in hf and field not in text:
+            out[field] = hf[field]
+    return out
+
+
+def _text_names(locations: dict[str, str]) -> dict[str, Any]:
+    """A multimodal checkpoint's text-model tensors under the text-only names (vision dropped):
+    text-only name -> (name in the file, file)."""
+    if not any(name.startswith(("language_model.", "model.language_model.")) for name in locations):
+        return locations
+    out = {}
+    for name, file in locations.items():
+        original = name
+        if name.startswith(_VISION_PREFIXES):
+            continue
+        for old, new in _TEXT_PREFIXES:
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        out[name] = (original, file)
+    return out
 
 
 def is_hf_checkpoint(directory: str) -> bool:
@@ -394,6 +454,9 @@ def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> DecoderConfi
                      if isinstance(hf.get("rope_parameters"), dict) else 1.0)
     if isinstance(partial, bool) or not isinstance(partial, (int, float)) or not 0 < partial <= 1:
         raise ValueError(f"config.json: partial_rotary_factor={partial!r} must be in (0, 1]")
+    if partial != 1.0 and not family.fused:
+        raise ValueError(f"unsupported partial_rotary_factor={partial!r} for {arch}: partial rotary embeddings "
+                         "are implemented for phi3")
     rotary = int(head_dim * partial)
     if rotary % 2 or rotary <= 0:
         raise ValueError(f"config.json: partial_rotary_factor={partial!r} gives an odd or empty rotary width "
@@ -605,11 +668,12 @@ def _normalize_names(locations: dict[str, str], config: DecoderConfig) -> dict[s
     out = {}
     bare = "model.embed_tokens.weight" not in locations and "embed_tokens.weight" in locations
     for name, file in locations.items():
+        source, file = file if isinstance(file, tuple) else (name, file)  # renamed: (name in the file, file)
         if name.endswith("rotary_emb.inv_freq"):  # an old buffer, recomputed
             continue
         if name == "lm_head.weight" and config.tie_embeddings:  # tied: transformers ignores it too
             continue
-        out[("model." + name) if bare and name != "lm_head.weight" else name] = (name, file)
+        out[("model." + name) if bare and name != "lm_head.weight" else name] = (source, file)
     return out
 
 
@@ -700,8 +764,15 @@ def load_hf(directory: str, dtype: str | None = None) -> DecoderLM:
       >>> lm.config.qkv_bias, lm.config.tie_embeddings
       (True, True)
     """
-    hf = read_hf_config(directory)
+    raw = read_hf_config(directory)
+    hf = text_model_config(raw)
     locations = tensor_locations(directory)  # file headers only
+    if hf is not raw:  # multimodal: the text model's tensors, renamed; the vision tower is not read
+        text = _text_names(locations)
+        if not any(name.startswith("model.layers.") for name in text):
+            raise ckpt.CheckpointError(f"{directory}: {raw['architectures'][0]} checkpoint without its text "
+                                       "model's weights (no language_model.model.layers.* tensors)")
+        locations = text
     check_layer_count(hf.get("num_hidden_layers"), locations, directory)  # before any per-layer build
     config = config_from_hf(hf, dtype)
     _, family = _family(hf)

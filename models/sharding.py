@@ -14,7 +14,12 @@ Dh = head width, F = d_ff, V = vocabulary):
     o.kernel         [H*Dh, D]   P("model", None)   input dim split: one all-reduce per block
     gate, up.kernel  [D, F]      P(None, "model")   output dim split
     down.kernel      [F, D]      P("model", None)   input dim split: one all-reduce per block
-    *norm*.scale     [D]         P()                replicated
+    q, k, v.bias     [H*Dh]      P("model")         like their kernels (Qwen2)
+    lm_head.kernel   [D, V]      P(None, "model")   untied output projection, vocab split
+    *norm*.scale     [D] / [Dh]  P()                replicated (pre/post norms, q/k norms)
+    moe.router       [D, E]      P()                replicated
+    moe.gate, up     [E, D, F]   P("model", None, None)  expert parallel: E/m experts a device
+    moe.down         [E, F, D]   P("model", None, None)
     KV cache k, v    [B, K, S, Dh]  P("data", "model", None, None)
     activations, prompts, keys      batch on "data"
 
@@ -26,6 +31,11 @@ that axis, which is always correct, merely less parallel:
   (then ``n_heads`` divides too); otherwise all of it is replicated, which keeps
   grouped-query attention free of resharding between query and key/value heads;
 * gate, up and down are split iff ``d_ff % model_size == 0``;
+* MoE experts are expert-parallel iff ``num_experts % model_size == 0``; otherwise each
+  expert is split over its hidden width iff ``moe_d_ff % model_size == 0`` (gate/up on F,
+  down on F); otherwise replicated. The router and the top-k run replicated (they are
+  tiny); GSPMD moves each token's activations to its experts' devices;
+* the KV cache of every layer (sliding-window rings included) is split like its heads;
 * the embedding is always split: its rows are zero-padded to ``V_pad``, the next multiple
   of ``model_size``, and the padded logits are set to ``-inf`` (never sampled, and
   invisible to every filter and log-prob). The wrapped model's ``vocab_size`` is
@@ -58,7 +68,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxsample import place  # noqa: F401  (re-exported: models.sharding.place)
 from models.config import DecoderConfig
-from models.decoder import DecoderLM, KVCache
+from models.decoder import DecoderLM, KVCache, init_params
 
 __all__ = [
     "DATA_AXIS",
@@ -165,28 +175,38 @@ def param_specs(config: DecoderConfig, mesh: Mesh, *, data_axis: str | None = DA
     Returns:
       A dict with the structure of ``DecoderLM.params`` whose leaves are `PartitionSpec`s.
     """
-    for field, plain in (("tie_embeddings", True), ("qkv_bias", False), ("post_norms", False)):
-        if getattr(config, field) != plain:  # parameters this layout does not place (yet)
-            raise ValueError(f"sharding supports {field}={plain} only, got {field}={getattr(config, field)!r}")
     _axis_size(mesh, data_axis)
     m = _axis_size(mesh, model_axis)
-    heads = kv_heads = model_axis if config.n_kv_heads % m == 0 else None
+    heads = model_axis if config.n_kv_heads % m == 0 else None
     ff = model_axis if config.d_ff % m == 0 else None
-    replicated = {"scale": P()}
-    specs: dict = {"embed": {"embedding": P(model_axis, None)}, "final_norm": dict(replicated)}
-    for i in range(config.n_layers):
-        specs[f"layers_{i}"] = {
-            "attn_norm": dict(replicated),
-            "q": {"kernel": P(None, heads)},
-            "k": {"kernel": P(None, kv_heads)},
-            "v": {"kernel": P(None, kv_heads)},
-            "o": {"kernel": P(heads, None)},
-            "mlp_norm": dict(replicated),
-            "gate": {"kernel": P(None, ff)},
-            "up": {"kernel": P(None, ff)},
-            "down": {"kernel": P(ff, None)},
-        }
-    return specs
+    # MoE experts: expert-parallel (each device holds E/m whole experts) when E divides,
+    # else tensor-parallel inside every expert over its hidden width, else replicated.
+    if config.num_experts and config.num_experts % m == 0:
+        expert_in = expert_out = P(model_axis, None, None)
+    elif config.num_experts and config.moe_d_ff % m == 0:
+        expert_in, expert_out = P(None, None, model_axis), P(None, model_axis, None)
+    else:
+        expert_in = expert_out = P(None, None, None)
+    rules = {
+        ("q", "kernel"): P(None, heads), ("k", "kernel"): P(None, heads), ("v", "kernel"): P(None, heads),
+        ("q", "bias"): P(heads), ("k", "bias"): P(heads), ("v", "bias"): P(heads),
+        ("o", "kernel"): P(heads, None),
+        ("gate", "kernel"): P(None, ff), ("up", "kernel"): P(None, ff), ("down", "kernel"): P(ff, None),
+        ("router", "kernel"): P(None, None),
+        ("moe", "gate"): expert_in, ("moe", "up"): expert_in, ("moe", "down"): expert_out,
+        ("embed", "embedding"): P(model_axis, None), ("lm_head", "kernel"): P(None, model_axis),
+    }
+    template = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+    def spec(path, leaf):
+        keys = tuple(getattr(k, "key", str(k)) for k in path)
+        if keys[-1] == "scale":  # every RMSNorm (pre, post, q/k norms): replicated
+            return P()
+        try:
+            return rules[keys[-2:]]
+        except KeyError:
+            raise ValueError(f"param_specs: no placement for parameter {'/'.join(keys)}") from None
+    return jax.tree_util.tree_map_with_path(spec, template)
 
 
 def cache_specs(config: DecoderConfig, mesh: Mesh, *, data_axis: str | None = DATA_AXIS,
@@ -329,7 +349,13 @@ def shard_model(lm: DecoderLM, mesh: Mesh, *, data_axis: str | None = DATA_AXIS,
         embedding = params["embed"]["embedding"]  # [V, D]
         pad = jnp.zeros((v_pad - config.vocab_size, embedding.shape[1]), embedding.dtype)
         params["embed"] = {**params["embed"], "embedding": jnp.concatenate([embedding, pad])}
+        if "lm_head" in params:  # untied: the output projection's columns padded the same way
+            kernel = params["lm_head"]["kernel"]  # [D, V]
+            pad = jnp.zeros((kernel.shape[0], v_pad - config.vocab_size), kernel.dtype)
+            params["lm_head"] = {**params["lm_head"], "kernel": jnp.concatenate([kernel, pad], axis=1)}
         config = config.replace(vocab_size=v_pad)
+    if config.moe_impl == "auto":  # the rows are vmapped (see _per_row): no ragged_dot there
+        config = config.replace(moe_impl="auto_dense")
     specs = param_specs(config, mesh, data_axis=data_axis, model_axis=model_axis)
     params = jax.tree.map(lambda s, x: place(x, NamedSharding(mesh, s)), specs, params,
                           is_leaf=lambda s: isinstance(s, P))

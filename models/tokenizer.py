@@ -170,21 +170,28 @@ class HFTokenizer(_BatchMixin):
         """Decodes ids, skipping special tokens (BOS, EOS, PAD and the tokenizer's others)."""
         return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=True)
 
-    def apply_chat_template(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: Sequence[dict], *, add_generation_prompt: bool = True,
+                            **template_vars) -> str:
         """Renders `messages` ([{"role": ..., "content": ...}, ...]) with the checkpoint's chat
         template, as transformers' `apply_chat_template(..., tokenize=False)` does (a sandboxed
         jinja2 environment with trim_blocks / lstrip_blocks, `raise_exception`, `strftime_now`,
         a non-escaping `tojson`, and the special token strings such as `bos_token`).
 
         Encode the result with `encode(text, add_bos=False)`: templates write the BOS
-        themselves.
+        themselves (Gemma 3's template starts with `bos_token`).
+
+        `template_vars` are the template's own variables, passed as transformers passes
+        extra keyword arguments, e.g. Qwen3's `enable_thinking=False`.
         """
+        clash = sorted(set(template_vars) & {"messages", "add_generation_prompt", *self._special_tokens})
+        if clash:
+            raise ValueError(f"apply_chat_template: template variables {clash} are set by the tokenizer itself")
         if self.chat_template is None:
             raise ValueError("this checkpoint has no chat template (no chat_template in tokenizer_config.json "
                              "and no chat_template.jinja)")
         return _compile_template(self.chat_template).render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt, tools=None, documents=None,
-            **self._special_tokens)
+            **{"tools": None, "documents": None, **template_vars}, messages=list(messages),
+            add_generation_prompt=add_generation_prompt, **self._special_tokens)
 
 
 def _chat_template(folder: str, token_config: dict) -> str | None:

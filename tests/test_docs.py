@@ -90,6 +90,8 @@ def install() -> Action:
 # command's own `flags`). They keep what a command exercises (its sampler, mesh, order,
 # outputs) and shrink only sizes: a tiny preset, few tokens, one repeat.
 SMALL = {
+    "bench_moe.py": {"--quick": True, "--batch": "1", "--repeats": "1", "--steps": "1", "--experts": "4",
+                     "--top-k": "2", "--layers": "1"},
     "generate.py": {"--max-new-tokens": "4"},
     "generate_sharded.py": {"--preset": "tiny", "--batch": "8", "--prompt-len": "4", "--new-tokens": "3",
                             "--repeats": "1"},
@@ -117,6 +119,10 @@ SMALL = {
 # joined, `a && b` split). Keep the sections in the order of the docs.
 COMMANDS: dict[str, Action] = {
     "python scripts/seeds_demo.py": run(slow=True),  # tests/test_seeds_example.py runs it
+    "python scripts/bench_moe.py": run(slow=True),
+    "python scripts/bench_moe.py --json out.json": run(slow=True),
+    "python scripts/bench_moe.py --quick --json out.json": run(slow=True),
+    "python scripts/bench_moe.py --experts 64 --top-k 8 --batch 1 8": run(slow=True),
     "python scripts/bench_engine.py": run(slow=True),
     "python scripts/bench_engine.py --quick --json out.json": run(expect="wrote out.json", slow=True),
     "python scripts/bench_engine.py --slots 4 8 16 --prompts 96": run(slow=True),

@@ -308,3 +308,44 @@ def test_cli_plain_prompt_without_bos_json_prompt_logprobs_and_sampling_over_a_g
     assert row["prompt_tokens_scored"] == len(fast(prompt, add_special_tokens=False)["input_ids"]) - 1
     assert row["prompt_logprob"] < 0
     assert "sampling at --temperature 0.8" in r.stderr
+
+
+# ------------------------------------------------------- multimodal Gemma 3: the text model
+
+def test_multimodal_gemma3_text_model_loads_and_matches_transformers(hf, tmp_path):
+    """Gemma3ForConditionalGeneration: the text model (language_model.*) loads, the vision tower
+    and projector are not read; its logits on text equal transformers' multimodal model's."""
+    torch, transformers = hf
+    text = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                intermediate_size=48, head_dim=16, sliding_window=6, max_position_embeddings=128,
+                layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=16)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                    image_token_index=V - 1, boi_token_index=V - 3, eoi_token_index=V - 2)
+    torch.manual_seed(3)
+    model = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    model.config._attn_implementation = "eager"
+    _randomize(torch, model, plus_one=True)
+    model.save_pretrained(tmp_path)
+    lm = load_hf(str(tmp_path))
+    assert lm.config.qk_norm == "head" and lm.config.sliding_window_layers == (0,)
+    tokens = _ragged()[0][:1, :19]
+    with torch.no_grad():
+        theirs = model(input_ids=torch.tensor(tokens)).logits[0].numpy()
+    np.testing.assert_allclose(np.asarray(lm.forward(jnp.asarray(tokens, jnp.int32)))[0], theirs, atol=TOL, rtol=0)
+
+    # without the text weights: says why
+    import json as _json
+
+    from safetensors.numpy import load_file, save_file
+    weights = {k: v for k, v in load_file(str(tmp_path / "model.safetensors")).items()
+               if not k.startswith("language_model.")}
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="without its text model's weights"):
+        load_hf(str(tmp_path))
+    blob = _json.loads((tmp_path / "config.json").read_text())
+    del blob["text_config"]
+    (tmp_path / "config.json").write_text(_json.dumps(blob))
+    with pytest.raises(ValueError, match="needs a text_config dict"):
+        load_hf(str(tmp_path))

@@ -132,3 +132,62 @@ def test_bad_special_ids_are_clear_errors(tmp_path, tokenizer_file, config, toke
 def test_missing_file_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer.json at path="):
         HFTokenizer(str(tmp_path))
+
+
+# ------------------------------------------------- issue 22: Qwen3 and Gemma 3 conventions
+
+# The generation-prompt part of Qwen3's template: enable_thinking=False pre-fills an empty
+# think block (transformers passes extra apply_chat_template kwargs to the template).
+QWEN3_TEMPLATE = (
+    "{%- for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}")
+# Gemma 3's shape: the template writes the BOS, a plain prompt gets one from the tokenizer.
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{%- for m in messages %}{{ '<start_of_turn>' + ('model' if m.role == 'assistant' else m.role)"
+    " + '\\n' + m.content | trim + '<end_of_turn>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{%- endif %}")
+
+
+def _fast(tokenizer_file, tmp_path, template, bos, add_bos, post_bos):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("jinja2")
+    from tokenizers import Tokenizer, processors
+
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    if post_bos:  # Gemma's tokenizer.json: a TemplateProcessing post-processor that adds <s>
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token="</s>",
+                                                pad_token="<pad>", unk_token="<unk>", chat_template=template,
+                                                add_bos_token=add_bos, clean_up_tokenization_spaces=False)
+    fast.save_pretrained(tmp_path)
+    return fast, HFTokenizer(str(tmp_path))
+
+
+@pytest.mark.parametrize("thinking", [None, True, False])
+def test_qwen3_template_enable_thinking_matches_transformers(tmp_path, tokenizer_file, thinking):
+    fast, tok = _fast(tokenizer_file, tmp_path, QWEN3_TEMPLATE, "<s>", False, False)
+    messages = [{"role": "user", "content": "To be, or not to be?"}]
+    extra = {} if thinking is None else {"enable_thinking": thinking}
+    ours = tok.apply_chat_template(messages, **extra)
+    assert ours == fast.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
+    assert ours.endswith("<think>\n\n</think>\n\n") == (thinking is False)
+    assert tok.encode("To be", add_bos=None) == fast("To be")["input_ids"]  # no BOS: Qwen3's rule
+    with pytest.raises(ValueError, match="template variables \\['eos_token'\\]"):
+        tok.apply_chat_template(messages, eos_token="x")
+
+
+def test_gemma3_bos_rule_matches_transformers(tmp_path, tokenizer_file):
+    """Plain prompts get the BOS (add_bos_token + the post-processor); the chat template writes its
+    own BOS, so the rendered chat is encoded without another: one BOS, as transformers gives."""
+    fast, tok = _fast(tokenizer_file, tmp_path, GEMMA3_TEMPLATE, "<s>", True, True)
+    assert tok.add_bos_token and tok.encode("To be") == fast("To be")["input_ids"]
+    assert tok.encode("To be")[0] == tok.bos_id
+    messages = [{"role": "user", "content": " To be? "}]
+    chat = tok.apply_chat_template(messages)
+    assert chat == fast.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tok.encode(chat, add_bos=False)
+    assert ids == fast.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert ids.count(tok.bos_id) == 1 and ids[0] == tok.bos_id

@@ -125,3 +125,62 @@ def test_index_shard_names_are_confined_to_the_directory(tmp_path, shard):
 def test_index_with_plain_shard_names_loads(tmp_path):
     lm = load_hf(_write(tmp_path / "ok", index=lambda name: "shard.safetensors"))
     assert lm.config.n_layers == 2
+
+
+# ------------------------------------------------- issue 22: malformed fields of the new families
+
+_FAMILY = {
+    "qwen3": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=8),
+    "qwen3_moe": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=4,
+                      num_experts_per_tok=2, moe_intermediate_size=8),
+    "mixtral": dict(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=4),
+    "gemma3": dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", head_dim=8),
+    "phi3": dict(architectures=["Phi3ForCausalLM"], model_type="phi3"),
+    "olmo2": dict(architectures=["Olmo2ForCausalLM"], model_type="olmo2"),
+    "smollm3": dict(architectures=["SmolLM3ForCausalLM"], model_type="smollm3"),
+}
+
+
+@pytest.mark.parametrize("family,change,match", [
+    ("qwen3", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0}), "rope_parameters=.*yarn"),
+    ("qwen3", dict(quantization_config={"quant_method": "fp8"}), "quantization_config=.*fp8"),
+    ("qwen3", dict(attention_bias=True), "attention_bias=True"),
+    ("qwen3_moe", dict(num_experts_per_tok=5), "num_experts_per_tok=5 exceeds num_experts=4"),
+    ("qwen3_moe", dict(moe_intermediate_size=0), "moe_intermediate_size=0"),
+    ("qwen3_moe", dict(decoder_sparse_step=0), "decoder_sparse_step=0"),
+    ("qwen3_moe", dict(norm_topk_prob="yes"), "norm_topk_prob='yes'"),
+    ("mixtral", dict(num_local_experts=0), "num_local_experts=0"),
+    ("gemma3", dict(rope_parameters={"sliding_attention": {"rope_type": "linear", "factor": 2.0}}),
+     "sliding_attention"),
+    ("gemma3", dict(rope_parameters={"full_attention": {"rope_type": "dynamic", "factor": 2.0}}),
+     "rope_parameters.full_attention=.*dynamic"),
+    ("gemma3", dict(sliding_window_pattern=0, layer_types=None), "sliding_window_pattern=0"),
+    ("gemma3", dict(use_bidirectional_attention=True), "use_bidirectional_attention=True"),
+    ("phi3", dict(rope_parameters={"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0] * 4,
+                                   "original_max_position_embeddings": 16}), "short_factor must be a list of 4"),
+    ("phi3", dict(rope_parameters={"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [1.0] * 4}),
+     "original_max_position_embeddings"),
+    ("phi3", dict(partial_rotary_factor=0.1), "partial_rotary_factor=0.1"),
+    ("olmo2", dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5.*phi3"),
+    ("smollm3", dict(no_rope_layers=[1]), "no_rope_layers=.*2 entries"),
+    ("smollm3", dict(no_rope_layer_interval=0), "no_rope_layer_interval=0"),
+    ("qwen3", dict(rope_parameters={"rope_type": "longrope", "short_factor": [1.0] * 4,
+                                    "long_factor": [1.0] * 4}), "longrope.*phi3"),
+])
+def test_new_family_fields_are_refused_by_name(family, change, match):
+    from models.hf import config_from_hf
+
+    with pytest.raises(ValueError, match=match):
+        config_from_hf({**HF_CONFIG, **_FAMILY[family], **change})
+
+
+def test_new_families_map_their_switches():
+    from models.hf import config_from_hf
+
+    assert config_from_hf({**HF_CONFIG, **_FAMILY["olmo2"]}).pre_norms is False
+    assert config_from_hf({**HF_CONFIG, **_FAMILY["smollm3"], "num_hidden_layers": 8}).no_rope_layers == (3, 7)
+    moe = config_from_hf({**HF_CONFIG, **_FAMILY["qwen3_moe"], "mlp_only_layers": [0]})
+    assert moe.moe_layers == (1,) and moe.norm_topk_prob is False
+    g = config_from_hf({**HF_CONFIG, **_FAMILY["gemma3"], "num_hidden_layers": 6, "sliding_window": 4,
+                        "rope_local_base_freq": 123.0, "rope_theta": 5e5})
+    assert g.sliding_window_layers == (0, 1, 2, 3, 4) and g.local_rope_theta == 123.0 and g.rope_theta == 5e5

@@ -378,9 +378,13 @@ def test_family_switches_round_trip_through_our_checkpoints(tmp_path):
 
 
 @pytest.mark.parametrize("change", [dict(tie_embeddings=False), dict(qkv_bias=True), dict(post_norms=True)])
-def test_sharding_refuses_parameters_it_does_not_place(small_lm, change):
+def test_sharding_places_every_parameter(small_lm, change):
+    """Untied heads, biases and post-norms (refused before issue 22) all get a PartitionSpec."""
+    from models.decoder import init_params
     from models.sharding import make_mesh, param_specs
 
-    field, value = next(iter(change.items()))
-    with pytest.raises(ValueError, match=f"sharding supports {field}=.* got {field}={value}"):
-        param_specs(small_lm.config.replace(**change), make_mesh((1, 1)))
+    config = small_lm.config.replace(**change)
+    specs = param_specs(config, make_mesh((1, 1)))
+    template = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    assert jax.tree.structure(template) == jax.tree.structure(
+        specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))

@@ -206,6 +206,21 @@ def _device_checks():
                 and np.allclose(np.asarray(out.top_logprobs), np.asarray(plain_greedy.top_logprobs),
                                 atol=LOGPROB_ATOL))
         times[f"generate {name}"] = time.time() - t_start
+    # Every family switch at once (issue 22): untied lm_head, q/k/v biases, q/k norms, pre and
+    # post norms, a sliding-window ring layer, 8 experts (expert parallel on both meshes) and a
+    # dense layer; greedy tokens on each mesh equal one device's.
+    fam = DecoderLM.random(preset("tiny").replace(
+        n_kv_heads=4, tie_embeddings=False, qkv_bias=True, qk_norm="head", post_norms=True, sliding_window=3,
+        sliding_window_layers=(0,), num_experts=8, experts_per_token=2, moe_d_ff=16, moe_layers=(1,)),
+        jax.random.key(2))
+    fam_ref = js.generate(fam, prompts, lengths, keys, max_new_tokens=new)
+    results["families"] = {}
+    for shape in ((2, 4), (1, 8)):
+        out = js.sharded_generate(sharding.shard_model(fam, sharding.make_mesh(shape)), prompts, lengths, keys,
+                                  max_new_tokens=new)
+        results["families"][f"{shape[0]}x{shape[1]}"] = bool(
+            np.array_equal(np.asarray(out.tokens), np.asarray(fam_ref.tokens)))
+    times["families"] = time.time() - t_start
     results["seconds"] = time.time() - t_start
     results["times"] = times
     return results
@@ -442,6 +457,25 @@ def test_unsupported_processors_are_refused():
         _sharded.ShardedSampler(three)._apply(js.TopK(2), jnp.zeros((2, 8)))
     with pytest.raises(ValueError, match="no axis"):
         _sharded.ShardedSampler(sharding.make_mesh((1, 1)), vocab_axis="vocab")
+
+
+def test_sharded_generate_every_family_switch(device_results):
+    assert device_results["families"] == {"2x4": True, "1x8": True}
+
+
+def test_param_specs_place_every_family_parameter():
+    P = jax.sharding.PartitionSpec
+    mesh = types.SimpleNamespace(shape={"data": 2, "model": 4})
+    c = preset("tiny").replace(n_kv_heads=4, tie_embeddings=False, qkv_bias=True, qk_norm="head", post_norms=True,
+                               num_experts=8, experts_per_token=2, moe_d_ff=6, moe_layers=(1,))
+    specs = sharding.param_specs(c, mesh)
+    assert specs["lm_head"]["kernel"] == P(None, "model")
+    assert specs["layers_0"]["q"]["bias"] == P("model") and specs["layers_0"]["q_norm"]["scale"] == P()
+    assert specs["layers_0"]["attn_post_norm"]["scale"] == P()
+    assert specs["layers_1"]["moe"]["gate"] == P("model", None, None)  # 8 experts on 4: expert parallel
+    assert specs["layers_1"]["moe"]["router"]["kernel"] == P(None, None)
+    odd = sharding.param_specs(c.replace(num_experts=6, moe_d_ff=8), mesh)["layers_1"]["moe"]
+    assert odd["gate"] == P(None, None, "model") and odd["down"] == P(None, "model", None)  # tensor parallel
 
 
 def test_param_specs_follow_the_divisibility_rule():
