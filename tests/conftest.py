@@ -56,7 +56,7 @@ def pytest_runtest_logreport(report):
     """JAXSAMPLE_TEST_TIMES=FILE appends each test phase's duration to FILE as it ends (a
     JSON line; readable while the run goes on, unlike --durations)."""
     path = os.environ.get("JAXSAMPLE_TEST_TIMES")
-    if path:
+    if path and getattr(report, "node", None) is None:  # not the xdist controller's copy of a worker's report
         with open(path, "a") as fh:
             fh.write(json.dumps(dict(test=report.nodeid, when=report.when, seconds=round(report.duration, 3),
                                      outcome=report.outcome, end=time.time())) + "\n")
