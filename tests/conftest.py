@@ -83,3 +83,16 @@ def target():
 
     lm = DecoderLM.random(preset("tiny"), jax.random.key(0))
     return DecoderLM(jax.tree.map(lambda x: x * 3.0, lm.params), lm.config)
+
+
+_SLOW_LIST = os.path.join(_TESTS, "slow_tests.txt")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection reads the marks
+def pytest_collection_modifyitems(config, items):
+    """Marks `slow` the tests listed in tests/slow_tests.txt (measured costs, see its header)."""
+    with open(_SLOW_LIST) as fh:
+        listed = {line.strip() for line in fh if line.strip() and not line.startswith("#")}
+    for item in items:
+        if item.nodeid in listed:
+            item.add_marker(pytest.mark.slow)
