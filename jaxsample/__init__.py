@@ -188,12 +188,14 @@ __all__ += [
 
 # --- speculative decoding (exact: the output distribution is generate's) -------------
 from jaxsample._decoding.ngram import NGramDraft
+from jaxsample._decoding.speculative import MAX_DRAFT_TOKENS
 from jaxsample._decoding.speculative import PromptLookup
 from jaxsample._decoding.speculative import SpeculativeOutput
 from jaxsample._decoding.speculative import SpeculativeStats
 from jaxsample._decoding.speculative import speculative_generate
 
 __all__ += [
+    "MAX_DRAFT_TOKENS",
     "NGramDraft",
     "PromptLookup",
     "SpeculativeOutput",

@@ -158,6 +158,10 @@ def check_speculative_args(args) -> str | None:
         return f"--prompt-lookup must be >= 1, got {args.prompt_lookup}"
     if args.num_draft_tokens is not None and args.num_draft_tokens < 1:
         return f"--num-draft-tokens must be >= 1, got {args.num_draft_tokens}"
+    if args.num_draft_tokens is not None and args.num_draft_tokens > js.MAX_DRAFT_TOKENS:
+        return (f"--num-draft-tokens {args.num_draft_tokens} exceeds the bound {js.MAX_DRAFT_TOKENS} "
+                f"(docs/limits.md): larger k compiles longer and cannot emit more than 1 / (1 - acceptance) "
+                f"tokens a round")
     return None
 
 
@@ -511,10 +515,14 @@ def run_beam_search(parser, lm, tok, prompts: list[str], args, settings: dict) -
                                  pad_id=tok.pad_id, **settings)
     out, first, steady = timed_run(parser, run)
     seqs, lens, scores = np.asarray(out.sequences), np.asarray(out.lengths), np.asarray(out.scores)
+    valid = np.asarray(out.valid)
     for i, text in enumerate(prompts):
-        for r in range(seqs.shape[1]):
+        for r in np.flatnonzero(valid[i]):  # filler slots (fewer real hypotheses than asked for) are not printed
             tag = f"[{i}.{r}]" if seqs.shape[1] > 1 else f"[{i}]"
             print(f"{tag} score {scores[i, r]:.4f} | {text}{tok.decode(seqs[i, r, :lens[i, r]])}")
+        if not valid[i].all():
+            print(f"note: prompt {i} has only {int(valid[i].sum())} distinct hypotheses of the "
+                  f"--num-return-sequences {seqs.shape[1]} asked for", file=sys.stderr)
         print()
     print(f"compile {max(first - steady, 0.0):.2f} s | beam search {steady * 1e3:.0f} ms "
           f"({settings['num_beams']} beams, {len(prompts)} prompts, {jax.default_backend()})", file=sys.stderr)

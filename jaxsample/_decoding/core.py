@@ -346,13 +346,34 @@ def prepare_prompts(model: LanguageModel, prompt_tokens: Any, prompt_lengths: An
 def row_keys(keys: Any, batch: int) -> Array:
     """Normalises keys to typed per-row keys [B]."""
     if not jnp.issubdtype(getattr(keys, "dtype", np.float32), jax.dtypes.prng_key):
-        keys = jax.random.wrap_key_data(keys)
+        keys = _wrap_raw_keys(keys, batch)
     if keys.shape == ():
         raise ValueError("keys must hold one key per row (shape [B]); split or fold_in one key per row "
                          "yourself, e.g. jax.random.split(key, B)")
     if keys.shape != (batch,):
         raise ValueError(f"keys must have shape [B] = ({batch},) (one key per row), got {keys.shape}")
     return keys
+
+
+def _wrap_raw_keys(keys: Any, batch: int) -> Array:
+    """Raw key data uint32 [B, D] (D: the default PRNG implementation's key size, 2 for
+    threefry) -> typed keys [B]; anything else is an error naming `keys`."""
+    data_shape = jax.random.key_data(jax.random.key(0)).shape  # (D,) of the default implementation
+    try:
+        arr = keys if isinstance(keys, jax.Array) else np.asarray(keys)
+    except Exception:  # noqa: BLE001 - ragged lists, objects: say what was expected
+        raise ValueError(f"keys must be typed PRNG keys [B] (jax.random.key / split) or raw uint32 key data "
+                         f"[B, {data_shape[0]}], got {type(keys).__name__}") from None
+    expected = f"typed PRNG keys [B] (jax.random.key / split) or raw uint32 key data [B, {data_shape[0]}] = " \
+               f"({batch}, {data_shape[0]})"
+    if arr.dtype != np.uint32:
+        raise ValueError(f"keys must be {expected}; got dtype {arr.dtype} with shape {tuple(arr.shape)}")
+    if arr.ndim == len(data_shape) and tuple(arr.shape) == data_shape:
+        raise ValueError("keys must hold one key per row (shape [B]); split or fold_in one key per row "
+                         "yourself, e.g. jax.random.split(key, B)")
+    if arr.ndim != 1 + len(data_shape) or tuple(arr.shape[1:]) != data_shape:
+        raise ValueError(f"keys must be {expected}; got uint32 with shape {tuple(arr.shape)}")
+    return jax.random.wrap_key_data(arr)
 
 
 def sample_keys(keys: Array, n: int) -> Array:
