@@ -279,3 +279,90 @@ def test_raw_keys_equal_typed_keys(tiny):
     b = js.generate(tiny, PROMPT, np.array([4]), np.asarray(jax.random.key_data(typed)), max_new_tokens=4,
                     sampler=js.default_chain(temperature=1.0))
     np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+# ----------------------------------------------------------------------------- checkpoint swap
+
+_KILL_SWEEP = r"""
+import json, os, shutil, signal, sys
+import numpy as np
+import safetensors.numpy
+from models import checkpoint
+from models.config import DecoderConfig
+
+old_dir, new_dir, target = sys.argv[1:4]
+
+def nest(flat):
+    tree = {}
+    for name, arr in flat.items():
+        node = tree
+        *path, leaf = name.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[leaf] = arr
+    return tree
+
+class Fake:  # what save_model reads of a DecoderLM, in numpy only (no XLA work in the forked children)
+    def __init__(self, d):
+        self.params = nest(safetensors.numpy.load_file(os.path.join(d, "model.safetensors")))
+        self.config = DecoderConfig.from_dict(json.load(open(os.path.join(d, "config.json")))["model"])
+
+def fingerprint(d):
+    try:
+        flat = safetensors.numpy.load_file(os.path.join(d, "model.safetensors"))
+        json.load(open(os.path.join(d, "config.json")))
+    except Exception as e:
+        return "broken: %r" % (e,)
+    return float(sum(np.asarray(v, np.float64).sum() for v in flat.values()))
+
+new_lm = Fake(new_dir)
+old_fp, new_fp = fingerprint(old_dir), fingerprint(new_dir)
+seen = []
+for step in range(1, 60):
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(old_dir, target)
+    pid = os.fork()
+    if pid == 0:
+        calls = [0]
+        def guard(fn):
+            def wrapped(*a, **k):
+                calls[0] += 1
+                if calls[0] == step:
+                    os.kill(os.getpid(), signal.SIGKILL)  # killed just before this step
+                return fn(*a, **k)
+            return wrapped
+        os.replace, os.rename, shutil.rmtree = guard(os.replace), guard(os.rename), guard(shutil.rmtree)
+        os.fsync = guard(os.fsync)
+        if hasattr(checkpoint, "_exchange"):
+            checkpoint._exchange = guard(checkpoint._exchange)
+        checkpoint.save_model(target, new_lm)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    killed = os.WIFSIGNALED(status)
+    fp = fingerprint(target) if os.path.isdir(target) else "missing"
+    seen.append(["killed" if killed else "finished", "old" if fp == old_fp else "new" if fp == new_fp else str(fp)])
+    if not killed:
+        break
+print(json.dumps(seen))
+"""
+
+
+def test_save_model_swap_survives_a_kill_at_every_step(tmp_path):
+    """A child process saving over an existing checkpoint is SIGKILLed before each of its
+    file-system steps in turn (renames, exchange, fsyncs, removals): the checkpoint
+    directory always holds the complete old or the complete new model. Before, a kill
+    between save_model's two renames left nothing there (the old model at `.old`)."""
+    from models import save_model
+    c = preset("tiny")
+    save_model(str(tmp_path / "old"), DecoderLM.random(c, jax.random.key(1)))
+    save_model(str(tmp_path / "new"), DecoderLM.random(c, jax.random.key(2)))
+    r = subprocess.run([sys.executable, "-c", _KILL_SWEEP, str(tmp_path / "old"), str(tmp_path / "new"),
+                        str(tmp_path / "out")], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT})
+    assert r.returncode == 0, r.stderr[-3000:]
+    seen = json.loads(r.stdout.strip().splitlines()[-1])
+    assert seen[-1] == ["finished", "new"], seen
+    assert len(seen) > 4  # several steps were interrupted
+    states = [state for _, state in seen]
+    assert set(states) <= {"old", "new"}, seen
+    assert states == sorted(states, key=lambda s: s == "new"), seen  # old ... old, new ... new
