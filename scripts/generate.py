@@ -51,8 +51,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxsample as js  # noqa: E402
-from models import (CheckpointError, is_hf_checkpoint, load_ngram_draft, load_pretrained,  # noqa: E402
-                    read_generation_defaults)
+from models import (MAX_CHAT_CHARS, CheckpointError, check_generation_config, is_hf_checkpoint,  # noqa: E402
+                    load_ngram_draft, load_pretrained, read_generation_defaults)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("Hugging Face checkpoints")
     g.add_argument("--chat", action="store_true",
                    help="wrap each prompt as a user message in the checkpoint's chat template (jinja2)")
+    g.add_argument("--max-chat-chars", type=int, default=MAX_CHAT_CHARS, metavar="N",
+                   help=f"the longest text the chat template may render (default {MAX_CHAT_CHARS:,} characters; "
+                        f"docs/limits.md)")
     g = p.add_argument_group("outputs")
     g.add_argument("--top-logprobs", type=int, default=0, help="print the N most likely tokens of each step")
     g.add_argument("--prompt-logprobs", action="store_true", help="print each prompt's log-likelihood")
@@ -402,6 +405,7 @@ def apply_checkpoint_defaults(args) -> None:
     """Fills --temperature/--top-p/--top-k left unset: the checkpoint's value, else the CLI's."""
     defaults = None
     if args.checkpoint and os.path.isdir(args.checkpoint) and is_hf_checkpoint(args.checkpoint):
+        check_generation_config(args.checkpoint)  # names the field and the file (ValueError)
         defaults = read_generation_defaults(args.checkpoint)
     if (defaults is not None and defaults.temperature == 0.0 and args.temperature is None
             and (args.top_p is not None or args.top_k is not None)):
@@ -490,7 +494,7 @@ def streams(flag: bool | None, unstreamed: list[str]) -> bool:
     return not unstreamed and (sys.stdout.isatty() or sys.stderr.isatty())
 
 
-def encode_prompts(parser, tok, prompts: list[str], chat: bool):
+def encode_prompts(parser, tok, prompts: list[str], chat: bool, max_chars: int = MAX_CHAT_CHARS):
     """Right-padded ids [B, P] and lengths [B]; with --chat each prompt becomes a user message
     in the checkpoint's chat template (which writes its own BOS)."""
     if not chat:  # a BOS where the checkpoint's tokenizer adds one (Qwen2's adds none)
@@ -501,15 +505,18 @@ def encode_prompts(parser, tok, prompts: list[str], chat: bool):
     if getattr(tok, "chat_template", None) is None:
         parser.error("--chat: this checkpoint has no chat template")
     try:
-        chats = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
-    except Exception as e:  # a template's raise_exception, or a jinja2 error
+        chats = [tok.apply_chat_template([{"role": "user", "content": p}], max_chars=max_chars) for p in prompts]
+    except Exception as e:  # a template's raise_exception, a jinja2 error, a render bound
         parser.error(f"--chat: the chat template failed: {e}")
-    return tok.encode_batch(chats, add_bos=False)
+    try:
+        return tok.encode_batch(chats, add_bos=False)
+    except ValueError as e:
+        parser.error(f"--chat: {e}")
 
 
 def run_beam_search(parser, lm, tok, prompts: list[str], args, settings: dict) -> int:
     """Beam search over the prompts; prints every returned hypothesis with its score."""
-    ids, lengths = encode_prompts(parser, tok, prompts, args.chat)
+    ids, lengths = encode_prompts(parser, tok, prompts, args.chat, args.max_chat_chars)
     stop_ids = list(tok.eos_ids) if args.stop_at_eos else []
     run = lambda: js.beam_search(lm, ids, lengths, max_new_tokens=args.max_new_tokens, stop_ids=stop_ids,
                                  pad_id=tok.pad_id, **settings)
@@ -655,6 +662,8 @@ def main(argv=None) -> int:
     check_structured_flags(parser, args, beam)
     if args.chunk_size < 1:
         parser.error(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    if args.max_chat_chars < 1:
+        parser.error(f"--max-chat-chars must be >= 1, got {args.max_chat_chars}")
     if args.batch_size < 0:
         parser.error(f"--batch-size must be >= 0 (0: one batch), got {args.batch_size}")
     if args.output is not None and not args.batch_size:
@@ -700,7 +709,7 @@ def main(argv=None) -> int:
 
     n = args.num_samples
     texts = [p for p in prompts for _ in range(n)]
-    ids, lengths = encode_prompts(parser, tok, prompts, args.chat)
+    ids, lengths = encode_prompts(parser, tok, prompts, args.chat, args.max_chat_chars)
     keys = prompt_keys(args.seed, len(prompts), n)
     stop_ids = list(tok.eos_ids) if args.stop_at_eos else []
     if many:

@@ -366,3 +366,102 @@ def test_save_model_swap_survives_a_kill_at_every_step(tmp_path):
     states = [state for _, state in seen]
     assert set(states) <= {"old", "new"}, seen
     assert states == sorted(states, key=lambda s: s == "new"), seen  # old ... old, new ... new
+
+
+# ----------------------------------------------------------------------------- tokenizer files and templates
+
+from test_hf_tokenizer import checkpoint_dir, tokenizer_file  # noqa: E402,F401  (tokenizer_file: a fixture)
+
+
+@pytest.mark.parametrize("content", [b"\x00\xffgarbage", b'{"version": "1.0", "model": {"type": "Quantum"}}',
+                                     b"[1, 2, 3]"])
+def test_unreadable_tokenizer_json_names_the_file(tmp_path, content):
+    from models import HFTokenizer
+    (tmp_path / "tokenizer.json").write_bytes(content)
+    with pytest.raises(ValueError, match=r"tokenizer\.json' is not a tokenizer\.json the tokenizers library can read"):
+        HFTokenizer(str(tmp_path))
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("tokenizer_config.json", "{broken", r"tokenizer_config\.json: malformed JSON"),
+    ("tokenizer_config.json", "[1]", r"tokenizer_config\.json: expected a JSON object, got list"),
+    ("config.json", "\xff\xfe", r"config\.json: malformed JSON"),
+    ("generation_config.json", '{"temperature": "hot"}', r"generation_config\.json: temperature='hot' must be a "
+                                                          r"number >= 0"),
+    ("generation_config.json", '{"temperature": -1}', r"generation_config\.json: temperature=-1 must be a number >= 0"),
+    ("generation_config.json", '{"top_p": 1.5}', r"generation_config\.json: top_p=1.5 must be a number in \(0, 1\]"),
+    ("generation_config.json", '{"top_k": 2.5}', r"generation_config\.json: top_k=2.5 must be an integer >= 0"),
+])
+def test_broken_config_files_name_file_and_field(tmp_path, tokenizer_file, name, content, match):  # noqa: F811
+    from models import HFTokenizer
+    folder = checkpoint_dir(tmp_path, tokenizer_file, config=dict(bos_token_id=1, eos_token_id=2))
+    (tmp_path / name).write_text(content, encoding="latin-1")
+    with pytest.raises(ValueError, match=match):
+        HFTokenizer(folder)
+
+
+def test_cli_names_generation_config_not_dynamic_temperature(tmp_path):
+    """A generation_config temperature of -1 was blamed on DynamicTemperature."""
+    from scripts.generate import apply_checkpoint_defaults, build_parser
+    (tmp_path / "config.json").write_text(json.dumps(dict(model_type="llama")))
+    (tmp_path / "generation_config.json").write_text(json.dumps(dict(temperature=-1)))
+    args = build_parser().parse_args(["--checkpoint", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"generation_config\.json: temperature=-1 must be a number >= 0"):
+        apply_checkpoint_defaults(args)
+
+
+def chat_tokenizer(tmp_path, tokenizer_file, template):  # noqa: F811
+    from models import HFTokenizer
+    return HFTokenizer(checkpoint_dir(tmp_path, tokenizer_file, config=dict(bos_token_id=1, eos_token_id=2),
+                                      tokenizer_config=dict(chat_template=template)))
+
+
+@pytest.mark.parametrize("template, match", [
+    ("{{ 'x' * 10**9 }}", r"repeats a sequence of 1 items 1000000000 times, more than max_chars=4000000"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+     r"rendered more than max_chars=4000000 characters"),
+    ("{{ 9 ** 100000 ** 100 }}", r"computes 9 \*\* 100000, a number of more than 4096 bits"),  # left-associative
+    ("{% if false %}x{% endif %}", "rendered an empty prompt"),
+])
+def test_chat_template_bounds(tmp_path, tokenizer_file, template, match):  # noqa: F811
+    tok = chat_tokenizer(tmp_path, tokenizer_file, template)
+    with pytest.raises(ValueError, match=match):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_chat_template_bound_is_raisable(tmp_path, tokenizer_file):  # noqa: F811
+    tok = chat_tokenizer(tmp_path, tokenizer_file, "{{ messages[0]['content'] * 3 }}")
+    assert tok.apply_chat_template([{"role": "user", "content": "ab"}]) == "ababab"
+    with pytest.raises(ValueError, match="max_chars=5"):
+        tok.apply_chat_template([{"role": "user", "content": "ab"}], max_chars=5)
+    assert tok.apply_chat_template([{"role": "user", "content": "ab"}], max_chars=6) == "ababab"
+
+
+def test_huge_chat_template_refused_within_a_memory_budget(tmp_path, tokenizer_file):  # noqa: F811
+    """{{ 'x' * 10**9 }} took 7.4 GB and then aborted in the tokenizer; in a process capped at
+    1 GiB of address space it is now an error (nothing is built)."""
+    folder = checkpoint_dir(tmp_path, tokenizer_file, config=dict(bos_token_id=1, eos_token_id=2),
+                            tokenizer_config=dict(chat_template="{{ 'x' * 10**9 }}"))
+    code = f"""
+        from models.tokenizer import HFTokenizer
+        tok = HFTokenizer({folder!r})
+        try:
+            tok.apply_chat_template([dict(role="user", content="hi")])
+        except ValueError as e:
+            print("refused:", e)
+    """
+    r = run_limited(code, limit_mb=1024 + 512)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "refused:" in r.stdout and "max_chars=4000000" in r.stdout
+
+
+def test_cli_chat_template_errors_exit_2(tmp_path, tokenizer_file, capsys):  # noqa: F811
+    from scripts.generate import encode_prompts, build_parser
+    parser = build_parser()
+    for template, limit, message in (("{% if false %}x{% endif %}", 100, "rendered an empty prompt"),
+                                     ("{{ 'x' * 50 }}", 10, "more than max_chars=10")):
+        tok = chat_tokenizer(tmp_path, tokenizer_file, template)
+        with pytest.raises(SystemExit) as e:
+            encode_prompts(parser, tok, ["hi"], True, limit)
+        assert e.value.code == 2
+        assert f"--chat: the chat template failed: " in capsys.readouterr().err
