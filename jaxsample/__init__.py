@@ -67,10 +67,15 @@ from jaxsample._decoding.stream import generate_stream
 from jaxsample._decoding.engine import Completion
 from jaxsample._decoding.engine import generate_many
 from jaxsample._decoding.engine import generate_many_stream
+from jaxsample._decoding.core import MemoryLimitError
+from jaxsample._decoding.core import device_memory_bytes
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # limits (docs/limits.md)
+    "MemoryLimitError",
+    "device_memory_bytes",
     # filters
     "allow_tokens",
     "ban_tokens",

@@ -125,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-chat-chars", type=int, default=MAX_CHAT_CHARS, metavar="N",
                    help=f"the longest text the chat template may render (default {MAX_CHAT_CHARS:,} characters; "
                         f"docs/limits.md)")
+    g = p.add_argument_group("limits (docs/limits.md)")
+    g.add_argument("--memory-limit-gb", type=float, default=None, metavar="GB",
+                   help="refuse a run whose estimated memory (weights, KV cache, outputs) exceeds this, before "
+                        "compiling (default: the device's memory)")
     g = p.add_argument_group("outputs")
     g.add_argument("--top-logprobs", type=int, default=0, help="print the N most likely tokens of each step")
     g.add_argument("--prompt-logprobs", action="store_true", help="print each prompt's log-likelihood")
@@ -198,7 +202,7 @@ def speculative_runner(args, lm, ids, lengths, keys, sampler, stop_ids, pad_id, 
         out, st = js.speculative_generate(lm, ids, lengths, keys, max_new_tokens=args.max_new_tokens, draft=draft,
                                           num_draft_tokens=k, sampler=sampler, stop_ids=stop_ids, pad_id=pad_id,
                                           n=args.num_samples, top_logprobs=args.top_logprobs,
-                                          prompt_logprobs=args.prompt_logprobs)
+                                          prompt_logprobs=args.prompt_logprobs, memory_limit=memory_limit(args))
         stats.append(st)
         return out
     return run
@@ -286,9 +290,10 @@ def run_many(parser, lm, tok, ids, lengths, keys, sampler, stop_ids, texts: list
         rows = js.generate_many_stream(lm, ids, lengths, keys, slots=args.batch_size,
                                        max_new_tokens=args.max_new_tokens, sampler=sampler, stop_ids=stop_ids,
                                        pad_id=tok.pad_id, n=n, top_logprobs=args.top_logprobs,
-                                       prompt_logprobs=args.prompt_logprobs, chunk_size=args.chunk_size)
+                                       prompt_logprobs=args.prompt_logprobs, chunk_size=args.chunk_size,
+                                       memory_limit=memory_limit(args))
     except ValueError as e:
-        parser.error(str(e))
+        parser.error(error_text(e))
     partial = None if args.output is None else args.output + ".partial"
     try:
         sink = sys.stdout if partial is None else open(partial, "w", encoding="utf-8")
@@ -420,6 +425,21 @@ def apply_checkpoint_defaults(args) -> None:
             setattr(args, name, fallback if value is None else value)
 
 
+def memory_limit(args) -> float | None:
+    """--memory-limit-gb in bytes (None: the library's default, the device's memory)."""
+    return None if args.memory_limit_gb is None else args.memory_limit_gb * 1e9
+
+
+def error_text(e: ValueError) -> str:
+    """A library error as the CLI reports it: a memory refusal names the CLI flags."""
+    if not isinstance(e, js.MemoryLimitError):
+        return str(e)
+    parts = ", ".join(f"{name} {b / 1e9:.2f} GB" for name, b in e.parts.items())
+    return (f"--max-new-tokens {e.max_new_tokens} ({e.rows} rows) needs an estimated {e.estimate / 1e9:.2f} GB "
+            f"({parts}), above the memory limit {e.limit / 1e9:.2f} GB; lower --max-new-tokens (or the number "
+            f"of prompts x --num-samples), or raise the limit with --memory-limit-gb (docs/limits.md)")
+
+
 def _show(tok, token: int) -> str:
     return repr(tok.decode([int(token)]))
 
@@ -432,7 +452,7 @@ def timed_run(parser: argparse.ArgumentParser, run):
         out = jax.block_until_ready(run())  # compiles, then runs
         first = time.perf_counter() - t0
     except ValueError as e:
-        parser.error(str(e))
+        parser.error(error_text(e))
     t0 = time.perf_counter()
     jax.block_until_ready(run())  # steady state
     return out, first, time.perf_counter() - t0
@@ -519,7 +539,7 @@ def run_beam_search(parser, lm, tok, prompts: list[str], args, settings: dict) -
     ids, lengths = encode_prompts(parser, tok, prompts, args.chat, args.max_chat_chars)
     stop_ids = list(tok.eos_ids) if args.stop_at_eos else []
     run = lambda: js.beam_search(lm, ids, lengths, max_new_tokens=args.max_new_tokens, stop_ids=stop_ids,
-                                 pad_id=tok.pad_id, **settings)
+                                 pad_id=tok.pad_id, memory_limit=memory_limit(args), **settings)
     out, first, steady = timed_run(parser, run)
     seqs, lens, scores = np.asarray(out.sequences), np.asarray(out.lengths), np.asarray(out.scores)
     valid = np.asarray(out.valid)
@@ -606,7 +626,8 @@ def stream_batch(lm, tok, ids, lengths, keys, sampler, stop_ids, texts: list[str
     n, single = args.num_samples, len(texts) == 1
     chunks = js.generate_stream(lm, ids, lengths, keys, max_new_tokens=args.max_new_tokens,
                                 chunk_size=args.chunk_size, sampler=sampler, stop_ids=stop_ids, pad_id=tok.pad_id,
-                                n=n, top_logprobs=args.top_logprobs, prompt_logprobs=args.prompt_logprobs)
+                                n=n, top_logprobs=args.top_logprobs, prompt_logprobs=args.prompt_logprobs,
+                                memory_limit=memory_limit(args))
     rows = StreamedRows(len(texts), args.max_new_tokens, args.top_logprobs, tok.pad_id)
     # One row on a terminal shows its own progress; otherwise report it on stderr.
     progress = Progress(len(texts) * args.max_new_tokens, enabled=not (single and sys.stdout.isatty()))
@@ -662,6 +683,8 @@ def main(argv=None) -> int:
     check_structured_flags(parser, args, beam)
     if args.chunk_size < 1:
         parser.error(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    if args.memory_limit_gb is not None and not args.memory_limit_gb > 0:
+        parser.error(f"--memory-limit-gb must be > 0, got {args.memory_limit_gb}")
     if args.max_chat_chars < 1:
         parser.error(f"--max-chat-chars must be >= 1, got {args.max_chat_chars}")
     if args.batch_size < 0:
@@ -718,10 +741,10 @@ def main(argv=None) -> int:
         try:
             return stream_batch(lm, tok, ids, lengths, keys, sampler, stop_ids, texts, args)
         except ValueError as e:
-            parser.error(str(e))
+            parser.error(error_text(e))
     run = lambda: js.generate(lm, ids, lengths, keys, max_new_tokens=args.max_new_tokens, sampler=sampler,
                               stop_ids=stop_ids, pad_id=tok.pad_id, n=n, top_logprobs=args.top_logprobs,
-                              prompt_logprobs=args.prompt_logprobs)
+                              prompt_logprobs=args.prompt_logprobs, memory_limit=memory_limit(args))
     spec_stats: list = []
     try:
         run = speculative_runner(args, lm, ids, lengths, keys, sampler, stop_ids, tok.pad_id, spec_stats) or run

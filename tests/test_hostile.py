@@ -465,3 +465,69 @@ def test_cli_chat_template_errors_exit_2(tmp_path, tokenizer_file, capsys):  # n
             encode_prompts(parser, tok, ["hi"], True, limit)
         assert e.value.code == 2
         assert f"--chat: the chat template failed: " in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- memory budget
+
+
+def test_max_new_tokens_beyond_the_memory_limit_is_refused_before_compiling(tiny):
+    """The estimate is the exact KV cache (from init_cache's shapes) plus weights, outputs and
+    working buffers; the error names the argument, its value, the estimate and the limit."""
+    keys = jax.random.split(jax.random.key(0), 2)
+    prompts = np.repeat(PROMPT, 2, 0)
+    cache = jax.eval_shape(lambda: tiny.init_cache(2, 4 + 10 ** 7))
+    cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+    with pytest.raises(js.MemoryLimitError) as e:
+        js.generate(tiny, prompts, np.array([4, 4]), keys, max_new_tokens=10 ** 7, memory_limit=1e9)
+    err = e.value
+    assert err.max_new_tokens == 10 ** 7 and err.rows == 2 and err.limit == 1e9
+    assert err.parts["KV cache"] == cache_bytes
+    assert err.parts["outputs"] == 2 * 10 ** 7 * 12  # tokens, raw and processed log-probs
+    assert err.estimate == sum(err.parts.values()) > 1e9
+    assert "generate: max_new_tokens=10000000 for 2 rows" in str(err) and "memory_limit=1.00 GB" in str(err)
+    # The same run fits a limit raised above its estimate (checked, not compiled: N = 4 here).
+    js.generate(tiny, prompts, np.array([4, 4]), keys, max_new_tokens=4, memory_limit=err.estimate)
+
+
+@pytest.mark.parametrize("call", ["generate_stream", "speculative_generate", "beam_search", "generate_many"])
+def test_every_decode_loop_checks_the_memory_limit(tiny, call):
+    keys = jax.random.split(jax.random.key(0), 1)
+    common = dict(max_new_tokens=10 ** 6, memory_limit=1e6)
+    run = {
+        "generate_stream": lambda: js.generate_stream(tiny, PROMPT, np.array([4]), keys, **common),
+        "speculative_generate": lambda: js.speculative_generate(tiny, PROMPT, np.array([4]), keys,
+                                                                draft=js.PromptLookup(2), **common),
+        "beam_search": lambda: js.beam_search(tiny, PROMPT, np.array([4]), num_beams=4, **common),
+        "generate_many": lambda: js.generate_many(tiny, PROMPT, np.array([4]), keys, slots=1, **common),
+    }[call]
+    with pytest.raises(js.MemoryLimitError, match=rf"{call}: max_new_tokens=1000000"):
+        run()
+
+
+@pytest.mark.parametrize("limit", [0, -1.0, "8GB", True])
+def test_memory_limit_values(tiny, limit):
+    with pytest.raises(ValueError, match="memory_limit must be a number of bytes > 0"):
+        js.generate(tiny, PROMPT, np.array([4]), jax.random.split(jax.random.key(0), 1), max_new_tokens=2,
+                    memory_limit=limit)
+
+
+def test_cli_max_new_tokens_ten_million_is_an_error_not_an_oom():
+    """Before: an XLA out-of-memory traceback. Run in a process whose address space is capped
+    at 12 GiB, so an attempted allocation of the 82 GB cache could not succeed either."""
+    code = """
+        import sys
+        from scripts.generate import main
+        for argv in (["ROMEO:", "--max-new-tokens", "10000000", "--no-stream"],
+                     ["ROMEO:", "--max-new-tokens", "8", "--no-stream", "--memory-limit-gb", "0.001"]):
+            try:
+                main(argv)
+            except SystemExit as e:
+                print("exit", e.code)
+    """
+    r = run_limited(code, limit_mb=12 * 1024, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["exit", "2", "exit", "2"], (r.stdout, r.stderr[-3000:])
+    assert "--max-new-tokens 10000000 (1 rows) needs an estimated 82." in r.stderr
+    assert "raise the limit with --memory-limit-gb" in r.stderr
+    assert "--max-new-tokens 8 (1 rows) needs an estimated" in r.stderr and "memory limit 0.00 GB" in r.stderr
+    assert "Traceback" not in r.stderr

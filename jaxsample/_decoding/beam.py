@@ -218,7 +218,7 @@ def _validate_beam(model, b, num_beams, num_return_sequences, length_penalty, ea
 def beam_search(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengths: jax.Array, *, num_beams: int,
                 max_new_tokens: int, length_penalty: float = 1.0, early_stopping: bool | str = False,
                 num_return_sequences: int = 1, stop_ids: Sequence[int] = (), pad_id: int = 0,
-                cache_size: int | None = None) -> BeamSearchOutput:
+                cache_size: int | None = None, memory_limit: float | None = None) -> BeamSearchOutput:
     """Beam search decoding, deterministic, in one jitted loop (transformers' semantics).
 
     Each prompt keeps `num_beams` hypotheses; every step extends them by every token,
@@ -251,6 +251,7 @@ def beam_search(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengths: 
         is static, their values are traced.
       pad_id: fills the sequences after their length.
       cache_size: KV-cache length S (default P + N); must be >= P + N.
+      memory_limit: as in `generate` (B * K cache rows; the beams' token buffers).
 
     Returns:
       A `BeamSearchOutput` with [B, R] hypotheses, best first (`valid` marks the real
@@ -270,6 +271,11 @@ def beam_search(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengths: 
     num_beams, num_return_sequences, mode = _validate_beam(model, prompts.tokens.shape[0], num_beams,
                                                            num_return_sequences, length_penalty, early_stopping,
                                                            len(prompts.stop_ids), prompts.cache_size)
+    b, c = int(prompts.tokens.shape[0]), max(2, 1 + len(prompts.stop_ids)) * num_beams
+    core.check_memory(model, fn="beam_search", max_new_tokens=prompts.max_new_tokens, rows=b * num_beams,
+                      cache_size=prompts.cache_size, width=0,
+                      extra_bytes=2 * b * (2 * num_beams + c) * prompts.max_new_tokens * 4,  # [B, K|C, N] tokens
+                      memory_limit=memory_limit)
     args = (prompts.tokens, prompts.lengths, prompts.stops, prompts.pad_id, jnp.asarray(length_penalty, jnp.float32),
             jnp.asarray(mode, jnp.int32))
     run = _beam_traced_model if core.is_pytree(model) else _beam_static_model

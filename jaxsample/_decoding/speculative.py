@@ -298,7 +298,7 @@ def speculative_generate(model: LanguageModel, prompt_tokens: jax.Array, prompt_
                          keys: jax.Array, *, max_new_tokens: int, draft: Any,
                          num_draft_tokens: int = 4, sampler: Chain | None = None, stop_ids: Sequence[int] = (),
                          pad_id: int = 0, n: int = 1, top_logprobs: int = 0,
-                         prompt_logprobs: bool = False) -> SpeculativeOutput:
+                         prompt_logprobs: bool = False, memory_limit: float | None = None) -> SpeculativeOutput:
     """`generate` with exact speculative decoding: same output distribution, fewer target calls.
 
     Each round the draft proposes `num_draft_tokens` (k) tokens per row, the target
@@ -336,6 +336,8 @@ def speculative_generate(model: LanguageModel, prompt_tokens: jax.Array, prompt_
       prompt_logprobs: static, as in `generate`: the raw log-prob of every prompt token
         given its prefix ([B, P], one row per prompt), from the target's prefill (the
         target needs `prefill_all`).
+      memory_limit: as in `generate` (the target's cache holds P + N + k + 1 positions;
+        a model draft's cache is not counted).
 
     Returns:
       `SpeculativeOutput(output, stats)`: `output` is the `GenerateOutput` of `generate`
@@ -369,6 +371,13 @@ def speculative_generate(model: LanguageModel, prompt_tokens: jax.Array, prompt_
     sampling = core.prepare_sampling(model, keys, prompts.tokens.shape[0], sampler=sampler, n=n,
                                      top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
                                      fn="speculative_generate")
+    rows, p = int(sampling.keys.shape[0]), int(prompts.tokens.shape[1])
+    core.check_memory(model, fn="speculative_generate", max_new_tokens=prompts.max_new_tokens, rows=rows,
+                      cache_size=p + prompts.max_new_tokens + k + 1, width=prompts.max_new_tokens,
+                      top_logprobs=sampling.top_logprobs, prompt_rows=int(prompts.tokens.shape[0]), prompt_len=p,
+                      prompt_logprobs=sampling.prompt_logprobs,
+                      extra_bytes=3 * rows * (k + 1) * model.vocab_size * 4,  # the round's logits / probabilities
+                      memory_limit=memory_limit)
     run = _jitted(not core.is_pytree(model), not core.is_pytree(draft))
     return run(model, draft, prompts.tokens, prompts.lengths, sampling.keys, sampling.sampler, prompts.stops,
                prompts.pad_id, max_new_tokens=prompts.max_new_tokens, k=k, n=sampling.n,
