@@ -78,6 +78,9 @@ def parse_args(argv=None):
         p.error(f"--ngram-prompt-lookup values must be >= 0, got {args.ngram_prompt_lookup}")
     if any(k < 1 for k in args.num_draft_tokens):
         p.error(f"--num-draft-tokens must be >= 1, got {args.num_draft_tokens}")
+    if any(k > js.MAX_DRAFT_TOKENS for k in args.num_draft_tokens):
+        p.error(f"--num-draft-tokens values must be <= {js.MAX_DRAFT_TOKENS} (docs/limits.md), "
+                f"got {args.num_draft_tokens}")
     if not args.temperature >= 0:
         p.error(f"--temperature must be >= 0, got {args.temperature}")
     return args
