@@ -67,10 +67,15 @@ from jaxsample._decoding.stream import generate_stream
 from jaxsample._decoding.engine import Completion
 from jaxsample._decoding.engine import generate_many
 from jaxsample._decoding.engine import generate_many_stream
+from jaxsample._decoding.core import MemoryLimitError
+from jaxsample._decoding.core import device_memory_bytes
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # limits (docs/limits.md)
+    "MemoryLimitError",
+    "device_memory_bytes",
     # filters
     "allow_tokens",
     "ban_tokens",
@@ -188,12 +193,14 @@ __all__ += [
 
 # --- speculative decoding (exact: the output distribution is generate's) -------------
 from jaxsample._decoding.ngram import NGramDraft
+from jaxsample._decoding.speculative import MAX_DRAFT_TOKENS
 from jaxsample._decoding.speculative import PromptLookup
 from jaxsample._decoding.speculative import SpeculativeOutput
 from jaxsample._decoding.speculative import SpeculativeStats
 from jaxsample._decoding.speculative import speculative_generate
 
 __all__ += [
+    "MAX_DRAFT_TOKENS",
     "NGramDraft",
     "PromptLookup",
     "SpeculativeOutput",

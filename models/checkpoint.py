@@ -12,10 +12,13 @@ through ml_dtypes).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import shutil
 import struct
+import sys
 import tempfile
 from typing import Any, Iterator, Mapping
 
@@ -174,7 +177,11 @@ def save_model(directory: str, lm: DecoderLM, metadata: Mapping[str, Any] | None
     """Saves a model as `directory/{model.safetensors, config.json}` (+ README.md card).
 
     The directory is assembled under a temporary name and renamed into place; an
-    existing checkpoint at `directory` is replaced only once the new one is complete.
+    existing checkpoint at `directory` is replaced only once the new one is complete,
+    by one atomic exchange of the two directories (Linux `renameat2(RENAME_EXCHANGE)`),
+    so a reader, or a process killed at any point, finds the old or the new model at
+    `directory`, never neither. Where the exchange is unavailable it falls back to two
+    renames (the old model sits at `directory.old` between them).
     """
     directory = os.path.abspath(directory)
     parent = os.path.dirname(directory)
@@ -188,22 +195,68 @@ def save_model(directory: str, lm: DecoderLM, metadata: Mapping[str, Any] | None
                           {"model": lm.config.to_dict(), "metadata": dict(metadata or {})})
         if card is not None:
             atomic_write_bytes(os.path.join(tmp, "README.md"), card.encode())
-        old = None
-        if os.path.exists(directory):
+        _fsync_dir(tmp)
+        if os.path.lexists(directory) and _exchange(tmp, directory):
+            # One atomic step: `directory` now holds the new model, `tmp` the old one. A
+            # reader (or a kill) sees the old or the new checkpoint, never neither.
+            _fsync_dir(parent)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        if os.path.lexists(directory):
+            # No atomic exchange here (not Linux, or a file system without RENAME_EXCHANGE):
+            # the two renames leave a moment with the old model at `directory`.old only.
             old = directory + ".old"
             shutil.rmtree(old, ignore_errors=True)
             os.replace(directory, old)
-        try:
-            os.replace(tmp, directory)
-        except BaseException:
-            if old:
+            try:
+                os.replace(tmp, directory)
+            except BaseException:
                 os.replace(old, directory)  # put the previous checkpoint back
-            raise
-        if old:
+                raise
             shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)  # nothing to replace: one atomic rename
+        _fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _fsync_dir(path: str) -> None:
+    """Makes the renames inside `path` durable (best effort: some file systems refuse)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swaps the paths `a` and `b` (both must exist); False where the platform or
+    file system cannot (then nothing changed)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, musl without it
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"cannot swap {a!r} and {b!r}: {os.strerror(err)}")
 
 
 def load_config(directory: str) -> tuple[DecoderConfig, dict[str, Any]]:

@@ -10,10 +10,16 @@ Both implement the same small interface: `encode(text) -> list[int]`,
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Sequence
 
 import numpy as np
+
+#: The longest text a chat template may render (characters; `apply_chat_template`'s
+#: `max_chars`, the CLI's --max-chat-chars). A template is code from the checkpoint:
+#: ``{{ 'x' * 10**9 }}`` took 7.4 GB before the tokenizer aborted (docs/limits.md).
+MAX_CHAT_CHARS = 4_000_000
 
 
 class _BatchMixin:
@@ -105,7 +111,11 @@ class HFTokenizer(_BatchMixin):
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.isfile(file):
             raise FileNotFoundError(f"HFTokenizer: no tokenizer.json at path={path!r}")
-        self._tok = Tokenizer.from_file(file)
+        try:
+            self._tok = Tokenizer.from_file(file)
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for any bad file
+            raise ValueError(f"HFTokenizer: {file!r} is not a tokenizer.json the tokenizers library can read "
+                             f"(garbage, or a model type it does not know): {e}") from None
         self.vocab_size = self._tok.get_vocab_size()
         folder = os.path.dirname(file)
         config = _read_json(os.path.join(folder, "config.json"))
@@ -119,6 +129,7 @@ class HFTokenizer(_BatchMixin):
         self.pad_id = self.eos_id if pad is None else pad
         from models.hf import read_generation_defaults  # local import: models.hf needs jax
 
+        check_generation_config(folder)
         self.eos_ids = tuple(dict.fromkeys([self.eos_id, *read_generation_defaults(folder).eos_ids]))
         bad = [i for i in self.eos_ids if not 0 <= i < self.vocab_size]
         if bad:
@@ -171,7 +182,7 @@ class HFTokenizer(_BatchMixin):
         return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=True)
 
     def apply_chat_template(self, messages: Sequence[dict], *, add_generation_prompt: bool = True,
-                            **template_vars) -> str:
+                            max_chars: int = MAX_CHAT_CHARS, **template_vars) -> str:
         """Renders `messages` ([{"role": ..., "content": ...}, ...]) with the checkpoint's chat
         template, as transformers' `apply_chat_template(..., tokenize=False)` does (a sandboxed
         jinja2 environment with trim_blocks / lstrip_blocks, `raise_exception`, `strftime_now`,
@@ -182,6 +193,12 @@ class HFTokenizer(_BatchMixin):
 
         `template_vars` are the template's own variables, passed as transformers passes
         extra keyword arguments, e.g. Qwen3's `enable_thinking=False`.
+
+        The rendered text is bounded while it is produced: more than `max_chars`
+        characters (default `MAX_CHAT_CHARS`, docs/limits.md), or a ``*``, ``+`` or
+        ``**`` inside the template whose result would exceed it, raises ValueError before
+        the text is built; so does a template rendering nothing (no prompt to generate
+        from).
         """
         clash = sorted(set(template_vars) & {"messages", "add_generation_prompt", *self._special_tokens})
         if clash:
@@ -189,9 +206,22 @@ class HFTokenizer(_BatchMixin):
         if self.chat_template is None:
             raise ValueError("this checkpoint has no chat template (no chat_template in tokenizer_config.json "
                              "and no chat_template.jinja)")
-        return _compile_template(self.chat_template).render(
-            **{"tools": None, "documents": None, **template_vars}, messages=list(messages),
-            add_generation_prompt=add_generation_prompt, **self._special_tokens)
+        if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1:
+            raise ValueError(f"max_chars must be an int >= 1, got {max_chars!r}")
+        template = _compile_template(self.chat_template, max_chars)
+        pieces, total = [], 0
+        for piece in template.generate(**{"tools": None, "documents": None, **template_vars},
+                                       messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                       **self._special_tokens):
+            total += len(piece)
+            if total > max_chars:
+                raise ValueError(f"the chat template rendered more than max_chars={max_chars} characters "
+                                 f"(raise it with max_chars=, --max-chat-chars in scripts/generate.py)")
+            pieces.append(piece)
+        text = "".join(pieces)
+        if not text:
+            raise ValueError("the chat template rendered an empty prompt (nothing to generate from)")
+        return text
 
 
 def _chat_template(folder: str, token_config: dict) -> str | None:
@@ -205,7 +235,7 @@ def _chat_template(folder: str, token_config: dict) -> str | None:
     return template
 
 
-def _compile_template(template: str):
+def _compile_template(template: str, max_chars: int = MAX_CHAT_CHARS):
     try:
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -213,21 +243,78 @@ def _compile_template(template: str):
         raise ImportError("chat templates need `pip install jinja2` (the hf extra)") from e
     from datetime import datetime
 
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        """Refuses a `*`, `+` or `**` whose result would exceed the render bound, before computing it."""
+
+        intercepted_binops = frozenset(["*", "+", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            _check_binop(operator, left, right, max_chars)
+            return super().call_binop(context, operator, left, right)
+
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(template)
 
 
+def _check_binop(operator: str, left, right, max_chars: int) -> None:
+    """A template's sequence repetition / concatenation or power that would be too large."""
+    def size(x):
+        return len(x) if isinstance(x, (str, bytes, list, tuple)) else None
+
+    if operator == "*":
+        for seq, times in ((left, right), (right, left)):
+            if size(seq) is not None and isinstance(times, int) and size(seq) * max(times, 0) > max_chars:
+                raise ValueError(f"the chat template repeats a sequence of {size(seq)} items {times} times, more "
+                                 f"than max_chars={max_chars} (--max-chat-chars)")
+    elif operator == "+":
+        if size(left) is not None and size(right) is not None and size(left) + size(right) > max_chars:
+            raise ValueError(f"the chat template builds a sequence longer than max_chars={max_chars} "
+                             f"(--max-chat-chars)")
+    elif isinstance(left, int) and isinstance(right, int) and not isinstance(left, bool) and right > 0 \
+            and abs(left) > 1 and right * math.log2(abs(left)) > 4096:
+        raise ValueError(f"the chat template computes {left} ** {right}, a number of more than 4096 bits")
+
+
 def _read_json(file: str) -> dict:
+    """A JSON object file, {} if missing; a ValueError naming the file if it is not one."""
     if not os.path.exists(file):
         return {}
-    with open(file) as f:
-        return json.load(f)
+    try:
+        with open(file, encoding="utf-8") as f:
+            blob = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: malformed JSON ({e})") from None
+    if not isinstance(blob, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(blob).__name__}")
+    return blob
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_generation_config(directory: str) -> None:
+    """Checks the sampling fields of `directory/generation_config.json` (if any), raising a
+    ValueError naming the field, the value and the file: temperature a number >= 0, top_p
+    a number in (0, 1], top_k an int >= 0, do_sample a bool."""
+    file = os.path.join(directory, "generation_config.json")
+    gen = _read_json(file)
+    checks = {
+        "temperature": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+        "top_p": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
+        "top_k": (lambda v: _number(v) and v >= 0 and float(v).is_integer(), "an integer >= 0"),
+        "do_sample": (lambda v: isinstance(v, bool), "true or false"),
+    }
+    for field, (ok, what) in checks.items():
+        value = gen.get(field)
+        if value is not None and not ok(value):
+            raise ValueError(f"{file}: {field}={value!r} must be {what}")

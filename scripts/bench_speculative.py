@@ -77,6 +77,9 @@ def parse_args(argv=None):
     if any(n < 0 for n in args.ngram_prompt_lookup):
         p.error(f"--ngram-prompt-lookup values must be >= 0, got {args.ngram_prompt_lookup}")
     _cli.check_minimums(p, args, {"--num-draft-tokens": 1, "--temperature": 0})
+    if any(k > js.MAX_DRAFT_TOKENS for k in args.num_draft_tokens):
+        p.error(f"--num-draft-tokens values must be <= {js.MAX_DRAFT_TOKENS} (docs/limits.md), "
+                f"got {args.num_draft_tokens}")
     return args
 
 

@@ -53,8 +53,8 @@ import numpy as np  # noqa: E402
 
 import _cli  # noqa: E402
 import jaxsample as js  # noqa: E402
-from models import (CheckpointError, is_hf_checkpoint, load_ngram_draft, load_pretrained,  # noqa: E402
-                    read_generation_defaults)
+from models import (MAX_CHAT_CHARS, CheckpointError, check_generation_config, is_hf_checkpoint,  # noqa: E402
+                    load_ngram_draft, load_pretrained, read_generation_defaults)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("Hugging Face checkpoints")
     g.add_argument("--chat", action="store_true",
                    help="wrap each prompt as a user message in the checkpoint's chat template (jinja2)")
+    g.add_argument("--max-chat-chars", type=int, default=MAX_CHAT_CHARS, metavar="N",
+                   help=f"the longest text the chat template may render (default {MAX_CHAT_CHARS:,} characters; "
+                        f"docs/limits.md)")
+    g = p.add_argument_group("limits (docs/limits.md)")
+    g.add_argument("--memory-limit-gb", type=float, default=None, metavar="GB",
+                   help="refuse a run whose estimated memory (weights, KV cache, outputs) exceeds this, before "
+                        "compiling (default: the device's memory)")
     g = p.add_argument_group("outputs")
     g.add_argument("--top-logprobs", type=int, default=0, help="print the N most likely tokens of each step")
     g.add_argument("--prompt-logprobs", action="store_true", help="print each prompt's log-likelihood")
@@ -159,6 +166,10 @@ def check_speculative_args(args) -> str | None:
         return f"--prompt-lookup must be >= 1, got {args.prompt_lookup}"
     if args.num_draft_tokens is not None and args.num_draft_tokens < 1:
         return f"--num-draft-tokens must be >= 1, got {args.num_draft_tokens}"
+    if args.num_draft_tokens is not None and args.num_draft_tokens > js.MAX_DRAFT_TOKENS:
+        return (f"--num-draft-tokens {args.num_draft_tokens} exceeds the bound {js.MAX_DRAFT_TOKENS} "
+                f"(docs/limits.md): larger k compiles longer and cannot emit more than 1 / (1 - acceptance) "
+                f"tokens a round")
     return None
 
 
@@ -192,7 +203,7 @@ def speculative_runner(args, lm, ids, lengths, keys, sampler, stop_ids, pad_id, 
         out, st = js.speculative_generate(lm, ids, lengths, keys, max_new_tokens=args.max_new_tokens, draft=draft,
                                           num_draft_tokens=k, sampler=sampler, stop_ids=stop_ids, pad_id=pad_id,
                                           n=args.num_samples, top_logprobs=args.top_logprobs,
-                                          prompt_logprobs=args.prompt_logprobs)
+                                          prompt_logprobs=args.prompt_logprobs, memory_limit=memory_limit(args))
         stats.append(st)
         return out
     return run
@@ -307,9 +318,10 @@ def run_many(parser, lm, tok, ids, lengths, keys, sampler, stop_ids, texts: list
         rows = js.generate_many_stream(lm, ids, lengths, keys, slots=args.batch_size,
                                        max_new_tokens=args.max_new_tokens, sampler=sampler, stop_ids=stop_ids,
                                        pad_id=tok.pad_id, n=n, top_logprobs=args.top_logprobs,
-                                       prompt_logprobs=args.prompt_logprobs, chunk_size=args.chunk_size)
+                                       prompt_logprobs=args.prompt_logprobs, chunk_size=args.chunk_size,
+                                       memory_limit=memory_limit(args))
     except ValueError as e:
-        parser.error(str(e))
+        parser.error(error_text(e))
     partial = None if args.output is None else args.output + ".partial"
     try:
         sink = sys.stdout if partial is None else open(partial, "w", encoding="utf-8")
@@ -426,6 +438,7 @@ def apply_checkpoint_defaults(args) -> None:
     """Fills --temperature/--top-p/--top-k left unset: the checkpoint's value, else the CLI's."""
     defaults = None
     if args.checkpoint and os.path.isdir(args.checkpoint) and is_hf_checkpoint(args.checkpoint):
+        check_generation_config(args.checkpoint)  # names the field and the file (ValueError)
         defaults = read_generation_defaults(args.checkpoint)
     if (defaults is not None and defaults.temperature == 0.0 and args.temperature is None
             and (args.top_p is not None or args.top_k is not None)):
@@ -440,6 +453,21 @@ def apply_checkpoint_defaults(args) -> None:
             setattr(args, name, fallback if value is None else value)
 
 
+def memory_limit(args) -> float | None:
+    """--memory-limit-gb in bytes (None: the library's default, the device's memory)."""
+    return None if args.memory_limit_gb is None else args.memory_limit_gb * 1e9
+
+
+def error_text(e: ValueError) -> str:
+    """A library error as the CLI reports it: a memory refusal names the CLI flags."""
+    if not isinstance(e, js.MemoryLimitError):
+        return str(e)
+    parts = ", ".join(f"{name} {b / 1e9:.2f} GB" for name, b in e.parts.items())
+    return (f"--max-new-tokens {e.max_new_tokens} ({e.rows} rows) needs an estimated {e.estimate / 1e9:.2f} GB "
+            f"({parts}), above the memory limit {e.limit / 1e9:.2f} GB; lower --max-new-tokens (or the number "
+            f"of prompts x --num-samples), or raise the limit with --memory-limit-gb (docs/limits.md)")
+
+
 def _show(tok, token: int) -> str:
     return repr(tok.decode([int(token)]))
 
@@ -452,7 +480,7 @@ def timed_run(parser: argparse.ArgumentParser, run):
         out = jax.block_until_ready(run())  # compiles, then runs
         first = time.perf_counter() - t0
     except ValueError as e:
-        parser.error(str(e))
+        parser.error(error_text(e))
     t0 = time.perf_counter()
     jax.block_until_ready(run())  # steady state
     return out, first, time.perf_counter() - t0
@@ -514,7 +542,7 @@ def streams(flag: bool | None, unstreamed: list[str]) -> bool:
     return not unstreamed and (sys.stdout.isatty() or sys.stderr.isatty())
 
 
-def encode_prompts(parser, tok, prompts: list[str], chat: bool):
+def encode_prompts(parser, tok, prompts: list[str], chat: bool, max_chars: int = MAX_CHAT_CHARS):
     """Right-padded ids [B, P] and lengths [B]; with --chat each prompt becomes a user message
     in the checkpoint's chat template (which writes its own BOS)."""
     if not chat:  # a BOS where the checkpoint's tokenizer adds one (Qwen2's adds none)
@@ -525,24 +553,31 @@ def encode_prompts(parser, tok, prompts: list[str], chat: bool):
     if getattr(tok, "chat_template", None) is None:
         parser.error("--chat: this checkpoint has no chat template")
     try:
-        chats = [tok.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
-    except Exception as e:  # a template's raise_exception, or a jinja2 error
+        chats = [tok.apply_chat_template([{"role": "user", "content": p}], max_chars=max_chars) for p in prompts]
+    except Exception as e:  # a template's raise_exception, a jinja2 error, a render bound
         parser.error(f"--chat: the chat template failed: {e}")
-    return tok.encode_batch(chats, add_bos=False)
+    try:
+        return tok.encode_batch(chats, add_bos=False)
+    except ValueError as e:
+        parser.error(f"--chat: {e}")
 
 
 def run_beam_search(parser, lm, tok, prompts: list[str], args, settings: dict) -> int:
     """Beam search over the prompts; prints every returned hypothesis with its score."""
-    ids, lengths = encode_prompts(parser, tok, prompts, args.chat)
+    ids, lengths = encode_prompts(parser, tok, prompts, args.chat, args.max_chat_chars)
     stop_ids = list(tok.eos_ids) if args.stop_at_eos else []
     run = lambda: js.beam_search(lm, ids, lengths, max_new_tokens=args.max_new_tokens, stop_ids=stop_ids,
-                                 pad_id=tok.pad_id, **settings)
+                                 pad_id=tok.pad_id, memory_limit=memory_limit(args), **settings)
     out, first, steady = timed_run(parser, run)
     seqs, lens, scores = np.asarray(out.sequences), np.asarray(out.lengths), np.asarray(out.scores)
+    valid = np.asarray(out.valid)
     for i, text in enumerate(prompts):
-        for r in range(seqs.shape[1]):
+        for r in np.flatnonzero(valid[i]):  # filler slots (fewer real hypotheses than asked for) are not printed
             tag = f"[{i}.{r}]" if seqs.shape[1] > 1 else f"[{i}]"
             print(f"{tag} score {scores[i, r]:.4f} | {text}{tok.decode(seqs[i, r, :lens[i, r]])}")
+        if not valid[i].all():
+            print(f"note: prompt {i} has only {int(valid[i].sum())} distinct hypotheses of the "
+                  f"--num-return-sequences {seqs.shape[1]} asked for", file=sys.stderr)
         print()
     print(f"compile {max(first - steady, 0.0):.2f} s | beam search {steady * 1e3:.0f} ms "
           f"({settings['num_beams']} beams, {len(prompts)} prompts, {jax.default_backend()})", file=sys.stderr)
@@ -619,7 +654,8 @@ def stream_batch(lm, tok, ids, lengths, keys, sampler, stop_ids, texts: list[str
     n, single = args.num_samples, len(texts) == 1
     chunks = js.generate_stream(lm, ids, lengths, keys, max_new_tokens=args.max_new_tokens,
                                 chunk_size=args.chunk_size, sampler=sampler, stop_ids=stop_ids, pad_id=tok.pad_id,
-                                n=n, top_logprobs=args.top_logprobs, prompt_logprobs=args.prompt_logprobs)
+                                n=n, top_logprobs=args.top_logprobs, prompt_logprobs=args.prompt_logprobs,
+                                memory_limit=memory_limit(args))
     rows = StreamedRows(len(texts), args.max_new_tokens, args.top_logprobs, tok.pad_id)
     # One row on a terminal shows its own progress; otherwise report it on stderr.
     progress = Progress(len(texts) * args.max_new_tokens, enabled=not (single and sys.stdout.isatty()))
@@ -668,7 +704,10 @@ def main(argv=None) -> int:
         parser.error(spec_error)
     beam = beam_settings(parser, args)
     check_structured_flags(parser, args, beam)
-    _cli.check_minimums(parser, args, {"--chunk-size": 1, "--batch-size": (0, " (0: one batch)")})
+    _cli.check_minimums(parser, args, {"--chunk-size": 1, "--max-chat-chars": 1,
+                                       "--batch-size": (0, " (0: one batch)")})
+    if args.memory_limit_gb is not None and not args.memory_limit_gb > 0:
+        parser.error(f"--memory-limit-gb must be > 0, got {args.memory_limit_gb}")
     if args.output is not None and not args.batch_size:
         parser.error("--output needs --batch-size (the rows are written as JSON lines as they finish)")
     many = 0 < args.batch_size < len(prompts) * args.num_samples
@@ -712,7 +751,7 @@ def main(argv=None) -> int:
 
     n = args.num_samples
     texts = [p for p in prompts for _ in range(n)]
-    ids, lengths = encode_prompts(parser, tok, prompts, args.chat)
+    ids, lengths = encode_prompts(parser, tok, prompts, args.chat, args.max_chat_chars)
     keys = prompt_keys(args.seed, len(prompts), n)
     stop_ids = list(tok.eos_ids) if args.stop_at_eos else []
     if many:
@@ -721,10 +760,10 @@ def main(argv=None) -> int:
         try:
             return stream_batch(lm, tok, ids, lengths, keys, sampler, stop_ids, texts, args)
         except ValueError as e:
-            parser.error(str(e))
+            parser.error(error_text(e))
     run = lambda: js.generate(lm, ids, lengths, keys, max_new_tokens=args.max_new_tokens, sampler=sampler,
                               stop_ids=stop_ids, pad_id=tok.pad_id, n=n, top_logprobs=args.top_logprobs,
-                              prompt_logprobs=args.prompt_logprobs)
+                              prompt_logprobs=args.prompt_logprobs, memory_limit=memory_limit(args))
     spec_stats: list = []
     try:
         run = speculative_runner(args, lm, ids, lengths, keys, sampler, stop_ids, tok.pad_id, spec_stats) or run

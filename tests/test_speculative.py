@@ -92,17 +92,19 @@ def test_greedy_equals_generate(target, draft, stop_id, which, k):
     np.testing.assert_allclose(out.logprobs_processed, ref.logprobs_processed, atol=1e-4)
     for f in ("top_logprobs", "prompt_logprobs"):
         np.testing.assert_allclose(getattr(out, f), getattr(ref, f), atol=1e-5, rtol=1e-5, err_msg=f)
-    # Stats: k drafted per round; each round emits accepted + 1 tokens (rounds that hit
-    # the stop or N may emit fewer, never more).
-    rounds, drafted, accepted = (np.asarray(x) for x in stats)
-    assert np.all(drafted % k == 0) and np.all(drafted <= k * rounds)
+    # Stats: at most k drafted per round (fewer where the row's remaining length is
+    # shorter); a round emits its accepted drafts and at most one more token.
+    rounds, drafted, accepted, emitted = (np.asarray(x) for x in stats)
+    lengths = np.asarray(ref.lengths)
+    assert np.all(drafted <= k * rounds)
     if which != "lookup":
-        np.testing.assert_array_equal(drafted, k * rounds)
+        assert np.all(drafted >= k * (rounds - 1))  # every round but the last offers k positions
     assert np.all(accepted <= drafted)
-    assert np.all(np.asarray(ref.lengths) - 1 <= accepted + rounds)
+    np.testing.assert_array_equal(emitted, lengths - 1)  # every token after the first
+    assert np.all(accepted <= emitted) and np.all(emitted <= accepted + rounds)
     if which == "self":  # the target as its own draft: everything is accepted
         np.testing.assert_array_equal(accepted, drafted)
-        np.testing.assert_array_equal(rounds, np.ceil((np.asarray(ref.lengths) - 1) / (k + 1)))
+        np.testing.assert_array_equal(rounds, np.ceil((lengths - 1) / (k + 1)))
     print(f"\n{which} k={k}: acceptance {stats.acceptance_rate:.2f}, "
           f"{stats.tokens_per_round:.2f} tokens per target call")
 

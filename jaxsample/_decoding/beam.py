@@ -57,11 +57,15 @@ class BeamSearchOutput(NamedTuple):
       lengths: int32 [B, R], generated tokens per hypothesis (a stop token counts).
       scores: float32 [B, R], `sum_logprobs / lengths ** length_penalty` (transformers'
         `sequences_scores`). Only when num_beams exceeds the number of distinct
-        hypotheses (tiny vocabularies) do slots hold filler, scored below -1e8 (as in
-        transformers).
+        hypotheses (tiny vocabularies, or tokens the model gives probability 0) do
+        slots hold filler, scored below -1e8 (as in transformers); `valid` says which.
       sum_logprobs: float32 [B, R], summed log-probability of the generated tokens.
       finish_reason: int32 [B, R], `FinishReason.STOP` (ended with a stop id) or
         `FinishReason.LENGTH` (reached max_new_tokens).
+      valid: bool [B, R], the slot holds a real hypothesis: one extended only from live
+        beams by tokens of finite log-probability. False marks filler (a slot no real
+        hypothesis reached: its sequence descends from the -1e9 placeholder beams of
+        the first step).
     """
 
     sequences: jax.Array
@@ -69,6 +73,7 @@ class BeamSearchOutput(NamedTuple):
     scores: jax.Array
     sum_logprobs: jax.Array
     finish_reason: jax.Array
+    valid: jax.Array
 
 
 class _State(NamedTuple):
@@ -83,6 +88,8 @@ class _State(NamedTuple):
     fin_len: jax.Array  # int32 [B, K]
     fin_stop: jax.Array  # bool [B, K], ended with a stop id
     fin_done: jax.Array  # bool [B, K], slot holds a finished hypothesis
+    fin_valid: jax.Array  # bool [B, K], ... descending only from live beams (not filler)
+    run_alive: jax.Array  # bool [B, K], running beam descends only from live beams
     open: jax.Array  # bool [B], a running beam may still beat the worst finished one
 
 
@@ -97,8 +104,8 @@ def _init_state(b: int, k: int, n: int, pad_id: jax.Array) -> _State:
     run_scores = jnp.zeros((b, k), jnp.float32).at[:, 1:].set(_NEG)
     zeros_b = jnp.zeros((b, k), bool)
     return _State(tokens, run_scores, jnp.zeros((b, k), jnp.int32), tokens, jnp.full((b, k), _NEG, jnp.float32),
-                  jnp.zeros((b, k), jnp.float32), jnp.zeros((b, k), jnp.int32), zeros_b, zeros_b,
-                  jnp.ones((b,), bool))
+                  jnp.zeros((b, k), jnp.float32), jnp.zeros((b, k), jnp.int32), zeros_b, zeros_b, zeros_b,
+                  zeros_b.at[:, 0].set(True), jnp.ones((b,), bool))
 
 
 def _frozen(s: _State, early_stopping: jax.Array) -> jax.Array:
@@ -118,11 +125,13 @@ def _step(i, logits, s: _State, stops, length_penalty, early_stopping, max_new_t
     cand_tokens = _gather(s.run_tokens, parent).at[:, :, i].set(token)  # [B, C, N]
     stopped = jnp.isin(token, stops)
     hit = stopped | (i + 1 >= max_new_tokens)  # [B, C]
+    alive = _gather(s.run_alive, parent) & jnp.isfinite(top_lp)  # [B, C]: not descended from a placeholder
 
     # Running beams: the best K candidates that did not finish.
     run_lp = top_lp + hit.astype(jnp.float32) * _NEG
     nxt = jax.lax.top_k(run_lp, k)[1]  # [B, K]
     run_tokens, run_scores, run_parent = _gather(cand_tokens, nxt), _gather(run_lp, nxt), _gather(parent, nxt)
+    run_alive = _gather(alive & ~hit, nxt)
 
     # Finished hypotheses: merge the best-K candidates that just finished into the K slots.
     gen_len = i + 1
@@ -137,7 +146,8 @@ def _step(i, logits, s: _State, stops, length_penalty, early_stopping, max_new_t
     cat = lambda old, new: _gather(jnp.concatenate([old, new], axis=1), best)
     fin = dict(fin_tokens=cat(s.fin_tokens, cand_tokens), fin_scores=_gather(merged, best),
                fin_sum=cat(s.fin_sum, top_lp), fin_len=cat(s.fin_len, jnp.full((b, c), gen_len, jnp.int32)),
-               fin_stop=cat(s.fin_stop, stopped), fin_done=cat(s.fin_done, just))
+               fin_stop=cat(s.fin_stop, stopped), fin_done=cat(s.fin_done, just),
+               fin_valid=cat(s.fin_valid, just & alive))
 
     # Can the best running beam still beat the worst finished hypothesis?
     never_long = (early_stopping == 2) & (length_penalty > 0)
@@ -145,7 +155,7 @@ def _step(i, logits, s: _State, stops, length_penalty, early_stopping, max_new_t
     best_running = run_scores[:, :1] / best_len ** length_penalty  # [B, 1]
     worst = jnp.where(fin["fin_done"], jnp.min(fin["fin_scores"], axis=1, keepdims=True), _NEG)  # [B, K]
     still_open = s.open & jnp.any(best_running > worst, axis=-1)
-    return _State(run_tokens, run_scores, run_parent, **fin, open=still_open)
+    return _State(run_tokens, run_scores, run_parent, **fin, run_alive=run_alive, open=still_open)
 
 
 def _beam_search_impl(model, prompt_tokens, prompt_lengths, stops, pad_id, length_penalty, early_stopping, *,
@@ -172,7 +182,7 @@ def _beam_search_impl(model, prompt_tokens, prompt_lengths, stops, pad_id, lengt
 
     _, _, s = jax.lax.while_loop(cond, body, (jnp.asarray(1), cache, state))
     finish = jnp.where(s.fin_stop, FinishReason.STOP, FinishReason.LENGTH).astype(jnp.int32)
-    return BeamSearchOutput(s.fin_tokens, s.fin_len, s.fin_scores, s.fin_sum, finish)
+    return BeamSearchOutput(s.fin_tokens, s.fin_len, s.fin_scores, s.fin_sum, finish, s.fin_valid)
 
 
 _STATIC = ("num_beams", "max_new_tokens", "cache_size")
@@ -208,7 +218,7 @@ def _validate_beam(model, b, num_beams, num_return_sequences, length_penalty, ea
 def beam_search(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengths: jax.Array, *, num_beams: int,
                 max_new_tokens: int, length_penalty: float = 1.0, early_stopping: bool | str = False,
                 num_return_sequences: int = 1, stop_ids: Sequence[int] = (), pad_id: int = 0,
-                cache_size: int | None = None) -> BeamSearchOutput:
+                cache_size: int | None = None, memory_limit: float | None = None) -> BeamSearchOutput:
     """Beam search decoding, deterministic, in one jitted loop (transformers' semantics).
 
     Each prompt keeps `num_beams` hypotheses; every step extends them by every token,
@@ -241,9 +251,11 @@ def beam_search(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengths: 
         is static, their values are traced.
       pad_id: fills the sequences after their length.
       cache_size: KV-cache length S (default P + N); must be >= P + N.
+      memory_limit: as in `generate` (B * K cache rows; the beams' token buffers).
 
     Returns:
-      A `BeamSearchOutput` with [B, R] hypotheses, best first.
+      A `BeamSearchOutput` with [B, R] hypotheses, best first (`valid` marks the real
+      ones when fewer than R exist).
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxsample as js
@@ -259,6 +271,11 @@ def beam_search(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengths: 
     num_beams, num_return_sequences, mode = _validate_beam(model, prompts.tokens.shape[0], num_beams,
                                                            num_return_sequences, length_penalty, early_stopping,
                                                            len(prompts.stop_ids), prompts.cache_size)
+    b, c = int(prompts.tokens.shape[0]), max(2, 1 + len(prompts.stop_ids)) * num_beams
+    core.check_memory(model, fn="beam_search", max_new_tokens=prompts.max_new_tokens, rows=b * num_beams,
+                      cache_size=prompts.cache_size, width=0,
+                      extra_bytes=2 * b * (2 * num_beams + c) * prompts.max_new_tokens * 4,  # [B, K|C, N] tokens
+                      memory_limit=memory_limit)
     args = (prompts.tokens, prompts.lengths, prompts.stops, prompts.pad_id, jnp.asarray(length_penalty, jnp.float32),
             jnp.asarray(mode, jnp.int32))
     run = _beam_traced_model if core.is_pytree(model) else _beam_static_model

@@ -34,6 +34,7 @@ from __future__ import annotations
 import enum
 import inspect
 import operator
+import os
 from typing import Any, NamedTuple, Protocol, Sequence
 
 import jax
@@ -47,7 +48,7 @@ from jaxsample._processors.builtin import Temperature
 
 __all__ = ["LanguageModel", "FinishReason", "DecodeState", "Outputs", "Emission", "emit", "freeze",
            "step_keys", "prepare_prompts", "prepare_sampling", "prefill_samples", "extend", "is_pytree",
-           "top_logprobs_of", "step_stats"]
+           "top_logprobs_of", "step_stats", "MemoryLimitError", "check_memory", "device_memory_bytes"]
 
 Array = jax.Array
 
@@ -351,13 +352,34 @@ def prepare_prompts(model: LanguageModel, prompt_tokens: Any, prompt_lengths: An
 def row_keys(keys: Any, batch: int) -> Array:
     """Normalises keys to typed per-row keys [B]."""
     if not jnp.issubdtype(getattr(keys, "dtype", np.float32), jax.dtypes.prng_key):
-        keys = jax.random.wrap_key_data(keys)
+        keys = _wrap_raw_keys(keys, batch)
     if keys.shape == ():
         raise ValueError("keys must hold one key per row (shape [B]); split or fold_in one key per row "
                          "yourself, e.g. jax.random.split(key, B)")
     if keys.shape != (batch,):
         raise ValueError(f"keys must have shape [B] = ({batch},) (one key per row), got {keys.shape}")
     return keys
+
+
+def _wrap_raw_keys(keys: Any, batch: int) -> Array:
+    """Raw key data uint32 [B, D] (D: the default PRNG implementation's key size, 2 for
+    threefry) -> typed keys [B]; anything else is an error naming `keys`."""
+    data_shape = jax.random.key_data(jax.random.key(0)).shape  # (D,) of the default implementation
+    try:
+        arr = keys if isinstance(keys, jax.Array) else np.asarray(keys)
+    except Exception:  # noqa: BLE001 - ragged lists, objects: say what was expected
+        raise ValueError(f"keys must be typed PRNG keys [B] (jax.random.key / split) or raw uint32 key data "
+                         f"[B, {data_shape[0]}], got {type(keys).__name__}") from None
+    expected = f"typed PRNG keys [B] (jax.random.key / split) or raw uint32 key data [B, {data_shape[0]}] = " \
+               f"({batch}, {data_shape[0]})"
+    if arr.dtype != np.uint32:
+        raise ValueError(f"keys must be {expected}; got dtype {arr.dtype} with shape {tuple(arr.shape)}")
+    if arr.ndim == len(data_shape) and tuple(arr.shape) == data_shape:
+        raise ValueError("keys must hold one key per row (shape [B]); split or fold_in one key per row "
+                         "yourself, e.g. jax.random.split(key, B)")
+    if arr.ndim != 1 + len(data_shape) or tuple(arr.shape[1:]) != data_shape:
+        raise ValueError(f"keys must be {expected}; got uint32 with shape {tuple(arr.shape)}")
+    return jax.random.wrap_key_data(arr)
 
 
 def sample_keys(keys: Array, n: int) -> Array:
@@ -470,3 +492,119 @@ def extend(model: LanguageModel, tokens: Array, positions: Array, cache: Any):
         logits, cache = model.decode(tokens[:, t], positions + t, cache)
         out.append(logits)
     return jnp.stack(out, axis=1), cache
+
+
+# ----------------------------------------------------------------------------- memory budget
+
+
+class MemoryLimitError(ValueError):
+    """A decode loop's estimated memory exceeds the limit (raised before anything is compiled).
+
+    Attributes:
+      fn: the function that refused ("generate", ...).
+      max_new_tokens: the requested N.
+      rows: output rows (B * n; beams for beam search, slots for generate_many).
+      estimate: estimated bytes (weights + KV cache + output buffers + working buffers).
+      limit: the limit in bytes.
+      parts: the estimate by part, bytes.
+    """
+
+    def __init__(self, message: str, *, fn: str, max_new_tokens: int, rows: int, estimate: int, limit: float,
+                 parts: dict[str, int]):
+        super().__init__(message)
+        self.fn, self.max_new_tokens, self.rows = fn, max_new_tokens, rows
+        self.estimate, self.limit, self.parts = estimate, limit, parts
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def device_memory_bytes() -> int | None:
+    """The default device's memory in bytes: an accelerator's `bytes_limit`; on CPU the
+    physical memory (or the cgroup's limit when lower); None when unknown."""
+    device = jax.devices()[0]
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - backends without memory stats
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform != "cpu":
+        return None
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            text = f.read().strip()
+        if text.isdigit():
+            total = min(total, int(text))
+    except OSError:
+        pass
+    return int(total)
+
+
+_CACHE_BYTES: dict = {}
+
+
+def _cache_bytes(model: LanguageModel, rows: int, cache_size: int) -> int:
+    """Bytes of `model.init_cache(rows, cache_size)` from its shapes (memoised by the
+    model's hashable `config` when it has one: `jax.eval_shape` costs milliseconds)."""
+    config = getattr(model, "config", None)
+    try:
+        key = (type(model), config, rows, cache_size) if config is not None else None
+        hash(key)
+    except TypeError:
+        key = None
+    if key is not None and key in _CACHE_BYTES:
+        return _CACHE_BYTES[key]
+    cache = jax.eval_shape(lambda: model.init_cache(rows, cache_size))
+    size = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(cache))
+    if key is not None:
+        if len(_CACHE_BYTES) > 256:
+            _CACHE_BYTES.clear()
+        _CACHE_BYTES[key] = size
+    return size
+
+
+def check_memory(model: LanguageModel, *, fn: str, max_new_tokens: int, rows: int, cache_size: int, width: int,
+                 top_logprobs: int = 0, return_stats: bool = False, prompt_rows: int = 0, prompt_len: int = 0,
+                 prompt_logprobs: bool = False, extra_bytes: int = 0, memory_limit: Any = None) -> None:
+    """Refuses a run whose estimated memory exceeds `memory_limit` (bytes; None: the default
+    device's memory, `device_memory_bytes`), before anything is traced or compiled.
+
+    The estimate (docs/limits.md) adds the model's weights (its array leaves), the KV cache
+    for `rows` x `cache_size` (the exact shapes of `model.init_cache`, by `jax.eval_shape`),
+    the output buffers ([rows, width] tokens and two log-probs; top-N and stats when asked
+    for), a few [rows, V] float32 working buffers, the prefill's [B, P, V] logits with
+    prompt log-probs, and `extra_bytes` (a loop's own buffers).
+
+    Raises:
+      MemoryLimitError: naming `max_new_tokens`, the estimate by part and the limit.
+    """
+    if memory_limit is not None and (isinstance(memory_limit, bool) or not isinstance(memory_limit, (int, float))
+                                     or not memory_limit > 0):
+        raise ValueError(f"memory_limit must be a number of bytes > 0 (or None: the device's memory), "
+                         f"got {memory_limit!r}")
+    limit = device_memory_bytes() if memory_limit is None else memory_limit
+    if limit is None:
+        return
+    v = int(model.vocab_size)
+    parts = {
+        "weights": sum(int(x.nbytes) for x in jax.tree.leaves(model) if hasattr(x, "nbytes")),
+        "KV cache": _cache_bytes(model, rows, cache_size),
+        "outputs": rows * width * (12 + 8 * int(top_logprobs) + (8 if return_stats else 0)),
+        "working": 4 * rows * v * 4 + (prompt_rows * prompt_len * v * 4 if prompt_logprobs else 0) + int(extra_bytes),
+    }
+    total = sum(parts.values())
+    if total <= limit:
+        return
+    source = "the default device's memory" if memory_limit is None else "as passed"
+    detail = ", ".join(f"{name} {_gb(b)}" for name, b in parts.items())
+    raise MemoryLimitError(
+        f"{fn}: max_new_tokens={max_new_tokens} for {rows} rows (KV cache of {cache_size} positions) needs an "
+        f"estimated {_gb(total)} ({detail}), above memory_limit={_gb(limit)} ({source}); lower max_new_tokens "
+        f"or the batch, or pass a larger memory_limit in bytes (docs/limits.md)",
+        fn=fn, max_new_tokens=max_new_tokens, rows=rows, estimate=total, limit=limit, parts=parts)

@@ -181,7 +181,7 @@ def _programs(static_model: bool):
 
 
 def _prepare(model, prompt_tokens, prompt_lengths, keys, *, slots, max_new_tokens, sampler, stop_ids, pad_id,
-             cache_size, n, top_logprobs, prompt_logprobs, chunk_size, fn):
+             cache_size, n, top_logprobs, prompt_logprobs, chunk_size, fn, memory_limit=None):
     limit_host = None
     if np.ndim(max_new_tokens) > 0:  # per-row limits: the static bound is their maximum
         limit_host = core.row_limits(max_new_tokens, np.shape(prompt_tokens)[0] if np.ndim(prompt_tokens) else 0)
@@ -193,6 +193,11 @@ def _prepare(model, prompt_tokens, prompt_lengths, keys, *, slots, max_new_token
     slots = core.positive_int("slots", slots)
     chunk_size = core.positive_int("chunk_size", chunk_size)
     rows = sampling.keys.shape[0]
+    core.check_memory(model, fn=fn, max_new_tokens=prompts.max_new_tokens, rows=min(slots, rows),
+                      cache_size=prompts.cache_size, width=prompts.max_new_tokens + chunk_size,
+                      top_logprobs=sampling.top_logprobs, prompt_rows=min(slots, rows),
+                      prompt_len=int(prompts.tokens.shape[1]), prompt_logprobs=sampling.prompt_logprobs,
+                      memory_limit=memory_limit)
     if limit_host is None:
         limit_host = np.full((prompts.tokens.shape[0],), prompts.max_new_tokens, np.int32)
     limit = jnp.asarray(np.repeat(limit_host, sampling.n), jnp.int32)
@@ -208,7 +213,8 @@ def generate_many_stream(model: LanguageModel, prompt_tokens: Any, prompt_length
                          max_new_tokens: Any, sampler: Chain | None = None, stop_ids: Sequence[int] = (),
                          pad_id: int = 0, cache_size: int | None = None, n: int = 1, top_logprobs: int = 0,
                          prompt_logprobs: bool = False, sample_fn: Callable = sample_step,
-                         return_stats: bool = False, chunk_size: int = CHUNK) -> "ManyStream":
+                         return_stats: bool = False, chunk_size: int = CHUNK,
+                         memory_limit: float | None = None) -> "ManyStream":
     """`generate_many`, yielding each row as soon as it finishes (a `Completion`, host arrays).
 
     Rows come in the order they finish (``Completion.index`` says which row); the tokens
@@ -229,7 +235,7 @@ def generate_many_stream(model: LanguageModel, prompt_tokens: Any, prompt_length
     prompts, sampling, limit, n_slots, chunk_size = _prepare(
         model, prompt_tokens, prompt_lengths, keys, slots=slots, max_new_tokens=max_new_tokens, sampler=sampler,
         stop_ids=stop_ids, pad_id=pad_id, cache_size=cache_size, n=n, top_logprobs=top_logprobs,
-        prompt_logprobs=prompt_logprobs, chunk_size=chunk_size, fn="generate_many")
+        prompt_logprobs=prompt_logprobs, chunk_size=chunk_size, fn="generate_many", memory_limit=memory_limit)
     return ManyStream(lambda stream: _schedule(stream, model, prompts, sampling, limit, n_slots, chunk_size,
                                                sample_fn, bool(return_stats)))
 
@@ -315,7 +321,7 @@ def generate_many(model: LanguageModel, prompt_tokens: Any, prompt_lengths: Any,
                   max_new_tokens: Any, sampler: Chain | None = None, stop_ids: Sequence[int] = (), pad_id: int = 0,
                   cache_size: int | None = None, n: int = 1, top_logprobs: int = 0, prompt_logprobs: bool = False,
                   sample_fn: Callable = sample_step, return_stats: bool = False,
-                  chunk_size: int = CHUNK) -> GenerateOutput:
+                  chunk_size: int = CHUNK, memory_limit: float | None = None) -> GenerateOutput:
     """`generate` for any number of prompts, decoding at most `slots` rows at a time.
 
     When a row finishes, its slot takes the next prompt (prefilled into that slot's cache
@@ -336,6 +342,7 @@ def generate_many(model: LanguageModel, prompt_tokens: Any, prompt_lengths: Any,
         the static N: the output width).
       chunk_size: decode steps between host round trips at most, static (a chunk ends
         early when a row finishes while prompts wait for a slot).
+      memory_limit: as in `generate`, for the `slots` decoding rows.
 
     Returns:
       A `GenerateOutput` for the B * n rows, as `generate`'s.
@@ -355,7 +362,7 @@ def generate_many(model: LanguageModel, prompt_tokens: Any, prompt_lengths: Any,
     prompts, sampling, limit, n_slots, chunk_size = _prepare(
         model, prompt_tokens, prompt_lengths, keys, slots=slots, max_new_tokens=max_new_tokens, sampler=sampler,
         stop_ids=stop_ids, pad_id=pad_id, cache_size=cache_size, n=n, top_logprobs=top_logprobs,
-        prompt_logprobs=prompt_logprobs, chunk_size=chunk_size, fn="generate_many")
+        prompt_logprobs=prompt_logprobs, chunk_size=chunk_size, fn="generate_many", memory_limit=memory_limit)
     stream = ManyStream(lambda stream: _schedule(stream, model, prompts, sampling, limit, n_slots, chunk_size,
                                                  sample_fn, bool(return_stats)))
     done = sorted(stream, key=lambda c: c.index)

@@ -143,7 +143,7 @@ def generate(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengths: jax
              max_new_tokens: int, sampler: Chain | None = None, stop_ids: Sequence[int] = (),
              pad_id: int = 0, cache_size: int | None = None, n: int = 1, top_logprobs: int = 0,
              prompt_logprobs: bool = False, sample_fn: Callable = sample_step,
-             return_stats: bool = False) -> GenerateOutput:
+             return_stats: bool = False, memory_limit: float | None = None) -> GenerateOutput:
     """Generates up to `max_new_tokens` tokens per row: prefill, then a jitted `lax.scan`.
 
     Args:
@@ -183,6 +183,9 @@ def generate(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengths: jax
         chain kept, and the processors' final state. Off, the compiled program is the
         same as without the option. Needs a `sample_fn` whose `StepOutput` carries
         `processed_logits` (`sample_step` does).
+      memory_limit: bytes the run may take, checked against an estimate (weights, KV
+        cache, output buffers) before compiling (`MemoryLimitError`, docs/limits.md);
+        None: the default device's memory.
 
     Keys: with `k = fold_in(keys[b], i)` for row b (b's sample key when n > 1) and
     generated index i, the token is drawn by `sample(fold_in(k, 0), processed_logits)`
@@ -204,13 +207,15 @@ def generate(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengths: jax
     args, static = prepare_generate(model, prompt_tokens, prompt_lengths, keys, max_new_tokens=max_new_tokens,
                                     sampler=sampler, stop_ids=stop_ids, pad_id=pad_id, cache_size=cache_size, n=n,
                                     top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
-                                    sample_fn=sample_fn, fn="generate")
+                                    sample_fn=sample_fn, fn="generate", return_stats=return_stats,
+                                    memory_limit=memory_limit)
     run = _generate_traced if core.is_pytree(model) else _generate_static
     return run(model, *args, **static, return_stats=bool(return_stats))
 
 
 def prepare_generate(model, prompt_tokens, prompt_lengths, keys, *, max_new_tokens, sampler, stop_ids, pad_id,
-                     cache_size, n, top_logprobs, prompt_logprobs, sample_fn, fn):
+                     cache_size, n, top_logprobs, prompt_logprobs, sample_fn, fn, return_stats=False,
+                     memory_limit=None):
     """Validates generate's inputs: (traced args, static kwargs) of the jitted programs.
 
     Traced: prompt tokens [B, P], lengths [B], keys [B * n], sampler, stops, pad id,
@@ -225,6 +230,11 @@ def prepare_generate(model, prompt_tokens, prompt_lengths, keys, *, max_new_toke
                                    stop_ids=stop_ids, pad_id=pad_id, cache_size=cache_size)
     sampling = core.prepare_sampling(model, keys, prompts.tokens.shape[0], sampler=sampler, n=n,
                                      top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs, fn=fn)
+    core.check_memory(model, fn=fn, max_new_tokens=prompts.max_new_tokens, rows=int(sampling.keys.shape[0]),
+                      cache_size=prompts.cache_size, width=prompts.max_new_tokens, top_logprobs=sampling.top_logprobs,
+                      return_stats=bool(return_stats), prompt_rows=int(prompts.tokens.shape[0]),
+                      prompt_len=int(prompts.tokens.shape[1]), prompt_logprobs=sampling.prompt_logprobs,
+                      memory_limit=memory_limit)
     if limits is None:
         limit = jnp.full(sampling.keys.shape, prompts.max_new_tokens, jnp.int32)
     else:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tempfile
 from typing import Any
 
@@ -39,7 +40,17 @@ import numpy as np
 from jaxsample import _validation as _val
 from jaxsample._decoding.drafts import lookup
 
-__all__ = ["NGramDraft"]
+__all__ = ["NGramDraft", "MAX_NGRAM", "MAX_PROBES", "MAX_SLOTS"]
+
+#: The longest context a table may use. A proposal hashes N tokens and gathers N * probes
+#: slots, unrolled k times in the compiled program: compile time and memory grow with
+#: N * k (a forged table with N = 2000 took 10 GB). Longer contexts add nothing a
+#: 5-gram misses on real text (docs/limits.md).
+MAX_NGRAM = 32
+#: The most slots a lookup may probe ([B, N, probes] gathers per proposal).
+MAX_PROBES = 64
+#: The most slots a table may have (keys + values: 8 bytes a slot, 2 GiB at the bound).
+MAX_SLOTS = 2 ** 28
 
 _FORMAT = "jaxsample.ngram_draft"
 _VERSION = "1"
@@ -47,6 +58,7 @@ _SEED = 0x2545F491
 _GOLDEN = 0x9E3779B1
 _SALT = 0x5BD1E995
 _INFO = ("tokens", "entries", "dropped", "min_count")
+_TENSORS = ("keys", "values", "fallback", "stats")
 
 
 def _fmix(h, xp):
@@ -87,8 +99,11 @@ def _check_score_range(max_ngram: int, vocab_size: int, where: str) -> None:
                          f"((max_ngram + 1) * vocab_size must stay below 2**31)")
 
 
-def _check_int(name: str, value: Any, low: int) -> int:
-    return _val.check_int(name, value, low=low, fn="NGramDraft", expected=f"an int >= {low}")
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    value = _val.check_int(name, value, low=low, fn="NGramDraft", expected=f"an int >= {low}")
+    if high is not None and value > high:
+        raise ValueError(f"NGramDraft: {name}={value} exceeds the bound {high} (docs/limits.md)")
+    return value
 
 
 @jax.tree_util.register_dataclass
@@ -151,11 +166,11 @@ class NGramDraft:
           weights: None (all 1), or one int >= 0 per array of `tokens`: each of its
             occurrences counts that many times (e.g. to weigh text the target model
             generated above the raw corpus).
-          max_ngram: N >= 1, the longest context.
+          max_ngram: N in [1, MAX_NGRAM = 32], the longest context.
           min_count: a context of order >= 2 is used only when its most frequent next
             token was seen (weighted) at least this often after it (rarer ones back off
             to shorter contexts), >= 1.
-          probes: slots searched per lookup, >= 1.
+          probes: slots searched per lookup, in [1, MAX_PROBES = 64].
           load_factor: target entries / slots, in (0, 1]; S is the next power of two.
           prompt_lookup: see the class attributes (0: off).
 
@@ -164,10 +179,10 @@ class NGramDraft:
           dropped ones (entries without a free slot).
         """
         vocab_size = _check_int("vocab_size", vocab_size, 1)
-        max_ngram = _check_int("max_ngram", max_ngram, 1)
+        max_ngram = _check_int("max_ngram", max_ngram, 1, MAX_NGRAM)
         _check_score_range(max_ngram, vocab_size, "NGramDraft")
         min_count = _check_int("min_count", min_count, 1)
-        probes = _check_int("probes", probes, 1)
+        probes = _check_int("probes", probes, 1, MAX_PROBES)
         prompt_lookup = _check_int("prompt_lookup", prompt_lookup, 0)
         if not isinstance(load_factor, (int, float)) or isinstance(load_factor, bool) or not 0 < load_factor <= 1:
             raise ValueError(f"NGramDraft: load_factor must be a float in (0, 1], got {load_factor!r}")
@@ -228,6 +243,10 @@ class NGramDraft:
         ent_h, ent_v = np.concatenate(ent_h), np.concatenate(ent_v)
         # At least `probes` slots: a lookup never probes past the table (or `load` refuses it).
         size = 1 << max(int(np.ceil(np.log2(max(ent_h.size, 1) / load_factor))), (probes - 1).bit_length(), 1)
+        if size > MAX_SLOTS:
+            raise ValueError(f"NGramDraft: {ent_h.size} entries at load_factor={load_factor} need {size} slots, "
+                             f"above the bound MAX_SLOTS={MAX_SLOTS} (docs/limits.md): raise min_count or "
+                             f"lower max_ngram")
         keys, values, dropped = _place(ent_h, ent_v, size, probes)
         stats = jnp.asarray([m, ent_h.size, dropped, min_count], jnp.int32)
         return cls(jnp.asarray(keys), jnp.asarray(values), jnp.asarray(fallback, jnp.int32), stats, max_ngram, probes,
@@ -237,6 +256,10 @@ class NGramDraft:
         """A copy with some fields changed, e.g. `draft.replace(prompt_lookup=5)`."""
         if "prompt_lookup" in changes:
             _check_int("prompt_lookup", changes["prompt_lookup"], 0)
+        if "max_ngram" in changes:
+            _check_int("max_ngram", changes["max_ngram"], 1, MAX_NGRAM)
+        if "probes" in changes:
+            _check_int("probes", changes["probes"], 1, MAX_PROBES)
         return dataclasses.replace(self, **changes)
 
     @property
@@ -292,7 +315,13 @@ class NGramDraft:
 
     @classmethod
     def load(cls, path: str, *, prompt_lookup: int = 0) -> "NGramDraft":
-        """Reads a table written by `save`; a missing, foreign or inconsistent file raises ValueError."""
+        """Reads a table written by `save`; a missing, foreign, inconsistent or oversized file
+        raises ValueError.
+
+        Every size the file declares (its metadata and its tensors' shapes) is checked
+        against the bounds (`MAX_NGRAM`, `MAX_PROBES`, `MAX_SLOTS`, docs/limits.md) before
+        any tensor is read.
+        """
         from safetensors import SafetensorError, safe_open
 
         prompt_lookup = _check_int("prompt_lookup", prompt_lookup, 0)
@@ -302,50 +331,79 @@ class NGramDraft:
             with safe_open(path, framework="numpy") as f:
                 meta = f.metadata() or {}
                 names = set(f.keys())
-                tensors = {k: f.get_tensor(k) for k in names & {"keys", "values", "fallback", "stats"}}
-        except (SafetensorError, OSError, ValueError) as e:
+                ints = cls._check_header(path, meta, names)
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in _TENSORS}
+                cls._check_shapes(path, shapes)
+                tensors = {k: f.get_tensor(k) for k in _TENSORS}
+        except (SafetensorError, OSError) as e:
             raise ValueError(f"NGramDraft.load: {path!r} is not a safetensors file ({e})") from None
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"NGramDraft.load: {path!r} is not an n-gram draft table "
-                             f"(metadata format={meta.get('format')!r}, expected {_FORMAT!r})")
-        if meta.get("version") != _VERSION:
-            raise ValueError(f"NGramDraft.load: {path!r} has table version {meta.get('version')!r}; "
-                             f"this jaxsample reads version {_VERSION!r} (rebuild the table)")
-        missing = {"keys", "values", "fallback", "stats"} - names
-        if missing:
-            raise ValueError(f"NGramDraft.load: {path!r} lacks tensor(s) {sorted(missing)}")
-        ints = {}
-        for name in ("max_ngram", "probes", "vocab_size"):
-            try:
-                ints[name] = int(meta[name])
-            except (KeyError, ValueError):
-                raise ValueError(f"NGramDraft.load: {path!r} metadata {name}={meta.get(name)!r} is not an int") \
-                    from None
-            if ints[name] < 1:
-                raise ValueError(f"NGramDraft.load: {path!r} metadata {name}={ints[name]} must be >= 1")
         keys, values, fallback = tensors["keys"], tensors["values"], tensors["fallback"]
-        s = keys.shape[0] if keys.ndim == 1 else 0
-        if keys.dtype != np.uint32 or s < 1 or s & (s - 1):
+        s = keys.shape[0]
+        if keys.dtype != np.uint32:
             raise ValueError(f"NGramDraft.load: {path!r} keys must be uint32 [S] with S a power of two, "
                              f"got {keys.dtype} {keys.shape}")
-        if values.dtype != np.int32 or values.shape != keys.shape:
+        if values.dtype != np.int32:
             raise ValueError(f"NGramDraft.load: {path!r} values must be int32 {keys.shape}, "
                              f"got {values.dtype} {values.shape}")
-        if fallback.dtype != np.int32 or fallback.shape != (1,):
+        if fallback.dtype != np.int32:
             raise ValueError(f"NGramDraft.load: {path!r} fallback must be int32 [1], got {fallback.dtype} "
                              f"{fallback.shape}")
         v = ints["vocab_size"]
         used = values[keys != 0]
         if (used.size and (used.min() < 0 or used.max() >= v)) or not 0 <= fallback[0] < v:
             raise ValueError(f"NGramDraft.load: {path!r} holds token ids outside its vocabulary [0, {v})")
-        if tensors["stats"].dtype != np.int32 or tensors["stats"].shape != (len(_INFO),):
+        if tensors["stats"].dtype != np.int32:
             raise ValueError(f"NGramDraft.load: {path!r} stats must be int32 [{len(_INFO)}], got "
                              f"{tensors['stats'].dtype} {tensors['stats'].shape}")
-        _check_score_range(ints["max_ngram"], ints["vocab_size"], f"NGramDraft.load: {path!r}")
         if ints["probes"] > s:
             raise ValueError(f"NGramDraft.load: {path!r} probes={ints['probes']} exceeds the {s} slots")
         return cls(jnp.asarray(keys), jnp.asarray(values), jnp.asarray(fallback[0]), jnp.asarray(tensors["stats"]),
                    ints["max_ngram"], ints["probes"], v, prompt_lookup)
+
+    @staticmethod
+    def _check_header(path: str, meta: dict, names: set) -> dict[str, int]:
+        """The format, version, tensor names and bounded sizes of a table file's header."""
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"NGramDraft.load: {path!r} is not an n-gram draft table "
+                             f"(metadata format={meta.get('format')!r}, expected {_FORMAT!r})")
+        if meta.get("version") != _VERSION:
+            raise ValueError(f"NGramDraft.load: {path!r} has table version {meta.get('version')!r}; "
+                             f"this jaxsample reads version {_VERSION!r} (rebuild the table)")
+        missing = set(_TENSORS) - names
+        if missing:
+            raise ValueError(f"NGramDraft.load: {path!r} lacks tensor(s) {sorted(missing)}")
+        ints = {}
+        for name, high in (("max_ngram", MAX_NGRAM), ("probes", MAX_PROBES), ("vocab_size", None)):
+            text = meta.get(name)
+            if not isinstance(text, str) or not re.fullmatch(r"\s*[-+]?\d{1,12}\s*", text):  # no 10**4000
+                raise ValueError(f"NGramDraft.load: {path!r} metadata {name}={text!r} is not an int")
+            ints[name] = int(text)
+            if ints[name] < 1:
+                raise ValueError(f"NGramDraft.load: {path!r} metadata {name}={ints[name]} must be >= 1")
+            if high is not None and ints[name] > high:
+                raise ValueError(f"NGramDraft.load: {path!r} metadata {name}={ints[name]} exceeds the bound "
+                                 f"{high} (docs/limits.md): a forged or foreign table")
+        _check_score_range(ints["max_ngram"], ints["vocab_size"], f"NGramDraft.load: {path!r}")
+        return ints
+
+    @staticmethod
+    def _check_shapes(path: str, shapes: dict[str, tuple[int, ...]]) -> None:
+        """The declared tensor shapes, before any tensor is read."""
+        keys = shapes["keys"]
+        s = keys[0] if len(keys) == 1 else 0
+        if s < 1 or s & (s - 1):
+            raise ValueError(f"NGramDraft.load: {path!r} keys must be uint32 [S] with S a power of two, "
+                             f"got shape {keys}")
+        if s > MAX_SLOTS:
+            raise ValueError(f"NGramDraft.load: {path!r} has {s} slots, above the bound MAX_SLOTS={MAX_SLOTS} "
+                             f"(docs/limits.md)")
+        if shapes["values"] != keys:
+            raise ValueError(f"NGramDraft.load: {path!r} values must be int32 {keys}, got shape {shapes['values']}")
+        if shapes["fallback"] != (1,):
+            raise ValueError(f"NGramDraft.load: {path!r} fallback must be int32 [1], got shape {shapes['fallback']}")
+        if shapes["stats"] != (len(_INFO),):
+            raise ValueError(f"NGramDraft.load: {path!r} stats must be int32 [{len(_INFO)}], got shape "
+                             f"{shapes['stats']}")
 
     # ------------------------------------------------------------------ drafting
 

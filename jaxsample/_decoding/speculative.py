@@ -76,11 +76,18 @@ from jaxsample._processors.base import Chain
 from jaxsample._step.step import process_and_draw
 
 __all__ = ["PromptLookup", "SpeculativeOutput", "SpeculativeStats", "speculative_generate",
-           "DRAFT_STREAM", "ACCEPT_STREAM"]
+           "DRAFT_STREAM", "ACCEPT_STREAM", "MAX_DRAFT_TOKENS"]
 
 #: fold_in data of the acceptance uniform (processors use 1..M, the target's draw 0, exactly
 #: as in `sample_step`; the draft's draw DRAFT_STREAM).
 ACCEPT_STREAM = 0x7FFFFFFF
+
+#: The most tokens a round may draft (`num_draft_tokens`). The draft's proposal is unrolled
+#: k times in the compiled program and the target scores [B, k + 1, V] logits a round, so
+#: compile time and memory grow with k (k = 10000 took 83 s and 6.3 GB for 16 tokens);
+#: a draft accepting each token with probability a gains less than 1 / (1 - a) tokens a
+#: round however large k is (docs/limits.md).
+MAX_DRAFT_TOKENS = 64
 
 #: The speculative loop's own step for index 0: the chain, then `sample` (never the fused
 #: GPU step), as the verification rounds process the target's logits.
@@ -88,19 +95,26 @@ _unfused_step = functools.partial(process_and_draw, draw=_sampling.sample)
 
 
 class SpeculativeStats(NamedTuple):
-    """Per-row counters, int32 [B] each.
+    """Per-row counters, int32 [B] each. Only what a row could emit counts: a round near
+    the end of a row (max_new_tokens, or a stop token) offers fewer than k positions.
 
     Attributes:
       rounds: target calls (verification rounds) while the row was active; the first
         token (from the prefill) is not a round.
-      drafted: draft tokens proposed to the row (k per round; 0 in a prompt-lookup round
-        without a match).
-      accepted: draft tokens accepted (a rejection ends a round's count).
+      drafted: draft tokens proposed to the row at positions it could still emit: at
+        most min(k, max_new_tokens - generated) per round, none after the row's last
+        token (a stop ends it; proposals past the end count as nothing), 0 in a
+        prompt-lookup round without a match.
+      accepted: drafted tokens accepted *and emitted* (a rejection ends a round's count;
+        so does a stop token or the row's last position).
+      emitted: tokens the rounds emitted (accepted drafts and the extra token of each
+        round): the row's length minus the first token.
     """
 
     rounds: jax.Array
     drafted: jax.Array
     accepted: jax.Array
+    emitted: jax.Array
 
     @property
     def acceptance_rate(self) -> float:
@@ -110,9 +124,9 @@ class SpeculativeStats(NamedTuple):
 
     @property
     def tokens_per_round(self) -> float:
-        """Generated tokens (after the first) per target call, over the whole batch."""
+        """Tokens emitted (after the first) per target call, over the whole batch."""
         rounds = int(np.sum(np.asarray(self.rounds)))
-        return float(np.sum(np.asarray(self.accepted)) + rounds) / rounds if rounds else float("nan")
+        return float(np.sum(np.asarray(self.emitted))) / rounds if rounds else float("nan")
 
 
 class SpeculativeOutput(NamedTuple):
@@ -251,14 +265,20 @@ def _impl(model, draft, prompt_tokens, prompt_lengths, keys, sampler, stops, pad
         # --- sampler state after the emitted tokens (frozen for rows that were done)
         new_state = sampler.update(_select_rows(states, accepted), extra, p_a)
         state = core.freeze(new_state, s.sampler_state, s.done)
+        # --- stats: only positions the row could emit (its remaining length) count
         active = (~s.done).astype(jnp.int32)
-        proposed = active * q_valid[:, 0].astype(jnp.int32)  # rows that had a proposal this round
-        stats = SpeculativeStats(c.stats.rounds + active, c.stats.drafted + k * proposed,
-                                 c.stats.accepted + accepted * active)
+        budget = jnp.minimum(k, jnp.maximum(limit - length, 0))  # [B] drafts that could be emitted
+        offered = jnp.sum((j[:, :k] < budget[:, None]) & q_valid, axis=1).astype(jnp.int32)
+        emitted = lengths - length  # 0 for rows that were done
+        # A row that ended this round (a stop) never needed the proposals after its last token.
+        offered = jnp.where(done & ~s.done, jnp.minimum(offered, emitted), offered)
+        stats = SpeculativeStats(c.stats.rounds + active, c.stats.drafted + offered * active,
+                                 c.stats.accepted + jnp.minimum(accepted, emitted) * active,
+                                 c.stats.emitted + emitted * active)
         s = s._replace(cache=cache, sampler_state=state, done=done, lengths=lengths, finish=finish)
         return _Round(s, seq, draft_state, outputs, stats)
 
-    carry = _Round(s, seq, draft_state, outputs, SpeculativeStats(zeros, zeros, zeros))
+    carry = _Round(s, seq, draft_state, outputs, SpeculativeStats(zeros, zeros, zeros, zeros))
     out = jax.lax.while_loop(lambda c: ~jnp.all(c.s.done), round_, carry)
     o = out.outputs
     result = GenerateOutput(o.tokens, out.s.lengths, o.logprobs_raw, o.logprobs_processed, out.s.finish,
@@ -279,7 +299,7 @@ def speculative_generate(model: LanguageModel, prompt_tokens: jax.Array, prompt_
                          keys: jax.Array, *, max_new_tokens: int, draft: Any,
                          num_draft_tokens: int = 4, sampler: Chain | None = None, stop_ids: Sequence[int] = (),
                          pad_id: int = 0, n: int = 1, top_logprobs: int = 0,
-                         prompt_logprobs: bool = False) -> SpeculativeOutput:
+                         prompt_logprobs: bool = False, memory_limit: float | None = None) -> SpeculativeOutput:
     """`generate` with exact speculative decoding: same output distribution, fewer target calls.
 
     Each round the draft proposes `num_draft_tokens` (k) tokens per row, the target
@@ -299,7 +319,7 @@ def speculative_generate(model: LanguageModel, prompt_tokens: jax.Array, prompt_
         `model`), `PromptLookup(max_ngram)`, an `NGramDraft` table built for the
         target's vocabulary, or any object implementing the draft protocol
         (`start`, `propose`: :mod:`jaxsample._decoding.drafts`).
-      num_draft_tokens: k >= 1, static.
+      num_draft_tokens: k in [1, MAX_DRAFT_TOKENS = 64], static.
       sampler: a `Chain` (None: greedy); applied to the target's and the draft's logits
         with the same keys and state updates. Stateful processors are initialised with
         `max_new_tokens=N + k + 1` (room for the drafted tokens of the last round).
@@ -317,12 +337,14 @@ def speculative_generate(model: LanguageModel, prompt_tokens: jax.Array, prompt_
       prompt_logprobs: static, as in `generate`: the raw log-prob of every prompt token
         given its prefix ([B, P], one row per prompt), from the target's prefill (the
         target needs `prefill_all`).
+      memory_limit: as in `generate` (the target's cache holds P + N + k + 1 positions;
+        a model draft's cache is not counted).
 
     Returns:
       `SpeculativeOutput(output, stats)`: `output` is the `GenerateOutput` of `generate`
       (tokens, lengths, raw and processed log-probs, finish reasons, top-N and prompt
       log-probs when requested; `stats` None), `stats` the per-row rounds / drafted /
-      accepted counts. `logprobs_processed` is the log-prob of each token under the
+      accepted / emitted counts (`SpeculativeStats`). `logprobs_processed` is the log-prob of each token under the
       processed target distribution p it is distributed by (the token may come from the
       draft or from the residual, but its marginal is p, as in `generate`).
 
@@ -337,12 +359,23 @@ def speculative_generate(model: LanguageModel, prompt_tokens: jax.Array, prompt_
       (1, 8)
     """
     k = _val.check_int("num_draft_tokens", num_draft_tokens, expected="an int >= 1")
+    if k > MAX_DRAFT_TOKENS:
+        raise ValueError(f"num_draft_tokens={k} exceeds the bound MAX_DRAFT_TOKENS="
+                         f"{MAX_DRAFT_TOKENS} (docs/limits.md): each round compiles k proposal steps and "
+                         f"scores k + 1 tokens, and acceptance falls geometrically with k")
     _check_draft(model, draft)
     prompts = core.prepare_prompts(model, prompt_tokens, prompt_lengths, max_new_tokens=max_new_tokens,
                                    stop_ids=stop_ids, pad_id=pad_id)
     sampling = core.prepare_sampling(model, keys, prompts.tokens.shape[0], sampler=sampler, n=n,
                                      top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
                                      fn="speculative_generate")
+    rows, p = int(sampling.keys.shape[0]), int(prompts.tokens.shape[1])
+    core.check_memory(model, fn="speculative_generate", max_new_tokens=prompts.max_new_tokens, rows=rows,
+                      cache_size=p + prompts.max_new_tokens + k + 1, width=prompts.max_new_tokens,
+                      top_logprobs=sampling.top_logprobs, prompt_rows=int(prompts.tokens.shape[0]), prompt_len=p,
+                      prompt_logprobs=sampling.prompt_logprobs,
+                      extra_bytes=3 * rows * (k + 1) * model.vocab_size * 4,  # the round's logits / probabilities
+                      memory_limit=memory_limit)
     run = _jitted(not core.is_pytree(model), not core.is_pytree(draft))
     return run(model, draft, prompts.tokens, prompts.lengths, sampling.keys, sampling.sampler, prompts.stops,
                prompts.pad_id, max_new_tokens=prompts.max_new_tokens, k=k, n=sampling.n,

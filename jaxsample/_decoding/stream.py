@@ -22,7 +22,7 @@ def generate_stream(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengt
                     *, max_new_tokens: int, chunk_size: int = 16, sampler: Chain | None = None,
                     stop_ids: Sequence[int] = (), pad_id: int = 0, cache_size: int | None = None, n: int = 1,
                     top_logprobs: int = 0, prompt_logprobs: bool = False, sample_fn: Callable = sample_step,
-                    return_stats: bool = False) -> Iterator[StreamChunk]:
+                    return_stats: bool = False, memory_limit: float | None = None) -> Iterator[StreamChunk]:
     """Like `generate`, but yields the tokens chunk by chunk while they are produced.
 
     The first chunk is generated index 0 alone (right after the prefill: the first
@@ -36,7 +36,8 @@ def generate_stream(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengt
 
     Args:
       model, prompt_tokens, prompt_lengths, keys, max_new_tokens, sampler, stop_ids,
-        pad_id, cache_size, n, top_logprobs, prompt_logprobs, sample_fn, return_stats:
+        pad_id, cache_size, n, top_logprobs, prompt_logprobs, sample_fn, return_stats,
+        memory_limit:
         as for `generate`, with the same meaning and layout per chunk.
       chunk_size: C, static: decode steps per chunk (larger: fewer host round trips).
 
@@ -61,7 +62,8 @@ def generate_stream(model: LanguageModel, prompt_tokens: jax.Array, prompt_lengt
     args, static = prepare_generate(model, prompt_tokens, prompt_lengths, keys, max_new_tokens=max_new_tokens,
                                     sampler=sampler, stop_ids=stop_ids, pad_id=pad_id, cache_size=cache_size, n=n,
                                     top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
-                                    sample_fn=sample_fn, fn="generate_stream")
+                                    sample_fn=sample_fn, fn="generate_stream", return_stats=return_stats,
+                                    memory_limit=memory_limit)
     return _stream(model, args, static, int(chunk_size), bool(return_stats))
 
 
