@@ -309,7 +309,7 @@ PRESETS: dict[str, DecoderConfig] = {
     # The model shipped in models/checkpoints/shakespeare (byte-level, trained on CPU).
     "shakespeare": DecoderConfig(vocab_size=BYTE_VOCAB_SIZE, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4,
                                  head_dim=64, d_ff=768, max_seq_len=512),
-    # Llama-shaped 110M for benchmarks (the shape in shared/ANCHORS.md).
+    # Llama-shaped 110M for benchmarks (the Llama-110M shape of the peers' published benchmarks).
     "llama-110m": DecoderConfig(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
                                 head_dim=64, d_ff=2048, max_seq_len=2048, dtype="bfloat16"),
 }

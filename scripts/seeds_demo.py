@@ -1,4 +1,4 @@
-"""The seeds' worked example (SAMPLING.md), computed with jaxsample.
+"""The seeds' worked example (docs/sampling.md), computed with jaxsample.
 
 "Today's weather is so ___" with six candidate tokens and their logits. Prints the
 distribution under several temperatures, top-k for every k, top-p 0.5 / 0.9, min-p,

@@ -1,6 +1,6 @@
 """Independent NumPy reference for the filters (float64, one row at a time, plain loops).
 
-Written straight from shared/SAMPLING.md, sharing no code with jaxsample. Each
+Written straight from docs/sampling.md, sharing no code with jaxsample. Each
 ``*_row`` function takes one row ``x`` (float64, ``-inf`` allowed) and a scalar value,
 and returns ``(out, margin)``: the filtered row (removed tokens ``-inf``, kept ones
 unchanged) and how far the decision was from a boundary (``inf`` when no rounding can

@@ -289,7 +289,7 @@ def test_top_k_zero_is_off_not_greedy():
 def test_typical_p_keeps_most_typical_tokens():
     x = jnp.log(jnp.array([0.4, 0.3, 0.2, 0.1]))
     # H = 1.2799; |surprisal - H| = [.36, .08, .33, 1.02]: typical set for 0.5 is {0.3, 0.2};
-    # the arg-max is not forced in (SAMPLING.md, transformers' TypicalLogitsWarper)
+    # the arg-max is not forced in (docs/sampling.md, transformers' TypicalLogitsWarper)
     assert finite(js.typical_p(x, 0.5)) == [False, True, True, False]
     assert finite(js.typical_p(x, 0.25)) == [False, True, False, False]
     # min_tokens_to_keep counts in typicality order: 0.3, then 0.2, then 0.4

@@ -20,7 +20,7 @@ NEG = -np.inf
 
 
 # ----------------------------------------------------------------------------- references
-# Plain Python / NumPy (float64), one row at a time, straight from SAMPLING.md and the
+# Plain Python / NumPy (float64), one row at a time, straight from docs/sampling.md and the
 # named systems' sources. ``ctx`` is the row's context (prompt + output) as a list.
 
 

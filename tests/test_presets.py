@@ -13,7 +13,7 @@ import pytest
 import jaxsample as js
 from helpers import load_script
 
-SEEDS = np.array([[1.2, 2.0, 3.5, 3.0, 1.8, 1.0]], np.float32)  # SAMPLING.md's worked example
+SEEDS = np.array([[1.2, 2.0, 3.5, 3.0, 1.8, 1.0]], np.float32)  # docs/sampling.md's worked example
 WORDS = ("wonderful", "cloudy", "nice", "hot", "gloomy", "delicious")
 
 
@@ -83,7 +83,7 @@ def test_preset_chain_dispatch_and_errors():
 
 def test_temperature_first_or_last_changes_truncations():
     """transformers/vLLM apply temperature before the truncations, llama.cpp after."""
-    # top-p 0.9 at T = 0.5 (SAMPLING.md): after temperature {nice, hot}; before it, 4 words
+    # top-p 0.9 at T = 0.5 (docs/sampling.md): after temperature {nice, hot}; before it, 4 words
     assert kept(js.transformers_chain(temperature=0.5, top_p=0.9, prune=True)(SEEDS)) == {"nice", "hot"}
     assert kept(js.llamacpp_chain(temperature=0.5, top_p=0.9, prune=True)(SEEDS)) == {"nice", "hot", "cloudy", "gloomy"}
     # min-p 0.2 at T = 2: after temperature the threshold is 0.2 * 0.3047 and all 6 stay;

@@ -1,4 +1,4 @@
-"""The seeds' worked example from SAMPLING.md, as a golden test."""
+"""The seeds' worked example from docs/sampling.md, as a golden test."""
 
 
 import jax
@@ -13,7 +13,7 @@ WORDS = ("wonderful", "cloudy", "nice", "hot", "gloomy", "delicious")
 LOGITS = jnp.array([1.2, 2.0, 3.5, 3.0, 1.8, 1.0], jnp.float32)
 NICE = WORDS.index("nice")
 
-# SAMPLING.md, softmax(x / T) to 4 decimals.
+# docs/sampling.md, softmax(x / T) to 4 decimals.
 TABLE = {
     0.1: [0.0000, 0.0000, 0.9933, 0.0067, 0.0000, 0.0000],
     0.5: [0.0068, 0.0339, 0.6813, 0.2506, 0.0227, 0.0046],

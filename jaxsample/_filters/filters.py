@@ -1,6 +1,6 @@
 """Logit filters: pure functions ``logits[..., V] -> logits[..., V]``.
 
-Conventions (the contract is ``shared/SAMPLING.md``):
+Conventions (the contract is ``docs/sampling.md``):
 
 * Same shape and dtype out as in; only the last axis is touched, so every filter works
   on one row, on a batch, under ``jit``, ``vmap`` and ``lax.scan``. Work is done in
@@ -371,7 +371,7 @@ def typical_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -
     keep the smallest set of lowest-score tokens whose mass reaches ``p`` (ties in
     score kept), as in transformers' ``TypicalLogitsWarper``. ``min_tokens_to_keep``
     counts in the same order: the ``m`` most *typical* tokens (lowest score, ties kept)
-    always survive; the arg-max is not forced in (SAMPLING.md). ``p = 1`` is the
+    always survive; the arg-max is not forced in (docs/sampling.md). ``p = 1`` is the
     identity.
 
     Args:

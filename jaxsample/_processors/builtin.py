@@ -230,7 +230,7 @@ def default_chain(
     """The documented default order: ``temperature -> top_k -> top_p -> min_p``.
 
     This is the order of transformers and vLLM. The full documented order
-    (SAMPLING.md) is: masks and biases -> penalties -> temperature -> top_k -> top_p
+    (docs/sampling.md) is: masks and biases -> penalties -> temperature -> top_k -> top_p
     -> min_p (and the other truncations) -> sample; masks, biases and penalties, when
     wanted, go in front, e.g. ``chain(BanTokens(ids), default_chain(top_p=0.9))``
     (chains nest). Every stage is always present, with its disabled value by default,

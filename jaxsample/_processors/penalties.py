@@ -2,7 +2,7 @@
 
 Every class here is a :class:`jaxsample.LogitsProcessor` pytree (values are traced
 leaves: changing one never recompiles; only shapes and ``static`` options are part of
-the structure). Semantics follow ``shared/SAMPLING.md`` ("History-aware penalties",
+the structure). Semantics follow ``docs/sampling.md`` ("History-aware penalties",
 "Adaptive and stochastic filters"); each docstring names the system it matches.
 
 State. A processor that needs the tokens so far keeps a :class:`History` per row: a

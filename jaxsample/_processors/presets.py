@@ -161,7 +161,7 @@ def full_chain(
     min_tokens_to_keep: int = 1,
     prune: bool = False,
 ) -> Chain:
-    """Every method, in the documented default order (SAMPLING.md).
+    """Every method, in the documented default order (docs/sampling.md).
 
     Order: logit bias -> allowed tokens -> bad words -> min_new_tokens -> repetition
     penalty -> presence/frequency penalties -> no-repeat n-gram -> DRY -> (dynamic)

@@ -16,7 +16,7 @@
   256-token segment, for the draw).
 
 Why a kernel: on a GPU, XLA evaluates "mass above 15 candidates" as a ``[R, 15, V]``
-compare-and-reduce that costs 4-5 reads of the logits (shared/ANCHORS.md), while a
+compare-and-reduce that costs 4-5 reads of the logits (the peers' published costs, docs/benchmarks.md), while a
 program that holds a block of the row in registers evaluates the 15 candidates for the
 price of one read. Rows are split over programs along the vocabulary (grid
 ``[R, ceil(V / block)]``), so a batch of one still fills the GPU.

@@ -22,7 +22,7 @@ never gathers the ``[B, V]`` logits onto one device:
   noise of a token does not depend on which device holds it, so the token drawn does
   not depend on the number of shards.
 
-Every set is defined as in ``shared/SAMPLING.md`` (thresholds, ties kept, at least
+Every set is defined as in ``docs/sampling.md`` (thresholds, ties kept, at least
 ``min_tokens_to_keep`` tokens), so the sharded filters keep the same tokens as
 `jaxsample.top_k`, `jaxsample.top_p`, ... One caveat for the mass-based filters
 (top-p, typical-p): the running mass is a float32 sum whose order differs from the
