@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import itertools
+import json
 import math
 import os
 import re
@@ -480,3 +481,18 @@ def eqns(jaxpr, into_kernels=True):
                     yield from eqns(sub.jaxpr, into_kernels)
                 elif isinstance(sub, jax.extend.core.Jaxpr):
                     yield from eqns(sub, into_kernels)
+
+
+# ----------------------------------------------------------------------------- tokenizer files
+
+BPE_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3 of the `tokenizer_file` fixture's BPE
+BPE_TEXTS = ["To be, or not to be: that is the question.", "天气 nice 🙂", "a"]
+
+
+def checkpoint_dir(tmp_path, tokenizer_file, config=None, tokenizer_config=None):
+    (tmp_path / "tokenizer.json").write_bytes(tokenizer_file.read_bytes())
+    if config is not None:
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    if tokenizer_config is not None:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return str(tmp_path)

@@ -12,33 +12,7 @@ from models import HFTokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
 
-SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
-TEXTS = ["To be, or not to be: that is the question.", "天气 nice 🙂", "a"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_file(tmp_path_factory):
-    """A small byte-level BPE trained on a few lines; ids 0..3 are the special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TEXTS * 20, trainer)
-    folder = tmp_path_factory.mktemp("hf")
-    tok.save(str(folder / "tokenizer.json"))
-    return folder / "tokenizer.json"
-
-
-def checkpoint_dir(tmp_path, tokenizer_file, config=None, tokenizer_config=None):
-    (tmp_path / "tokenizer.json").write_bytes(tokenizer_file.read_bytes())
-    if config is not None:
-        (tmp_path / "config.json").write_text(json.dumps(config))
-    if tokenizer_config is not None:
-        (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-    return str(tmp_path)
+from helpers import BPE_SPECIALS as SPECIALS, BPE_TEXTS as TEXTS, checkpoint_dir  # noqa: E402,F401
 
 
 def test_round_trip_and_ids_match_the_tokenizers_library(tmp_path, tokenizer_file):

@@ -370,7 +370,7 @@ def test_save_model_swap_survives_a_kill_at_every_step(tmp_path):
 
 # ----------------------------------------------------------------------------- tokenizer files and templates
 
-from test_hf_tokenizer import checkpoint_dir, tokenizer_file  # noqa: E402,F401  (tokenizer_file: a fixture)
+from helpers import checkpoint_dir  # noqa: E402
 
 
 @pytest.mark.parametrize("content", [b"\x00\xffgarbage", b'{"version": "1.0", "model": {"type": "Quantum"}}',
