@@ -265,7 +265,7 @@ class Worker:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(shared_dir() / "maskbench" / "data"),
                    help="folder of MaskBench schema files (default: ../shared/maskbench/data)")
     p.add_argument("--limit", type=int, default=None, help="only the first N files (after --every)")
