@@ -104,7 +104,7 @@ def test_float16_gets_16_bit_keys_on_every_path():
         fused = jax.make_jaxpr(lambda x: _fused.fused_default_step(
             chain, x, jax.random.split(jax.random.key(0), 4))[:3])(x)
         for jaxpr, want in ((kth, 4), (fused, 2 + 2 * 4)):
-            calls = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "pallas_call"]
+            calls = [e for e in eqns(jaxpr.jaxpr) if e.primitive.name == "pallas_call"]
             assert len(calls) == want, (dtype, len(calls))
 
 
@@ -314,7 +314,7 @@ def test_both_switch_positions_trace_on_cpu(switch):
     x = jnp.zeros((4, 128), jnp.bfloat16)
     for on in (True, False):
         with js.use_kernels(on):
-            prims = {e.primitive.name for e in _eqns(jax.make_jaxpr(lambda x: js.top_p(x, 0.8))(x).jaxpr)}
+            prims = {e.primitive.name for e in eqns(jax.make_jaxpr(lambda x: js.top_p(x, 0.8))(x).jaxpr)}
             assert ("pallas_call" in prims) == on, on
 
 
@@ -325,7 +325,7 @@ def test_both_switch_positions_give_the_same_samples_on_cpu(switch):
     of jit's cache key (one jitted function, traced once per position)."""
     step, args = _switch_program()
     with js.use_kernels(True):
-        assert "pallas_call" in {e.primitive.name for e in _eqns(jax.make_jaxpr(step)(*args).jaxpr)}
+        assert "pallas_call" in {e.primitive.name for e in eqns(jax.make_jaxpr(step)(*args).jaxpr)}
     traces = []
     jitted = jax.jit(lambda *a: (traces.append(1), step(*a))[1])
     results = {on: (js.use_kernels(on), jitted(*args))[1] for on in (True, False)}
@@ -348,7 +348,7 @@ def test_kernel_path_exports_for_cuda_by_the_switch(switch, monkeypatch):
     counts = {}
     for on in (True, False):  # ("auto" is "on" on a GPU: test_switch_positions_choose_the_plan)
         with js.use_kernels(on):
-            counts[on] = _export_cuda(fn, *shapes).count(_TRITON)
+            counts[on] = export_cuda(fn, *shapes).count(TRITON)
     # the fused step: stats + 4 top-k digits (they skip) + 4 top-p digits (rows of 512 are
     # drawn whole); top_p: 4 digits
     assert counts == {True: 1 + 2 * 4 + 4, False: 0}, counts
