@@ -14,13 +14,13 @@ Contents:
   `ExtendTableModel` (+ ``extend``), `CountingTableModel` (counts executed decode steps),
   `StaticTableModel` (hashable, not a pytree), with the factories `table_model` and
   `bigram`; `PlusOneModel` (always predicts last + 1); `make_hf_llama` (a small random
-  transformers Llama); `count_prefill_traces` (a copy of a
-  pytree model that records each trace of ``prefill``).
+  transformers Llama); `count_prefill_traces` (a copy of a pytree model that records each
+  trace of ``prefill``).
 * speculative decoding: the ragged prompts `LOOKUP_PROMPTS` / `LOOKUP_LENGTHS`,
   `exact_distribution` (a chain's exact distribution over every sequence) and `chi_square`.
-* selection: `adversarial` logits, the filter table `FILTER_CASES`, per-row `per_row_k` / `per_row_p`, `mass_margin`,
-  `REL_MARGIN`, the threshold assertions and `assert_filter_matches_reference`; `grid`
-  (a parameter matrix whose off-grid cases are slow).
+* selection: `adversarial` logits, the filter table `FILTER_CASES`, per-row `per_row_k` /
+  `per_row_p`, `mass_margin`, `REL_MARGIN`, the threshold assertions and
+  `assert_filter_matches_reference`; `grid` (a parameter matrix whose off-grid cases are slow).
 * compiled programs: `compiles` (a trace counter), the Pallas interpreter plan
   `INTERPRET_KERNEL_PLAN`, `DTYPES`, `eqns` (every equation of a jaxpr) and
   `export_cuda` (the real Triton lowering, run on CPU).
