@@ -199,29 +199,12 @@ def test_cli_num_draft_tokens_is_bounded(capsys):
 # ----------------------------------------------------------------------------- beam search
 
 
-class _Bigram:
-    """A hashable toy model (static, not a pytree): the next token's logits given the last."""
-
-    def __init__(self, table):
-        self.table, self.vocab_size = jnp.asarray(table, jnp.float32), table.shape[0]
-
-    def init_cache(self, batch_size, max_len):
-        return jnp.zeros((batch_size,), jnp.int32)
-
-    def prefill(self, tokens, lengths, cache):
-        last = tokens[jnp.arange(tokens.shape[0]), lengths - 1]
-        return self.table[last], last
-
-    def decode(self, tokens, positions, cache):
-        return self.table[tokens], tokens
-
-
 def test_beam_search_marks_filler_hypotheses():
     """Vocabulary 4, stop id 3, 2 new tokens: exactly 13 distinct hypotheses exist ([3] and
     the 12 [a, b] with a != 3). With 16 beams the other 3 slots are filler (score -1e9 +
     ...), printed before as real rows; `valid` says which are real."""
     v, eos = 4, 3
-    model = _Bigram(np.random.default_rng(0).normal(size=(v, v)))
+    model = StaticTableModel(np.random.default_rng(0).normal(size=(v, v)))
     out = js.beam_search(model, jnp.array([[0, 1]]), jnp.array([2]), num_beams=16, max_new_tokens=2,
                          num_return_sequences=16, stop_ids=[eos], early_stopping="never")
     valid = np.asarray(out.valid[0])
@@ -370,7 +353,7 @@ def test_save_model_swap_survives_a_kill_at_every_step(tmp_path):
 
 # ----------------------------------------------------------------------------- tokenizer files and templates
 
-from helpers import checkpoint_dir  # noqa: E402
+from helpers import StaticTableModel, checkpoint_dir  # noqa: E402
 
 
 @pytest.mark.parametrize("content", [b"\x00\xffgarbage", b'{"version": "1.0", "model": {"type": "Quantum"}}',
