@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import shutil
 import sys
 import tempfile
@@ -102,15 +103,6 @@ def pytest_collection_modifyitems(config, items):
 def tokenizer_file(tmp_path_factory):
     """A small byte-level BPE trained on a few lines; ids 0..3 are the special tokens."""
     pytest.importorskip("tokenizers")
-    from helpers import BPE_SPECIALS, BPE_TEXTS
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from helpers import BPE_TEXTS, train_bpe
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=BPE_SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(BPE_TEXTS * 20, trainer)
-    folder = tmp_path_factory.mktemp("hf")
-    tok.save(str(folder / "tokenizer.json"))
-    return folder / "tokenizer.json"
+    return pathlib.Path(train_bpe(tmp_path_factory.mktemp("hf"), BPE_TEXTS * 20, 400))

@@ -496,3 +496,19 @@ def checkpoint_dir(tmp_path, tokenizer_file, config=None, tokenizer_config=None)
     if tokenizer_config is not None:
         (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     return str(tmp_path)
+
+
+def train_bpe(folder, texts, vocab_size: int) -> str:
+    """A byte-level BPE `tokenizer.json` trained on ``texts`` in ``folder`` (ids 0..3:
+    `BPE_SPECIALS`); returns its path."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=BPE_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    path = os.path.join(str(folder), "tokenizer.json")
+    tok.save(path)
+    return path

@@ -21,6 +21,7 @@ jsonschema = pytest.importorskip("jsonschema", reason="needs pip install '.[test
 import jaxsample as js  # noqa: E402
 from jaxsample._constraints import structured as _structured  # noqa: E402
 from helpers import load_script  # noqa: E402
+from helpers import train_bpe  # noqa: E402
 from models import ByteTokenizer, DecoderLM, HFTokenizer, load_pretrained, preset, save_model  # noqa: E402
 
 TOK = ByteTokenizer()
@@ -101,19 +102,11 @@ def tiny_lm():
 def hf_tok(tmp_path_factory):
     """A locally trained byte-level BPE (multi-byte tokens with digits, quotes, braces)."""
     pytest.importorskip("tokenizers")
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     texts = ['{"name": "Romeo", "scores": [12, 7], "address": {"city": "Verona", "zip": "37121"}}',
              "2024-01-31, 1999-12-01, -12.5, 3.25, 100", "yes no perchance nay, my lord",
              "To be, or not to be: that is the question. 天气 nice"]
-    tok.train_from_iterator(texts * 30, trainer)
     folder = tmp_path_factory.mktemp("hf")
-    tok.save(str(folder / "tokenizer.json"))
+    train_bpe(folder, texts * 30, 600)
     (folder / "config.json").write_text(json.dumps(dict(bos_token_id=1, eos_token_id=2, pad_token_id=3)))
     return HFTokenizer(str(folder))
 

@@ -298,17 +298,7 @@ class _NFA:
             for k, row in enumerate(table):
                 if accept[k]:
                     self.eps[states[k]].append(end)
-                byte = 0
-                while byte < 256:
-                    t = row[byte]
-                    if t < 0:
-                        byte += 1
-                        continue
-                    e = byte
-                    while e + 1 < 256 and row[e + 1] == t:
-                        e += 1
-                    self.moves[states[k]].append((byte, e, states[t]))
-                    byte = e + 1
+                self.moves[states[k]].extend((lo, hi, states[t]) for lo, hi, t in _row_runs(row))
             return end
         if kind == "seq":
             return self._seq(node, start)
@@ -401,37 +391,29 @@ class _NFA:
             if da.accept[sa] and (acc_b if kind == "and" else not acc_b):
                 self.eps[states[k]].append(end)
             row = rows[k]
-            byte = 0
-            while byte < 256:
-                t = row[byte]
-                if t < 0:
-                    byte += 1
-                    continue
-                e = byte
-                while e + 1 < 256 and row[e + 1] == t:
-                    e += 1
-                self.moves[states[k]].append((byte, e, states[t]))
-                byte = e + 1
+            self.moves[states[k]].extend((lo, hi, states[t]) for lo, hi, t in _row_runs(row))
         return end
+
+
+def _row_runs(row) -> list[tuple[int, int, int]]:
+    """One state's 256 targets (-1: dead) as (byte lo, byte hi, target) runs."""
+    runs, byte = [], 0
+    while byte < 256:
+        t = row[byte]
+        if t < 0:
+            byte += 1
+            continue
+        e = byte
+        while e + 1 < 256 and row[e + 1] == t:
+            e += 1
+        runs.append((byte, e, t))
+        byte = e + 1
+    return runs
 
 
 def _range_moves(table: np.ndarray) -> list[list[tuple[int, int, int]]]:
     """A DFA table as per-state (byte lo, byte hi, target) runs."""
-    out = []
-    for row in table.tolist():
-        ms, byte = [], 0
-        while byte < 256:
-            t = row[byte]
-            if t < 0:
-                byte += 1
-                continue
-            e = byte
-            while e + 1 < 256 and row[e + 1] == t:
-                e += 1
-            ms.append((byte, e, t))
-            byte = e + 1
-        out.append(ms)
-    return out
+    return [_row_runs(row) for row in table.tolist()]
 
 
 class DFA:
