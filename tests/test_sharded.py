@@ -211,6 +211,8 @@ def _generate_checks(part, times, t_start):
             "tokens_sharding": str(out.tokens.sharding.spec),
             "padded_vocab": slm.vocab_size,
         }
+        if shape == (2, 4):  # the memory estimate is per device for a sharded model
+            results["memory"] = {name: _memory_parts(m, batch, plen + new) for name, m in (("one", lm), ("mesh", slm))}
         if shape == (2, 4):  # the whole compiled loop: which arrays cross devices
             results["hlo_generate"] = _generate_collectives(slm, prompts, lengths, keys, chain, new)
         if shape == (2, 4):  # the default greedy sampler (sampler=None) on a 2-D mesh
@@ -226,6 +228,18 @@ def _generate_checks(part, times, t_start):
         results["families"] = _family_checks(prompts, lengths, keys, new)
         times["families"] = time.time() - t_start
     return results
+
+
+def _memory_parts(model, rows, cache_size):
+    """`check_memory`'s estimate by part (a limit of 1 byte refuses, carrying the parts)."""
+    from jaxsample._decoding import core
+
+    try:
+        core.check_memory(model, fn="test", max_new_tokens=1, rows=rows, cache_size=cache_size, width=1,
+                          memory_limit=1)
+    except js.MemoryLimitError as e:
+        return e.parts
+    raise AssertionError("a 1-byte limit was not refused")
 
 
 def _family_checks(prompts, lengths, keys, new):
@@ -343,6 +357,15 @@ def test_sharded_generate_same_tokens_as_one_device(request, mesh):
 def test_sharded_generate_default_greedy(device_results):
     assert device_results["greedy_default_equal"]
     assert device_results["generate_top_logprobs_equal"]
+
+
+def test_memory_estimate_of_a_sharded_model_is_per_device(device_results):
+    """On the 2x4 mesh each device holds a quarter of the big weights (norms replicated)
+    and an eighth of the cache, so the estimate that `sharded_generate` checks against one
+    device's memory is per device (before: the whole model against one device)."""
+    one, mesh = device_results["memory"]["one"], device_results["memory"]["mesh"]
+    assert 3.0 < one["weights"] / mesh["weights"] <= 4.0, (one, mesh)
+    assert mesh["KV cache"] == one["KV cache"] // 8, (one, mesh)
 
 
 def test_generate_loop_hlo_has_only_all_reduces(device_results):
