@@ -56,6 +56,57 @@ class NotRegular(ValueError):
     """The schema is fine but its language is not regular (a recursive reference)."""
 
 
+class TooBig(ValueError):
+    """The schema's automaton would be too large for the device (an estimate, before any build)."""
+
+
+#: Subschema compilations after which :func:`schema_node` gives up with :class:`TooBig`
+#: when a budget is asked for (the schemas that stay on device need a few dozen).
+MAX_SUBSCHEMAS = 2_000
+
+
+def cost(node: tuple) -> int:
+    """Estimated NFA states of an AST (linear in its distinct nodes; shared nodes counted once each use).
+
+    An upper-side estimate of the DFA the build will make, cheap enough to decide before
+    building: literals cost their length, sets 2, repetitions their body times the bound,
+    a product (``and`` / ``diff``) the product of its sides over 4, JSON object members
+    their items times the counting phases (docs/structured.md, MaskBench).
+    """
+    memo: dict[int, int] = {}
+
+    def go(n: tuple) -> int:
+        got = memo.get(id(n))
+        if got is not None:
+            return got
+        kind = n[0]
+        if kind == "lit":
+            r = len(n[1]) + 1
+        elif kind in ("set", "bytes"):
+            r = 2
+        elif kind in ("cat", "alt"):
+            r = sum(go(x) for x in n[1]) + 1
+        elif kind == "rep":
+            _, x, lo, hi = n
+            r = go(x) * max(1, hi if hi is not None else lo + 1) + 1
+        elif kind in ("and", "diff"):
+            r = go(n[1]) * max(1, go(n[2]) // 4)
+        elif kind == "dfa":
+            r = len(n[1][0])
+        elif kind == "det":
+            r = go(n[1])
+        elif kind == "seq":
+            _, items, sep, lo, hi = n
+            phases = (hi if hi is not None else lo) + 1
+            r = min(phases, len(items) + 1) * sum(go(x) + go(sep) for x, _, _ in items) + 2
+        else:
+            raise ValueError(f"cost: unknown node {kind!r}")
+        memo[id(n)] = r
+        return r
+
+    return go(node)
+
+
 # ----------------------------------------------------------------------------- JSON text pieces
 
 _ESC = {0x22: '\\"', 0x5C: "\\\\", 0x08: "\\b", 0x0C: "\\f", 0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
@@ -277,7 +328,7 @@ def _pointer(root: Any, ref: str, path: str) -> Any:
 class Compiler:
     """One schema's compiler (see the module docstring)."""
 
-    def __init__(self, root: Any, ws: tuple, check_only: bool = False):
+    def __init__(self, root: Any, ws: tuple, check_only: bool = False, budget: int | None = None):
         import jsonschema
         self.root, self.ws = root, ws
         cls = jsonschema.validators.validator_for(root if isinstance(root, dict) else {},
@@ -289,6 +340,8 @@ class Compiler:
         self.active: list[str] = []
         self._any: dict[int, tuple] = {}
         self.check_only = check_only  # a recursive $ref stands for any value: only the keywords are checked
+        self.budget = budget  # subschema compilations left before TooBig (None: no limit)
+        self.checked: set[str] = set()  # check_only: the $ref targets already checked
         self.sep = A.cat(ws, A.lit(","), ws)
         self.colon = A.cat(ws, A.lit(":"), ws)
 
@@ -316,6 +369,10 @@ class Compiler:
                     if self.check_only:
                         continue
                     raise NotRegular(f"{path}/$ref: recursive reference {ref!r}")
+                if self.check_only:  # each target's keywords are checked once (linear in the schema)
+                    if ref in self.checked:
+                        continue
+                    self.checked.add(ref)
                 refs.append(ref)
                 target = _pointer(self.root, ref, f"{path}/$ref")
                 rest = {k: v for k, v in s.items() if k != "$ref"}
@@ -337,6 +394,10 @@ class Compiler:
         return out
 
     def conj(self, parts: list) -> tuple:
+        if self.budget is not None:
+            self.budget -= 1
+            if self.budget < 0:
+                raise TooBig(f"the schema needs more than {MAX_SUBSCHEMAS} subschema compilations")
         refs: list[str] = []
         parts = self.expand(parts, refs)
         if parts is None:
@@ -913,18 +974,25 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-def schema_node(schema: Any, ws: tuple) -> tuple:
+def schema_node(schema: Any, ws: tuple, max_subschemas: int | None = None) -> tuple:
     """The AST of a schema's JSON texts (see the module docstring).
+
+    Args:
+      schema: the schema (a dict or a boolean).
+      ws: the whitespace AST between JSON tokens.
+      max_subschemas: stop with :class:`TooBig` after this many subschema compilations
+        (None: no limit).
 
     Raises:
       Unsupported: a keyword that cannot be enforced exactly (anywhere in the schema, also
         beyond a recursive reference).
       NotRegular: a recursive ``$ref`` (every keyword is supported).
+      TooBig: ``max_subschemas`` crossed.
     """
     try:
-        return Compiler(schema, ws).compile()
-    except NotRegular:
-        Compiler(schema, ws, check_only=True).compile()  # Unsupported wins over NotRegular
+        return Compiler(schema, ws, budget=max_subschemas).compile()
+    except (NotRegular, TooBig):
+        Compiler(schema, ws, check_only=True).compile()  # Unsupported wins over NotRegular / TooBig
         raise
     except RecursionError:
         raise NotRegular("the schema nests too deeply for the regex compiler") from None
