@@ -22,7 +22,7 @@ from urllib.parse import unquote
 from jaxsample._constraints import automaton as A
 
 ANY_DEPTH = 2  # any-value subschemas ({} / true): nesting depth of the values written
-EXTRA_DEPTH = 1  # likewise for the values of properties allowed by an unset additionalProperties
+EXTRA_DEPTH = 2  # likewise for the values of properties allowed by an unset additionalProperties
 MAX_CASES = 64  # dependencies / uniqueItems enumerations beyond this are refused
 ALL_TYPES = frozenset({"null", "boolean", "object", "array", "string", "number", "integer"})
 _ANNOTATIONS = {"$schema", "$id", "id", "title", "description", "default", "examples", "$comment", "readOnly",
@@ -129,8 +129,6 @@ STRING = A.det(A.cat(QUOTE, A.rep(CHAR, 0, None), QUOTE))
 DIGIT = A.cset([(48, 57)])
 DIGIT19 = A.cset([(49, 57)])
 FRAC_ANY = A.opt(A.cat(A.lit("."), A.rep(DIGIT, 1, None)))
-FRAC_ZERO = A.opt(A.cat(A.lit("."), A.rep(A.lit("0"), 1, None)))
-FRAC_NONZERO = A.cat(A.lit("."), A.rep(DIGIT, 0, None), DIGIT19, A.rep(DIGIT, 0, None))
 EXP = A.opt(A.cat(A.cset([(69, 69), (101, 101)]), A.opt(A.cset([(43, 43), (45, 45)])), A.rep(DIGIT, 1, None)))
 NATURAL = A.alt(A.lit("0"), A.cat(DIGIT19, A.rep(DIGIT, 0, None)))
 INTEGER = A.cat(A.opt(A.lit("-")), NATURAL)
@@ -194,35 +192,98 @@ def integer_range(lo: int | None, hi: int | None) -> tuple:
     return A.alt(*parts)
 
 
-def _nonneg_number(low: int, low_strict: bool, up: int | None, up_strict: bool) -> tuple:
-    """Decimals y >= 0 (no exponent) with low <(=) y <(=) up; low, up integers, low >= 0."""
-    parts = []
-    i_lo = low + 1 if low_strict else low
-    i_hi = None if up is None else up - 1
-    if i_hi is None or i_lo <= i_hi:
-        parts.append(A.cat(natural_range(i_lo, i_hi), FRAC_ANY))
-    if low_strict and (up is None or up > low):
-        parts.append(A.cat(natural_range(low, low), FRAC_NONZERO))
-    if up is not None and not up_strict and (up > low or (up == low and not low_strict)):
-        parts.append(A.cat(natural_range(up, up), FRAC_ZERO))
-    return A.alt(*parts)
+def _frac_digits(x: Fraction) -> str:
+    """The decimal digits of ``x - floor(x)`` without trailing zeros (x a finite decimal)."""
+    f = x - math.floor(x)
+    out = ""
+    while f:
+        f *= 10
+        d = math.floor(f)
+        out += str(d)
+        f -= d
+    return out
 
 
-def number_range(lo: int | None, lo_x: bool, hi: int | None, hi_x: bool) -> tuple:
-    """Decimal numbers (no exponent) within integer bounds (``*_x``: exclusive)."""
+def _frac_ge(s: str, strict: bool) -> tuple[tuple, bool]:
+    """Digit strings D with 0.D >= 0.s (> when strict): (the non-empty ones, whether "" is one)."""
+    if not s:
+        return (A.rep(DIGIT, 1, None), True) if not strict else (A.cat(A.rep(DIGIT, 0, None), DIGIT19,
+                                                                         A.rep(DIGIT, 0, None)), False)
+    ne, empty = _frac_ge(s[1:], strict)
+    parts = [A.cat(A.lit(s[0]), A.opt(ne) if empty else ne)]
+    if s[0] < "9":
+        parts.append(A.cat(A.cset([(ord(s[0]) + 1, 57)]), A.rep(DIGIT, 0, None)))
+    return A.alt(*parts), False
+
+
+def _frac_le(s: str, strict: bool) -> tuple[tuple, bool]:
+    """Digit strings D with 0.D <= 0.s (< when strict): (the non-empty ones, whether "" is one)."""
+    if not s:
+        return (A.rep(A.lit("0"), 1, None), True) if not strict else (A.NOTHING, False)
+    ne, empty = _frac_le(s[1:], strict)
+    parts = [A.cat(A.lit(s[0]), A.opt(ne) if empty else ne)]
+    if s[0] > "0":
+        parts.append(A.cat(A.cset([(48, ord(s[0]) - 1)]), A.rep(DIGIT, 0, None)))
+    return A.alt(*parts), True
+
+
+def _frac(ne: tuple, empty: bool) -> tuple:
+    """The optional fraction part ``.D`` of a number text, D from one of the digit-string sets."""
+    dotted = A.cat(A.lit("."), ne)
+    return A.alt(A.EMPTY, dotted) if empty else dotted
+
+
+def _nonneg_number(low: Fraction, low_strict: bool, up: Fraction | None, up_strict: bool) -> tuple:
+    """Decimals y >= 0 (no exponent) with low <(=) y <(=) up; low >= 0, both finite decimals.
+
+    The integer part decides but at the bounds' own integer parts, where the fraction
+    digits are compared as digit strings (``_frac_ge`` / ``_frac_le``).
+    """
+    a, s = math.floor(low), _frac_digits(low)
+    if up is not None and up < low or (up == low and (low_strict or up_strict)):
+        return A.NOTHING
+    if up is None:
+        return A.alt(A.cat(natural_range(a, a), _frac(*_frac_ge(s, low_strict))),
+                     A.cat(natural_range(a + 1, None), FRAC_ANY))
+    b, t = math.floor(up), _frac_digits(up)
+    if a == b:
+        (g, ge), (l_, le) = _frac_ge(s, low_strict), _frac_le(t, up_strict)
+        return A.cat(natural_range(a, a), _frac(("and", A.det(g), A.det(l_)), ge and le))
+    return A.alt(A.cat(natural_range(a, a), _frac(*_frac_ge(s, low_strict))),
+                 A.cat(natural_range(a + 1, b - 1), FRAC_ANY),
+                 A.cat(natural_range(b, b), _frac(*_frac_le(t, up_strict))))
+
+
+#: With an exclusive bound, number texts with a fraction have at most this many digits:
+#: distinct decimals of at most 15 significant digits are distinct doubles, so a text
+#: strictly inside the bound in decimal is strictly inside it as ``jsonschema`` compares
+#: (a float), too (``0.000...01`` would round to the bound).
+STRICT_DIGITS = 15
+
+
+def _digits_cap() -> tuple:
+    """Integer texts, and fraction texts of at most STRICT_DIGITS digits in all."""
+    fracs = [A.cat(A.rep(DIGIT, k, k), A.lit("."), A.rep(DIGIT, 1, STRICT_DIGITS - k)) for k in range(1, STRICT_DIGITS)]
+    return A.cat(A.opt(A.lit("-")), A.alt(A.rep(DIGIT, 1, None), *fracs))
+
+
+def number_range(lo: Fraction | None, lo_x: bool, hi: Fraction | None, hi_x: bool) -> tuple:
+    """Decimal numbers (no exponent) within finite-decimal bounds (``*_x``: exclusive)."""
+    zero = Fraction(0)
     parts = []
     if hi is None or hi > 0 or (hi == 0 and not hi_x):
         if lo is None or lo < 0:
-            parts.append(_nonneg_number(0, False, hi, hi_x))
+            parts.append(_nonneg_number(zero, False, hi, hi_x))
         else:
             parts.append(_nonneg_number(lo, lo_x, hi, hi_x))
     if lo is None or lo < 0:  # x = -y, y > 0
         if hi is None or hi >= 0:
-            y_low, y_strict = 0, True
+            y_low, y_strict = zero, True
         else:
             y_low, y_strict = -hi, hi_x
         parts.append(A.cat(A.lit("-"), _nonneg_number(y_low, y_strict, None if lo is None else -lo, lo_x)))
-    return A.alt(*parts)
+    node = A.alt(*parts)
+    return ("and", A.det(node), A.det(_digits_cap())) if lo_x or hi_x else node
 
 
 def multiple_of(m: int) -> tuple:
@@ -300,10 +361,18 @@ def format_node(name: str) -> tuple | None:
 # ----------------------------------------------------------------------------- compiler
 
 
-def _num(x: Any, path: str, kw: str) -> Fraction:
+def _num(x: Any, path: str, kw: str, decimal: bool = False) -> Fraction:
+    """A schema number as a Fraction: a float's binary value, or (``decimal``) the decimal it is written as."""
     if isinstance(x, bool) or not isinstance(x, (int, float)) or (isinstance(x, float) and not math.isfinite(x)):
         raise Unsupported(f"{path}/{kw}", f"{kw} must be a finite number, got {x!r}")
-    return Fraction(x)
+    return Fraction(repr(x)) if decimal and isinstance(x, float) else Fraction(x)
+
+
+def _sig_digits(x: Fraction) -> int:
+    """Significant decimal digits of a finite decimal."""
+    x = abs(x)
+    whole = math.floor(x)
+    return len(((str(whole) if whole else "") + _frac_digits(x)).lstrip("0"))
 
 
 def _pointer(root: Any, ref: str, path: str) -> Any:
@@ -602,7 +671,7 @@ class Compiler:
                 v = s[kw]
                 if isinstance(v, bool):  # draft 4: a flag on minimum / maximum
                     continue
-                x = _num(v, path, kw)
+                x = _num(v, path, kw, decimal=True)  # compared with the decimal texts (number_range)
                 excl = kw.startswith("exclusive") or (self.draft4 and s.get("exclusive" + kw[0].upper() + kw[1:]) is True)
                 if "inimum" in kw:
                     if lo is None or x > lo or (x == lo and excl):
@@ -645,16 +714,19 @@ class Compiler:
             raise Unsupported(mult[0][1], "multipleOf for non-integer numbers is not supported")
         if lo is None and hi is None:
             return NUMBER
-        for b, name in ((lo, "minimum"), (hi, "maximum")):
-            if b is not None and b.denominator != 1:
-                # integer bounds are exact; a fractional bound b: numbers on the safe side of the
-                # nearest integers (those are valid), which leaves out some valid values
-                pass
-        ilo = None if lo is None else (lo if lo.denominator == 1 else Fraction(math.ceil(lo)))
-        ilo_x = lo_x if lo is not None and lo.denominator == 1 else False
-        ihi = None if hi is None else (hi if hi.denominator == 1 else Fraction(math.floor(hi)))
-        ihi_x = hi_x if hi is not None and hi.denominator == 1 else False
-        return number_range(None if ilo is None else int(ilo), ilo_x, None if ihi is None else int(ihi), ihi_x)
+        for b, x in ((lo, lo_x), (hi, hi_x)):
+            if b is not None and x and b.denominator != 1 and _sig_digits(b) > STRICT_DIGITS:
+                raise Unsupported(self._bound_path(parts), f"an exclusive bound {float(b)!r} with more than "
+                                                           f"{STRICT_DIGITS} significant digits is not supported")
+        return number_range(lo, lo_x, hi, hi_x)
+
+    @staticmethod
+    def _bound_path(parts) -> str:
+        for s, path in parts:
+            for kw in ("exclusiveMinimum", "exclusiveMaximum", "minimum", "maximum"):
+                if kw in s:
+                    return f"{path}/{kw}"
+        return parts[0][1] if parts else "#"
 
     def t_string(self, parts):
         lo, hi, pats, fmts = 0, None, [], []
