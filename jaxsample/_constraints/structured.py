@@ -475,11 +475,11 @@ def _table(node: tuple, vocab: "_Vocab", what: str, s_lim: int, t_lim: int, dfa_
 
 #: With ``host="auto"`` and llguidance installed, JSON schemas whose byte DFA needs more
 #: states than this go to the host engine (their device build would take seconds on the host CPU).
-AUTO_DEVICE_STATES = 4_000
+AUTO_DEVICE_STATES = 8_000
 #: ... and so do those whose estimated automaton (:func:`schema.cost`) is larger than this,
 #: before any build (docs/structured.md, MaskBench: every schema of the sample that builds
 #: under AUTO_DEVICE_STATES estimates below it) ...
-AUTO_DEVICE_COST = 25_000
+AUTO_DEVICE_COST = 60_000
 #: ... and those whose device build is still running after this many seconds.
 AUTO_BUILD_SECONDS = 2.0
 
