@@ -411,6 +411,8 @@ class Compiler:
         self.check_only = check_only  # a recursive $ref stands for any value: only the keywords are checked
         self.budget = budget  # subschema compilations left before TooBig (None: no limit)
         self.checked: set[str] = set()  # check_only: the $ref targets already checked
+        self.proving = 0  # inside a disjointness proof: expand every reference
+        self.disjoint: dict[int, dict] = {}  # id -> subschema whose oneOf branches are provably disjoint
         self.sep = A.cat(ws, A.lit(","), ws)
         self.colon = A.cat(ws, A.lit(":"), ws)
 
@@ -438,7 +440,7 @@ class Compiler:
                     if self.check_only:
                         continue
                     raise NotRegular(f"{path}/$ref: recursive reference {ref!r}")
-                if self.check_only:  # each target's keywords are checked once (linear in the schema)
+                if self.check_only and not self.proving:  # each target's keywords are checked once
                     if ref in self.checked:
                         continue
                     self.checked.add(ref)
@@ -490,6 +492,7 @@ class Compiler:
                     cases = [rest + [(b, f"{path}/{kw}/{j}")] for j, b in enumerate(branches)]
                     if kw == "oneOf" and len(cases) > 1:
                         self._check_disjoint(cases, f"{path}/oneOf")
+                        self._prove_alone(s, path, branches)
                     return A.alt(*(self.conj(c) for c in cases))
         for i, (s, path) in enumerate(parts):
             dep = self._dependency(s, path)
@@ -534,6 +537,13 @@ class Compiler:
         return None
 
     def _check_disjoint(self, cases: list, path: str) -> None:
+        self.proving += 1
+        try:
+            self._check_disjoint_(cases, path)
+        finally:
+            self.proving -= 1
+
+    def _check_disjoint_(self, cases: list, path: str) -> None:
         infos = []
         for c in cases:
             exp = self.expand(c, [])
@@ -560,6 +570,17 @@ class Compiler:
             raise Unsupported(path, f"oneOf branches {a} and {b} may both match one value (only oneOf with "
                                     f"branches of different types, consts or a required discriminator property "
                                     f"is supported)")
+
+    def _prove_alone(self, s: dict, path: str, branches: list) -> None:
+        """Records ``s`` in :attr:`disjoint` when its oneOf branches are disjoint next to its own keywords only."""
+        if id(s) in self.disjoint:
+            return
+        rest = ({k: v for k, v in s.items() if k != "oneOf"}, path)
+        try:
+            self._check_disjoint([[rest, (b, f"{path}/oneOf/{j}")] for j, b in enumerate(branches)], path)
+        except (Unsupported, NotRegular, TooBig):
+            return
+        self.disjoint[id(s)] = s
 
     def _discriminated(self, pa: list, pb: list) -> bool:
         """Both branches are objects with a required property whose allowed values are disjoint."""
@@ -1046,7 +1067,7 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-def schema_node(schema: Any, ws: tuple, max_subschemas: int | None = None) -> tuple:
+def schema_node(schema: Any, ws: tuple, max_subschemas: int | None = None, disjoint: dict | None = None) -> tuple:
     """The AST of a schema's JSON texts (see the module docstring).
 
     Args:
@@ -1054,6 +1075,8 @@ def schema_node(schema: Any, ws: tuple, max_subschemas: int | None = None) -> tu
       ws: the whitespace AST between JSON tokens.
       max_subschemas: stop with :class:`TooBig` after this many subschema compilations
         (None: no limit).
+      disjoint: filled with ``id -> subschema`` for the subschemas whose ``oneOf`` branches
+        are provably disjoint (there ``oneOf`` means ``anyOf``: :func:`one_of_as_any_of`).
 
     Raises:
       Unsupported: a keyword that cannot be enforced exactly (anywhere in the schema, also
@@ -1061,10 +1084,34 @@ def schema_node(schema: Any, ws: tuple, max_subschemas: int | None = None) -> tu
       NotRegular: a recursive ``$ref`` (every keyword is supported).
       TooBig: ``max_subschemas`` crossed.
     """
+    c = Compiler(schema, ws, budget=max_subschemas)
     try:
-        return Compiler(schema, ws, budget=max_subschemas).compile()
+        return c.compile()
     except (NotRegular, TooBig):
-        Compiler(schema, ws, check_only=True).compile()  # Unsupported wins over NotRegular / TooBig
+        if disjoint is not None:
+            disjoint.update(c.disjoint)
+        c = Compiler(schema, ws, check_only=True)
+        c.compile()  # Unsupported wins over NotRegular / TooBig
         raise
     except RecursionError:
         raise NotRegular("the schema nests too deeply for the regex compiler") from None
+    finally:
+        if disjoint is not None:
+            disjoint.update(c.disjoint)
+
+
+def one_of_as_any_of(schema: Any, disjoint: dict) -> Any:
+    """A copy of ``schema`` where each subschema of ``disjoint`` says ``anyOf`` for its ``oneOf``.
+
+    The same language (the branches cannot both match), for engines without ``oneOf``.
+    """
+    def go(x):
+        if isinstance(x, dict):
+            out = {k: go(v) for k, v in x.items()}
+            if id(x) in disjoint and "oneOf" in out and "anyOf" not in out:
+                out["anyOf"] = out.pop("oneOf")
+            return out
+        if isinstance(x, list):
+            return [go(v) for v in x]
+        return x
+    return go(schema)

@@ -625,18 +625,20 @@ def JSONSchema(schema: Any, tokenizer: Any, *, whitespace: str = r"[ ]?", host: 
         return hit
     auto = host == "auto" and _H.available()  # route what is slow on device to the host engine
     what = f"schema {text[:200]!r}"
+    disjoint: dict = {}  # the subschemas whose oneOf is provably an anyOf (llguidance has no oneOf)
     try:
-        node = _S.schema_node(schema, ws, _S.MAX_SUBSCHEMAS if auto else None)
+        node = _S.schema_node(schema, ws, _S.MAX_SUBSCHEMAS if auto else None, disjoint)
     except _S.Unsupported as e:
         raise ValueError(f"{fn}: cannot enforce the schema exactly: {e}") from None
     except _S.NotRegular as e:
         if host == "never":
             raise ValueError(f"{fn}: the schema is not regular ({e}); pass host='auto' with llguidance "
                              f"installed to run it on the host") from None
-        return _cached(vocab, key, _host_schema(schema, tokenizer, whitespace, fn, str(e)))
+        return _cached(vocab, key, _host_schema(_S.one_of_as_any_of(schema, disjoint), tokenizer, whitespace, fn,
+                                                str(e)))
     except _S.TooBig as e:  # only when auto: the host engine, else the device build after all
         return _cached(vocab, key, _host_or_device(
-            schema, tokenizer, whitespace, fn, str(e),
+            _S.one_of_as_any_of(schema, disjoint), tokenizer, whitespace, fn, str(e),
             lambda: _build(_S.schema_node(schema, ws), tokenizer, fn, what, max_states, max_transitions,
                            dfa_cap=_auto_cap(fn, max_states), seconds=AUTO_BUILD_SECONDS)))
 
@@ -648,13 +650,15 @@ def JSONSchema(schema: Any, tokenizer: Any, *, whitespace: str = r"[ ]?", host: 
     cost = _S.cost(node) if auto else 0
     if cost > AUTO_DEVICE_COST:
         why = f"its automaton is estimated at {cost} NFA states (more than AUTO_DEVICE_COST={AUTO_DEVICE_COST})"
-        return _cached(vocab, key, _host_or_device(schema, tokenizer, whitespace, fn, why, device))
+        return _cached(vocab, key, _host_or_device(_S.one_of_as_any_of(schema, disjoint), tokenizer, whitespace, fn,
+                                                   why, device))
     try:
         return device()
     except ValueError as e:
         if not auto or "max_" not in str(e):
             raise
-        return _cached(vocab, key, _host_schema(schema, tokenizer, whitespace, fn, str(e)))
+        return _cached(vocab, key, _host_schema(_S.one_of_as_any_of(schema, disjoint), tokenizer, whitespace, fn,
+                                                str(e)))
 
 
 def _auto_cap(fn: str, max_states) -> int:
