@@ -412,7 +412,7 @@ class Compiler:
         self.budget = budget  # subschema compilations left before TooBig (None: no limit)
         self.checked: set[str] = set()  # check_only: the $ref targets already checked
         self.proving = 0  # inside a disjointness proof: expand every reference
-        self.disjoint: dict[int, dict] = {}  # id -> subschema whose oneOf branches are provably disjoint
+        self.disjoint: dict[int, tuple] = {}  # id -> (subschema, anyOf branches equivalent to its oneOf)
         self.sep = A.cat(ws, A.lit(","), ws)
         self.colon = A.cat(ws, A.lit(":"), ws)
 
@@ -491,8 +491,14 @@ class Compiler:
                     rest = parts[:i] + [({k: v for k, v in s.items() if k != kw}, path)] + parts[i + 1:]
                     cases = [rest + [(b, f"{path}/{kw}/{j}")] for j, b in enumerate(branches)]
                     if kw == "oneOf" and len(cases) > 1:
-                        self._check_disjoint(cases, f"{path}/oneOf")
-                        self._prove_alone(s, path, branches)
+                        try:
+                            self._check_disjoint(cases, f"{path}/oneOf")
+                        except Unsupported as e:  # exactly one: each branch beside the others' negations
+                            exact = self._exactly_one(branches, f"{path}/oneOf", e)
+                            self.disjoint.setdefault(id(s), (s, exact))
+                            cases = [rest + [(b, f"{path}/oneOf/{j}")] for j, b in enumerate(exact)]
+                        else:
+                            self._prove_alone(s, path, branches)
                     return A.alt(*(self.conj(c) for c in cases))
         for i, (s, path) in enumerate(parts):
             dep = self._dependency(s, path)
@@ -571,6 +577,70 @@ class Compiler:
                                     f"branches of different types, consts or a required discriminator property "
                                     f"is supported)")
 
+    def _exactly_one(self, branches: list, path: str, why: Unsupported) -> list:
+        """``oneOf`` as ``anyOf`` of each branch with the negations of the others (raises ``why`` if not expressible)."""
+        negs = [self._negate(b, f"{path}/{j}") for j, b in enumerate(branches)]
+        if any(n is None for n in negs):
+            raise why
+        width = [len(n["anyOf"]) if isinstance(n, dict) and set(n) == {"anyOf"} else 1 for n in negs]
+        if sum(math.prod(width[:i] + width[i + 1:]) for i in range(len(branches))) > MAX_CASES:
+            raise why
+        return [{"allOf": [b] + [n for j, n in enumerate(negs) if j != i]} for i, b in enumerate(branches)]
+
+    def _negate(self, x: Any, path: str, depth: int = 0) -> Any:
+        """A schema of exactly the values ``x`` rejects, or None where this cannot say.
+
+        Types, ``required`` (some name absent), ``properties`` (some listed value
+        rejected), ``allOf`` / ``anyOf`` (De Morgan) and ``$ref``; other keywords: None.
+        """
+        if x is True or x == {}:
+            return False
+        if x is False:
+            return True
+        if not isinstance(x, dict) or depth > 8:
+            return None
+        if "$ref" in x:
+            ref = x["$ref"]
+            if not isinstance(ref, str):
+                return None
+            rest = {} if self.old_draft else {k: v for k, v in x.items() if k != "$ref"}
+            return self._negate({"allOf": [_pointer(self.root, ref, f"{path}/$ref")] + ([rest] if rest else [])},
+                                path, depth + 1)
+        alts: list = []
+        for k, v in x.items():
+            if k in _ANNOTATIONS or (k not in _CONSTRAINING and k != "allOf" and k not in _REFUSED):
+                continue  # annotations and unknown keywords assert nothing
+            if k == "type":
+                ts = {v} if isinstance(v, str) else set(v) if isinstance(v, list) else None
+                if ts is None or not ts <= ALL_TYPES or ("integer" in ts and "number" not in ts):
+                    return None
+                others = sorted(ALL_TYPES - ts - ({"integer"} if "number" in ts else set()))
+                if others:
+                    alts.append({"type": others})
+            elif k == "required" and isinstance(v, list) and all(isinstance(n, str) for n in v):
+                if v:
+                    alts.append({"type": "object", "anyOf": [{"properties": {n: False}} for n in v]})
+            elif k == "properties" and isinstance(v, dict):
+                for n, sub in v.items():
+                    neg = self._negate(sub, f"{path}/properties/{n}", depth + 1)
+                    if neg is None:
+                        return None
+                    if neg is not False:
+                        alts.append({"type": "object", "required": [n], "properties": {n: neg}})
+            elif k in ("allOf", "anyOf") and isinstance(v, list) and v:
+                negs = [self._negate(b, f"{path}/{k}/{j}", depth + 1) for j, b in enumerate(v)]
+                if any(n is None for n in negs):
+                    return None
+                if k == "allOf":
+                    alts += [n for n in negs if n is not False]
+                elif all(n is not False for n in negs):
+                    alts.append({"allOf": negs})
+            else:
+                return None
+        if not alts:
+            return False
+        return alts[0] if len(alts) == 1 else {"anyOf": alts}
+
     def _prove_alone(self, s: dict, path: str, branches: list) -> None:
         """Records ``s`` in :attr:`disjoint` when its oneOf branches are disjoint next to its own keywords only."""
         if id(s) in self.disjoint:
@@ -580,7 +650,7 @@ class Compiler:
             self._check_disjoint([[rest, (b, f"{path}/oneOf/{j}")] for j, b in enumerate(branches)], path)
         except (Unsupported, NotRegular, TooBig):
             return
-        self.disjoint[id(s)] = s
+        self.disjoint[id(s)] = (s, branches)
 
     def _discriminated(self, pa: list, pb: list) -> bool:
         """Both branches are objects with a required property whose allowed values are disjoint."""
@@ -902,6 +972,7 @@ class Compiler:
                 raise Unsupported(f"{path}/patternProperties", "patternProperties must be an object")
         if required & absent:
             return A.NOTHING
+        names += [k for k in sorted(absent) if k not in names]  # never written, neither as an extra
         members = []
         for k in names:
             if k in absent:
@@ -1075,8 +1146,8 @@ def schema_node(schema: Any, ws: tuple, max_subschemas: int | None = None, disjo
       ws: the whitespace AST between JSON tokens.
       max_subschemas: stop with :class:`TooBig` after this many subschema compilations
         (None: no limit).
-      disjoint: filled with ``id -> subschema`` for the subschemas whose ``oneOf`` branches
-        are provably disjoint (there ``oneOf`` means ``anyOf``: :func:`one_of_as_any_of`).
+      disjoint: filled with ``id -> (subschema, branches)`` for the subschemas whose ``oneOf``
+        is the ``anyOf`` of ``branches`` (:func:`one_of_as_any_of`).
 
     Raises:
       Unsupported: a keyword that cannot be enforced exactly (anywhere in the schema, also
@@ -1103,13 +1174,19 @@ def schema_node(schema: Any, ws: tuple, max_subschemas: int | None = None, disjo
 def one_of_as_any_of(schema: Any, disjoint: dict) -> Any:
     """A copy of ``schema`` where each subschema of ``disjoint`` says ``anyOf`` for its ``oneOf``.
 
-    The same language (the branches cannot both match), for engines without ``oneOf``.
+    ``disjoint`` maps ids of subschemas to ``(subschema, branches)``: their ``oneOf`` has
+    disjoint branches, or ``branches`` are each branch beside the others' negations (in
+    plain JSON Schema). The same language, for engines without ``oneOf``.
     """
     def go(x):
         if isinstance(x, dict):
-            out = {k: go(v) for k, v in x.items()}
-            if id(x) in disjoint and "oneOf" in out and "anyOf" not in out:
-                out["anyOf"] = out.pop("oneOf")
+            out = {k: go(v) for k, v in x.items() if not (id(x) in disjoint and k == "oneOf")}
+            if id(x) in disjoint and "oneOf" in x:
+                branches = {"anyOf": [go(b) for b in disjoint[id(x)][1]]}
+                if "anyOf" in out:
+                    out["allOf"] = list(out.get("allOf", [])) + [branches]
+                else:
+                    out.update(branches)
             return out
         if isinstance(x, list):
             return [go(v) for v in x]
