@@ -820,7 +820,7 @@ class Compiler:
         return parts[0][1] if parts else "#"
 
     def t_string(self, parts):
-        lo, hi, pats, fmts = 0, None, [], []
+        lo, hi, pats = 0, None, []
         for s, path in parts:
             if "minLength" in s:
                 lo = max(lo, _count(s["minLength"], path, "minLength"))
