@@ -225,6 +225,15 @@ def test_large_schema_goes_to_the_host_engine_before_any_build(monkeypatch):
     assert c.accepts(list(text.encode())) and not c.accepts(list(text.replace('"x"', "1", 1).encode()))
 
 
+def test_build_deadline_sends_a_slow_build_to_the_host_engine(monkeypatch):
+    pytest.importorskip("llguidance")
+    from jaxsample._constraints import structured as ST
+    schema = {"type": "object", "properties": {"deadline_probe": {"type": "string", "maxLength": 3}}}
+    monkeypatch.setattr(ST, "AUTO_BUILD_SECONDS", 0.0)  # every DFA state is past the deadline
+    assert isinstance(js.JSONSchema(schema, TOK), js.HostJSONSchema)
+    assert isinstance(js.JSONSchema(schema, TOK, host="never"), js.Constraint)  # no deadline there
+
+
 def test_min_max_properties_pattern_properties_unique_items_not():
     check({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
            "minProperties": 1, "maxProperties": 1, "additionalProperties": False},
