@@ -117,6 +117,8 @@ def test_anchors_inside_patterns():
           ["xallow", "denyx", "maybe"])
     check({"type": "string", "pattern": "^[a-z]+$"}, ["abc"], ["ab1", ""])
     check({"type": "string", "pattern": "[0-9]{3}"}, ["x123y", "123"], ["12"])
+    check({"type": "string", "pattern": "^$|^a[0-9]$"}, ["", "a1", "a5"], ["x", "a", "a12", "xa1"])
+    check({"type": "string", "pattern": "[|]|^(b|c)$"}, ["|", "x|y", "b", "c"], ["bc", "a"])
     with pytest.raises(ValueError, match=r"#/properties/p/pattern.*anchor"):
         js.JSONSchema({"properties": {"p": {"type": "string", "pattern": "a(^b)"}}}, TOK, host="never")
 
@@ -198,6 +200,13 @@ def test_one_of_exactly_one_branch_by_negation():
                      {"type": "object", "properties": {"j": {"type": "object", "required": ["x"]}}, "required": ["j"]}]},
           [{"k": "s"}, {"j": {"x": 1}}, {"k": "s", "j": {}}, {"j": {"x": 1}, "k": 1}],  # listed order
           [{"k": "s", "j": {"x": 1}}, {}, {"k": 1}, 3, "s"])
+
+
+def test_one_of_closed_branch_against_a_name_the_other_requires():
+    schema = {"type": "object", "oneOf": [
+        {"properties": {"e": {"type": "object"}}, "required": ["e"], "additionalProperties": False},
+        {"properties": {"h": {"type": "string"}, "e": {}}, "required": ["h"], "additionalProperties": False}]}
+    check(schema, [{"e": {}}, {"h": "x"}, {"h": "x", "e": 1}], [{}, {"e": 1}, {"h": 1, "e": {}}, {"h": 1}, 3])
 
 
 def test_one_of_for_the_host_engine_becomes_any_of_where_exact():

@@ -361,6 +361,42 @@ def format_node(name: str) -> tuple | None:
 # ----------------------------------------------------------------------------- compiler
 
 
+def _top_alternatives(p: str) -> list[str]:
+    """``p`` split at its top-level ``|`` (outside groups, classes and escapes)."""
+    out, depth, cls, i, begin, cls_start = [], 0, False, 0, 0, 0
+    while i < len(p):
+        c = p[i]
+        if c == "\\":
+            i += 2
+            continue
+        if cls:
+            cls = c != "]" or i == cls_start  # a "]" first in a class is a member
+        elif c == "[":
+            cls, cls_start = True, i + 1 + (p[i + 1:i + 2] == "^")
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif c == "|" and depth == 0:
+            out.append(p[begin:i])
+            begin = i + 1
+        i += 1
+    return out + [p[begin:]]
+
+
+def search_pattern(p: str) -> tuple:
+    """The strings in which JSON Schema's ``pattern`` ``p`` finds a match, as JSON string content.
+
+    Each top-level alternative is searched for on its own (the same language), so that
+    anchored alternatives such as ``^$|^a$`` need no anchor inside a group.
+    """
+    alts = _top_alternatives(p)
+    if len(alts) == 1:
+        return A.parse_regex(p, search=True, char=json_char)
+    return A.alt(*(A.parse_regex(a, search=True, char=json_char) for a in alts))
+
+
+
 def _num(x: Any, path: str, kw: str, decimal: bool = False) -> Fraction:
     """A schema number as a Fraction: a float's binary value, or (``decimal``) the decimal it is written as."""
     if isinstance(x, bool) or not isinstance(x, (int, float)) or (isinstance(x, float) and not math.isfinite(x)):
@@ -571,7 +607,8 @@ class Compiler:
             fa, fb = infos[a][1], infos[b][1]
             if fa is not None and fb is not None and not any(_same(x, y) for x in fa for y in fb):
                 continue
-            if self._discriminated(infos[a][2], infos[b][2]):
+            if self._discriminated(infos[a][2], infos[b][2]) or self._closed_apart(infos[a][2], infos[b][2]) \
+                    or self._closed_apart(infos[b][2], infos[a][2]):
                 continue
             raise Unsupported(path, f"oneOf branches {a} and {b} may both match one value (only oneOf with "
                                     f"branches of different types, consts or a required discriminator property "
@@ -651,6 +688,29 @@ class Compiler:
         except (Unsupported, NotRegular, TooBig):
             return
         self.disjoint[id(s)] = (s, branches)
+
+    def _closed_apart(self, pa: list, pb: list) -> bool:
+        """Both branches take objects only, and ``pb`` requires a name that ``pa`` forbids.
+
+        ``pa`` forbids a name with ``properties: {name: false}``, or where a part with
+        ``additionalProperties: false`` neither lists it nor matches it by a pattern.
+        """
+        if _widen(self.types(pa, infer=False)) & _widen(self.types(pb, infer=False)) - {"object"}:
+            return False
+        needed = set().union(*(set(s.get("required", [])) for s, _ in pb if isinstance(s.get("required"), list)))
+        for s, _ in pa:
+            props = s.get("properties") if isinstance(s.get("properties"), dict) else {}
+            pats = s.get("patternProperties") if isinstance(s.get("patternProperties"), dict) else {}
+            for k in needed:
+                if props.get(k) is False:
+                    return True
+                if s.get("additionalProperties") is False and k not in props:
+                    try:
+                        if not any(re.search(p, k) for p in pats):
+                            return True
+                    except re.error:
+                        return False
+        return False
 
     def _discriminated(self, pa: list, pb: list) -> bool:
         """Both branches are objects with a required property whose allowed values are disjoint."""
@@ -832,7 +892,7 @@ class Compiler:
                 if not isinstance(p, str):
                     raise Unsupported(f"{path}/pattern", "pattern must be a string")
                 try:
-                    pats.append(A.det(A.parse_regex(p, search=True, char=json_char)))
+                    pats.append(A.det(search_pattern(p)))
                 except A.RegexError as e:
                     raise Unsupported(f"{path}/pattern", f"pattern {p!r}: {e}") from None
             if "format" in s:
@@ -998,7 +1058,7 @@ class Compiler:
         for s, path in obj:
             for p, ps in (s.get("patternProperties") or {}).items():
                 try:
-                    key = A.cat(QUOTE, A.parse_regex(p, search=True, char=json_char), QUOTE)
+                    key = A.cat(QUOTE, search_pattern(p), QUOTE)
                 except A.RegexError as e:
                     raise Unsupported(f"{path}/patternProperties/{p}", f"pattern {p!r}: {e}") from None
                 patterns.append((p, key, ps, f"{path}/patternProperties/{p}", s, path))
