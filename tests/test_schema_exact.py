@@ -209,6 +209,17 @@ def test_one_of_closed_branch_against_a_name_the_other_requires():
     check(schema, [{"e": {}}, {"h": "x"}, {"h": "x", "e": 1}], [{}, {"e": 1}, {"h": 1, "e": {}}, {"h": 1}, 3])
 
 
+def test_not_by_negation():
+    check({"type": "object", "properties": {"a": {"type": "integer"}}, "not": {"required": ["a"]}},
+          [{}, {"b": 1}], [{"a": 1}, 3])
+    check({"not": {"not": {"type": "object", "properties": {"a": {"type": "string"}}}}},
+          [{"a": "s"}, {}], [{"a": 1}, "s"])
+    check({"type": "object", "properties": {"a": {}}, "not": {"properties": {"a": {"type": "string"}}}},
+          [{"a": 1}, {"a": None}], [{"a": "s"}, {}])
+    with pytest.raises(ValueError, match=r"#/not: only `not`"):
+        js.JSONSchema({"type": "string", "not": {"pattern": "a"}}, TOK, host="never")
+
+
 def test_one_of_for_the_host_engine_becomes_any_of_where_exact():
     from jaxsample._constraints import schema as S
     disjoint: dict = {}

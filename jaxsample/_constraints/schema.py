@@ -547,6 +547,16 @@ class Compiler:
         finite = self.finite(parts)
         if finite is not None:
             return A.alt(*(literal(v) for v in finite))
+        for i, (s, path) in enumerate(parts):
+            n = s.get("not")
+            if "not" in s and not (isinstance(n, bool) or n == {} or (isinstance(n, dict) and "type" in n and
+                                                                      set(n) <= {"type"} | _ANNOTATIONS)):
+                neg = self._negate(n, f"{path}/not")  # not X: the schema of what X rejects
+                if neg is None:
+                    raise Unsupported(f"{path}/not", "only `not` of types, required, properties, allOf/anyOf/not of "
+                                                     "those, or of an enum/const beside a finite schema, is supported")
+                rest = ({k: v for k, v in s.items() if k != "not"}, path)
+                return self.conj(parts[:i] + [rest, (neg, f"{path}/not")] + parts[i + 1:])
         types = self.types(parts)
         nots = [(s["not"], f"{path}/not") for s, path in parts if "not" in s]
         for n, npath in nots:
@@ -628,7 +638,7 @@ class Compiler:
         """A schema of exactly the values ``x`` rejects, or None where this cannot say.
 
         Types, ``required`` (some name absent), ``properties`` (some listed value
-        rejected), ``allOf`` / ``anyOf`` (De Morgan) and ``$ref``; other keywords: None.
+        rejected), ``allOf`` / ``anyOf`` (De Morgan), ``not`` and ``$ref``; other keywords: None.
         """
         if x is True or x == {}:
             return False
@@ -664,6 +674,8 @@ class Compiler:
                         return None
                     if neg is not False:
                         alts.append({"type": "object", "required": [n], "properties": {n: neg}})
+            elif k == "not":
+                alts.append(v)  # not (not v) = v
             elif k in ("allOf", "anyOf") and isinstance(v, list) and v:
                 negs = [self._negate(b, f"{path}/{k}/{j}", depth + 1) for j, b in enumerate(v)]
                 if any(n is None for n in negs):
