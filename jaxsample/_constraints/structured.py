@@ -480,8 +480,11 @@ AUTO_DEVICE_STATES = 8_000
 #: before any build (docs/structured.md, MaskBench: every schema of the sample that builds
 #: under AUTO_DEVICE_STATES estimates below it) ...
 AUTO_DEVICE_COST = 60_000
-#: ... and those whose device build is still running after this many seconds.
+#: ... and those whose device build is still running after this many seconds ...
 AUTO_BUILD_SECONDS = 2.0
+#: ... and those whose masks (``allowed``, 4 bytes per 32 tokens per state) would need more
+#: device memory than this (a 128k-token vocabulary: about 4,200 states).
+AUTO_DEVICE_BYTES = 64 << 20
 
 
 def _build(node: tuple, tokenizer: Any, fn: str, what: str, max_states, max_transitions,
@@ -640,11 +643,11 @@ def JSONSchema(schema: Any, tokenizer: Any, *, whitespace: str = r"[ ]?", host: 
         return _cached(vocab, key, _host_or_device(
             _S.one_of_as_any_of(schema, disjoint), tokenizer, whitespace, fn, str(e),
             lambda: _build(_S.schema_node(schema, ws), tokenizer, fn, what, max_states, max_transitions,
-                           dfa_cap=_auto_cap(fn, max_states), seconds=AUTO_BUILD_SECONDS)))
+                           dfa_cap=_auto_cap(fn, max_states, vocab), seconds=AUTO_BUILD_SECONDS)))
 
     def device():
         return _build(node, tokenizer, fn, what, max_states, max_transitions, key=key[:4],
-                      dfa_cap=_auto_cap(fn, max_states) if auto else None,
+                      dfa_cap=_auto_cap(fn, max_states, vocab) if auto else None,
                       seconds=AUTO_BUILD_SECONDS if auto else None)
 
     cost = _S.cost(node) if auto else 0
@@ -661,8 +664,11 @@ def JSONSchema(schema: Any, tokenizer: Any, *, whitespace: str = r"[ ]?", host: 
                                                 str(e)))
 
 
-def _auto_cap(fn: str, max_states) -> int:
-    return min(2 * _check_limit(fn, "max_states", max_states) + 8, AUTO_DEVICE_STATES)
+def _auto_cap(fn: str, max_states, vocab: _Vocab) -> int:
+    """The byte-DFA bound of a ``host="auto"`` build: AUTO_DEVICE_STATES, fewer where the
+    vocabulary makes each state's mask row large (at most AUTO_DEVICE_BYTES of masks)."""
+    by_bytes = max(START + 1, AUTO_DEVICE_BYTES // (4 * _words(vocab.size) + 4))
+    return min(2 * _check_limit(fn, "max_states", max_states) + 8, AUTO_DEVICE_STATES, by_bytes)
 
 
 def _cached(vocab: _Vocab, key: tuple, value):
