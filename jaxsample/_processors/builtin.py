@@ -29,6 +29,7 @@ __all__ = [
     "SparseLogitBias",
     "BanTokens",
     "AllowTokens",
+    "TRUNCATIONS",
     "default_chain",
 ]
 
@@ -108,6 +109,10 @@ EtaCutoff = _truncation("EtaCutoff", "eta_cutoff",
                         ":func:`jaxsample.eta_cutoff` as a processor (``eta = 0`` disables).")
 TopNSigma = _truncation("TopNSigma", "top_n_sigma",
                         ":func:`jaxsample.top_n_sigma` as a processor (``n = inf`` disables).")
+
+#: The truncation processors by filter name (``"top_k"`` -> `TopK`), in the table's order.
+TRUNCATIONS: dict[str, type[_Truncation]] = {
+    cls.spec.name: cls for cls in (TopK, TopP, MinP, TypicalP, EpsilonCutoff, EtaCutoff, TopNSigma)}
 
 
 # ----------------------------------------------------------------------------- biases, masks
