@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import sys
 import tempfile
 import time
@@ -36,6 +35,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+import _cli  # noqa: E402
 
 def shared_dir() -> Path:
     """``../shared`` relative to the repository root (the main checkout's, from a git worktree)."""
@@ -362,10 +363,7 @@ def main(argv=None) -> int:
     if args.json_output:
         out = dict(tokenizer=tok_name, timeout_s=args.timeout, schemas=len(cases), summary=summary, results=results,
                    date=time.strftime("%Y-%m-%d"))
-        tmp = args.json_output + ".partial"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(tmp, args.json_output)
+        _cli.write_json(args.json_output, out, indent=1)
     return 0
 
 
