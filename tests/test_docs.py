@@ -731,3 +731,22 @@ def test_python_snippets_run(blocks, rule, tmp_path):
     proc = subprocess.run([sys.executable, "-c", _SNIPPET_RUNNER], input=payload, cwd=_sandbox(tmp_path),
                           env=_environment({}, rule.devices), capture_output=True, text=True, timeout=600)
     _check(proc, "the snippets at " + ", ".join(s.where for s in blocks), rule.expect)
+
+
+# ----------------------------------------------------------------------------- docstring examples
+
+_LIBRARY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jaxsample")
+_MODULES = sorted("jaxsample." + os.path.relpath(p, _LIBRARY)[:-3].replace(os.sep, ".")
+                  for p in glob.glob(os.path.join(_LIBRARY, "**", "*.py"), recursive=True)
+                  if not p.endswith("__init__.py"))
+
+
+@pytest.mark.parametrize("module", _MODULES)
+def test_library_docstring_examples_run(module):
+    """Every `Example:` in the library's docstrings runs and prints what it shows (the
+    API pages and `help()` show them to users)."""
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {module}"

@@ -317,7 +317,8 @@ def init_state(
     prompt_lengths, vocab_size)``) are called with the three arguments.
 
     Example:
-      >>> init_state(Temperature(0.5), None, None, 8, max_new_tokens=4)
+      >>> import jaxsample as js
+      >>> js.init_state(js.Temperature(0.5), None, None, 8, max_new_tokens=4)
       ()
     """
     if max_new_tokens is None or not _init_takes_max_new_tokens(type(proc)):
@@ -427,9 +428,9 @@ def stateless(fn: Callable, *, takes_key: bool | None = None) -> Stateless:
         required positional parameters).
 
     Example:
-      >>> import jax.numpy as jnp
-      >>> clip = stateless(lambda logits: jnp.clip(logits, -5.0, 5.0))
-      >>> chain(clip, Temperature(0.5))(jnp.array([1.0, 9.0]))
+      >>> import jax.numpy as jnp, jaxsample as js
+      >>> clip = js.stateless(lambda logits: jnp.clip(logits, -5.0, 5.0))
+      >>> js.chain(clip, js.Temperature(0.5))(jnp.array([1.0, 9.0]))
       Array([ 2., 10.], dtype=float32)
     """
     if not callable(fn):
@@ -453,8 +454,8 @@ class Chain(LogitsProcessor):
     ``fold_in(key, 0)`` for the draw itself.
 
     Example:
-      >>> import jax.numpy as jnp
-      >>> c = chain(Temperature(0.5), TopK(1))
+      >>> import jax.numpy as jnp, jaxsample as js
+      >>> c = js.chain(js.Temperature(0.5), js.TopK(1))
       >>> c(jnp.array([1.0, 2.0, 0.0]))
       Array([-inf,   4., -inf], dtype=float32)
     """
@@ -522,8 +523,8 @@ def chain(*processors: LogitsProcessor) -> Chain:
     """Composes processors, applied in the order given.
 
     Example:
-      >>> import jax.numpy as jnp
-      >>> chain(TopK(2), Temperature(2.0))(jnp.array([1.0, 2.0, 4.0]))
+      >>> import jax.numpy as jnp, jaxsample as js
+      >>> js.chain(js.TopK(2), js.Temperature(2.0))(jnp.array([1.0, 2.0, 4.0]))
       Array([-inf,   1.,   2.], dtype=float32)
     """
     for i, proc in enumerate(processors):

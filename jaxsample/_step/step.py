@@ -89,11 +89,11 @@ def sample_step(
     NaN or ``+inf`` gives ``-1`` whatever the filters.
 
     Example:
-      >>> import jax, jax.numpy as jnp
-      >>> c = default_chain(top_k=1)
+      >>> import jax, jax.numpy as jnp, jaxsample as js
+      >>> c = js.default_chain(top_k=1)
       >>> logits = jnp.array([[0.0, 2.0, 1.0]])
       >>> keys = jax.random.split(jax.random.key(0), 1)
-      >>> token, state, out = sample_step(c, logits, None, keys)  # stateless: no init
+      >>> token, state, out = js.sample_step(c, logits, None, keys)  # stateless: no init
       >>> token
       Array([1], dtype=int32)
     """
