@@ -25,7 +25,7 @@ try:  # Python >= 3.11
 except ImportError:  # pragma: no cover
     import sre_constants as _C
     import sre_parse as _P
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -202,20 +202,40 @@ def _utf8_aligned(lo: int, hi: int, out: list) -> None:
 
 
 class _NFA:
-    """Thompson NFA: ``eps[s]`` epsilon targets, ``moves[s]`` (byte lo, byte hi, target)."""
+    """Thompson NFA: ``eps[s]`` epsilon targets; moves as flat lists (source, byte lo, byte hi, target).
+
+    Embedded DFAs (``det``, ``dfa``, ``and``, ``diff`` nodes) are added as blocks of states
+    with their moves appended in bulk (numpy runs, no per-byte Python).
+    """
 
     def __init__(self, max_nfa: int, what: str, cache: dict | None = None):
         self.eps: list[list[int]] = []
-        self.moves: list[list[tuple[int, int, int]]] = []
+        self.m_src: list[int] = []
+        self.m_lo: list[int] = []
+        self.m_hi: list[int] = []
+        self.m_dst: list[int] = []
         self.max_nfa, self.what = max_nfa, what
-        self.cache = {} if cache is None else cache  # id(node) -> (node, range moves, accepting)
+        self.cache = {} if cache is None else cache  # id(node) -> (node, DFA)
 
     def new(self) -> int:
         if len(self.eps) >= self.max_nfa:
             raise TooLarge(self.what, "max_states", self.max_nfa, " NFA states")
         self.eps.append([])
-        self.moves.append([])
         return len(self.eps) - 1
+
+    def block(self, k: int) -> int:
+        """``k`` new states ``first .. first + k - 1``; returns ``first``."""
+        if len(self.eps) + k > self.max_nfa:
+            raise TooLarge(self.what, "max_states", self.max_nfa, " NFA states")
+        first = len(self.eps)
+        self.eps.extend([] for _ in range(k))
+        return first
+
+    def move(self, s: int, lo: int, hi: int, t: int) -> None:
+        self.m_src.append(s)
+        self.m_lo.append(lo)
+        self.m_hi.append(hi)
+        self.m_dst.append(t)
 
     def build(self, node, start: int) -> int:
         """Adds ``node`` from ``start``; returns its end state."""
@@ -224,13 +244,13 @@ class _NFA:
             s = start
             for byte in node[1]:
                 t = self.new()
-                self.moves[s].append((byte, byte, t))
+                self.move(s, byte, byte, t)
                 s = t
             return s
         if kind == "bytes":
             t = self.new()
             for a, b in node[1]:
-                self.moves[start].append((a, b, t))
+                self.move(start, a, b, t)
             return t
         if kind == "set":
             end = self.new()
@@ -276,42 +296,47 @@ class _NFA:
             self.eps[s].append(end)
             return end
         if kind in ("and", "diff"):
-            return self._product(node, start)
+            got = self.cache.get(id(node))
+            if got is None:
+                got = self.cache[id(node)] = (node, self._product(node))
+            return self._embed(got[1], start)
         if kind == "det":
             got = self.cache.get(id(node[1]))
             if got is None:
                 d = determinize(node[1], self.cache.get("__cap__", self.max_nfa), self.what, cache=self.cache)
-                got = (node[1], _range_moves(d.table), d.accept.tolist())
-                self.cache[id(node[1])] = got
-            _, moves, accept = got
-            states = [start] + [self.new() for _ in moves[1:]]
-            end = self.new()
-            for k, ms in enumerate(moves):
-                if accept[k]:
-                    self.eps[states[k]].append(end)
-                self.moves[states[k]].extend((a, b, states[t]) for a, b, t in ms)
-            return end
+                got = self.cache[id(node[1])] = (node[1], d)
+            return self._embed(got[1], start)
         if kind == "dfa":  # an explicit DFA: (rows of 256 targets or -1, accepting flags); row 0 = start
             table, accept = node[1]
-            states = [start] + [self.new() for _ in table[1:]]
-            end = self.new()
-            for k, row in enumerate(table):
-                if accept[k]:
-                    self.eps[states[k]].append(end)
-                self.moves[states[k]].extend((lo, hi, states[t]) for lo, hi, t in _row_runs(row))
-            return end
+            return self._embed(DFA(np.asarray(table, np.int64).reshape(-1, 256), np.asarray(accept, bool)), start)
         if kind == "seq":
             return self._seq(node, start)
         raise ValueError(f"unknown node {kind!r}")
+
+    def _embed(self, d: "DFA", start: int) -> int:
+        """The DFA's states as a block of NFA states (its state 0 is ``start``); returns the end state."""
+        n = d.table.shape[0]
+        first = self.block(n)  # its own start too: ``start`` may have other moves, and the DFA may return to 0
+        end = self.new()
+        self.eps[start].append(first)
+        ids = np.arange(first, first + n, dtype=np.int64)
+        s, lo, hi, t = _table_runs(d.table)
+        self.m_src.extend(ids[s].tolist())
+        self.m_lo.extend(lo.tolist())
+        self.m_hi.extend(hi.tolist())
+        self.m_dst.extend(ids[t].tolist())
+        for k in np.nonzero(d.accept)[0].tolist():
+            self.eps[int(ids[k])].append(end)
+        return end
 
     def _trie(self, trie: dict, s: int, end: int) -> None:
         for r, sub in trie.items():
             if r is None:
                 for a, b in sub:
-                    self.moves[s].append((a, b, end))
+                    self.move(s, a, b, end)
             else:
                 t = self.new()
-                self.moves[s].append((r[0], r[1], t))
+                self.move(s, r[0], r[1], t)
                 self._trie(sub, t, end)
 
     def _seq(self, node, start: int) -> int:
@@ -353,67 +378,71 @@ class _NFA:
                 self.eps[s].append(end)
         return end
 
-    def _product(self, node, start: int) -> int:
+    def _product(self, node) -> "DFA":
+        """The intersection / difference of two DFAs (a breadth-first product, one numpy step per level)."""
         kind, a, b = node
         cap = self.cache.get("__cap__", self.max_nfa)
         da = determinize(a, cap, self.what, cache=self.cache)
         db = determinize(b, cap, self.what, cache=self.cache)
-        ta = da.table
-        dead_b = db.table.shape[0]  # b's dead state as a real sink row (a diff continues through it)
+        nb = db.table.shape[0]
+        dead_b = nb  # b's dead state as a real sink row (a diff continues through it)
         tb = np.vstack([db.table, np.full((1, 256), -1, db.table.dtype)])
         tb = np.where(tb < 0, dead_b, tb)
-        acc_b_of = np.append(db.accept, False)
-        ids = {(0, 0): 0}
-        order = [(0, 0)]
-        rows = []
-        i = 0
-        while i < len(order):
-            sa, sb = order[i]
-            na, nb = ta[sa], tb[sb]
-            row = np.full(256, -1, np.int64)
-            for byte in range(256):
-                x, y = na[byte], nb[byte]
-                if x < 0 or (kind == "and" and y == dead_b):
-                    continue
-                key = (int(x), int(y))
-                if key not in ids:
-                    if len(order) >= cap:
+        acc_b = np.append(db.accept, False)
+        # byte classes that neither DFA tells apart
+        _, first, cls = np.unique(np.vstack([da.table, tb]), axis=1, return_index=True, return_inverse=True)
+        cls = cls.reshape(-1)
+        ta_c, tb_c = da.table[:, first], tb[:, first]
+        ids = {0: 0}  # key sa * (nb + 1) + sb -> product state
+        pa, pb = [0], [0]
+        rows: list[np.ndarray] = []
+        lo = 0
+        while lo < len(pa):
+            fa, fb = np.array(pa[lo:]), np.array(pb[lo:])
+            lo = len(pa)
+            x, y = ta_c[fa], tb_c[fb]
+            ok = x >= 0
+            if kind == "and":
+                ok &= y != dead_b
+            key = np.where(ok, x * (nb + 1) + y, -1)
+            for k in np.unique(key[ok]).tolist():
+                if k not in ids:
+                    if len(pa) >= cap:
                         raise TooLarge(self.what, "max_states", cap, " product states")
-                    ids[key] = len(order)
-                    order.append(key)
-                row[byte] = ids[key]
-            rows.append(row)
-            i += 1
-        states = [start] + [self.new() for _ in order[1:]]
-        end = self.new()
-        for k, (sa, sb) in enumerate(order):
-            acc_b = bool(acc_b_of[sb])
-            if da.accept[sa] and (acc_b if kind == "and" else not acc_b):
-                self.eps[states[k]].append(end)
-            row = rows[k]
-            self.moves[states[k]].extend((lo, hi, states[t]) for lo, hi, t in _row_runs(row))
-        return end
+                    ids[k] = len(pa)
+                    pa.append(k // (nb + 1))
+                    pb.append(k % (nb + 1))
+            u, inv = np.unique(key, return_inverse=True)
+            m = np.array([ids.get(k, -1) for k in u.tolist()], np.int64)
+            rows.append(m[inv.reshape(key.shape)])
+        table_c = np.concatenate(rows)
+        pa_, pb_ = np.array(pa), np.array(pb)
+        accept = da.accept[pa_] & (acc_b[pb_] if kind == "and" else ~acc_b[pb_])
+        return _finish(table_c, cls, accept)
+
+
+def _table_runs(table: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A DFA table's (state, byte lo, byte hi, target) runs of equal live targets (vectorised)."""
+    t = np.asarray(table, np.int64)
+    n = t.shape[0]
+    if n == 0:
+        e = np.zeros(0, np.int64)
+        return e, e, e, e
+    start = np.ones((n, 256), bool)
+    start[:, 1:] = t[:, 1:] != t[:, :-1]
+    s, lo = np.nonzero(start)  # row-major: runs in order
+    flat = s * 256 + lo
+    hi = np.append(flat[1:], n * 256) - 1
+    hi = np.minimum(hi, s * 256 + 255) - s * 256
+    tgt = t[s, lo]
+    keep = tgt >= 0
+    return s[keep], lo[keep], hi[keep], tgt[keep]
 
 
 def _row_runs(row) -> list[tuple[int, int, int]]:
     """One state's 256 targets (-1: dead) as (byte lo, byte hi, target) runs."""
-    runs, byte = [], 0
-    while byte < 256:
-        t = row[byte]
-        if t < 0:
-            byte += 1
-            continue
-        e = byte
-        while e + 1 < 256 and row[e + 1] == t:
-            e += 1
-        runs.append((byte, e, t))
-        byte = e + 1
-    return runs
-
-
-def _range_moves(table: np.ndarray) -> list[list[tuple[int, int, int]]]:
-    """A DFA table as per-state (byte lo, byte hi, target) runs."""
-    return [_row_runs(row) for row in table.tolist()]
+    _, lo, hi, t = _table_runs(np.asarray(row).reshape(1, 256))
+    return list(zip(lo.tolist(), hi.tolist(), t.tolist()))
 
 
 class DFA:
@@ -424,10 +453,15 @@ class DFA:
 
 
 def determinize(node, max_states: int, what: str, max_nfa: int | None = None, cache: dict | None = None) -> DFA:
-    """The DFA of ``node`` (subset construction), trimmed to states that can still accept.
+    """The minimal DFA of ``node`` (subset construction, trimmed to states that can still accept).
+
+    The subset construction runs over byte classes (bytes no move of the NFA tells apart),
+    one breadth-first level at a time: a DFA state that is one NFA state (the common case,
+    inside embedded DFAs) takes that state's row in one numpy step; a set of several
+    combines its members' rows per distinct column. The result is trimmed and minimised.
 
     Raises:
-      TooLarge: more than ``max_states`` DFA states (checked as each state is created).
+      TooLarge: more than ``max_states`` DFA states (checked after each breadth-first level).
     """
     if cache is None:  # the outermost build: its bound also caps the nested ones, and all their work
         cache = {"__cap__": max_states, "__work__": [0, 3 * max_states]}
@@ -435,82 +469,222 @@ def determinize(node, max_states: int, what: str, max_nfa: int | None = None, ca
     nfa = _NFA(max_nfa or max(4 * max_states, 1 << 20), what, cache)
     s0 = nfa.new()
     final = nfa.build(node, s0)
-    eps, moves = nfa.eps, nfa.moves
+    eps, n_nfa = nfa.eps, len(nfa.eps)
+    m_src = np.array(nfa.m_src, np.int64)
+    m_lo = np.array(nfa.m_lo, np.int64)
+    m_hi = np.array(nfa.m_hi, np.int64)
+    m_dst = np.array(nfa.m_dst, np.int64)
     # byte classes: bytes that every move treats alike
     cuts = np.zeros(257, bool)
     cuts[0] = True
-    for ms in moves:
-        for a, b, _ in ms:
-            cuts[a] = True
-            cuts[b + 1] = True
+    cuts[m_lo] = True
+    cuts[m_hi + 1] = True
     cls = np.cumsum(cuts[:256]) - 1
-    cls[cls < 0] = 0
-    ncls = int(cls.max()) + 1
-    first = np.full(ncls, 0, np.int64)
-    for byte in range(255, -1, -1):
-        first[cls[byte]] = byte
-    moves_c = [[(int(cls[a]), int(cls[b]), t) for a, b, t in ms] for ms in moves]
+    ncls = int(cls[-1]) + 1
+    # important states: with a move, or the final one; moves grouped by source (CSR)
+    important = np.zeros(n_nfa, bool)
+    important[m_src] = True
+    important[final] = True
+    order_m = np.argsort(m_src, kind="stable")
+    m_src, m_dst = m_src[order_m], m_dst[order_m]
+    m_clo, m_chi = cls[m_lo[order_m]], cls[m_hi[order_m]]
+    m_start = np.searchsorted(m_src, np.arange(n_nfa + 1))
 
-    memo: dict[int, frozenset] = {}
+    sets: list[frozenset] = []  # interned sets of important NFA states
+    sid_of: dict[frozenset, int] = {}
 
-    def one(s0: int) -> frozenset:
-        got = memo.get(s0)
-        if got is None:
-            seen = {s0}
-            stack = [s0]
-            while stack:
-                s = stack.pop()
-                for t in eps[s]:
-                    if t not in seen:
-                        seen.add(t)
-                        stack.append(t)
-            got = memo[s0] = frozenset(s for s in seen if moves[s] or s == final)
-        return got
+    def intern(fs: frozenset) -> int:
+        j = sid_of.get(fs)
+        if j is None:
+            j = sid_of[fs] = len(sets)
+            sets.append(fs)
+        return j
 
-    def closure(states) -> frozenset:
-        if len(states) == 1:
-            return one(next(iter(states)))
-        return frozenset().union(*(one(s) for s in states))
+    clos: dict[int, int] = {}  # NFA state -> set id of its closure
 
-    def _unused(states) -> frozenset:
-        seen = set(states)
-        stack = list(states)
-        while stack:
-            s = stack.pop()
-            for t in eps[s]:
-                if t not in seen:
-                    seen.add(t)
-                    stack.append(t)
-        return frozenset(s for s in seen if moves[s] or s == final)
+    def closure_id(s0: int) -> int:
+        j = clos.get(s0)
+        if j is None:
+            if not eps[s0]:
+                fs = frozenset((s0,)) if important[s0] else frozenset()
+            else:
+                seen = {s0}
+                stack = [s0]
+                while stack:
+                    s = stack.pop()
+                    for t in eps[s]:
+                        if t not in seen:
+                            seen.add(t)
+                            stack.append(t)
+                fs = frozenset(s for s in seen if important[s])
+            j = clos[s0] = intern(fs)
+        return j
 
-    start = closure([s0])
-    ids = {start: 0}
+    row_of: dict[int, np.ndarray] = {}  # important NFA state -> its row (class -> set id, -1 none)
+
+    def rows_for(states: list[int]) -> None:
+        """Rows of the given important NFA states (all at once: their moves expanded by class)."""
+        st = np.array(states, np.int64)
+        a, b = m_start[st], m_start[st + 1]
+        cnt = b - a
+        if cnt.sum() == 0:
+            for s in states:
+                row_of[s] = np.full(ncls, -1, np.int64)
+            return
+        owner = np.repeat(np.arange(st.size), cnt)
+        midx = np.repeat(a - np.cumsum(cnt) + cnt, cnt) + np.arange(int(cnt.sum()))
+        span = m_chi[midx] - m_clo[midx] + 1
+        ut, ui = np.unique(m_dst[midx], return_inverse=True)
+        tid1 = np.array([closure_id(t) for t in ut.tolist()], np.int64)[ui.reshape(-1)]
+        own2 = np.repeat(owner, span)
+        tid = np.repeat(tid1, span)
+        c2 = np.repeat(m_clo[midx] - np.cumsum(span) + span, span) + np.arange(int(span.sum()))
+        out = np.full((st.size, ncls), -1, np.int64)
+        slot = own2 * ncls + c2
+        srt = np.lexsort((tid, slot))
+        slot, tid = slot[srt], tid[srt]
+        first = np.ones(slot.size, bool)
+        first[1:] = slot[1:] != slot[:-1]
+        flat = out.reshape(-1)
+        flat[slot[first]] = tid[first]
+        dup = ~first & (tid != np.roll(tid, 1))
+        if dup.any():  # a byte class with several targets: union of their closures
+            groups: dict[int, set] = {}
+            for sl, j in zip(slot.tolist(), tid.tolist()):
+                groups.setdefault(sl, set()).add(j)
+            for sl in np.unique(slot[dup]).tolist():
+                flat[sl] = intern(frozenset().union(*(sets[j] for j in groups[sl])))
+        for i, s in enumerate(states):
+            row_of[s] = out[i]
+
+    combo_memo: dict[tuple, int] = {}
+
+    def combined_row(members: list[int]) -> np.ndarray:
+        m = np.ascontiguousarray(np.stack([row_of[s] for s in members]).T)  # ncls x k
+        _, first, inv = np.unique(m.view(np.dtype((np.void, 8 * m.shape[1]))).reshape(-1),
+                                  return_index=True, return_inverse=True)
+        out = []
+        for col in map(tuple, m[first].tolist()):
+            j = combo_memo.get(col)
+            if j is None:
+                ids = sorted(set(j for j in col if j >= 0))
+                if not ids:
+                    j = -1
+                elif len(ids) == 1:
+                    j = ids[0]
+                else:
+                    j = intern(frozenset().union(*(sets[i] for i in ids)))
+                combo_memo[col] = j
+            out.append(j)
+        return np.array(out, np.int64)[inv.reshape(-1)]
+
+    start = closure_id(s0)
+    dfa_of: dict[int, int] = {start: 0}  # set id -> DFA state
     order = [start]
     rows: list[np.ndarray] = []
-    i = 0
-    while i < len(order):
-        by_cls: dict[int, set] = {}
-        for s in order[i]:
-            for a, b, t in moves_c[s]:
-                for c in range(a, b + 1):
-                    by_cls.setdefault(c, set()).add(t)
-        row = np.full(ncls, -1, np.int64)
-        for c, ts in by_cls.items():
-            key = closure(ts)
-            j = ids.get(key)
-            if j is None:
-                work[0] += 1
-                if len(order) >= max_states or work[0] > work[1]:
-                    raise TooLarge(what, "max_states", max_states, " DFA states")
-                j = ids[key] = len(order)
-                order.append(key)
-            row[c] = j
-        rows.append(row)
-        i += 1
-    table_c = np.stack(rows)
-    accept = np.array([final in st for st in order], bool)
-    table = table_c[:, cls]
-    return _trim_dfa(DFA(table, accept))
+    lo = 0
+    while lo < len(order):
+        level = order[lo:]
+        lo = len(order)
+        need = sorted({s for j in level for s in sets[j] if s not in row_of})
+        if need:
+            rows_for(need)
+        r = np.empty((len(level), ncls), np.int64)
+        for i, j in enumerate(level):
+            fs = sets[j]
+            if len(fs) == 1:
+                r[i] = row_of[next(iter(fs))]
+            elif not fs:
+                r[i] = -1
+            else:
+                r[i] = combined_row(sorted(fs))
+        u, inv = np.unique(r, return_inverse=True)
+        fresh = [j for j in u.tolist() if j >= 0 and j not in dfa_of]
+        if fresh:
+            work[0] += len(fresh)
+            if len(order) + len(fresh) > max_states or work[0] > work[1]:
+                raise TooLarge(what, "max_states", max_states, " DFA states")
+            for j in fresh:
+                dfa_of[j] = len(order)
+                order.append(j)
+        m = np.array([dfa_of.get(j, -1) for j in u.tolist()], np.int64)
+        rows.append(m[inv.reshape(r.shape)])
+    accept = np.array([final in sets[j] for j in order], bool)
+    return _finish(np.concatenate(rows), cls, accept)
+
+
+def _finish(table_c: np.ndarray, cls: np.ndarray, accept: np.ndarray) -> DFA:
+    """A DFA over byte classes (``cls[byte]``), trimmed and minimised, as a 256-column DFA."""
+    d = _minimize(_trim_dfa(DFA(table_c, accept)))
+    return DFA(d.table[:, cls], d.accept)
+
+
+def _minimize(d: DFA) -> DFA:
+    """The minimal DFA of a trimmed DFA over any columns (Moore's refinement, vectorised; 0 stays the start).
+
+    Blocks are refined by a 64-bit hash of (block, successor blocks per byte class) until
+    their number stops growing; the final partition is then checked to be a congruence
+    (same acceptance, same successor blocks), so a hash collision can never merge states
+    that differ: if the check fails the refinement is redone with exact row comparison.
+    """
+    t = d.table
+    n = t.shape[0]
+    if n <= 1:
+        return d
+    tc = t[:, _distinct_columns(t)]
+    k = tc.shape[1]
+    dead = tc < 0
+    rng = np.random.default_rng(0x5EED)
+    mult = rng.integers(1, 2**63 - 1, size=k + 1, dtype=np.int64).astype(np.uint64) | np.uint64(1)
+
+    def refine(exact: bool) -> np.ndarray:
+        blk = d.accept.astype(np.int64)
+        nb = int(np.unique(blk).size)
+        while True:
+            succ = np.where(dead, -1, blk[np.maximum(tc, 0)])
+            if exact:
+                _, new = np.unique(np.column_stack([blk, succ]), axis=0, return_inverse=True)
+            else:
+                with np.errstate(over="ignore"):
+                    h = (blk.astype(np.uint64) + np.uint64(1)) * mult[0]
+                    h = h + ((succ + 2).astype(np.uint64) * mult[1:]).sum(axis=1, dtype=np.uint64)
+                _, new = np.unique(h, return_inverse=True)
+            new = new.reshape(-1)
+            m = int(new.max()) + 1
+            if m == nb:
+                return new
+            blk, nb = new, m
+
+    blk = refine(False)
+    nb = int(blk.max()) + 1
+    rep = np.full(nb, n, np.int64)
+    np.minimum.at(rep, blk, np.arange(n))
+    succ = np.where(dead, -1, blk[np.maximum(tc, 0)])
+    if not ((succ == succ[rep[blk]]).all() and (d.accept == d.accept[rep[blk]]).all()):
+        blk = refine(True)  # pragma: no cover - a 64-bit hash collision
+        nb = int(blk.max()) + 1
+        rep = np.full(nb, n, np.int64)
+        np.minimum.at(rep, blk, np.arange(n))
+    if nb == n:
+        return d
+    rank = np.empty(nb, np.int64)  # blocks numbered by their first state (the start's block is 0)
+    rank[np.argsort(rep, kind="stable")] = np.arange(nb)
+    reps = np.sort(rep)
+    rows = t[reps]
+    table = np.where(rows < 0, -1, rank[blk[np.maximum(rows, 0)]])
+    return DFA(table, d.accept[reps])
+
+
+def _distinct_columns(t: np.ndarray) -> np.ndarray:
+    """Indices of the distinct columns of ``t`` (the first of each), by a hash checked exactly."""
+    rng = np.random.default_rng(0xC0105)
+    w = rng.integers(1, 2**62, size=t.shape[0], dtype=np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        h = ((t.astype(np.int64) + 2).astype(np.uint64) * w[:, None]).sum(axis=0, dtype=np.uint64)
+    _, first, inv = np.unique(h, return_index=True, return_inverse=True)
+    if (t[:, first[inv.reshape(-1)]] == t).all():
+        return np.sort(first)
+    return np.sort(np.unique(t, axis=1, return_index=True)[1])  # pragma: no cover - a hash collision
 
 
 def _trim_dfa(d: DFA) -> DFA:
@@ -527,16 +701,29 @@ def _trim_dfa(d: DFA) -> DFA:
 def _reach(src: np.ndarray, dst: np.ndarray, seeds, n: int) -> tuple[np.ndarray, list[int]]:
     """States reachable from ``seeds`` along edges src -> dst: (mask, BFS order).
 
-    One pass over a CSR adjacency (``O(states + edges)``, no per-level array work), so a
-    chain of a million states costs the same per state as a wide automaton.
+    One pass over a CSR adjacency (``O(states + edges)``; in C through scipy's
+    ``breadth_first_order`` where scipy is installed, as it is with JAX).
     """
+    src = np.asarray(src, np.int64)
+    dst = np.asarray(dst, np.int64)
     order_e = np.argsort(src, kind="stable")
+    seeds = [int(g) for g in seeds]
+    if _bfs_order is not None and src.size:
+        # a virtual source n pointing at the seeds, then scipy's BFS (edges visited in CSR order)
+        s2 = np.concatenate([np.full(len(seeds), n, np.int64), src[order_e]])
+        d2 = np.concatenate([np.array(seeds, np.int64), dst[order_e]])
+        o2 = np.argsort(s2, kind="stable")
+        indptr = np.searchsorted(s2[o2], np.arange(n + 2))
+        g = _csr_matrix((np.ones(s2.size, np.int8), d2[o2], indptr), shape=(n + 1, n + 1))
+        got = _bfs_order(g, n, directed=True, return_predecessors=False)[1:]
+        seen = np.zeros(n, bool)
+        seen[got] = True
+        return seen, got.tolist()
     nbr = dst[order_e].tolist()
     starts = np.searchsorted(src[order_e], np.arange(n + 1)).tolist()
     seen = bytearray(n)
     order = []
     for g in seeds:
-        g = int(g)
         if not seen[g]:
             seen[g] = 1
             order.append(g)
@@ -549,6 +736,13 @@ def _reach(src: np.ndarray, dst: np.ndarray, seeds, n: int) -> tuple[np.ndarray,
                 seen[t] = 1
                 order.append(t)
     return np.frombuffer(bytes(seen), np.uint8).astype(bool), order
+
+
+try:  # scipy comes with JAX; without it the BFS above runs in Python
+    from scipy.sparse import csr_matrix as _csr_matrix
+    from scipy.sparse.csgraph import breadth_first_order as _bfs_order
+except ImportError:  # pragma: no cover
+    _csr_matrix = _bfs_order = None
 
 
 def _co_reachable(src: np.ndarray, dst: np.ndarray, goals: np.ndarray, n: int) -> np.ndarray:
