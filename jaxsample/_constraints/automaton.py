@@ -164,6 +164,8 @@ def size_hint(node, memo=None) -> int:
         return size_hint(node[1]) * size_hint(node[2])
     if kind == "dfa":
         return len(node[1][0]) + 1
+    if kind == "det":
+        return size_hint(node[1])
     if kind == "seq":
         _, items, sep, lo, hi = node
         phases = (hi if hi is not None else lo) + 1
@@ -201,6 +203,11 @@ def _utf8_aligned(lo: int, hi: int, out: list) -> None:
 # ----------------------------------------------------------------------------- NFA
 
 
+#: A node built several times (a repetition, an object member at each count) is determinized
+#: on its own first when its DFA has at most this many states.
+_AUTO_DET_STATES = 512
+
+
 class _NFA:
     """Thompson NFA: ``eps[s]`` epsilon targets; moves as flat lists (source, byte lo, byte hi, target).
 
@@ -228,7 +235,7 @@ class _NFA:
         if len(self.eps) + k > self.max_nfa:
             raise TooLarge(self.what, "max_states", self.max_nfa, " NFA states")
         first = len(self.eps)
-        self.eps.extend([] for _ in range(k))
+        self.eps.extend([[] for _ in range(k)])
         return first
 
     def move(self, s: int, lo: int, hi: int, t: int) -> None:
@@ -280,6 +287,12 @@ class _NFA:
             return end
         if kind == "rep":
             _, x, lo, hi = node
+            copies = hi if hi is not None else lo + 1
+            if copies >= 2:
+                x = self._auto_det(x)
+                got = self.cache.get(id(x[1])) if x[0] == "det" else None
+                if got is not None and len(self.eps) + copies * (got[1].table.shape[0] + 2) > self.max_nfa:
+                    raise TooLarge(self.what, "max_states", self.max_nfa, " NFA states")  # before building them
             s = start
             for _ in range(lo):
                 s = self.build(x, s)
@@ -307,26 +320,52 @@ class _NFA:
                 got = self.cache[id(node[1])] = (node[1], d)
             return self._embed(got[1], start)
         if kind == "dfa":  # an explicit DFA: (rows of 256 targets or -1, accepting flags); row 0 = start
-            table, accept = node[1]
-            return self._embed(DFA(np.asarray(table, np.int64).reshape(-1, 256), np.asarray(accept, bool)), start)
+            got = self.cache.get(id(node))
+            if got is None:
+                table, accept = node[1]
+                got = (node, DFA(np.asarray(table, np.int64).reshape(-1, 256), np.asarray(accept, bool)))
+                self.cache[id(node)] = got
+            return self._embed(got[1], start)
         if kind == "seq":
             return self._seq(node, start)
         raise ValueError(f"unknown node {kind!r}")
 
+    def _auto_det(self, x):
+        """``det(x)`` for a node built several times (its DFA is embedded each time, so the enclosing
+        subset construction sees one state of it at a time); ``x`` itself where that DFA needs more
+        than ``_AUTO_DET_STATES`` states or more than the NFA of ``x`` (embedding it at each use would
+        grow the NFA), or where that NFA is large (not tried)."""
+        if x[0] in ("lit", "bytes", "set", "det", "dfa"):
+            return x
+        got = self.cache.get(("auto", id(x)))
+        if got is None:
+            try:  # (a failed attempt's work still counts towards the build's bound)
+                hint = size_hint(x)
+                if hint > 32 * _AUTO_DET_STATES:  # its own NFA alone would be slow to build twice
+                    raise TooLarge(self.what, "max_states", hint, " NFA states")
+                if id(x) not in self.cache:
+                    cap = min(_AUTO_DET_STATES, hint, self.cache.get("__cap__", self.max_nfa))
+                    d = determinize(x, cap, self.what, cache=self.cache)
+                    self.cache[id(x)] = (x, d)
+                got = (x, ("det", x))
+            except TooLarge:
+                got = (x, x)
+            self.cache[("auto", id(x))] = got
+        return got[1]
+
     def _embed(self, d: "DFA", start: int) -> int:
         """The DFA's states as a block of NFA states (its state 0 is ``start``); returns the end state."""
-        n = d.table.shape[0]
-        first = self.block(n)  # its own start too: ``start`` may have other moves, and the DFA may return to 0
+        runs = d.runs()
+        first = self.block(runs[4])  # its own start too: ``start`` may have other moves, and the DFA may return to 0
         end = self.new()
         self.eps[start].append(first)
-        ids = np.arange(first, first + n, dtype=np.int64)
-        s, lo, hi, t = _table_runs(d.table)
-        self.m_src.extend(ids[s].tolist())
-        self.m_lo.extend(lo.tolist())
-        self.m_hi.extend(hi.tolist())
-        self.m_dst.extend(ids[t].tolist())
-        for k in np.nonzero(d.accept)[0].tolist():
-            self.eps[int(ids[k])].append(end)
+        self.m_src.extend([first + x for x in runs[0]])
+        self.m_lo.extend(runs[1])
+        self.m_hi.extend(runs[2])
+        self.m_dst.extend([first + x for x in runs[3]])
+        eps = self.eps
+        for k in runs[5]:
+            eps[first + k].append(end)
         return end
 
     def _trie(self, trie: dict, s: int, end: int) -> None:
@@ -348,6 +387,8 @@ class _NFA:
 
         cur = {0: start}  # count of members written so far -> state
         for x, required, repeat in items:
+            if repeat or len(cur) > 1:
+                x = self._auto_det(x)  # built once per count: one DFA, embedded each time
             nxt: dict[int, int] = {}
 
             def state(c: int) -> int:
@@ -450,6 +491,15 @@ class DFA:
 
     def __init__(self, table: np.ndarray, accept: np.ndarray):
         self.table, self.accept = table, accept
+        self._runs = None
+
+    def runs(self) -> tuple:
+        """(state, byte lo, byte hi, target) runs as arrays / lists, states, accepting states (computed once)."""
+        if self._runs is None:
+            s, lo, hi, t = _table_runs(self.table)
+            self._runs = (s.tolist(), lo.tolist(), hi.tolist(), t.tolist(), self.table.shape[0],
+                          np.nonzero(self.accept)[0].tolist())
+        return self._runs
 
 
 def determinize(node, max_states: int, what: str, max_nfa: int | None = None, cache: dict | None = None) -> DFA:
@@ -469,11 +519,9 @@ def determinize(node, max_states: int, what: str, max_nfa: int | None = None, ca
     nfa = _NFA(max_nfa or max(4 * max_states, 1 << 20), what, cache)
     s0 = nfa.new()
     final = nfa.build(node, s0)
-    eps, n_nfa = nfa.eps, len(nfa.eps)
-    m_src = np.array(nfa.m_src, np.int64)
+    eps = nfa.eps
     m_lo = np.array(nfa.m_lo, np.int64)
     m_hi = np.array(nfa.m_hi, np.int64)
-    m_dst = np.array(nfa.m_dst, np.int64)
     # byte classes: bytes that every move treats alike
     cuts = np.zeros(257, bool)
     cuts[0] = True
@@ -481,14 +529,16 @@ def determinize(node, max_states: int, what: str, max_nfa: int | None = None, ca
     cuts[m_hi + 1] = True
     cls = np.cumsum(cuts[:256]) - 1
     ncls = int(cls[-1]) + 1
-    # important states: with a move, or the final one; moves grouped by source (CSR)
-    important = np.zeros(n_nfa, bool)
-    important[m_src] = True
-    important[final] = True
-    order_m = np.argsort(m_src, kind="stable")
-    m_src, m_dst = m_src[order_m], m_dst[order_m]
-    m_clo, m_chi = cls[m_lo[order_m]], cls[m_hi[order_m]]
-    m_start = np.searchsorted(m_src, np.arange(n_nfa + 1))
+    # important states: with a move, or the final one; each one's moves in class space
+    cls_l = cls.tolist()
+    moves_of: dict[int, list] = {}
+    for src, lo, hi, dst in zip(nfa.m_src, nfa.m_lo, nfa.m_hi, nfa.m_dst):
+        ms = moves_of.get(src)
+        if ms is None:
+            ms = moves_of[src] = []
+        ms.append((cls_l[lo], cls_l[hi], dst))
+    important = set(moves_of)
+    important.add(final)
 
     sets: list[frozenset] = []  # interned sets of important NFA states
     sid_of: dict[frozenset, int] = {}
@@ -506,117 +556,104 @@ def determinize(node, max_states: int, what: str, max_nfa: int | None = None, ca
         j = clos.get(s0)
         if j is None:
             if not eps[s0]:
-                fs = frozenset((s0,)) if important[s0] else frozenset()
+                fs = frozenset((s0,)) if s0 in important else frozenset()
             else:
                 seen = {s0}
                 stack = [s0]
                 while stack:
-                    s = stack.pop()
-                    for t in eps[s]:
+                    for t in eps[stack.pop()]:
                         if t not in seen:
                             seen.add(t)
                             stack.append(t)
-                fs = frozenset(s for s in seen if important[s])
+                fs = frozenset(seen & important)
             j = clos[s0] = intern(fs)
         return j
 
-    row_of: dict[int, np.ndarray] = {}  # important NFA state -> its row (class -> set id, -1 none)
+    none_row = [-1] * ncls
+    row_of: dict[int, list] = {}  # important NFA state -> its row (class -> set id, -1 none)
 
-    def rows_for(states: list[int]) -> None:
-        """Rows of the given important NFA states (all at once: their moves expanded by class)."""
-        st = np.array(states, np.int64)
-        a, b = m_start[st], m_start[st + 1]
-        cnt = b - a
-        if cnt.sum() == 0:
-            for s in states:
-                row_of[s] = np.full(ncls, -1, np.int64)
-            return
-        owner = np.repeat(np.arange(st.size), cnt)
-        midx = np.repeat(a - np.cumsum(cnt) + cnt, cnt) + np.arange(int(cnt.sum()))
-        span = m_chi[midx] - m_clo[midx] + 1
-        ut, ui = np.unique(m_dst[midx], return_inverse=True)
-        tid1 = np.array([closure_id(t) for t in ut.tolist()], np.int64)[ui.reshape(-1)]
-        own2 = np.repeat(owner, span)
-        tid = np.repeat(tid1, span)
-        c2 = np.repeat(m_clo[midx] - np.cumsum(span) + span, span) + np.arange(int(span.sum()))
-        out = np.full((st.size, ncls), -1, np.int64)
-        slot = own2 * ncls + c2
-        srt = np.lexsort((tid, slot))
-        slot, tid = slot[srt], tid[srt]
-        first = np.ones(slot.size, bool)
-        first[1:] = slot[1:] != slot[:-1]
-        flat = out.reshape(-1)
-        flat[slot[first]] = tid[first]
-        dup = ~first & (tid != np.roll(tid, 1))
-        if dup.any():  # a byte class with several targets: union of their closures
-            groups: dict[int, set] = {}
-            for sl, j in zip(slot.tolist(), tid.tolist()):
-                groups.setdefault(sl, set()).add(j)
-            for sl in np.unique(slot[dup]).tolist():
-                flat[sl] = intern(frozenset().union(*(sets[j] for j in groups[sl])))
-        for i, s in enumerate(states):
-            row_of[s] = out[i]
+    def row(s: int) -> list:
+        r = row_of.get(s)
+        if r is None:
+            ms = moves_of.get(s)
+            if not ms:
+                r = none_row
+            else:
+                ms.sort()
+                r = [-1] * ncls
+                reach = -1
+                multi: dict[int, set] = {}
+                for ca, cb, t in ms:
+                    j = closure_id(t)
+                    if ca > reach:  # no overlap with the moves before (sorted by class)
+                        r[ca:cb + 1] = [j] * (cb - ca + 1)
+                    else:  # a class with several targets: union of their closures
+                        for c in range(ca, cb + 1):
+                            if r[c] < 0:
+                                r[c] = j
+                            elif r[c] != j:
+                                multi.setdefault(c, {r[c]}).add(j)
+                    reach = max(reach, cb)
+                for c, js in multi.items():
+                    r[c] = intern(frozenset().union(*(sets[i] for i in js)))
+            row_of[s] = r
+        return r
 
     combo_memo: dict[tuple, int] = {}
 
-    def combined_row(members: list[int]) -> np.ndarray:
-        m = np.ascontiguousarray(np.stack([row_of[s] for s in members]).T)  # ncls x k
-        _, first, inv = np.unique(m.view(np.dtype((np.void, 8 * m.shape[1]))).reshape(-1),
-                                  return_index=True, return_inverse=True)
-        out = []
-        for col in map(tuple, m[first].tolist()):
-            j = combo_memo.get(col)
-            if j is None:
-                ids = sorted(set(j for j in col if j >= 0))
-                if not ids:
-                    j = -1
-                elif len(ids) == 1:
-                    j = ids[0]
-                else:
-                    j = intern(frozenset().union(*(sets[i] for i in ids)))
-                combo_memo[col] = j
-            out.append(j)
-        return np.array(out, np.int64)[inv.reshape(-1)]
+    def combined(col: tuple) -> int:
+        ids = sorted(set(col))
+        if ids[0] < 0:
+            ids = ids[1:]
+        if not ids:
+            j = -1
+        elif len(ids) == 1:
+            j = ids[0]
+        else:
+            j = intern(frozenset().union(*(sets[i] for i in ids)))
+        combo_memo[col] = j
+        return j
 
     start = closure_id(s0)
     dfa_of: dict[int, int] = {start: 0}  # set id -> DFA state
     order = [start]
-    rows: list[np.ndarray] = []
-    lo = 0
-    while lo < len(order):
-        level = order[lo:]
-        lo = len(order)
-        need = sorted({s for j in level for s in sets[j] if s not in row_of})
-        if need:
-            rows_for(need)
-        r = np.empty((len(level), ncls), np.int64)
-        for i, j in enumerate(level):
-            fs = sets[j]
-            if len(fs) == 1:
-                r[i] = row_of[next(iter(fs))]
-            elif not fs:
-                r[i] = -1
-            else:
-                r[i] = combined_row(sorted(fs))
-        u, inv = np.unique(r, return_inverse=True)
-        fresh = [j for j in u.tolist() if j >= 0 and j not in dfa_of]
-        if fresh:
-            work[0] += len(fresh)
-            if len(order) + len(fresh) > max_states or work[0] > work[1]:
-                raise TooLarge(what, "max_states", max_states, " DFA states")
-            for j in fresh:
+    rows: list[list] = []
+    get = combo_memo.get
+    i = 0
+    while i < len(order):
+        fs = sets[order[i]]
+        i += 1
+        if len(fs) == 1:
+            r = row(next(iter(fs)))
+        elif not fs:
+            r = none_row
+        else:
+            r = [get(col) if col in combo_memo else combined(col) for col in zip(*(row(s) for s in fs))]
+        rows.append(r)
+        for j in set(r):
+            if j >= 0 and j not in dfa_of:
+                work[0] += 1
+                if len(order) >= max_states or work[0] > work[1]:
+                    raise TooLarge(what, "max_states", max_states, " DFA states")
                 dfa_of[j] = len(order)
                 order.append(j)
-        m = np.array([dfa_of.get(j, -1) for j in u.tolist()], np.int64)
-        rows.append(m[inv.reshape(r.shape)])
+    to_dfa = np.full(len(sets) + 1, -1, np.int64)
+    for j, k in dfa_of.items():
+        to_dfa[j] = k
+    table_c = to_dfa[np.array(rows, np.int64).reshape(len(rows), ncls)]
     accept = np.array([final in sets[j] for j in order], bool)
-    return _finish(np.concatenate(rows), cls, accept)
+    return _finish(table_c, cls, accept)
 
 
 def _finish(table_c: np.ndarray, cls: np.ndarray, accept: np.ndarray) -> DFA:
     """A DFA over byte classes (``cls[byte]``), trimmed and minimised, as a 256-column DFA."""
     d = _minimize(_trim_dfa(DFA(table_c, accept)))
     return DFA(d.table[:, cls], d.accept)
+
+
+#: Moore's refinement stops after this many rounds (the DFA is then kept unminimised: a long
+#: chain, such as a string of bounded length, is nearly minimal already).
+_MOORE_ROUNDS = 48
 
 
 def _minimize(d: DFA) -> DFA:
@@ -637,11 +674,13 @@ def _minimize(d: DFA) -> DFA:
     rng = np.random.default_rng(0x5EED)
     mult = rng.integers(1, 2**63 - 1, size=k + 1, dtype=np.int64).astype(np.uint64) | np.uint64(1)
 
-    def refine(exact: bool) -> np.ndarray:
+    live = np.maximum(tc, 0)
+
+    def refine(exact: bool) -> np.ndarray | None:
         blk = d.accept.astype(np.int64)
         nb = int(np.unique(blk).size)
-        while True:
-            succ = np.where(dead, -1, blk[np.maximum(tc, 0)])
+        for _ in range(_MOORE_ROUNDS if not exact else n + 1):
+            succ = np.where(dead, -1, blk[live])
             if exact:
                 _, new = np.unique(np.column_stack([blk, succ]), axis=0, return_inverse=True)
             else:
@@ -654,8 +693,11 @@ def _minimize(d: DFA) -> DFA:
             if m == nb:
                 return new
             blk, nb = new, m
+        return None
 
     blk = refine(False)
+    if blk is None:  # distinguishing words longer than _MOORE_ROUNDS (a long chain): left as it is
+        return d
     nb = int(blk.max()) + 1
     rep = np.full(nb, n, np.int64)
     np.minimum.at(rep, blk, np.arange(n))
@@ -778,7 +820,6 @@ class TokenTrie:
             ends[n].append(i)
         # renumber in BFS order so that parents come before children, by level
         order = [0]
-        levels = [0]
         k = 0
         while k < len(order):
             for byte in sorted(children[order[k]]):
@@ -988,8 +1029,15 @@ def parse_regex(pattern: str, *, search: bool = False, char=None, max_repeat: in
             pass
         body = conv(items)
         if search:
+            # next to an unanchored end, x{lo,hi} matches where x{lo} does (the rest is absorbed
+            # by the any-text around it): a much smaller automaton for [a-z]{1,255} or \w+
+            parts = list(body[1]) if body[0] == "cat" else [body]
+            if not end and parts and parts[-1][0] == "rep":
+                parts[-1] = rep(parts[-1][1], parts[-1][2], parts[-1][2])
+            if not begin and parts and parts[0][0] == "rep":
+                parts[0] = rep(parts[0][1], parts[0][2], parts[0][2])
             star = rep(char(complement_ranges([])), 0, None)
-            body = cat(EMPTY if begin else star, body, EMPTY if end else star)
+            body = det(cat(EMPTY if begin else star, *parts, EMPTY if end else star))
         return body
 
     return top(list(tree))
