@@ -396,22 +396,34 @@ class _NFA:
                     nxt[c] = self.new()
                 return nxt[c]
 
+            arcs = []  # (count, from state, to state): one member written
             if repeat:
                 for c, s in cur.items():
                     self.eps[s].append(state(c))
                 for c in range(top + 1):
                     if c not in nxt or (hi is not None and c + 1 > hi):
                         continue
-                    e = self.build(x if c == 0 else cat(sep, x), nxt[c])
-                    self.eps[e].append(state(clamp(c + 1)))
+                    arcs.append((c, nxt[c], state(clamp(c + 1))))
             else:
                 for c, s in list(cur.items()):
                     if not required:
                         self.eps[s].append(state(c))
                     if hi is not None and c + 1 > hi:
                         continue
-                    e = self.build(x if c == 0 else cat(sep, x), s)
-                    self.eps[e].append(state(clamp(c + 1)))
+                    arcs.append((c, s, state(clamp(c + 1))))
+            by_target: dict[int, list] = {}
+            for c, s, t in arcs:
+                by_target.setdefault(t, []).append((c, s))
+            for t, srcs in by_target.items():
+                if len(srcs) == 1:
+                    c, s = srcs[0]
+                    self.eps[self.build(x if c == 0 else cat(sep, x), s)].append(t)
+                    continue
+                # counts that lead to the same state share one copy of the member after a join
+                join = self.new()
+                for c, s in srcs:
+                    self.eps[s if c == 0 else self.build(sep, s)].append(join)
+                self.eps[self.build(x, join)].append(t)
             cur = nxt
         end = self.new()
         for c, s in cur.items():
@@ -505,17 +517,35 @@ class DFA:
 def determinize(node, max_states: int, what: str, max_nfa: int | None = None, cache: dict | None = None) -> DFA:
     """The minimal DFA of ``node`` (subset construction, trimmed to states that can still accept).
 
-    The subset construction runs over byte classes (bytes no move of the NFA tells apart),
-    one breadth-first level at a time: a DFA state that is one NFA state (the common case,
-    inside embedded DFAs) takes that state's row in one numpy step; a set of several
-    combines its members' rows per distinct column. The result is trimmed and minimised.
+    The subset construction runs over byte classes (bytes no move of the NFA tells apart):
+    each NFA state's row (class -> closure of its targets) is computed once, a DFA state
+    that is one NFA state (the common case, inside embedded DFAs) takes that row as it is,
+    and a set of several combines its members' rows column by column (memoised). The result
+    is trimmed and minimised (:func:`_minimize`). Sub-DFAs (``det`` nodes, products,
+    repeated sub-nodes) are built once per build and kept across builds (:data:`_SHARED`).
 
     Raises:
-      TooLarge: more than ``max_states`` DFA states (checked after each breadth-first level).
+      TooLarge: more than ``max_states`` DFA states (checked as each state is created).
     """
+    nested = cache is not None
     if cache is None:  # the outermost build: its bound also caps the nested ones, and all their work
         cache = {"__cap__": max_states, "__work__": [0, 3 * max_states]}
     work = cache["__work__"]
+    key = None
+    if nested:
+        try:
+            key, hit = node, _SHARED.get(node)
+        except TypeError:  # an explicit DFA (lists) inside: not shared
+            key = hit = None
+        if hit is not None:  # the same bounds as building it: its subset states and its work
+            d, states, spent = hit
+            if states > max_states:
+                raise TooLarge(what, "max_states", max_states, " DFA states")
+            work[0] += spent
+            if work[0] > work[1]:
+                raise TooLarge(what, "max_states", max_states, " DFA states")
+            return d
+    spent0 = work[0]
     nfa = _NFA(max_nfa or max(4 * max_states, 1 << 20), what, cache)
     s0 = nfa.new()
     final = nfa.build(node, s0)
@@ -642,7 +672,26 @@ def determinize(node, max_states: int, what: str, max_nfa: int | None = None, ca
         to_dfa[j] = k
     table_c = to_dfa[np.array(rows, np.int64).reshape(len(rows), ncls)]
     accept = np.array([final in sets[j] for j in order], bool)
-    return _finish(table_c, cls, accept)
+    d = _finish(table_c, cls, accept)
+    if key is not None and d.table.shape[0] <= _SHARED_STATES // 8:
+        _share(key, d, len(order), work[0] - spent0)
+    return d
+
+
+#: Sub-DFAs kept across builds (key: the node) with the subset states and work they took; at
+#: most ``_SHARED_STATES`` states in all (the oldest go first).
+_SHARED: dict = {}
+_SHARED_STATES = 1 << 15
+_shared_size = [0]
+
+
+def _share(key, d: DFA, states: int, spent: int) -> None:
+    d = DFA(d.table.astype(np.int32), d.accept)
+    _SHARED[key] = (d, states, spent)
+    _shared_size[0] += d.table.shape[0]
+    while _shared_size[0] > _SHARED_STATES:
+        old = _SHARED.pop(next(iter(_SHARED)))
+        _shared_size[0] -= old[0].table.shape[0]
 
 
 def _finish(table_c: np.ndarray, cls: np.ndarray, accept: np.ndarray) -> DFA:
@@ -676,17 +725,25 @@ def _minimize(d: DFA) -> DFA:
 
     live = np.maximum(tc, 0)
 
+    e_src, e_col = np.nonzero(~dead)  # by state, then class
+    e_dst = tc[e_src, e_col]
+    e_w = mult[1 + e_col]
+    e_first = np.searchsorted(e_src, np.arange(n))
+    e_has = e_first < np.append(e_first[1:], e_src.size)
+    e_first = e_first[e_has]
+
     def refine(exact: bool) -> np.ndarray | None:
         blk = d.accept.astype(np.int64)
         nb = int(np.unique(blk).size)
         for _ in range(_MOORE_ROUNDS if not exact else n + 1):
-            succ = np.where(dead, -1, blk[live])
             if exact:
+                succ = np.where(dead, -1, blk[live])
                 _, new = np.unique(np.column_stack([blk, succ]), axis=0, return_inverse=True)
-            else:
+            else:  # over the live transitions only (a DFA row has few of them)
                 with np.errstate(over="ignore"):
                     h = (blk.astype(np.uint64) + np.uint64(1)) * mult[0]
-                    h = h + ((succ + 2).astype(np.uint64) * mult[1:]).sum(axis=1, dtype=np.uint64)
+                    if e_first.size:
+                        h[e_has] += np.add.reduceat(e_w * (blk[e_dst] + 2).astype(np.uint64), e_first)
                 _, new = np.unique(h, return_inverse=True)
             new = new.reshape(-1)
             m = int(new.max()) + 1
