@@ -898,38 +898,64 @@ class TokenTrie:
         self.tok_node = np.array(tok_node, np.int64)
         self.tok_id = np.array(tok_id, np.int64)
         self.n = len(order)
+        self._csr = None
+
+    def csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per node: its children ``[lo, hi)`` (contiguous in BFS order) and its tokens ``[lo, hi)``."""
+        if self._csr is None:
+            nodes = np.arange(self.n)
+            par = self.parent[1:]  # non-decreasing in BFS order
+            self._csr = (np.searchsorted(par, nodes) + 1, np.searchsorted(par, nodes, "right") + 1,
+                         np.searchsorted(self.tok_node, nodes), np.searchsorted(self.tok_node, nodes, "right"))
+        return self._csr
+
+
+def _expand(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For ranges ``[lo[i], hi[i])``: (i, j) for every j in range i, as two flat arrays."""
+    cnt = hi - lo
+    tot = int(cnt.sum())
+    r = np.repeat(np.arange(cnt.size), cnt)
+    return r, np.repeat(lo - np.cumsum(cnt) + cnt, cnt) + np.arange(tot)
 
 
 def token_automaton(d: DFA, trie: TokenTrie, max_states: int, max_transitions: int, what: str):
     """The token-level automaton reachable from the DFA's start: (states, src, tok, dst, accept).
 
-    Every DFA state walks the whole trie at once (chunks of states, one numpy step per
-    trie level); then the states reachable from the start at token boundaries are kept,
-    numbered in BFS order (0 = the start). Stops with :class:`TooLarge` past either limit.
+    Every DFA state walks the trie at once (chunks of states, one numpy step per trie level,
+    over the live (state, trie node) pairs only: a pair whose byte is dead is not expanded);
+    then the states reachable from the start at token boundaries are kept, numbered in BFS
+    order (0 = the start). Stops with :class:`TooLarge` past either limit.
     """
     table = d.table.astype(np.int32)
     n_dfa = table.shape[0]
+    child_lo, child_hi, tok_lo, tok_hi = trie.csr()
     chunk = max(1, (1 << 21) // max(trie.n, 1))
     srcs, toks, dsts = [], [], []
     total = 0
     for c0 in range(0, n_dfa, chunk):
-        st = np.arange(c0, min(n_dfa, c0 + chunk), dtype=np.int32)
-        at = np.full((st.size, trie.n), -1, np.int32)
-        at[:, 0] = st
-        for lv in trie.levels:
-            p = at[:, trie.parent[lv]]
-            if (p < 0).all():
+        s = np.arange(c0, min(n_dfa, c0 + chunk), dtype=np.int64)
+        node = np.zeros(s.size, np.int64)
+        q = s.astype(np.int32)
+        while s.size:
+            r, child = _expand(child_lo[node], child_hi[node])
+            if not r.size:
                 break
-            at[:, lv] = np.where(p >= 0, table[np.maximum(p, 0), trie.byte[lv]], -1)
-        end = at[:, trie.tok_node]
-        r, k = np.nonzero(end >= 0)
-        total += r.size
-        if total > max_transitions * 4:
-            raise TooLarge(what, "max_transitions", max_transitions, " token transitions")
-        srcs.append(st[r])
-        toks.append(trie.tok_id[k].astype(np.int32))
-        dsts.append(end[r, k])
-    src, tok, dst = np.concatenate(srcs), np.concatenate(toks), np.concatenate(dsts)
+            q2 = table[q[r], trie.byte[child]]
+            ok = q2 >= 0
+            s, node, q = s[r[ok]], child[ok], q2[ok]
+            r, k = _expand(tok_lo[node], tok_hi[node])
+            if r.size:
+                total += r.size
+                if total > max_transitions * 4:
+                    raise TooLarge(what, "max_transitions", max_transitions, " token transitions")
+                srcs.append(s[r])
+                toks.append(k)
+                dsts.append(q[r])
+    if not srcs:
+        srcs, toks, dsts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int32)]
+    src, k, dst = np.concatenate(srcs), np.concatenate(toks), np.concatenate(dsts)
+    o = np.lexsort((k, src))  # by state, then the trie's token order (a stable numbering)
+    src, tok, dst = src[o], trie.tok_id[k[o]].astype(np.int32), dst[o]
     # the states reachable from the start at token boundaries, in BFS order
     seen, order = _reach(src.astype(np.int64), dst.astype(np.int64), [0], n_dfa)
     if len(order) > max_states:
