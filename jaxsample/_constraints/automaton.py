@@ -973,20 +973,24 @@ def token_automaton(d: DFA, trie: TokenTrie, max_states: int, max_transitions: i
 
 
 _UNICODE_CATS: dict[str, list[tuple[int, int]]] = {}
+_ALL_CHARS: str | None = None
 
 
 def _unicode_category(name: str) -> list[tuple[int, int]]:
     """Code points Python's ``re`` puts in ``\\d`` / ``\\w`` / ``\\s`` (computed once)."""
     if name not in _UNICODE_CATS:
-        pat = re.compile({"digit": r"\d", "word": r"\w", "space": r"\s"}[name])
-        ranges, start = [], None
-        for c in range(MAX_CP + 2):
-            inside = c <= MAX_CP and not (0xD800 <= c <= 0xDFFF) and pat.match(chr(c)) is not None
-            if inside and start is None:
-                start = c
-            elif not inside and start is not None:
-                ranges.append((start, c - 1))
-                start = None
+        global _ALL_CHARS
+        if _ALL_CHARS is None:  # every code point but the surrogates, in order
+            _ALL_CHARS = "".join(map(chr, range(0xD800))) + "".join(map(chr, range(0xE000, MAX_CP + 1)))
+        pat = re.compile({"digit": r"\d+", "word": r"\w+", "space": r"\s+"}[name])
+        gap = 0xE000 - 0xD800  # string index -> code point past the surrogates
+        ranges = []
+        for m in pat.finditer(_ALL_CHARS):  # runs of members, found by re itself
+            a, b = m.start(), m.end() - 1
+            if a < 0xD800 <= b:  # a run across the surrogate gap is two ranges
+                ranges += [(a, 0xD7FF), (0xE000, b + gap)]
+            else:
+                ranges.append((a if a < 0xD800 else a + gap, b if b < 0xD800 else b + gap))
         _UNICODE_CATS[name] = ranges
     return _UNICODE_CATS[name]
 
