@@ -137,3 +137,25 @@ def test_long_bounded_repetitions_stay_exact_and_fast_to_build():
     one = A.determinize(A.parse_regex("[A-Za-z0-9-_.:]", search=True), 4000, "t")
     assert np.array_equal(d.table, one.table)  # any text containing one such character
     assert _accepts(d, "--x--") and not _accepts(d, "") and not _accepts(d, "!!")
+
+
+def test_random_object_member_sequences_match_a_brute_force_enumeration():
+    # seq(): members in order, sep between present ones, lo <= #present <= hi; members at counts
+    # that lead to the same state share one copy of the member automaton
+    rng = random.Random(5)
+    for _ in range(20):
+        items = [(_random_regex(rng, 1), rng.random() < 0.3, rng.random() < 0.3) for _ in range(rng.randint(1, 3))]
+        items = [(p, req and not rep_, rep_) for p, req, rep_ in items]
+        lo = rng.randint(0, 2)
+        hi = rng.choice([None, lo, lo + 1, lo + 2])
+        node = A.seq([(A.parse_regex(p), req, rep_) for p, req, rep_ in items], A.lit("-"), lo, hi)
+        d = A.determinize(node, 4000, "t")
+        choices = [[1] if req else ([0, 1] if not rep_ else list(range(5))) for _, req, rep_ in items]
+        combos = []
+        for counts in itertools.product(*choices):
+            if lo <= sum(counts) and (hi is None or sum(counts) <= hi):
+                parts = [p for (p, _, _), k in zip(items, counts) for _ in range(k)]
+                combos.append(re.compile("-".join(f"(?:{p})" for p in parts)))
+        for s in STRINGS:
+            want = any(c.fullmatch(s) for c in combos)
+            assert _accepts(d, s) == want, (items, lo, hi, s)
