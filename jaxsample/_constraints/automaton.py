@@ -800,14 +800,14 @@ def _trim_dfa(d: DFA) -> DFA:
 def _reach(src: np.ndarray, dst: np.ndarray, seeds, n: int) -> tuple[np.ndarray, list[int]]:
     """States reachable from ``seeds`` along edges src -> dst: (mask, BFS order).
 
-    One pass over a CSR adjacency (``O(states + edges)``; in C through scipy's
-    ``breadth_first_order`` where scipy is installed, as it is with JAX).
+    One pass over a CSR adjacency (``O(states + edges)``; for large graphs in C through
+    scipy's ``breadth_first_order`` where scipy is installed, as it is with JAX).
     """
     src = np.asarray(src, np.int64)
     dst = np.asarray(dst, np.int64)
     order_e = np.argsort(src, kind="stable")
     seeds = [int(g) for g in seeds]
-    if _bfs_order is not None and src.size:
+    if _bfs_order is not None and src.size > _SCIPY_EDGES:
         # a virtual source n pointing at the seeds, then scipy's BFS (edges visited in CSR order)
         s2 = np.concatenate([np.full(len(seeds), n, np.int64), src[order_e]])
         d2 = np.concatenate([np.array(seeds, np.int64), dst[order_e]])
@@ -836,6 +836,8 @@ def _reach(src: np.ndarray, dst: np.ndarray, seeds, n: int) -> tuple[np.ndarray,
                 order.append(t)
     return np.frombuffer(bytes(seen), np.uint8).astype(bool), order
 
+
+_SCIPY_EDGES = 1 << 14  # below this many edges the Python BFS is faster than scipy's setup
 
 try:  # scipy comes with JAX; without it the BFS above runs in Python
     from scipy.sparse import csr_matrix as _csr_matrix
