@@ -244,3 +244,10 @@ __all__ += [
     "KernelError",
     "use_kernels",
 ]
+
+# --- files written whole or not at all (NGramDraft.save; models/checkpoint.py) ----------
+from jaxsample._files import atomic_file
+
+__all__ += [
+    "atomic_file",
+]

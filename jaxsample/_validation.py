@@ -91,15 +91,19 @@ def _describe(arr: np.ndarray, bad: np.ndarray) -> str:
     return f"{bad.flat[0].item()!r} (in an array of shape {arr.shape})"
 
 
+def _dtype(value: Any) -> Any:
+    """The dtype of an array (also a tracer), or of ``np.asarray(value)`` for numbers and lists."""
+    dtype = getattr(value, "dtype", None)
+    return np.asarray(value).dtype if dtype is None else dtype
+
+
 def check_logits(logits: Any, fn: str) -> None:
     """Checks that ``logits`` is a floating array with at least one axis.
 
     Raises:
       ValueError: when the dtype is not floating or ``logits`` is a scalar.
     """
-    dtype = getattr(logits, "dtype", None)
-    if dtype is None:
-        dtype = np.asarray(logits).dtype
+    dtype = _dtype(logits)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"{fn}: logits must have a floating dtype, got logits of dtype {dtype}")
     if np.ndim(logits) < 1:
@@ -248,9 +252,7 @@ def check_batch_shape(
 
 def check_token_ids(fn: str, name: str, token_ids: Any, vocab_size: int | None) -> None:
     """Checks token ids: integer dtype, and (when concrete) ``-1 <= id < vocab_size``."""
-    dtype = getattr(token_ids, "dtype", None)
-    if dtype is None:
-        dtype = np.asarray(token_ids).dtype
+    dtype = _dtype(token_ids)
     if not jnp.issubdtype(dtype, jnp.integer):
         raise ValueError(f"{fn}: {name} must be an integer array, got {name} of dtype {dtype}")
     if np.ndim(token_ids) < 1:

@@ -11,7 +11,6 @@ through ml_dtypes).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import json
@@ -20,7 +19,7 @@ import shutil
 import struct
 import sys
 import tempfile
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import jax
 import ml_dtypes
@@ -28,6 +27,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from jaxsample import atomic_file
 from models.config import DecoderConfig
 from models.decoder import DecoderLM, init_params
 
@@ -51,28 +51,9 @@ os.umask(_UMASK)
 # ----------------------------------------------------------------------------- files
 
 
-@contextlib.contextmanager
-def _atomic_file(path: str) -> Iterator[str]:
-    """Yields a temporary path next to `path` to write; on success it is fsynced, given the
-    usual permissions and renamed to `path`; on any error it is removed."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-" + os.path.basename(path))
-    os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Writes `data` to `path` through a temporary file in the same directory + rename."""
-    with _atomic_file(path) as tmp, open(tmp, "wb") as f:
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
 
 
@@ -86,7 +67,7 @@ def save_safetensors(path: str, arrays: Mapping[str, np.ndarray], metadata: Mapp
     for name, arr in arrays.items():
         if arr.dtype not in _ST_DTYPES:
             raise TypeError(f"cannot store {name!r} with dtype {arr.dtype} in safetensors")
-    with _atomic_file(path) as tmp:
+    with atomic_file(path) as tmp:
         safetensors.numpy.save_file(arrays, tmp, metadata={str(k): str(v) for k, v in (metadata or {}).items()})
 
 

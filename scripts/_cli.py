@@ -6,7 +6,7 @@
 * :func:`check_minimums`: every "``--flag`` must be >= N, got V" check of a script, as
   one table (``{"--flag": N}``), each a ``parser.error`` (status 2, before any work).
 * :func:`write_json`: results as JSON through a temporary file and a rename (never a
-  half-written file).
+  half-written file), and a line saying where.
 
 Scripts import it as ``import _cli`` after putting ``scripts/`` on ``sys.path``.
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from typing import Any
 
 
@@ -74,11 +73,12 @@ def check_minimums(parser: argparse.ArgumentParser, args: argparse.Namespace,
 
 
 def write_json(path: str, obj: Any, **dump: Any) -> None:
-    """Writes ``obj`` as JSON (``indent=2`` unless ``dump`` says otherwise) to ``path``
-    through ``path + ".tmp"`` and a rename."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    """Writes ``obj`` as JSON (``indent=2`` unless ``dump`` says otherwise, a final
+    newline) to ``path``, whole or not at all (``jaxsample.atomic_file``), and prints
+    ``wrote <path>``."""
+    import jaxsample as js  # here: the other helpers import nothing heavy
+
+    with js.atomic_file(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, **{"indent": 2, **dump})
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        f.write("\n")
+    print(f"wrote {path}")

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -52,7 +51,9 @@ import time
 from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _cli  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -428,11 +429,8 @@ def gpu_check(json_path: str | None, smoke: bool) -> dict[str, Any]:
     report = {"environment": env, "gpu_check": rows, "generate": gen,
               "method": "per call inside one jitted fori_loop over 4 precomputed N(0, 2) logits "
                         f"tensors, {iters} iterations, median of {repeats}"}
-    path = json_path or "bench_gpu_check.json"
-    from models.checkpoint import atomic_write_json  # temp file + rename: never half-written
-
-    atomic_write_json(path, report)
-    print(f"\nwrote {path}")
+    print()
+    _cli.write_json(json_path or "bench_gpu_check.json", report, sort_keys=True)
     return report
 
 
@@ -615,10 +613,8 @@ def main(argv=None) -> int:
         print(generate_table(report["generate"]), flush=True)
 
     if args.json:
-        from models.checkpoint import atomic_write_json  # temp file + rename: never half-written
-
-        atomic_write_json(args.json, report)
-        print(f"\nwrote {args.json}")
+        print()
+        _cli.write_json(args.json, report, sort_keys=True)
     return 0
 
 

@@ -273,7 +273,6 @@ def main(argv=None) -> int:
                       generated=generated, repeats=args.repeats, rows=rows,
                       early_stop=stop_early, cache_capacity=capacity)
         _cli.write_json(args.json, result)
-        print(f"wrote {args.json}")
     return 0 if all(r["same"] in (None, True) for r in rows) and stop_early["same"] else 1
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import sys
 import tempfile
 import time
@@ -36,6 +35,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+import _cli  # noqa: E402
 
 def shared_dir() -> Path:
     """``../shared`` relative to the repository root (the main checkout's, from a git worktree)."""
@@ -335,6 +336,10 @@ def main(argv=None) -> int:
                           compile_p90_ms=float(np.percentile(ct, 90) * 1e3) if ct.size else None,
                           compile_max_ms=float(ct.max() * 1e3) if ct.size else None,
                           host_routed=sum(r.get("route") == "host" for r in rs))
+        for route in ("device", "host"):  # jaxsample: compile times by where the schema went
+            rt = np.array([r["compile_s"] for r in rs if r.get("route") == route])
+            if rt.size:
+                summary[n][f"compile_{route}_p50_p90_max_ms"] = [float(np.percentile(rt, q) * 1e3) for q in (50, 90, 100)]
     print(f"\nMaskBench sample: {len(cases)} schemas (every {args.every}th file), tokenizer {tok_name}, "
           f"timeout {args.timeout:g} s\n")
     print("| engine | passing | compile errors | timeouts | valid rejected | invalid accepted | compile p50 / p90 / max |")
@@ -345,6 +350,12 @@ def main(argv=None) -> int:
         print(f"| {n} | {s['passing']} ({s['passing_pct']:.0f}%){extra} | {s['compile_error']} | {s['timeout']} | "
               f"{s['validation_error']} | **{s['invalidation_error']}** | {fmt(s['compile_p50_ms'])} / "
               f"{fmt(s['compile_p90_ms'])} / {fmt(s['compile_max_ms'])} |")
+    for route in ("device", "host"):
+        got = summary.get("jaxsample", {}).get(f"compile_{route}_p50_p90_max_ms")
+        if got:
+            print(f"\njaxsample compile on the {route}: p50 / p90 / max "
+                  f"{' / '.join(f'{v:.1f} ms' for v in got)}", end="")
+    print()
     for n in names:
         shown = [r for r in results[n] if r["status"] != "passing"][: args.show]
         for r in shown:
@@ -352,10 +363,7 @@ def main(argv=None) -> int:
     if args.json_output:
         out = dict(tokenizer=tok_name, timeout_s=args.timeout, schemas=len(cases), summary=summary, results=results,
                    date=time.strftime("%Y-%m-%d"))
-        tmp = args.json_output + ".partial"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(tmp, args.json_output)
+        _cli.write_json(args.json_output, out, indent=1)
     return 0
 
 

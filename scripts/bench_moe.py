@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _cli  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -117,10 +118,7 @@ def main(argv=None) -> int:
         blob = dict(date=datetime.date.today().isoformat(), device=jax.devices()[0].device_kind,
                     platform=platform.platform(), args=vars(args), total_params=moe.num_params(),
                     active_params=moe.num_active_params(), dense_params=base.num_params(), rows=rows)
-        tmp = args.json + ".partial"
-        with open(tmp, "w") as f:
-            json.dump(blob, f, indent=2)
-        os.replace(tmp, args.json)
+        _cli.write_json(args.json, blob)
     return 0
 
 

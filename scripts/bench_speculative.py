@@ -190,7 +190,6 @@ def main(argv=None) -> int:
                       prompts=len(prompts), prompt_len=args.prompt_len, new_tokens=n,
                       temperature=args.temperature, repeats=args.repeats, rows=rows)
         _cli.write_json(args.json, result)
-        print(f"wrote {args.json}")
     return 0
 
 

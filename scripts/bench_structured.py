@@ -36,6 +36,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _cli  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -282,10 +283,8 @@ def main(argv=None) -> int:
             print(f"  batch {b} done", flush=True)
         print("\n" + "\n".join(lines), flush=True)
     if args.json:
-        from models.checkpoint import atomic_write_json  # temp file + rename: never half-written
-
-        atomic_write_json(args.json, report)
-        print(f"\nwrote {args.json}")
+        print()
+        _cli.write_json(args.json, report, sort_keys=True)
     return 0
 
 

@@ -483,11 +483,11 @@ def test_eager_top_k_with_python_ints_compiles_once():
     a k >= V share one compilation, and each equals the reference."""
     x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 300)), jnp.float32)
     js.top_k(x, 7)  # warm up this shape
-    before = _filters._top_k._cache_size()
+    before = _filters._truncation_on_rows._cache_size()
     for k in (1, 2, 3, 0, 300, 1000):
         expected = [np.isfinite(ref.top_k_row(row, k)[0]) for row in np.asarray(x)]
         np.testing.assert_array_equal(np.isfinite(js.top_k(x, k)), expected)
-    assert _filters._top_k._cache_size() == before
+    assert _filters._truncation_on_rows._cache_size() == before
 
 
 def test_traced_values_are_not_checked_but_shapes_are():

@@ -69,10 +69,11 @@ def test_greedy_equals_stepwise_argmax_of_full_forward(tiny_lm):
     n = 8
     out = js.generate(tiny_lm, prompts, lengths, row_keys(0, 2), max_new_tokens=n)
     forward = jax.jit(tiny_lm.forward.__func__)
+    width = prompts.shape[1] + n  # one padded shape: a causal model's logits at t ignore t+1..
     for r in range(2):
         seq = list(prompts[r, : lengths[r]])
         for i in range(n):
-            logits = forward(tiny_lm, jnp.array([seq]))[0, -1]
+            logits = forward(tiny_lm, jnp.array([seq + [0] * (width - len(seq))]))[0, len(seq) - 1]
             nxt = int(jnp.argmax(logits))
             assert int(out.tokens[r, i]) == nxt, (r, i)
             lp = jax.nn.log_softmax(logits)[nxt]

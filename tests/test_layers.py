@@ -17,6 +17,7 @@ LIB = ROOT / "jaxsample"
 #: Layer of each part of the library: a module may import its own layer or lower ones.
 LAYERS = {
     "jaxsample._validation": 0,
+    "jaxsample._files": 0,
     "jaxsample._selection": 1,
     "jaxsample._filters": 2,
     "jaxsample._processors": 3,

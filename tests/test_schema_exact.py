@@ -117,6 +117,8 @@ def test_anchors_inside_patterns():
           ["xallow", "denyx", "maybe"])
     check({"type": "string", "pattern": "^[a-z]+$"}, ["abc"], ["ab1", ""])
     check({"type": "string", "pattern": "[0-9]{3}"}, ["x123y", "123"], ["12"])
+    check({"type": "string", "pattern": "^$|^a[0-9]$"}, ["", "a1", "a5"], ["x", "a", "a12", "xa1"])
+    check({"type": "string", "pattern": "[|]|^(b|c)$"}, ["|", "x|y", "b", "c"], ["bc", "a"])
     with pytest.raises(ValueError, match=r"#/properties/p/pattern.*anchor"):
         js.JSONSchema({"properties": {"p": {"type": "string", "pattern": "a(^b)"}}}, TOK, host="never")
 
@@ -168,6 +170,88 @@ def test_number_bounds_and_multiple_of():
     m = {"type": "integer", "multipleOf": 7, "minimum": -30, "maximum": 100}
     c = js.JSONSchema(m, TOK, host="never")
     assert [v for v in range(-40, 120) if accepts(c, str(v))] == [v for v in range(-40, 120) if valid(m, v)]
+
+
+def test_decimal_number_bounds_are_exact_and_exclusive_bounds_never_round_onto_the_bound():
+    for schema in [{"type": "number", "minimum": 0.25}, {"type": "number", "exclusiveMinimum": 0.25, "maximum": 1.5},
+                   {"type": "number", "minimum": -2.75, "exclusiveMaximum": -0.1},
+                   {"type": "number", "exclusiveMinimum": 3.125, "exclusiveMaximum": 3.5}]:
+        c = js.JSONSchema(schema, TOK, host="never")
+        for i in ["0", "1", "3", "-0", "-2", "-3"]:
+            for f in ["", ".1", ".099", ".25", ".250", ".2499", ".26", ".5", ".50001", ".125", ".1251", ".75", ".0"]:
+                text = i + f
+                if text.startswith("-0") and float(text) == 0:
+                    continue  # "-0" is left out (never written), not wrong
+                assert accepts(c, text) == valid(schema, json.loads(text)), (schema, text)
+    c = js.JSONSchema({"type": "number", "exclusiveMinimum": 0}, TOK, host="never")
+    assert accepts(c, "0.00000000000001") and not accepts(c, "0." + "0" * 400 + "1")  # that one is 0.0 as a float
+    assert accepts(c, "1" + "0" * 40)  # integers are exact
+
+
+def test_dependency_absent_key_is_not_written_as_an_extra_property():
+    check({"type": "object", "dependentRequired": {"a": ["b"]}}, [{}, {"c": 1}, {"a": 1, "b": 2}], [{"a": 1}])
+
+
+def test_one_of_exactly_one_branch_by_negation():
+    check({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+           "oneOf": [{"required": ["a"]}, {"required": ["b"]}]},
+          [{"a": 1}, {"b": 2}], [{}, {"a": 1, "b": 2}, {"a": "x"}])
+    check({"oneOf": [{"type": "object", "properties": {"k": {"type": "string"}}, "required": ["k"]},
+                     {"type": "object", "properties": {"j": {"type": "object", "required": ["x"]}}, "required": ["j"]}]},
+          [{"k": "s"}, {"j": {"x": 1}}, {"k": "s", "j": {}}, {"j": {"x": 1}, "k": 1}],  # listed order
+          [{"k": "s", "j": {"x": 1}}, {}, {"k": 1}, 3, "s"])
+
+
+def test_one_of_closed_branch_against_a_name_the_other_requires():
+    schema = {"type": "object", "oneOf": [
+        {"properties": {"e": {"type": "object"}}, "required": ["e"], "additionalProperties": False},
+        {"properties": {"h": {"type": "string"}, "e": {}}, "required": ["h"], "additionalProperties": False}]}
+    check(schema, [{"e": {}}, {"h": "x"}, {"h": "x", "e": 1}], [{}, {"e": 1}, {"h": 1, "e": {}}, {"h": 1}, 3])
+
+
+def test_not_by_negation():
+    check({"type": "object", "properties": {"a": {"type": "integer"}}, "not": {"required": ["a"]}},
+          [{}, {"b": 1}], [{"a": 1}, 3])
+    check({"not": {"not": {"type": "object", "properties": {"a": {"type": "string"}}}}},
+          [{"a": "s"}, {}], [{"a": 1}, "s"])
+    check({"type": "object", "properties": {"a": {}}, "not": {"properties": {"a": {"type": "string"}}}},
+          [{"a": 1}, {"a": None}], [{"a": "s"}, {}])
+    with pytest.raises(ValueError, match=r"#/not: only `not`"):
+        js.JSONSchema({"type": "string", "not": {"pattern": "a"}}, TOK, host="never")
+
+
+def test_one_of_for_the_host_engine_becomes_any_of_where_exact():
+    from jaxsample._constraints import schema as S
+    disjoint: dict = {}
+    schema = {"type": "object", "properties": {"d": {"oneOf": [{"type": "array"}, {"type": "null"}]}},
+              "oneOf": [{"required": ["a"]}, {"required": ["b"]}]}
+    S.schema_node(schema, js._constraints.automaton.parse_regex(r"[ ]?"), None, disjoint)
+    out = S.one_of_as_any_of(schema, disjoint)
+    assert "oneOf" not in json.dumps(out)
+    assert out["properties"]["d"] == {"anyOf": [{"type": "array"}, {"type": "null"}]}
+    for v in [{"a": 1}, {"b": 1}, {"a": 1, "b": 1}, {}, {"a": 1, "d": None}, {"b": 1, "d": 3}, 5]:
+        assert valid(out, v) == valid(schema, v), v
+
+
+def test_large_schema_goes_to_the_host_engine_before_any_build(monkeypatch):
+    pytest.importorskip("llguidance")
+    from jaxsample._constraints import structured as ST
+    big = {"type": "object", "properties": {f"p{i}": {"type": "string", "maxLength": 40} for i in range(30)},
+           "required": [f"p{i}" for i in range(30)], "additionalProperties": False}
+    monkeypatch.setattr(ST, "_table", lambda *a, **k: pytest.fail("the device build ran"))
+    c = js.JSONSchema(big, TOK)
+    assert isinstance(c, js.HostJSONSchema)
+    text = "{" + ", ".join(f'"p{i}": "x"' for i in range(30)) + "}"
+    assert c.accepts(list(text.encode())) and not c.accepts(list(text.replace('"x"', "1", 1).encode()))
+
+
+def test_build_deadline_sends_a_slow_build_to_the_host_engine(monkeypatch):
+    pytest.importorskip("llguidance")
+    from jaxsample._constraints import structured as ST
+    schema = {"type": "object", "properties": {"deadline_probe": {"type": "string", "maxLength": 3}}}
+    monkeypatch.setattr(ST, "AUTO_BUILD_SECONDS", 0.0)  # every DFA state is past the deadline
+    assert isinstance(js.JSONSchema(schema, TOK), js.HostJSONSchema)
+    assert isinstance(js.JSONSchema(schema, TOK, host="never"), js.Constraint)  # no deadline there
 
 
 def test_min_max_properties_pattern_properties_unique_items_not():
@@ -224,7 +308,7 @@ def test_cache_returns_the_same_constraint():
 
 
 def _random_schema(rng: random.Random, depth: int = 0):
-    kinds = ["integer", "string", "boolean", "null", "enum"] + (["array", "object"] if depth < 2 else [])
+    kinds = ["integer", "number", "string", "boolean", "null", "enum"] + (["array", "object", "oneOf"] if depth < 2 else [])
     k = rng.choice(kinds)
     if k == "integer":
         s = {"type": "integer"}
@@ -245,6 +329,14 @@ def _random_schema(rng: random.Random, depth: int = 0):
         elif r < 0.8:
             s["format"] = "date"
         return s
+    if k == "number":
+        s = {"type": "number"}
+        for kw in rng.sample(["minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"], rng.randint(1, 2)):
+            s[kw] = rng.choice([0, 1, -1, 0.25, -0.5, 2.75, 0.1])
+        return s
+    if k == "oneOf":
+        return {"type": "object", "properties": {"a": {"type": "integer"}, "b": {}, "c": {"type": "integer"}},
+                "oneOf": [{"required": [n]} for n in rng.sample(["a", "b", "c"], 2)]}
     if k == "enum":
         return {"enum": rng.sample(["a", "b", 1, 2.5, None, True, [1], {"k": 1}], rng.randint(1, 3))}
     if k in ("boolean", "null"):
@@ -259,6 +351,8 @@ def _random_schema(rng: random.Random, depth: int = 0):
     names = rng.sample(["a", "b", "c", "d"], rng.randint(1, 3))
     s = {"type": "object", "properties": {n: _random_schema(rng, depth + 1) for n in names}}
     s["required"] = [n for n in names if rng.random() < 0.5]
+    if rng.random() < 0.3:  # the trigger and the dependency may be unlisted
+        s["dependentRequired"] = {rng.choice(["a", "e"]): [rng.choice(["b", "f"])]}
     r = rng.random()
     if r < 0.4:
         s["additionalProperties"] = False
@@ -276,6 +370,10 @@ def _random_value(rng: random.Random, schema, depth: int = 0):
     t = schema.get("type")
     if t == "integer":
         return rng.randint(-25, 45)
+    if t == "number":
+        return rng.choice([0, 1, -1, 0.25, 0.26, 0.24, -0.5, -0.49, 2.75, 2.7501, 0.1, 0.10001, 3, -2])
+    if "oneOf" in schema:
+        return {n: rng.choice([1, "x"]) for n in ["a", "b", "c"] if rng.random() < 0.5}
     if t == "string":
         return rng.choice(["", "a", "ab", "abc1", "b", "xyz", "x", "2021-02-29", "2020-02-29", "1999-12-31", "zzzzz"])
     if t == "boolean":

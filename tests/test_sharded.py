@@ -10,11 +10,13 @@ single-device run by float32 rounding of the sharded reductions: |diff| <= 1e-4
 (observed ~1e-6).
 """
 
+import dataclasses
 import json
 import math
 import os
 import subprocess
 import sys
+import time
 import types
 
 import jax
@@ -30,7 +32,6 @@ from models import DecoderLM, preset
 from models import sharding
 
 DEVICES = 8
-MESHES = ((8, 1), (1, 8), (2, 4))
 LOGPROB_ATOL = 1e-4
 
 # ----------------------------------------------------------------------------- the 8-device run
@@ -87,18 +88,21 @@ def _collectives(hlo_text):
     return found
 
 
-def _device_checks():
-    """Runs in the 8-device subprocess; returns a JSON-able dict of results."""
-    import time
+#: The two halves of the 8-device run: "core" (the 2x4 mesh: filters, draw, top log-probs,
+#: generate and its loop's HLO) runs by default; "more" (the 1x8 and 8x1 meshes, the kernel
+#: plan, the sampling step's HLO, every family switch) is slow-marked.
+PARTS = {"core": {"filters": ((2, 4),), "generate": ((2, 4),)},
+         "more": {"filters": ((1, 8),), "generate": ((8, 1), (1, 8))}}
 
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
+def _device_checks(part):
+    """Runs in the 8-device subprocess; returns a JSON-able dict of results for `part`."""
     assert jax.device_count() == DEVICES, jax.devices()
     t_start = time.time()
     times = {}
-    results = {"filters": {}, "draw": {}, "top_logprobs": {}, "generate": {}}
+    results = {"filters": {}, "draw": {}, "top_logprobs": {}}
 
-    # Filters and draw: sharded vs the single-device functions, meshes (2, 4) and (1, 8).
+    # Filters and draw: sharded vs the single-device functions, on the part's meshes.
     batch, vocab = 8, 96
     x = _test_logits(batch, vocab)
     cases = _filter_cases(batch, vocab)
@@ -110,7 +114,7 @@ def _device_checks():
     expected, expected_draw, expected_top = jax.jit(unsharded)(x, keys, [p for _, p in cases])
     expected = {name: np.asarray(out) for (name, _), out in zip(cases, expected)}
     expected_draw = np.asarray(expected_draw)
-    for shape in ((2, 4), (1, 8)):
+    for shape in PARTS[part]["filters"]:
         sampler = _sharded.ShardedSampler(sharding.make_mesh(shape))
         xs = jax.device_put(x, sampler.logits_sharding)
 
@@ -130,10 +134,18 @@ def _device_checks():
             and np.allclose(np.asarray(top_lp)[valid], np.asarray(expected_top[1])[valid], atol=1e-5))
         times[f"filters {name}"] = time.time() - t_start
 
+    if part == "more":
+        _more_step_checks(results, times, t_start, x, keys, cases, expected)
+    results.update(_generate_checks(part, times, t_start))
+    results["seconds"] = time.time() - t_start
+    results["times"] = times
+    return results
+
+
+def _more_step_checks(results, times, t_start, x, keys, cases, expected):
+    """The kernel plan on vocab shards and the compiled sampling step's collectives."""
     # The GPU plan (the Pallas counting kernel, interpreted) on vocab shards: the same
     # search, its per-pass masses psum-ed over the model axis.
-    import dataclasses
-
     kernel = dataclasses.replace(_select.KERNEL_PLAN, interpret=True)
     sampler = _sharded.ShardedSampler(sharding.make_mesh((2, 4)), method=kernel)
     picked = [(n, p) for n, p in cases if n in ("top_k", "top_k_m3", "top_p", "typical_p")]
@@ -146,20 +158,24 @@ def _device_checks():
     # HLO: the compiled sampling step moves no [B, V] array between devices.
     mesh = sharding.make_mesh((2, 4))
     sampler = _sharded.ShardedSampler(mesh)
-    vocab = 1024
+    vocab, batch = 1024, 8
     chain = js.chain(js.Temperature(0.8), js.TopK(40), js.TopP(0.9), js.MinP(0.05), js.TypicalP(0.95))
     spec = jax.ShapeDtypeStruct((batch, vocab), jnp.float32, sharding=sampler.logits_sharding)
     state = chain.init(None, None, vocab)
     hlo = jax.jit(lambda l, k: sampler(chain, l, state, k)).lower(spec, keys).compile().as_text()
     naive = jax.jit(lambda l, k: js.sample_step(chain, l, state, k)).lower(spec, keys).compile().as_text()
     ops = _collectives(hlo)
-    results["hlo"] = {
+    results["hlo_step"] = {
         "vocab": vocab,
         "sharded": [[op, shapes] for op, shapes in ops],
         "naive": [[op, shapes] for op, shapes in _collectives(naive)],
     }
-    times["hlo"] = time.time() - t_start
+    times["hlo step"] = time.time() - t_start
 
+
+def _generate_checks(part, times, t_start):
+    """Generation on `part`'s meshes vs one device, for the same keys."""
+    results = {"generate": {}}
     # Generation: every mesh vs one device, for the same keys. The tiny preset with 4 kv
     # heads: attention is split on the 2x4 mesh and replicated on 1x8 (4 heads on 8).
     lm = DecoderLM.random(preset("tiny").replace(n_kv_heads=4), jax.random.key(0))
@@ -179,7 +195,7 @@ def _device_checks():
     plain_greedy = js.generate(lm, prompts, lengths, keys, max_new_tokens=new, top_logprobs=3)
     times["reference"] = time.time() - t_start
     results["reference_is_not_constant"] = bool(len(np.unique(np.asarray(reference.tokens)[2:])) > 10)
-    for shape in MESHES:
+    for shape in PARTS[part]["generate"]:
         slm = sharding.shard_model(lm, sharding.make_mesh(shape))
         out = js.sharded_generate(slm, prompts, lengths, keys, max_new_tokens=new, sampler=chain)
         name = f"{shape[0]}x{shape[1]}"
@@ -195,8 +211,10 @@ def _device_checks():
             "tokens_sharding": str(out.tokens.sharding.spec),
             "padded_vocab": slm.vocab_size,
         }
+        if shape == (2, 4):  # the memory estimate is per device for a sharded model
+            results["memory"] = {name: _memory_parts(m, batch, plen + new) for name, m in (("one", lm), ("mesh", slm))}
         if shape == (2, 4):  # the whole compiled loop: which arrays cross devices
-            results["hlo"]["generate"] = _generate_collectives(slm, prompts, lengths, keys, chain, new)
+            results["hlo_generate"] = _generate_collectives(slm, prompts, lengths, keys, chain, new)
         if shape == (2, 4):  # the default greedy sampler (sampler=None) on a 2-D mesh
             out = js.sharded_generate(slm, prompts, lengths, keys, max_new_tokens=new, top_logprobs=3)
             results["greedy_default_equal"] = bool(
@@ -206,6 +224,25 @@ def _device_checks():
                 and np.allclose(np.asarray(out.top_logprobs), np.asarray(plain_greedy.top_logprobs),
                                 atol=LOGPROB_ATOL))
         times[f"generate {name}"] = time.time() - t_start
+    if part == "more":
+        results["families"] = _family_checks(prompts, lengths, keys, new)
+        times["families"] = time.time() - t_start
+    return results
+
+
+def _memory_parts(model, rows, cache_size):
+    """`check_memory`'s estimate by part (a limit of 1 byte refuses, carrying the parts)."""
+    from jaxsample._decoding import core
+
+    try:
+        core.check_memory(model, fn="test", max_new_tokens=1, rows=rows, cache_size=cache_size, width=1,
+                          memory_limit=1)
+    except js.MemoryLimitError as e:
+        return e.parts
+    raise AssertionError("a 1-byte limit was not refused")
+
+
+def _family_checks(prompts, lengths, keys, new):
     # Every family switch at once (issue 22): untied lm_head, q/k/v biases, q/k norms, pre and
     # post norms, a sliding-window ring layer, 8 experts (expert parallel on both meshes) and a
     # dense layer; greedy tokens on each mesh equal one device's.
@@ -214,16 +251,12 @@ def _device_checks():
         sliding_window_layers=(0,), num_experts=8, experts_per_token=2, moe_d_ff=16, moe_layers=(1,)),
         jax.random.key(2))
     fam_ref = js.generate(fam, prompts, lengths, keys, max_new_tokens=new)
-    results["families"] = {}
+    families = {}
     for shape in ((2, 4), (1, 8)):
         out = js.sharded_generate(sharding.shard_model(fam, sharding.make_mesh(shape)), prompts, lengths, keys,
                                   max_new_tokens=new)
-        results["families"][f"{shape[0]}x{shape[1]}"] = bool(
-            np.array_equal(np.asarray(out.tokens), np.asarray(fam_ref.tokens)))
-    times["families"] = time.time() - t_start
-    results["seconds"] = time.time() - t_start
-    results["times"] = times
-    return results
+        families[f"{shape[0]}x{shape[1]}"] = bool(np.array_equal(np.asarray(out.tokens), np.asarray(fam_ref.tokens)))
+    return families
 
 
 def _generate_collectives(model, prompts, lengths, keys, chain, new):
@@ -244,15 +277,14 @@ def _generate_collectives(model, prompts, lengths, keys, chain, new):
     return [[op, shapes] for op, shapes in _collectives(text)]
 
 
-@pytest.fixture(scope="module")
-def device_results():
+def _run_device_checks(part):
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(tests_dir)
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={DEVICES}").strip()
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([root, tests_dir] + [p for p in [env.get("PYTHONPATH")] if p])
-    code = "import json, test_sharded as t; print('RESULT' + json.dumps(t._device_checks()))"
+    code = f"import json, test_sharded as t; print('RESULT' + json.dumps(t._device_checks({part!r})))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=tests_dir, env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-6000:]
@@ -260,32 +292,59 @@ def device_results():
     return json.loads(line[len("RESULT"):])
 
 
-@pytest.mark.parametrize("mesh", ["2x4", "1x8"])
-def test_vocab_sharded_filters_equal_unsharded(device_results, mesh):
-    results = device_results["filters"][mesh]
+@pytest.fixture(scope="module")
+def device_results():
+    """The "core" part of the 8-device run (the 2x4 mesh)."""
+    return _run_device_checks("core")
+
+
+@pytest.fixture(scope="module")
+def more_device_results():
+    """The "more" part (other meshes, kernel plan, step HLO, families): slow tests only."""
+    return _run_device_checks("more")
+
+
+def _results_for(request, mesh):
+    """The part of the 8-device run that covers `mesh`."""
+    core = any(f"{a}x{b}" == mesh for a, b in PARTS["core"]["filters"] + PARTS["core"]["generate"])
+    return request.getfixturevalue("device_results" if core else "more_device_results")
+
+
+def _meshes(shapes):
+    """Mesh names as test parameters; those outside the core part are slow."""
+    core = {f"{a}x{b}" for a, b in PARTS["core"]["filters"] + PARTS["core"]["generate"]}
+    names = [f"{a}x{b}" for a, b in shapes]
+    return [pytest.param(m, marks=() if m in core else pytest.mark.slow) for m in names]
+
+
+@pytest.mark.parametrize("mesh", _meshes(((2, 4), (1, 8))))
+def test_vocab_sharded_filters_equal_unsharded(request, mesh):
+    results = _results_for(request, mesh)["filters"][mesh]
     assert results and all(results.values()), {k: v for k, v in results.items() if not v}
 
 
-def test_vocab_sharded_kernel_plan_equals_unsharded(device_results):
+@pytest.mark.slow
+def test_vocab_sharded_kernel_plan_equals_unsharded(more_device_results):
     """The Pallas counting kernel (interpreted) on a 2x4 mesh keeps the single-device sets."""
-    results = device_results["filters_kernel"]
+    results = more_device_results["filters_kernel"]
     assert results and all(results.values()), {k: v for k, v in results.items() if not v}
 
 
-@pytest.mark.parametrize("mesh", ["2x4", "1x8"])
-def test_sharded_draw_equals_gumbel_sample(device_results, mesh):
-    assert device_results["draw"][mesh]
+@pytest.mark.parametrize("mesh", _meshes(((2, 4), (1, 8))))
+def test_sharded_draw_equals_gumbel_sample(request, mesh):
+    assert _results_for(request, mesh)["draw"][mesh]
 
 
-@pytest.mark.parametrize("mesh", ["2x4", "1x8"])
-def test_distributed_top_logprobs_equal_lax_top_k(device_results, mesh):
-    assert device_results["top_logprobs"][mesh]
+@pytest.mark.parametrize("mesh", _meshes(((2, 4), (1, 8))))
+def test_distributed_top_logprobs_equal_lax_top_k(request, mesh):
+    assert _results_for(request, mesh)["top_logprobs"][mesh]
 
 
-@pytest.mark.parametrize("mesh", [f"{a}x{b}" for a, b in MESHES])
-def test_sharded_generate_same_tokens_as_one_device(device_results, mesh):
-    r = device_results["generate"][mesh]
-    assert device_results["reference_is_not_constant"]
+@pytest.mark.parametrize("mesh", _meshes(((8, 1), (1, 8), (2, 4))))
+def test_sharded_generate_same_tokens_as_one_device(request, mesh):
+    results = _results_for(request, mesh)
+    r = results["generate"][mesh]
+    assert results["reference_is_not_constant"]
     assert r["tokens_equal"] and r["lengths_equal"], r
     assert r["greedy_rows_equal_plain_generate"], r
     assert r["logprob_raw_diff"] <= LOGPROB_ATOL and r["logprob_processed_diff"] <= LOGPROB_ATOL, r
@@ -300,23 +359,33 @@ def test_sharded_generate_default_greedy(device_results):
     assert device_results["generate_top_logprobs_equal"]
 
 
+def test_memory_estimate_of_a_sharded_model_is_per_device(device_results):
+    """On the 2x4 mesh each device holds a quarter of the big weights (norms replicated)
+    and an eighth of the cache, so the estimate that `sharded_generate` checks against one
+    device's memory is per device (before: the whole model against one device)."""
+    one, mesh = device_results["memory"]["one"], device_results["memory"]["mesh"]
+    assert 3.0 < one["weights"] / mesh["weights"] <= 4.0, (one, mesh)
+    assert mesh["KV cache"] == one["KV cache"] // 8, (one, mesh)
+
+
 def test_generate_loop_hlo_has_only_all_reduces(device_results):
     """The whole compiled loop on the 2x4 mesh: Megatron all-reduces of activations
     ([b, T, D]) and per-row sampler reductions; no all-gather of logits, cache or weights."""
-    ops = device_results["hlo"]["generate"]
+    ops = device_results["hlo_generate"]
     assert ops and {op for op, _ in ops} == {"all-reduce"}, ops
     vocab = 260  # 259 padded to a multiple of 4
     assert not [c for c in ops if any(vocab in s for s in c[1])], ops
 
 
-def test_sampling_step_hlo_has_no_gather_of_the_logits(device_results):
+@pytest.mark.slow
+def test_sampling_step_hlo_has_no_gather_of_the_logits(more_device_results):
     """The compiled step of a 5-stage chain: only per-row all-reduces cross devices.
 
     The control: the same chain run through plain `sample_step` on the same sharded
     logits makes XLA gather them (an all-gather with a V-sized dimension), so the
     check below does detect a gather when there is one.
     """
-    hlo = device_results["hlo"]
+    hlo = more_device_results["hlo_step"]
     vocab, batch = hlo["vocab"], 8
 
     def moves_logits(shapes):
@@ -459,8 +528,9 @@ def test_unsupported_processors_are_refused():
         _sharded.ShardedSampler(sharding.make_mesh((1, 1)), vocab_axis="vocab")
 
 
-def test_sharded_generate_every_family_switch(device_results):
-    assert device_results["families"] == {"2x4": True, "1x8": True}
+@pytest.mark.slow
+def test_sharded_generate_every_family_switch(more_device_results):
+    assert more_device_results["families"] == {"2x4": True, "1x8": True}
 
 
 def test_param_specs_place_every_family_parameter():

@@ -302,9 +302,8 @@ def test_one_token_and_immediate_stop(target):
 
 
 def test_constraint_with_prompt_lookup_equals_generate(target):
-    """A stateful constraint (jaxsample.Choice, '.[structured]') in the chain: greedy
+    """A stateful constraint (jaxsample.Choice) in the chain: greedy
     speculative output equals greedy generate, and every row is one of the choices."""
-    pytest.importorskip("outlines_core", reason="needs pip install '.[structured]'")
     from models import ByteTokenizer
     tok = ByteTokenizer()
     choices = ["yes", "no", "maybe so"]

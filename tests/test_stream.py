@@ -132,7 +132,6 @@ def test_cli_streams_several_rows_as_they_finish(tmp_path, capsys):
     """Two prompts x two samples, --stream: each row is printed whole (with its top-N and
     prompt log-probs) as soon as it finishes, so a short "no" row comes before a long one;
     the rows are exactly --no-stream's, which prints them in order at the end."""
-    pytest.importorskip("outlines_core", reason="--choice needs pip install '.[structured]'")
     from models import DecoderLM, preset, save_model
 
     cli = load_script("generate")

@@ -42,6 +42,15 @@ def _llguidance():
     return llguidance
 
 
+def available() -> bool:
+    """Whether llguidance can be imported (the host engine is usable)."""
+    try:
+        _llguidance()
+    except ImportError:
+        return False
+    return True
+
+
 def _lltokenizer(tokenizer: Any, pieces: list):
     key = id(tokenizer)
     got = _TOKENIZERS.get(key)

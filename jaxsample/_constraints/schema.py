@@ -22,7 +22,7 @@ from urllib.parse import unquote
 from jaxsample._constraints import automaton as A
 
 ANY_DEPTH = 2  # any-value subschemas ({} / true): nesting depth of the values written
-EXTRA_DEPTH = 1  # likewise for the values of properties allowed by an unset additionalProperties
+EXTRA_DEPTH = 2  # likewise for the values of properties allowed by an unset additionalProperties
 MAX_CASES = 64  # dependencies / uniqueItems enumerations beyond this are refused
 ALL_TYPES = frozenset({"null", "boolean", "object", "array", "string", "number", "integer"})
 _ANNOTATIONS = {"$schema", "$id", "id", "title", "description", "default", "examples", "$comment", "readOnly",
@@ -56,6 +56,57 @@ class NotRegular(ValueError):
     """The schema is fine but its language is not regular (a recursive reference)."""
 
 
+class TooBig(ValueError):
+    """The schema's automaton would be too large for the device (an estimate, before any build)."""
+
+
+#: Subschema compilations after which :func:`schema_node` gives up with :class:`TooBig`
+#: when a budget is asked for (the schemas that stay on device need a few dozen).
+MAX_SUBSCHEMAS = 2_000
+
+
+def cost(node: tuple) -> int:
+    """Estimated NFA states of an AST (linear in its distinct nodes; shared nodes counted once each use).
+
+    An upper-side estimate of the DFA the build will make, cheap enough to decide before
+    building: literals cost their length, sets 2, repetitions their body times the bound,
+    a product (``and`` / ``diff``) the product of its sides over 4, JSON object members
+    their items times the counting phases (docs/structured.md, MaskBench).
+    """
+    memo: dict[int, int] = {}
+
+    def go(n: tuple) -> int:
+        got = memo.get(id(n))
+        if got is not None:
+            return got
+        kind = n[0]
+        if kind == "lit":
+            r = len(n[1]) + 1
+        elif kind in ("set", "bytes"):
+            r = 2
+        elif kind in ("cat", "alt"):
+            r = sum(go(x) for x in n[1]) + 1
+        elif kind == "rep":
+            _, x, lo, hi = n
+            r = go(x) * max(1, hi if hi is not None else lo + 1) + 1
+        elif kind in ("and", "diff"):
+            r = go(n[1]) * max(1, go(n[2]) // 4)
+        elif kind == "dfa":
+            r = len(n[1][0])
+        elif kind == "det":
+            r = go(n[1])
+        elif kind == "seq":
+            _, items, sep, lo, hi = n
+            phases = (hi if hi is not None else lo) + 1
+            r = min(phases, len(items) + 1) * sum(go(x) + go(sep) for x, _, _ in items) + 2
+        else:
+            raise ValueError(f"cost: unknown node {kind!r}")
+        memo[id(n)] = r
+        return r
+
+    return go(node)
+
+
 # ----------------------------------------------------------------------------- JSON text pieces
 
 _ESC = {0x22: '\\"', 0x5C: "\\\\", 0x08: "\\b", 0x0C: "\\f", 0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
@@ -78,8 +129,6 @@ STRING = A.det(A.cat(QUOTE, A.rep(CHAR, 0, None), QUOTE))
 DIGIT = A.cset([(48, 57)])
 DIGIT19 = A.cset([(49, 57)])
 FRAC_ANY = A.opt(A.cat(A.lit("."), A.rep(DIGIT, 1, None)))
-FRAC_ZERO = A.opt(A.cat(A.lit("."), A.rep(A.lit("0"), 1, None)))
-FRAC_NONZERO = A.cat(A.lit("."), A.rep(DIGIT, 0, None), DIGIT19, A.rep(DIGIT, 0, None))
 EXP = A.opt(A.cat(A.cset([(69, 69), (101, 101)]), A.opt(A.cset([(43, 43), (45, 45)])), A.rep(DIGIT, 1, None)))
 NATURAL = A.alt(A.lit("0"), A.cat(DIGIT19, A.rep(DIGIT, 0, None)))
 INTEGER = A.cat(A.opt(A.lit("-")), NATURAL)
@@ -143,35 +192,98 @@ def integer_range(lo: int | None, hi: int | None) -> tuple:
     return A.alt(*parts)
 
 
-def _nonneg_number(low: int, low_strict: bool, up: int | None, up_strict: bool) -> tuple:
-    """Decimals y >= 0 (no exponent) with low <(=) y <(=) up; low, up integers, low >= 0."""
-    parts = []
-    i_lo = low + 1 if low_strict else low
-    i_hi = None if up is None else up - 1
-    if i_hi is None or i_lo <= i_hi:
-        parts.append(A.cat(natural_range(i_lo, i_hi), FRAC_ANY))
-    if low_strict and (up is None or up > low):
-        parts.append(A.cat(natural_range(low, low), FRAC_NONZERO))
-    if up is not None and not up_strict and (up > low or (up == low and not low_strict)):
-        parts.append(A.cat(natural_range(up, up), FRAC_ZERO))
-    return A.alt(*parts)
+def _frac_digits(x: Fraction) -> str:
+    """The decimal digits of ``x - floor(x)`` without trailing zeros (x a finite decimal)."""
+    f = x - math.floor(x)
+    out = ""
+    while f:
+        f *= 10
+        d = math.floor(f)
+        out += str(d)
+        f -= d
+    return out
 
 
-def number_range(lo: int | None, lo_x: bool, hi: int | None, hi_x: bool) -> tuple:
-    """Decimal numbers (no exponent) within integer bounds (``*_x``: exclusive)."""
+def _frac_ge(s: str, strict: bool) -> tuple[tuple, bool]:
+    """Digit strings D with 0.D >= 0.s (> when strict): (the non-empty ones, whether "" is one)."""
+    if not s:
+        return (A.rep(DIGIT, 1, None), True) if not strict else (A.cat(A.rep(DIGIT, 0, None), DIGIT19,
+                                                                         A.rep(DIGIT, 0, None)), False)
+    ne, empty = _frac_ge(s[1:], strict)
+    parts = [A.cat(A.lit(s[0]), A.opt(ne) if empty else ne)]
+    if s[0] < "9":
+        parts.append(A.cat(A.cset([(ord(s[0]) + 1, 57)]), A.rep(DIGIT, 0, None)))
+    return A.alt(*parts), False
+
+
+def _frac_le(s: str, strict: bool) -> tuple[tuple, bool]:
+    """Digit strings D with 0.D <= 0.s (< when strict): (the non-empty ones, whether "" is one)."""
+    if not s:
+        return (A.rep(A.lit("0"), 1, None), True) if not strict else (A.NOTHING, False)
+    ne, empty = _frac_le(s[1:], strict)
+    parts = [A.cat(A.lit(s[0]), A.opt(ne) if empty else ne)]
+    if s[0] > "0":
+        parts.append(A.cat(A.cset([(48, ord(s[0]) - 1)]), A.rep(DIGIT, 0, None)))
+    return A.alt(*parts), True
+
+
+def _frac(ne: tuple, empty: bool) -> tuple:
+    """The optional fraction part ``.D`` of a number text, D from one of the digit-string sets."""
+    dotted = A.cat(A.lit("."), ne)
+    return A.alt(A.EMPTY, dotted) if empty else dotted
+
+
+def _nonneg_number(low: Fraction, low_strict: bool, up: Fraction | None, up_strict: bool) -> tuple:
+    """Decimals y >= 0 (no exponent) with low <(=) y <(=) up; low >= 0, both finite decimals.
+
+    The integer part decides but at the bounds' own integer parts, where the fraction
+    digits are compared as digit strings (``_frac_ge`` / ``_frac_le``).
+    """
+    a, s = math.floor(low), _frac_digits(low)
+    if up is not None and up < low or (up == low and (low_strict or up_strict)):
+        return A.NOTHING
+    if up is None:
+        return A.alt(A.cat(natural_range(a, a), _frac(*_frac_ge(s, low_strict))),
+                     A.cat(natural_range(a + 1, None), FRAC_ANY))
+    b, t = math.floor(up), _frac_digits(up)
+    if a == b:
+        (g, ge), (l_, le) = _frac_ge(s, low_strict), _frac_le(t, up_strict)
+        return A.cat(natural_range(a, a), _frac(("and", A.det(g), A.det(l_)), ge and le))
+    return A.alt(A.cat(natural_range(a, a), _frac(*_frac_ge(s, low_strict))),
+                 A.cat(natural_range(a + 1, b - 1), FRAC_ANY),
+                 A.cat(natural_range(b, b), _frac(*_frac_le(t, up_strict))))
+
+
+#: With an exclusive bound, number texts with a fraction have at most this many digits:
+#: distinct decimals of at most 15 significant digits are distinct doubles, so a text
+#: strictly inside the bound in decimal is strictly inside it as ``jsonschema`` compares
+#: (a float), too (``0.000...01`` would round to the bound).
+STRICT_DIGITS = 15
+
+
+def _digits_cap() -> tuple:
+    """Integer texts, and fraction texts of at most STRICT_DIGITS digits in all."""
+    fracs = [A.cat(A.rep(DIGIT, k, k), A.lit("."), A.rep(DIGIT, 1, STRICT_DIGITS - k)) for k in range(1, STRICT_DIGITS)]
+    return A.cat(A.opt(A.lit("-")), A.alt(A.rep(DIGIT, 1, None), *fracs))
+
+
+def number_range(lo: Fraction | None, lo_x: bool, hi: Fraction | None, hi_x: bool) -> tuple:
+    """Decimal numbers (no exponent) within finite-decimal bounds (``*_x``: exclusive)."""
+    zero = Fraction(0)
     parts = []
     if hi is None or hi > 0 or (hi == 0 and not hi_x):
         if lo is None or lo < 0:
-            parts.append(_nonneg_number(0, False, hi, hi_x))
+            parts.append(_nonneg_number(zero, False, hi, hi_x))
         else:
             parts.append(_nonneg_number(lo, lo_x, hi, hi_x))
     if lo is None or lo < 0:  # x = -y, y > 0
         if hi is None or hi >= 0:
-            y_low, y_strict = 0, True
+            y_low, y_strict = zero, True
         else:
             y_low, y_strict = -hi, hi_x
         parts.append(A.cat(A.lit("-"), _nonneg_number(y_low, y_strict, None if lo is None else -lo, lo_x)))
-    return A.alt(*parts)
+    node = A.alt(*parts)
+    return ("and", A.det(node), A.det(_digits_cap())) if lo_x or hi_x else node
 
 
 def multiple_of(m: int) -> tuple:
@@ -249,10 +361,54 @@ def format_node(name: str) -> tuple | None:
 # ----------------------------------------------------------------------------- compiler
 
 
-def _num(x: Any, path: str, kw: str) -> Fraction:
+def _top_alternatives(p: str) -> list[str]:
+    """``p`` split at its top-level ``|`` (outside groups, classes and escapes)."""
+    out, depth, cls, i, begin, cls_start = [], 0, False, 0, 0, 0
+    while i < len(p):
+        c = p[i]
+        if c == "\\":
+            i += 2
+            continue
+        if cls:
+            cls = c != "]" or i == cls_start  # a "]" first in a class is a member
+        elif c == "[":
+            cls, cls_start = True, i + 1 + (p[i + 1:i + 2] == "^")
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif c == "|" and depth == 0:
+            out.append(p[begin:i])
+            begin = i + 1
+        i += 1
+    return out + [p[begin:]]
+
+
+def search_pattern(p: str) -> tuple:
+    """The strings in which JSON Schema's ``pattern`` ``p`` finds a match, as JSON string content.
+
+    Each top-level alternative is searched for on its own (the same language), so that
+    anchored alternatives such as ``^$|^a$`` need no anchor inside a group.
+    """
+    alts = _top_alternatives(p)
+    if len(alts) == 1:
+        return A.parse_regex(p, search=True, char=json_char)
+    return A.alt(*(A.parse_regex(a, search=True, char=json_char) for a in alts))
+
+
+
+def _num(x: Any, path: str, kw: str, decimal: bool = False) -> Fraction:
+    """A schema number as a Fraction: a float's binary value, or (``decimal``) the decimal it is written as."""
     if isinstance(x, bool) or not isinstance(x, (int, float)) or (isinstance(x, float) and not math.isfinite(x)):
         raise Unsupported(f"{path}/{kw}", f"{kw} must be a finite number, got {x!r}")
-    return Fraction(x)
+    return Fraction(repr(x)) if decimal and isinstance(x, float) else Fraction(x)
+
+
+def _sig_digits(x: Fraction) -> int:
+    """Significant decimal digits of a finite decimal."""
+    x = abs(x)
+    whole = math.floor(x)
+    return len(((str(whole) if whole else "") + _frac_digits(x)).lstrip("0"))
 
 
 def _pointer(root: Any, ref: str, path: str) -> Any:
@@ -277,7 +433,7 @@ def _pointer(root: Any, ref: str, path: str) -> Any:
 class Compiler:
     """One schema's compiler (see the module docstring)."""
 
-    def __init__(self, root: Any, ws: tuple, check_only: bool = False):
+    def __init__(self, root: Any, ws: tuple, check_only: bool = False, budget: int | None = None):
         import jsonschema
         self.root, self.ws = root, ws
         cls = jsonschema.validators.validator_for(root if isinstance(root, dict) else {},
@@ -289,6 +445,10 @@ class Compiler:
         self.active: list[str] = []
         self._any: dict[int, tuple] = {}
         self.check_only = check_only  # a recursive $ref stands for any value: only the keywords are checked
+        self.budget = budget  # subschema compilations left before TooBig (None: no limit)
+        self.checked: set[str] = set()  # check_only: the $ref targets already checked
+        self.proving = 0  # inside a disjointness proof: expand every reference
+        self.disjoint: dict[int, tuple] = {}  # id -> (subschema, anyOf branches equivalent to its oneOf)
         self.sep = A.cat(ws, A.lit(","), ws)
         self.colon = A.cat(ws, A.lit(":"), ws)
 
@@ -316,6 +476,10 @@ class Compiler:
                     if self.check_only:
                         continue
                     raise NotRegular(f"{path}/$ref: recursive reference {ref!r}")
+                if self.check_only and not self.proving:  # each target's keywords are checked once
+                    if ref in self.checked:
+                        continue
+                    self.checked.add(ref)
                 refs.append(ref)
                 target = _pointer(self.root, ref, f"{path}/$ref")
                 rest = {k: v for k, v in s.items() if k != "$ref"}
@@ -337,6 +501,10 @@ class Compiler:
         return out
 
     def conj(self, parts: list) -> tuple:
+        if self.budget is not None:
+            self.budget -= 1
+            if self.budget < 0:
+                raise TooBig(f"the schema needs more than {MAX_SUBSCHEMAS} subschema compilations")
         refs: list[str] = []
         parts = self.expand(parts, refs)
         if parts is None:
@@ -359,7 +527,14 @@ class Compiler:
                     rest = parts[:i] + [({k: v for k, v in s.items() if k != kw}, path)] + parts[i + 1:]
                     cases = [rest + [(b, f"{path}/{kw}/{j}")] for j, b in enumerate(branches)]
                     if kw == "oneOf" and len(cases) > 1:
-                        self._check_disjoint(cases, f"{path}/oneOf")
+                        try:
+                            self._check_disjoint(cases, f"{path}/oneOf")
+                        except Unsupported as e:  # exactly one: each branch beside the others' negations
+                            exact = self._exactly_one(branches, f"{path}/oneOf", e)
+                            self.disjoint.setdefault(id(s), (s, exact))
+                            cases = [rest + [(b, f"{path}/oneOf/{j}")] for j, b in enumerate(exact)]
+                        else:
+                            self._prove_alone(s, path, branches)
                     return A.alt(*(self.conj(c) for c in cases))
         for i, (s, path) in enumerate(parts):
             dep = self._dependency(s, path)
@@ -372,6 +547,16 @@ class Compiler:
         finite = self.finite(parts)
         if finite is not None:
             return A.alt(*(literal(v) for v in finite))
+        for i, (s, path) in enumerate(parts):
+            n = s.get("not")
+            if "not" in s and not (isinstance(n, bool) or n == {} or (isinstance(n, dict) and "type" in n and
+                                                                      set(n) <= {"type"} | _ANNOTATIONS)):
+                neg = self._negate(n, f"{path}/not")  # not X: the schema of what X rejects
+                if neg is None:
+                    raise Unsupported(f"{path}/not", "only `not` of types, required, properties, allOf/anyOf/not of "
+                                                     "those, or of an enum/const beside a finite schema, is supported")
+                rest = ({k: v for k, v in s.items() if k != "not"}, path)
+                return self.conj(parts[:i] + [rest, (neg, f"{path}/not")] + parts[i + 1:])
         types = self.types(parts)
         nots = [(s["not"], f"{path}/not") for s, path in parts if "not" in s]
         for n, npath in nots:
@@ -404,6 +589,13 @@ class Compiler:
         return None
 
     def _check_disjoint(self, cases: list, path: str) -> None:
+        self.proving += 1
+        try:
+            self._check_disjoint_(cases, path)
+        finally:
+            self.proving -= 1
+
+    def _check_disjoint_(self, cases: list, path: str) -> None:
         infos = []
         for c in cases:
             exp = self.expand(c, [])
@@ -425,11 +617,112 @@ class Compiler:
             fa, fb = infos[a][1], infos[b][1]
             if fa is not None and fb is not None and not any(_same(x, y) for x in fa for y in fb):
                 continue
-            if self._discriminated(infos[a][2], infos[b][2]):
+            if self._discriminated(infos[a][2], infos[b][2]) or self._closed_apart(infos[a][2], infos[b][2]) \
+                    or self._closed_apart(infos[b][2], infos[a][2]):
                 continue
             raise Unsupported(path, f"oneOf branches {a} and {b} may both match one value (only oneOf with "
                                     f"branches of different types, consts or a required discriminator property "
                                     f"is supported)")
+
+    def _exactly_one(self, branches: list, path: str, why: Unsupported) -> list:
+        """``oneOf`` as ``anyOf`` of each branch with the negations of the others (raises ``why`` if not expressible)."""
+        negs = [self._negate(b, f"{path}/{j}") for j, b in enumerate(branches)]
+        if any(n is None for n in negs):
+            raise why
+        width = [len(n["anyOf"]) if isinstance(n, dict) and set(n) == {"anyOf"} else 1 for n in negs]
+        if sum(math.prod(width[:i] + width[i + 1:]) for i in range(len(branches))) > MAX_CASES:
+            raise why
+        return [{"allOf": [b] + [n for j, n in enumerate(negs) if j != i]} for i, b in enumerate(branches)]
+
+    def _negate(self, x: Any, path: str, depth: int = 0) -> Any:
+        """A schema of exactly the values ``x`` rejects, or None where this cannot say.
+
+        Types, ``required`` (some name absent), ``properties`` (some listed value
+        rejected), ``allOf`` / ``anyOf`` (De Morgan), ``not`` and ``$ref``; other keywords: None.
+        """
+        if x is True or x == {}:
+            return False
+        if x is False:
+            return True
+        if not isinstance(x, dict) or depth > 8:
+            return None
+        if "$ref" in x:
+            ref = x["$ref"]
+            if not isinstance(ref, str):
+                return None
+            rest = {} if self.old_draft else {k: v for k, v in x.items() if k != "$ref"}
+            return self._negate({"allOf": [_pointer(self.root, ref, f"{path}/$ref")] + ([rest] if rest else [])},
+                                path, depth + 1)
+        alts: list = []
+        for k, v in x.items():
+            if k in _ANNOTATIONS or (k not in _CONSTRAINING and k != "allOf" and k not in _REFUSED):
+                continue  # annotations and unknown keywords assert nothing
+            if k == "type":
+                ts = {v} if isinstance(v, str) else set(v) if isinstance(v, list) else None
+                if ts is None or not ts <= ALL_TYPES or ("integer" in ts and "number" not in ts):
+                    return None
+                others = sorted(ALL_TYPES - ts - ({"integer"} if "number" in ts else set()))
+                if others:
+                    alts.append({"type": others})
+            elif k == "required" and isinstance(v, list) and all(isinstance(n, str) for n in v):
+                if v:
+                    alts.append({"type": "object", "anyOf": [{"properties": {n: False}} for n in v]})
+            elif k == "properties" and isinstance(v, dict):
+                for n, sub in v.items():
+                    neg = self._negate(sub, f"{path}/properties/{n}", depth + 1)
+                    if neg is None:
+                        return None
+                    if neg is not False:
+                        alts.append({"type": "object", "required": [n], "properties": {n: neg}})
+            elif k == "not":
+                alts.append(v)  # not (not v) = v
+            elif k in ("allOf", "anyOf") and isinstance(v, list) and v:
+                negs = [self._negate(b, f"{path}/{k}/{j}", depth + 1) for j, b in enumerate(v)]
+                if any(n is None for n in negs):
+                    return None
+                if k == "allOf":
+                    alts += [n for n in negs if n is not False]
+                elif all(n is not False for n in negs):
+                    alts.append({"allOf": negs})
+            else:
+                return None
+        if not alts:
+            return False
+        return alts[0] if len(alts) == 1 else {"anyOf": alts}
+
+    def _prove_alone(self, s: dict, path: str, branches: list) -> None:
+        """Records ``s`` in :attr:`disjoint` when its oneOf branches are disjoint next to its own keywords only."""
+        if id(s) in self.disjoint:
+            return
+        rest = ({k: v for k, v in s.items() if k != "oneOf"}, path)
+        try:
+            self._check_disjoint([[rest, (b, f"{path}/oneOf/{j}")] for j, b in enumerate(branches)], path)
+        except (Unsupported, NotRegular, TooBig):
+            return
+        self.disjoint[id(s)] = (s, branches)
+
+    def _closed_apart(self, pa: list, pb: list) -> bool:
+        """Both branches take objects only, and ``pb`` requires a name that ``pa`` forbids.
+
+        ``pa`` forbids a name with ``properties: {name: false}``, or where a part with
+        ``additionalProperties: false`` neither lists it nor matches it by a pattern.
+        """
+        if _widen(self.types(pa, infer=False)) & _widen(self.types(pb, infer=False)) - {"object"}:
+            return False
+        needed = set().union(*(set(s.get("required", [])) for s, _ in pb if isinstance(s.get("required"), list)))
+        for s, _ in pa:
+            props = s.get("properties") if isinstance(s.get("properties"), dict) else {}
+            pats = s.get("patternProperties") if isinstance(s.get("patternProperties"), dict) else {}
+            for k in needed:
+                if props.get(k) is False:
+                    return True
+                if s.get("additionalProperties") is False and k not in props:
+                    try:
+                        if not any(re.search(p, k) for p in pats):
+                            return True
+                    except re.error:
+                        return False
+        return False
 
     def _discriminated(self, pa: list, pb: list) -> bool:
         """Both branches are objects with a required property whose allowed values are disjoint."""
@@ -541,7 +834,7 @@ class Compiler:
                 v = s[kw]
                 if isinstance(v, bool):  # draft 4: a flag on minimum / maximum
                     continue
-                x = _num(v, path, kw)
+                x = _num(v, path, kw, decimal=True)  # compared with the decimal texts (number_range)
                 excl = kw.startswith("exclusive") or (self.draft4 and s.get("exclusive" + kw[0].upper() + kw[1:]) is True)
                 if "inimum" in kw:
                     if lo is None or x > lo or (x == lo and excl):
@@ -584,19 +877,22 @@ class Compiler:
             raise Unsupported(mult[0][1], "multipleOf for non-integer numbers is not supported")
         if lo is None and hi is None:
             return NUMBER
-        for b, name in ((lo, "minimum"), (hi, "maximum")):
-            if b is not None and b.denominator != 1:
-                # integer bounds are exact; a fractional bound b: numbers on the safe side of the
-                # nearest integers (those are valid), which leaves out some valid values
-                pass
-        ilo = None if lo is None else (lo if lo.denominator == 1 else Fraction(math.ceil(lo)))
-        ilo_x = lo_x if lo is not None and lo.denominator == 1 else False
-        ihi = None if hi is None else (hi if hi.denominator == 1 else Fraction(math.floor(hi)))
-        ihi_x = hi_x if hi is not None and hi.denominator == 1 else False
-        return number_range(None if ilo is None else int(ilo), ilo_x, None if ihi is None else int(ihi), ihi_x)
+        for b, x in ((lo, lo_x), (hi, hi_x)):
+            if b is not None and x and b.denominator != 1 and _sig_digits(b) > STRICT_DIGITS:
+                raise Unsupported(self._bound_path(parts), f"an exclusive bound {float(b)!r} with more than "
+                                                           f"{STRICT_DIGITS} significant digits is not supported")
+        return number_range(lo, lo_x, hi, hi_x)
+
+    @staticmethod
+    def _bound_path(parts) -> str:
+        for s, path in parts:
+            for kw in ("exclusiveMinimum", "exclusiveMaximum", "minimum", "maximum"):
+                if kw in s:
+                    return f"{path}/{kw}"
+        return parts[0][1] if parts else "#"
 
     def t_string(self, parts):
-        lo, hi, pats, fmts = 0, None, [], []
+        lo, hi, pats = 0, None, []
         for s, path in parts:
             if "minLength" in s:
                 lo = max(lo, _count(s["minLength"], path, "minLength"))
@@ -608,7 +904,7 @@ class Compiler:
                 if not isinstance(p, str):
                     raise Unsupported(f"{path}/pattern", "pattern must be a string")
                 try:
-                    pats.append(A.det(A.parse_regex(p, search=True, char=json_char)))
+                    pats.append(A.det(search_pattern(p)))
                 except A.RegexError as e:
                     raise Unsupported(f"{path}/pattern", f"pattern {p!r}: {e}") from None
             if "format" in s:
@@ -748,6 +1044,7 @@ class Compiler:
                 raise Unsupported(f"{path}/patternProperties", "patternProperties must be an object")
         if required & absent:
             return A.NOTHING
+        names += [k for k in sorted(absent) if k not in names]  # never written, neither as an extra
         members = []
         for k in names:
             if k in absent:
@@ -773,7 +1070,7 @@ class Compiler:
         for s, path in obj:
             for p, ps in (s.get("patternProperties") or {}).items():
                 try:
-                    key = A.cat(QUOTE, A.parse_regex(p, search=True, char=json_char), QUOTE)
+                    key = A.cat(QUOTE, search_pattern(p), QUOTE)
                 except A.RegexError as e:
                     raise Unsupported(f"{path}/patternProperties/{p}", f"pattern {p!r}: {e}") from None
                 patterns.append((p, key, ps, f"{path}/patternProperties/{p}", s, path))
@@ -913,18 +1210,57 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-def schema_node(schema: Any, ws: tuple) -> tuple:
+def schema_node(schema: Any, ws: tuple, max_subschemas: int | None = None, disjoint: dict | None = None) -> tuple:
     """The AST of a schema's JSON texts (see the module docstring).
+
+    Args:
+      schema: the schema (a dict or a boolean).
+      ws: the whitespace AST between JSON tokens.
+      max_subschemas: stop with :class:`TooBig` after this many subschema compilations
+        (None: no limit).
+      disjoint: filled with ``id -> (subschema, branches)`` for the subschemas whose ``oneOf``
+        is the ``anyOf`` of ``branches`` (:func:`one_of_as_any_of`).
 
     Raises:
       Unsupported: a keyword that cannot be enforced exactly (anywhere in the schema, also
         beyond a recursive reference).
       NotRegular: a recursive ``$ref`` (every keyword is supported).
+      TooBig: ``max_subschemas`` crossed.
     """
+    c = Compiler(schema, ws, budget=max_subschemas)
     try:
-        return Compiler(schema, ws).compile()
-    except NotRegular:
-        Compiler(schema, ws, check_only=True).compile()  # Unsupported wins over NotRegular
+        return c.compile()
+    except (NotRegular, TooBig):
+        if disjoint is not None:
+            disjoint.update(c.disjoint)
+        c = Compiler(schema, ws, check_only=True)
+        c.compile()  # Unsupported wins over NotRegular / TooBig
         raise
     except RecursionError:
         raise NotRegular("the schema nests too deeply for the regex compiler") from None
+    finally:
+        if disjoint is not None:
+            disjoint.update(c.disjoint)
+
+
+def one_of_as_any_of(schema: Any, disjoint: dict) -> Any:
+    """A copy of ``schema`` where each subschema of ``disjoint`` says ``anyOf`` for its ``oneOf``.
+
+    ``disjoint`` maps ids of subschemas to ``(subschema, branches)``: their ``oneOf`` has
+    disjoint branches, or ``branches`` are each branch beside the others' negations (in
+    plain JSON Schema). The same language, for engines without ``oneOf``.
+    """
+    def go(x):
+        if isinstance(x, dict):
+            out = {k: go(v) for k, v in x.items() if not (id(x) in disjoint and k == "oneOf")}
+            if id(x) in disjoint and "oneOf" in x:
+                branches = {"anyOf": [go(b) for b in disjoint[id(x)][1]]}
+                if "anyOf" in out:
+                    out["allOf"] = list(out.get("allOf", [])) + [branches]
+                else:
+                    out.update(branches)
+            return out
+        if isinstance(x, list):
+            return [go(v) for v in x]
+        return x
+    return go(schema)

@@ -39,6 +39,7 @@ union of the automata) with one start state per row; ``None`` rows are unconstra
 from __future__ import annotations
 
 import json
+import time
 import weakref
 from typing import Any, ClassVar, NamedTuple, Sequence
 
@@ -436,22 +437,58 @@ def _check_limit(fn: str, name: str, value) -> int:
                                                  "max_transitions": DEFAULT_MAX_TRANSITIONS}[name]
 
 
-def _table(node: tuple, vocab: "_Vocab", what: str, s_lim: int, t_lim: int, dfa_cap: int | None = None) -> _Table:
-    """AST -> bounded byte DFA -> token automaton -> packed host table (raises _A.TooLarge)."""
-    dfa = _A.determinize(node, dfa_cap or 2 * s_lim + 8, what)
+class _Deadline(list):
+    """The determinization's shared work counter (``[done, budget]``) that also stops at a wall-clock deadline.
+
+    :func:`automaton.determinize` bumps ``work[0]`` for every DFA state it creates (nested
+    builds too); past ``deadline`` (``time.perf_counter()``) the bump raises ``TooLarge``,
+    so a ``host="auto"`` build that runs long goes to the host engine instead.
+    """
+
+    def __init__(self, budget: int, deadline: float, what: str, cap: int, seconds: float):
+        super().__init__([0, budget])
+        self.deadline, self.what, self.cap, self.seconds = deadline, what, cap, seconds
+
+    def __setitem__(self, i, v):
+        if time.perf_counter() > self.deadline:
+            raise _A.TooLarge(self.what, "max_states", self.cap,
+                              f" DFA states in the {self.seconds:g} s build budget (AUTO_BUILD_SECONDS)")
+        super().__setitem__(i, v)
+
+
+def _table(node: tuple, vocab: "_Vocab", what: str, s_lim: int, t_lim: int, dfa_cap: int | None = None,
+           seconds: float | None = None) -> _Table:
+    """AST -> bounded byte DFA -> token automaton -> packed host table (raises _A.TooLarge).
+
+    ``seconds``: stop the determinization (``TooLarge``) once it has run this long.
+    """
+    cap = dfa_cap or 2 * s_lim + 8
+    cache = None
+    if seconds is not None:
+        cache = {"__cap__": cap, "__work__": _Deadline(3 * cap, time.perf_counter() + seconds, what, cap, seconds)}
+    dfa = _A.determinize(node, cap, what, cache=cache)
     if not dfa.accept.any():
         raise ValueError("the language is empty (nothing can match)")
     n, src, tok, dst, accept = _A.token_automaton(dfa, vocab.trie, s_lim, t_lim, what)
     return _pack(n, src, tok, dst, accept, vocab.size, vocab.eos_id)
 
 
-#: With ``host="auto"``, JSON schemas whose byte DFA needs more states than this go to the
-#: host engine (their device build would take seconds on the host CPU).
-AUTO_DEVICE_STATES = 4_000
+#: With ``host="auto"`` and llguidance installed, JSON schemas whose byte DFA needs more
+#: states than this go to the host engine (their device build would take seconds on the host CPU).
+AUTO_DEVICE_STATES = 8_000
+#: ... and so do those whose estimated automaton (:func:`schema.cost`) is larger than this,
+#: before any build (docs/structured.md, MaskBench: every schema of the sample that builds
+#: under AUTO_DEVICE_STATES estimates below it) ...
+AUTO_DEVICE_COST = 60_000
+#: ... and those whose device build is still running after this many seconds ...
+AUTO_BUILD_SECONDS = 2.0
+#: ... and those whose masks (``allowed``, 4 bytes per 32 tokens per state) would need more
+#: device memory than this (a 128k-token vocabulary: about 4,200 states).
+AUTO_DEVICE_BYTES = 64 << 20
 
 
 def _build(node: tuple, tokenizer: Any, fn: str, what: str, max_states, max_transitions,
-           key: tuple | None = None, dfa_cap: int | None = None) -> Constraint:
+           key: tuple | None = None, dfa_cap: int | None = None, seconds: float | None = None) -> Constraint:
     """AST -> bounded byte DFA -> token automaton -> padded device table (cached by ``key``)."""
     s_lim = _check_limit(fn, "max_states", max_states)
     t_lim = _check_limit(fn, "max_transitions", max_transitions)
@@ -462,7 +499,7 @@ def _build(node: tuple, tokenizer: Any, fn: str, what: str, max_states, max_tran
         if hit is not None:
             return hit
     try:
-        table = _table(node, vocab, what, s_lim, t_lim, dfa_cap)
+        table = _table(node, vocab, what, s_lim, t_lim, dfa_cap, seconds)
     except _A.TooLarge as e:
         bound = s_lim if e.limit_name == "max_states" else t_lim
         per = 4 * _words(vocab.size) + 4 if e.limit_name == "max_states" else 2
@@ -585,27 +622,71 @@ def JSONSchema(schema: Any, tokenizer: Any, *, whitespace: str = r"[ ]?", host: 
     if host == "always":
         return _host_schema(schema, tokenizer, whitespace, fn, None)
     vocab = _vocabulary(tokenizer)
-    key = ("schema", text, whitespace, max_states, max_transitions)
+    key = ("schema", text, whitespace, host, max_states, max_transitions)
     hit = vocab.cache.get(key)
     if hit is not None:
         return hit
+    auto = host == "auto" and _H.available()  # route what is slow on device to the host engine
+    what = f"schema {text[:200]!r}"
+    disjoint: dict = {}  # the subschemas whose oneOf is provably an anyOf (llguidance has no oneOf)
     try:
-        node = _S.schema_node(schema, ws)
+        node = _S.schema_node(schema, ws, _S.MAX_SUBSCHEMAS if auto else None, disjoint)
     except _S.Unsupported as e:
         raise ValueError(f"{fn}: cannot enforce the schema exactly: {e}") from None
     except _S.NotRegular as e:
         if host == "never":
             raise ValueError(f"{fn}: the schema is not regular ({e}); pass host='auto' with llguidance "
                              f"installed to run it on the host") from None
-        return _host_schema(schema, tokenizer, whitespace, fn, str(e))
+        return _cached(vocab, key, _host_schema(_S.one_of_as_any_of(schema, disjoint), tokenizer, whitespace, fn,
+                                                str(e)))
+    except _S.TooBig as e:  # only when auto: the host engine, else the device build after all
+        return _cached(vocab, key, _host_or_device(
+            _S.one_of_as_any_of(schema, disjoint), tokenizer, whitespace, fn, str(e),
+            lambda: _build(_S.schema_node(schema, ws), tokenizer, fn, what, max_states, max_transitions,
+                           dfa_cap=_auto_cap(fn, max_states, vocab), seconds=AUTO_BUILD_SECONDS)))
+
+    def device():
+        return _build(node, tokenizer, fn, what, max_states, max_transitions, key=key[:4],
+                      dfa_cap=_auto_cap(fn, max_states, vocab) if auto else None,
+                      seconds=AUTO_BUILD_SECONDS if auto else None)
+
+    cost = _S.cost(node) if auto else 0
+    if cost > AUTO_DEVICE_COST:
+        why = f"its automaton is estimated at {cost} NFA states (more than AUTO_DEVICE_COST={AUTO_DEVICE_COST})"
+        return _cached(vocab, key, _host_or_device(_S.one_of_as_any_of(schema, disjoint), tokenizer, whitespace, fn,
+                                                   why, device))
     try:
-        cap = None if host == "never" else min(2 * _check_limit(fn, "max_states", max_states) + 8, AUTO_DEVICE_STATES)
-        return _build(node, tokenizer, fn, f"schema {text[:200]!r}", max_states, max_transitions, key=key[:3],
-                      dfa_cap=cap)
+        return device()
     except ValueError as e:
-        if host == "never" or "max_" not in str(e):
+        if not auto or "max_" not in str(e):
             raise
-        return _host_schema(schema, tokenizer, whitespace, fn, str(e))
+        return _cached(vocab, key, _host_schema(_S.one_of_as_any_of(schema, disjoint), tokenizer, whitespace, fn,
+                                                str(e)))
+
+
+def _auto_cap(fn: str, max_states, vocab: _Vocab) -> int:
+    """The byte-DFA bound of a ``host="auto"`` build: AUTO_DEVICE_STATES, fewer where the
+    vocabulary makes each state's mask row large (at most AUTO_DEVICE_BYTES of masks)."""
+    by_bytes = max(START + 1, AUTO_DEVICE_BYTES // (4 * _words(vocab.size) + 4))
+    return min(2 * _check_limit(fn, "max_states", max_states) + 8, AUTO_DEVICE_STATES, by_bytes)
+
+
+def _cached(vocab: _Vocab, key: tuple, value):
+    if len(vocab.cache) >= _CACHE_SIZE:
+        vocab.cache.pop(next(iter(vocab.cache)))
+    vocab.cache[key] = value
+    return value
+
+
+def _host_or_device(schema, tokenizer, whitespace, fn, why, device):
+    """The host engine; where llguidance refuses the schema, the device build (``device()``) after all."""
+    try:
+        return _host_schema(schema, tokenizer, whitespace, fn, why)
+    except ValueError as host_error:
+        try:
+            return device()
+        except ValueError as e:
+            raise ValueError(f"{e}; {host_error}") from None
 
 
 def _host_schema(schema, tokenizer, whitespace, fn, why):

@@ -569,6 +569,25 @@ def _cache_bytes(model: LanguageModel, rows: int, cache_size: int) -> int:
     return size
 
 
+def _weight_bytes_per_device(model: Any) -> tuple[int, int]:
+    """(bytes of the model's array leaves on one device, devices they span).
+
+    A leaf split over a mesh counts its largest shard; the devices are the most any leaf
+    spans (1 for a model on one device)."""
+    weights, devices = 0, 1
+    for x in jax.tree.leaves(model):
+        if not hasattr(x, "nbytes"):
+            continue
+        sharding = getattr(x, "sharding", None)
+        spread = len(sharding.device_set) if sharding is not None else 1
+        if spread > 1:
+            devices = max(devices, spread)
+            weights += max(int(s.data.nbytes) for s in x.addressable_shards)
+        else:
+            weights += int(x.nbytes)
+    return weights, devices
+
+
 def check_memory(model: LanguageModel, *, fn: str, max_new_tokens: int, rows: int, cache_size: int, width: int,
                  top_logprobs: int = 0, return_stats: bool = False, prompt_rows: int = 0, prompt_len: int = 0,
                  prompt_logprobs: bool = False, extra_bytes: int = 0, memory_limit: Any = None) -> None:
@@ -579,7 +598,10 @@ def check_memory(model: LanguageModel, *, fn: str, max_new_tokens: int, rows: in
     for `rows` x `cache_size` (the exact shapes of `model.init_cache`, by `jax.eval_shape`),
     the output buffers ([rows, width] tokens and two log-probs; top-N and stats when asked
     for), a few [rows, V] float32 working buffers, the prefill's [B, P, V] logits with
-    prompt log-probs, and `extra_bytes` (a loop's own buffers).
+    prompt log-probs, and `extra_bytes` (a loop's own buffers). For a model split over a
+    mesh (`models.sharding.shard_model`) the estimate is per device, against one device's
+    memory: each weight's largest shard, and the rest divided evenly over the devices the
+    weights span (a floor: XLA may replicate some of it).
 
     Raises:
       MemoryLimitError: naming `max_new_tokens`, the estimate by part and the limit.
@@ -592,11 +614,13 @@ def check_memory(model: LanguageModel, *, fn: str, max_new_tokens: int, rows: in
     if limit is None:
         return
     v = int(model.vocab_size)
+    weights, devices = _weight_bytes_per_device(model)
     parts = {
-        "weights": sum(int(x.nbytes) for x in jax.tree.leaves(model) if hasattr(x, "nbytes")),
-        "KV cache": _cache_bytes(model, rows, cache_size),
-        "outputs": rows * width * (12 + 8 * int(top_logprobs) + (8 if return_stats else 0)),
-        "working": 4 * rows * v * 4 + (prompt_rows * prompt_len * v * 4 if prompt_logprobs else 0) + int(extra_bytes),
+        "weights": weights,
+        "KV cache": _cache_bytes(model, rows, cache_size) // devices,
+        "outputs": rows * width * (12 + 8 * int(top_logprobs) + (8 if return_stats else 0)) // devices,
+        "working": (4 * rows * v * 4 + (prompt_rows * prompt_len * v * 4 if prompt_logprobs else 0)
+                    + int(extra_bytes)) // devices,
     }
     total = sum(parts.values())
     if total <= limit:

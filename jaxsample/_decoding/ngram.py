@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import tempfile
 from typing import Any
 
 import jax
@@ -38,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsample import _validation as _val
+from jaxsample._files import atomic_file
 from jaxsample._decoding.drafts import lookup
 
 __all__ = ["NGramDraft", "MAX_NGRAM", "MAX_PROBES", "MAX_SLOTS"]
@@ -296,22 +296,8 @@ class NGramDraft:
         tensors = {"keys": np.asarray(self.keys, np.uint32), "values": np.asarray(self.values, np.int32),
                    "fallback": np.asarray(self.fallback, np.int32).reshape(1),
                    "stats": np.asarray(self.stats, np.int32)}
-        # A temporary file next to `path`, fsynced, given the usual permissions, renamed.
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.tmp")
-        os.close(fd)
-        try:
+        with atomic_file(path) as tmp:
             save_file(tensors, tmp, metadata=meta)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
 
     @classmethod
     def load(cls, path: str, *, prompt_lookup: int = 0) -> "NGramDraft":

@@ -80,12 +80,25 @@ def _start(fn: str, logits: ArrayLike, **params: Any) -> tuple[Array, tuple[int,
     return logits, batch_shape
 
 
-def _start_truncation(fn: str, logits: ArrayLike, name: str, value: ArrayLike,
-                      min_tokens_to_keep: int) -> tuple[Array, int]:
-    """`_start` + validation of a truncation's value and `min_tokens_to_keep`."""
-    logits, _ = _start(fn, logits, **{name: value})
-    _val.check_param(fn, name, value)
-    return logits, _val.check_min_tokens_to_keep(fn, min_tokens_to_keep)
+def _apply_truncation(fn: str, logits: ArrayLike, value: ArrayLike, min_tokens_to_keep: int) -> Array:
+    """The public truncation ``fn`` (its row of :data:`TABLE`): validates the logits, the
+    value and ``min_tokens_to_keep``, then runs the jitted `_truncation_on_rows`."""
+    field = TABLE[fn].field
+    logits, _ = _start(fn, logits, **{field: value})
+    _val.check_param(fn, field, value)
+    m = _val.check_min_tokens_to_keep(fn, min_tokens_to_keep)
+    return _truncation_on_rows(logits, value, fn=fn, min_tokens_to_keep=m)  # value traced: no recompiles
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "min_tokens_to_keep"))
+def _truncation_on_rows(logits: Array, value: ArrayLike, fn: str, min_tokens_to_keep: int) -> Array:
+    """The per-row body of truncation ``fn`` on whole rows, skipped when its ``off`` test
+    holds for every row (filters without one always run)."""
+    spec = TABLE[fn]
+    body = lambda x: spec.rows(x, value, min_tokens_to_keep, _whole(x))  # noqa: E731
+    if spec.off is None:
+        return body(logits)
+    return _unless_all_disabled(spec.disabled(value, logits.shape[-1]), body, logits)
 
 
 def _per_row(value: ArrayLike, dtype=_F32) -> Array:
@@ -287,17 +300,7 @@ def top_k(logits: ArrayLike, k: ArrayLike, *, min_tokens_to_keep: int = 1) -> Ar
       >>> top_k(jnp.array([1.0, 3.0, 2.0, 3.0]), 1)
       Array([-inf,   3., -inf,   3.], dtype=float32)
     """
-    logits, m = _start_truncation("top_k", logits, "k", k, min_tokens_to_keep)
-    return _top_k(logits, k, min_tokens_to_keep=m)  # k is traced, even a Python int: no recompiles
-
-
-@functools.partial(jax.jit, static_argnames="min_tokens_to_keep")
-def _top_k(logits: Array, k: ArrayLike, min_tokens_to_keep: int) -> Array:
-    vocab = logits.shape[-1]
-    k = jnp.asarray(k).astype(jnp.int32)
-    return _unless_all_disabled(
-        TABLE["top_k"].disabled(k, vocab),
-        lambda x: top_k_rows(x, k, min_tokens_to_keep, _whole(x)), logits)
+    return _apply_truncation("top_k", logits, k, min_tokens_to_keep)
 
 
 def top_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -> Array:
@@ -321,15 +324,7 @@ def top_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -> Ar
       >>> jnp.isfinite(top_p(x, 0.7))
       Array([ True,  True, False, False], dtype=bool)
     """
-    logits, m = _start_truncation("top_p", logits, "p", p, min_tokens_to_keep)
-    return _top_p(logits, p, min_tokens_to_keep=m)
-
-
-@functools.partial(jax.jit, static_argnames="min_tokens_to_keep")
-def _top_p(logits: Array, p: ArrayLike, min_tokens_to_keep: int) -> Array:
-    return _unless_all_disabled(
-        TABLE["top_p"].disabled(p, logits.shape[-1]),
-        lambda x: top_p_rows(x, p, min_tokens_to_keep, _whole(x)), logits)
+    return _apply_truncation("top_p", logits, p, min_tokens_to_keep)
 
 
 def min_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -> Array:
@@ -353,15 +348,7 @@ def min_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -> Ar
       >>> jnp.isfinite(min_p(x, 0.25))
       Array([ True,  True,  True, False], dtype=bool)
     """
-    logits, m = _start_truncation("min_p", logits, "p", p, min_tokens_to_keep)
-    return _min_p(logits, p, min_tokens_to_keep=m)
-
-
-@functools.partial(jax.jit, static_argnames="min_tokens_to_keep")
-def _min_p(logits: Array, p: ArrayLike, min_tokens_to_keep: int) -> Array:
-    return _unless_all_disabled(
-        TABLE["min_p"].disabled(p, logits.shape[-1]),
-        lambda x: min_p_rows(x, p, min_tokens_to_keep, _whole(x)), logits)
+    return _apply_truncation("min_p", logits, p, min_tokens_to_keep)
 
 
 def typical_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -> Array:
@@ -388,15 +375,7 @@ def typical_p(logits: ArrayLike, p: ArrayLike, *, min_tokens_to_keep: int = 1) -
       >>> jnp.isfinite(typical_p(x, 0.5))  # the typical set {0.3, 0.2}
       Array([False,  True,  True, False], dtype=bool)
     """
-    logits, m = _start_truncation("typical_p", logits, "p", p, min_tokens_to_keep)
-    return _typical_p(logits, p, min_tokens_to_keep=m)
-
-
-@functools.partial(jax.jit, static_argnames="min_tokens_to_keep")
-def _typical_p(logits: Array, p: ArrayLike, min_tokens_to_keep: int) -> Array:
-    return _unless_all_disabled(
-        TABLE["typical_p"].disabled(p, logits.shape[-1]),
-        lambda x: typical_p_rows(x, p, min_tokens_to_keep, _whole(x)), logits)
+    return _apply_truncation("typical_p", logits, p, min_tokens_to_keep)
 
 
 def epsilon_cutoff(
@@ -422,13 +401,7 @@ def epsilon_cutoff(
       >>> jnp.isfinite(epsilon_cutoff(x, 0.1))
       Array([ True,  True,  True, False], dtype=bool)
     """
-    logits, m = _start_truncation("epsilon_cutoff", logits, "epsilon", epsilon, min_tokens_to_keep)
-    return _epsilon_cutoff(logits, epsilon, min_tokens_to_keep=m)
-
-
-@functools.partial(jax.jit, static_argnames="min_tokens_to_keep")
-def _epsilon_cutoff(logits: Array, epsilon: ArrayLike, min_tokens_to_keep: int) -> Array:
-    return epsilon_cutoff_rows(logits, epsilon, min_tokens_to_keep, _whole(logits))
+    return _apply_truncation("epsilon_cutoff", logits, epsilon, min_tokens_to_keep)
 
 
 def eta_cutoff(logits: ArrayLike, eta: ArrayLike, *, min_tokens_to_keep: int = 1) -> Array:
@@ -451,13 +424,7 @@ def eta_cutoff(logits: ArrayLike, eta: ArrayLike, *, min_tokens_to_keep: int = 1
       >>> jnp.isfinite(eta_cutoff(x, 0.3))  # cutoff = sqrt(0.3) * exp(-H) = 0.175
       Array([ True,  True, False, False], dtype=bool)
     """
-    logits, m = _start_truncation("eta_cutoff", logits, "eta", eta, min_tokens_to_keep)
-    return _eta_cutoff(logits, eta, min_tokens_to_keep=m)
-
-
-@functools.partial(jax.jit, static_argnames="min_tokens_to_keep")
-def _eta_cutoff(logits: Array, eta: ArrayLike, min_tokens_to_keep: int) -> Array:
-    return eta_cutoff_rows(logits, eta, min_tokens_to_keep, _whole(logits))
+    return _apply_truncation("eta_cutoff", logits, eta, min_tokens_to_keep)
 
 
 def top_n_sigma(logits: ArrayLike, n: ArrayLike, *, min_tokens_to_keep: int = 1) -> Array:
@@ -480,13 +447,7 @@ def top_n_sigma(logits: ArrayLike, n: ArrayLike, *, min_tokens_to_keep: int = 1)
       >>> jnp.isfinite(top_n_sigma(jnp.array([0.0, 1.0, 2.0, 3.0]), 1.0))
       Array([False, False,  True,  True], dtype=bool)
     """
-    logits, m = _start_truncation("top_n_sigma", logits, "n", n, min_tokens_to_keep)
-    return _top_n_sigma(logits, n, min_tokens_to_keep=m)
-
-
-@functools.partial(jax.jit, static_argnames="min_tokens_to_keep")
-def _top_n_sigma(logits: Array, n: ArrayLike, min_tokens_to_keep: int) -> Array:
-    return top_n_sigma_rows(logits, n, min_tokens_to_keep, _whole(logits))
+    return _apply_truncation("top_n_sigma", logits, n, min_tokens_to_keep)
 
 
 # ----------------------------------------------------------------------------- biases, masks

@@ -475,14 +475,7 @@ class Chain(LogitsProcessor):
     def needs_key(self) -> bool:  # type: ignore[override]
         return any(p.needs_key for p in self.processors)
 
-    def init(
-        self,
-        prompt_tokens: Array,
-        prompt_lengths: Array,
-        vocab_size: int,
-        *,
-        max_new_tokens: int | None = None,
-    ) -> State:
+    def init(self, prompt_tokens, prompt_lengths, vocab_size, *, max_new_tokens=None) -> State:
         return tuple(
             init_state(p, prompt_tokens, prompt_lengths, vocab_size, max_new_tokens=max_new_tokens)
             for p in self.processors

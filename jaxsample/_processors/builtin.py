@@ -29,6 +29,7 @@ __all__ = [
     "SparseLogitBias",
     "BanTokens",
     "AllowTokens",
+    "TRUNCATIONS",
     "default_chain",
 ]
 
@@ -80,72 +81,38 @@ class _Truncation(LogitsProcessor):
         return fn(logits, getattr(self, self.spec.field), min_tokens_to_keep=self.min_tokens_to_keep)
 
 
-def _spec(name: str) -> tuple[_filters.Filter, dict[str, Any]]:
+def _truncation(cls_name: str, name: str, doc: str) -> type[_Truncation]:
+    """The processor class of the truncation ``name``, from its row of the filter table.
+
+    Its fields are the row's value field (``TopK.k``, ``TopP.p``, ...; default: the
+    identity) and a static ``min_tokens_to_keep`` (default 1), so ``TopP(0.9)`` and
+    ``TopP(p=0.9, min_tokens_to_keep=2)`` build it.
+    """
     spec = _filters.TABLE[name]
-    return spec, {spec.field: spec.identity}
+    body = {
+        "__module__": __name__, "__qualname__": cls_name, "__doc__": doc,
+        "__annotations__": {spec.field: "ArrayLike", "min_tokens_to_keep": "int"},
+        spec.field: spec.identity, "min_tokens_to_keep": static_field(default=1),
+        "spec": spec, "identity": {spec.field: spec.identity},
+    }
+    return processor_dataclass(type(cls_name, (_Truncation,), body))
 
 
-@processor_dataclass
-class TopK(_Truncation):
-    """:func:`jaxsample.top_k` as a processor (``k = 0`` disables)."""
+TopK = _truncation("TopK", "top_k", ":func:`jaxsample.top_k` as a processor (``k = 0`` disables).")
+TopP = _truncation("TopP", "top_p", ":func:`jaxsample.top_p` as a processor (``p = 1`` disables).")
+MinP = _truncation("MinP", "min_p", ":func:`jaxsample.min_p` as a processor (``p = 0`` disables).")
+TypicalP = _truncation("TypicalP", "typical_p",
+                       ":func:`jaxsample.typical_p` as a processor (``p = 1`` disables).")
+EpsilonCutoff = _truncation("EpsilonCutoff", "epsilon_cutoff",
+                            ":func:`jaxsample.epsilon_cutoff` as a processor (``epsilon = 0`` disables).")
+EtaCutoff = _truncation("EtaCutoff", "eta_cutoff",
+                        ":func:`jaxsample.eta_cutoff` as a processor (``eta = 0`` disables).")
+TopNSigma = _truncation("TopNSigma", "top_n_sigma",
+                        ":func:`jaxsample.top_n_sigma` as a processor (``n = inf`` disables).")
 
-    spec, identity = _spec("top_k")
-    k: ArrayLike = spec.identity
-    min_tokens_to_keep: int = static_field(default=1)
-
-
-@processor_dataclass
-class TopP(_Truncation):
-    """:func:`jaxsample.top_p` as a processor (``p = 1`` disables)."""
-
-    spec, identity = _spec("top_p")
-    p: ArrayLike = spec.identity
-    min_tokens_to_keep: int = static_field(default=1)
-
-
-@processor_dataclass
-class MinP(_Truncation):
-    """:func:`jaxsample.min_p` as a processor (``p = 0`` disables)."""
-
-    spec, identity = _spec("min_p")
-    p: ArrayLike = spec.identity
-    min_tokens_to_keep: int = static_field(default=1)
-
-
-@processor_dataclass
-class TypicalP(_Truncation):
-    """:func:`jaxsample.typical_p` as a processor (``p = 1`` disables)."""
-
-    spec, identity = _spec("typical_p")
-    p: ArrayLike = spec.identity
-    min_tokens_to_keep: int = static_field(default=1)
-
-
-@processor_dataclass
-class EpsilonCutoff(_Truncation):
-    """:func:`jaxsample.epsilon_cutoff` as a processor (``epsilon = 0`` disables)."""
-
-    spec, identity = _spec("epsilon_cutoff")
-    epsilon: ArrayLike = spec.identity
-    min_tokens_to_keep: int = static_field(default=1)
-
-
-@processor_dataclass
-class EtaCutoff(_Truncation):
-    """:func:`jaxsample.eta_cutoff` as a processor (``eta = 0`` disables)."""
-
-    spec, identity = _spec("eta_cutoff")
-    eta: ArrayLike = spec.identity
-    min_tokens_to_keep: int = static_field(default=1)
-
-
-@processor_dataclass
-class TopNSigma(_Truncation):
-    """:func:`jaxsample.top_n_sigma` as a processor (``n = inf`` disables)."""
-
-    spec, identity = _spec("top_n_sigma")
-    n: ArrayLike = spec.identity
-    min_tokens_to_keep: int = static_field(default=1)
+#: The truncation processors by filter name (``"top_k"`` -> `TopK`), in the table's order.
+TRUNCATIONS: dict[str, type[_Truncation]] = {
+    cls.spec.name: cls for cls in (TopK, TopP, MinP, TypicalP, EpsilonCutoff, EtaCutoff, TopNSigma)}
 
 
 # ----------------------------------------------------------------------------- biases, masks
@@ -184,34 +151,37 @@ class SparseLogitBias(LogitsProcessor):
         return _filters.sparse_logit_bias(logits, self.token_ids, self.values)
 
 
+class _TokenList(LogitsProcessor):
+    """Shared code of BanTokens and AllowTokens: one ``token_ids`` list (``-1`` is padding),
+    checked when built, applied by the filter ``mask``."""
+
+    field_ranks = {"token_ids": 1}
+    mask: ClassVar[Any]
+
+    def __post_init__(self) -> None:
+        cls = type(self).__name__
+        _check_ids(cls, self.token_ids)
+        _set(self, "token_ids", _leaf(cls, "token_ids", self.token_ids, np.int32))
+
+    def apply(self, logits: Array, state: State, key: Array | None) -> Array:
+        return self.mask(logits, self.token_ids)
+
+
 @processor_dataclass
-class BanTokens(LogitsProcessor):
+class BanTokens(_TokenList):
     """:func:`jaxsample.ban_tokens` as a processor (``-1`` ids are padding)."""
 
     token_ids: ArrayLike
-    field_ranks = {"token_ids": 1}
-
-    def __post_init__(self) -> None:
-        _check_ids("BanTokens", self.token_ids)
-        _set(self, "token_ids", _leaf("BanTokens", "token_ids", self.token_ids, np.int32))
-
-    def apply(self, logits: Array, state: State, key: Array | None) -> Array:
-        return _filters.ban_tokens(logits, self.token_ids)
+    mask = staticmethod(_filters.ban_tokens)
 
 
 @processor_dataclass
-class AllowTokens(LogitsProcessor):
+class AllowTokens(_TokenList):
     """:func:`jaxsample.allow_tokens` as a processor (``-1`` ids are padding)."""
 
     token_ids: ArrayLike
-    field_ranks = {"token_ids": 1}
+    mask = staticmethod(_filters.allow_tokens)
 
-    def __post_init__(self) -> None:
-        _check_ids("AllowTokens", self.token_ids)
-        _set(self, "token_ids", _leaf("AllowTokens", "token_ids", self.token_ids, np.int32))
-
-    def apply(self, logits: Array, state: State, key: Array | None) -> Array:
-        return _filters.allow_tokens(logits, self.token_ids)
 
 def _check_ids(fn: str, ids: Any) -> None:
     """Token-id checks at construction (the vocabulary size is not known yet)."""

@@ -45,9 +45,8 @@ import numpy as np
 from jaxsample import _validation as _val
 from jaxsample._processors.base import Chain, LogitsProcessor, chain
 from jaxsample._processors.builtin import (
+    TRUNCATIONS,
     AllowTokens,
-    EpsilonCutoff,
-    EtaCutoff,
     LogitBias,
     MinP,
     SparseLogitBias,
@@ -124,6 +123,11 @@ def _optional(cls: type, value: Any, **kwargs: Any) -> LogitsProcessor | None:
     return None if value is None else cls(value, **kwargs)
 
 
+def _truncations(min_tokens_to_keep: int, **values: ArrayLike) -> list[LogitsProcessor]:
+    """The truncation processors of ``values`` (``top_k=...``, ``top_p=...``), in that order."""
+    return [TRUNCATIONS[name](value, min_tokens_to_keep=min_tokens_to_keep) for name, value in values.items()]
+
+
 # ----------------------------------------------------------------------------- presets
 
 
@@ -186,13 +190,8 @@ def full_chain(
         NoRepeatNGram(no_repeat_ngram),
         DRY(dry_multiplier, dry_base, dry_allowed_length, dry_window, dry_sequence_breakers),
         DynamicTemperature(temperature, dynatemp_range, dynatemp_exponent),
-        TopK(top_k, min_tokens_to_keep=m),
-        TopP(top_p, min_tokens_to_keep=m),
-        MinP(min_p, min_tokens_to_keep=m),
-        TypicalP(typical_p, min_tokens_to_keep=m),
-        EpsilonCutoff(epsilon_cutoff, min_tokens_to_keep=m),
-        EtaCutoff(eta_cutoff, min_tokens_to_keep=m),
-        TopNSigma(top_n_sigma, min_tokens_to_keep=m),
+        *_truncations(m, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+                      epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff, top_n_sigma=top_n_sigma),
         XTC(xtc_probability, xtc_threshold),
         MirostatV2(mirostat_tau, mirostat_eta),
     ], prune)
@@ -236,12 +235,8 @@ def transformers_chain(
         _optional(BadWords, bad_words),
         _min_new_tokens(min_new_tokens, stop_ids),
         Temperature(temperature),
-        TopK(top_k, min_tokens_to_keep=m),
-        TopP(top_p, min_tokens_to_keep=m),
-        MinP(min_p, min_tokens_to_keep=m),
-        TypicalP(typical_p, min_tokens_to_keep=m),
-        EpsilonCutoff(epsilon_cutoff, min_tokens_to_keep=m),
-        EtaCutoff(eta_cutoff, min_tokens_to_keep=m),
+        *_truncations(m, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+                      epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff),
     ], prune)
 
 
