@@ -2,9 +2,10 @@
 
 The builders of :mod:`jaxsample._constraints.structured` describe a language as an AST
 (tuples, below), compile it to a Thompson NFA over bytes (code points are spelled as their
-UTF-8 byte sequences), determinize it with a hard cap on the number of states (the build
-stops as soon as the cap is crossed, before any large allocation) and walk every token's
-bytes through the DFA to get the token-level automaton the device runs (docs/structured.md).
+UTF-8 byte sequences), determinize it over byte classes with a hard cap on the number of
+states (the build stops as soon as the cap is crossed, before any large allocation), minimise
+it, and walk every token's bytes through the DFA to get the token-level automaton the device
+runs (docs/structured.md, "How a constraint is built").
 
 AST nodes::
 
