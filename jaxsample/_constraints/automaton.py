@@ -2,9 +2,10 @@
 
 The builders of :mod:`jaxsample._constraints.structured` describe a language as an AST
 (tuples, below), compile it to a Thompson NFA over bytes (code points are spelled as their
-UTF-8 byte sequences), determinize it with a hard cap on the number of states (the build
-stops as soon as the cap is crossed, before any large allocation) and walk every token's
-bytes through the DFA to get the token-level automaton the device runs (docs/structured.md).
+UTF-8 byte sequences), determinize it over byte classes with a hard cap on the number of
+states (the build stops as soon as the cap is crossed, before any large allocation), minimise
+it, and walk every token's bytes through the DFA to get the token-level automaton the device
+runs (docs/structured.md, "How a constraint is built").
 
 AST nodes::
 
@@ -25,7 +26,7 @@ try:  # Python >= 3.11
 except ImportError:  # pragma: no cover
     import sre_constants as _C
     import sre_parse as _P
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -164,6 +165,8 @@ def size_hint(node, memo=None) -> int:
         return size_hint(node[1]) * size_hint(node[2])
     if kind == "dfa":
         return len(node[1][0]) + 1
+    if kind == "det":
+        return size_hint(node[1])
     if kind == "seq":
         _, items, sep, lo, hi = node
         phases = (hi if hi is not None else lo) + 1
@@ -201,21 +204,46 @@ def _utf8_aligned(lo: int, hi: int, out: list) -> None:
 # ----------------------------------------------------------------------------- NFA
 
 
+#: A node built several times (a repetition, an object member at each count) is determinized
+#: on its own first when its DFA has at most this many states.
+_AUTO_DET_STATES = 512
+
+
 class _NFA:
-    """Thompson NFA: ``eps[s]`` epsilon targets, ``moves[s]`` (byte lo, byte hi, target)."""
+    """Thompson NFA: ``eps[s]`` epsilon targets; moves as flat lists (source, byte lo, byte hi, target).
+
+    Embedded DFAs (``det``, ``dfa``, ``and``, ``diff`` nodes) are added as blocks of states
+    with their moves appended in bulk (numpy runs, no per-byte Python).
+    """
 
     def __init__(self, max_nfa: int, what: str, cache: dict | None = None):
         self.eps: list[list[int]] = []
-        self.moves: list[list[tuple[int, int, int]]] = []
+        self.m_src: list[int] = []
+        self.m_lo: list[int] = []
+        self.m_hi: list[int] = []
+        self.m_dst: list[int] = []
         self.max_nfa, self.what = max_nfa, what
-        self.cache = {} if cache is None else cache  # id(node) -> (node, range moves, accepting)
+        self.cache = {} if cache is None else cache  # id(node) -> (node, DFA)
 
     def new(self) -> int:
         if len(self.eps) >= self.max_nfa:
             raise TooLarge(self.what, "max_states", self.max_nfa, " NFA states")
         self.eps.append([])
-        self.moves.append([])
         return len(self.eps) - 1
+
+    def block(self, k: int) -> int:
+        """``k`` new states ``first .. first + k - 1``; returns ``first``."""
+        if len(self.eps) + k > self.max_nfa:
+            raise TooLarge(self.what, "max_states", self.max_nfa, " NFA states")
+        first = len(self.eps)
+        self.eps.extend([[] for _ in range(k)])
+        return first
+
+    def move(self, s: int, lo: int, hi: int, t: int) -> None:
+        self.m_src.append(s)
+        self.m_lo.append(lo)
+        self.m_hi.append(hi)
+        self.m_dst.append(t)
 
     def build(self, node, start: int) -> int:
         """Adds ``node`` from ``start``; returns its end state."""
@@ -224,13 +252,13 @@ class _NFA:
             s = start
             for byte in node[1]:
                 t = self.new()
-                self.moves[s].append((byte, byte, t))
+                self.move(s, byte, byte, t)
                 s = t
             return s
         if kind == "bytes":
             t = self.new()
             for a, b in node[1]:
-                self.moves[start].append((a, b, t))
+                self.move(start, a, b, t)
             return t
         if kind == "set":
             end = self.new()
@@ -260,6 +288,12 @@ class _NFA:
             return end
         if kind == "rep":
             _, x, lo, hi = node
+            copies = hi if hi is not None else lo + 1
+            if copies >= 2:
+                x = self._auto_det(x)
+                got = self.cache.get(id(x[1])) if x[0] == "det" else None
+                if got is not None and len(self.eps) + copies * (got[1].table.shape[0] + 2) > self.max_nfa:
+                    raise TooLarge(self.what, "max_states", self.max_nfa, " NFA states")  # before building them
             s = start
             for _ in range(lo):
                 s = self.build(x, s)
@@ -276,42 +310,73 @@ class _NFA:
             self.eps[s].append(end)
             return end
         if kind in ("and", "diff"):
-            return self._product(node, start)
+            got = self.cache.get(id(node))
+            if got is None:
+                got = self.cache[id(node)] = (node, self._product(node))
+            return self._embed(got[1], start)
         if kind == "det":
             got = self.cache.get(id(node[1]))
             if got is None:
                 d = determinize(node[1], self.cache.get("__cap__", self.max_nfa), self.what, cache=self.cache)
-                got = (node[1], _range_moves(d.table), d.accept.tolist())
-                self.cache[id(node[1])] = got
-            _, moves, accept = got
-            states = [start] + [self.new() for _ in moves[1:]]
-            end = self.new()
-            for k, ms in enumerate(moves):
-                if accept[k]:
-                    self.eps[states[k]].append(end)
-                self.moves[states[k]].extend((a, b, states[t]) for a, b, t in ms)
-            return end
+                got = self.cache[id(node[1])] = (node[1], d)
+            return self._embed(got[1], start)
         if kind == "dfa":  # an explicit DFA: (rows of 256 targets or -1, accepting flags); row 0 = start
-            table, accept = node[1]
-            states = [start] + [self.new() for _ in table[1:]]
-            end = self.new()
-            for k, row in enumerate(table):
-                if accept[k]:
-                    self.eps[states[k]].append(end)
-                self.moves[states[k]].extend((lo, hi, states[t]) for lo, hi, t in _row_runs(row))
-            return end
+            got = self.cache.get(id(node))
+            if got is None:
+                table, accept = node[1]
+                got = (node, DFA(np.asarray(table, np.int64).reshape(-1, 256), np.asarray(accept, bool)))
+                self.cache[id(node)] = got
+            return self._embed(got[1], start)
         if kind == "seq":
             return self._seq(node, start)
         raise ValueError(f"unknown node {kind!r}")
+
+    def _auto_det(self, x):
+        """``det(x)`` for a node built several times (its DFA is embedded each time, so the enclosing
+        subset construction sees one state of it at a time); ``x`` itself where that DFA needs more
+        than ``_AUTO_DET_STATES`` states or more than the NFA of ``x`` (embedding it at each use would
+        grow the NFA), or where that NFA is large (not tried)."""
+        if x[0] in ("lit", "bytes", "set", "det", "dfa"):
+            return x
+        got = self.cache.get(("auto", id(x)))
+        if got is None:
+            try:  # (a failed attempt's work still counts towards the build's bound)
+                hint = size_hint(x)
+                if hint > 32 * _AUTO_DET_STATES:  # its own NFA alone would be slow to build twice
+                    raise TooLarge(self.what, "max_states", hint, " NFA states")
+                if id(x) not in self.cache:
+                    cap = min(_AUTO_DET_STATES, hint, self.cache.get("__cap__", self.max_nfa))
+                    d = determinize(x, cap, self.what, cache=self.cache)
+                    self.cache[id(x)] = (x, d)
+                got = (x, ("det", x))
+            except TooLarge:
+                got = (x, x)
+            self.cache[("auto", id(x))] = got
+        return got[1]
+
+    def _embed(self, d: "DFA", start: int) -> int:
+        """The DFA's states as a block of NFA states (its state 0 is ``start``); returns the end state."""
+        runs = d.runs()
+        first = self.block(runs[4])  # its own start too: ``start`` may have other moves, and the DFA may return to 0
+        end = self.new()
+        self.eps[start].append(first)
+        self.m_src.extend([first + x for x in runs[0]])
+        self.m_lo.extend(runs[1])
+        self.m_hi.extend(runs[2])
+        self.m_dst.extend([first + x for x in runs[3]])
+        eps = self.eps
+        for k in runs[5]:
+            eps[first + k].append(end)
+        return end
 
     def _trie(self, trie: dict, s: int, end: int) -> None:
         for r, sub in trie.items():
             if r is None:
                 for a, b in sub:
-                    self.moves[s].append((a, b, end))
+                    self.move(s, a, b, end)
             else:
                 t = self.new()
-                self.moves[s].append((r[0], r[1], t))
+                self.move(s, r[0], r[1], t)
                 self._trie(sub, t, end)
 
     def _seq(self, node, start: int) -> int:
@@ -323,6 +388,8 @@ class _NFA:
 
         cur = {0: start}  # count of members written so far -> state
         for x, required, repeat in items:
+            if repeat or len(cur) > 1:
+                x = self._auto_det(x)  # built once per count: one DFA, embedded each time
             nxt: dict[int, int] = {}
 
             def state(c: int) -> int:
@@ -330,22 +397,34 @@ class _NFA:
                     nxt[c] = self.new()
                 return nxt[c]
 
+            arcs = []  # (count, from state, to state): one member written
             if repeat:
                 for c, s in cur.items():
                     self.eps[s].append(state(c))
                 for c in range(top + 1):
                     if c not in nxt or (hi is not None and c + 1 > hi):
                         continue
-                    e = self.build(x if c == 0 else cat(sep, x), nxt[c])
-                    self.eps[e].append(state(clamp(c + 1)))
+                    arcs.append((c, nxt[c], state(clamp(c + 1))))
             else:
                 for c, s in list(cur.items()):
                     if not required:
                         self.eps[s].append(state(c))
                     if hi is not None and c + 1 > hi:
                         continue
-                    e = self.build(x if c == 0 else cat(sep, x), s)
-                    self.eps[e].append(state(clamp(c + 1)))
+                    arcs.append((c, s, state(clamp(c + 1))))
+            by_target: dict[int, list] = {}
+            for c, s, t in arcs:
+                by_target.setdefault(t, []).append((c, s))
+            for t, srcs in by_target.items():
+                if len(srcs) == 1:
+                    c, s = srcs[0]
+                    self.eps[self.build(x if c == 0 else cat(sep, x), s)].append(t)
+                    continue
+                # counts that lead to the same state share one copy of the member after a join
+                join = self.new()
+                for c, s in srcs:
+                    self.eps[s if c == 0 else self.build(sep, s)].append(join)
+                self.eps[self.build(x, join)].append(t)
             cur = nxt
         end = self.new()
         for c, s in cur.items():
@@ -353,67 +432,71 @@ class _NFA:
                 self.eps[s].append(end)
         return end
 
-    def _product(self, node, start: int) -> int:
+    def _product(self, node) -> "DFA":
+        """The intersection / difference of two DFAs (a breadth-first product, one numpy step per level)."""
         kind, a, b = node
         cap = self.cache.get("__cap__", self.max_nfa)
         da = determinize(a, cap, self.what, cache=self.cache)
         db = determinize(b, cap, self.what, cache=self.cache)
-        ta = da.table
-        dead_b = db.table.shape[0]  # b's dead state as a real sink row (a diff continues through it)
+        nb = db.table.shape[0]
+        dead_b = nb  # b's dead state as a real sink row (a diff continues through it)
         tb = np.vstack([db.table, np.full((1, 256), -1, db.table.dtype)])
         tb = np.where(tb < 0, dead_b, tb)
-        acc_b_of = np.append(db.accept, False)
-        ids = {(0, 0): 0}
-        order = [(0, 0)]
-        rows = []
-        i = 0
-        while i < len(order):
-            sa, sb = order[i]
-            na, nb = ta[sa], tb[sb]
-            row = np.full(256, -1, np.int64)
-            for byte in range(256):
-                x, y = na[byte], nb[byte]
-                if x < 0 or (kind == "and" and y == dead_b):
-                    continue
-                key = (int(x), int(y))
-                if key not in ids:
-                    if len(order) >= cap:
+        acc_b = np.append(db.accept, False)
+        # byte classes that neither DFA tells apart
+        _, first, cls = np.unique(np.vstack([da.table, tb]), axis=1, return_index=True, return_inverse=True)
+        cls = cls.reshape(-1)
+        ta_c, tb_c = da.table[:, first], tb[:, first]
+        ids = {0: 0}  # key sa * (nb + 1) + sb -> product state
+        pa, pb = [0], [0]
+        rows: list[np.ndarray] = []
+        lo = 0
+        while lo < len(pa):
+            fa, fb = np.array(pa[lo:]), np.array(pb[lo:])
+            lo = len(pa)
+            x, y = ta_c[fa], tb_c[fb]
+            ok = x >= 0
+            if kind == "and":
+                ok &= y != dead_b
+            key = np.where(ok, x * (nb + 1) + y, -1)
+            for k in np.unique(key[ok]).tolist():
+                if k not in ids:
+                    if len(pa) >= cap:
                         raise TooLarge(self.what, "max_states", cap, " product states")
-                    ids[key] = len(order)
-                    order.append(key)
-                row[byte] = ids[key]
-            rows.append(row)
-            i += 1
-        states = [start] + [self.new() for _ in order[1:]]
-        end = self.new()
-        for k, (sa, sb) in enumerate(order):
-            acc_b = bool(acc_b_of[sb])
-            if da.accept[sa] and (acc_b if kind == "and" else not acc_b):
-                self.eps[states[k]].append(end)
-            row = rows[k]
-            self.moves[states[k]].extend((lo, hi, states[t]) for lo, hi, t in _row_runs(row))
-        return end
+                    ids[k] = len(pa)
+                    pa.append(k // (nb + 1))
+                    pb.append(k % (nb + 1))
+            u, inv = np.unique(key, return_inverse=True)
+            m = np.array([ids.get(k, -1) for k in u.tolist()], np.int64)
+            rows.append(m[inv.reshape(key.shape)])
+        table_c = np.concatenate(rows)
+        pa_, pb_ = np.array(pa), np.array(pb)
+        accept = da.accept[pa_] & (acc_b[pb_] if kind == "and" else ~acc_b[pb_])
+        return _finish(table_c, cls, accept)
+
+
+def _table_runs(table: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A DFA table's (state, byte lo, byte hi, target) runs of equal live targets (vectorised)."""
+    t = np.asarray(table, np.int64)
+    n = t.shape[0]
+    if n == 0:
+        e = np.zeros(0, np.int64)
+        return e, e, e, e
+    start = np.ones((n, 256), bool)
+    start[:, 1:] = t[:, 1:] != t[:, :-1]
+    s, lo = np.nonzero(start)  # row-major: runs in order
+    flat = s * 256 + lo
+    hi = np.append(flat[1:], n * 256) - 1
+    hi = np.minimum(hi, s * 256 + 255) - s * 256
+    tgt = t[s, lo]
+    keep = tgt >= 0
+    return s[keep], lo[keep], hi[keep], tgt[keep]
 
 
 def _row_runs(row) -> list[tuple[int, int, int]]:
     """One state's 256 targets (-1: dead) as (byte lo, byte hi, target) runs."""
-    runs, byte = [], 0
-    while byte < 256:
-        t = row[byte]
-        if t < 0:
-            byte += 1
-            continue
-        e = byte
-        while e + 1 < 256 and row[e + 1] == t:
-            e += 1
-        runs.append((byte, e, t))
-        byte = e + 1
-    return runs
-
-
-def _range_moves(table: np.ndarray) -> list[list[tuple[int, int, int]]]:
-    """A DFA table as per-state (byte lo, byte hi, target) runs."""
-    return [_row_runs(row) for row in table.tolist()]
+    _, lo, hi, t = _table_runs(np.asarray(row).reshape(1, 256))
+    return list(zip(lo.tolist(), hi.tolist(), t.tolist()))
 
 
 class DFA:
@@ -421,96 +504,287 @@ class DFA:
 
     def __init__(self, table: np.ndarray, accept: np.ndarray):
         self.table, self.accept = table, accept
+        self._runs = None
+
+    def runs(self) -> tuple:
+        """(state, byte lo, byte hi, target) runs as arrays / lists, states, accepting states (computed once)."""
+        if self._runs is None:
+            s, lo, hi, t = _table_runs(self.table)
+            self._runs = (s.tolist(), lo.tolist(), hi.tolist(), t.tolist(), self.table.shape[0],
+                          np.nonzero(self.accept)[0].tolist())
+        return self._runs
 
 
 def determinize(node, max_states: int, what: str, max_nfa: int | None = None, cache: dict | None = None) -> DFA:
-    """The DFA of ``node`` (subset construction), trimmed to states that can still accept.
+    """The minimal DFA of ``node`` (subset construction, trimmed to states that can still accept).
+
+    The subset construction runs over byte classes (bytes no move of the NFA tells apart):
+    each NFA state's row (class -> closure of its targets) is computed once, a DFA state
+    that is one NFA state (the common case, inside embedded DFAs) takes that row as it is,
+    and a set of several combines its members' rows column by column (memoised). The result
+    is trimmed and minimised (:func:`_minimize`). Sub-DFAs (``det`` nodes, products,
+    repeated sub-nodes) are built once per build and kept across builds (:data:`_SHARED`).
 
     Raises:
       TooLarge: more than ``max_states`` DFA states (checked as each state is created).
     """
+    nested = cache is not None
     if cache is None:  # the outermost build: its bound also caps the nested ones, and all their work
         cache = {"__cap__": max_states, "__work__": [0, 3 * max_states]}
     work = cache["__work__"]
+    key = None
+    if nested:
+        try:
+            key, hit = node, _SHARED.get(node)
+        except TypeError:  # an explicit DFA (lists) inside: not shared
+            key = hit = None
+        if hit is not None:  # the same bounds as building it: its subset states and its work
+            d, states, spent = hit
+            if states > max_states:
+                raise TooLarge(what, "max_states", max_states, " DFA states")
+            work[0] += spent
+            if work[0] > work[1]:
+                raise TooLarge(what, "max_states", max_states, " DFA states")
+            return d
+    spent0 = work[0]
     nfa = _NFA(max_nfa or max(4 * max_states, 1 << 20), what, cache)
     s0 = nfa.new()
     final = nfa.build(node, s0)
-    eps, moves = nfa.eps, nfa.moves
+    eps = nfa.eps
+    m_lo = np.array(nfa.m_lo, np.int64)
+    m_hi = np.array(nfa.m_hi, np.int64)
     # byte classes: bytes that every move treats alike
     cuts = np.zeros(257, bool)
     cuts[0] = True
-    for ms in moves:
-        for a, b, _ in ms:
-            cuts[a] = True
-            cuts[b + 1] = True
+    cuts[m_lo] = True
+    cuts[m_hi + 1] = True
     cls = np.cumsum(cuts[:256]) - 1
-    cls[cls < 0] = 0
-    ncls = int(cls.max()) + 1
-    first = np.full(ncls, 0, np.int64)
-    for byte in range(255, -1, -1):
-        first[cls[byte]] = byte
-    moves_c = [[(int(cls[a]), int(cls[b]), t) for a, b, t in ms] for ms in moves]
+    ncls = int(cls[-1]) + 1
+    # important states: with a move, or the final one; each one's moves in class space
+    cls_l = cls.tolist()
+    moves_of: dict[int, list] = {}
+    for src, lo, hi, dst in zip(nfa.m_src, nfa.m_lo, nfa.m_hi, nfa.m_dst):
+        ms = moves_of.get(src)
+        if ms is None:
+            ms = moves_of[src] = []
+        ms.append((cls_l[lo], cls_l[hi], dst))
+    important = set(moves_of)
+    important.add(final)
 
-    memo: dict[int, frozenset] = {}
+    sets: list[frozenset] = []  # interned sets of important NFA states
+    sid_of: dict[frozenset, int] = {}
 
-    def one(s0: int) -> frozenset:
-        got = memo.get(s0)
-        if got is None:
-            seen = {s0}
-            stack = [s0]
-            while stack:
-                s = stack.pop()
-                for t in eps[s]:
-                    if t not in seen:
-                        seen.add(t)
-                        stack.append(t)
-            got = memo[s0] = frozenset(s for s in seen if moves[s] or s == final)
-        return got
+    def intern(fs: frozenset) -> int:
+        j = sid_of.get(fs)
+        if j is None:
+            j = sid_of[fs] = len(sets)
+            sets.append(fs)
+        return j
 
-    def closure(states) -> frozenset:
-        if len(states) == 1:
-            return one(next(iter(states)))
-        return frozenset().union(*(one(s) for s in states))
+    clos: dict[int, int] = {}  # NFA state -> set id of its closure
 
-    def _unused(states) -> frozenset:
-        seen = set(states)
-        stack = list(states)
-        while stack:
-            s = stack.pop()
-            for t in eps[s]:
-                if t not in seen:
-                    seen.add(t)
-                    stack.append(t)
-        return frozenset(s for s in seen if moves[s] or s == final)
+    def closure_id(s0: int) -> int:
+        j = clos.get(s0)
+        if j is None:
+            if not eps[s0]:
+                fs = frozenset((s0,)) if s0 in important else frozenset()
+            else:
+                seen = {s0}
+                stack = [s0]
+                while stack:
+                    for t in eps[stack.pop()]:
+                        if t not in seen:
+                            seen.add(t)
+                            stack.append(t)
+                fs = frozenset(seen & important)
+            j = clos[s0] = intern(fs)
+        return j
 
-    start = closure([s0])
-    ids = {start: 0}
+    none_row = [-1] * ncls
+    row_of: dict[int, list] = {}  # important NFA state -> its row (class -> set id, -1 none)
+
+    def row(s: int) -> list:
+        r = row_of.get(s)
+        if r is None:
+            ms = moves_of.get(s)
+            if not ms:
+                r = none_row
+            else:
+                ms.sort()
+                r = [-1] * ncls
+                reach = -1
+                multi: dict[int, set] = {}
+                for ca, cb, t in ms:
+                    j = closure_id(t)
+                    if ca > reach:  # no overlap with the moves before (sorted by class)
+                        r[ca:cb + 1] = [j] * (cb - ca + 1)
+                    else:  # a class with several targets: union of their closures
+                        for c in range(ca, cb + 1):
+                            if r[c] < 0:
+                                r[c] = j
+                            elif r[c] != j:
+                                multi.setdefault(c, {r[c]}).add(j)
+                    reach = max(reach, cb)
+                for c, js in multi.items():
+                    r[c] = intern(frozenset().union(*(sets[i] for i in js)))
+            row_of[s] = r
+        return r
+
+    combo_memo: dict[tuple, int] = {}
+
+    def combined(col: tuple) -> int:
+        ids = sorted(set(col))
+        if ids[0] < 0:
+            ids = ids[1:]
+        if not ids:
+            j = -1
+        elif len(ids) == 1:
+            j = ids[0]
+        else:
+            j = intern(frozenset().union(*(sets[i] for i in ids)))
+        combo_memo[col] = j
+        return j
+
+    start = closure_id(s0)
+    dfa_of: dict[int, int] = {start: 0}  # set id -> DFA state
     order = [start]
-    rows: list[np.ndarray] = []
+    rows: list[list] = []
+    get = combo_memo.get
     i = 0
     while i < len(order):
-        by_cls: dict[int, set] = {}
-        for s in order[i]:
-            for a, b, t in moves_c[s]:
-                for c in range(a, b + 1):
-                    by_cls.setdefault(c, set()).add(t)
-        row = np.full(ncls, -1, np.int64)
-        for c, ts in by_cls.items():
-            key = closure(ts)
-            j = ids.get(key)
-            if j is None:
+        fs = sets[order[i]]
+        i += 1
+        if len(fs) == 1:
+            r = row(next(iter(fs)))
+        elif not fs:
+            r = none_row
+        else:
+            r = [get(col) if col in combo_memo else combined(col) for col in zip(*(row(s) for s in fs))]
+        rows.append(r)
+        for j in set(r):
+            if j >= 0 and j not in dfa_of:
                 work[0] += 1
                 if len(order) >= max_states or work[0] > work[1]:
                     raise TooLarge(what, "max_states", max_states, " DFA states")
-                j = ids[key] = len(order)
-                order.append(key)
-            row[c] = j
-        rows.append(row)
-        i += 1
-    table_c = np.stack(rows)
-    accept = np.array([final in st for st in order], bool)
-    table = table_c[:, cls]
-    return _trim_dfa(DFA(table, accept))
+                dfa_of[j] = len(order)
+                order.append(j)
+    to_dfa = np.full(len(sets) + 1, -1, np.int64)
+    for j, k in dfa_of.items():
+        to_dfa[j] = k
+    table_c = to_dfa[np.array(rows, np.int64).reshape(len(rows), ncls)]
+    accept = np.array([final in sets[j] for j in order], bool)
+    d = _finish(table_c, cls, accept)
+    if key is not None and d.table.shape[0] <= _SHARED_STATES // 8:
+        _share(key, d, len(order), work[0] - spent0)
+    return d
+
+
+#: Sub-DFAs kept across builds (key: the node) with the subset states and work they took; at
+#: most ``_SHARED_STATES`` states in all (the oldest go first).
+_SHARED: dict = {}
+_SHARED_STATES = 1 << 15
+_shared_size = [0]
+
+
+def _share(key, d: DFA, states: int, spent: int) -> None:
+    d = DFA(d.table.astype(np.int32), d.accept)
+    _SHARED[key] = (d, states, spent)
+    _shared_size[0] += d.table.shape[0]
+    while _shared_size[0] > _SHARED_STATES:
+        old = _SHARED.pop(next(iter(_SHARED)))
+        _shared_size[0] -= old[0].table.shape[0]
+
+
+def _finish(table_c: np.ndarray, cls: np.ndarray, accept: np.ndarray) -> DFA:
+    """A DFA over byte classes (``cls[byte]``), trimmed and minimised, as a 256-column DFA."""
+    d = _minimize(_trim_dfa(DFA(table_c, accept)))
+    return DFA(d.table[:, cls], d.accept)
+
+
+#: Moore's refinement stops after this many rounds (the DFA is then kept unminimised: a long
+#: chain, such as a string of bounded length, is nearly minimal already).
+_MOORE_ROUNDS = 48
+
+
+def _minimize(d: DFA) -> DFA:
+    """The minimal DFA of a trimmed DFA over any columns (Moore's refinement, vectorised; 0 stays the start).
+
+    Blocks are refined by a 64-bit hash of (block, successor blocks per byte class) until
+    their number stops growing; the final partition is then checked to be a congruence
+    (same acceptance, same successor blocks), so a hash collision can never merge states
+    that differ: if the check fails the refinement is redone with exact row comparison.
+    """
+    t = d.table
+    n = t.shape[0]
+    if n <= 1:
+        return d
+    tc = t[:, _distinct_columns(t)]
+    k = tc.shape[1]
+    dead = tc < 0
+    rng = np.random.default_rng(0x5EED)
+    mult = rng.integers(1, 2**63 - 1, size=k + 1, dtype=np.int64).astype(np.uint64) | np.uint64(1)
+
+    live = np.maximum(tc, 0)
+
+    e_src, e_col = np.nonzero(~dead)  # by state, then class
+    e_dst = tc[e_src, e_col]
+    e_w = mult[1 + e_col]
+    e_first = np.searchsorted(e_src, np.arange(n))
+    e_has = e_first < np.append(e_first[1:], e_src.size)
+    e_first = e_first[e_has]
+
+    def refine(exact: bool) -> np.ndarray | None:
+        blk = d.accept.astype(np.int64)
+        nb = int(np.unique(blk).size)
+        for _ in range(_MOORE_ROUNDS if not exact else n + 1):
+            if exact:
+                succ = np.where(dead, -1, blk[live])
+                _, new = np.unique(np.column_stack([blk, succ]), axis=0, return_inverse=True)
+            else:  # over the live transitions only (a DFA row has few of them)
+                with np.errstate(over="ignore"):
+                    h = (blk.astype(np.uint64) + np.uint64(1)) * mult[0]
+                    if e_first.size:
+                        h[e_has] += np.add.reduceat(e_w * (blk[e_dst] + 2).astype(np.uint64), e_first)
+                _, new = np.unique(h, return_inverse=True)
+            new = new.reshape(-1)
+            m = int(new.max()) + 1
+            if m == nb:
+                return new
+            blk, nb = new, m
+        return None
+
+    blk = refine(False)
+    if blk is None:  # distinguishing words longer than _MOORE_ROUNDS (a long chain): left as it is
+        return d
+    nb = int(blk.max()) + 1
+    rep = np.full(nb, n, np.int64)
+    np.minimum.at(rep, blk, np.arange(n))
+    succ = np.where(dead, -1, blk[np.maximum(tc, 0)])
+    if not ((succ == succ[rep[blk]]).all() and (d.accept == d.accept[rep[blk]]).all()):
+        blk = refine(True)  # pragma: no cover - a 64-bit hash collision
+        nb = int(blk.max()) + 1
+        rep = np.full(nb, n, np.int64)
+        np.minimum.at(rep, blk, np.arange(n))
+    if nb == n:
+        return d
+    rank = np.empty(nb, np.int64)  # blocks numbered by their first state (the start's block is 0)
+    rank[np.argsort(rep, kind="stable")] = np.arange(nb)
+    reps = np.sort(rep)
+    rows = t[reps]
+    table = np.where(rows < 0, -1, rank[blk[np.maximum(rows, 0)]])
+    return DFA(table, d.accept[reps])
+
+
+def _distinct_columns(t: np.ndarray) -> np.ndarray:
+    """Indices of the distinct columns of ``t`` (the first of each), by a hash checked exactly."""
+    rng = np.random.default_rng(0xC0105)
+    w = rng.integers(1, 2**62, size=t.shape[0], dtype=np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        h = ((t.astype(np.int64) + 2).astype(np.uint64) * w[:, None]).sum(axis=0, dtype=np.uint64)
+    _, first, inv = np.unique(h, return_index=True, return_inverse=True)
+    if (t[:, first[inv.reshape(-1)]] == t).all():
+        return np.sort(first)
+    return np.sort(np.unique(t, axis=1, return_index=True)[1])  # pragma: no cover - a hash collision
 
 
 def _trim_dfa(d: DFA) -> DFA:
@@ -527,16 +801,29 @@ def _trim_dfa(d: DFA) -> DFA:
 def _reach(src: np.ndarray, dst: np.ndarray, seeds, n: int) -> tuple[np.ndarray, list[int]]:
     """States reachable from ``seeds`` along edges src -> dst: (mask, BFS order).
 
-    One pass over a CSR adjacency (``O(states + edges)``, no per-level array work), so a
-    chain of a million states costs the same per state as a wide automaton.
+    One pass over a CSR adjacency (``O(states + edges)``; for large graphs in C through
+    scipy's ``breadth_first_order`` where scipy is installed, as it is with JAX).
     """
+    src = np.asarray(src, np.int64)
+    dst = np.asarray(dst, np.int64)
     order_e = np.argsort(src, kind="stable")
+    seeds = [int(g) for g in seeds]
+    if _bfs_order is not None and src.size > _SCIPY_EDGES:
+        # a virtual source n pointing at the seeds, then scipy's BFS (edges visited in CSR order)
+        s2 = np.concatenate([np.full(len(seeds), n, np.int64), src[order_e]])
+        d2 = np.concatenate([np.array(seeds, np.int64), dst[order_e]])
+        o2 = np.argsort(s2, kind="stable")
+        indptr = np.searchsorted(s2[o2], np.arange(n + 2))
+        g = _csr_matrix((np.ones(s2.size, np.int8), d2[o2], indptr), shape=(n + 1, n + 1))
+        got = _bfs_order(g, n, directed=True, return_predecessors=False)[1:]
+        seen = np.zeros(n, bool)
+        seen[got] = True
+        return seen, got.tolist()
     nbr = dst[order_e].tolist()
     starts = np.searchsorted(src[order_e], np.arange(n + 1)).tolist()
     seen = bytearray(n)
     order = []
     for g in seeds:
-        g = int(g)
         if not seen[g]:
             seen[g] = 1
             order.append(g)
@@ -549,6 +836,15 @@ def _reach(src: np.ndarray, dst: np.ndarray, seeds, n: int) -> tuple[np.ndarray,
                 seen[t] = 1
                 order.append(t)
     return np.frombuffer(bytes(seen), np.uint8).astype(bool), order
+
+
+_SCIPY_EDGES = 1 << 14  # below this many edges the Python BFS is faster than scipy's setup
+
+try:  # scipy comes with JAX; without it the BFS above runs in Python
+    from scipy.sparse import csr_matrix as _csr_matrix
+    from scipy.sparse.csgraph import breadth_first_order as _bfs_order
+except ImportError:  # pragma: no cover
+    _csr_matrix = _bfs_order = None
 
 
 def _co_reachable(src: np.ndarray, dst: np.ndarray, goals: np.ndarray, n: int) -> np.ndarray:
@@ -584,7 +880,6 @@ class TokenTrie:
             ends[n].append(i)
         # renumber in BFS order so that parents come before children, by level
         order = [0]
-        levels = [0]
         k = 0
         while k < len(order):
             for byte in sorted(children[order[k]]):
@@ -606,38 +901,64 @@ class TokenTrie:
         self.tok_node = np.array(tok_node, np.int64)
         self.tok_id = np.array(tok_id, np.int64)
         self.n = len(order)
+        self._csr = None
+
+    def csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per node: its children ``[lo, hi)`` (contiguous in BFS order) and its tokens ``[lo, hi)``."""
+        if self._csr is None:
+            nodes = np.arange(self.n)
+            par = self.parent[1:]  # non-decreasing in BFS order
+            self._csr = (np.searchsorted(par, nodes) + 1, np.searchsorted(par, nodes, "right") + 1,
+                         np.searchsorted(self.tok_node, nodes), np.searchsorted(self.tok_node, nodes, "right"))
+        return self._csr
+
+
+def _expand(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For ranges ``[lo[i], hi[i])``: (i, j) for every j in range i, as two flat arrays."""
+    cnt = hi - lo
+    tot = int(cnt.sum())
+    r = np.repeat(np.arange(cnt.size), cnt)
+    return r, np.repeat(lo - np.cumsum(cnt) + cnt, cnt) + np.arange(tot)
 
 
 def token_automaton(d: DFA, trie: TokenTrie, max_states: int, max_transitions: int, what: str):
     """The token-level automaton reachable from the DFA's start: (states, src, tok, dst, accept).
 
-    Every DFA state walks the whole trie at once (chunks of states, one numpy step per
-    trie level); then the states reachable from the start at token boundaries are kept,
-    numbered in BFS order (0 = the start). Stops with :class:`TooLarge` past either limit.
+    Every DFA state walks the trie at once (chunks of states, one numpy step per trie level,
+    over the live (state, trie node) pairs only: a pair whose byte is dead is not expanded);
+    then the states reachable from the start at token boundaries are kept, numbered in BFS
+    order (0 = the start). Stops with :class:`TooLarge` past either limit.
     """
     table = d.table.astype(np.int32)
     n_dfa = table.shape[0]
+    child_lo, child_hi, tok_lo, tok_hi = trie.csr()
     chunk = max(1, (1 << 21) // max(trie.n, 1))
     srcs, toks, dsts = [], [], []
     total = 0
     for c0 in range(0, n_dfa, chunk):
-        st = np.arange(c0, min(n_dfa, c0 + chunk), dtype=np.int32)
-        at = np.full((st.size, trie.n), -1, np.int32)
-        at[:, 0] = st
-        for lv in trie.levels:
-            p = at[:, trie.parent[lv]]
-            if (p < 0).all():
+        s = np.arange(c0, min(n_dfa, c0 + chunk), dtype=np.int64)
+        node = np.zeros(s.size, np.int64)
+        q = s.astype(np.int32)
+        while s.size:
+            r, child = _expand(child_lo[node], child_hi[node])
+            if not r.size:
                 break
-            at[:, lv] = np.where(p >= 0, table[np.maximum(p, 0), trie.byte[lv]], -1)
-        end = at[:, trie.tok_node]
-        r, k = np.nonzero(end >= 0)
-        total += r.size
-        if total > max_transitions * 4:
-            raise TooLarge(what, "max_transitions", max_transitions, " token transitions")
-        srcs.append(st[r])
-        toks.append(trie.tok_id[k].astype(np.int32))
-        dsts.append(end[r, k])
-    src, tok, dst = np.concatenate(srcs), np.concatenate(toks), np.concatenate(dsts)
+            q2 = table[q[r], trie.byte[child]]
+            ok = q2 >= 0
+            s, node, q = s[r[ok]], child[ok], q2[ok]
+            r, k = _expand(tok_lo[node], tok_hi[node])
+            if r.size:
+                total += r.size
+                if total > max_transitions * 4:
+                    raise TooLarge(what, "max_transitions", max_transitions, " token transitions")
+                srcs.append(s[r])
+                toks.append(k)
+                dsts.append(q[r])
+    if not srcs:
+        srcs, toks, dsts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int32)]
+    src, k, dst = np.concatenate(srcs), np.concatenate(toks), np.concatenate(dsts)
+    o = np.lexsort((k, src))  # by state, then the trie's token order (a stable numbering)
+    src, tok, dst = src[o], trie.tok_id[k[o]].astype(np.int32), dst[o]
     # the states reachable from the start at token boundaries, in BFS order
     seen, order = _reach(src.astype(np.int64), dst.astype(np.int64), [0], n_dfa)
     if len(order) > max_states:
@@ -655,20 +976,24 @@ def token_automaton(d: DFA, trie: TokenTrie, max_states: int, max_transitions: i
 
 
 _UNICODE_CATS: dict[str, list[tuple[int, int]]] = {}
+_ALL_CHARS: str | None = None
 
 
 def _unicode_category(name: str) -> list[tuple[int, int]]:
     """Code points Python's ``re`` puts in ``\\d`` / ``\\w`` / ``\\s`` (computed once)."""
     if name not in _UNICODE_CATS:
-        pat = re.compile({"digit": r"\d", "word": r"\w", "space": r"\s"}[name])
-        ranges, start = [], None
-        for c in range(MAX_CP + 2):
-            inside = c <= MAX_CP and not (0xD800 <= c <= 0xDFFF) and pat.match(chr(c)) is not None
-            if inside and start is None:
-                start = c
-            elif not inside and start is not None:
-                ranges.append((start, c - 1))
-                start = None
+        global _ALL_CHARS
+        if _ALL_CHARS is None:  # every code point but the surrogates, in order
+            _ALL_CHARS = "".join(map(chr, range(0xD800))) + "".join(map(chr, range(0xE000, MAX_CP + 1)))
+        pat = re.compile({"digit": r"\d+", "word": r"\w+", "space": r"\s+"}[name])
+        gap = 0xE000 - 0xD800  # string index -> code point past the surrogates
+        ranges = []
+        for m in pat.finditer(_ALL_CHARS):  # runs of members, found by re itself
+            a, b = m.start(), m.end() - 1
+            if a < 0xD800 <= b:  # a run across the surrogate gap is two ranges
+                ranges += [(a, 0xD7FF), (0xE000, b + gap)]
+            else:
+                ranges.append((a if a < 0xD800 else a + gap, b if b < 0xD800 else b + gap))
         _UNICODE_CATS[name] = ranges
     return _UNICODE_CATS[name]
 
@@ -794,8 +1119,15 @@ def parse_regex(pattern: str, *, search: bool = False, char=None, max_repeat: in
             pass
         body = conv(items)
         if search:
+            # next to an unanchored end, x{lo,hi} matches where x{lo} does (the rest is absorbed
+            # by the any-text around it): a much smaller automaton for [a-z]{1,255} or \w+
+            parts = list(body[1]) if body[0] == "cat" else [body]
+            if not end and parts and parts[-1][0] == "rep":
+                parts[-1] = rep(parts[-1][1], parts[-1][2], parts[-1][2])
+            if not begin and parts and parts[0][0] == "rep":
+                parts[0] = rep(parts[0][1], parts[0][2], parts[0][2])
             star = rep(char(complement_ranges([])), 0, None)
-            body = cat(EMPTY if begin else star, body, EMPTY if end else star)
+            body = det(cat(EMPTY if begin else star, *parts, EMPTY if end else star))
         return body
 
     return top(list(tree))

@@ -334,8 +334,8 @@ class Constraint(LogitsProcessor):
             raise ValueError(f"{fn}: initial states must be in [-1, {s}), got {initial.tolist()}")
         _set(self, "vocab_size", int(self.vocab_size))
         for name, value in (("allowed", allowed), ("offsets", offsets), ("targets", targets)):
-            _set(self, name, jnp.asarray(value))  # on device once, not per call
-        _set(self, "initial", jnp.asarray(initial, jnp.int32))
+            _set(self, name, jax.device_put(value))  # on device once, not per call (jnp.asarray compiles per shape)
+        _set(self, "initial", jax.device_put(initial.astype(np.int32)))
 
     # -- sizes (host) ---------------------------------------------------------------
 

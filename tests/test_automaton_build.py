@@ -1,0 +1,161 @@
+"""The byte-DFA build (jaxsample/_constraints/automaton.py) against Python's ``re`` as the reference.
+
+Random regular expressions over a small alphabet (with a two-byte character, so byte classes
+and UTF-8 sequences are exercised), compiled by ``parse_regex`` and ``determinize`` (subset
+construction over byte classes, embedded sub-DFAs, Moore minimisation), must accept exactly
+the strings ``re.fullmatch`` (or, in JSON Schema ``pattern`` mode, ``re.search``) accepts,
+for every string up to a length; products (``and`` / ``diff``) must match the boolean
+combination. The minimised DFA is minimal: no two of its states accept the same suffixes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import re
+
+import numpy as np
+import pytest
+
+from jaxsample._constraints import automaton as A
+
+ALPHABET = ["a", "b", "-", "\u00e9"]  # U+00E9 is two UTF-8 bytes
+STRINGS = ["".join(p) for n in range(5) for p in itertools.product(ALPHABET, repeat=n)]
+
+
+def _random_regex(rng: random.Random, depth: int = 3) -> str:
+    if depth == 0 or rng.random() < 0.25:
+        return rng.choice(["a", "b", "-", "\u00e9", "[ab]", "[^a]", ".", "[a\u00e9]", "(?:)"])
+    kind = rng.choice(["cat", "cat", "alt", "star", "plus", "opt", "count"])
+    x = _random_regex(rng, depth - 1)
+    if kind == "cat":
+        return x + _random_regex(rng, depth - 1)
+    if kind == "alt":
+        return f"(?:{x}|{_random_regex(rng, depth - 1)})"
+    if kind == "count":
+        lo = rng.randint(0, 2)
+        return f"(?:{x}){{{lo},{lo + rng.randint(0, 2)}}}"
+    return f"(?:{x}){ {'star': '*', 'plus': '+', 'opt': '?'}[kind]}"
+
+
+def _accepts(d: A.DFA, s: str) -> bool:
+    q = 0
+    for byte in s.encode("utf-8"):
+        q = int(d.table[q, byte])
+        if q < 0:
+            return False
+    return bool(d.accept[q])
+
+
+def _language(d: A.DFA) -> list[bool]:
+    return [_accepts(d, s) for s in STRINGS]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_regexes_accept_what_re_fullmatch_accepts(seed):
+    rng = random.Random(seed)
+    for _ in range(30):
+        pat = _random_regex(rng)
+        d = A.determinize(A.parse_regex(pat), 4000, "t")
+        want = [re.fullmatch(pat, s) is not None for s in STRINGS]
+        assert _language(d) == want, pat
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_random_patterns_in_search_mode_accept_what_re_search_accepts(seed):
+    # also covers the x{lo,hi} -> x{lo} shortcut next to an unanchored end
+    rng = random.Random(100 + seed)
+    for _ in range(30):
+        pat = _random_regex(rng)
+        pat = rng.choice(["", "^"]) + pat + rng.choice(["", "$"])
+        d = A.determinize(A.parse_regex(pat, search=True), 4000, "t")
+        want = [re.search(pat, s) is not None for s in STRINGS]
+        assert _language(d) == want, pat
+
+
+def test_random_products_and_embedded_dfas_match_the_boolean_combination():
+    rng = random.Random(7)
+    for _ in range(25):
+        p, q = _random_regex(rng), _random_regex(rng)
+        a, b = A.parse_regex(p), A.parse_regex(q)
+        for kind, op in (("and", lambda x, y: x and y), ("diff", lambda x, y: x and not y)):
+            inner = {s: op(re.fullmatch(p, s) is not None, re.fullmatch(q, s) is not None) for s in STRINGS}
+            assert _language(A.determinize((kind, a, b), 4000, "t")) == [inner[s] for s in STRINGS], (kind, p, q)
+            # the product embedded twice in a repetition, then another embedded DFA
+            d = A.determinize(A.cat(A.rep((kind, a, b), 0, 2), A.det(b)), 4000, "t")
+
+            def twice(w: str) -> bool:
+                return w == "" or any(inner[w[:i]] and (inner[w[i:]] or w[i:] == "") for i in range(len(w) + 1))
+
+            for s in STRINGS:
+                want = any(twice(s[:c]) and re.fullmatch(q, s[c:]) is not None for c in range(len(s) + 1))
+                assert _accepts(d, s) == want, (kind, p, q, s)
+
+
+def test_an_embedded_dfa_that_returns_to_its_start_does_not_leak_into_the_enclosing_state():
+    # a*((bc)*d): X's DFA returns to its start after "bc"; that start must not be the loop state of a*
+    x = A.det(A.parse_regex("(?:bc)*d"))
+    d = A.determinize(A.cat(A.rep(A.lit("a"), 0, None), x), 100, "t")
+    for s, ok in (("d", True), ("aad", True), ("abcbcd", True), ("bcad", False), ("abca", False), ("bc", False)):
+        assert _accepts(d, s) == ok, s
+    d = A.determinize(A.rep(x, 0, None), 100, "t")  # X* : "bc" alone is not a complete X
+    for s, ok in (("", True), ("d", True), ("bcdd", True), ("bc", False), ("dbc", False)):
+        assert _accepts(d, s) == ok, s
+
+
+def _distinguishable(d: A.DFA) -> np.ndarray:
+    """The table-filling algorithm (the dead state added as the last state): ``[p, q]`` True iff
+    some byte string leads exactly one of p, q to acceptance."""
+    n = d.table.shape[0]
+    t = np.vstack([np.where(d.table < 0, n, d.table), np.full((1, 256), n)])
+    acc = np.append(d.accept, False)
+    marked = acc[:, None] != acc[None, :]
+    while True:
+        new = marked | marked[t[:, None, :], t[None, :, :]].any(axis=-1)
+        if (new == marked).all():
+            return marked
+        marked = new
+
+
+def test_the_minimised_dfa_has_no_two_equivalent_states():
+    rng = random.Random(11)
+    for _ in range(20):
+        pat = _random_regex(rng)
+        d = A.determinize(A.parse_regex(pat), 4000, "t")
+        n = d.table.shape[0]
+        dist = _distinguishable(d)
+        off_diagonal = ~np.eye(n + 1, dtype=bool)
+        assert dist[off_diagonal].all(), pat  # every two states (and the dead state) differ
+        again = A._minimize(d)
+        assert np.array_equal(again.table, d.table) and np.array_equal(again.accept, d.accept), pat
+
+
+def test_long_bounded_repetitions_stay_exact_and_fast_to_build():
+    d = A.determinize(A.parse_regex("[ab]{0,300}c"), 4000, "t")
+    assert _accepts(d, "ab" * 150 + "c") and not _accepts(d, "a" * 301 + "c") and _accepts(d, "c")
+    d = A.determinize(A.parse_regex("[A-Za-z0-9-_.:]{1,255}", search=True), 4000, "t")
+    one = A.determinize(A.parse_regex("[A-Za-z0-9-_.:]", search=True), 4000, "t")
+    assert np.array_equal(d.table, one.table)  # any text containing one such character
+    assert _accepts(d, "--x--") and not _accepts(d, "") and not _accepts(d, "!!")
+
+
+def test_random_object_member_sequences_match_a_brute_force_enumeration():
+    # seq(): members in order, sep between present ones, lo <= #present <= hi; members at counts
+    # that lead to the same state share one copy of the member automaton
+    rng = random.Random(5)
+    for _ in range(20):
+        items = [(_random_regex(rng, 1), rng.random() < 0.3, rng.random() < 0.3) for _ in range(rng.randint(1, 3))]
+        items = [(p, req and not rep_, rep_) for p, req, rep_ in items]
+        lo = rng.randint(0, 2)
+        hi = rng.choice([None, lo, lo + 1, lo + 2])
+        node = A.seq([(A.parse_regex(p), req, rep_) for p, req, rep_ in items], A.lit("-"), lo, hi)
+        d = A.determinize(node, 4000, "t")
+        choices = [[1] if req else ([0, 1] if not rep_ else list(range(5))) for _, req, rep_ in items]
+        combos = []
+        for counts in itertools.product(*choices):
+            if lo <= sum(counts) and (hi is None or sum(counts) <= hi):
+                parts = [p for (p, _, _), k in zip(items, counts) for _ in range(k)]
+                combos.append(re.compile("-".join(f"(?:{p})" for p in parts)))
+        for s in STRINGS:
+            want = any(c.fullmatch(s) for c in combos)
+            assert _accepts(d, s) == want, (items, lo, hi, s)
