@@ -87,7 +87,6 @@ def main(argv=None) -> int:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     if args.multi_host:

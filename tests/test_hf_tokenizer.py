@@ -12,7 +12,7 @@ from models import HFTokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
 
-from helpers import BPE_SPECIALS as SPECIALS, BPE_TEXTS as TEXTS, checkpoint_dir  # noqa: E402,F401
+from helpers import BPE_TEXTS as TEXTS, checkpoint_dir  # noqa: E402
 
 
 def test_round_trip_and_ids_match_the_tokenizers_library(tmp_path, tokenizer_file):

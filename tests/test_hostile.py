@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -447,7 +446,7 @@ def test_cli_chat_template_errors_exit_2(tmp_path, tokenizer_file, capsys):  # n
         with pytest.raises(SystemExit) as e:
             encode_prompts(parser, tok, ["hi"], True, limit)
         assert e.value.code == 2
-        assert f"--chat: the chat template failed: " in capsys.readouterr().err
+        assert "--chat: the chat template failed: " in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- memory budget

@@ -33,7 +33,7 @@ runs until every prompt has stopped, but a stopped prompt's hypotheses no longer
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp

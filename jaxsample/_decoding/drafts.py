@@ -21,7 +21,6 @@ from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxsample import _validation as _val
 from jaxsample._decoding import core

@@ -66,7 +66,6 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxsample import _validation as _val
 from jaxsample._decoding import core as _core
 from jaxsample._decoding.generate import generate
 from jaxsample._filters import filters as _filters
@@ -76,7 +75,7 @@ from jaxsample._filters.gumbel import _check_key, _draw, _keep, _row_seeds
 from jaxsample._processors import builtin as _builtin
 from jaxsample._processors.base import Chain, LogitsProcessor
 from jaxsample._selection.select import VocabShard
-from jaxsample._step.step import StepOutput, gumbel_sample_step
+from jaxsample._step.step import StepOutput
 
 __all__ = [
     "VocabShard",
