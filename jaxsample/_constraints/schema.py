@@ -894,11 +894,7 @@ class Compiler:
     def t_string(self, parts):
         lo, hi, pats = 0, None, []
         for s, path in parts:
-            if "minLength" in s:
-                lo = max(lo, _count(s["minLength"], path, "minLength"))
-            if "maxLength" in s:
-                v = _count(s["maxLength"], path, "maxLength")
-                hi = v if hi is None else min(hi, v)
+            lo, hi = _count_bounds(lo, hi, s, path, "minLength", "maxLength")
             if "pattern" in s:
                 p = s["pattern"]
                 if not isinstance(p, str):
@@ -949,11 +945,7 @@ class Compiler:
                 hi = 0
             elif items is not None:
                 rest_all.append((items, ipath))
-            if "minItems" in s:
-                lo = max(lo, _count(s["minItems"], path, "minItems"))
-            if "maxItems" in s:
-                v = _count(s["maxItems"], path, "maxItems")
-                hi = v if hi is None else min(hi, v)
+            lo, hi = _count_bounds(lo, hi, s, path, "minItems", "maxItems")
             if s.get("uniqueItems") is True:
                 unique = True
                 upath = f"{path}/uniqueItems"
@@ -1032,11 +1024,7 @@ class Compiler:
                     names.append(k)
                 required.add(k)
             absent |= set(s.get("__absent__", ()))
-            if "minProperties" in s:
-                lo = max(lo, _count(s["minProperties"], path, "minProperties"))
-            if "maxProperties" in s:
-                v = _count(s["maxProperties"], path, "maxProperties")
-                hi = v if hi is None else min(hi, v)
+            lo, hi = _count_bounds(lo, hi, s, path, "minProperties", "maxProperties")
             if "propertyNames" in s:
                 pnames.append((s["propertyNames"], f"{path}/propertyNames"))
             pp = s.get("patternProperties")
@@ -1181,6 +1169,16 @@ def _modulo_dfa(m: int):
             table[3 + r][48 + d] = 3 + (r * 10 + d) % m
     accept = [False, False, True] + [r == 0 for r in range(m)]
     return table, accept
+
+
+def _count_bounds(lo: int, hi: int | None, s: dict, path: str, low: str, high: str) -> tuple[int, int | None]:
+    """(lo, hi) tightened by subschema `s`'s `low` / `high` counts (allOf parts intersect)."""
+    if low in s:
+        lo = max(lo, _count(s[low], path, low))
+    if high in s:
+        v = _count(s[high], path, high)
+        hi = v if hi is None else min(hi, v)
+    return lo, hi
 
 
 def _count(v: Any, path: str, kw: str) -> int:

@@ -517,6 +517,16 @@ def _build(node: tuple, tokenizer: Any, fn: str, what: str, max_states, max_tran
     return out
 
 
+def _parse_regex_arg(pattern: Any, fn: str, name: str):
+    """The regex AST of argument `name` of `fn`; errors name the argument and its value."""
+    if not isinstance(pattern, str):
+        raise TypeError(f"{fn}: {name} must be a str (a regex), got {type(pattern).__name__}")
+    try:
+        return _A.parse_regex(pattern)
+    except _A.RegexError as e:
+        raise ValueError(f"{fn}: {name}={pattern!r}: {e}") from None
+
+
 def Regex(pattern: str, tokenizer: Any, *, max_states: int | None = None,
           max_transitions: int | None = None) -> Constraint:
     """Outputs that fully match a regular expression, then end-of-sequence.
@@ -550,12 +560,7 @@ def Regex(pattern: str, tokenizer: Any, *, max_states: int | None = None,
       >>> js.Regex("[0-9]{4}-[0-9]{2}-[0-9]{2}", ByteTokenizer()).sizes()["states"]
       13
     """
-    if not isinstance(pattern, str):
-        raise TypeError(f"Regex: pattern must be a str, got {type(pattern).__name__}")
-    try:
-        node = _A.parse_regex(pattern)
-    except _A.RegexError as e:
-        raise ValueError(f"Regex: pattern={pattern!r}: {e}") from None
+    node = _parse_regex_arg(pattern, "Regex", "pattern")
     return _build(node, tokenizer, "Regex", f"pattern={pattern!r}", max_states, max_transitions,
                   key=("regex", pattern))
 
@@ -613,12 +618,7 @@ def JSONSchema(schema: Any, tokenizer: Any, *, whitespace: str = r"[ ]?", host: 
     if host not in ("auto", "never", "always"):
         raise ValueError(f"{fn}: host must be 'auto', 'never' or 'always', got {host!r}")
     schema, text = _schema_text(schema, fn)
-    if not isinstance(whitespace, str):
-        raise TypeError(f"{fn}: whitespace must be a str (a regex), got {type(whitespace).__name__}")
-    try:
-        ws = _A.parse_regex(whitespace)
-    except _A.RegexError as e:
-        raise ValueError(f"{fn}: whitespace={whitespace!r}: {e}") from None
+    ws = _parse_regex_arg(whitespace, fn, "whitespace")
     if host == "always":
         return _host_schema(schema, tokenizer, whitespace, fn, None)
     vocab = _vocabulary(tokenizer)
