@@ -47,7 +47,7 @@ from jaxsample._processors.base import Chain, chain, check_processor
 from jaxsample._processors.builtin import Temperature
 
 __all__ = ["LanguageModel", "FinishReason", "DecodeState", "Outputs", "Emission", "emit", "freeze",
-           "step_keys", "prepare_prompts", "prepare_sampling", "prefill_samples", "extend", "is_pytree",
+           "step_keys", "prepare_prompts", "prepare_sampling", "prepare_inputs", "prefill_samples", "extend", "is_pytree",
            "top_logprobs_of", "step_stats", "MemoryLimitError", "check_memory", "device_memory_bytes"]
 
 Array = jax.Array
@@ -413,6 +413,31 @@ def prepare_sampling(model: LanguageModel, keys: Any, batch: int, *, sampler: Ch
     sampler = chain(Temperature(0.0)) if sampler is None else sampler
     check_processor(sampler, f"{fn}: sampler")
     return Sampling(keys, sampler, int(n), int(top_logprobs), bool(prompt_logprobs))
+
+
+def prepare_inputs(model: LanguageModel, prompt_tokens: Any, prompt_lengths: Any, keys: Any, *,
+                   max_new_tokens: Any, sampler: Chain | None, stop_ids: Sequence[int], pad_id: int,
+                   cache_size: int | None, n: int, top_logprobs: int, prompt_logprobs: bool,
+                   fn: str) -> tuple[Prompts, Sampling, jax.Array]:
+    """`prepare_prompts` and `prepare_sampling` for a loop with per-row limits:
+    (prompts, sampling, limit int32 [B * n]).
+
+    ``max_new_tokens`` is an int N, or an int array [B] of per-prompt limits whose maximum
+    is the static N (each prompt's limit repeated for its n samples).
+    """
+    limits = None
+    if np.ndim(max_new_tokens) > 0:  # per-row limits: the static bound is their maximum
+        limits = row_limits(max_new_tokens, np.shape(prompt_tokens)[0] if np.ndim(prompt_tokens) else 0)
+        max_new_tokens = int(limits.max())
+    prompts = prepare_prompts(model, prompt_tokens, prompt_lengths, max_new_tokens=max_new_tokens,
+                              stop_ids=stop_ids, pad_id=pad_id, cache_size=cache_size)
+    sampling = prepare_sampling(model, keys, prompts.tokens.shape[0], sampler=sampler, n=n,
+                                top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs, fn=fn)
+    if limits is None:
+        limit = jnp.full(sampling.keys.shape, prompts.max_new_tokens, jnp.int32)
+    else:
+        limit = jnp.asarray(np.repeat(limits, sampling.n), jnp.int32)
+    return prompts, sampling, limit
 
 
 def is_pytree(model: Any) -> bool:

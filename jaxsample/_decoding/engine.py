@@ -182,14 +182,10 @@ def _programs(static_model: bool):
 
 def _prepare(model, prompt_tokens, prompt_lengths, keys, *, slots, max_new_tokens, sampler, stop_ids, pad_id,
              cache_size, n, top_logprobs, prompt_logprobs, chunk_size, fn, memory_limit=None):
-    limit_host = None
-    if np.ndim(max_new_tokens) > 0:  # per-row limits: the static bound is their maximum
-        limit_host = core.row_limits(max_new_tokens, np.shape(prompt_tokens)[0] if np.ndim(prompt_tokens) else 0)
-        max_new_tokens = int(limit_host.max())
-    prompts = core.prepare_prompts(model, prompt_tokens, prompt_lengths, max_new_tokens=max_new_tokens,
-                                   stop_ids=stop_ids, pad_id=pad_id, cache_size=cache_size)
-    sampling = core.prepare_sampling(model, keys, prompts.tokens.shape[0], sampler=sampler, n=n,
-                                     top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs, fn=fn)
+    prompts, sampling, limit = core.prepare_inputs(
+        model, prompt_tokens, prompt_lengths, keys, max_new_tokens=max_new_tokens, sampler=sampler,
+        stop_ids=stop_ids, pad_id=pad_id, cache_size=cache_size, n=n, top_logprobs=top_logprobs,
+        prompt_logprobs=prompt_logprobs, fn=fn)
     slots = core.positive_int("slots", slots)
     chunk_size = core.positive_int("chunk_size", chunk_size)
     rows = sampling.keys.shape[0]
@@ -198,9 +194,6 @@ def _prepare(model, prompt_tokens, prompt_lengths, keys, *, slots, max_new_token
                       top_logprobs=sampling.top_logprobs, prompt_rows=min(slots, rows),
                       prompt_len=int(prompts.tokens.shape[1]), prompt_logprobs=sampling.prompt_logprobs,
                       memory_limit=memory_limit)
-    if limit_host is None:
-        limit_host = np.full((prompts.tokens.shape[0],), prompts.max_new_tokens, np.int32)
-    limit = jnp.asarray(np.repeat(limit_host, sampling.n), jnp.int32)
     if not callable(getattr(model, "prefill_into", None)) and not core.batch_leading_cache(
             model, 1, min(slots, rows), prompts.cache_size):
         raise ValueError(f"{fn}: refilling a slot writes a prefilled cache into that slot's rows: "

@@ -35,8 +35,6 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from jaxsample._decoding import core
 from jaxsample._decoding.core import FinishReason, LanguageModel, Outputs
@@ -222,23 +220,15 @@ def prepare_generate(model, prompt_tokens, prompt_lengths, keys, *, max_new_toke
     per-row limits [B * n]. Static: max_new_tokens, cache_size, n, top_logprobs,
     prompt_logprobs, sample_fn.
     """
-    limits = None
-    if np.ndim(max_new_tokens) > 0:  # per-row limits: the static bound is their maximum
-        limits = core.row_limits(max_new_tokens, np.shape(prompt_tokens)[0] if np.ndim(prompt_tokens) else 0)
-        max_new_tokens = int(limits.max())
-    prompts = core.prepare_prompts(model, prompt_tokens, prompt_lengths, max_new_tokens=max_new_tokens,
-                                   stop_ids=stop_ids, pad_id=pad_id, cache_size=cache_size)
-    sampling = core.prepare_sampling(model, keys, prompts.tokens.shape[0], sampler=sampler, n=n,
-                                     top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs, fn=fn)
+    prompts, sampling, limit = core.prepare_inputs(
+        model, prompt_tokens, prompt_lengths, keys, max_new_tokens=max_new_tokens, sampler=sampler,
+        stop_ids=stop_ids, pad_id=pad_id, cache_size=cache_size, n=n, top_logprobs=top_logprobs,
+        prompt_logprobs=prompt_logprobs, fn=fn)
     core.check_memory(model, fn=fn, max_new_tokens=prompts.max_new_tokens, rows=int(sampling.keys.shape[0]),
                       cache_size=prompts.cache_size, width=prompts.max_new_tokens, top_logprobs=sampling.top_logprobs,
                       return_stats=bool(return_stats), prompt_rows=int(prompts.tokens.shape[0]),
                       prompt_len=int(prompts.tokens.shape[1]), prompt_logprobs=sampling.prompt_logprobs,
                       memory_limit=memory_limit)
-    if limits is None:
-        limit = jnp.full(sampling.keys.shape, prompts.max_new_tokens, jnp.int32)
-    else:
-        limit = jnp.asarray(np.repeat(limits, sampling.n), jnp.int32)
     args = (prompts.tokens, prompts.lengths, sampling.keys, sampling.sampler, prompts.stops, prompts.pad_id, limit)
     static = dict(max_new_tokens=prompts.max_new_tokens, cache_size=prompts.cache_size, n=sampling.n,
                   top_logprobs=sampling.top_logprobs, prompt_logprobs=sampling.prompt_logprobs, sample_fn=sample_fn)
