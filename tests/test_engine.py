@@ -145,7 +145,6 @@ def test_stream_yields_each_row_once_as_it_finishes(lm):
 
 
 def test_constraints_are_per_slot(lm):
-    pytest.importorskip("outlines_core")
     from models import ByteTokenizer
 
     tok = ByteTokenizer()
