@@ -159,3 +159,19 @@ def test_random_object_member_sequences_match_a_brute_force_enumeration():
         for s in STRINGS:
             want = any(c.fullmatch(s) for c in combos)
             assert _accepts(d, s) == want, (items, lo, hi, s)
+
+
+@pytest.mark.parametrize("pat", ["^a$|^b$", "^ab|-$|\u00e9", "a|b|", "[|]|a-", "(a|b)-|^\u00e9$", r"a\||^b"])
+@pytest.mark.parametrize("search", [False, True])
+def test_anchored_top_level_alternatives_are_read_one_by_one(pat, search):
+    """Python's parser moves a shared ``^`` out of ``^a$|^b$``; each alternative is read on
+    its own, in both modes (before: refused as an anchor inside the pattern)."""
+    d = A.determinize(A.parse_regex(pat, search=search), 4000, "t")
+    strings = STRINGS + ["|", "a|", "a-|"]
+    want = [(re.search if search else re.fullmatch)(pat, s) is not None for s in strings]
+    assert [_accepts(d, s) for s in strings] == want, pat
+
+
+def test_an_anchor_inside_a_group_is_still_refused():
+    with pytest.raises(A.RegexError, match="an anchor"):
+        A.parse_regex("a($|b)")

@@ -1038,6 +1038,29 @@ def _category(av) -> list[tuple[int, int]]:
     raise RegexError(f"unsupported category {av}")
 
 
+def top_alternatives(p: str) -> list[str]:
+    """``p`` split at its top-level ``|`` (outside groups, classes and escapes)."""
+    out, depth, cls, i, begin, cls_start = [], 0, False, 0, 0, 0
+    while i < len(p):
+        c = p[i]
+        if c == "\\":
+            i += 2
+            continue
+        if cls:
+            cls = c != "]" or i == cls_start  # a "]" first in a class is a member
+        elif c == "[":
+            cls, cls_start = True, i + 1 + (p[i + 1:i + 2] == "^")
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif c == "|" and depth == 0:
+            out.append(p[begin:i])
+            begin = i + 1
+        i += 1
+    return out + [p[begin:]]
+
+
 def parse_regex(pattern: str, *, search: bool = False, char=None, max_repeat: int = 1 << 16) -> tuple:
     """A Python ``re`` pattern as an AST node.
 
@@ -1050,10 +1073,16 @@ def parse_regex(pattern: str, *, search: bool = False, char=None, max_repeat: in
         (default: its UTF-8 bytes; JSON strings pass the escaping spelling).
       max_repeat: the largest ``{n}`` accepted.
 
+    Each top-level alternative is read on its own (the same language), so that anchored
+    alternatives such as ``^a$|^b$`` work (Python's parser moves a shared ``^`` out of them).
+
     Raises:
       RegexError: syntax errors and constructs that are not regular (look-around,
         back-references) or not supported (flags).
     """
+    alternatives = top_alternatives(pattern)
+    if len(alternatives) > 1:
+        return alt(*(parse_regex(a, search=search, char=char, max_repeat=max_repeat) for a in alternatives))
     char = char or cset
     try:
         tree = _P.parse(pattern)

@@ -361,39 +361,12 @@ def format_node(name: str) -> tuple | None:
 # ----------------------------------------------------------------------------- compiler
 
 
-def _top_alternatives(p: str) -> list[str]:
-    """``p`` split at its top-level ``|`` (outside groups, classes and escapes)."""
-    out, depth, cls, i, begin, cls_start = [], 0, False, 0, 0, 0
-    while i < len(p):
-        c = p[i]
-        if c == "\\":
-            i += 2
-            continue
-        if cls:
-            cls = c != "]" or i == cls_start  # a "]" first in a class is a member
-        elif c == "[":
-            cls, cls_start = True, i + 1 + (p[i + 1:i + 2] == "^")
-        elif c == "(":
-            depth += 1
-        elif c == ")":
-            depth -= 1
-        elif c == "|" and depth == 0:
-            out.append(p[begin:i])
-            begin = i + 1
-        i += 1
-    return out + [p[begin:]]
-
-
 def search_pattern(p: str) -> tuple:
     """The strings in which JSON Schema's ``pattern`` ``p`` finds a match, as JSON string content.
 
-    Each top-level alternative is searched for on its own (the same language), so that
-    anchored alternatives such as ``^$|^a$`` need no anchor inside a group.
+    Anchored alternatives such as ``^$|^a$`` are read one by one (`automaton.parse_regex`).
     """
-    alts = _top_alternatives(p)
-    if len(alts) == 1:
-        return A.parse_regex(p, search=True, char=json_char)
-    return A.alt(*(A.parse_regex(a, search=True, char=json_char) for a in alts))
+    return A.parse_regex(p, search=True, char=json_char)
 
 
 
