@@ -95,6 +95,18 @@ def position_limit(config: DecoderConfig, cache: KVCache) -> int | None:
     return limit
 
 
+def _fresh_cache(config: DecoderConfig, batch_size: int, width: int, like: KVCache) -> KVCache | None:
+    """An all-zero cache of `batch_size` rows for a prompt pass of `width` positions from 0,
+    each layer as long as such a pass needs (`width`, or its ring) and no longer than in
+    `like`; None when a prompt longer than `like` (whose pass must see its limit)."""
+    sizes = [layer_cache_len(config, i, width) for i in range(config.n_layers)]
+    if any(n > k.shape[2] for n, k in zip(sizes, like.k)):
+        return None
+    zeros = tuple(jnp.zeros((batch_size, config.n_kv_heads, n, config.head_dim), k.dtype)
+                  for n, k in zip(sizes, like.k))
+    return KVCache(k=zeros, v=tuple(jnp.zeros_like(z) for z in zeros))
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * w, in float32; `plus_one` scales by (1 + w) instead (Gemma, w starts at 0)."""
 
@@ -495,30 +507,51 @@ class DecoderLM:
     def init_cache(self, batch_size: int, max_len: int) -> KVCache:
         return init_cache(self.config, batch_size, max_len)
 
+    def _prompt_pass(self, tokens, cache: KVCache, **kwargs):
+        """A pass over prompts [B, P] at positions 0..P-1 that fills `cache`.
+
+        Its queries attend only to this call's own keys, so the pass runs on a fresh cache
+        of P positions (attention over P keys, not the cache's S) whose entries are then
+        written at positions [0, P) of `cache`; the rest of `cache` is untouched. A prompt
+        longer than the cache runs on the cache itself (its logits past S are NaN).
+        """
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        fresh = _fresh_cache(self.config, tokens.shape[0], tokens.shape[1], cache)
+        if fresh is None:
+            return self._apply(tokens, positions, cache, **kwargs)
+        logits, fresh = self._apply(tokens, positions, fresh, **kwargs)
+        write = lambda c, f: jax.lax.dynamic_update_slice(c, f.astype(c.dtype), (0,) * c.ndim)  # noqa: E731
+        return logits, jax.tree.map(write, cache, fresh)
+
     def prefill(self, tokens: jax.Array, lengths: jax.Array, cache: KVCache):
         """Runs right-padded prompts [B, P] through the model in one pass, filling the cache.
 
         Padding sits after each row's real tokens and, by causality, never influences them.
         Pad positions are replaced by id 0 first: any pad id works, even one outside the
         vocabulary (whose embedding lookup would be NaN, and 0 * NaN in attention would
-        otherwise reach the real tokens).
+        otherwise reach the real tokens). Attention reads P keys, not the cache's S.
         Returns (logits at each row's last real token [B, V], cache).
         """
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        tokens = jnp.where(positions < lengths[:, None], tokens, 0)
-        return self._apply(tokens, positions, cache, hidden_index=lengths - 1, lengths=lengths)
+        tokens = jnp.where(jnp.arange(tokens.shape[1])[None, :] < lengths[:, None], tokens, 0)
+        return self._prompt_pass(tokens, cache, hidden_index=lengths - 1, lengths=lengths)
 
     def prefill_into(self, tokens: jax.Array, lengths: jax.Array, rows: jax.Array, cache: KVCache):
         """Prefills R prompts into rows `rows` of an existing cache (`generate_many`'s refills).
 
-        tokens int32 [R, P] (right-padded), lengths [R], rows int32 [R] -> (logits [R, V]
-        at each prompt's last real token, cache). The logits and the rows written are
-        exactly those of `prefill` on a fresh cache of R rows; every other row of `cache`
-        is untouched, and a row index outside [0, B) writes nothing.
+        tokens int32 [R, P] (right-padded; P may be shorter than the prompts `cache` was
+        made for: a refill prefills only up to its prompt's length bucket), lengths [R],
+        rows int32 [R] -> (logits [R, V] at each prompt's last real token, cache). The
+        logits and the positions [0, P) written are those of `prefill` on a fresh cache of R
+        rows; every other row of `cache`, and the row's positions >= P, are untouched (a
+        later decode overwrites a position before it reads it), and a row index outside
+        [0, B) writes nothing.
         """
-        fresh = jax.tree.map(lambda c: jnp.zeros((tokens.shape[0],) + c.shape[1:], c.dtype), cache)
+        fresh = _fresh_cache(self.config, tokens.shape[0], tokens.shape[1], cache)
+        if fresh is None:
+            fresh = jax.tree.map(lambda c: jnp.zeros((tokens.shape[0],) + c.shape[1:], c.dtype), cache)
         logits, fresh = self.prefill(tokens, lengths, fresh)
-        return logits, jax.tree.map(lambda c, f: c.at[rows].set(f, mode="drop"), cache, fresh)
+        write = lambda c, f: c.at[rows, :, :f.shape[2]].set(f.astype(c.dtype), mode="drop")  # noqa: E731
+        return logits, jax.tree.map(write, cache, fresh)
 
     def prefill_all(self, tokens: jax.Array, cache: KVCache, lengths: jax.Array | None = None):
         """Like `prefill` but returns the logits at every prompt position [B, P, V].
@@ -528,8 +561,7 @@ class DecoderLM:
         `lengths` [B] (optional; `generate` passes it) keeps padding out of the
         sliding-window rings, as `prefill` does.
         """
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        return self._apply(tokens, positions, cache, lengths=lengths)
+        return self._prompt_pass(tokens, cache, lengths=lengths)
 
     def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache):
         """One token per row: tokens int32 [B] at positions int32 [B] -> (logits [B, V], cache).

@@ -184,11 +184,13 @@ def main(argv=None) -> int:
     n, b, pad = args.max_new_tokens, args.batch, tok.pad_id
     common = dict(sampler=sampler, pad_id=pad)
     batches = [slice(i, min(i + b, len(ids))) for i in range(0, len(ids), b)]
+    # Each batch padded to its own longest prompt, as a tokenizer's encode_batch pads it.
+    batch_ids = {s.start: ids[s, :int(lengths[s].max())] for s in batches}
 
     def batch_no_exit():
         tokens, steps = [], 0
         for s in batches:
-            out = js.generate(lm, ids[s], lengths[s], keys[s], max_new_tokens=n, **common)
+            out = js.generate(lm, batch_ids[s.start], lengths[s], keys[s], max_new_tokens=n, **common)
             tokens.append(np.asarray(out.tokens))
             steps += n
         return cut_at_stop(np.concatenate(tokens), limits, stops, pad)[0], steps
@@ -196,7 +198,8 @@ def main(argv=None) -> int:
     def batch_early_exit():
         tokens, steps = [], 0
         for s in batches:
-            out = js.generate(lm, ids[s], lengths[s], keys[s], max_new_tokens=limits[s], stop_ids=stops, **common)
+            out = js.generate(lm, batch_ids[s.start], lengths[s], keys[s], max_new_tokens=limits[s], stop_ids=stops,
+                              **common)
             tokens.append(np.asarray(out.tokens))
             longest = int(np.max(np.asarray(out.lengths)))  # the loop runs whole chunks after index 0
             steps += 1 + min(int(limits[s].max()) - 1, -(-(longest - 1) // CHUNK) * CHUNK)

@@ -158,6 +158,30 @@ def test_constraints_are_per_slot(lm):
     assert tok.decode(np.asarray(got.tokens[3])) == "maybe"
 
 
+def test_prompt_widths():
+    assert engine.prompt_widths(6) == (6,)
+    assert engine.prompt_widths(16) == (16,)
+    assert engine.prompt_widths(116) == (16, 32, 64, 116)
+    assert engine.prompt_widths(2048) == (64, 128, 256, 512, 1024, 2048)  # at least P / 32
+
+
+def test_refills_at_their_prompt_width_give_generate_rows(lm):
+    """Prompts of 3 to 40 tokens padded to 40: each refill prefills at its own width (16, 32
+    or 40); tokens equal generate's on all the prompts at once, log-probs to rounding."""
+    rng = np.random.default_rng(12)
+    lengths = np.array([3, 40, 17, 9, 33, 16, 24], np.int32)
+    tokens = rng.integers(0, 256, size=(7, 40)).astype(np.int32)
+    tokens[np.arange(40)[None] >= lengths[:, None]] = 258
+    k = row_keys(13, 7)
+    kw = dict(max_new_tokens=10, sampler=js.default_chain(temperature=0.9, top_p=0.95), stop_ids=STOPS, pad_id=258,
+              prompt_logprobs=True)
+    want = js.generate(lm, tokens, lengths, k, **kw)
+    assert engine.prompt_widths(40) == (16, 32, 40)
+    got = js.generate_many(lm, tokens, lengths, k, slots=3, **kw)
+    assert_same(got, want)
+    np.testing.assert_allclose(got.prompt_logprobs, want.prompt_logprobs, atol=1e-5)
+
+
 def test_take_and_put_rows_follow_the_field_ranks():
     c = js.chain(js.TopP(jnp.array([0.5, 0.9, 1.0])), js.BanTokens(jnp.array([[1, -1], [2, 3], [-1, -1]])),
                  js.BanTokens(jnp.array([4, 5])), js.Temperature(0.7))

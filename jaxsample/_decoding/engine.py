@@ -91,12 +91,52 @@ class _Slots(NamedTuple):
 # ----------------------------------------------------------------------------- programs
 
 
+def prompt_widths(prompt_len: int) -> tuple[int, ...]:
+    """The prompt widths a refill prefills at: powers of two from 16 (and at least
+    ``prompt_len / 32``) below ``prompt_len``, then ``prompt_len`` itself.
+
+    A refill prefills its prompt only up to the first width that holds it, so a short
+    prompt in a batch padded for a long one costs what its own length needs."""
+    widths, w = [prompt_len], 16
+    while w < prompt_len:
+        if 32 * w >= prompt_len:
+            widths.append(w)
+        w *= 2
+    return tuple(sorted(widths))
+
+
 def _prefill_rows(model, tokens, lengths, rows, cache, cache_size, prompt_logprobs):
-    """Prefill G prompts into cache rows ``rows`` [G]: (logits [G, V], cache, prompt log-probs)."""
+    """Prefill G prompts into cache rows ``rows`` [G]: (logits [G, V], cache, prompt log-probs [G, W])."""
     if not prompt_logprobs and callable(getattr(model, "prefill_into", None)):
         logits, cache = model.prefill_into(tokens, lengths, rows, cache)
         return logits, cache, None
     logits, fresh, prompt_lp = core.prefill(model, tokens, lengths, cache_size, prompt_logprobs)
+    cache = jax.tree.map(lambda c, f: c.at[rows].set(f.astype(c.dtype), mode="drop"), cache, fresh)
+    return logits, cache, prompt_lp
+
+
+def _prefill_bucketed(model, tokens, lengths, rows, cache, cache_size, prompt_logprobs, width, bucketed):
+    """`_prefill_rows` of prompts [G, P], at ``prompt_widths(P)[width]`` positions (a traced
+    index: one program holds every width, only the chosen one runs) when ``bucketed``.
+
+    A bucketed refill prefills a fresh cache of G rows inside the chosen branch and copies
+    its rows into ``cache`` after it, so the slots' cache never passes through the
+    conditional (XLA would copy it whole). It needs a cache whose leaves lead with the
+    batch axis; without one (``bucketed`` False) the refill runs at width P."""
+    p = tokens.shape[1]
+    widths = prompt_widths(p)
+    if not bucketed or len(widths) == 1:
+        return _prefill_rows(model, tokens, lengths, rows, cache, cache_size, prompt_logprobs)
+
+    def at(w):
+        def run():
+            logits, fresh, prompt_lp = core.prefill(model, tokens[:, :w], lengths, cache_size, prompt_logprobs)
+            if prompt_lp is not None:  # positions past the prompt's width are padding: 0
+                prompt_lp = jnp.pad(prompt_lp, ((0, 0), (0, p - w)))
+            return logits, fresh, prompt_lp
+        return run
+
+    logits, fresh, prompt_lp = jax.lax.switch(width, [at(w) for w in widths])
     cache = jax.tree.map(lambda c, f: c.at[rows].set(f.astype(c.dtype), mode="drop"), cache, fresh)
     return logits, cache, prompt_lp
 
@@ -117,16 +157,18 @@ def _empty(model, sampler, keys, pad_id, *, slots, max_new_tokens, cache_size, p
 
 
 def _admit(model, slots: _Slots, slot_sampler, sampler, prompt_tokens, prompt_lengths, keys, limit, stops, pad_id,
-           request, slot, *, n, max_new_tokens, cache_size, top_logprobs, prompt_logprobs, sample_fn, return_stats):
-    """Request ``request`` (a traced int: row ``request`` of the output) into slot ``slot``."""
+           request, slot, width, *, bucketed, n, max_new_tokens, cache_size, top_logprobs, prompt_logprobs, sample_fn,
+           return_stats):
+    """Request ``request`` (a traced int: row ``request`` of the output) into slot ``slot``,
+    prefilled at ``prompt_widths(P)[width]`` positions."""
     rows = keys.shape[0]
     r = jnp.reshape(request, (1,))
     at = jnp.reshape(slot, (1,))
     tokens = jnp.take(prompt_tokens, r // n, axis=0)  # [1, P]
     lengths = jnp.take(prompt_lengths, r // n, axis=0)  # [1]
     row_sampler = take_rows(sampler, r, rows)
-    logits, cache, prompt_lp = _prefill_rows(model, tokens, lengths, at, slots.state.cache, cache_size,
-                                             prompt_logprobs)
+    logits, cache, prompt_lp = _prefill_bucketed(model, tokens, lengths, at, slots.state.cache, cache_size,
+                                                 prompt_logprobs, width, bucketed)
     state = init_state(row_sampler, tokens, lengths, model.vocab_size, max_new_tokens=max_new_tokens)
     step = DecodeStep(model, row_sampler, keys[r], stops, pad_id, limit[r], sample_fn, top_logprobs, return_stats)
     s, out = step.pick(logits, initial_state((), state, lengths, pad_id),
@@ -163,7 +205,7 @@ def _chunk(model, slots: _Slots, slot_sampler, stops, pad_id, waiting, *, chunk_
 
 _STATIC_EMPTY = ("slots", "max_new_tokens", "cache_size", "prompt_len", "top_logprobs", "prompt_logprobs",
                  "return_stats", "rows")
-_STATIC_ADMIT = ("n", "max_new_tokens", "cache_size", "top_logprobs", "prompt_logprobs", "sample_fn", "return_stats")
+_STATIC_ADMIT = ("bucketed", "n", "max_new_tokens", "cache_size", "top_logprobs", "prompt_logprobs", "sample_fn", "return_stats")
 _STATIC_CHUNK = ("chunk_size", "sample_fn", "top_logprobs", "return_stats")
 
 
@@ -194,12 +236,12 @@ def _prepare(model, prompt_tokens, prompt_lengths, keys, *, slots, max_new_token
                       top_logprobs=sampling.top_logprobs, prompt_rows=min(slots, rows),
                       prompt_len=int(prompts.tokens.shape[1]), prompt_logprobs=sampling.prompt_logprobs,
                       memory_limit=memory_limit)
-    if not callable(getattr(model, "prefill_into", None)) and not core.batch_leading_cache(
-            model, 1, min(slots, rows), prompts.cache_size):
+    batch_leading = core.batch_leading_cache(model, 1, min(slots, rows), prompts.cache_size)
+    if not callable(getattr(model, "prefill_into", None)) and not batch_leading:
         raise ValueError(f"{fn}: refilling a slot writes a prefilled cache into that slot's rows: "
                          f"{type(model).__name__} needs prefill_into(tokens, lengths, rows, cache), or a cache "
                          f"whose every leaf leads with the batch axis")
-    return prompts, sampling, limit, min(slots, rows), chunk_size
+    return prompts, sampling, limit, min(slots, rows), chunk_size, batch_leading
 
 
 def generate_many_stream(model: LanguageModel, prompt_tokens: Any, prompt_lengths: Any, keys: Any, *, slots: int,
@@ -225,12 +267,12 @@ def generate_many_stream(model: LanguageModel, prompt_tokens: Any, prompt_length
       >>> sorted(c.index for c in done)
       [0, 1]
     """
-    prompts, sampling, limit, n_slots, chunk_size = _prepare(
+    prompts, sampling, limit, n_slots, chunk_size, bucketed = _prepare(
         model, prompt_tokens, prompt_lengths, keys, slots=slots, max_new_tokens=max_new_tokens, sampler=sampler,
         stop_ids=stop_ids, pad_id=pad_id, cache_size=cache_size, n=n, top_logprobs=top_logprobs,
         prompt_logprobs=prompt_logprobs, chunk_size=chunk_size, fn="generate_many", memory_limit=memory_limit)
     return ManyStream(lambda stream: _schedule(stream, model, prompts, sampling, limit, n_slots, chunk_size,
-                                               sample_fn, bool(return_stats)))
+                                               sample_fn, bool(return_stats), bucketed))
 
 
 class ManyStream:
@@ -253,7 +295,7 @@ class ManyStream:
         return next(self._rows)
 
 
-def _schedule(stream, model, prompts, sampling, limit, n_slots, chunk_size, sample_fn, return_stats):
+def _schedule(stream, model, prompts, sampling, limit, n_slots, chunk_size, sample_fn, return_stats, bucketed):
     empty, admit, chunk = _programs(not core.is_pytree(model))
     rows = sampling.keys.shape[0]
     n, big_n = sampling.n, prompts.max_new_tokens
@@ -262,6 +304,8 @@ def _schedule(stream, model, prompts, sampling, limit, n_slots, chunk_size, samp
     slots, slot_sampler = empty(model, sampling.sampler, sampling.keys, prompts.pad_id, slots=n_slots,
                                 prompt_len=prompts.tokens.shape[1], rows=rows, **common)
     queue = collections.deque(range(rows))
+    widths = prompt_widths(prompts.tokens.shape[1])
+    width_of = np.searchsorted(np.asarray(widths), np.asarray(prompts.lengths))  # each prompt's width index
     owner = np.full((n_slots,), -1, np.int64)  # the request each slot runs (-1: free)
 
     def fill(slots, slot_sampler):
@@ -271,7 +315,8 @@ def _schedule(stream, model, prompts, sampling, limit, n_slots, chunk_size, samp
             owner[s] = queue.popleft()
             slots, slot_sampler = admit(model, slots, slot_sampler, sampling.sampler, prompts.tokens, prompts.lengths,
                                         sampling.keys, limit, prompts.stops, prompts.pad_id,
-                                        jnp.asarray(owner[s], jnp.int32), jnp.asarray(s, jnp.int32), n=n,
+                                        jnp.asarray(owner[s], jnp.int32), jnp.asarray(s, jnp.int32),
+                                        jnp.asarray(width_of[owner[s] // n], jnp.int32), bucketed=bucketed, n=n,
                                         sample_fn=sample_fn, **common)
         return slots, slot_sampler
 
@@ -352,12 +397,12 @@ def generate_many(model: LanguageModel, prompt_tokens: Any, prompt_lengths: Any,
       ...                                 sampler=js.default_chain(temperature=0.8)).tokens).all())
       True
     """
-    prompts, sampling, limit, n_slots, chunk_size = _prepare(
+    prompts, sampling, limit, n_slots, chunk_size, bucketed = _prepare(
         model, prompt_tokens, prompt_lengths, keys, slots=slots, max_new_tokens=max_new_tokens, sampler=sampler,
         stop_ids=stop_ids, pad_id=pad_id, cache_size=cache_size, n=n, top_logprobs=top_logprobs,
         prompt_logprobs=prompt_logprobs, chunk_size=chunk_size, fn="generate_many", memory_limit=memory_limit)
     stream = ManyStream(lambda stream: _schedule(stream, model, prompts, sampling, limit, n_slots, chunk_size,
-                                                 sample_fn, bool(return_stats)))
+                                                 sample_fn, bool(return_stats), bucketed))
     done = sorted(stream, key=lambda c: c.index)
     stack = lambda field: None if getattr(done[0], field) is None else jnp.asarray(
         np.stack([getattr(c, field) for c in done]))
