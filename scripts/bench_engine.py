@@ -10,7 +10,8 @@ every row stops at '.', '!' or '?' (stop ids) or at its own limit, drawn from a 
 (log-normal) distribution in [8, --max-new-tokens]; sampling T=0.8, top-p 0.9. The same
 prompts, keys and limits go through every method, in one run:
 
-* batch, no early exit: `generate` --batch rows at a time, every one of max_new_tokens
+* batch, no early exit: `generate` --batch rows at a time (each batch padded to its own
+  longest prompt, as a tokenizer pads a batch), every one of max_new_tokens
   steps (as the loop ran before it could exit: no stop ids, fixed limit, the tokens cut
   at the first stop on the host; the tokens up to there are the same);
 * batch, early exit: `generate` --batch rows at a time with the stop ids and per-row

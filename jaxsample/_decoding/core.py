@@ -69,9 +69,9 @@ class LanguageModel(Protocol):
       T ``decode`` calls).
     * ``prefill_into(tokens [R, P], lengths [R], rows [R], cache) -> (logits [R, V],
       cache)``: prefill R prompts into the given rows of an existing cache, leaving the
-      other rows untouched, for `generate_many`'s slot refills (fallback: prefill a fresh
-      cache of R rows and copy its rows into the cache, which needs every cache leaf to
-      lead with the batch axis).
+      other rows untouched, for `generate_many`'s slot refills of a cache whose leaves
+      do not all lead with the batch axis (with such a cache the engine prefills a fresh
+      cache of R rows, at the prompt's width bucket, and copies its rows).
     """
 
     vocab_size: int

@@ -3,8 +3,9 @@
 `generate_many` decodes at most `slots` rows at a time. When a row finishes, its slot
 takes the next prompt without waiting for the others:
 
-    host:   admit a request into every free slot      (`_admit`: prefill into the slot's
-                                                        cache rows, sampler state from its
+    host:   admit a request into every free slot      (`_admit`: prefill at the prompt's width
+                                                        bucket into the slot's cache
+                                                        rows, sampler state from its
                                                         own prompt, generated index 0)
             run one chunk                              (`_chunk`: up to `chunk_size` decode
                                                         steps of the shared `DecodeStep`,
@@ -15,12 +16,16 @@ takes the next prompt without waiting for the others:
 
 Every slot runs `generate`'s own decode step (:class:`jaxsample._decoding.loop.DecodeStep`)
 at its own generated index and position, with its request's key, sampler values and
-limit, so a row's tokens are exactly those `generate` gives it, whatever the schedule:
-its randomness depends only on its key and generated index, and the model's rows are
-independent (attention masks every other position exactly).
+limit, so a row's tokens are those `generate` gives it, whatever the schedule: its
+randomness depends only on its key and generated index, and the model's rows are
+independent (attention masks every other position exactly). Its logits agree with
+`generate`'s to float32 rounding, not bit for bit: XLA rounds a matmul row differently
+with the number of rows (docs/engine.md).
 
-Shapes are fixed by (slots, P, N): admitting a new prompt, a new chunk or a new call with
-prompts of the same padded shape never recompiles.
+A refill prefills its prompt at the first of `prompt_widths(P)` that holds it (one
+`lax.switch` branch per width), so a short prompt in a batch padded for a long one costs
+what its own length needs. Shapes are fixed by (slots, P, N): admitting a new prompt, a
+new chunk or a new call with prompts of the same padded shape never recompiles.
 """
 
 from __future__ import annotations
@@ -365,13 +370,15 @@ def generate_many(model: LanguageModel, prompt_tokens: Any, prompt_lengths: Any,
     When a row finishes, its slot takes the next prompt (prefilled into that slot's cache
     rows, at its own positions, its sampler state initialised from its own prompt)
     without waiting for the others (continuous batching). The output is `generate`'s for
-    all the prompts at once, in input order: the same tokens exactly (a row's randomness
-    depends only on its key and generated index), log-probs to float32 rounding.
+    all the prompts at once, in input order: the same tokens (a row's randomness depends
+    only on its key and generated index), log-probs to float32 rounding (XLA rounds a
+    row differently with the batch shape; docs/engine.md).
 
     Args:
-      model: a `LanguageModel`; slot refills use its optional
-        ``prefill_into(tokens, lengths, rows, cache)``, else a fresh prefill whose cache
-        rows are copied into the slot (every cache leaf must lead with the batch axis).
+      model: a `LanguageModel`. A refill prefills a fresh cache at its prompt's width
+        bucket and copies its rows into the slot when every cache leaf leads with the
+        batch axis; otherwise it uses the model's optional
+        ``prefill_into(tokens, lengths, rows, cache)`` at the padded width.
       prompt_tokens, prompt_lengths, keys, sampler, stop_ids, pad_id, cache_size, n,
         top_logprobs, prompt_logprobs, sample_fn, return_stats: as `generate` (per-row
         sampler values have one entry per output row, B * n).
