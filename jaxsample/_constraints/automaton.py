@@ -560,15 +560,10 @@ def determinize(node, max_states: int, what: str, max_nfa: int | None = None, ca
     cuts[m_hi + 1] = True
     cls = np.cumsum(cuts[:256]) - 1
     ncls = int(cls[-1]) + 1
-    # important states: with a move, or the final one; each one's moves in class space
-    cls_l = cls.tolist()
-    moves_of: dict[int, list] = {}
-    for src, lo, hi, dst in zip(nfa.m_src, nfa.m_lo, nfa.m_hi, nfa.m_dst):
-        ms = moves_of.get(src)
-        if ms is None:
-            ms = moves_of[src] = []
-        ms.append((cls_l[lo], cls_l[hi], dst))
-    important = set(moves_of)
+    # important states: with a move, or the final one
+    m_src = np.array(nfa.m_src, np.int64)
+    movers, mover_of_move = np.unique(m_src, return_inverse=True)
+    important = set(movers.tolist())
     important.add(final)
 
     sets: list[frozenset] = []  # interned sets of important NFA states
@@ -601,34 +596,11 @@ def determinize(node, max_states: int, what: str, max_nfa: int | None = None, ca
         return j
 
     none_row = [-1] * ncls
-    row_of: dict[int, list] = {}  # important NFA state -> its row (class -> set id, -1 none)
+    row_of = _rows(movers, mover_of_move, cls[m_lo], cls[m_hi], np.array(nfa.m_dst, np.int64), ncls,
+                   closure_id, intern, sets)
 
     def row(s: int) -> list:
-        r = row_of.get(s)
-        if r is None:
-            ms = moves_of.get(s)
-            if not ms:
-                r = none_row
-            else:
-                ms.sort()
-                r = [-1] * ncls
-                reach = -1
-                multi: dict[int, set] = {}
-                for ca, cb, t in ms:
-                    j = closure_id(t)
-                    if ca > reach:  # no overlap with the moves before (sorted by class)
-                        r[ca:cb + 1] = [j] * (cb - ca + 1)
-                    else:  # a class with several targets: union of their closures
-                        for c in range(ca, cb + 1):
-                            if r[c] < 0:
-                                r[c] = j
-                            elif r[c] != j:
-                                multi.setdefault(c, {r[c]}).add(j)
-                    reach = max(reach, cb)
-                for c, js in multi.items():
-                    r[c] = intern(frozenset().union(*(sets[i] for i in js)))
-            row_of[s] = r
-        return r
+        return row_of.get(s, none_row)
 
     combo_memo: dict[tuple, int] = {}
 
@@ -677,6 +649,37 @@ def determinize(node, max_states: int, what: str, max_nfa: int | None = None, ca
     if key is not None and d.table.shape[0] <= _SHARED_STATES // 8:
         _share(key, d, len(order), work[0] - spent0)
     return d
+
+
+def _rows(movers, mover_of_move, lo_c, hi_c, dst, ncls: int, closure_id, intern, sets) -> dict:
+    """Each moving NFA state's row in class space, all at once (numpy): class -> the set id of
+    the closure of its targets there (-1: none; several targets: the union of their closures).
+
+    Args:
+      movers: the states with a move, sorted; mover_of_move: each move's index in ``movers``.
+      lo_c, hi_c, dst: each move's class range and target.
+    """
+    if movers.size == 0:
+        return {}
+    targets, target_of_move = np.unique(dst, return_inverse=True)
+    move_j = np.array([closure_id(t) for t in targets.tolist()], np.int64)[target_of_move]
+    width = hi_c - lo_c + 1
+    first = np.cumsum(width) - width
+    cell = (np.repeat(mover_of_move * ncls + lo_c - first, width) + np.arange(int(width.sum())))  # row * ncls + class
+    cell_j = np.repeat(move_j, width)
+    flat = np.full(movers.size * ncls, -1, np.int64)
+    flat[cell] = cell_j
+    clash = flat[cell] != cell_j  # a class several moves reach, with different closures
+    if clash.any():
+        bad = np.unique(cell[clash])
+        hit = np.isin(cell, bad)
+        c, j = cell[hit], cell_j[hit]
+        order = np.argsort(c, kind="stable")
+        c, j = c[order], j[order]
+        cuts = np.flatnonzero(np.diff(c)) + 1
+        for key, js in zip(c[np.r_[0, cuts]].tolist(), np.split(j, cuts)):
+            flat[key] = intern(frozenset().union(*(sets[i] for i in set(js.tolist()))))
+    return dict(zip(movers.tolist(), flat.reshape(movers.size, ncls).tolist()))
 
 
 #: Sub-DFAs kept across builds (key: the node) with the subset states and work they took; at
