@@ -175,3 +175,26 @@ def test_anchored_top_level_alternatives_are_read_one_by_one(pat, search):
 def test_an_anchor_inside_a_group_is_still_refused():
     with pytest.raises(A.RegexError, match="an anchor"):
         A.parse_regex("a($|b)")
+
+
+def test_shared_sub_dfas_are_counted_once_when_shared_from_several_threads():
+    """Two builds (threads) that share the same sub-DFA count its states once."""
+    import threading
+
+    d = A.DFA(np.array([[1] * 256, [-1] * 256]), np.array([False, True]))
+    saved, size = dict(A._SHARED), A._shared_size[0]
+    try:
+        A._SHARED.clear()
+        A._shared_size[0] = 0
+        keys = [("lit", bytes([i])) for i in range(50)]
+        threads = [threading.Thread(target=lambda: [A._share(k, d, 2, 1) for k in keys]) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert set(A._SHARED) == set(keys)
+        assert A._shared_size[0] == 2 * len(keys)
+    finally:
+        A._SHARED.clear()
+        A._SHARED.update(saved)
+        A._shared_size[0] = size

@@ -20,6 +20,7 @@ AST nodes::
 from __future__ import annotations
 
 import re
+import threading
 try:  # Python >= 3.11
     from re import _constants as _C
     from re import _parser as _P
@@ -687,15 +688,20 @@ def _rows(movers, mover_of_move, lo_c, hi_c, dst, ncls: int, closure_id, intern,
 _SHARED: dict = {}
 _SHARED_STATES = 1 << 15
 _shared_size = [0]
+_shared_lock = threading.Lock()  # builds may run in several threads; a lookup needs no lock
 
 
 def _share(key, d: DFA, states: int, spent: int) -> None:
     d = DFA(d.table.astype(np.int32), d.accept)
-    _SHARED[key] = (d, states, spent)
-    _shared_size[0] += d.table.shape[0]
-    while _shared_size[0] > _SHARED_STATES:
-        old = _SHARED.pop(next(iter(_SHARED)))
-        _shared_size[0] -= old[0].table.shape[0]
+    with _shared_lock:
+        old = _SHARED.pop(key, None)  # built twice (two threads): counted once
+        if old is not None:
+            _shared_size[0] -= old[0].table.shape[0]
+        _SHARED[key] = (d, states, spent)
+        _shared_size[0] += d.table.shape[0]
+        while _shared_size[0] > _SHARED_STATES:
+            old = _SHARED.pop(next(iter(_SHARED)))
+            _shared_size[0] -= old[0].table.shape[0]
 
 
 def _finish(table_c: np.ndarray, cls: np.ndarray, accept: np.ndarray) -> DFA:
