@@ -450,3 +450,14 @@ def test_recursive_schema_goes_to_the_host_engine_and_still_refuses_keywords():
     bad["$defs"]["node"]["properties"]["v"]["multipleOf"] = 0.3
     with pytest.raises(ValueError, match=r"properties/v/multipleOf"):  # checked beyond the recursion too
         js.JSONSchema(bad, TOK)
+
+
+def test_json_key_is_equal_exactly_when_json_values_are_the_same():
+    import itertools
+
+    from jaxsample._constraints.schema import _json_key, _same
+
+    values = [1, 1.0, True, False, 0, 0.0, -0.0, 1.5, None, "1", "a", [], [1], [1.0], [True], [1, 2], [2, 1],
+              {}, {"a": 1}, {"a": 1.0}, {"a": True}, {"b": 1}, {"a": [1, {"b": None}]}, {"a": [1.0, {"b": None}]}]
+    for a, b in itertools.product(values, values):
+        assert (_json_key(a) == _json_key(b)) == _same(a, b), (a, b)

@@ -746,19 +746,27 @@ class Compiler:
                     vals = s[kw] if kw == "enum" else [s[kw]]
                     if kw == "enum" and not isinstance(vals, list):
                         raise Unsupported(f"{path}/enum", "enum must be a list")
-                    cands = list(vals) if cands is None else [v for v in cands if any(_same(v, w) for w in vals)]
+                    if cands is None:
+                        cands = list(vals)
+                    else:
+                        allowed = {_json_key(w) for w in vals}
+                        cands = [v for v in cands if _json_key(v) in allowed]
         if cands is None:
             types = self.types(parts)
             if types and types <= {"null", "boolean"}:
                 cands = ([None] if "null" in types else []) + ([True, False] if "boolean" in types else [])
             else:
                 return None
-        out = []
+        checks = [self.validator.evolve(schema=s) for s, _ in parts if not _only(s, {"__absent__"})]
+        absent = [set(s["__absent__"]) for s, _ in parts if s.get("__absent__")]
+        out, seen = [], set()
         for v in cands:
-            if all(self.validator.evolve(schema=s).is_valid(v) for s, _ in parts if not _only(s, {"__absent__"})) \
-                    and all(not (isinstance(v, dict) and set(s.get("__absent__", ())) & set(v)) for s, _ in parts):
-                if not any(_same(v, w) for w in out):
-                    out.append(v)
+            key = _json_key(v)
+            if key in seen:
+                continue
+            if all(c.is_valid(v) for c in checks) and not (isinstance(v, dict) and any(a & set(v) for a in absent)):
+                seen.add(key)
+                out.append(v)
         return out
 
     def types(self, parts: list, infer: bool = True) -> frozenset:
@@ -1166,6 +1174,24 @@ def _widen(types: frozenset) -> frozenset:
 
 def _only(s: dict, kws: set) -> bool:
     return bool(s) and set(s) <= kws
+
+
+def _json_key(v: Any) -> Any:
+    """A hashable key of a JSON value: equal keys exactly when `_same` (1 and 1.0 alike,
+    True and 1 not)."""
+    if isinstance(v, bool):
+        return ("b", v)
+    if isinstance(v, (int, float)):
+        return ("n", v)  # 1 == 1.0 and hash(1) == hash(1.0)
+    if isinstance(v, str):
+        return ("s", v)
+    if v is None:
+        return ("z",)
+    if isinstance(v, list):
+        return ("l", tuple(_json_key(x) for x in v))
+    if isinstance(v, dict):
+        return ("d", frozenset((k, _json_key(x)) for k, x in v.items()))
+    return ("o", type(v).__name__, repr(v))
 
 
 def _same(a: Any, b: Any) -> bool:
