@@ -150,29 +150,41 @@ def seq(items: Sequence[tuple[tuple, bool, bool]], sep: tuple, lo: int = 0, hi: 
     return ("seq", tuple(items), sep, int(lo), hi)
 
 
-def size_hint(node, memo=None) -> int:
-    """NFA states the node will need (a quick upper estimate, for limits before building)."""
+def size_hint(node, memo: dict | None = None) -> int:
+    """NFA states the node will need (a quick upper estimate, for limits before building).
+
+    ``memo`` (id(node) -> (node, estimate)) keeps the estimates of sub-nodes across calls,
+    so that asking again for nested nodes (as every level of a build does) is linear."""
+    if memo is None:
+        memo = {}
+    got = memo.get(id(node))
+    if got is not None:
+        return got[1]
     kind = node[0]
+    hint = lambda x: size_hint(x, memo)  # noqa: E731
     if kind == "lit":
-        return len(node[1]) + 1
-    if kind in ("set", "bytes"):
-        return 3 * len(node[1]) + 2
-    if kind in ("cat", "alt"):
-        return sum(size_hint(x) for x in node[1]) + 2
-    if kind == "rep":
+        n = len(node[1]) + 1
+    elif kind in ("set", "bytes"):
+        n = 3 * len(node[1]) + 2
+    elif kind in ("cat", "alt"):
+        n = sum(hint(x) for x in node[1]) + 2
+    elif kind == "rep":
         _, x, lo, hi = node
-        return size_hint(x) * max(1, hi if hi is not None else lo + 1) + 2
-    if kind in ("and", "diff"):
-        return size_hint(node[1]) * size_hint(node[2])
-    if kind == "dfa":
-        return len(node[1][0]) + 1
-    if kind == "det":
-        return size_hint(node[1])
-    if kind == "seq":
+        n = hint(x) * max(1, hi if hi is not None else lo + 1) + 2
+    elif kind in ("and", "diff"):
+        n = hint(node[1]) * hint(node[2])
+    elif kind == "dfa":
+        n = len(node[1][0]) + 1
+    elif kind == "det":
+        n = hint(node[1])
+    elif kind == "seq":
         _, items, sep, lo, hi = node
         phases = (hi if hi is not None else lo) + 1
-        return phases * sum(size_hint(x) + size_hint(sep) for x, _, _ in items) + 2
-    raise ValueError(kind)
+        n = phases * sum(hint(x) + hint(sep) for x, _, _ in items) + 2
+    else:
+        raise ValueError(kind)
+    memo[id(node)] = (node, n)
+    return n
 
 
 # ----------------------------------------------------------------------------- UTF-8
@@ -342,7 +354,7 @@ class _NFA:
         got = self.cache.get(("auto", id(x)))
         if got is None:
             try:  # (a failed attempt's work still counts towards the build's bound)
-                hint = size_hint(x)
+                hint = size_hint(x, self.cache.setdefault("__size__", {}))
                 if hint > 32 * _AUTO_DET_STATES:  # its own NFA alone would be slow to build twice
                     raise TooLarge(self.what, "max_states", hint, " NFA states")
                 if id(x) not in self.cache:
