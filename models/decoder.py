@@ -539,19 +539,15 @@ class DecoderLM:
         """Prefills R prompts into rows `rows` of an existing cache (`generate_many`'s refills).
 
         tokens int32 [R, P] (right-padded; P may be shorter than the prompts `cache` was
-        made for: a refill prefills only up to its prompt's length bucket), lengths [R],
-        rows int32 [R] -> (logits [R, V] at each prompt's last real token, cache). The
-        logits and the positions [0, P) written are those of `prefill` on a fresh cache of R
-        rows; every other row of `cache`, and the row's positions >= P, are untouched (a
-        later decode overwrites a position before it reads it), and a row index outside
+        made for), lengths [R], rows int32 [R] -> (logits [R, V] at each prompt's last real
+        token, cache). The logits and the rows written are exactly those of `prefill` on a
+        fresh cache of R rows (the whole row: nothing of an earlier occupant is left, not
+        even past P); every other row of `cache` is untouched, and a row index outside
         [0, B) writes nothing.
         """
-        fresh = _fresh_cache(self.config, tokens.shape[0], tokens.shape[1], cache)
-        if fresh is None:
-            fresh = jax.tree.map(lambda c: jnp.zeros((tokens.shape[0],) + c.shape[1:], c.dtype), cache)
-        logits, fresh = self.prefill(tokens, lengths, fresh)
-        write = lambda c, f: c.at[rows, :, :f.shape[2]].set(f.astype(c.dtype), mode="drop")  # noqa: E731
-        return logits, jax.tree.map(write, cache, fresh)
+        zeros = jax.tree.map(lambda c: jnp.zeros((tokens.shape[0],) + c.shape[1:], c.dtype), cache)
+        logits, fresh = self.prefill(tokens, lengths, zeros)  # attends over P keys (see `prefill`)
+        return logits, jax.tree.map(lambda c, f: c.at[rows].set(f, mode="drop"), cache, fresh)
 
     def prefill_all(self, tokens: jax.Array, cache: KVCache, lengths: jax.Array | None = None):
         """Like `prefill` but returns the logits at every prompt position [B, P, V].

@@ -103,9 +103,7 @@ def test_prefill_into_equals_a_fresh_prefill_and_leaves_other_rows(changes):
     for layer in range(2):
         for name in ("k", "v"):
             got, old, want = (np.asarray(getattr(c, name)[layer]) for c in (new, cache, ref))
-            w = min(25, got.shape[2])  # the positions a 25-token pass writes (a ring: all of it)
-            np.testing.assert_allclose(got[[3, 1], :, :w], want[:, :, :w], atol=1e-5, rtol=0)
-            np.testing.assert_array_equal(got[[3, 1], :, w:], old[[3, 1], :, w:])  # not read before written
+            np.testing.assert_allclose(got[[3, 1]], want, atol=1e-5, rtol=0)  # the whole row
             np.testing.assert_array_equal(got[[0, 2]], old[[0, 2]])
     # a row index outside the cache writes nothing
     _, same = jax.jit(lm.prefill_into)(tokens, lengths, jnp.array([4, 7], jnp.int32), cache)

@@ -204,6 +204,19 @@ def test_refills_need_prefill_into_or_a_batch_leading_cache():
     model = Transposed(jnp.zeros((8, 8)))
     with pytest.raises(ValueError, match="generate_many: refilling a slot .* prefill_into"):
         js.generate_many(model, jnp.array([[1, 2]]), jnp.array([2]), row_keys(0, 1), slots=1, max_new_tokens=3)
+
+    @jax.tree_util.register_dataclass
+    @dataclasses.dataclass(frozen=True)
+    class TransposedWithRefills(Transposed):
+        def prefill_into(self, tokens, lengths, rows, cache):
+            return self.prefill(tokens, lengths, cache)
+
+        def prefill_all(self, tokens, cache, lengths=None):
+            return jnp.zeros(tokens.shape + (8,)), cache
+
+    with pytest.raises(ValueError, match="generate_many: prompt_logprobs=True .* lead with the batch axis"):
+        js.generate_many(TransposedWithRefills(jnp.zeros((8, 8))), jnp.array([[1, 2]]), jnp.array([2]),
+                         row_keys(0, 1), slots=1, max_new_tokens=3, prompt_logprobs=True)
     with pytest.raises(ValueError, match="slots must be a positive int, got 0"):
         js.generate_many(CountingTableModel(jnp.zeros((8, 8))), jnp.array([[1, 2]]), jnp.array([2]), row_keys(0, 1),
                          slots=0, max_new_tokens=3)

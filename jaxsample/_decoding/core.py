@@ -69,9 +69,10 @@ class LanguageModel(Protocol):
       T ``decode`` calls).
     * ``prefill_into(tokens [R, P], lengths [R], rows [R], cache) -> (logits [R, V],
       cache)``: prefill R prompts into the given rows of an existing cache, leaving the
-      other rows untouched, for `generate_many`'s slot refills of a cache whose leaves
-      do not all lead with the batch axis (with such a cache the engine prefills a fresh
-      cache of R rows, at the prompt's width bucket, and copies its rows).
+      other rows untouched, for `generate_many`'s slot refills. With a cache whose every
+      leaf leads with the batch axis the engine does not need it for prompts longer than
+      16 tokens: it prefills a fresh cache of R rows at the prompt's width bucket and
+      copies the rows; otherwise it calls ``prefill_into`` at the padded width.
     """
 
     vocab_size: int

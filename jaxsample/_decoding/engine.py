@@ -242,6 +242,9 @@ def _prepare(model, prompt_tokens, prompt_lengths, keys, *, slots, max_new_token
                       prompt_len=int(prompts.tokens.shape[1]), prompt_logprobs=sampling.prompt_logprobs,
                       memory_limit=memory_limit)
     batch_leading = core.batch_leading_cache(model, 1, min(slots, rows), prompts.cache_size)
+    if sampling.prompt_logprobs and not batch_leading:
+        raise ValueError(f"{fn}: prompt_logprobs=True refills a slot by copying a prefilled cache's rows: "
+                         f"{type(model).__name__}'s cache needs every leaf to lead with the batch axis")
     if not callable(getattr(model, "prefill_into", None)) and not batch_leading:
         raise ValueError(f"{fn}: refilling a slot writes a prefilled cache into that slot's rows: "
                          f"{type(model).__name__} needs prefill_into(tokens, lengths, rows, cache), or a cache "
@@ -375,10 +378,12 @@ def generate_many(model: LanguageModel, prompt_tokens: Any, prompt_lengths: Any,
     row differently with the batch shape; docs/engine.md).
 
     Args:
-      model: a `LanguageModel`. A refill prefills a fresh cache at its prompt's width
-        bucket and copies its rows into the slot when every cache leaf leads with the
-        batch axis; otherwise it uses the model's optional
-        ``prefill_into(tokens, lengths, rows, cache)`` at the padded width.
+      model: a `LanguageModel`. When every cache leaf leads with the batch axis and the
+        prompts are padded past 16 tokens, a refill prefills a fresh cache at its prompt's
+        width bucket and copies its rows into the slot; otherwise it uses the model's
+        optional ``prefill_into(tokens, lengths, rows, cache)`` at the padded width (with
+        ``prompt_logprobs``, which ``prefill_into`` does not give, the cache must lead
+        with the batch axis).
       prompt_tokens, prompt_lengths, keys, sampler, stop_ids, pad_id, cache_size, n,
         top_logprobs, prompt_logprobs, sample_fn, return_stats: as `generate` (per-row
         sampler values have one entry per output row, B * n).
