@@ -177,9 +177,40 @@ def test_refills_at_their_prompt_width_give_generate_rows(lm):
               prompt_logprobs=True)
     want = js.generate(lm, tokens, lengths, k, **kw)
     assert engine.prompt_widths(40) == (16, 32, 40)
-    got = js.generate_many(lm, tokens, lengths, k, slots=3, **kw)
+    model = _WidthRecorder(lm, lm.vocab_size)
+    _WidthRecorder.widths.clear()
+    got = js.generate_many(model, tokens, lengths, k, slots=3, **kw)
     assert_same(got, want)
     np.testing.assert_allclose(got.prompt_logprobs, want.prompt_logprobs, atol=1e-5)
+    jax.effects_barrier()
+    assert sorted(_WidthRecorder.widths) == sorted([16, 40, 32, 16, 40, 16, 32])  # each prompt's own bucket
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _WidthRecorder:
+    """A model that records, at run time, the width of every prompt pass that really runs."""
+
+    lm: DecoderLM
+    vocab_size: int = dataclasses.field(metadata=dict(static=True))
+    widths = []
+
+    def _record(self, width):
+        jax.debug.callback(lambda: _WidthRecorder.widths.append(width))
+
+    def init_cache(self, batch_size, max_len):
+        return self.lm.init_cache(batch_size, max_len)
+
+    def prefill(self, tokens, lengths, cache):
+        self._record(tokens.shape[1])
+        return self.lm.prefill(tokens, lengths, cache)
+
+    def prefill_all(self, tokens, cache, lengths=None):
+        self._record(tokens.shape[1])
+        return self.lm.prefill_all(tokens, cache, lengths=lengths)
+
+    def decode(self, tokens, positions, cache):
+        return self.lm.decode(tokens, positions, cache)
 
 
 def test_take_and_put_rows_follow_the_field_ranks():

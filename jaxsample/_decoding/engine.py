@@ -116,8 +116,12 @@ def _prefill_rows(model, tokens, lengths, rows, cache, cache_size, prompt_logpro
         logits, cache = model.prefill_into(tokens, lengths, rows, cache)
         return logits, cache, None
     logits, fresh, prompt_lp = core.prefill(model, tokens, lengths, cache_size, prompt_logprobs)
-    cache = jax.tree.map(lambda c, f: c.at[rows].set(f.astype(c.dtype), mode="drop"), cache, fresh)
-    return logits, cache, prompt_lp
+    return logits, _copy_rows(cache, fresh, rows), prompt_lp
+
+
+def _copy_rows(cache, fresh, rows):
+    """``cache`` with rows ``rows`` [G] replaced by the G rows of ``fresh`` (batch-leading leaves)."""
+    return jax.tree.map(lambda c, f: c.at[rows].set(f.astype(c.dtype), mode="drop"), cache, fresh)
 
 
 def _prefill_bucketed(model, tokens, lengths, rows, cache, cache_size, prompt_logprobs, width, bucketed):
@@ -142,8 +146,7 @@ def _prefill_bucketed(model, tokens, lengths, rows, cache, cache_size, prompt_lo
         return run
 
     logits, fresh, prompt_lp = jax.lax.switch(width, [at(w) for w in widths])
-    cache = jax.tree.map(lambda c, f: c.at[rows].set(f.astype(c.dtype), mode="drop"), cache, fresh)
-    return logits, cache, prompt_lp
+    return logits, _copy_rows(cache, fresh, rows), prompt_lp
 
 
 def _empty(model, sampler, keys, pad_id, *, slots, max_new_tokens, cache_size, prompt_len, top_logprobs,
