@@ -125,10 +125,41 @@ def test_no_recompile_for_new_prompts_or_chunks(lm):
     before = [f._cache_size() for f in programs]
     js.generate_many(lm, tokens, lengths, row_keys(0, 5), **kw)
     sizes = [f._cache_size() for f in programs]
-    assert [a - b for a, b in zip(sizes, before)] == [1, 1, 1]  # one program for every refill, one per chunk
+    assert [a - b for a, b in zip(sizes, before)] == [1, 1]  # the empty slots, one program for every chunk (refills in it)
     tokens, lengths = prompts(10, b=5)
     js.generate_many(lm, tokens, lengths, row_keys(1, 5), **{**kw, "sampler": js.default_chain(temperature=1.3)})
     assert [f._cache_size() for f in programs] == sizes
+
+
+def test_refills_happen_inside_a_chunk(lm):
+    """Slots refill on device: 6 rows of exactly 8 tokens through 2 slots take 3 x 7 decode
+    steps (the ideal: index 0 comes from the prefill) in 2 round trips: the first chunk
+    hands back 4 rows (F = 2 * slots), the second the last 2."""
+    tokens, lengths = prompts(15, b=6)
+    kw = dict(max_new_tokens=8, sampler=js.default_chain(temperature=0.9), pad_id=258)
+    want = js.generate(lm, tokens, lengths, row_keys(16, 6), **kw)
+    stream = js.generate_many_stream(lm, tokens, lengths, row_keys(16, 6), slots=2, chunk_size=64, **kw)
+    order = [c.index for c in stream]
+    assert (stream.steps, stream.chunks) == (21, 2)
+    assert order == [0, 1, 2, 3, 4, 5]  # admitted in order, each pair finishing together
+    got = js.generate_many(lm, tokens, lengths, row_keys(16, 6), slots=2, chunk_size=64, **kw)
+    assert_same(got, want)
+
+
+def test_rows_that_finish_at_their_first_token(lm):
+    """Limits of 1 finish at the refill itself: 4 such rows fill the finished-rows buffer
+    (F = 4 for 2 slots) before any step, the next chunk runs the rest."""
+    tokens, lengths = prompts(17, b=6)
+    limits = np.array([1, 1, 1, 1, 1, 6], np.int32)
+    kw = dict(max_new_tokens=limits, sampler=js.default_chain(temperature=0.9), pad_id=258)
+    want = js.generate(lm, tokens, lengths, row_keys(18, 6), **kw)
+    stream = js.generate_many_stream(lm, tokens, lengths, row_keys(18, 6), slots=2, chunk_size=64, **kw)
+    rows = {c.index: c for c in stream}
+    assert (stream.steps, stream.chunks) == (5, 2)
+    for r, c in rows.items():
+        assert c.length == limits[r]
+        np.testing.assert_array_equal(c.tokens, want.tokens[r])
+    np.testing.assert_array_equal(np.asarray(want.lengths), limits)
 
 
 def test_stream_yields_each_row_once_as_it_finishes(lm):

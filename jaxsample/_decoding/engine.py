@@ -1,18 +1,25 @@
 """Continuous batching: many prompts through a fixed number of decode slots.
 
 `generate_many` decodes at most `slots` rows at a time. When a row finishes, its slot
-takes the next prompt without waiting for the others:
+takes the next prompt at once, inside the same jitted loop, without waiting for the
+others and without a trip to the host:
 
-    host:   admit a request into every free slot      (`_admit`: prefill at the prompt's width
-                                                        bucket into the slot's cache
-                                                        rows, sampler state from its
-                                                        own prompt, generated index 0)
-            run one chunk                              (`_chunk`: up to `chunk_size` decode
-                                                        steps of the shared `DecodeStep`,
-                                                        ending early once a slot finishes
-                                                        while prompts are waiting)
-            read the slots back                        (one device -> host transfer a chunk)
-            hand finished rows out, free their slots
+    device, one chunk (`_chunk`, a `lax.while_loop` of up to `chunk_size` steps):
+        fill:     admit the next request into every free slot   (`_admit`: prefill at the
+                                                                  prompt's width bucket into
+                                                                  the slot's cache rows,
+                                                                  sampler state from its own
+                                                                  prompt, generated index 0)
+        step:     one decode step of every slot                  (the shared `DecodeStep`)
+        harvest:  move every finished row into the chunk's       (`_harvest`: F = 2 * slots
+                  finished-rows buffer and free its slot          rows at most; the chunk
+                                                                  ends before it could overflow)
+        (fill, step, harvest, fill, ...)
+    host: dispatch chunk k + 1, then read chunk k's finished rows back (the one
+          device -> host transfer of a chunk, overlapped with chunk k + 1) and hand them out
+
+Requests are admitted in order (a device counter), so the host supplies nothing between
+chunks; it stops once a chunk reports every request done.
 
 Every slot runs `generate`'s own decode step (:class:`jaxsample._decoding.loop.DecodeStep`)
 at its own generated index and position, with its request's key, sampler values and
@@ -25,12 +32,13 @@ with the number of rows (docs/engine.md).
 A refill prefills its prompt at the first of `prompt_widths(P)` that holds it (one
 `lax.switch` branch per width), so a short prompt in a batch padded for a long one costs
 what its own length needs. Shapes are fixed by (slots, P, N): admitting a new prompt, a
-new chunk or a new call with prompts of the same padded shape never recompiles.
+new chunk or a new call with prompts of the same padded shape never recompiles (two
+programs: the empty slots and the chunk).
 """
 
 from __future__ import annotations
 
-import collections
+import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -49,7 +57,7 @@ __all__ = ["Completion", "ManyStream", "generate_many", "generate_many_stream"]
 
 Array = jax.Array
 
-#: Default decode steps per chunk (a chunk also ends when a row finishes while prompts wait).
+#: Default decode steps per chunk: the steps between host round trips at most.
 CHUNK = 16
 
 
@@ -83,14 +91,64 @@ class Completion(NamedTuple):
     stats: GenerateStats | None = None
 
 
+class _Requests(NamedTuple):
+    """Every request's inputs, the same for every chunk of a call (R output rows, B prompts)."""
+
+    sampler: Chain  #: the sampler of all R rows
+    tokens: Array  #: int32 [B, P]
+    lengths: Array  #: int32 [B]
+    keys: Array  #: typed keys [R]
+    limit: Array  #: int32 [R]: each row's max_new_tokens
+    stops: Array  #: int32 [stops]
+    pad_id: Array  #: int32 []
+
+
 class _Slots(NamedTuple):
-    """The device state of the slots (donated to every program: updated in place)."""
+    """The device state of the S slots (donated to every chunk: updated in place)."""
 
     state: DecodeState  #: [S] rows; a free slot is done
     outputs: Outputs  #: [S, N]: the current request of each slot, at its generated indices
     keys: Array  #: typed keys [S]
     limit: Array  #: int32 [S]
     prompt_logprobs: Array | None  #: float32 [S, P]
+    sampler: Chain  #: the sampler of the slots' requests (their per-row values)
+    owner: Array  #: int32 [S]: the request (output row) each slot runs, -1 when free
+    next: Array  #: int32 []: the next request to admit (requests are admitted in order)
+
+
+class _Finished(NamedTuple):
+    """The rows that finished during one chunk, in the order they finished (F rows at most)."""
+
+    request: Array  #: int32 [F]: the output row of each, -1 past ``count``
+    lengths: Array  #: int32 [F]
+    finish: Array  #: int32 [F]
+    outputs: Outputs  #: [F, N]
+    prompt_logprobs: Array | None  #: float32 [F, P] with prompt_logprobs
+    sampler_state: Any  #: [F, ...] with return_stats, else None
+    count: Array  #: int32 []
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """The static shape and options of a call (one compiled program per distinct config)."""
+
+    slots: int  #: S
+    rows: int  #: R = B * n
+    n: int
+    max_new_tokens: int  #: N, the output width
+    prompt_len: int  #: P
+    cache_size: int
+    chunk_size: int
+    top_logprobs: int
+    prompt_logprobs: bool
+    return_stats: bool
+    sample_fn: Callable
+    bucketed: bool  #: refills prefill at their width bucket (a batch-leading cache)
+
+    @property
+    def finished_rows(self) -> int:
+        """F, the rows a chunk can hand back: it steps while S rows of room are left."""
+        return 2 * self.slots
 
 
 # ----------------------------------------------------------------------------- programs
@@ -124,9 +182,10 @@ def _copy_rows(cache, fresh, rows):
     return jax.tree.map(lambda c, f: c.at[rows].set(f.astype(c.dtype), mode="drop"), cache, fresh)
 
 
-def _prefill_bucketed(model, tokens, lengths, rows, cache, cache_size, prompt_logprobs, width, bucketed):
-    """`_prefill_rows` of prompts [G, P], at ``prompt_widths(P)[width]`` positions (a traced
-    index: one program holds every width, only the chosen one runs) when ``bucketed``.
+def _prefill_bucketed(model, tokens, lengths, rows, cache, cache_size, prompt_logprobs, bucketed):
+    """`_prefill_rows` of G prompts [G, P], at the first of ``prompt_widths(P)`` that holds the
+    longest (a traced choice: one program holds every width, only the chosen one runs) when
+    ``bucketed``.
 
     A bucketed refill prefills a fresh cache of G rows inside the chosen branch and copies
     its rows into ``cache`` after it, so the slots' cache never passes through the
@@ -145,93 +204,131 @@ def _prefill_bucketed(model, tokens, lengths, rows, cache, cache_size, prompt_lo
             return logits, fresh, prompt_lp
         return run
 
+    width = jnp.minimum(jnp.searchsorted(jnp.asarray(widths), jnp.max(lengths)), len(widths) - 1)
     logits, fresh, prompt_lp = jax.lax.switch(width, [at(w) for w in widths])
     return logits, _copy_rows(cache, fresh, rows), prompt_lp
 
 
-def _empty(model, sampler, keys, pad_id, *, slots, max_new_tokens, cache_size, prompt_len, top_logprobs,
-           prompt_logprobs, return_stats, rows):
+def _empty(model, req: _Requests, cfg: _Config) -> _Slots:
     """Every slot free (done), with the sampler state of row 0 as a placeholder."""
-    cache = model.init_cache(slots, cache_size)
-    index = jnp.zeros((slots,), jnp.int32)
-    tokens = jnp.zeros((slots, prompt_len), jnp.int32)
-    lengths = jnp.ones((slots,), jnp.int32)
-    state = init_state(take_rows(sampler, index, rows), tokens, lengths, model.vocab_size,
-                       max_new_tokens=max_new_tokens)
-    s = initial_state(cache, state, lengths, pad_id)._replace(done=jnp.ones((slots,), bool))
-    outputs = Outputs.empty(slots, max_new_tokens, pad_id, top_logprobs=top_logprobs, return_stats=return_stats)
-    plp = jnp.zeros((slots, prompt_len), jnp.float32) if prompt_logprobs else None
-    return _Slots(s, outputs, keys[index], jnp.zeros((slots,), jnp.int32), plp), take_rows(sampler, index, rows)
+    s_ = cfg.slots
+    cache = model.init_cache(s_, cfg.cache_size)
+    index = jnp.zeros((s_,), jnp.int32)
+    tokens = jnp.zeros((s_, cfg.prompt_len), jnp.int32)
+    lengths = jnp.ones((s_,), jnp.int32)
+    sampler = take_rows(req.sampler, index, cfg.rows)
+    state = init_state(sampler, tokens, lengths, model.vocab_size, max_new_tokens=cfg.max_new_tokens)
+    s = initial_state(cache, state, lengths, req.pad_id)._replace(done=jnp.ones((s_,), bool))
+    outputs = Outputs.empty(s_, cfg.max_new_tokens, req.pad_id, top_logprobs=cfg.top_logprobs,
+                            return_stats=cfg.return_stats)
+    plp = jnp.zeros((s_, cfg.prompt_len), jnp.float32) if cfg.prompt_logprobs else None
+    return _Slots(s, outputs, req.keys[index], jnp.zeros((s_,), jnp.int32), plp, sampler,
+                  jnp.full((s_,), -1, jnp.int32), jnp.asarray(0, jnp.int32))
 
 
-def _admit(model, slots: _Slots, slot_sampler, sampler, prompt_tokens, prompt_lengths, keys, limit, stops, pad_id,
-           request, slot, width, *, bucketed, n, max_new_tokens, cache_size, top_logprobs, prompt_logprobs, sample_fn,
-           return_stats):
-    """Request ``request`` (a traced int: row ``request`` of the output) into slot ``slot``,
-    prefilled at ``prompt_widths(P)[width]`` positions."""
-    rows = keys.shape[0]
-    r = jnp.reshape(request, (1,))
+def _admit(model, slots: _Slots, req: _Requests, slot: Array, cfg: _Config) -> _Slots:
+    """Request ``slots.next`` into slot ``slot`` (traced ints): its prefill at its width
+    bucket, its sampler state from its own prompt, its generated index 0."""
+    r = jnp.reshape(slots.next, (1,))
     at = jnp.reshape(slot, (1,))
-    tokens = jnp.take(prompt_tokens, r // n, axis=0)  # [1, P]
-    lengths = jnp.take(prompt_lengths, r // n, axis=0)  # [1]
-    row_sampler = take_rows(sampler, r, rows)
-    logits, cache, prompt_lp = _prefill_bucketed(model, tokens, lengths, at, slots.state.cache, cache_size,
-                                                 prompt_logprobs, width, bucketed)
-    state = init_state(row_sampler, tokens, lengths, model.vocab_size, max_new_tokens=max_new_tokens)
-    step = DecodeStep(model, row_sampler, keys[r], stops, pad_id, limit[r], sample_fn, top_logprobs, return_stats)
-    s, out = step.pick(logits, initial_state((), state, lengths, pad_id),
-                       Outputs.empty(1, max_new_tokens, pad_id, top_logprobs=top_logprobs, return_stats=return_stats))
+    tokens = jnp.take(req.tokens, r // cfg.n, axis=0)  # [1, P]
+    lengths = jnp.take(req.lengths, r // cfg.n, axis=0)  # [1]
+    row_sampler = take_rows(req.sampler, r, cfg.rows)
+    logits, cache, prompt_lp = _prefill_bucketed(model, tokens, lengths, at, slots.state.cache, cfg.cache_size,
+                                                 cfg.prompt_logprobs, cfg.bucketed)
+    state = init_state(row_sampler, tokens, lengths, model.vocab_size, max_new_tokens=cfg.max_new_tokens)
+    step = DecodeStep(model, row_sampler, req.keys[r], req.stops, req.pad_id, req.limit[r], cfg.sample_fn,
+                      cfg.top_logprobs, cfg.return_stats)
+    s, out = step.pick(logits, initial_state((), state, lengths, req.pad_id),
+                       Outputs.empty(1, cfg.max_new_tokens, req.pad_id, top_logprobs=cfg.top_logprobs,
+                                     return_stats=cfg.return_stats))
     put = lambda dst, src: dst.at[at].set(src.astype(dst.dtype), mode="drop")
     new_state = jax.tree.map(put, slots.state._replace(cache=()), s._replace(cache=()))._replace(cache=cache)
-    plp = None if prompt_lp is None else put(slots.prompt_logprobs, prompt_lp)
-    new = _Slots(new_state, jax.tree.map(put, slots.outputs, out), put(slots.keys, keys[r]),
-                 put(slots.limit, limit[r]), plp)
-    return new, put_rows(slot_sampler, at, row_sampler, slots.keys.shape[0])
+    return _Slots(new_state, jax.tree.map(put, slots.outputs, out), put(slots.keys, req.keys[r]),
+                  put(slots.limit, req.limit[r]), None if prompt_lp is None else put(slots.prompt_logprobs, prompt_lp),
+                  put_rows(slots.sampler, at, row_sampler, cfg.slots), put(slots.owner, r), slots.next + 1)
 
 
-def _chunk(model, slots: _Slots, slot_sampler, stops, pad_id, waiting, *, chunk_size, sample_fn, top_logprobs,
-           return_stats):
-    """Up to ``chunk_size`` decode steps of every slot; ends early when every slot is done, or
-    when a slot finishes while requests are ``waiting`` (a traced bool)."""
-    step = DecodeStep(model, slot_sampler, slots.keys, stops, pad_id, slots.limit, sample_fn, top_logprobs,
-                      return_stats)
-    was_done = slots.state.done
+def _harvest(slots: _Slots, fin: _Finished, cfg: _Config) -> tuple[_Slots, _Finished]:
+    """Moves every finished row (a done slot with a request) into ``fin`` and frees its slot.
+
+    ``fin`` always has room: a chunk steps only while S rows of room are left, and admits
+    a request (whose row may finish at its first token) only while one is."""
+    s = slots.state
+    finished = (slots.owner >= 0) & s.done  # [S]
+    dest = jnp.where(finished, fin.count + jnp.cumsum(finished) - 1, cfg.finished_rows)  # F: dropped
+    put = lambda buf, value: buf.at[dest].set(value.astype(buf.dtype), mode="drop")
+    maybe = lambda buf, value: None if buf is None else jax.tree.map(put, buf, value)
+    fin = _Finished(put(fin.request, slots.owner), put(fin.lengths, s.lengths), put(fin.finish, s.finish),
+                    jax.tree.map(put, fin.outputs, slots.outputs), maybe(fin.prompt_logprobs, slots.prompt_logprobs),
+                    maybe(fin.sampler_state, s.sampler_state), fin.count + jnp.sum(finished, dtype=jnp.int32))
+    return slots._replace(owner=jnp.where(finished, -1, slots.owner)), fin
+
+
+def _fill(model, slots: _Slots, fin: _Finished, req: _Requests, cfg: _Config) -> tuple[_Slots, _Finished]:
+    """Admits the next requests into free slots, one at a time, while both last (a row that
+    finishes at its first token is harvested at once and frees its slot again)."""
+    def can(carry):
+        slots, fin = carry
+        return jnp.any(slots.owner < 0) & (slots.next < cfg.rows) & (fin.count < cfg.finished_rows)
+
+    def admit_one(carry):
+        slots, fin = carry
+        slots = _admit(model, slots, req, jnp.argmax(slots.owner < 0), cfg)
+        return _harvest(slots, fin, cfg)
+
+    return jax.lax.while_loop(can, admit_one, (slots, fin))
+
+
+def _chunk(model, slots: _Slots, req: _Requests, *, cfg: _Config) -> tuple[_Slots, _Finished, Array, Array]:
+    """Up to ``cfg.chunk_size`` decode steps of every slot, refilling a slot as soon as its
+    row finishes: (slots, the rows finished, steps run, whether every request is done).
+
+    The chunk stops early when no slot has a request left, or when the finished rows'
+    buffer (F = 2S rows) has less room than one step could fill (S rows)."""
+    f = cfg.finished_rows
+    empty = Outputs.empty(f, cfg.max_new_tokens, req.pad_id, top_logprobs=cfg.top_logprobs,
+                          return_stats=cfg.return_stats)
+    zeros = lambda x: jnp.zeros((f,) + x.shape[1:], x.dtype)
+    fin = _Finished(jnp.full((f,), -1, jnp.int32), jnp.zeros((f,), jnp.int32), jnp.zeros((f,), jnp.int32), empty,
+                    None if slots.prompt_logprobs is None else zeros(slots.prompt_logprobs),
+                    jax.tree.map(zeros, slots.state.sampler_state) if cfg.return_stats else None,
+                    jnp.asarray(0, jnp.int32))
+    slots, fin = _fill(model, slots, fin, req, cfg)
 
     def more(carry):
-        i, s, _ = carry
-        finished = jnp.any(s.done & ~was_done)
-        return (i < chunk_size) & ~jnp.all(s.done) & ~(waiting & finished)
+        i, slots, fin = carry
+        return (i < cfg.chunk_size) & jnp.any(slots.owner >= 0) & (fin.count + cfg.slots <= f)
 
     def body(carry):
-        i, s, outputs = carry
-        s, outputs = step.step(s, outputs)
-        return i + 1, s, outputs
+        i, slots, fin = carry
+        step = DecodeStep(model, slots.sampler, slots.keys, req.stops, req.pad_id, slots.limit, cfg.sample_fn,
+                          cfg.top_logprobs, cfg.return_stats)
+        s, outputs = step.step(slots.state, slots.outputs)
+        slots, fin = _fill(model, *_harvest(slots._replace(state=s, outputs=outputs), fin, cfg), req, cfg)
+        return i + 1, slots, fin
 
-    steps, s, outputs = jax.lax.while_loop(more, body, (jnp.asarray(0, jnp.int32), slots.state, slots.outputs))
-    return slots._replace(state=s, outputs=outputs), steps
-
-
-_STATIC_EMPTY = ("slots", "max_new_tokens", "cache_size", "prompt_len", "top_logprobs", "prompt_logprobs",
-                 "return_stats", "rows")
-_STATIC_ADMIT = ("bucketed", "n", "max_new_tokens", "cache_size", "top_logprobs", "prompt_logprobs", "sample_fn", "return_stats")
-_STATIC_CHUNK = ("chunk_size", "sample_fn", "top_logprobs", "return_stats")
+    steps, slots, fin = jax.lax.while_loop(more, body, (jnp.asarray(0, jnp.int32), slots, fin))
+    all_done = (slots.next >= cfg.rows) & jnp.all(slots.owner < 0)
+    return slots, fin, steps, all_done
 
 
 @functools.lru_cache(maxsize=None)
 def _programs(static_model: bool):
-    """The three jitted programs; the model is a static argument when it is not a pytree."""
+    """The two jitted programs (empty slots, one chunk); the model is a static argument
+    when it is not a pytree."""
     model_arg = (0,) if static_model else ()
-    empty = jax.jit(_empty, static_argnums=model_arg, static_argnames=_STATIC_EMPTY)
-    admit = jax.jit(_admit, static_argnums=model_arg, static_argnames=_STATIC_ADMIT, donate_argnums=(1,))
-    chunk = jax.jit(_chunk, static_argnums=model_arg, static_argnames=_STATIC_CHUNK, donate_argnums=(1,))
-    return empty, admit, chunk
+    empty = jax.jit(_empty, static_argnums=model_arg + (2,))
+    chunk = jax.jit(_chunk, static_argnums=model_arg, static_argnames=("cfg",), donate_argnums=(1,))
+    return empty, chunk
 
 
 # ----------------------------------------------------------------------------- host loop
 
 
 def _prepare(model, prompt_tokens, prompt_lengths, keys, *, slots, max_new_tokens, sampler, stop_ids, pad_id,
-             cache_size, n, top_logprobs, prompt_logprobs, chunk_size, fn, memory_limit=None):
+             cache_size, n, top_logprobs, prompt_logprobs, chunk_size, sample_fn, return_stats, fn,
+             memory_limit=None) -> tuple[Any, Any, Array, _Config]:
     prompts, sampling, limit = core.prepare_inputs(
         model, prompt_tokens, prompt_lengths, keys, max_new_tokens=max_new_tokens, sampler=sampler,
         stop_ids=stop_ids, pad_id=pad_id, cache_size=cache_size, n=n, top_logprobs=top_logprobs,
@@ -252,7 +349,11 @@ def _prepare(model, prompt_tokens, prompt_lengths, keys, *, slots, max_new_token
         raise ValueError(f"{fn}: refilling a slot writes a prefilled cache into that slot's rows: "
                          f"{type(model).__name__} needs prefill_into(tokens, lengths, rows, cache), or a cache "
                          f"whose every leaf leads with the batch axis")
-    return prompts, sampling, limit, min(slots, rows), chunk_size, batch_leading
+    cfg = _Config(slots=min(slots, rows), rows=rows, n=sampling.n, max_new_tokens=prompts.max_new_tokens,
+                  prompt_len=int(prompts.tokens.shape[1]), cache_size=prompts.cache_size, chunk_size=chunk_size,
+                  top_logprobs=sampling.top_logprobs, prompt_logprobs=sampling.prompt_logprobs,
+                  return_stats=bool(return_stats), sample_fn=sample_fn, bucketed=batch_leading)
+    return prompts, sampling, limit, cfg
 
 
 def generate_many_stream(model: LanguageModel, prompt_tokens: Any, prompt_lengths: Any, keys: Any, *, slots: int,
@@ -263,7 +364,9 @@ def generate_many_stream(model: LanguageModel, prompt_tokens: Any, prompt_length
                          memory_limit: float | None = None) -> "ManyStream":
     """`generate_many`, yielding each row as soon as it finishes (a `Completion`, host arrays).
 
-    Rows come in the order they finish (``Completion.index`` says which row); the tokens
+    A row is handed out at the end of the chunk of steps it finished in (at most
+    ``chunk_size`` steps later). Rows come in the order they finish (``Completion.index``
+    says which row); the tokens
     and log-probs of each are `generate`'s for that row. Use it to write a data set to
     disk as it goes. Arguments as `generate_many`. The iterator counts its work as it goes
     (``.steps``: decode steps run, ``.chunks``: host round trips).
@@ -278,12 +381,12 @@ def generate_many_stream(model: LanguageModel, prompt_tokens: Any, prompt_length
       >>> sorted(c.index for c in done)
       [0, 1]
     """
-    prompts, sampling, limit, n_slots, chunk_size, bucketed = _prepare(
+    prompts, sampling, limit, cfg = _prepare(
         model, prompt_tokens, prompt_lengths, keys, slots=slots, max_new_tokens=max_new_tokens, sampler=sampler,
         stop_ids=stop_ids, pad_id=pad_id, cache_size=cache_size, n=n, top_logprobs=top_logprobs,
-        prompt_logprobs=prompt_logprobs, chunk_size=chunk_size, fn="generate_many", memory_limit=memory_limit)
-    return ManyStream(lambda stream: _schedule(stream, model, prompts, sampling, limit, n_slots, chunk_size,
-                                               sample_fn, bool(return_stats), bucketed))
+        prompt_logprobs=prompt_logprobs, chunk_size=chunk_size, sample_fn=sample_fn, return_stats=return_stats,
+        fn="generate_many", memory_limit=memory_limit)
+    return ManyStream(lambda stream: _schedule(stream, model, prompts, sampling, limit, cfg))
 
 
 class ManyStream:
@@ -306,64 +409,35 @@ class ManyStream:
         return next(self._rows)
 
 
-def _schedule(stream, model, prompts, sampling, limit, n_slots, chunk_size, sample_fn, return_stats, bucketed):
-    empty, admit, chunk = _programs(not core.is_pytree(model))
-    rows = sampling.keys.shape[0]
-    n, big_n = sampling.n, prompts.max_new_tokens
-    common = dict(max_new_tokens=big_n, cache_size=prompts.cache_size, top_logprobs=sampling.top_logprobs,
-                  prompt_logprobs=sampling.prompt_logprobs, return_stats=return_stats)
-    slots, slot_sampler = empty(model, sampling.sampler, sampling.keys, prompts.pad_id, slots=n_slots,
-                                prompt_len=prompts.tokens.shape[1], rows=rows, **common)
-    queue = collections.deque(range(rows))
-    widths = prompt_widths(prompts.tokens.shape[1])
-    width_of = np.searchsorted(np.asarray(widths), np.asarray(prompts.lengths))  # each prompt's width index
-    owner = np.full((n_slots,), -1, np.int64)  # the request each slot runs (-1: free)
-
-    def fill(slots, slot_sampler):
-        for s in np.flatnonzero(owner < 0):
-            if not queue:
-                break
-            owner[s] = queue.popleft()
-            slots, slot_sampler = admit(model, slots, slot_sampler, sampling.sampler, prompts.tokens, prompts.lengths,
-                                        sampling.keys, limit, prompts.stops, prompts.pad_id,
-                                        jnp.asarray(owner[s], jnp.int32), jnp.asarray(s, jnp.int32),
-                                        jnp.asarray(width_of[owner[s] // n], jnp.int32), bucketed=bucketed, n=n,
-                                        sample_fn=sample_fn, **common)
-        return slots, slot_sampler
-
-    slots, slot_sampler = fill(slots, slot_sampler)
-    while np.any(owner >= 0):
-        slots, steps = chunk(model, slots, slot_sampler, prompts.stops, prompts.pad_id, jnp.asarray(bool(queue)),
-                             chunk_size=chunk_size, sample_fn=sample_fn, top_logprobs=sampling.top_logprobs,
-                             return_stats=return_stats)
-        host = jax.device_get(_readback(slots, steps, return_stats))  # the one round trip of the chunk
-        stream.steps += int(host["steps"])
+def _schedule(stream, model, prompts, sampling, limit, cfg: _Config):
+    """The host loop: dispatch chunk k + 1 before reading chunk k's finished rows back (the
+    one device -> host transfer of a chunk), so the host's work overlaps the device's."""
+    empty, chunk = _programs(not core.is_pytree(model))
+    req = _Requests(sampling.sampler, prompts.tokens, prompts.lengths, sampling.keys, limit, prompts.stops,
+                    prompts.pad_id)
+    pending = chunk(model, empty(model, req, cfg), req, cfg=cfg)
+    while True:
+        slots, fin, steps, all_done = pending
+        pending = chunk(model, slots, req, cfg=cfg)  # dispatched: it runs while this one is read back
+        fin, steps, all_done = jax.device_get((fin, steps, all_done))
+        stream.steps += int(steps)
         stream.chunks += 1
-        for s in np.flatnonzero((owner >= 0) & host["done"]):
-            yield _completion(host, s, int(owner[s]), n)
-            owner[s] = -1
-        slots, slot_sampler = fill(slots, slot_sampler)
+        for f in range(int(fin.count)):
+            yield _completion(fin, f, cfg.n)
+        if all_done:
+            return
 
 
-def _readback(slots: _Slots, steps: Array, return_stats: bool) -> dict:
-    s = slots.state
-    out = dict(steps=steps, done=s.done, lengths=s.lengths, finish=s.finish, outputs=slots.outputs,
-               prompt_logprobs=slots.prompt_logprobs)
-    if return_stats:
-        out["sampler_state"] = s.sampler_state
-    return out
-
-
-def _completion(host: dict, s: int, r: int, n: int) -> Completion:
-    o = host["outputs"]
-    row = lambda x: None if x is None else np.asarray(x[s])
+def _completion(fin: _Finished, f: int, n: int) -> Completion:
+    o = fin.outputs
+    row = lambda x: None if x is None else np.asarray(x[f])
     stats = None
-    if "sampler_state" in host:
-        stats = GenerateStats(row(o.entropy), row(o.num_kept), jax.tree.map(lambda x: np.asarray(x[s]),
-                                                                            host["sampler_state"]))
-    return Completion(r, r // n, int(host["lengths"][s]), row(o.tokens), row(o.logprobs_raw),
-                      row(o.logprobs_processed), int(host["finish"][s]), row(o.top_token_ids), row(o.top_logprobs),
-                      row(host["prompt_logprobs"]), stats)
+    if fin.sampler_state is not None:
+        stats = GenerateStats(row(o.entropy), row(o.num_kept), jax.tree.map(lambda x: np.asarray(x[f]),
+                                                                            fin.sampler_state))
+    r = int(fin.request[f])
+    return Completion(r, r // n, int(fin.lengths[f]), row(o.tokens), row(o.logprobs_raw), row(o.logprobs_processed),
+                      int(fin.finish[f]), row(o.top_token_ids), row(o.top_logprobs), row(fin.prompt_logprobs), stats)
 
 
 def generate_many(model: LanguageModel, prompt_tokens: Any, prompt_lengths: Any, keys: Any, *, slots: int,
@@ -393,8 +467,9 @@ def generate_many(model: LanguageModel, prompt_tokens: Any, prompt_lengths: Any,
       slots: rows decoded at a time, static (the decode batch).
       max_new_tokens: an int N, or an int array [B] of per-prompt limits (its maximum is
         the static N: the output width).
-      chunk_size: decode steps between host round trips at most, static (a chunk ends
-        early when a row finishes while prompts wait for a slot).
+      chunk_size: decode steps between host round trips at most, static: a finished row
+        is handed out at the end of its chunk (a refill never waits for one; a chunk
+        ends early once 2 * slots rows finished in it or no request is left).
       memory_limit: as in `generate`, for the `slots` decoding rows.
 
     Returns:
@@ -412,12 +487,12 @@ def generate_many(model: LanguageModel, prompt_tokens: Any, prompt_lengths: Any,
       ...                                 sampler=js.default_chain(temperature=0.8)).tokens).all())
       True
     """
-    prompts, sampling, limit, n_slots, chunk_size, bucketed = _prepare(
+    prompts, sampling, limit, cfg = _prepare(
         model, prompt_tokens, prompt_lengths, keys, slots=slots, max_new_tokens=max_new_tokens, sampler=sampler,
         stop_ids=stop_ids, pad_id=pad_id, cache_size=cache_size, n=n, top_logprobs=top_logprobs,
-        prompt_logprobs=prompt_logprobs, chunk_size=chunk_size, fn="generate_many", memory_limit=memory_limit)
-    stream = ManyStream(lambda stream: _schedule(stream, model, prompts, sampling, limit, n_slots, chunk_size,
-                                                 sample_fn, bool(return_stats), bucketed))
+        prompt_logprobs=prompt_logprobs, chunk_size=chunk_size, sample_fn=sample_fn, return_stats=return_stats,
+        fn="generate_many", memory_limit=memory_limit)
+    stream = ManyStream(lambda stream: _schedule(stream, model, prompts, sampling, limit, cfg))
     done = sorted(stream, key=lambda c: c.index)
     stack = lambda field: None if getattr(done[0], field) is None else jnp.asarray(
         np.stack([getattr(c, field) for c in done]))
