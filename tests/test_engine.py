@@ -162,6 +162,19 @@ def test_rows_that_finish_at_their_first_token(lm):
     np.testing.assert_array_equal(np.asarray(want.lengths), limits)
 
 
+def test_the_longest_limits_are_admitted_first(lm):
+    """One slot runs the rows one by one, longest per-row limit first (ties in input order);
+    rows of these limits without stop ids run to their limits."""
+    tokens, lengths = prompts(19, b=5)
+    limits = np.array([2, 5, 3, 5, 1], np.int32)
+    kw = dict(max_new_tokens=limits, sampler=js.default_chain(temperature=0.9), pad_id=258)
+    want = js.generate(lm, tokens, lengths, row_keys(20, 5), **kw)
+    done = list(js.generate_many_stream(lm, tokens, lengths, row_keys(20, 5), slots=1, **kw))
+    assert [c.index for c in done] == [1, 3, 2, 0, 4]
+    for c in done:
+        np.testing.assert_array_equal(c.tokens, want.tokens[c.index])
+
+
 def test_stream_yields_each_row_once_as_it_finishes(lm):
     tokens, lengths = prompts(11, b=6)
     k = row_keys(12, 6)

@@ -18,8 +18,11 @@ others and without a trip to the host:
     host: dispatch chunk k + 1, then read chunk k's finished rows back (the one
           device -> host transfer of a chunk, overlapped with chunk k + 1) and hand them out
 
-Requests are admitted in order (a device counter), so the host supplies nothing between
-chunks; it stops once a chunk reports every request done.
+Requests are admitted longest limit first (per-row `max_new_tokens`; equal limits in
+input order), by a device counter over that order, so the host supplies nothing between
+chunks; it stops once a chunk reports every request done. Admitting the longest first
+shortens the tail where the last rows run in a batch of idle slots (on the engine
+benchmark 228 -> 205 steps for 8 slots, the ideal).
 
 Every slot runs `generate`'s own decode step (:class:`jaxsample._decoding.loop.DecodeStep`)
 at its own generated index and position, with its request's key, sampler values and
@@ -101,6 +104,7 @@ class _Requests(NamedTuple):
     limit: Array  #: int32 [R]: each row's max_new_tokens
     stops: Array  #: int32 [stops]
     pad_id: Array  #: int32 []
+    order: Array  #: int32 [R]: the rows in the order they are admitted
 
 
 class _Slots(NamedTuple):
@@ -113,7 +117,7 @@ class _Slots(NamedTuple):
     prompt_logprobs: Array | None  #: float32 [S, P]
     sampler: Chain  #: the sampler of the slots' requests (their per-row values)
     owner: Array  #: int32 [S]: the request (output row) each slot runs, -1 when free
-    next: Array  #: int32 []: the next request to admit (requests are admitted in order)
+    next: Array  #: int32 []: how many requests were admitted (the next is ``order[next]``)
 
 
 class _Finished(NamedTuple):
@@ -227,9 +231,9 @@ def _empty(model, req: _Requests, cfg: _Config) -> _Slots:
 
 
 def _admit(model, slots: _Slots, req: _Requests, slot: Array, cfg: _Config) -> _Slots:
-    """Request ``slots.next`` into slot ``slot`` (traced ints): its prefill at its width
+    """Request ``req.order[slots.next]`` into slot ``slot`` (traced ints): its prefill at its width
     bucket, its sampler state from its own prompt, its generated index 0."""
-    r = jnp.reshape(slots.next, (1,))
+    r = jnp.reshape(req.order[slots.next], (1,))
     at = jnp.reshape(slot, (1,))
     tokens = jnp.take(req.tokens, r // cfg.n, axis=0)  # [1, P]
     lengths = jnp.take(req.lengths, r // cfg.n, axis=0)  # [1]
@@ -413,8 +417,9 @@ def _schedule(stream, model, prompts, sampling, limit, cfg: _Config):
     """The host loop: dispatch chunk k + 1 before reading chunk k's finished rows back (the
     one device -> host transfer of a chunk), so the host's work overlaps the device's."""
     empty, chunk = _programs(not core.is_pytree(model))
+    order = jnp.argsort(-limit, stable=True).astype(jnp.int32)  # the longest limits first, ties in input order
     req = _Requests(sampling.sampler, prompts.tokens, prompts.lengths, sampling.keys, limit, prompts.stops,
-                    prompts.pad_id)
+                    prompts.pad_id, order)
     pending = chunk(model, empty(model, req, cfg), req, cfg=cfg)
     while True:
         slots, fin, steps, all_done = pending
@@ -449,7 +454,9 @@ def generate_many(model: LanguageModel, prompt_tokens: Any, prompt_lengths: Any,
 
     When a row finishes, its slot takes the next prompt (prefilled into that slot's cache
     rows, at its own positions, its sampler state initialised from its own prompt)
-    without waiting for the others (continuous batching). The output is `generate`'s for
+    without waiting for the others (continuous batching), inside the jitted loop. Rows
+    are admitted longest ``max_new_tokens`` first (equal limits in input order), which
+    shortens the tail of a run where the last rows decode beside idle slots. The output is `generate`'s for
     all the prompts at once, in input order: the same tokens (a row's randomness depends
     only on its key and generated index), log-probs to float32 rounding (XLA rounds a
     row differently with the batch shape; docs/engine.md).
