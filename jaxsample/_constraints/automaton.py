@@ -615,26 +615,43 @@ def determinize(node, max_states: int, what: str, max_nfa: int | None = None, ca
     def row(s: int) -> list:
         return row_of.get(s, none_row)
 
-    combo_memo: dict[tuple, int] = {}
+    live_of: dict[int, list] = {}  # NFA state -> its row's live (class, set id) pairs
 
-    def combined(col: tuple) -> int:
-        ids = sorted(set(col))
-        if ids[0] < 0:
-            ids = ids[1:]
-        if not ids:
-            j = -1
-        elif len(ids) == 1:
-            j = ids[0]
-        else:
-            j = intern(frozenset().union(*(sets[i] for i in ids)))
-        combo_memo[col] = j
-        return j
+    def live(s: int) -> list:
+        got = live_of.get(s)
+        if got is None:
+            got = live_of[s] = [(c, j) for c, j in enumerate(row(s)) if j >= 0]
+        return got
+
+    union_of: dict[frozenset, int] = {}  # set ids -> the set id of their union
+
+    def union_row(fs: frozenset) -> list:
+        """The row of a set of several NFA states: per class, the union of its members' targets.
+
+        Starts from the densest member's row and adds the others' live entries (rows are
+        mostly disjoint); a class two members reach with different sets gets their union."""
+        members = sorted(fs, key=lambda s: len(live(s)), reverse=True)
+        r = list(row(members[0]))
+        clashes = []
+        for s in members[1:]:
+            for c, j in live(s):
+                k = r[c]
+                if k < 0:
+                    r[c] = j
+                elif k != j:
+                    clashes.append(c)
+        for c in sorted(set(clashes)):  # in class order, as the unions were interned before
+            ids = frozenset(row(s)[c] for s in members) - {-1}
+            j = union_of.get(ids)
+            if j is None:
+                j = union_of[ids] = intern(frozenset().union(*(sets[i] for i in ids)))
+            r[c] = j
+        return r
 
     start = closure_id(s0)
     dfa_of: dict[int, int] = {start: 0}  # set id -> DFA state
     order = [start]
     rows: list[list] = []
-    get = combo_memo.get
     i = 0
     while i < len(order):
         fs = sets[order[i]]
@@ -644,7 +661,7 @@ def determinize(node, max_states: int, what: str, max_nfa: int | None = None, ca
         elif not fs:
             r = none_row
         else:
-            r = [get(col) if col in combo_memo else combined(col) for col in zip(*(row(s) for s in fs))]
+            r = union_row(fs)
         rows.append(r)
         for j in set(r):
             if j >= 0 and j not in dfa_of:
