@@ -844,21 +844,23 @@ def _reach(src: np.ndarray, dst: np.ndarray, seeds, n: int) -> tuple[np.ndarray,
     """
     src = np.asarray(src, np.int64)
     dst = np.asarray(dst, np.int64)
-    order_e = np.argsort(src, kind="stable")
+    order_e = _sorting_order(src)
+    if order_e is not None:
+        src, dst = src[order_e], dst[order_e]
     seeds = [int(g) for g in seeds]
     if _bfs_order is not None and src.size > _SCIPY_EDGES:
-        # a virtual source n pointing at the seeds, then scipy's BFS (edges visited in CSR order)
-        s2 = np.concatenate([np.full(len(seeds), n, np.int64), src[order_e]])
-        d2 = np.concatenate([np.array(seeds, np.int64), dst[order_e]])
-        o2 = np.argsort(s2, kind="stable")
-        indptr = np.searchsorted(s2[o2], np.arange(n + 2))
-        g = _csr_matrix((np.ones(s2.size, np.int8), d2[o2], indptr), shape=(n + 1, n + 1))
+        # a virtual source n (after every state) pointing at the seeds, then scipy's BFS (edges
+        # visited in CSR order)
+        s2 = np.concatenate([src, np.full(len(seeds), n, np.int64)])
+        d2 = np.concatenate([dst, np.array(seeds, np.int64)])
+        indptr = np.searchsorted(s2, np.arange(n + 2))
+        g = _csr_matrix((np.ones(s2.size, np.int8), d2, indptr), shape=(n + 1, n + 1))
         got = _bfs_order(g, n, directed=True, return_predecessors=False)[1:]
         seen = np.zeros(n, bool)
         seen[got] = True
         return seen, got.tolist()
-    nbr = dst[order_e].tolist()
-    starts = np.searchsorted(src[order_e], np.arange(n + 1)).tolist()
+    nbr = dst.tolist()
+    starts = np.searchsorted(src, np.arange(n + 1)).tolist()
     seen = bytearray(n)
     order = []
     for g in seeds:
@@ -874,6 +876,13 @@ def _reach(src: np.ndarray, dst: np.ndarray, seeds, n: int) -> tuple[np.ndarray,
                 seen[t] = 1
                 order.append(t)
     return np.frombuffer(bytes(seen), np.uint8).astype(bool), order
+
+
+def _sorting_order(key: np.ndarray) -> np.ndarray | None:
+    """A stable sorting permutation of ``key``; None where it is sorted already (one pass to check)."""
+    if key.size < 2 or bool((key[1:] >= key[:-1]).all()):
+        return None
+    return np.argsort(key, kind="stable")
 
 
 _SCIPY_EDGES = 1 << 14  # below this many edges the Python BFS is faster than scipy's setup
@@ -955,6 +964,8 @@ def _expand(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For ranges ``[lo[i], hi[i])``: (i, j) for every j in range i, as two flat arrays."""
     cnt = hi - lo
     tot = int(cnt.sum())
+    if tot == cnt.size and bool((cnt == 1).all()):  # one each (a token per trie node, say)
+        return np.arange(cnt.size), lo
     r = np.repeat(np.arange(cnt.size), cnt)
     return r, np.repeat(lo - np.cumsum(cnt) + cnt, cnt) + np.arange(tot)
 
@@ -962,7 +973,8 @@ def _expand(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def token_automaton(d: DFA, trie: TokenTrie, max_states: int, max_transitions: int, what: str):
     """The token-level automaton reachable from the DFA's start: (states, src, tok, dst, accept).
 
-    Every DFA state walks the trie at once (chunks of states, one numpy step per trie level,
+    Every DFA state walks the trie at once (chunks of states, one numpy step per trie level:
+    the first level as one dense gather of the states' rows at the first bytes, the deeper ones
     over the live (state, trie node) pairs only: a pair whose byte is dead is not expanded);
     then the states reachable from the start at token boundaries are kept, numbered in BFS
     order (0 = the start). Stops with :class:`TooLarge` past either limit.
@@ -973,17 +985,21 @@ def token_automaton(d: DFA, trie: TokenTrie, max_states: int, max_transitions: i
     chunk = max(1, (1 << 21) // max(trie.n, 1))
     srcs, toks, dsts = [], [], []
     total = 0
+    first_lo, first_hi = int(child_lo[0]), int(child_hi[0])  # the root's children: the first bytes
+    first_byte = trie.byte[first_lo:first_hi]
+    n_first = first_hi - first_lo
+    every_byte = n_first == 256  # (sorted) then the table's columns are the first level as they are
     for c0 in range(0, n_dfa, chunk):
-        s = np.arange(c0, min(n_dfa, c0 + chunk), dtype=np.int64)
-        node = np.zeros(s.size, np.int64)
-        q = s.astype(np.int32)
+        # the first level densely (every state of the chunk by every first byte), then the
+        # live (state, trie node) pairs level by level
+        q_first = (table[c0:c0 + chunk] if every_byte else table[c0:c0 + chunk][:, first_byte]).reshape(-1)
+        pair = np.flatnonzero(q_first >= 0)
+        q = q_first[pair]
+        s, node = np.divmod(pair, n_first)
+        s += c0
+        node += first_lo
+        depth = 1
         while s.size:
-            r, child = _expand(child_lo[node], child_hi[node])
-            if not r.size:
-                break
-            q2 = table[q[r], trie.byte[child]]
-            ok = q2 >= 0
-            s, node, q = s[r[ok]], child[ok], q2[ok]
             r, k = _expand(tok_lo[node], tok_hi[node])
             if r.size:
                 total += r.size
@@ -992,11 +1008,22 @@ def token_automaton(d: DFA, trie: TokenTrie, max_states: int, max_transitions: i
                 srcs.append(s[r])
                 toks.append(k)
                 dsts.append(q[r])
+            if depth == len(trie.levels):  # the deepest level: no children
+                break
+            depth += 1
+            r, child = _expand(child_lo[node], child_hi[node])
+            if not r.size:
+                break
+            q2 = table[q[r], trie.byte[child]]
+            ok = q2 >= 0
+            s, node, q = s[r[ok]], child[ok], q2[ok]
     if not srcs:
         srcs, toks, dsts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int32)]
     src, k, dst = np.concatenate(srcs), np.concatenate(toks), np.concatenate(dsts)
-    o = np.lexsort((k, src))  # by state, then the trie's token order (a stable numbering)
-    src, tok, dst = src[o], trie.tok_id[k[o]].astype(np.int32), dst[o]
+    o = _sorting_order(src * max(trie.tok_id.size, 1) + k)  # by state, then the trie's token order
+    if o is not None:
+        src, k, dst = src[o], k[o], dst[o]
+    tok = trie.tok_id[k].astype(np.int32)
     # the states reachable from the start at token boundaries, in BFS order
     seen, order = _reach(src.astype(np.int64), dst.astype(np.int64), [0], n_dfa)
     if len(order) > max_states:
