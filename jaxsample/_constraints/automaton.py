@@ -767,6 +767,15 @@ def _minimize(d: DFA) -> DFA:
     e_src, e_col = np.nonzero(~dead)  # by state, then class
     e_dst = tc[e_src, e_col]
     e_w = mult[1 + e_col]
+    # the transitions from one state to one other as one edge, weighted by the sum of their
+    # classes' weights (the same hash, mod 2**64, over far fewer edges)
+    pair = e_src * n + e_dst
+    by_pair = np.argsort(pair, kind="stable")
+    pair = pair[by_pair]
+    first = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
+    e_src, e_dst = e_src[by_pair[first]], e_dst[by_pair[first]]
+    with np.errstate(over="ignore"):
+        e_w = np.add.reduceat(e_w[by_pair], first) if first.size else e_w
     e_first = np.searchsorted(e_src, np.arange(n))
     e_has = e_first < np.append(e_first[1:], e_src.size)
     e_first = e_first[e_has]
