@@ -608,61 +608,51 @@ def determinize(node, max_states: int, what: str, max_nfa: int | None = None, ca
             j = clos[s0] = intern(fs)
         return j
 
-    none_row = [-1] * ncls
-    row_of = _rows(movers, mover_of_move, cls[m_lo], cls[m_hi], np.array(nfa.m_dst, np.int64), ncls,
-                   closure_id, intern, sets)
-
-    def row(s: int) -> list:
-        return row_of.get(s, none_row)
-
-    live_of: dict[int, list] = {}  # NFA state -> its row's live (class, set id) pairs
-
-    def live(s: int) -> list:
-        got = live_of.get(s)
-        if got is None:
-            got = live_of[s] = [(c, j) for c, j in enumerate(row(s)) if j >= 0]
-        return got
+    rows_c, row_list = _rows(movers, mover_of_move, cls[m_lo], cls[m_hi], np.array(nfa.m_dst, np.int64), ncls,
+                             closure_id, intern, sets)
+    index_of = dict(zip(movers.tolist(), range(movers.size)))  # a moving NFA state -> its row
+    none_index = movers.size  # the last row: no moves
 
     union_of: dict[frozenset, int] = {}  # set ids -> the set id of their union
 
-    def union_row(fs: frozenset) -> list:
-        """The row of a set of several NFA states: per class, the union of its members' targets.
-
-        Starts from the densest member's row and adds the others' live entries (rows are
-        mostly disjoint); a class two members reach with different sets gets their union."""
-        members = sorted(fs, key=lambda s: len(live(s)), reverse=True)
-        r = list(row(members[0]))
-        clashes = []
-        for s in members[1:]:
-            for c, j in live(s):
-                k = r[c]
-                if k < 0:
-                    r[c] = j
-                elif k != j:
-                    clashes.append(c)
-        for c in sorted(set(clashes)):  # in class order, as the unions were interned before
-            ids = frozenset(row(s)[c] for s in members) - {-1}
-            j = union_of.get(ids)
-            if j is None:
-                j = union_of[ids] = intern(frozenset().union(*(sets[i] for i in ids)))
-            r[c] = j
+    def union_row(ks: list) -> np.ndarray:
+        """The row of several moving NFA states (their row indices): per class, the union of
+        their targets there (one of them where the others have none; rows are mostly disjoint)."""
+        m = rows_c[ks]
+        live = m >= 0
+        r = m.max(axis=0)
+        many = live.sum(axis=0) > 1
+        if many.any():
+            low = np.where(live, m, np.iinfo(np.int64).max).min(axis=0)
+            for c in np.flatnonzero(many & (low != r)).tolist():  # in class order, as they are interned
+                ids = frozenset(m[:, c].tolist()) - {-1}
+                j = union_of.get(ids)
+                if j is None:
+                    j = union_of[ids] = intern(frozenset().union(*(sets[i] for i in ids)))
+                r[c] = j
         return r
 
     start = closure_id(s0)
     dfa_of: dict[int, int] = {start: 0}  # set id -> DFA state
     order = [start]
-    rows: list[list] = []
+    row_index: list[int] = []  # per DFA state: its row in rows_c, or past it in unions
+    unions: list[np.ndarray] = []
     i = 0
     while i < len(order):
         fs = sets[order[i]]
         i += 1
         if len(fs) == 1:
-            r = row(next(iter(fs)))
-        elif not fs:
-            r = none_row
+            k = index_of.get(next(iter(fs)), none_index)
         else:
-            r = union_row(fs)
-        rows.append(r)
+            ks = [index_of[s] for s in fs if s in index_of]
+            k = ks[0] if len(ks) == 1 else none_index if not ks else -1
+        if k >= 0:
+            r = row_list[k]
+        else:
+            k = rows_c.shape[0] + len(unions)
+            unions.append(union_row(ks))
+            r = unions[-1].tolist()
+        row_index.append(k)
         for j in set(r):
             if j >= 0 and j not in dfa_of:
                 work[0] += 1
@@ -673,7 +663,8 @@ def determinize(node, max_states: int, what: str, max_nfa: int | None = None, ca
     to_dfa = np.full(len(sets) + 1, -1, np.int64)
     for j, k in dfa_of.items():
         to_dfa[j] = k
-    table_c = to_dfa[np.array(rows, np.int64).reshape(len(rows), ncls)]
+    all_rows = np.concatenate([rows_c, np.stack(unions)]) if unions else rows_c
+    table_c = to_dfa[all_rows[np.array(row_index, np.int64)]]
     accept = np.array([final in sets[j] for j in order], bool)
     d = _finish(table_c, cls, accept)
     if key is not None and d.table.shape[0] <= _SHARED_STATES // 8:
@@ -681,23 +672,28 @@ def determinize(node, max_states: int, what: str, max_nfa: int | None = None, ca
     return d
 
 
-def _rows(movers, mover_of_move, lo_c, hi_c, dst, ncls: int, closure_id, intern, sets) -> dict:
+def _rows(movers, mover_of_move, lo_c, hi_c, dst, ncls: int, closure_id, intern, sets) -> tuple[np.ndarray, list]:
     """Each moving NFA state's row in class space, all at once (numpy): class -> the set id of
     the closure of its targets there (-1: none; several targets: the union of their closures).
 
     Args:
       movers: the states with a move, sorted; mover_of_move: each move's index in ``movers``.
       lo_c, hi_c, dst: each move's class range and target.
+
+    Returns:
+      The rows (``int64[movers + 1, ncls]``, in the order of ``movers``, then a row of -1 for
+      the states without moves) and the same as lists.
     """
     if movers.size == 0:
-        return {}
+        rows = np.full((1, ncls), -1, np.int64)
+        return rows, rows.tolist()
     targets, target_of_move = np.unique(dst, return_inverse=True)
     move_j = np.array([closure_id(t) for t in targets.tolist()], np.int64)[target_of_move]
     width = hi_c - lo_c + 1
     first = np.cumsum(width) - width
     cell = (np.repeat(mover_of_move * ncls + lo_c - first, width) + np.arange(int(width.sum())))  # row * ncls + class
     cell_j = np.repeat(move_j, width)
-    flat = np.full(movers.size * ncls, -1, np.int64)
+    flat = np.full((movers.size + 1) * ncls, -1, np.int64)
     flat[cell] = cell_j
     clash = flat[cell] != cell_j  # a class several moves reach, with different closures
     if clash.any():
@@ -709,7 +705,8 @@ def _rows(movers, mover_of_move, lo_c, hi_c, dst, ncls: int, closure_id, intern,
         cuts = np.flatnonzero(np.diff(c)) + 1
         for key, js in zip(c[np.r_[0, cuts]].tolist(), np.split(j, cuts)):
             flat[key] = intern(frozenset().union(*(sets[i] for i in set(js.tolist()))))
-    return dict(zip(movers.tolist(), flat.reshape(movers.size, ncls).tolist()))
+    rows = flat.reshape(movers.size + 1, ncls)
+    return rows, rows.tolist()
 
 
 #: Sub-DFAs kept across builds (key: the node) with the subset states and work they took; at
@@ -769,13 +766,14 @@ def _minimize(d: DFA) -> DFA:
     e_w = mult[1 + e_col]
     # the transitions from one state to one other as one edge, weighted by the sum of their
     # classes' weights (the same hash, mod 2**64, over far fewer edges)
-    pair = e_src * n + e_dst
-    by_pair = np.argsort(pair, kind="stable")
-    pair = pair[by_pair]
-    first = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
-    e_src, e_dst = e_src[by_pair[first]], e_dst[by_pair[first]]
-    with np.errstate(over="ignore"):
-        e_w = np.add.reduceat(e_w[by_pair], first) if first.size else e_w
+    if e_src.size:
+        pair = e_src * n + e_dst
+        by_pair = np.argsort(pair, kind="stable")
+        pair = pair[by_pair]
+        first = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
+        e_src, e_dst = e_src[by_pair[first]], e_dst[by_pair[first]]
+        with np.errstate(over="ignore"):
+            e_w = np.add.reduceat(e_w[by_pair], first)
     e_first = np.searchsorted(e_src, np.arange(n))
     e_has = e_first < np.append(e_first[1:], e_src.size)
     e_first = e_first[e_has]
