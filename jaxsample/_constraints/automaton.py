@@ -19,6 +19,7 @@ AST nodes::
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 try:  # Python >= 3.11
@@ -226,7 +227,8 @@ class _NFA:
     """Thompson NFA: ``eps[s]`` epsilon targets; moves as flat lists (source, byte lo, byte hi, target).
 
     Embedded DFAs (``det``, ``dfa``, ``and``, ``diff`` nodes) are added as blocks of states
-    with their moves appended in bulk (numpy runs, no per-byte Python).
+    with their moves appended in bulk (numpy runs, no per-byte Python); :meth:`moves` gives
+    all moves in the order they were added.
     """
 
     def __init__(self, max_nfa: int, what: str, cache: dict | None = None):
@@ -235,6 +237,7 @@ class _NFA:
         self.m_lo: list[int] = []
         self.m_hi: list[int] = []
         self.m_dst: list[int] = []
+        self.parts: list[tuple] = []  # earlier moves as arrays (source, lo, hi, target), in order
         self.max_nfa, self.what = max_nfa, what
         self.cache = {} if cache is None else cache  # id(node) -> (node, DFA)
 
@@ -249,8 +252,23 @@ class _NFA:
         if len(self.eps) + k > self.max_nfa:
             raise TooLarge(self.what, "max_states", self.max_nfa, " NFA states")
         first = len(self.eps)
-        self.eps.extend([[] for _ in range(k)])
+        self.eps.extend(itertools.repeat((), k))  # no epsilon moves (a block's own are set as lists)
         return first
+
+    def _flush(self) -> None:
+        if self.m_src:
+            self.parts.append(tuple(np.array(x, np.int64) for x in (self.m_src, self.m_lo, self.m_hi, self.m_dst)))
+            self.m_src, self.m_lo, self.m_hi, self.m_dst = [], [], [], []
+
+    def moves(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Every move so far as (source, byte lo, byte hi, target) arrays, in the order added."""
+        self._flush()
+        if not self.parts:
+            e = np.zeros(0, np.int64)
+            return e, e, e, e
+        if len(self.parts) > 1:
+            self.parts = [tuple(np.concatenate(x) for x in zip(*self.parts))]
+        return self.parts[0]
 
     def move(self, s: int, lo: int, hi: int, t: int) -> None:
         self.m_src.append(s)
@@ -369,17 +387,15 @@ class _NFA:
 
     def _embed(self, d: "DFA", start: int) -> int:
         """The DFA's states as a block of NFA states (its state 0 is ``start``); returns the end state."""
-        runs = d.runs()
-        first = self.block(runs[4])  # its own start too: ``start`` may have other moves, and the DFA may return to 0
+        src, lo, hi, dst, n, accepting = d.runs()
+        first = self.block(n)  # its own start too: ``start`` may have other moves, and the DFA may return to 0
         end = self.new()
         self.eps[start].append(first)
-        self.m_src.extend([first + x for x in runs[0]])
-        self.m_lo.extend(runs[1])
-        self.m_hi.extend(runs[2])
-        self.m_dst.extend([first + x for x in runs[3]])
+        self._flush()
+        self.parts.append((src + first, lo, hi, dst + first))
         eps = self.eps
-        for k in runs[5]:
-            eps[first + k].append(end)
+        for k in accepting:
+            eps[first + k] = [end]
         return end
 
     def _trie(self, trie: dict, s: int, end: int) -> None:
@@ -520,11 +536,10 @@ class DFA:
         self._runs = None
 
     def runs(self) -> tuple:
-        """(state, byte lo, byte hi, target) runs as arrays / lists, states, accepting states (computed once)."""
+        """(state, byte lo, byte hi, target) runs as int64 arrays, states, accepting states (a list; computed once)."""
         if self._runs is None:
             s, lo, hi, t = _table_runs(self.table)
-            self._runs = (s.tolist(), lo.tolist(), hi.tolist(), t.tolist(), self.table.shape[0],
-                          np.nonzero(self.accept)[0].tolist())
+            self._runs = (s, lo, hi, t, self.table.shape[0], np.nonzero(self.accept)[0].tolist())
         return self._runs
 
 
@@ -564,8 +579,7 @@ def determinize(node, max_states: int, what: str, max_nfa: int | None = None, ca
     s0 = nfa.new()
     final = nfa.build(node, s0)
     eps = nfa.eps
-    m_lo = np.array(nfa.m_lo, np.int64)
-    m_hi = np.array(nfa.m_hi, np.int64)
+    m_src, m_lo, m_hi, m_dst = nfa.moves()
     # byte classes: bytes that every move treats alike
     cuts = np.zeros(257, bool)
     cuts[0] = True
@@ -574,7 +588,6 @@ def determinize(node, max_states: int, what: str, max_nfa: int | None = None, ca
     cls = np.cumsum(cuts[:256]) - 1
     ncls = int(cls[-1]) + 1
     # important states: with a move, or the final one
-    m_src = np.array(nfa.m_src, np.int64)
     movers, mover_of_move = np.unique(m_src, return_inverse=True)
     important = set(movers.tolist())
     important.add(final)
@@ -608,7 +621,7 @@ def determinize(node, max_states: int, what: str, max_nfa: int | None = None, ca
             j = clos[s0] = intern(fs)
         return j
 
-    rows_c, row_list = _rows(movers, mover_of_move, cls[m_lo], cls[m_hi], np.array(nfa.m_dst, np.int64), ncls,
+    rows_c, row_list = _rows(movers, mover_of_move, cls[m_lo], cls[m_hi], m_dst, ncls,
                              closure_id, intern, sets)
     index_of = dict(zip(movers.tolist(), range(movers.size)))  # a moving NFA state -> its row
     none_index = movers.size  # the last row: no moves
@@ -661,8 +674,7 @@ def determinize(node, max_states: int, what: str, max_nfa: int | None = None, ca
                 dfa_of[j] = len(order)
                 order.append(j)
     to_dfa = np.full(len(sets) + 1, -1, np.int64)
-    for j, k in dfa_of.items():
-        to_dfa[j] = k
+    to_dfa[np.array(order, np.int64)] = np.arange(len(order))
     all_rows = np.concatenate([rows_c, np.stack(unions)]) if unions else rows_c
     table_c = to_dfa[all_rows[np.array(row_index, np.int64)]]
     accept = np.array([final in sets[j] for j in order], bool)
