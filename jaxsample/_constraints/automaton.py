@@ -19,6 +19,8 @@ AST nodes::
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import itertools
 import re
 import threading
@@ -35,6 +37,23 @@ import numpy as np
 EMPTY = ("cat", ())
 NOTHING = ("alt", ())
 MAX_CP = 0x10FFFF
+
+
+@contextlib.contextmanager
+def no_cyclic_gc():
+    """Python's cyclic garbage collector paused for the block (a build), then as it was.
+
+    A build allocates many small containers (state sets, rows) and frees them by reference
+    counting; they would trigger full collections, each a walk over every object of the
+    process (tens of milliseconds next to JAX), finding nothing of the build's to collect.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 class TooLarge(ValueError):

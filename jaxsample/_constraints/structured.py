@@ -504,7 +504,8 @@ def _build(node: tuple, tokenizer: Any, fn: str, what: str, max_states, max_tran
         if hit is not None:
             return hit
     try:
-        table = _table(node, vocab, what, s_lim, t_lim, dfa_cap, seconds)
+        with _A.no_cyclic_gc():
+            table = _table(node, vocab, what, s_lim, t_lim, dfa_cap, seconds)
     except _A.TooLarge as e:
         bound = s_lim if e.limit_name == "max_states" else t_lim
         per = 4 * _words(vocab.size) + 4 if e.limit_name == "max_states" else 2
