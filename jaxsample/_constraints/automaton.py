@@ -436,8 +436,6 @@ class _NFA:
 
         cur = {0: start}  # count of members written so far -> state
         for x, required, repeat in items:
-            if repeat or len(cur) > 1:
-                x = self._auto_det(x)  # built once per count: one DFA, embedded each time
             nxt: dict[int, int] = {}
 
             def state(c: int) -> int:
@@ -463,6 +461,8 @@ class _NFA:
             by_target: dict[int, list] = {}
             for c, s, t in arcs:
                 by_target.setdefault(t, []).append((c, s))
+            if len(by_target) > 1:  # built once per target: one DFA, embedded each time
+                x = self._auto_det(x)
             for t, srcs in by_target.items():
                 if len(srcs) == 1:
                     c, s = srcs[0]
@@ -768,8 +768,10 @@ def _finish(table_c: np.ndarray, cls: np.ndarray, accept: np.ndarray) -> DFA:
 
 
 #: Moore's refinement stops after this many rounds (the DFA is then kept unminimised: a long
-#: chain, such as a string of bounded length, is nearly minimal already).
-_MOORE_ROUNDS = 48
+#: chain, such as a string of bounded length, is nearly minimal already). The large object
+#: schemas of MaskBench need up to about 90 (their members' DFAs are no longer minimised one
+#: level at a time, see ``_NFA._seq``).
+_MOORE_ROUNDS = 128
 
 
 def _minimize(d: DFA) -> DFA:
