@@ -646,45 +646,64 @@ def determinize(node, max_states: int, what: str, max_nfa: int | None = None, ca
     none_index = movers.size  # the last row: no moves
 
     union_of: dict[frozenset, int] = {}  # set ids -> the set id of their union
+    blocks: list[np.ndarray] = [rows_c]  # rows_c, then the rows of the sets of several movers
+    n_rows = [rows_c.shape[0]]
 
-    def union_row(ks: list) -> np.ndarray:
-        """The row of several moving NFA states (their row indices): per class, the union of
-        their targets there (one of them where the others have none; rows are mostly disjoint)."""
-        m = rows_c[ks]
+    def union_rows(batch: list[list]) -> np.ndarray:
+        """The rows of sets of several moving NFA states (each given by its members' row indices),
+        all at once: per class, the union of the members' targets there (the one target where
+        the other members have none, as rows are mostly disjoint; an interned union where two
+        members reach different sets, set by set and in class order)."""
+        sizes = np.array([len(ks) for ks in batch])
+        starts = np.cumsum(sizes) - sizes
+        m = rows_c[np.concatenate(batch)]
         live = m >= 0
-        r = m.max(axis=0)
-        many = live.sum(axis=0) > 1
+        r = np.maximum.reduceat(m, starts, axis=0)
+        many = np.add.reduceat(live.astype(np.int32), starts, axis=0) > 1
         if many.any():
-            low = np.where(live, m, np.iinfo(np.int64).max).min(axis=0)
-            for c in np.flatnonzero(many & (low != r)).tolist():  # in class order, as they are interned
-                ids = frozenset(m[:, c].tolist()) - {-1}
+            low = np.minimum.reduceat(np.where(live, m, np.iinfo(np.int64).max), starts, axis=0)
+            at, cs = np.nonzero(many & (low != r))
+            for b, c in zip(at.tolist(), cs.tolist()):
+                ids = frozenset(m[starts[b]:starts[b] + sizes[b], c].tolist()) - {-1}
                 j = union_of.get(ids)
                 if j is None:
                     j = union_of[ids] = intern(frozenset().union(*(sets[i] for i in ids)))
-                r[c] = j
+                r[b, c] = j
         return r
 
     start = closure_id(s0)
     dfa_of: dict[int, int] = {start: 0}  # set id -> DFA state
     order = [start]
-    row_index: list[int] = []  # per DFA state: its row in rows_c, or past it in unions
-    unions: list[np.ndarray] = []
+    row_index: list[int] = []  # per DFA state: its row (rows_c, then the unions' rows)
+
+    def find_rows() -> None:
+        """The rows of the DFA states found since the last call (the unions in one batch)."""
+        batch, at = [], []
+        for p in range(len(row_index), len(order)):
+            fs = sets[order[p]]
+            if len(fs) == 1:
+                k = index_of.get(next(iter(fs)), none_index)
+            else:
+                ks = [index_of[s] for s in fs if s in index_of]
+                k = ks[0] if len(ks) == 1 else none_index if not ks else -1
+                if k < 0:
+                    at.append(p)
+                    batch.append(ks)
+            row_index.append(k)
+        if batch:
+            r = union_rows(batch)
+            for p, k in zip(at, range(n_rows[0], n_rows[0] + len(at))):
+                row_index[p] = k
+            n_rows[0] += len(at)
+            blocks.append(r)
+            row_list.extend(r.tolist())
+
     i = 0
     while i < len(order):
-        fs = sets[order[i]]
+        if i == len(row_index):
+            find_rows()
+        r = row_list[row_index[i]]
         i += 1
-        if len(fs) == 1:
-            k = index_of.get(next(iter(fs)), none_index)
-        else:
-            ks = [index_of[s] for s in fs if s in index_of]
-            k = ks[0] if len(ks) == 1 else none_index if not ks else -1
-        if k >= 0:
-            r = row_list[k]
-        else:
-            k = rows_c.shape[0] + len(unions)
-            unions.append(union_row(ks))
-            r = unions[-1].tolist()
-        row_index.append(k)
         for j in set(r):
             if j >= 0 and j not in dfa_of:
                 work[0] += 1
@@ -694,7 +713,7 @@ def determinize(node, max_states: int, what: str, max_nfa: int | None = None, ca
                 order.append(j)
     to_dfa = np.full(len(sets) + 1, -1, np.int64)
     to_dfa[np.array(order, np.int64)] = np.arange(len(order))
-    all_rows = np.concatenate([rows_c, np.stack(unions)]) if unions else rows_c
+    all_rows = np.concatenate(blocks) if len(blocks) > 1 else rows_c
     table_c = to_dfa[all_rows[np.array(row_index, np.int64)]]
     accept = np.array([final in sets[j] for j in order], bool)
     d = _finish(table_c, cls, accept)
