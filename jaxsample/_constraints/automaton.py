@@ -20,6 +20,7 @@ AST nodes::
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import itertools
 import re
@@ -234,6 +235,24 @@ def _utf8_aligned(lo: int, hi: int, out: list) -> None:
     out.append(tuple(zip(a, b)))
 
 
+@functools.lru_cache(maxsize=4096)
+def _utf8_trie(ranges: tuple) -> dict:
+    """The UTF-8 byte sequences of the code points in ``ranges`` as a trie of byte ranges
+    (prefixes shared, to keep the NFA small): ``{(lo, hi): subtrie, None: [(lo, hi), ...]}``,
+    ``None`` holding the last byte ranges. Memoised (read only): a character class occurs
+    in many places of a schema."""
+    seqs: list = []
+    for a, b in ranges:
+        _utf8_split(a, b, seqs)
+    trie: dict = {}
+    for sq in seqs:
+        d = trie
+        for r in sq[:-1]:
+            d = d.setdefault(r, {})
+        d.setdefault(None, []).append(sq[-1])
+    return trie
+
+
 # ----------------------------------------------------------------------------- NFA
 
 
@@ -312,17 +331,7 @@ class _NFA:
             return t
         if kind == "set":
             end = self.new()
-            seqs: list = []
-            for a, b in node[1]:
-                _utf8_split(a, b, seqs)
-            # share prefixes of the byte sequences (a trie) to keep the NFA small
-            trie: dict = {}
-            for sq in seqs:
-                d = trie
-                for r in sq[:-1]:
-                    d = d.setdefault(r, {})
-                d.setdefault(None, []).append(sq[-1])
-            self._trie(trie, start, end)
+            self._trie(_utf8_trie(tuple(map(tuple, node[1]))), start, end)
             return end
         if kind == "cat":
             s = start
