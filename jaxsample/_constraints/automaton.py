@@ -817,8 +817,7 @@ def _minimize(d: DFA) -> DFA:
     tc = t[:, _distinct_columns(t)]
     k = tc.shape[1]
     dead = tc < 0
-    rng = np.random.default_rng(0x5EED)
-    mult = rng.integers(1, 2**63 - 1, size=k + 1, dtype=np.int64).astype(np.uint64) | np.uint64(1)
+    mult = _random_weights(0x5EED, 2**63 - 1, k + 1) | np.uint64(1)
 
     live = np.maximum(tc, 0)
 
@@ -835,9 +834,14 @@ def _minimize(d: DFA) -> DFA:
         e_src, e_dst = e_src[by_pair[first]], e_dst[by_pair[first]]
         with np.errstate(over="ignore"):
             e_w = np.add.reduceat(e_w[by_pair], first)
+    # every state's edges from e_first[state] on (a state without any: one edge of weight 0)
     e_first = np.searchsorted(e_src, np.arange(n))
-    e_has = e_first < np.append(e_first[1:], e_src.size)
-    e_first = e_first[e_has]
+    bare = np.flatnonzero(e_first == np.append(e_first[1:], e_src.size))
+    if bare.size:
+        at = e_first[bare]
+        e_dst = np.insert(e_dst, at, 0)
+        e_w = np.insert(e_w, at, np.uint64(0))
+        e_first = e_first + np.searchsorted(bare, np.arange(n))  # shifted by the dummies before
 
     def refine(exact: bool) -> np.ndarray | None:
         blk = d.accept.astype(np.int64)
@@ -849,8 +853,7 @@ def _minimize(d: DFA) -> DFA:
             else:  # over the live transitions only (a DFA row has few of them)
                 with np.errstate(over="ignore"):
                     h = (blk.astype(np.uint64) + np.uint64(1)) * mult[0]
-                    if e_first.size:
-                        h[e_has] += np.add.reduceat(e_w * (blk[e_dst] + 2).astype(np.uint64), e_first)
+                    h += np.add.reduceat(e_w * (blk[e_dst] + 2).astype(np.uint64), e_first)
                 _, new = np.unique(h, return_inverse=True)
             new = new.reshape(-1)
             m = int(new.max()) + 1
@@ -881,10 +884,22 @@ def _minimize(d: DFA) -> DFA:
     return DFA(table, d.accept[reps])
 
 
+_WEIGHTS: dict = {}  # (seed, high) -> the longest run of weights drawn so far
+
+
+def _random_weights(seed: int, high: int, n: int) -> np.ndarray:
+    """The first ``n`` of ``np.random.default_rng(seed).integers(1, high)`` as uint64 (a prefix of
+    a longer draw is the same numbers: one run per seed, drawn again longer when needed)."""
+    got = _WEIGHTS.get((seed, high))
+    if got is None or got.size < n:
+        got = np.random.default_rng(seed).integers(1, high, size=max(n, 1024), dtype=np.int64).astype(np.uint64)
+        _WEIGHTS[(seed, high)] = got
+    return got[:n]
+
+
 def _distinct_columns(t: np.ndarray) -> np.ndarray:
     """Indices of the distinct columns of ``t`` (the first of each), by a hash checked exactly."""
-    rng = np.random.default_rng(0xC0105)
-    w = rng.integers(1, 2**62, size=t.shape[0], dtype=np.int64).astype(np.uint64)
+    w = _random_weights(0xC0105, 2**62, t.shape[0])
     with np.errstate(over="ignore"):
         h = ((t.astype(np.int64) + 2).astype(np.uint64) * w[:, None]).sum(axis=0, dtype=np.uint64)
     _, first, inv = np.unique(h, return_index=True, return_inverse=True)
@@ -963,8 +978,20 @@ except ImportError:  # pragma: no cover
 
 
 def _co_reachable(src: np.ndarray, dst: np.ndarray, goals: np.ndarray, n: int) -> np.ndarray:
-    """States from which a goal is reachable (a reverse search, linear in states + edges)."""
-    return _reach(np.asarray(dst, np.int64), np.asarray(src, np.int64), goals, n)[0]
+    """States from which a goal is reachable (a reverse search, linear in states + edges).
+
+    Large graphs go to scipy unsorted (its COO -> CSR conversion orders the reversed edges in
+    linear time, in C), with a virtual source n pointing at the goals."""
+    if _bfs_order is None or np.size(src) <= _SCIPY_EDGES:
+        return _reach(np.asarray(dst, np.int64), np.asarray(src, np.int64), goals, n)[0]
+    goals = np.asarray(goals, np.int64).reshape(-1)
+    rows = np.concatenate([np.asarray(dst, np.int64), np.full(goals.size, n, np.int64)])
+    cols = np.concatenate([np.asarray(src, np.int64), goals])
+    # int32 weights: duplicate edges are summed, and a sum must not wrap to an explicit zero
+    g = _csr_matrix((np.ones(rows.size, np.int32), (rows, cols)), shape=(n + 1, n + 1))
+    live = np.zeros(n + 1, bool)
+    live[_bfs_order(g, n, directed=True, return_predecessors=False)] = True
+    return live[:n]
 
 
 # ----------------------------------------------------------------------------- tokens
