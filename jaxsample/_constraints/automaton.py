@@ -575,11 +575,13 @@ def determinize(node, max_states: int, what: str, max_nfa: int | None = None, ca
     """The minimal DFA of ``node`` (subset construction, trimmed to states that can still accept).
 
     The subset construction runs over byte classes (bytes no move of the NFA tells apart):
-    each NFA state's row (class -> closure of its targets) is computed once, a DFA state
-    that is one NFA state (the common case, inside embedded DFAs) takes that row as it is,
-    and a set of several combines its members' rows column by column (memoised). The result
-    is trimmed and minimised (:func:`_minimize`). Sub-DFAs (``det`` nodes, products,
-    repeated sub-nodes) are built once per build and kept across builds (:data:`_SHARED`).
+    each NFA state's row (class -> closure of its targets) is computed once (one numpy
+    matrix), a DFA state that is one NFA state (the common case, inside embedded DFAs) or has
+    one member with moves takes that row as it is, and the sets of several movers found since
+    the last batch get their rows in one numpy reduction (unions interned only where two
+    members' targets clash). The result is trimmed and minimised (:func:`_minimize`).
+    Sub-DFAs (``det`` nodes, products, sub-nodes built several times) are built once per
+    build and kept across builds (:data:`_SHARED`).
 
     Raises:
       TooLarge: more than ``max_states`` DFA states (checked as each state is created).
