@@ -198,3 +198,59 @@ def test_shared_sub_dfas_are_counted_once_when_shared_from_several_threads():
         A._SHARED.clear()
         A._SHARED.update(saved)
         A._shared_size[0] = size
+
+
+def _walk(d: A.DFA, q: int, piece: bytes) -> int:
+    for byte in piece:
+        q = int(d.table[q, byte])
+        if q < 0:
+            break
+    return q
+
+
+@pytest.mark.parametrize("every_byte", [True, False])
+def test_the_token_automaton_is_every_token_walked_from_every_reachable_state(every_byte):
+    # the first trie level is gathered densely (the table itself when every byte is a token), the
+    # deeper ones pair by pair: against walking each token's bytes through the DFA
+    rng = random.Random(7)
+    d = A.determinize(A.parse_regex("(?:ab|a-|\u00e9b|b+)*[ab]{0,3}-?"), 4000, "t")
+    singles = [bytes([b]) for b in range(256) if every_byte or b not in b"a\xc3"]
+    multi = {bytes(rng.choice(b"ab-\xc3\xa9") for _ in range(rng.randint(2, 4))) for _ in range(60)}
+    pieces = singles + sorted(multi) + [None]  # the last one: end-of-sequence
+    eos = len(pieces) - 1
+    trie = A.TokenTrie(pieces, eos, len(pieces))
+    n, src, tok, dst, accept = A.token_automaton(d, trie, 10_000, 1 << 20, "t")
+    state_of = {0: 0}  # local state -> DFA state (local states are numbered in BFS order)
+    got = set()
+    for s, t, u in zip(src.tolist(), tok.tolist(), dst.tolist()):
+        q = _walk(d, state_of[s], pieces[t])
+        assert q >= 0
+        assert state_of.setdefault(u, q) == q
+        got.add((state_of[s], t, q))
+    assert sorted(state_of) == list(range(n))
+    assert [bool(a) for a in accept] == [bool(d.accept[state_of[s]]) for s in range(n)]
+    want, todo, seen = set(), [0], {0}
+    while todo:
+        q = todo.pop()
+        for t, piece in enumerate(pieces[:eos]):
+            r = _walk(d, q, piece)
+            if r >= 0:
+                want.add((q, t, r))
+                if r not in seen:
+                    seen.add(r)
+                    todo.append(r)
+    assert got == want
+    assert set(state_of.values()) == seen
+
+
+def test_dfas_that_need_more_than_48_refinement_rounds_are_minimised():
+    # four copies of a long chain, three of them equal (after x, w, y) and one that differs only at
+    # its end (after z): telling the last one apart takes Moore's refinement about 60 rounds, and
+    # only then are the equal ones merged
+    chain = "".join("ab"[i % 2] for i in range(60))
+    node = A.alt(*(A.parse_regex(f"{first}{chain}{last}") for first, last in ("xc", "wc", "yc", "zd")))
+    d = A.determinize(node, 4000, "t")
+    n = d.table.shape[0]
+    assert n == 1 + 2 * 61 + 1  # the start, the chain ending in c, the one ending in d, the accepting end
+    assert _distinguishable(d)[~np.eye(n + 1, dtype=bool)].all()
+    assert _accepts(d, "w" + chain + "c") and _accepts(d, "z" + chain + "d") and not _accepts(d, "z" + chain + "c")

@@ -19,6 +19,10 @@ AST nodes::
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import gc
+import itertools
 import re
 import threading
 try:  # Python >= 3.11
@@ -34,6 +38,23 @@ import numpy as np
 EMPTY = ("cat", ())
 NOTHING = ("alt", ())
 MAX_CP = 0x10FFFF
+
+
+@contextlib.contextmanager
+def no_cyclic_gc():
+    """Python's cyclic garbage collector paused for the block (a build), then as it was.
+
+    A build allocates many small containers (state sets, rows) and frees them by reference
+    counting; they would trigger full collections, each a walk over every object of the
+    process (tens of milliseconds next to JAX), finding nothing of the build's to collect.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 class TooLarge(ValueError):
@@ -214,6 +235,24 @@ def _utf8_aligned(lo: int, hi: int, out: list) -> None:
     out.append(tuple(zip(a, b)))
 
 
+@functools.lru_cache(maxsize=4096)
+def _utf8_trie(ranges: tuple) -> dict:
+    """The UTF-8 byte sequences of the code points in ``ranges`` as a trie of byte ranges
+    (prefixes shared, to keep the NFA small): ``{(lo, hi): subtrie, None: [(lo, hi), ...]}``,
+    ``None`` holding the last byte ranges. Memoised (read only): a character class occurs
+    in many places of a schema."""
+    seqs: list = []
+    for a, b in ranges:
+        _utf8_split(a, b, seqs)
+    trie: dict = {}
+    for sq in seqs:
+        d = trie
+        for r in sq[:-1]:
+            d = d.setdefault(r, {})
+        d.setdefault(None, []).append(sq[-1])
+    return trie
+
+
 # ----------------------------------------------------------------------------- NFA
 
 
@@ -226,7 +265,8 @@ class _NFA:
     """Thompson NFA: ``eps[s]`` epsilon targets; moves as flat lists (source, byte lo, byte hi, target).
 
     Embedded DFAs (``det``, ``dfa``, ``and``, ``diff`` nodes) are added as blocks of states
-    with their moves appended in bulk (numpy runs, no per-byte Python).
+    with their moves appended in bulk (numpy runs, no per-byte Python); :meth:`moves` gives
+    all moves in the order they were added.
     """
 
     def __init__(self, max_nfa: int, what: str, cache: dict | None = None):
@@ -235,6 +275,7 @@ class _NFA:
         self.m_lo: list[int] = []
         self.m_hi: list[int] = []
         self.m_dst: list[int] = []
+        self.parts: list[tuple] = []  # earlier moves as arrays (source, lo, hi, target), in order
         self.max_nfa, self.what = max_nfa, what
         self.cache = {} if cache is None else cache  # id(node) -> (node, DFA)
 
@@ -249,8 +290,23 @@ class _NFA:
         if len(self.eps) + k > self.max_nfa:
             raise TooLarge(self.what, "max_states", self.max_nfa, " NFA states")
         first = len(self.eps)
-        self.eps.extend([[] for _ in range(k)])
+        self.eps.extend(itertools.repeat((), k))  # no epsilon moves (a block's own are set as lists)
         return first
+
+    def _flush(self) -> None:
+        if self.m_src:
+            self.parts.append(tuple(np.array(x, np.int64) for x in (self.m_src, self.m_lo, self.m_hi, self.m_dst)))
+            self.m_src, self.m_lo, self.m_hi, self.m_dst = [], [], [], []
+
+    def moves(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Every move so far as (source, byte lo, byte hi, target) arrays, in the order added."""
+        self._flush()
+        if not self.parts:
+            e = np.zeros(0, np.int64)
+            return e, e, e, e
+        if len(self.parts) > 1:
+            self.parts = [tuple(np.concatenate(x) for x in zip(*self.parts))]
+        return self.parts[0]
 
     def move(self, s: int, lo: int, hi: int, t: int) -> None:
         self.m_src.append(s)
@@ -275,17 +331,7 @@ class _NFA:
             return t
         if kind == "set":
             end = self.new()
-            seqs: list = []
-            for a, b in node[1]:
-                _utf8_split(a, b, seqs)
-            # share prefixes of the byte sequences (a trie) to keep the NFA small
-            trie: dict = {}
-            for sq in seqs:
-                d = trie
-                for r in sq[:-1]:
-                    d = d.setdefault(r, {})
-                d.setdefault(None, []).append(sq[-1])
-            self._trie(trie, start, end)
+            self._trie(_utf8_trie(tuple(map(tuple, node[1]))), start, end)
             return end
         if kind == "cat":
             s = start
@@ -369,17 +415,15 @@ class _NFA:
 
     def _embed(self, d: "DFA", start: int) -> int:
         """The DFA's states as a block of NFA states (its state 0 is ``start``); returns the end state."""
-        runs = d.runs()
-        first = self.block(runs[4])  # its own start too: ``start`` may have other moves, and the DFA may return to 0
+        src, lo, hi, dst, n, accepting = d.runs()
+        first = self.block(n)  # its own start too: ``start`` may have other moves, and the DFA may return to 0
         end = self.new()
         self.eps[start].append(first)
-        self.m_src.extend([first + x for x in runs[0]])
-        self.m_lo.extend(runs[1])
-        self.m_hi.extend(runs[2])
-        self.m_dst.extend([first + x for x in runs[3]])
+        self._flush()
+        self.parts.append((src + first, lo, hi, dst + first))
         eps = self.eps
-        for k in runs[5]:
-            eps[first + k].append(end)
+        for k in accepting:
+            eps[first + k] = [end]
         return end
 
     def _trie(self, trie: dict, s: int, end: int) -> None:
@@ -401,8 +445,6 @@ class _NFA:
 
         cur = {0: start}  # count of members written so far -> state
         for x, required, repeat in items:
-            if repeat or len(cur) > 1:
-                x = self._auto_det(x)  # built once per count: one DFA, embedded each time
             nxt: dict[int, int] = {}
 
             def state(c: int) -> int:
@@ -428,6 +470,8 @@ class _NFA:
             by_target: dict[int, list] = {}
             for c, s, t in arcs:
                 by_target.setdefault(t, []).append((c, s))
+            if len(by_target) > 1:  # built once per target: one DFA, embedded each time
+                x = self._auto_det(x)
             for t, srcs in by_target.items():
                 if len(srcs) == 1:
                     c, s = srcs[0]
@@ -520,11 +564,10 @@ class DFA:
         self._runs = None
 
     def runs(self) -> tuple:
-        """(state, byte lo, byte hi, target) runs as arrays / lists, states, accepting states (computed once)."""
+        """(state, byte lo, byte hi, target) runs as int64 arrays, states, accepting states (a list; computed once)."""
         if self._runs is None:
             s, lo, hi, t = _table_runs(self.table)
-            self._runs = (s.tolist(), lo.tolist(), hi.tolist(), t.tolist(), self.table.shape[0],
-                          np.nonzero(self.accept)[0].tolist())
+            self._runs = (s, lo, hi, t, self.table.shape[0], np.nonzero(self.accept)[0].tolist())
         return self._runs
 
 
@@ -532,11 +575,13 @@ def determinize(node, max_states: int, what: str, max_nfa: int | None = None, ca
     """The minimal DFA of ``node`` (subset construction, trimmed to states that can still accept).
 
     The subset construction runs over byte classes (bytes no move of the NFA tells apart):
-    each NFA state's row (class -> closure of its targets) is computed once, a DFA state
-    that is one NFA state (the common case, inside embedded DFAs) takes that row as it is,
-    and a set of several combines its members' rows column by column (memoised). The result
-    is trimmed and minimised (:func:`_minimize`). Sub-DFAs (``det`` nodes, products,
-    repeated sub-nodes) are built once per build and kept across builds (:data:`_SHARED`).
+    each NFA state's row (class -> closure of its targets) is computed once (one numpy
+    matrix), a DFA state that is one NFA state (the common case, inside embedded DFAs) or has
+    one member with moves takes that row as it is, and the sets of several movers found since
+    the last batch get their rows in one numpy reduction (unions interned only where two
+    members' targets clash). The result is trimmed and minimised (:func:`_minimize`).
+    Sub-DFAs (``det`` nodes, products, sub-nodes built several times) are built once per
+    build and kept across builds (:data:`_SHARED`).
 
     Raises:
       TooLarge: more than ``max_states`` DFA states (checked as each state is created).
@@ -564,8 +609,7 @@ def determinize(node, max_states: int, what: str, max_nfa: int | None = None, ca
     s0 = nfa.new()
     final = nfa.build(node, s0)
     eps = nfa.eps
-    m_lo = np.array(nfa.m_lo, np.int64)
-    m_hi = np.array(nfa.m_hi, np.int64)
+    m_src, m_lo, m_hi, m_dst = nfa.moves()
     # byte classes: bytes that every move treats alike
     cuts = np.zeros(257, bool)
     cuts[0] = True
@@ -574,7 +618,6 @@ def determinize(node, max_states: int, what: str, max_nfa: int | None = None, ca
     cls = np.cumsum(cuts[:256]) - 1
     ncls = int(cls[-1]) + 1
     # important states: with a move, or the final one
-    m_src = np.array(nfa.m_src, np.int64)
     movers, mover_of_move = np.unique(m_src, return_inverse=True)
     important = set(movers.tolist())
     important.add(final)
@@ -608,44 +651,70 @@ def determinize(node, max_states: int, what: str, max_nfa: int | None = None, ca
             j = clos[s0] = intern(fs)
         return j
 
-    none_row = [-1] * ncls
-    row_of = _rows(movers, mover_of_move, cls[m_lo], cls[m_hi], np.array(nfa.m_dst, np.int64), ncls,
-                   closure_id, intern, sets)
+    rows_c, row_list = _rows(movers, mover_of_move, cls[m_lo], cls[m_hi], m_dst, ncls,
+                             closure_id, intern, sets)
+    index_of = dict(zip(movers.tolist(), range(movers.size)))  # a moving NFA state -> its row
+    none_index = movers.size  # the last row: no moves
 
-    def row(s: int) -> list:
-        return row_of.get(s, none_row)
+    union_of: dict[frozenset, int] = {}  # set ids -> the set id of their union
+    blocks: list[np.ndarray] = [rows_c]  # rows_c, then the rows of the sets of several movers
+    n_rows = [rows_c.shape[0]]
 
-    combo_memo: dict[tuple, int] = {}
-
-    def combined(col: tuple) -> int:
-        ids = sorted(set(col))
-        if ids[0] < 0:
-            ids = ids[1:]
-        if not ids:
-            j = -1
-        elif len(ids) == 1:
-            j = ids[0]
-        else:
-            j = intern(frozenset().union(*(sets[i] for i in ids)))
-        combo_memo[col] = j
-        return j
+    def union_rows(batch: list[list]) -> np.ndarray:
+        """The rows of sets of several moving NFA states (each given by its members' row indices),
+        all at once: per class, the union of the members' targets there (the one target where
+        the other members have none, as rows are mostly disjoint; an interned union where two
+        members reach different sets, set by set and in class order)."""
+        sizes = np.array([len(ks) for ks in batch])
+        starts = np.cumsum(sizes) - sizes
+        m = rows_c[np.concatenate(batch)]
+        live = m >= 0
+        r = np.maximum.reduceat(m, starts, axis=0)
+        many = np.add.reduceat(live.astype(np.int32), starts, axis=0) > 1
+        if many.any():
+            low = np.minimum.reduceat(np.where(live, m, np.iinfo(np.int64).max), starts, axis=0)
+            at, cs = np.nonzero(many & (low != r))
+            for b, c in zip(at.tolist(), cs.tolist()):
+                ids = frozenset(m[starts[b]:starts[b] + sizes[b], c].tolist()) - {-1}
+                j = union_of.get(ids)
+                if j is None:
+                    j = union_of[ids] = intern(frozenset().union(*(sets[i] for i in ids)))
+                r[b, c] = j
+        return r
 
     start = closure_id(s0)
     dfa_of: dict[int, int] = {start: 0}  # set id -> DFA state
     order = [start]
-    rows: list[list] = []
-    get = combo_memo.get
+    row_index: list[int] = []  # per DFA state: its row (rows_c, then the unions' rows)
+
+    def find_rows() -> None:
+        """The rows of the DFA states found since the last call (the unions in one batch)."""
+        batch, at = [], []
+        for p in range(len(row_index), len(order)):
+            fs = sets[order[p]]
+            if len(fs) == 1:
+                k = index_of.get(next(iter(fs)), none_index)
+            else:
+                ks = [index_of[s] for s in fs if s in index_of]
+                k = ks[0] if len(ks) == 1 else none_index if not ks else -1
+                if k < 0:
+                    at.append(p)
+                    batch.append(ks)
+            row_index.append(k)
+        if batch:
+            r = union_rows(batch)
+            for p, k in zip(at, range(n_rows[0], n_rows[0] + len(at))):
+                row_index[p] = k
+            n_rows[0] += len(at)
+            blocks.append(r)
+            row_list.extend(r.tolist())
+
     i = 0
     while i < len(order):
-        fs = sets[order[i]]
+        if i == len(row_index):
+            find_rows()
+        r = row_list[row_index[i]]
         i += 1
-        if len(fs) == 1:
-            r = row(next(iter(fs)))
-        elif not fs:
-            r = none_row
-        else:
-            r = [get(col) if col in combo_memo else combined(col) for col in zip(*(row(s) for s in fs))]
-        rows.append(r)
         for j in set(r):
             if j >= 0 and j not in dfa_of:
                 work[0] += 1
@@ -654,9 +723,9 @@ def determinize(node, max_states: int, what: str, max_nfa: int | None = None, ca
                 dfa_of[j] = len(order)
                 order.append(j)
     to_dfa = np.full(len(sets) + 1, -1, np.int64)
-    for j, k in dfa_of.items():
-        to_dfa[j] = k
-    table_c = to_dfa[np.array(rows, np.int64).reshape(len(rows), ncls)]
+    to_dfa[np.array(order, np.int64)] = np.arange(len(order))
+    all_rows = np.concatenate(blocks) if len(blocks) > 1 else rows_c
+    table_c = to_dfa[all_rows[np.array(row_index, np.int64)]]
     accept = np.array([final in sets[j] for j in order], bool)
     d = _finish(table_c, cls, accept)
     if key is not None and d.table.shape[0] <= _SHARED_STATES // 8:
@@ -664,23 +733,28 @@ def determinize(node, max_states: int, what: str, max_nfa: int | None = None, ca
     return d
 
 
-def _rows(movers, mover_of_move, lo_c, hi_c, dst, ncls: int, closure_id, intern, sets) -> dict:
+def _rows(movers, mover_of_move, lo_c, hi_c, dst, ncls: int, closure_id, intern, sets) -> tuple[np.ndarray, list]:
     """Each moving NFA state's row in class space, all at once (numpy): class -> the set id of
     the closure of its targets there (-1: none; several targets: the union of their closures).
 
     Args:
       movers: the states with a move, sorted; mover_of_move: each move's index in ``movers``.
       lo_c, hi_c, dst: each move's class range and target.
+
+    Returns:
+      The rows (``int64[movers + 1, ncls]``, in the order of ``movers``, then a row of -1 for
+      the states without moves) and the same as lists.
     """
     if movers.size == 0:
-        return {}
+        rows = np.full((1, ncls), -1, np.int64)
+        return rows, rows.tolist()
     targets, target_of_move = np.unique(dst, return_inverse=True)
     move_j = np.array([closure_id(t) for t in targets.tolist()], np.int64)[target_of_move]
     width = hi_c - lo_c + 1
     first = np.cumsum(width) - width
     cell = (np.repeat(mover_of_move * ncls + lo_c - first, width) + np.arange(int(width.sum())))  # row * ncls + class
     cell_j = np.repeat(move_j, width)
-    flat = np.full(movers.size * ncls, -1, np.int64)
+    flat = np.full((movers.size + 1) * ncls, -1, np.int64)
     flat[cell] = cell_j
     clash = flat[cell] != cell_j  # a class several moves reach, with different closures
     if clash.any():
@@ -692,7 +766,8 @@ def _rows(movers, mover_of_move, lo_c, hi_c, dst, ncls: int, closure_id, intern,
         cuts = np.flatnonzero(np.diff(c)) + 1
         for key, js in zip(c[np.r_[0, cuts]].tolist(), np.split(j, cuts)):
             flat[key] = intern(frozenset().union(*(sets[i] for i in set(js.tolist()))))
-    return dict(zip(movers.tolist(), flat.reshape(movers.size, ncls).tolist()))
+    rows = flat.reshape(movers.size + 1, ncls)
+    return rows, rows.tolist()
 
 
 #: Sub-DFAs kept across builds (key: the node) with the subset states and work they took; at
@@ -723,8 +798,10 @@ def _finish(table_c: np.ndarray, cls: np.ndarray, accept: np.ndarray) -> DFA:
 
 
 #: Moore's refinement stops after this many rounds (the DFA is then kept unminimised: a long
-#: chain, such as a string of bounded length, is nearly minimal already).
-_MOORE_ROUNDS = 48
+#: chain, such as a string of bounded length, is nearly minimal already). The large object
+#: schemas of MaskBench need up to about 90 (their members' DFAs are no longer minimised one
+#: level at a time, see ``_NFA._seq``).
+_MOORE_ROUNDS = 128
 
 
 def _minimize(d: DFA) -> DFA:
@@ -742,17 +819,31 @@ def _minimize(d: DFA) -> DFA:
     tc = t[:, _distinct_columns(t)]
     k = tc.shape[1]
     dead = tc < 0
-    rng = np.random.default_rng(0x5EED)
-    mult = rng.integers(1, 2**63 - 1, size=k + 1, dtype=np.int64).astype(np.uint64) | np.uint64(1)
+    mult = _random_weights(0x5EED, 2**63 - 1, k + 1) | np.uint64(1)
 
     live = np.maximum(tc, 0)
 
     e_src, e_col = np.nonzero(~dead)  # by state, then class
     e_dst = tc[e_src, e_col]
     e_w = mult[1 + e_col]
+    # the transitions from one state to one other as one edge, weighted by the sum of their
+    # classes' weights (the same hash, mod 2**64, over far fewer edges)
+    if e_src.size:
+        pair = e_src * n + e_dst
+        by_pair = np.argsort(pair, kind="stable")
+        pair = pair[by_pair]
+        first = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
+        e_src, e_dst = e_src[by_pair[first]], e_dst[by_pair[first]]
+        with np.errstate(over="ignore"):
+            e_w = np.add.reduceat(e_w[by_pair], first)
+    # every state's edges from e_first[state] on (a state without any: one edge of weight 0)
     e_first = np.searchsorted(e_src, np.arange(n))
-    e_has = e_first < np.append(e_first[1:], e_src.size)
-    e_first = e_first[e_has]
+    bare = np.flatnonzero(e_first == np.append(e_first[1:], e_src.size))
+    if bare.size:
+        at = e_first[bare]
+        e_dst = np.insert(e_dst, at, 0)
+        e_w = np.insert(e_w, at, np.uint64(0))
+        e_first = e_first + np.searchsorted(bare, np.arange(n))  # shifted by the dummies before
 
     def refine(exact: bool) -> np.ndarray | None:
         blk = d.accept.astype(np.int64)
@@ -764,8 +855,7 @@ def _minimize(d: DFA) -> DFA:
             else:  # over the live transitions only (a DFA row has few of them)
                 with np.errstate(over="ignore"):
                     h = (blk.astype(np.uint64) + np.uint64(1)) * mult[0]
-                    if e_first.size:
-                        h[e_has] += np.add.reduceat(e_w * (blk[e_dst] + 2).astype(np.uint64), e_first)
+                    h += np.add.reduceat(e_w * (blk[e_dst] + 2).astype(np.uint64), e_first)
                 _, new = np.unique(h, return_inverse=True)
             new = new.reshape(-1)
             m = int(new.max()) + 1
@@ -796,10 +886,22 @@ def _minimize(d: DFA) -> DFA:
     return DFA(table, d.accept[reps])
 
 
+_WEIGHTS: dict = {}  # (seed, high) -> the longest run of weights drawn so far
+
+
+def _random_weights(seed: int, high: int, n: int) -> np.ndarray:
+    """The first ``n`` of ``np.random.default_rng(seed).integers(1, high)`` as uint64 (a prefix of
+    a longer draw is the same numbers: one run per seed, drawn again longer when needed)."""
+    got = _WEIGHTS.get((seed, high))
+    if got is None or got.size < n:
+        got = np.random.default_rng(seed).integers(1, high, size=max(n, 1024), dtype=np.int64).astype(np.uint64)
+        _WEIGHTS[(seed, high)] = got
+    return got[:n]
+
+
 def _distinct_columns(t: np.ndarray) -> np.ndarray:
     """Indices of the distinct columns of ``t`` (the first of each), by a hash checked exactly."""
-    rng = np.random.default_rng(0xC0105)
-    w = rng.integers(1, 2**62, size=t.shape[0], dtype=np.int64).astype(np.uint64)
+    w = _random_weights(0xC0105, 2**62, t.shape[0])
     with np.errstate(over="ignore"):
         h = ((t.astype(np.int64) + 2).astype(np.uint64) * w[:, None]).sum(axis=0, dtype=np.uint64)
     _, first, inv = np.unique(h, return_index=True, return_inverse=True)
@@ -827,21 +929,23 @@ def _reach(src: np.ndarray, dst: np.ndarray, seeds, n: int) -> tuple[np.ndarray,
     """
     src = np.asarray(src, np.int64)
     dst = np.asarray(dst, np.int64)
-    order_e = np.argsort(src, kind="stable")
+    order_e = _sorting_order(src)
+    if order_e is not None:
+        src, dst = src[order_e], dst[order_e]
     seeds = [int(g) for g in seeds]
     if _bfs_order is not None and src.size > _SCIPY_EDGES:
-        # a virtual source n pointing at the seeds, then scipy's BFS (edges visited in CSR order)
-        s2 = np.concatenate([np.full(len(seeds), n, np.int64), src[order_e]])
-        d2 = np.concatenate([np.array(seeds, np.int64), dst[order_e]])
-        o2 = np.argsort(s2, kind="stable")
-        indptr = np.searchsorted(s2[o2], np.arange(n + 2))
-        g = _csr_matrix((np.ones(s2.size, np.int8), d2[o2], indptr), shape=(n + 1, n + 1))
+        # a virtual source n (after every state) pointing at the seeds, then scipy's BFS (edges
+        # visited in CSR order)
+        s2 = np.concatenate([src, np.full(len(seeds), n, np.int64)])
+        d2 = np.concatenate([dst, np.array(seeds, np.int64)])
+        indptr = np.searchsorted(s2, np.arange(n + 2))
+        g = _csr_matrix((np.ones(s2.size, np.int8), d2, indptr), shape=(n + 1, n + 1))
         got = _bfs_order(g, n, directed=True, return_predecessors=False)[1:]
         seen = np.zeros(n, bool)
         seen[got] = True
         return seen, got.tolist()
-    nbr = dst[order_e].tolist()
-    starts = np.searchsorted(src[order_e], np.arange(n + 1)).tolist()
+    nbr = dst.tolist()
+    starts = np.searchsorted(src, np.arange(n + 1)).tolist()
     seen = bytearray(n)
     order = []
     for g in seeds:
@@ -859,6 +963,13 @@ def _reach(src: np.ndarray, dst: np.ndarray, seeds, n: int) -> tuple[np.ndarray,
     return np.frombuffer(bytes(seen), np.uint8).astype(bool), order
 
 
+def _sorting_order(key: np.ndarray) -> np.ndarray | None:
+    """A stable sorting permutation of ``key``; None where it is sorted already (one pass to check)."""
+    if key.size < 2 or bool((key[1:] >= key[:-1]).all()):
+        return None
+    return np.argsort(key, kind="stable")
+
+
 _SCIPY_EDGES = 1 << 14  # below this many edges the Python BFS is faster than scipy's setup
 
 try:  # scipy comes with JAX; without it the BFS above runs in Python
@@ -869,8 +980,20 @@ except ImportError:  # pragma: no cover
 
 
 def _co_reachable(src: np.ndarray, dst: np.ndarray, goals: np.ndarray, n: int) -> np.ndarray:
-    """States from which a goal is reachable (a reverse search, linear in states + edges)."""
-    return _reach(np.asarray(dst, np.int64), np.asarray(src, np.int64), goals, n)[0]
+    """States from which a goal is reachable (a reverse search, linear in states + edges).
+
+    Large graphs go to scipy unsorted (its COO -> CSR conversion orders the reversed edges in
+    linear time, in C), with a virtual source n pointing at the goals."""
+    if _bfs_order is None or np.size(src) <= _SCIPY_EDGES:
+        return _reach(np.asarray(dst, np.int64), np.asarray(src, np.int64), goals, n)[0]
+    goals = np.asarray(goals, np.int64).reshape(-1)
+    rows = np.concatenate([np.asarray(dst, np.int64), np.full(goals.size, n, np.int64)])
+    cols = np.concatenate([np.asarray(src, np.int64), goals])
+    # int32 weights: duplicate edges are summed, and a sum must not wrap to an explicit zero
+    g = _csr_matrix((np.ones(rows.size, np.int32), (rows, cols)), shape=(n + 1, n + 1))
+    live = np.zeros(n + 1, bool)
+    live[_bfs_order(g, n, directed=True, return_predecessors=False)] = True
+    return live[:n]
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -938,6 +1061,8 @@ def _expand(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For ranges ``[lo[i], hi[i])``: (i, j) for every j in range i, as two flat arrays."""
     cnt = hi - lo
     tot = int(cnt.sum())
+    if tot == cnt.size and bool((cnt == 1).all()):  # one each (a token per trie node, say)
+        return np.arange(cnt.size), lo
     r = np.repeat(np.arange(cnt.size), cnt)
     return r, np.repeat(lo - np.cumsum(cnt) + cnt, cnt) + np.arange(tot)
 
@@ -945,7 +1070,8 @@ def _expand(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def token_automaton(d: DFA, trie: TokenTrie, max_states: int, max_transitions: int, what: str):
     """The token-level automaton reachable from the DFA's start: (states, src, tok, dst, accept).
 
-    Every DFA state walks the trie at once (chunks of states, one numpy step per trie level,
+    Every DFA state walks the trie at once (chunks of states, one numpy step per trie level:
+    the first level as one dense gather of the states' rows at the first bytes, the deeper ones
     over the live (state, trie node) pairs only: a pair whose byte is dead is not expanded);
     then the states reachable from the start at token boundaries are kept, numbered in BFS
     order (0 = the start). Stops with :class:`TooLarge` past either limit.
@@ -956,17 +1082,21 @@ def token_automaton(d: DFA, trie: TokenTrie, max_states: int, max_transitions: i
     chunk = max(1, (1 << 21) // max(trie.n, 1))
     srcs, toks, dsts = [], [], []
     total = 0
+    first_lo, first_hi = int(child_lo[0]), int(child_hi[0])  # the root's children: the first bytes
+    first_byte = trie.byte[first_lo:first_hi]
+    n_first = first_hi - first_lo
+    every_byte = n_first == 256  # (sorted) then the table's columns are the first level as they are
     for c0 in range(0, n_dfa, chunk):
-        s = np.arange(c0, min(n_dfa, c0 + chunk), dtype=np.int64)
-        node = np.zeros(s.size, np.int64)
-        q = s.astype(np.int32)
+        # the first level densely (every state of the chunk by every first byte), then the
+        # live (state, trie node) pairs level by level
+        q_first = (table[c0:c0 + chunk] if every_byte else table[c0:c0 + chunk][:, first_byte]).reshape(-1)
+        pair = np.flatnonzero(q_first >= 0)
+        q = q_first[pair]
+        s, node = np.divmod(pair, n_first)
+        s += c0
+        node += first_lo
+        depth = 1
         while s.size:
-            r, child = _expand(child_lo[node], child_hi[node])
-            if not r.size:
-                break
-            q2 = table[q[r], trie.byte[child]]
-            ok = q2 >= 0
-            s, node, q = s[r[ok]], child[ok], q2[ok]
             r, k = _expand(tok_lo[node], tok_hi[node])
             if r.size:
                 total += r.size
@@ -975,11 +1105,22 @@ def token_automaton(d: DFA, trie: TokenTrie, max_states: int, max_transitions: i
                 srcs.append(s[r])
                 toks.append(k)
                 dsts.append(q[r])
+            if depth == len(trie.levels):  # the deepest level: no children
+                break
+            depth += 1
+            r, child = _expand(child_lo[node], child_hi[node])
+            if not r.size:
+                break
+            q2 = table[q[r], trie.byte[child]]
+            ok = q2 >= 0
+            s, node, q = s[r[ok]], child[ok], q2[ok]
     if not srcs:
         srcs, toks, dsts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int32)]
     src, k, dst = np.concatenate(srcs), np.concatenate(toks), np.concatenate(dsts)
-    o = np.lexsort((k, src))  # by state, then the trie's token order (a stable numbering)
-    src, tok, dst = src[o], trie.tok_id[k[o]].astype(np.int32), dst[o]
+    o = _sorting_order(src * max(trie.tok_id.size, 1) + k)  # by state, then the trie's token order
+    if o is not None:
+        src, k, dst = src[o], k[o], dst[o]
+    tok = trie.tok_id[k].astype(np.int32)
     # the states reachable from the start at token boundaries, in BFS order
     seen, order = _reach(src.astype(np.int64), dst.astype(np.int64), [0], n_dfa)
     if len(order) > max_states:

@@ -223,10 +223,15 @@ def _pack(n: int, src: np.ndarray, tok: np.ndarray, dst: np.ndarray, accept: np.
         raise ValueError("the vocabulary cannot spell any complete match (no accepting state is reachable)")
     keep = (tok >= 0) & (tok < vocab_size) & live[src] & live[dst]
     src, tok, dst = src[keep], tok[keep], dst[keep]
-    order = np.lexsort((tok, src))  # by state, then token: the rank order
+    order = np.argsort(src * vocab_size + tok, kind="stable")  # by state, then token: the rank order
     src, tok, dst = src[order], tok[order], dst[order]
-    allowed = np.zeros((n, _words(vocab_size)), np.uint32)
-    np.bitwise_or.at(allowed, (src, tok >> 5), (np.uint32(1) << (tok & 31).astype(np.uint32)))
+    words = _words(vocab_size)
+    allowed = np.zeros((n, words), np.uint32)
+    if src.size:  # each word: the OR of its bits (a run of equal words, sorted)
+        word = src * words + (tok >> 5)
+        runs = np.flatnonzero(np.r_[True, word[1:] != word[:-1]])
+        bits = np.uint32(1) << (tok & 31).astype(np.uint32)
+        allowed.reshape(-1)[word[runs]] = np.bitwise_or.reduceat(bits, runs)
     counts = np.bincount(src, minlength=n)
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)
     return _Table(allowed, offsets, dst.astype(np.int32))
@@ -499,7 +504,8 @@ def _build(node: tuple, tokenizer: Any, fn: str, what: str, max_states, max_tran
         if hit is not None:
             return hit
     try:
-        table = _table(node, vocab, what, s_lim, t_lim, dfa_cap, seconds)
+        with _A.no_cyclic_gc():
+            table = _table(node, vocab, what, s_lim, t_lim, dfa_cap, seconds)
     except _A.TooLarge as e:
         bound = s_lim if e.limit_name == "max_states" else t_lim
         per = 4 * _words(vocab.size) + 4 if e.limit_name == "max_states" else 2
