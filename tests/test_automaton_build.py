@@ -254,3 +254,22 @@ def test_dfas_that_need_more_than_48_refinement_rounds_are_minimised():
     assert n == 1 + 2 * 61 + 1  # the start, the chain ending in c, the one ending in d, the accepting end
     assert _distinguishable(d)[~np.eye(n + 1, dtype=bool)].all()
     assert _accepts(d, "w" + chain + "c") and _accepts(d, "z" + chain + "d") and not _accepts(d, "z" + chain + "c")
+
+
+def test_builds_pause_the_cyclic_gc_and_restore_it():
+    import gc
+
+    was = gc.isenabled()
+    try:
+        gc.enable()
+        with pytest.raises(KeyError):
+            with A.no_cyclic_gc():
+                assert not gc.isenabled()
+                raise KeyError("a build that fails")
+        assert gc.isenabled()  # restored after an error too
+        gc.disable()
+        with A.no_cyclic_gc():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # a caller's own pause is kept
+    finally:
+        (gc.enable if was else gc.disable)()

@@ -215,19 +215,19 @@ def _prefill_bucketed(model, tokens, lengths, rows, cache, cache_size, prompt_lo
 
 def _empty(model, req: _Requests, cfg: _Config) -> _Slots:
     """Every slot free (done), with the sampler state of row 0 as a placeholder."""
-    s_ = cfg.slots
-    cache = model.init_cache(s_, cfg.cache_size)
-    index = jnp.zeros((s_,), jnp.int32)
-    tokens = jnp.zeros((s_, cfg.prompt_len), jnp.int32)
-    lengths = jnp.ones((s_,), jnp.int32)
+    size = cfg.slots
+    cache = model.init_cache(size, cfg.cache_size)
+    index = jnp.zeros((size,), jnp.int32)
+    tokens = jnp.zeros((size, cfg.prompt_len), jnp.int32)
+    lengths = jnp.ones((size,), jnp.int32)
     sampler = take_rows(req.sampler, index, cfg.rows)
     state = init_state(sampler, tokens, lengths, model.vocab_size, max_new_tokens=cfg.max_new_tokens)
-    s = initial_state(cache, state, lengths, req.pad_id)._replace(done=jnp.ones((s_,), bool))
-    outputs = Outputs.empty(s_, cfg.max_new_tokens, req.pad_id, top_logprobs=cfg.top_logprobs,
+    s = initial_state(cache, state, lengths, req.pad_id)._replace(done=jnp.ones((size,), bool))
+    outputs = Outputs.empty(size, cfg.max_new_tokens, req.pad_id, top_logprobs=cfg.top_logprobs,
                             return_stats=cfg.return_stats)
-    plp = jnp.zeros((s_, cfg.prompt_len), jnp.float32) if cfg.prompt_logprobs else None
-    return _Slots(s, outputs, req.keys[index], jnp.zeros((s_,), jnp.int32), plp, sampler,
-                  jnp.full((s_,), -1, jnp.int32), jnp.asarray(0, jnp.int32))
+    plp = jnp.zeros((size, cfg.prompt_len), jnp.float32) if cfg.prompt_logprobs else None
+    return _Slots(s, outputs, req.keys[index], jnp.zeros((size,), jnp.int32), plp, sampler,
+                  jnp.full((size,), -1, jnp.int32), jnp.asarray(0, jnp.int32))
 
 
 def _admit(model, slots: _Slots, req: _Requests, slot: Array, cfg: _Config) -> _Slots:
@@ -370,9 +370,8 @@ def generate_many_stream(model: LanguageModel, prompt_tokens: Any, prompt_length
 
     A row is handed out at the end of the chunk of steps it finished in (at most
     ``chunk_size`` steps later). Rows come in the order they finish (``Completion.index``
-    says which row); the tokens
-    and log-probs of each are `generate`'s for that row. Use it to write a data set to
-    disk as it goes. Arguments as `generate_many`. The iterator counts its work as it goes
+    says which row); the tokens and log-probs of each are `generate`'s for that row. Use
+    it to write a data set to disk as it goes. Arguments as `generate_many`. The iterator counts its work as it goes
     (``.steps``: decode steps run, ``.chunks``: host round trips).
 
     Example:
