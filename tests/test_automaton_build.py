@@ -273,3 +273,37 @@ def test_builds_pause_the_cyclic_gc_and_restore_it():
         assert not gc.isenabled()  # a caller's own pause is kept
     finally:
         (gc.enable if was else gc.disable)()
+
+
+def test_overlapping_builds_on_two_threads_share_one_gc_pause():
+    import gc
+    import threading
+
+    was = gc.isenabled()
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with A.no_cyclic_gc():
+            first_in.set()
+            second_in.wait(10)
+        first_out.set()
+
+    def second():
+        first_in.wait(10)
+        with A.no_cyclic_gc():
+            second_in.set()
+            first_out.wait(10)
+            seen["after the first ended"] = gc.isenabled()  # the first's exit must not re-enable it
+        seen["after both"] = gc.isenabled()
+
+    try:
+        gc.enable()
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert seen == {"after the first ended": False, "after both": True}
+    finally:
+        (gc.enable if was else gc.disable)()

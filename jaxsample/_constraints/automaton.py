@@ -40,6 +40,11 @@ NOTHING = ("alt", ())
 MAX_CP = 0x10FFFF
 
 
+_gc_lock = threading.Lock()
+_gc_pauses = 0  # builds running now (any thread) under `no_cyclic_gc`
+_gc_was_enabled = False  # the collector's state when the first of them began
+
+
 @contextlib.contextmanager
 def no_cyclic_gc():
     """Python's cyclic garbage collector paused for the block (a build), then as it was.
@@ -47,14 +52,22 @@ def no_cyclic_gc():
     A build allocates many small containers (state sets, rows) and frees them by reference
     counting; they would trigger full collections, each a walk over every object of the
     process (tens of milliseconds next to JAX), finding nothing of the build's to collect.
+    Builds on several threads (or nested) share one pause: the collector comes back, if it
+    was on when the first began, when the last ends.
     """
-    was = gc.isenabled()
-    gc.disable()
+    global _gc_pauses, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pauses == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pauses += 1
     try:
         yield
     finally:
-        if was:
-            gc.enable()
+        with _gc_lock:
+            _gc_pauses -= 1
+            if _gc_pauses == 0 and _gc_was_enabled:
+                gc.enable()
 
 
 class TooLarge(ValueError):

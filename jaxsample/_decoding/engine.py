@@ -340,11 +340,14 @@ def _prepare(model, prompt_tokens, prompt_lengths, keys, *, slots, max_new_token
     slots = core.positive_int("slots", slots)
     chunk_size = core.positive_int("chunk_size", chunk_size)
     rows = sampling.keys.shape[0]
+    # A chunk's finished-rows buffer (_Finished): 2 * slots rows of tokens, two log-probs and
+    # top-K ids / log-probs, N wide.
+    finished = 2 * min(slots, rows) * prompts.max_new_tokens * (12 + 8 * sampling.top_logprobs)
     core.check_memory(model, fn=fn, max_new_tokens=prompts.max_new_tokens, rows=min(slots, rows),
                       cache_size=prompts.cache_size, width=prompts.max_new_tokens + chunk_size,
                       top_logprobs=sampling.top_logprobs, prompt_rows=min(slots, rows),
                       prompt_len=int(prompts.tokens.shape[1]), prompt_logprobs=sampling.prompt_logprobs,
-                      memory_limit=memory_limit)
+                      extra_bytes=finished, memory_limit=memory_limit)
     batch_leading = core.batch_leading_cache(model, 1, min(slots, rows), prompts.cache_size)
     if sampling.prompt_logprobs and not batch_leading:
         raise ValueError(f"{fn}: prompt_logprobs=True refills a slot by copying a prefilled cache's rows: "
