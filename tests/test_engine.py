@@ -330,3 +330,20 @@ def test_cli_batch_size_writes_every_row_as_one_batch_would(tmp_path):
         assert r["token_ids"] == want[r["index"]]["token_ids"] and r["prompt"] == want[r["index"]]["prompt"]
     bad = run("--batch-size", "3", "--prompt-lookup", "3")
     assert bad.returncode == 2 and "--batch-size (continuous batching) cannot be used with --prompt-lookup" in bad.stderr
+
+
+def test_the_memory_check_counts_the_finished_rows_buffer(lm, monkeypatch):
+    seen = {}
+
+    def check_memory(model, **kwargs):
+        seen.update(kwargs)
+
+    monkeypatch.setattr(engine.core, "check_memory", check_memory)
+    tokens, lengths = prompts(b=3, p=6)
+    js.generate_many_stream(lm, tokens, lengths, row_keys(0, 3), slots=2, max_new_tokens=5, top_logprobs=2)
+    # 2 * slots = 4 rows; per token an id, two log-probs and 2 top ids + log-probs (28 bytes);
+    # per row its request, length and finish reason (12 bytes)
+    assert seen["extra_bytes"] == 4 * (5 * 28 + 12)
+    js.generate_many_stream(lm, tokens, lengths, row_keys(0, 3), slots=2, max_new_tokens=5, return_stats=True,
+                            prompt_logprobs=True)
+    assert seen["extra_bytes"] == 4 * (5 * (12 + 8) + 4 * tokens.shape[1] + 12)

@@ -330,6 +330,14 @@ def _programs(static_model: bool):
 # ----------------------------------------------------------------------------- host loop
 
 
+def _finished_bytes(f: int, n: int, p: int, top_logprobs: int, prompt_logprobs: bool, return_stats: bool) -> int:
+    """Bytes of a chunk's `_Finished` buffer of ``f`` rows (the sampler states not counted):
+    per token an int32 id and two float32 log-probs, top-K ids and log-probs, with stats an
+    entropy and a kept count; the prompt's log-probs."""
+    per_token = 12 + 8 * top_logprobs + (8 if return_stats else 0)
+    return f * (n * per_token + (4 * p if prompt_logprobs else 0) + 12)
+
+
 def _prepare(model, prompt_tokens, prompt_lengths, keys, *, slots, max_new_tokens, sampler, stop_ids, pad_id,
              cache_size, n, top_logprobs, prompt_logprobs, chunk_size, sample_fn, return_stats, fn,
              memory_limit=None) -> tuple[Any, Any, Array, _Config]:
@@ -340,9 +348,8 @@ def _prepare(model, prompt_tokens, prompt_lengths, keys, *, slots, max_new_token
     slots = core.positive_int("slots", slots)
     chunk_size = core.positive_int("chunk_size", chunk_size)
     rows = sampling.keys.shape[0]
-    # A chunk's finished-rows buffer (_Finished): 2 * slots rows of tokens, two log-probs and
-    # top-K ids / log-probs, N wide.
-    finished = 2 * min(slots, rows) * prompts.max_new_tokens * (12 + 8 * sampling.top_logprobs)
+    finished = _finished_bytes(2 * min(slots, rows), prompts.max_new_tokens, int(prompts.tokens.shape[1]),
+                               sampling.top_logprobs, sampling.prompt_logprobs, bool(return_stats))
     core.check_memory(model, fn=fn, max_new_tokens=prompts.max_new_tokens, rows=min(slots, rows),
                       cache_size=prompts.cache_size, width=prompts.max_new_tokens + chunk_size,
                       top_logprobs=sampling.top_logprobs, prompt_rows=min(slots, rows),
@@ -374,8 +381,8 @@ def generate_many_stream(model: LanguageModel, prompt_tokens: Any, prompt_length
     A row is handed out at the end of the chunk of steps it finished in (at most
     ``chunk_size`` steps later). Rows come in the order they finish (``Completion.index``
     says which row); the tokens and log-probs of each are `generate`'s for that row. Use
-    it to write a data set to disk as it goes. Arguments as `generate_many`. The iterator counts its work as it goes
-    (``.steps``: decode steps run, ``.chunks``: host round trips).
+    it to write a data set to disk as it goes. Arguments as `generate_many`. The iterator
+    counts its work as it goes (``.steps``: decode steps run, ``.chunks``: host round trips).
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxsample as js
