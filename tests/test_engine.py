@@ -205,13 +205,14 @@ def test_constraints_are_per_slot(lm):
 def test_prompt_widths():
     assert engine.prompt_widths(6) == (6,)
     assert engine.prompt_widths(16) == (16,)
-    assert engine.prompt_widths(116) == (16, 32, 64, 116)
-    assert engine.prompt_widths(2048) == (64, 128, 256, 512, 1024, 2048)  # at least P / 32
+    assert engine.prompt_widths(17) == (16, 17)
+    assert engine.prompt_widths(116) == (16, 24, 32, 48, 64, 96, 116)
+    assert engine.prompt_widths(2048) == (64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)  # >= P / 32
 
 
 def test_refills_at_their_prompt_width_give_generate_rows(lm):
-    """Prompts of 3 to 40 tokens padded to 40: each refill prefills at its own width (16, 32
-    or 40); tokens equal generate's on all the prompts at once, log-probs to rounding."""
+    """Prompts of 3 to 40 tokens padded to 40: each refill prefills at its own width (16, 24,
+    32 or 40); tokens equal generate's on all the prompts at once, log-probs to rounding."""
     rng = np.random.default_rng(12)
     lengths = np.array([3, 40, 17, 9, 33, 16, 24], np.int32)
     tokens = rng.integers(0, 256, size=(7, 40)).astype(np.int32)
@@ -220,14 +221,14 @@ def test_refills_at_their_prompt_width_give_generate_rows(lm):
     kw = dict(max_new_tokens=10, sampler=js.default_chain(temperature=0.9, top_p=0.95), stop_ids=STOPS, pad_id=258,
               prompt_logprobs=True)
     want = js.generate(lm, tokens, lengths, k, **kw)
-    assert engine.prompt_widths(40) == (16, 32, 40)
+    assert engine.prompt_widths(40) == (16, 24, 32, 40)
     model = _WidthRecorder(lm, lm.vocab_size)
     _WidthRecorder.widths.clear()
     got = js.generate_many(model, tokens, lengths, k, slots=3, **kw)
     assert_same(got, want)
     np.testing.assert_allclose(got.prompt_logprobs, want.prompt_logprobs, atol=1e-5)
     jax.effects_barrier()
-    assert sorted(_WidthRecorder.widths) == sorted([16, 40, 32, 16, 40, 16, 32])  # each prompt's own bucket
+    assert sorted(_WidthRecorder.widths) == sorted([16, 40, 24, 16, 40, 16, 24])  # each prompt's own bucket
 
 
 @jax.tree_util.register_dataclass

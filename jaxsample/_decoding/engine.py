@@ -159,16 +159,19 @@ class _Config:
 
 
 def prompt_widths(prompt_len: int) -> tuple[int, ...]:
-    """The prompt widths a refill prefills at: powers of two from 16 (and at least
-    ``prompt_len / 32``) below ``prompt_len``, then ``prompt_len`` itself.
+    """The prompt widths a refill prefills at: the powers of two from 16 and the midpoints
+    between them (16, 24, 32, 48, 64, 96, ...: each 4/3 or 3/2 of the one before), those
+    at least ``prompt_len / 32`` and below ``prompt_len``, then ``prompt_len`` itself.
 
     A refill prefills its prompt only up to the first width that holds it, so a short
-    prompt in a batch padded for a long one costs what its own length needs."""
+    prompt in a batch padded for a long one costs about what its own length needs (less
+    than 3/2 of it, past the smallest width). Each width is a branch of the chunk program
+    (compile time)."""
     widths, w = [prompt_len], 16
     while w < prompt_len:
         if 32 * w >= prompt_len:
             widths.append(w)
-        w *= 2
+        w = w * 3 // 2 if w & (w - 1) == 0 else w * 4 // 3  # a power of two -> its midpoint -> the next
     return tuple(sorted(widths))
 
 
