@@ -126,7 +126,7 @@ COMMANDS: dict[str, Action] = {
     "python scripts/bench_engine.py": run(slow=True),
     "python scripts/bench_engine.py --quick --json out.json": run(expect="wrote out.json", slow=True),
     "python scripts/bench_engine.py --slots 4 8 16 --prompts 96": run(slow=True),
-    "python scripts/bench_engine.py --repeats 3 --json docs/bench_engine_cpu.json": run(
+    "python scripts/bench_engine.py --repeats 5 --json docs/bench_engine_cpu.json": run(
         slow=True, sub={"docs/bench_engine_cpu.json": "bench_engine_cpu.json"}),  # not over the measured file
     "python scripts/generate.py --prompt-file prompts.txt --batch-size 8 --output out.jsonl":
         run({"--batch-size": "1", "--max-new-tokens": "4"}, slow=True),  # tests/test_engine.py runs the CLI
