@@ -5,6 +5,7 @@ schedule; `generate` must stop once every row is done.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -144,6 +145,47 @@ def test_refills_happen_inside_a_chunk(lm):
     assert order == [0, 1, 2, 3, 4, 5]  # admitted in order, each pair finishing together
     got = js.generate_many(lm, tokens, lengths, row_keys(16, 6), slots=2, chunk_size=64, **kw)
     assert_same(got, want)
+
+
+def test_the_next_chunk_is_dispatched_before_a_chunk_is_read_back(lm, monkeypatch):
+    """The host dispatches chunk k + 1 before it reads chunk k's finished rows (its one
+    device -> host transfer), so the device never waits on the host between chunks."""
+    log, real_programs, real_get = [], engine._programs, jax.device_get
+
+    def programs(static_model):
+        empty, chunk = real_programs(static_model)
+
+        def dispatch(*args, **kwargs):
+            log.append("dispatch")
+            return chunk(*args, **kwargs)
+        return empty, dispatch
+
+    def read(tree):
+        log.append("read")
+        return real_get(tree)
+
+    monkeypatch.setattr(engine, "_programs", programs)
+    monkeypatch.setattr(jax, "device_get", read)
+    tokens, lengths = prompts(15, b=6)
+    stream = js.generate_many_stream(lm, tokens, lengths, row_keys(16, 6), slots=2, chunk_size=4, max_new_tokens=8,
+                                     sampler=js.default_chain(temperature=0.9), pad_id=258)
+    assert len(list(stream)) == 6 and stream.chunks >= 3
+    assert log == ["dispatch"] + ["dispatch", "read"] * stream.chunks
+
+
+def test_the_chunk_program_lowers_for_cuda(lm):
+    """The real GPU lowering of one chunk (`jax.export` for CUDA, run on CPU): refills at
+    two prompt widths (a switch), a top-p sampler, stop ids."""
+    tokens, lengths = prompts(4, b=5, p=20)
+    kw = dict(slots=2, max_new_tokens=6, sampler=js.default_chain(temperature=0.8, top_p=0.9), stop_ids=STOPS,
+              pad_id=258, cache_size=None, n=1, top_logprobs=0, prompt_logprobs=False, chunk_size=4,
+              sample_fn=js.sample_step, return_stats=False, fn="generate_many")
+    inputs, sampling, limit, cfg = engine._prepare(lm, tokens, lengths, row_keys(0, 5), **kw)
+    assert engine.prompt_widths(20) == (16, 20) and cfg.bucketed
+    req = engine._requests(inputs, sampling, limit)
+    chunk = jax.jit(functools.partial(engine._chunk, cfg=cfg))
+    mlir = jax.export.export(chunk, platforms=["cuda"])(lm, engine._empty(lm, req, cfg), req).mlir_module()
+    assert "stablehlo.while" in mlir and "stablehlo.case" in mlir
 
 
 def test_rows_that_finish_at_their_first_token(lm):
@@ -348,3 +390,8 @@ def test_the_memory_check_counts_the_finished_rows_buffer(lm, monkeypatch):
     js.generate_many_stream(lm, tokens, lengths, row_keys(0, 3), slots=2, max_new_tokens=5, return_stats=True,
                             prompt_logprobs=True)
     assert seen["extra_bytes"] == 4 * (5 * (12 + 8) + 4 * tokens.shape[1] + 12)
+    # with stats each finished row also holds its sampler state: a repetition penalty's
+    # history of P + N = 11 int32 tokens and its int32 count (48 bytes)
+    js.generate_many_stream(lm, tokens, lengths, row_keys(0, 3), slots=2, max_new_tokens=5, return_stats=True,
+                            sampler=js.chain(js.RepetitionPenalty(1.2), js.Temperature(0.8)))
+    assert seen["extra_bytes"] == 4 * (5 * (12 + 8) + 12 + 4 * (tokens.shape[1] + 5) + 4)

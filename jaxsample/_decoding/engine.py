@@ -333,12 +333,22 @@ def _programs(static_model: bool):
 # ----------------------------------------------------------------------------- host loop
 
 
-def _finished_bytes(f: int, n: int, p: int, top_logprobs: int, prompt_logprobs: bool, return_stats: bool) -> int:
-    """Bytes of a chunk's `_Finished` buffer of ``f`` rows (the sampler states not counted):
-    per token an int32 id and two float32 log-probs, top-K ids and log-probs, with stats an
-    entropy and a kept count; the prompt's log-probs."""
+def _finished_bytes(f: int, n: int, p: int, top_logprobs: int, prompt_logprobs: bool, return_stats: bool,
+                    sampler_state_bytes: int = 0) -> int:
+    """Bytes of a chunk's `_Finished` buffer of ``f`` rows: per token an int32 id and two
+    float32 log-probs, top-K ids and log-probs, with stats an entropy and a kept count; the
+    prompt's log-probs; with stats each row's sampler state (``sampler_state_bytes``)."""
     per_token = 12 + 8 * top_logprobs + (8 if return_stats else 0)
-    return f * (n * per_token + (4 * p if prompt_logprobs else 0) + 12)
+    state = sampler_state_bytes if return_stats else 0
+    return f * (n * per_token + (4 * p if prompt_logprobs else 0) + 12 + state)
+
+
+def _sampler_state_bytes(sampler: Chain, rows: int, prompt_len: int, vocab_size: int, max_new_tokens: int) -> int:
+    """Bytes of one row's sampler state (``init_state`` of row 0, by `jax.eval_shape`)."""
+    one = jax.eval_shape(lambda: init_state(take_rows(sampler, jnp.zeros((1,), jnp.int32), rows),
+                                            jnp.zeros((1, prompt_len), jnp.int32), jnp.ones((1,), jnp.int32),
+                                            vocab_size, max_new_tokens=max_new_tokens))
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(one))
 
 
 def _prepare(model, prompt_tokens, prompt_lengths, keys, *, slots, max_new_tokens, sampler, stop_ids, pad_id,
@@ -351,8 +361,12 @@ def _prepare(model, prompt_tokens, prompt_lengths, keys, *, slots, max_new_token
     slots = core.positive_int("slots", slots)
     chunk_size = core.positive_int("chunk_size", chunk_size)
     rows = sampling.keys.shape[0]
+    state_bytes = 0
+    if return_stats:
+        state_bytes = _sampler_state_bytes(sampling.sampler, rows, int(prompts.tokens.shape[1]), model.vocab_size,
+                                           prompts.max_new_tokens)
     finished = _finished_bytes(2 * min(slots, rows), prompts.max_new_tokens, int(prompts.tokens.shape[1]),
-                               sampling.top_logprobs, sampling.prompt_logprobs, bool(return_stats))
+                               sampling.top_logprobs, sampling.prompt_logprobs, bool(return_stats), state_bytes)
     core.check_memory(model, fn=fn, max_new_tokens=prompts.max_new_tokens, rows=min(slots, rows),
                       cache_size=prompts.cache_size, width=prompts.max_new_tokens + chunk_size,
                       top_logprobs=sampling.top_logprobs, prompt_rows=min(slots, rows),
@@ -425,13 +439,18 @@ class ManyStream:
         return next(self._rows)
 
 
+def _requests(prompts, sampling, limit) -> _Requests:
+    """The requests of a call, to be admitted longest limit first (ties in input order)."""
+    order = jnp.argsort(-limit, stable=True).astype(jnp.int32)
+    return _Requests(sampling.sampler, prompts.tokens, prompts.lengths, sampling.keys, limit, prompts.stops,
+                     prompts.pad_id, order)
+
+
 def _schedule(stream, model, prompts, sampling, limit, cfg: _Config):
     """The host loop: dispatch chunk k + 1 before reading chunk k's finished rows back (the
     one device -> host transfer of a chunk), so the host's work overlaps the device's."""
     empty, chunk = _programs(not core.is_pytree(model))
-    order = jnp.argsort(-limit, stable=True).astype(jnp.int32)  # the longest limits first, ties in input order
-    req = _Requests(sampling.sampler, prompts.tokens, prompts.lengths, sampling.keys, limit, prompts.stops,
-                    prompts.pad_id, order)
+    req = _requests(prompts, sampling, limit)
     pending = chunk(model, empty(model, req, cfg), req, cfg=cfg)
     while True:
         slots, fin, steps, all_done = pending
