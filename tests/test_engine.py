@@ -135,7 +135,7 @@ def test_no_recompile_for_new_prompts_or_chunks(lm):
 def test_refills_happen_inside_a_chunk(lm):
     """Slots refill on device: 6 rows of exactly 8 tokens through 2 slots take 3 x 7 decode
     steps (the ideal: index 0 comes from the prefill) in 2 round trips: the first chunk
-    hands back 4 rows (F = 2 * slots), the second the last 2."""
+    hands back 4 rows (it ends once more than 2 = slots rows finished), the second the last 2."""
     tokens, lengths = prompts(15, b=6)
     kw = dict(max_new_tokens=8, sampler=js.default_chain(temperature=0.9), pad_id=258)
     want = js.generate(lm, tokens, lengths, row_keys(16, 6), **kw)
@@ -189,8 +189,8 @@ def test_the_chunk_program_lowers_for_cuda(lm):
 
 
 def test_rows_that_finish_at_their_first_token(lm):
-    """Limits of 1 finish at the refill itself: 4 such rows fill the finished-rows buffer
-    (F = 4 for 2 slots) before any step, the next chunk runs the rest."""
+    """Limits of 1 finish at the refill itself: the refills stop once 4 such rows (2 * slots)
+    finished, one step runs, and the next chunk runs the rest."""
     tokens, lengths = prompts(17, b=6)
     limits = np.array([1, 1, 1, 1, 1, 6], np.int32)
     kw = dict(max_new_tokens=limits, sampler=js.default_chain(temperature=0.9), pad_id=258)
@@ -384,14 +384,14 @@ def test_the_memory_check_counts_the_finished_rows_buffer(lm, monkeypatch):
     monkeypatch.setattr(engine.core, "check_memory", check_memory)
     tokens, lengths = prompts(b=3, p=6)
     js.generate_many_stream(lm, tokens, lengths, row_keys(0, 3), slots=2, max_new_tokens=5, top_logprobs=2)
-    # 2 * slots = 4 rows; per token an id, two log-probs and 2 top ids + log-probs (28 bytes);
+    # 3 * slots = 6 rows; per token an id, two log-probs and 2 top ids + log-probs (28 bytes);
     # per row its request, length and finish reason (12 bytes)
-    assert seen["extra_bytes"] == 4 * (5 * 28 + 12)
+    assert seen["extra_bytes"] == 6 * (5 * 28 + 12)
     js.generate_many_stream(lm, tokens, lengths, row_keys(0, 3), slots=2, max_new_tokens=5, return_stats=True,
                             prompt_logprobs=True)
-    assert seen["extra_bytes"] == 4 * (5 * (12 + 8) + 4 * tokens.shape[1] + 12)
+    assert seen["extra_bytes"] == 6 * (5 * (12 + 8) + 4 * tokens.shape[1] + 12)
     # with stats each finished row also holds its sampler state: a repetition penalty's
     # history of P + N = 11 int32 tokens and its int32 count (48 bytes)
     js.generate_many_stream(lm, tokens, lengths, row_keys(0, 3), slots=2, max_new_tokens=5, return_stats=True,
                             sampler=js.chain(js.RepetitionPenalty(1.2), js.Temperature(0.8)))
-    assert seen["extra_bytes"] == 4 * (5 * (12 + 8) + 12 + 4 * (tokens.shape[1] + 5) + 4)
+    assert seen["extra_bytes"] == 6 * (5 * (12 + 8) + 12 + 4 * (tokens.shape[1] + 5) + 4)

@@ -11,10 +11,10 @@ others and without a trip to the host:
                                                                   sampler state from its own
                                                                   prompt, generated index 0)
         step:     one decode step of every slot                  (the shared `DecodeStep`)
-        harvest:  move every finished row into the chunk's       (`_harvest`: F = 2 * slots
+        harvest:  move every finished row into the chunk's       (`_harvest`: F = 3 * slots
                   finished-rows buffer and free its slot          rows at most; the chunk
                                                                   ends before it could overflow)
-        (fill, step, harvest, fill, ...)
+        (fill, step, harvest, fill, step, harvest, ...: one fill in the program)
     host: dispatch chunk k + 1, then read chunk k's finished rows back (the one
           device -> host transfer of a chunk, overlapped with chunk k + 1) and hand them out
 
@@ -151,8 +151,9 @@ class _Config:
 
     @property
     def finished_rows(self) -> int:
-        """F, the rows a chunk can hand back: it steps while S rows of room are left."""
-        return 2 * self.slots
+        """F, the rows a chunk can hand back: its refills stop at 2S finished rows, and one
+        step finishes S at most, so a chunk steps while at most S rows have finished."""
+        return 3 * self.slots
 
 
 # ----------------------------------------------------------------------------- programs
@@ -277,7 +278,7 @@ def _fill(model, slots: _Slots, fin: _Finished, req: _Requests, cfg: _Config) ->
     finishes at its first token is harvested at once and frees its slot again)."""
     def can(carry):
         slots, fin = carry
-        return jnp.any(slots.owner < 0) & (slots.next < cfg.rows) & (fin.count < cfg.finished_rows)
+        return jnp.any(slots.owner < 0) & (slots.next < cfg.rows) & (fin.count < 2 * cfg.slots)
 
     def admit_one(carry):
         slots, fin = carry
@@ -291,8 +292,10 @@ def _chunk(model, slots: _Slots, req: _Requests, *, cfg: _Config) -> tuple[_Slot
     """Up to ``cfg.chunk_size`` decode steps of every slot, refilling a slot as soon as its
     row finishes: (slots, the rows finished, steps run, whether every request is done).
 
-    The chunk stops early when no slot has a request left, or when the finished rows'
-    buffer (F = 2S rows) has less room than one step could fill (S rows)."""
+    Each iteration fills the free slots, then steps (the refill is traced once: one copy
+    of the prefill branches in the program). The chunk stops early when no request is
+    left to run, or once more than S rows finished in it: the refills stop at 2S, a step
+    finishes S at most, so the buffer of F = 3S rows never overflows."""
     f = cfg.finished_rows
     empty = Outputs.empty(f, cfg.max_new_tokens, req.pad_id, top_logprobs=cfg.top_logprobs,
                           return_stats=cfg.return_stats)
@@ -301,21 +304,24 @@ def _chunk(model, slots: _Slots, req: _Requests, *, cfg: _Config) -> tuple[_Slot
                     None if slots.prompt_logprobs is None else zeros(slots.prompt_logprobs),
                     jax.tree.map(zeros, slots.state.sampler_state) if cfg.return_stats else None,
                     jnp.asarray(0, jnp.int32))
-    slots, fin = _fill(model, slots, fin, req, cfg)
 
     def more(carry):
-        i, slots, fin = carry
-        return (i < cfg.chunk_size) & jnp.any(slots.owner >= 0) & (fin.count + cfg.slots <= f)
+        i, _, slots, fin = carry
+        return ((i < cfg.chunk_size) & (jnp.any(slots.owner >= 0) | (slots.next < cfg.rows))
+                & (fin.count <= cfg.slots))
 
     def body(carry):
-        i, slots, fin = carry
+        i, steps, slots, fin = carry
+        slots, fin = _fill(model, slots, fin, req, cfg)
         step = DecodeStep(model, slots.sampler, slots.keys, req.stops, req.pad_id, slots.limit, cfg.sample_fn,
                           cfg.top_logprobs, cfg.return_stats)
+        live = jnp.any(slots.owner >= 0)  # False only when every refill finished at its first token
         s, outputs = step.step(slots.state, slots.outputs)
-        slots, fin = _fill(model, *_harvest(slots._replace(state=s, outputs=outputs), fin, cfg), req, cfg)
-        return i + 1, slots, fin
+        slots, fin = _harvest(slots._replace(state=s, outputs=outputs), fin, cfg)
+        return i + 1, steps + live.astype(jnp.int32), slots, fin
 
-    steps, slots, fin = jax.lax.while_loop(more, body, (jnp.asarray(0, jnp.int32), slots, fin))
+    zero = jnp.asarray(0, jnp.int32)
+    _, steps, slots, fin = jax.lax.while_loop(more, body, (zero, zero, slots, fin))
     all_done = (slots.next >= cfg.rows) & jnp.all(slots.owner < 0)
     return slots, fin, steps, all_done
 
@@ -365,7 +371,7 @@ def _prepare(model, prompt_tokens, prompt_lengths, keys, *, slots, max_new_token
     if return_stats:
         state_bytes = _sampler_state_bytes(sampling.sampler, rows, int(prompts.tokens.shape[1]), model.vocab_size,
                                            prompts.max_new_tokens)
-    finished = _finished_bytes(2 * min(slots, rows), prompts.max_new_tokens, int(prompts.tokens.shape[1]),
+    finished = _finished_bytes(3 * min(slots, rows), prompts.max_new_tokens, int(prompts.tokens.shape[1]),
                                sampling.top_logprobs, sampling.prompt_logprobs, bool(return_stats), state_bytes)
     core.check_memory(model, fn=fn, max_new_tokens=prompts.max_new_tokens, rows=min(slots, rows),
                       cache_size=prompts.cache_size, width=prompts.max_new_tokens + chunk_size,
@@ -507,7 +513,7 @@ def generate_many(model: LanguageModel, prompt_tokens: Any, prompt_lengths: Any,
         the static N: the output width).
       chunk_size: decode steps between host round trips at most, static: a finished row
         is handed out at the end of its chunk (a refill never waits for one; a chunk
-        ends early once 2 * slots rows finished in it or no request is left).
+        ends early once more than ``slots`` rows finished in it, or no request is left).
       memory_limit: as in `generate`, for the `slots` decoding rows.
 
     Returns:
