@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(prompts x samples) than this, a finished row's slot takes the next prompt at once "
                         "(jaxsample.generate_many) and each row is written as a JSON line as soon as it "
                         "finishes, with a progress bar on stderr")
+    g.add_argument("--prefill-widths", type=int, nargs="+", default=None, metavar="W",
+                   help="with --batch-size: the prompt widths a refill may prefill at (the padded width is "
+                        "always one; fewer widths compile faster, default: powers of two from 16 and their "
+                        "midpoints; docs/engine.md)")
     g.add_argument("--output", metavar="FILE",
                    help="with --batch-size: write the JSON lines to FILE (FILE.partial while running, renamed "
                         "to FILE once every row is written) instead of stdout")
@@ -319,7 +323,7 @@ def run_many(parser, lm, tok, ids, lengths, keys, sampler, stop_ids, texts: list
                                        max_new_tokens=args.max_new_tokens, sampler=sampler, stop_ids=stop_ids,
                                        pad_id=tok.pad_id, n=n, top_logprobs=args.top_logprobs,
                                        prompt_logprobs=args.prompt_logprobs, chunk_size=args.chunk_size,
-                                       memory_limit=memory_limit(args))
+                                       memory_limit=memory_limit(args), prefill_widths=args.prefill_widths)
     except ValueError as e:
         parser.error(error_text(e))
     partial = None if args.output is None else args.output + ".partial"
@@ -704,12 +708,14 @@ def main(argv=None) -> int:
         parser.error(spec_error)
     beam = beam_settings(parser, args)
     check_structured_flags(parser, args, beam)
-    _cli.check_minimums(parser, args, {"--chunk-size": 1, "--max-chat-chars": 1,
+    _cli.check_minimums(parser, args, {"--chunk-size": 1, "--max-chat-chars": 1, "--prefill-widths": 1,
                                        "--batch-size": (0, " (0: one batch)")})
     if args.memory_limit_gb is not None and not args.memory_limit_gb > 0:
         parser.error(f"--memory-limit-gb must be > 0, got {args.memory_limit_gb}")
     if args.output is not None and not args.batch_size:
         parser.error("--output needs --batch-size (the rows are written as JSON lines as they finish)")
+    if args.prefill_widths is not None and not args.batch_size:
+        parser.error("--prefill-widths needs --batch-size (the widths of continuous batching's refills)")
     many = 0 < args.batch_size < len(prompts) * args.num_samples
     if many:
         for flag, given in (("--num-beams", beam), ("--draft-checkpoint", args.draft_checkpoint is not None),

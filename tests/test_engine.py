@@ -6,6 +6,7 @@ schedule; `generate` must stop once every row is done.
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -181,7 +182,7 @@ def test_the_chunk_program_lowers_for_cuda(lm):
               pad_id=258, cache_size=None, n=1, top_logprobs=0, prompt_logprobs=False, chunk_size=4,
               sample_fn=js.sample_step, return_stats=False, fn="generate_many")
     inputs, sampling, limit, cfg = engine._prepare(lm, tokens, lengths, row_keys(0, 5), **kw)
-    assert engine.prompt_widths(20) == (16, 20) and cfg.bucketed
+    assert cfg.widths == engine.prompt_widths(20) == (16, 20)
     req = engine._requests(inputs, sampling, limit)
     chunk = jax.jit(functools.partial(engine._chunk, cfg=cfg))
     mlir = jax.export.export(chunk, platforms=["cuda"])(lm, engine._empty(lm, req, cfg), req).mlir_module()
@@ -273,6 +274,41 @@ def test_refills_at_their_prompt_width_give_generate_rows(lm):
     assert sorted(_WidthRecorder.widths) == sorted([16, 40, 24, 16, 40, 16, 24])  # each prompt's own bucket
 
 
+@pytest.mark.parametrize("widths, want", [
+    ((8, 20), [8, 40, 20, 20, 40, 20, 40]),  # each prompt at the first width that holds it
+    ((), [40] * 7),  # every prompt at the padded width
+    ((64, 20, 20), [20, 40, 20, 20, 40, 20, 40]),  # widths >= P are not needed; order and repeats do not matter
+])
+def test_prefill_widths_choose_the_refill_widths(lm, widths, want):
+    """``prefill_widths`` replaces the default widths (P = 40 is always the last); the tokens
+    are generate's whatever the widths."""
+    rng = np.random.default_rng(14)
+    lengths = np.array([3, 40, 17, 9, 33, 16, 24], np.int32)
+    tokens = rng.integers(0, 256, size=(7, 40)).astype(np.int32)
+    tokens[np.arange(40)[None] >= lengths[:, None]] = 258
+    k = row_keys(15, 7)
+    kw = dict(max_new_tokens=6, sampler=js.default_chain(temperature=0.9), stop_ids=STOPS, pad_id=258)
+    expected = js.generate(lm, tokens, lengths, k, **kw)
+    model = _WidthRecorder(lm, lm.vocab_size)
+    _WidthRecorder.widths.clear()
+    got = js.generate_many(model, tokens, lengths, k, slots=3, prefill_widths=widths, **kw)
+    assert_same(got, expected)
+    jax.effects_barrier()
+    assert sorted(_WidthRecorder.widths) == sorted(want)
+
+
+@pytest.mark.parametrize("bad", [[0], [16, -1], "16", 16, [True], [1.5], [[16]]])
+def test_prefill_widths_must_be_ints_of_at_least_one(lm, bad):
+    tokens, lengths = prompts(b=2, p=6)
+    with pytest.raises(ValueError, match=r"prefill_widths must be a sequence of ints >= 1 .*got " + re.escape(repr(bad))):
+        js.generate_many_stream(lm, tokens, lengths, row_keys(0, 2), slots=1, max_new_tokens=3, prefill_widths=bad)
+
+
+def test_prefill_widths_take_a_numpy_array():
+    assert engine.prefill_widths_for(np.array([24, 16]), 40) == (16, 24, 40)
+    assert engine.prefill_widths_for(None, 40) == engine.prompt_widths(40)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class _WidthRecorder:
@@ -360,7 +396,7 @@ def test_cli_batch_size_writes_every_row_as_one_batch_would(tmp_path):
     run = lambda *extra: subprocess.run([sys.executable, os.path.join(root, "scripts", "generate.py"), *flags,
                                          *extra], capture_output=True, text=True, timeout=600, cwd=root)
     out = tmp_path / "out.jsonl"
-    many = run("--batch-size", "3", "--output", str(out))
+    many = run("--batch-size", "3", "--output", str(out), "--prefill-widths", "4")  # "A": 2 tokens, the rest P
     assert many.returncode == 0, many.stderr
     assert "10/10" in many.stderr and "tokens/s" in many.stderr  # the progress bar's last state
     assert not os.path.exists(str(out) + ".partial")
@@ -373,6 +409,10 @@ def test_cli_batch_size_writes_every_row_as_one_batch_would(tmp_path):
         assert r["token_ids"] == want[r["index"]]["token_ids"] and r["prompt"] == want[r["index"]]["prompt"]
     bad = run("--batch-size", "3", "--prompt-lookup", "3")
     assert bad.returncode == 2 and "--batch-size (continuous batching) cannot be used with --prompt-lookup" in bad.stderr
+    bad = run("--batch-size", "3", "--prefill-widths", "16", "0")
+    assert bad.returncode == 2 and "--prefill-widths must be >= 1, got [16, 0]" in bad.stderr
+    bad = run("--prefill-widths", "16")
+    assert bad.returncode == 2 and "--prefill-widths needs --batch-size" in bad.stderr
 
 
 def test_the_memory_check_counts_the_finished_rows_buffer(lm, monkeypatch):

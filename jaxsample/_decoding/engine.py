@@ -32,11 +32,11 @@ independent (attention masks every other position exactly). Its logits agree wit
 `generate`'s to float32 rounding, not bit for bit: XLA rounds a matmul row differently
 with the number of rows (docs/engine.md).
 
-A refill prefills its prompt at the first of `prompt_widths(P)` that holds it (one
-`lax.switch` branch per width), so a short prompt in a batch padded for a long one costs
-what its own length needs. Shapes are fixed by (slots, P, N): admitting a new prompt, a
+A refill prefills its prompt at the first of its prefill widths (``prefill_widths``,
+by default `prompt_widths(P)`) that holds it (one `lax.switch` branch per width), so a
+short prompt in a batch padded for a long one costs what its own length needs. Shapes are fixed by (slots, P, N): admitting a new prompt, a
 new chunk or a new call with prompts of the same padded shape never recompiles (two
-programs: the empty slots and the chunk).
+programs: the empty slots and the chunk; ``prefill_widths`` is static).
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ class _Config:
     prompt_logprobs: bool
     return_stats: bool
     sample_fn: Callable
-    bucketed: bool  #: refills prefill at their width bucket (a batch-leading cache)
+    widths: tuple[int, ...]  #: the prefill widths of a refill, ascending, P last ((P,) without buckets)
 
     @property
     def finished_rows(self) -> int:
@@ -190,18 +190,38 @@ def _copy_rows(cache, fresh, rows):
     return jax.tree.map(lambda c, f: c.at[rows].set(f.astype(c.dtype), mode="drop"), cache, fresh)
 
 
-def _prefill_bucketed(model, tokens, lengths, rows, cache, cache_size, prompt_logprobs, bucketed):
-    """`_prefill_rows` of G prompts [G, P], at the first of ``prompt_widths(P)`` that holds the
-    longest (a traced choice: one program holds every width, only the chosen one runs) when
-    ``bucketed``.
+def prefill_widths_for(prefill_widths: Sequence[int] | None, prompt_len: int) -> tuple[int, ...]:
+    """The prefill widths of a call with prompts padded to ``prompt_len`` (P): those of
+    ``prefill_widths`` below P, ascending, then P (None: `prompt_widths(P)`).
+
+    Raises:
+      ValueError: ``prefill_widths`` is not a sequence of ints >= 1, naming the value.
+    """
+    if prefill_widths is None:
+        return prompt_widths(prompt_len)
+    if isinstance(prefill_widths, np.ndarray) and prefill_widths.ndim == 1:
+        prefill_widths = prefill_widths.tolist()
+    bad = isinstance(prefill_widths, (str, bytes)) or not isinstance(prefill_widths, Sequence)
+    if not bad:
+        bad = any(isinstance(w, (bool, np.bool_)) or not isinstance(w, (int, np.integer)) or w < 1
+                  for w in prefill_widths)
+    if bad:
+        raise ValueError(f"generate_many: prefill_widths must be a sequence of ints >= 1 (or None: the default "
+                         f"widths), got {prefill_widths!r}")
+    return tuple(sorted({int(w) for w in prefill_widths if w < prompt_len})) + (prompt_len,)
+
+
+def _prefill_bucketed(model, tokens, lengths, rows, cache, cache_size, prompt_logprobs, widths):
+    """`_prefill_rows` of G prompts [G, P], at the first of ``widths`` (ascending, P last)
+    that holds the longest (a traced choice: one program holds every width, only the
+    chosen one runs).
 
     A bucketed refill prefills a fresh cache of G rows inside the chosen branch and copies
     its rows into ``cache`` after it, so the slots' cache never passes through the
     conditional (XLA would copy it whole). It needs a cache whose leaves lead with the
-    batch axis; without one (``bucketed`` False) the refill runs at width P."""
+    batch axis; without one ``widths`` is (P,) and the refill runs at width P."""
     p = tokens.shape[1]
-    widths = prompt_widths(p)
-    if not bucketed or len(widths) == 1:
+    if len(widths) == 1:
         return _prefill_rows(model, tokens, lengths, rows, cache, cache_size, prompt_logprobs)
 
     def at(w):
@@ -243,7 +263,7 @@ def _admit(model, slots: _Slots, req: _Requests, slot: Array, cfg: _Config) -> _
     lengths = jnp.take(req.lengths, r // cfg.n, axis=0)  # [1]
     row_sampler = take_rows(req.sampler, r, cfg.rows)
     logits, cache, prompt_lp = _prefill_bucketed(model, tokens, lengths, at, slots.state.cache, cfg.cache_size,
-                                                 cfg.prompt_logprobs, cfg.bucketed)
+                                                 cfg.prompt_logprobs, cfg.widths)
     state = init_state(row_sampler, tokens, lengths, model.vocab_size, max_new_tokens=cfg.max_new_tokens)
     step = DecodeStep(model, row_sampler, req.keys[r], req.stops, req.pad_id, req.limit[r], cfg.sample_fn,
                       cfg.top_logprobs, cfg.return_stats)
@@ -359,13 +379,14 @@ def _sampler_state_bytes(sampler: Chain, rows: int, prompt_len: int, vocab_size:
 
 def _prepare(model, prompt_tokens, prompt_lengths, keys, *, slots, max_new_tokens, sampler, stop_ids, pad_id,
              cache_size, n, top_logprobs, prompt_logprobs, chunk_size, sample_fn, return_stats, fn,
-             memory_limit=None) -> tuple[Any, Any, Array, _Config]:
+             memory_limit=None, prefill_widths=None) -> tuple[Any, Any, Array, _Config]:
     prompts, sampling, limit = core.prepare_inputs(
         model, prompt_tokens, prompt_lengths, keys, max_new_tokens=max_new_tokens, sampler=sampler,
         stop_ids=stop_ids, pad_id=pad_id, cache_size=cache_size, n=n, top_logprobs=top_logprobs,
         prompt_logprobs=prompt_logprobs, fn=fn)
     slots = core.positive_int("slots", slots)
     chunk_size = core.positive_int("chunk_size", chunk_size)
+    widths = prefill_widths_for(prefill_widths, int(prompts.tokens.shape[1]))
     rows = sampling.keys.shape[0]
     state_bytes = 0
     if return_stats:
@@ -389,7 +410,8 @@ def _prepare(model, prompt_tokens, prompt_lengths, keys, *, slots, max_new_token
     cfg = _Config(slots=min(slots, rows), rows=rows, n=sampling.n, max_new_tokens=prompts.max_new_tokens,
                   prompt_len=int(prompts.tokens.shape[1]), cache_size=prompts.cache_size, chunk_size=chunk_size,
                   top_logprobs=sampling.top_logprobs, prompt_logprobs=sampling.prompt_logprobs,
-                  return_stats=bool(return_stats), sample_fn=sample_fn, bucketed=batch_leading)
+                  return_stats=bool(return_stats), sample_fn=sample_fn,
+                  widths=widths if batch_leading else widths[-1:])
     return prompts, sampling, limit, cfg
 
 
@@ -398,7 +420,8 @@ def generate_many_stream(model: LanguageModel, prompt_tokens: Any, prompt_length
                          pad_id: int = 0, cache_size: int | None = None, n: int = 1, top_logprobs: int = 0,
                          prompt_logprobs: bool = False, sample_fn: Callable = sample_step,
                          return_stats: bool = False, chunk_size: int = CHUNK,
-                         memory_limit: float | None = None) -> "ManyStream":
+                         memory_limit: float | None = None,
+                         prefill_widths: Sequence[int] | None = None) -> "ManyStream":
     """`generate_many`, yielding each row as soon as it finishes (a `Completion`, host arrays).
 
     A row is handed out at the end of the chunk of steps it finished in (at most
@@ -421,7 +444,7 @@ def generate_many_stream(model: LanguageModel, prompt_tokens: Any, prompt_length
         model, prompt_tokens, prompt_lengths, keys, slots=slots, max_new_tokens=max_new_tokens, sampler=sampler,
         stop_ids=stop_ids, pad_id=pad_id, cache_size=cache_size, n=n, top_logprobs=top_logprobs,
         prompt_logprobs=prompt_logprobs, chunk_size=chunk_size, sample_fn=sample_fn, return_stats=return_stats,
-        fn="generate_many", memory_limit=memory_limit)
+        fn="generate_many", memory_limit=memory_limit, prefill_widths=prefill_widths)
     return ManyStream(lambda stream: _schedule(stream, model, prompts, sampling, limit, cfg))
 
 
@@ -486,7 +509,8 @@ def generate_many(model: LanguageModel, prompt_tokens: Any, prompt_lengths: Any,
                   max_new_tokens: Any, sampler: Chain | None = None, stop_ids: Sequence[int] = (), pad_id: int = 0,
                   cache_size: int | None = None, n: int = 1, top_logprobs: int = 0, prompt_logprobs: bool = False,
                   sample_fn: Callable = sample_step, return_stats: bool = False,
-                  chunk_size: int = CHUNK, memory_limit: float | None = None) -> GenerateOutput:
+                  chunk_size: int = CHUNK, memory_limit: float | None = None,
+                  prefill_widths: Sequence[int] | None = None) -> GenerateOutput:
     """`generate` for any number of prompts, decoding at most `slots` rows at a time.
 
     When a row finishes, its slot takes the next prompt (prefilled into that slot's cache
@@ -515,6 +539,12 @@ def generate_many(model: LanguageModel, prompt_tokens: Any, prompt_lengths: Any,
         is handed out at the end of its chunk (a refill never waits for one; a chunk
         ends early once more than ``slots`` rows finished in it, or no request is left).
       memory_limit: as in `generate`, for the `slots` decoding rows.
+      prefill_widths: the prompt widths a refill may prefill at, static (as JetStream's
+        prefill lengths): a refill runs at the first that holds its prompt, and the padded
+        width P is always the last (widths at or above P are not needed). Each width is a
+        prefill in the chunk program: fewer compile faster, and cost short prompts more
+        positions; ``()`` refills every prompt at P. None (the default): `prompt_widths(P)`,
+        the powers of two from 16 and the midpoints between them (docs/engine.md).
 
     Returns:
       A `GenerateOutput` for the B * n rows, as `generate`'s.
@@ -535,7 +565,7 @@ def generate_many(model: LanguageModel, prompt_tokens: Any, prompt_lengths: Any,
         model, prompt_tokens, prompt_lengths, keys, slots=slots, max_new_tokens=max_new_tokens, sampler=sampler,
         stop_ids=stop_ids, pad_id=pad_id, cache_size=cache_size, n=n, top_logprobs=top_logprobs,
         prompt_logprobs=prompt_logprobs, chunk_size=chunk_size, sample_fn=sample_fn, return_stats=return_stats,
-        fn="generate_many", memory_limit=memory_limit)
+        fn="generate_many", memory_limit=memory_limit, prefill_widths=prefill_widths)
     stream = ManyStream(lambda stream: _schedule(stream, model, prompts, sampling, limit, cfg))
     done = sorted(stream, key=lambda c: c.index)
     stack = lambda field: None if getattr(done[0], field) is None else jnp.asarray(
