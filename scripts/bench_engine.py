@@ -32,7 +32,9 @@ Two more measurements, same run:
 Steps are decode steps of the batch (every row advances once a step); tokens/s counts the
 generated tokens (the same for every method) over the median wall time of --repeats
 interleaved rounds (compile excluded); tok/CPU-s uses process CPU time, steadier on a
-shared machine. "same" checks that every method's tokens equal batch early exit's.
+shared machine; "paired" is the median over rounds of each round's own ratio to batch
+early exit (the two timed back to back, so a machine whose speed drifts between rounds
+moves both). "same" checks that every method's tokens equal batch early exit's.
 """
 
 from __future__ import annotations
@@ -241,13 +243,16 @@ def main(argv=None) -> int:
         tokens, steps = results[name]
         width = min(tokens.shape[1], reference.shape[1])
         seconds, cpu_s = float(np.median(wall[name])), float(np.median(cpu[name]))
+        paired = float(np.median(np.asarray(wall["batch, early exit"]) / np.asarray(wall[name])))
         rows.append(dict(method=name, steps=int(steps), tokens_per_s=generated / seconds,
                          tokens_per_cpu_s=generated / cpu_s, vs_early_exit=base / seconds,
+                         vs_early_exit_paired=paired,
                          same=bool(np.array_equal(tokens[:, :width], reference[:, :width])), seconds=seconds,
                          compile_s=compile_s[name]))
     for s in args.slots:
         rows.append(dict(method=f"ideal slots={s}", steps=-(-generated // s), tokens_per_s=None,
-                         tokens_per_cpu_s=None, vs_early_exit=None, same=None, seconds=None, compile_s=None))
+                         tokens_per_cpu_s=None, vs_early_exit=None, vs_early_exit_paired=None, same=None,
+                         seconds=None, compile_s=None))
 
     first = slice(0, min(b, len(ids)))
     stop_early = early_stop(lm, tok, ids[first], lengths[first], keys[first], sampler, max(args.repeats, 3))
@@ -258,12 +263,15 @@ def main(argv=None) -> int:
     print(f"decode engine: {len(ids)} held-out prompts (lengths {lengths.min()}..{lengths.max()}, mean "
           f"{lengths.mean():.0f}), limits {limits.min()}..{limits.max()} (max_new_tokens {n}), stops .!?, "
           f"{generated} tokens generated, batch {b}, {jax.default_backend()} ({device})")
-    print(f"{'method':<26} {'steps':>6} {'tokens/s':>9} {'tok/CPU-s':>10} {'vs early exit':>13} {'same':>5}")
+    print(f"{'method':<26} {'steps':>6} {'tokens/s':>9} {'tok/CPU-s':>10} {'vs early exit':>13} {'paired':>7} "
+          f"{'same':>5}")
     for r in rows:
         f = lambda v, fmt: "-" if v is None else format(v, fmt)
+        x = lambda v: " " if v is None else "x"
         same = "-" if r["same"] is None else ("yes" if r["same"] else "NO")
         print(f"{r['method']:<26} {r['steps']:>6} {f(r['tokens_per_s'], '9.1f'):>9} "
-              f"{f(r['tokens_per_cpu_s'], '10.1f'):>10} {f(r['vs_early_exit'], '12.2f'):>12}x {same:>5}")
+              f"{f(r['tokens_per_cpu_s'], '10.1f'):>10} {f(r['vs_early_exit'], '.2f'):>12}{x(r['vs_early_exit'])} "
+              f"{f(r['vs_early_exit_paired'], '.2f'):>6}{x(r['vs_early_exit_paired'])} {same:>5}")
     print(f"early stop: {stop_early['rows']} rows, longest {stop_early['longest_row']} tokens: "
           f"max_new_tokens=512 {stop_early['ms_512']:.0f} ms vs 64 {stop_early['ms_64']:.0f} ms = "
           f"{stop_early['ratio']:.2f}x (same tokens: {'yes' if stop_early['same'] else 'NO'})")
