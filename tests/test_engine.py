@@ -274,14 +274,9 @@ def test_refills_at_their_prompt_width_give_generate_rows(lm):
     assert sorted(_WidthRecorder.widths) == sorted([16, 40, 24, 16, 40, 16, 24])  # each prompt's own bucket
 
 
-@pytest.mark.parametrize("widths, want", [
-    ((8, 20), [8, 40, 20, 20, 40, 20, 40]),  # each prompt at the first width that holds it
-    ((), [40] * 7),  # every prompt at the padded width
-    ((64, 20, 20), [20, 40, 20, 20, 40, 20, 40]),  # widths >= P are not needed; order and repeats do not matter
-])
-def test_prefill_widths_choose_the_refill_widths(lm, widths, want):
-    """``prefill_widths`` replaces the default widths (P = 40 is always the last); the tokens
-    are generate's whatever the widths."""
+def test_prefill_widths_choose_the_refill_widths(lm):
+    """``prefill_widths`` replaces the default widths (P = 40 is always the last): each
+    prompt runs at the first that holds it; the tokens are generate's."""
     rng = np.random.default_rng(14)
     lengths = np.array([3, 40, 17, 9, 33, 16, 24], np.int32)
     tokens = rng.integers(0, 256, size=(7, 40)).astype(np.int32)
@@ -291,10 +286,10 @@ def test_prefill_widths_choose_the_refill_widths(lm, widths, want):
     expected = js.generate(lm, tokens, lengths, k, **kw)
     model = _WidthRecorder(lm, lm.vocab_size)
     _WidthRecorder.widths.clear()
-    got = js.generate_many(model, tokens, lengths, k, slots=3, prefill_widths=widths, **kw)
+    got = js.generate_many(model, tokens, lengths, k, slots=3, prefill_widths=(20, 8, 20), **kw)
     assert_same(got, expected)
     jax.effects_barrier()
-    assert sorted(_WidthRecorder.widths) == sorted(want)
+    assert sorted(_WidthRecorder.widths) == sorted([8, 40, 20, 20, 40, 20, 40])
 
 
 @pytest.mark.parametrize("bad", [[0], [16, -1], "16", 16, [True], [1.5], [[16]]])
@@ -304,7 +299,9 @@ def test_prefill_widths_must_be_ints_of_at_least_one(lm, bad):
         js.generate_many_stream(lm, tokens, lengths, row_keys(0, 2), slots=1, max_new_tokens=3, prefill_widths=bad)
 
 
-def test_prefill_widths_take_a_numpy_array():
+def test_prefill_widths_are_sorted_deduplicated_and_end_at_the_padded_width():
+    assert engine.prefill_widths_for((64, 20, 8, 20, 40), 40) == (8, 20, 40)  # widths >= P are not needed
+    assert engine.prefill_widths_for((), 40) == (40,)  # every refill at P
     assert engine.prefill_widths_for(np.array([24, 16]), 40) == (16, 24, 40)
     assert engine.prefill_widths_for(None, 40) == engine.prompt_widths(40)
 
