@@ -368,6 +368,11 @@ def test_refills_need_prefill_into_or_a_batch_leading_cache():
     with pytest.raises(ValueError, match="generate_many: prompt_logprobs=True .* lead with the batch axis"):
         js.generate_many(TransposedWithRefills(jnp.zeros((8, 8))), jnp.array([[1, 2]]), jnp.array([2]),
                          row_keys(0, 1), slots=1, max_new_tokens=3, prompt_logprobs=True)
+    with pytest.raises(ValueError, match=r"generate_many: prefill_widths=\(1,\) refills at a width .* batch axis"):
+        js.generate_many(TransposedWithRefills(jnp.zeros((8, 8))), jnp.array([[1, 2]]), jnp.array([2]),
+                         row_keys(0, 1), slots=1, max_new_tokens=3, prefill_widths=(1,))
+    js.generate_many(TransposedWithRefills(jnp.zeros((8, 8))), jnp.array([[1, 2]]), jnp.array([2]), row_keys(0, 1),
+                     slots=1, max_new_tokens=3, prefill_widths=(2,))  # no width below P = 2: nothing to refuse
     with pytest.raises(ValueError, match="slots must be a positive int, got 0"):
         js.generate_many(CountingTableModel(jnp.zeros((8, 8))), jnp.array([[1, 2]]), jnp.array([2]), row_keys(0, 1),
                          slots=0, max_new_tokens=3)

@@ -403,6 +403,10 @@ def _prepare(model, prompt_tokens, prompt_lengths, keys, *, slots, max_new_token
     if sampling.prompt_logprobs and not batch_leading:
         raise ValueError(f"{fn}: prompt_logprobs=True refills a slot by copying a prefilled cache's rows: "
                          f"{type(model).__name__}'s cache needs every leaf to lead with the batch axis")
+    if len(widths) > 1 and prefill_widths is not None and not batch_leading:
+        raise ValueError(f"{fn}: prefill_widths={prefill_widths!r} refills at a width by copying a prefilled "
+                         f"cache's rows: {type(model).__name__}'s cache needs every leaf to lead with the batch "
+                         f"axis (its refills run at the padded width {widths[-1]}: pass prefill_widths=None)")
     if not callable(getattr(model, "prefill_into", None)) and not batch_leading:
         raise ValueError(f"{fn}: refilling a slot writes a prefilled cache into that slot's rows: "
                          f"{type(model).__name__} needs prefill_into(tokens, lengths, rows, cache), or a cache "
@@ -541,7 +545,8 @@ def generate_many(model: LanguageModel, prompt_tokens: Any, prompt_lengths: Any,
       memory_limit: as in `generate`, for the `slots` decoding rows.
       prefill_widths: the prompt widths a refill may prefill at, static (as JetStream's
         prefill lengths): a refill runs at the first that holds its prompt, and the padded
-        width P is always the last (widths at or above P are not needed). Each width is a
+        width P is always the last (widths at or above P are not needed; widths below it
+        need a cache whose every leaf leads with the batch axis). Each width is a
         prefill in the chunk program: fewer compile faster, and cost short prompts more
         positions; ``()`` refills every prompt at P. None (the default): `prompt_widths(P)`,
         the powers of two from 16 and the midpoints between them (docs/engine.md).
