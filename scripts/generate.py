@@ -114,9 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("many prompts (continuous batching)")
     g.add_argument("--batch-size", type=int, default=0,
                    help="decode at most this many rows at a time (0: every row in one batch); with more rows "
-                        "(prompts x samples) than this, a finished row's slot takes the next prompt at once "
-                        "(jaxsample.generate_many) and each row is written as a JSON line as soon as it "
-                        "finishes, with a progress bar on stderr")
+                        "(prompts x samples) than this, or with --output or --prefill-widths, a finished row's "
+                        "slot takes the next prompt at once (jaxsample.generate_many) and each row is written "
+                        "as a JSON line as soon as it finishes, with a progress bar on stderr")
     g.add_argument("--prefill-widths", type=int, nargs="+", default=None, metavar="W",
                    help="with --batch-size: the prompt widths a refill may prefill at (the padded width is "
                         "always one; fewer widths compile faster, default: powers of two from 16 and their "
@@ -310,9 +310,10 @@ def json_lines(out, texts, tok, top_logprobs: int, n: int = 1, prompt_lengths=No
 
 
 def run_many(parser, lm, tok, ids, lengths, keys, sampler, stop_ids, texts: list[str], args) -> int:
-    """--batch-size with more rows than slots: `jaxsample.generate_many_stream`, a JSON line per
-    row as it finishes (its "index" is the row: prompt i's sample j is i * n + j), progress on
-    stderr (prompts done / total, tokens/s, ETA)."""
+    """--batch-size with more rows than slots (or with --output, --prefill-widths):
+    `jaxsample.generate_many_stream`, a JSON line per row as it finishes (its "index" is the
+    row: prompt i's sample j is i * n + j), progress on stderr (prompts done / total,
+    tokens/s, ETA)."""
     try:
         from tqdm import tqdm
     except ImportError:
@@ -349,7 +350,8 @@ def run_many(parser, lm, tok, ids, lengths, keys, sampler, stop_ids, texts: list
         os.replace(partial, args.output)
     elapsed = time.perf_counter() - t0
     print(f"{len(texts)} rows, {tokens} tokens in {elapsed:.2f} s ({tokens / elapsed:,.0f} tokens/s with compile), "
-          f"{rows.steps} decode steps of {args.batch_size} slots, {rows.chunks} chunks, {jax.default_backend()}",
+          f"{rows.steps} decode steps of {min(args.batch_size, len(texts))} slots, {rows.chunks} chunks, "
+          f"{jax.default_backend()}",
           file=sys.stderr)
     return 0
 
@@ -716,7 +718,9 @@ def main(argv=None) -> int:
         parser.error("--output needs --batch-size (the rows are written as JSON lines as they finish)")
     if args.prefill_widths is not None and not args.batch_size:
         parser.error("--prefill-widths needs --batch-size (the widths of continuous batching's refills)")
-    many = 0 < args.batch_size < len(prompts) * args.num_samples
+    # continuous batching: more rows than --batch-size, or a flag of its own (--output, --prefill-widths)
+    many = 0 < args.batch_size and (args.batch_size < len(prompts) * args.num_samples or args.output is not None
+                                    or args.prefill_widths is not None)
     if many:
         for flag, given in (("--num-beams", beam), ("--draft-checkpoint", args.draft_checkpoint is not None),
                             ("--ngram-draft", args.ngram_draft is not None),

@@ -409,6 +409,10 @@ def test_cli_batch_size_writes_every_row_as_one_batch_would(tmp_path):
     want = [json.loads(line) for line in one.stdout.splitlines() if line.startswith("{")]
     for r in rows:
         assert r["token_ids"] == want[r["index"]]["token_ids"] and r["prompt"] == want[r["index"]]["prompt"]
+    few = tmp_path / "few.jsonl"  # --output with no more rows than --batch-size: still written
+    one_batch = run("--batch-size", "16", "--output", str(few))
+    assert one_batch.returncode == 0, one_batch.stderr
+    assert sorted(json.loads(line)["index"] for line in few.read_text(encoding="utf-8").splitlines()) == list(range(10))
     bad = run("--batch-size", "3", "--prompt-lookup", "3")
     assert bad.returncode == 2 and "--batch-size (continuous batching) cannot be used with --prompt-lookup" in bad.stderr
     bad = run("--batch-size", "3", "--prefill-widths", "16", "0")

@@ -34,9 +34,10 @@ with the number of rows (docs/engine.md).
 
 A refill prefills its prompt at the first of its prefill widths (``prefill_widths``,
 by default `prompt_widths(P)`) that holds it (one `lax.switch` branch per width), so a
-short prompt in a batch padded for a long one costs what its own length needs. Shapes are fixed by (slots, P, N): admitting a new prompt, a
-new chunk or a new call with prompts of the same padded shape never recompiles (two
-programs: the empty slots and the chunk; ``prefill_widths`` is static).
+short prompt in a batch padded for a long one costs what its own length needs. Shapes
+are fixed by (slots, P, N): admitting a new prompt, a new chunk or a new call with
+prompts of the same padded shape never recompiles (two programs: the empty slots and the
+chunk; ``prefill_widths`` is static).
 """
 
 from __future__ import annotations
