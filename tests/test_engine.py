@@ -292,10 +292,18 @@ def test_prefill_widths_choose_the_refill_widths(lm):
     assert sorted(_WidthRecorder.widths) == sorted([8, 40, 20, 20, 40, 20, 40])
 
 
-@pytest.mark.parametrize("bad", [[0], [16, -1], "16", 16, [True], [1.5], [[16]]])
-def test_prefill_widths_must_be_ints_of_at_least_one(lm, bad):
+@pytest.mark.parametrize("bad, message", [
+    ("16", "prefill_widths must be a sequence of ints >= 1 (or None: the default widths), got '16'"),
+    (16, "prefill_widths must be a sequence of ints >= 1 (or None: the default widths), got 16"),
+    ([0], "prefill_widths[0] must be a positive int, got 0"),
+    ([16, -1], "prefill_widths[1] must be a positive int, got -1"),
+    ([True], "prefill_widths[0] must be a positive int, got True"),
+    ([1.5], "prefill_widths[0] must be a positive int, got 1.5"),
+    ([[16]], "prefill_widths[0] must be a positive int, got [16]"),
+])
+def test_prefill_widths_must_be_ints_of_at_least_one(lm, bad, message):
     tokens, lengths = prompts(b=2, p=6)
-    with pytest.raises(ValueError, match=r"prefill_widths must be a sequence of ints >= 1 .*got " + re.escape(repr(bad))):
+    with pytest.raises(ValueError, match=re.escape("generate_many: " + message)):
         js.generate_many_stream(lm, tokens, lengths, row_keys(0, 2), slots=1, max_new_tokens=3, prefill_widths=bad)
 
 
@@ -412,7 +420,9 @@ def test_cli_batch_size_writes_every_row_as_one_batch_would(tmp_path):
     few = tmp_path / "few.jsonl"  # --output with no more rows than --batch-size: still written
     one_batch = run("--batch-size", "16", "--output", str(few))
     assert one_batch.returncode == 0, one_batch.stderr
-    assert sorted(json.loads(line)["index"] for line in few.read_text(encoding="utf-8").splitlines()) == list(range(10))
+    few_rows = [json.loads(line) for line in few.read_text(encoding="utf-8").splitlines()]
+    assert sorted(r["index"] for r in few_rows) == list(range(10))
+    assert all(r["token_ids"] == want[r["index"]]["token_ids"] for r in few_rows)
     bad = run("--batch-size", "3", "--prompt-lookup", "3")
     assert bad.returncode == 2 and "--batch-size (continuous batching) cannot be used with --prompt-lookup" in bad.stderr
     bad = run("--batch-size", "3", "--prefill-widths", "16", "0")

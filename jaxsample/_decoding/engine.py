@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsample import _validation as _val
 from jaxsample._decoding import core
 from jaxsample._decoding.core import DecodeState, LanguageModel, Outputs
 from jaxsample._decoding.generate import GenerateOutput, GenerateStats
@@ -196,20 +197,18 @@ def prefill_widths_for(prefill_widths: Sequence[int] | None, prompt_len: int) ->
     ``prefill_widths`` below P, ascending, then P (None: `prompt_widths(P)`).
 
     Raises:
-      ValueError: ``prefill_widths`` is not a sequence of ints >= 1, naming the value.
+      ValueError: ``prefill_widths`` is not a sequence, or one of its widths is not an int
+        >= 1, naming the value.
     """
     if prefill_widths is None:
         return prompt_widths(prompt_len)
     if isinstance(prefill_widths, np.ndarray) and prefill_widths.ndim == 1:
         prefill_widths = prefill_widths.tolist()
-    bad = isinstance(prefill_widths, (str, bytes)) or not isinstance(prefill_widths, Sequence)
-    if not bad:
-        bad = any(isinstance(w, (bool, np.bool_)) or not isinstance(w, (int, np.integer)) or w < 1
-                  for w in prefill_widths)
-    if bad:
+    if isinstance(prefill_widths, (str, bytes)) or not isinstance(prefill_widths, Sequence):
         raise ValueError(f"generate_many: prefill_widths must be a sequence of ints >= 1 (or None: the default "
                          f"widths), got {prefill_widths!r}")
-    return tuple(sorted({int(w) for w in prefill_widths if w < prompt_len})) + (prompt_len,)
+    widths = {_val.check_int(f"prefill_widths[{i}]", w, fn="generate_many") for i, w in enumerate(prefill_widths)}
+    return tuple(sorted(w for w in widths if w < prompt_len)) + (prompt_len,)
 
 
 def _prefill_bucketed(model, tokens, lengths, rows, cache, cache_size, prompt_logprobs, widths):
