@@ -341,14 +341,68 @@ def moe_experts(x, gate, up, down, weights, experts, impl: str, act):
     return jnp.einsum("nef,efd,ne->nd", h, down, combine)
 
 
+class Refill(NamedTuple):
+    """Prompts prefilled in the same pass as a decode step (`DecoderLM.decode_refill`).
+
+    In that pass the hidden states are packed: the decode step's B tokens, then the G
+    prompts' W tokens each, as one row [1, B + G * W, D], so every weight is read once."""
+
+    lengths: jax.Array  #: int32 [G], each prompt's real tokens (the rest of its W is padding)
+    rows: jax.Array  #: int32 [G], the cache row each prompt fills (outside [0, B): nothing written)
+    width: int  #: W, the prompts' padded width (static)
+
+
+def _unpack(y, decode_rows: int, refill: Refill):
+    """A packed [1, B + G * W, ...] -> the decode part [B, 1, ...] and the prompts [G, W, ...]."""
+    rest = y.shape[2:]
+    return y[0, :decode_rows].reshape((decode_rows, 1) + rest), y[0, decode_rows:].reshape((-1, refill.width) + rest)
+
+
+def _pack(decode_part, prompts):
+    """[B, 1, ...] and [G, W, ...] -> [1, B + G * W, ...] (the inverse of `_unpack`)."""
+    flat = lambda y: y.reshape((-1,) + y.shape[2:])  # noqa: E731
+    return jnp.concatenate([flat(decode_part), flat(prompts)])[None]
+
+
+def _refill_attention(q, k, v, refill: Refill, cache_kv, window, scale, cap):
+    """A `Refill`'s prompts, in a layer of a `decode_refill` pass: each attends causally to
+    its own W keys (positions 0..W-1, as a prefill on a fresh cache), and its keys and
+    values are written into its cache row: positions [0, W) of a full-attention layer
+    (the row's entries past W are left as they are: a query at position t reads only
+    positions <= t, each written by the row's own tokens first), the whole ring of a
+    sliding-window layer (built as a prefill into an empty ring).
+
+    Args:
+      q: [G, W, H, Dh]; k, v: [G, K, W, Dh]; cache_kv: (k, v), each [B, K, S_l, Dh].
+    Returns:
+      (attention output [G, W, H * Dh], (cache_k, cache_v)).
+    """
+    cache_k, cache_v = cache_kv
+    g, w = refill.rows.shape[0], refill.width
+    positions = jnp.broadcast_to(jnp.arange(w), (g, w))
+    if window is None:
+        mask = positions[:, None, :] <= positions[:, :, None]  # [G, W, W] causal
+        out = attend(q, k, v, mask, scale, cap)
+        put = lambda c, new: c.at[refill.rows, :, :w].set(new.astype(c.dtype), mode="drop")  # noqa: E731
+        return out, (put(cache_k, k), put(cache_v, v))
+    ring = jnp.zeros((g,) + cache_k.shape[1:], cache_k.dtype)
+    out, (ring_k, ring_v) = ring_cache_attention(q, k, v, positions, refill.lengths, ring, ring, window, scale, cap)
+    put = lambda c, new: c.at[refill.rows].set(new, mode="drop")  # noqa: E731
+    return out, (put(cache_k, ring_k), put(cache_v, ring_v))
+
+
 class Block(nn.Module):
     config: DecoderConfig
     layer: int = 0
 
     @nn.compact
-    def __call__(self, x, positions, cache_kv, seq_len):
+    def __call__(self, x, positions, cache_kv, seq_len, refill: Refill | None = None):
         """x: [B, T, D]; positions: [B, T]; cache_kv: None or (k, v), each [B, K, S_l, Dh];
-        seq_len: int32 [B], tokens at positions >= seq_len are padding."""
+        seq_len: int32 [B], tokens at positions >= seq_len are padding.
+
+        With ``refill`` (a `decode_refill` pass), x is packed [1, B + G * W, D]: the decode
+        step's B tokens (T = 1; positions, seq_len [B] are theirs) then the G prompts
+        (`Refill`); every projection runs once on the packed tokens, attention on each part."""
         c = self.config
         dt = c.jnp_dtype
         window = c.layer_window(self.layer)
@@ -367,13 +421,24 @@ class Block(nn.Module):
         q, k = q.reshape(b, t, c.n_heads, hd), k.reshape(b, t, c.n_kv_heads, hd)
         if c.qk_norm == "head":  # Qwen3, Gemma 3: over each head
             q, k = norm("q_norm")(q), norm("k_norm")(k)
+        if refill is not None:  # the decode part [B, 1, ...] and the prompts [G, W, ...]
+            rows = positions.shape[0]
+            (q, q_refill), (k, k_refill), (v, v_refill) = (_unpack(y, rows, refill) for y in (q, k, v))
+            refill_positions = jnp.broadcast_to(jnp.arange(refill.width), q_refill.shape[:2])
         if self.layer not in c.no_rope_layers:
             local = window is not None and c.local_rope_theta is not None
             theta, scaling = (c.local_rope_theta, None) if local else (c.rope_theta, c.rope_scaling)
             q = rope(q, positions, theta, scaling, c.rotary_dim, seq_len)
             k = rope(k, positions, theta, scaling, c.rotary_dim, seq_len)
+            if refill is not None:
+                q_refill = rope(q_refill, refill_positions, theta, scaling, c.rotary_dim, refill.lengths)
+                k_refill = rope(k_refill, refill_positions, theta, scaling, c.rotary_dim, refill.lengths)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, Dh]
 
+        if refill is not None:  # the prompts' rows first: their writes precede every read of the cache
+            attn_refill, cache_kv = _refill_attention(q_refill, k_refill.transpose(0, 2, 1, 3),
+                                                      v_refill.transpose(0, 2, 1, 3), refill, cache_kv, window,
+                                                      c.attn_scale, c.attn_softcap)
         if cache_kv is None:  # Full forward: attend within this call, causally.
             mask = positions[:, None, :] <= positions[:, :, None]  # [B, T, T]
             if window is not None:
@@ -384,6 +449,8 @@ class Block(nn.Module):
         else:
             attn, cache_kv = ring_cache_attention(q, k, v, positions, seq_len, *cache_kv, window, c.attn_scale,
                                                   c.attn_softcap)
+        if refill is not None:
+            attn = _pack(attn, attn_refill)
         attn = _dense(c.d_model, "o", dt, out_std)(attn)
         x = x + (norm("attn_post_norm")(attn) if c.post_norms else attn)
 
@@ -404,7 +471,8 @@ class Decoder(nn.Module):
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, tokens, positions, cache: KVCache | None = None, hidden_index=None, lengths=None):
+    def __call__(self, tokens, positions, cache: KVCache | None = None, hidden_index=None, lengths=None,
+                 refill: Refill | None = None, refill_tokens=None):
         """
         Args:
           tokens: int32 [B, T].
@@ -415,12 +483,18 @@ class Decoder(nn.Module):
           lengths: None (every token is real), or int32 [B]: tokens at positions
             >= lengths are padding (not written into sliding-window rings; longrope
             picks its factors from the real length).
+          refill, refill_tokens: a `Refill` and its prompts int32 [G, W], prefilled into
+            their cache rows in the same pass (`DecoderLM.decode_refill`; T = 1, a cache,
+            no hidden_index): the logits are then ([B, V], the prompts' last real
+            tokens' [G, V]).
         Returns:
           (logits, cache); cache is None when none was given.
         """
         c = self.config
         embed = nn.Embed(c.vocab_size, c.d_model, dtype=c.jnp_dtype, param_dtype=c.jnp_dtype,
                          embedding_init=nn.initializers.normal(0.02), name="embed")
+        if refill is not None:
+            tokens = _pack(tokens, refill_tokens)  # [1, B + G * W]
         x = embed(tokens)  # [B, T, D]
         if c.embed_scale:  # Gemma: sqrt(D), rounded to the model's dtype as transformers does
             x = x * jnp.asarray(math.sqrt(c.d_model), c.jnp_dtype)
@@ -428,11 +502,15 @@ class Decoder(nn.Module):
         new_k, new_v = [], []
         for i in range(c.n_layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            x, layer_cache = Block(c, i, name=f"layers_{i}")(x, positions, layer_cache, seq_len)
+            x, layer_cache = Block(c, i, name=f"layers_{i}")(x, positions, layer_cache, seq_len, refill)
             if cache is not None:
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])
-        if hidden_index is not None:
+        if refill is not None:  # each decode token, and each prompt's last real token: [B + G, D]
+            rows = positions.shape[0]
+            last = rows + jnp.arange(refill.rows.shape[0]) * refill.width + refill.lengths - 1
+            x = x[0, jnp.concatenate([jnp.arange(rows), last])]
+        elif hidden_index is not None:
             x = jnp.take_along_axis(x, hidden_index[:, None, None], axis=1)[:, 0]  # [B, D]
         x = RMSNorm(c.norm_eps, c.jnp_dtype, c.norm_plus_one, name="final_norm")(x)
         if c.tie_embeddings:
@@ -440,6 +518,10 @@ class Decoder(nn.Module):
         else:
             logits = _dense(c.vocab_size, "lm_head", c.jnp_dtype)(x).astype(jnp.float32)
         logits = softcap(logits, c.final_softcap)
+        if refill is not None:
+            rows = positions.shape[0]
+            decode = _nan_outside_cache(logits[:rows, None], positions, position_limit(c, cache))[:, 0]
+            return (decode, logits[rows:]), KVCache(tuple(new_k), tuple(new_v))
         if cache is not None:
             logits = _nan_outside_cache(logits, positions, position_limit(c, cache), hidden_index)
         return logits, (None if cache is None else KVCache(tuple(new_k), tuple(new_v)))
@@ -548,6 +630,37 @@ class DecoderLM:
         zeros = jax.tree.map(lambda c: jnp.zeros((tokens.shape[0],) + c.shape[1:], c.dtype), cache)
         logits, fresh = self.prefill(tokens, lengths, zeros)  # attends over P keys (see `prefill`)
         return logits, jax.tree.map(lambda c, f: c.at[rows].set(f, mode="drop"), cache, fresh)
+
+    def decode_refill(self, tokens: jax.Array, positions: jax.Array, prompts: jax.Array, lengths: jax.Array,
+                      rows: jax.Array, cache: KVCache):
+        """A decode step and G prompt prefills in one pass (`generate_many`'s refills): every
+        weight is read once for the step's B tokens and the prompts' G * W.
+
+        tokens, positions int32 [B] as `decode`; prompts int32 [G, W] (right-padded),
+        lengths [G], rows int32 [G] -> (logits [B, V], the prompts' logits at their last
+        real token [G, V], cache). A decode row at a position outside the cache (e.g. -1)
+        writes nothing and gets NaN logits; the other decode rows are exactly `decode`'s
+        (up to float rounding); a row that is refilled decodes nothing (NaN logits). Prompt
+        g is prefilled into cache row ``rows[g]`` as `prefill` writes a fresh row, at positions [0, W) of
+        a full-attention layer and over the whole ring of a sliding-window one; a
+        full-attention layer keeps the row's earlier entries past W (never attended: a
+        query at position t reads positions <= t, which the row's own tokens wrote
+        first). A row index outside [0, B) writes nothing.
+
+        Raises:
+          ValueError: W is longer than a full-attention layer's cache.
+        """
+        w = prompts.shape[1]
+        for i, k in enumerate(cache.k):
+            if self.config.layer_window(i) is None and w > k.shape[2]:
+                raise ValueError(f"decode_refill: prompts of width {w} do not fit layer {i}'s cache of "
+                                 f"{k.shape[2]} positions")
+        prompts = jnp.where(jnp.arange(w)[None, :] < lengths[:, None], prompts, 0)  # padding -> id 0 (`prefill`)
+        refilled = jnp.any(jnp.arange(tokens.shape[0])[:, None] == rows[None, :], axis=1)  # [B]
+        positions = jnp.where(refilled, -1, positions)  # a refilled row's decode entry writes nothing
+        (logits, prompt_logits), cache = self._apply(tokens[:, None], positions[:, None], cache,
+                                                     refill=Refill(lengths, rows, w), refill_tokens=prompts)
+        return logits, prompt_logits, cache
 
     def prefill_all(self, tokens: jax.Array, cache: KVCache, lengths: jax.Array | None = None):
         """Like `prefill` but returns the logits at every prompt position [B, P, V].

@@ -133,18 +133,23 @@ def test_no_recompile_for_new_prompts_or_chunks(lm):
     assert [f._cache_size() for f in programs] == sizes
 
 
-def test_refills_happen_inside_a_chunk(lm):
-    """Slots refill on device: 6 rows of exactly 8 tokens through 2 slots take 3 x 7 decode
-    steps (the ideal: index 0 comes from the prefill) in 2 round trips: the first chunk
-    hands back 4 rows (it ends once more than 2 = slots rows finished), the second the last 2."""
+@pytest.mark.parametrize("refill", ["decode_refill", "prefill"])
+def test_refills_happen_inside_a_chunk(lm, refill):
+    """Slots refill on device: 6 rows of exactly 8 tokens through 2 slots in 2 round trips:
+    the first chunk hands back 3 or 4 rows (it ends once more than 2 = slots rows
+    finished), the second the rest. With ``decode_refill`` (one admission a step, in the
+    step's pass) each row holds its slot for its 8 steps and the second slot starts a step
+    after the first: 25 steps. With prefills before the step (the fallback), index 0 comes
+    from the prefill: 3 x 7 = 21 steps, the ideal."""
+    model = lm if refill == "decode_refill" else _PrefillRefills(lm, V)
     tokens, lengths = prompts(15, b=6)
     kw = dict(max_new_tokens=8, sampler=js.default_chain(temperature=0.9), pad_id=258)
     want = js.generate(lm, tokens, lengths, row_keys(16, 6), **kw)
-    stream = js.generate_many_stream(lm, tokens, lengths, row_keys(16, 6), slots=2, chunk_size=64, **kw)
+    stream = js.generate_many_stream(model, tokens, lengths, row_keys(16, 6), slots=2, chunk_size=64, **kw)
     order = [c.index for c in stream]
-    assert (stream.steps, stream.chunks) == (21, 2)
-    assert order == [0, 1, 2, 3, 4, 5]  # admitted in order, each pair finishing together
-    got = js.generate_many(lm, tokens, lengths, row_keys(16, 6), slots=2, chunk_size=64, **kw)
+    assert (stream.steps, stream.chunks) == ((25, 2) if refill == "decode_refill" else (21, 2))
+    assert order == [0, 1, 2, 3, 4, 5]  # admitted in order, each pair finishing one after the other
+    got = js.generate_many(model, tokens, lengths, row_keys(16, 6), slots=2, chunk_size=64, **kw)
     assert_same(got, want)
 
 
@@ -174,31 +179,40 @@ def test_the_next_chunk_is_dispatched_before_a_chunk_is_read_back(lm, monkeypatc
     assert log == ["dispatch"] + ["dispatch", "read"] * stream.chunks
 
 
-def test_the_chunk_program_lowers_for_cuda(lm):
+@pytest.mark.parametrize("refill", ["decode_refill", "prefill"])
+def test_the_chunk_program_lowers_for_cuda(lm, refill):
     """The real GPU lowering of one chunk (`jax.export` for CUDA, run on CPU): refills at
-    two prompt widths (a switch), a top-p sampler, stop ids."""
+    two prompt widths (in the step's pass: a 0-or-1-trip loop per width; or prefilled
+    before it: a switch), a top-p sampler (a conditional), stop ids."""
+    model = lm if refill == "decode_refill" else _PrefillRefills(lm, V)
     tokens, lengths = prompts(4, b=5, p=20)
     kw = dict(slots=2, max_new_tokens=6, sampler=js.default_chain(temperature=0.8, top_p=0.9), stop_ids=STOPS,
               pad_id=258, cache_size=None, n=1, top_logprobs=0, prompt_logprobs=False, chunk_size=4,
               sample_fn=js.sample_step, return_stats=False, fn="generate_many")
-    inputs, sampling, limit, cfg = engine._prepare(lm, tokens, lengths, row_keys(0, 5), **kw)
+    inputs, sampling, limit, cfg = engine._prepare(model, tokens, lengths, row_keys(0, 5), **kw)
     assert cfg.widths == engine.prompt_widths(20) == (16, 20)
+    assert cfg.decode_refill == (refill == "decode_refill")
     req = engine._requests(inputs, sampling, limit)
     chunk = jax.jit(functools.partial(engine._chunk, cfg=cfg))
-    mlir = jax.export.export(chunk, platforms=["cuda"])(lm, engine._empty(lm, req, cfg), req).mlir_module()
+    mlir = jax.export.export(chunk, platforms=["cuda"])(model, engine._empty(model, req, cfg), req).mlir_module()
     assert "stablehlo.while" in mlir and "stablehlo.case" in mlir
 
 
-def test_rows_that_finish_at_their_first_token(lm):
-    """Limits of 1 finish at the refill itself: the refills stop once 4 such rows (2 * slots)
-    finished, one step runs, and the next chunk runs the rest."""
+@pytest.mark.parametrize("refill", ["decode_refill", "prefill"])
+def test_rows_that_finish_at_their_first_token(lm, refill):
+    """Limits of 1 finish at their first token. Prefilled before the step (the fallback),
+    the refills stop once 4 such rows (2 * slots) finished, one step runs, and the next
+    chunk runs the rest: 5 steps. With ``decode_refill`` each is admitted in a step of its
+    own beside the row of limit 6 (admitted first, longest limit first), which finishes
+    at step 6; the first chunk ends once 3 rows finished (after step 4)."""
+    model = lm if refill == "decode_refill" else _PrefillRefills(lm, V)
     tokens, lengths = prompts(17, b=6)
     limits = np.array([1, 1, 1, 1, 1, 6], np.int32)
     kw = dict(max_new_tokens=limits, sampler=js.default_chain(temperature=0.9), pad_id=258)
     want = js.generate(lm, tokens, lengths, row_keys(18, 6), **kw)
-    stream = js.generate_many_stream(lm, tokens, lengths, row_keys(18, 6), slots=2, chunk_size=64, **kw)
+    stream = js.generate_many_stream(model, tokens, lengths, row_keys(18, 6), slots=2, chunk_size=64, **kw)
     rows = {c.index: c for c in stream}
-    assert (stream.steps, stream.chunks) == (5, 2)
+    assert (stream.steps, stream.chunks) == ((6, 2) if refill == "decode_refill" else (5, 2))
     for r, c in rows.items():
         assert c.length == limits[r]
         np.testing.assert_array_equal(c.tokens, want.tokens[r])
@@ -253,28 +267,33 @@ def test_prompt_widths():
     assert engine.prompt_widths(2048) == (64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)  # >= P / 32
 
 
-def test_refills_at_their_prompt_width_give_generate_rows(lm):
+@pytest.mark.parametrize("refill", ["decode_refill", "prefill"])
+def test_refills_at_their_prompt_width_give_generate_rows(lm, refill):
     """Prompts of 3 to 40 tokens padded to 40: each refill prefills at its own width (16, 24,
-    32 or 40); tokens equal generate's on all the prompts at once, log-probs to rounding."""
+    32 or 40), in the decode step's pass (``decode_refill``) or before it (the fallback,
+    which prompt_logprobs needs); tokens equal generate's on all the prompts at once,
+    log-probs to rounding."""
     rng = np.random.default_rng(12)
     lengths = np.array([3, 40, 17, 9, 33, 16, 24], np.int32)
     tokens = rng.integers(0, 256, size=(7, 40)).astype(np.int32)
     tokens[np.arange(40)[None] >= lengths[:, None]] = 258
     k = row_keys(13, 7)
     kw = dict(max_new_tokens=10, sampler=js.default_chain(temperature=0.9, top_p=0.95), stop_ids=STOPS, pad_id=258,
-              prompt_logprobs=True)
+              prompt_logprobs=refill == "prefill")
     want = js.generate(lm, tokens, lengths, k, **kw)
     assert engine.prompt_widths(40) == (16, 24, 32, 40)
-    model = _WidthRecorder(lm, lm.vocab_size)
+    model = (_RefillWidthRecorder if refill == "decode_refill" else _WidthRecorder)(lm, lm.vocab_size)
     _WidthRecorder.widths.clear()
     got = js.generate_many(model, tokens, lengths, k, slots=3, **kw)
     assert_same(got, want)
-    np.testing.assert_allclose(got.prompt_logprobs, want.prompt_logprobs, atol=1e-5)
+    if refill == "prefill":
+        np.testing.assert_allclose(got.prompt_logprobs, want.prompt_logprobs, atol=1e-5)
     jax.effects_barrier()
     assert sorted(_WidthRecorder.widths) == sorted([16, 40, 24, 16, 40, 16, 24])  # each prompt's own bucket
 
 
-def test_prefill_widths_choose_the_refill_widths(lm):
+@pytest.mark.parametrize("recorder", ["_RefillWidthRecorder", "_WidthRecorder"])
+def test_prefill_widths_choose_the_refill_widths(lm, recorder):
     """``prefill_widths`` replaces the default widths (P = 40 is always the last): each
     prompt runs at the first that holds it; the tokens are generate's."""
     rng = np.random.default_rng(14)
@@ -284,7 +303,7 @@ def test_prefill_widths_choose_the_refill_widths(lm):
     k = row_keys(15, 7)
     kw = dict(max_new_tokens=6, sampler=js.default_chain(temperature=0.9), stop_ids=STOPS, pad_id=258)
     expected = js.generate(lm, tokens, lengths, k, **kw)
-    model = _WidthRecorder(lm, lm.vocab_size)
+    model = globals()[recorder](lm, lm.vocab_size)
     _WidthRecorder.widths.clear()
     got = js.generate_many(model, tokens, lengths, k, slots=3, prefill_widths=(20, 8, 20), **kw)
     assert_same(got, expected)
@@ -316,18 +335,35 @@ def test_prefill_widths_are_sorted_deduplicated_and_end_at_the_padded_width():
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class _WidthRecorder:
-    """A model that records, at run time, the width of every prompt pass that really runs."""
+class _PrefillRefills:
+    """`models.DecoderLM` without ``decode_refill``: `generate_many` falls back to refills
+    prefilled before the step (a fresh cache at the width bucket, its rows copied)."""
 
     lm: DecoderLM
     vocab_size: int = dataclasses.field(metadata=dict(static=True))
+
+    def init_cache(self, batch_size, max_len):
+        return self.lm.init_cache(batch_size, max_len)
+
+    def prefill(self, tokens, lengths, cache):
+        return self.lm.prefill(tokens, lengths, cache)
+
+    def prefill_all(self, tokens, cache, lengths=None):
+        return self.lm.prefill_all(tokens, cache, lengths=lengths)
+
+    def decode(self, tokens, positions, cache):
+        return self.lm.decode(tokens, positions, cache)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _WidthRecorder(_PrefillRefills):
+    """`_PrefillRefills` that records, at run time, the width of every prompt pass that really runs."""
+
     widths = []
 
     def _record(self, width):
         jax.debug.callback(lambda: _WidthRecorder.widths.append(width))
-
-    def init_cache(self, batch_size, max_len):
-        return self.lm.init_cache(batch_size, max_len)
 
     def prefill(self, tokens, lengths, cache):
         self._record(tokens.shape[1])
@@ -337,8 +373,15 @@ class _WidthRecorder:
         self._record(tokens.shape[1])
         return self.lm.prefill_all(tokens, cache, lengths=lengths)
 
-    def decode(self, tokens, positions, cache):
-        return self.lm.decode(tokens, positions, cache)
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class _RefillWidthRecorder(_WidthRecorder):
+    """`_WidthRecorder` with ``decode_refill``: refills run in the decode step's pass."""
+
+    def decode_refill(self, tokens, positions, prompts, lengths, rows, cache):
+        self._record(prompts.shape[1])
+        return self.lm.decode_refill(tokens, positions, prompts, lengths, rows, cache)
 
 
 def test_take_and_put_rows_follow_the_field_ranks():

@@ -4,7 +4,7 @@ Every decode loop of the library (`generate`, `generate_stream`, `speculative_ge
 `generate_many`; `beam_search` for its inputs) is built from these pieces:
 
 * :class:`LanguageModel`, the protocol the loops drive (``init_cache``, ``prefill``,
-  ``decode``; optionally ``prefill_all``, ``extend`` and ``prefill_into``);
+  ``decode``; optionally ``prefill_all``, ``extend``, ``decode_refill`` and ``prefill_into``);
 * :func:`prepare_prompts` / :func:`prepare_sampling`: validation and canonical dtypes of
   the inputs, done once on the host before tracing;
 * :func:`prefill_samples`: prefill with ``n`` samples per prompt (each prompt once, its
@@ -67,12 +67,20 @@ class LanguageModel(Protocol):
     * ``extend(tokens [B, T], positions [B], cache) -> (logits [B, T, V], cache)``: T
       tokens per row at consecutive positions, for speculative verification (fallback:
       T ``decode`` calls).
+    * ``decode_refill(tokens [B], positions [B], prompts [G, W], lengths [G], rows [G],
+      cache) -> (logits [B, V], prompt logits [G, V], cache)``: a decode step and G
+      prompt prefills into cache rows ``rows`` in one pass (the weights read once), for
+      `generate_many`'s slot refills: a decode row at a position outside the cache (-1)
+      and a refilled row write nothing of their decode entry; the prompt's logits are
+      at its last real token. The fallback (and the path with ``prompt_logprobs``) is a
+      prefill before the step, below.
     * ``prefill_into(tokens [R, P], lengths [R], rows [R], cache) -> (logits [R, V],
       cache)``: prefill R prompts into the given rows of an existing cache, leaving the
-      other rows untouched, for `generate_many`'s slot refills. With a cache whose every
-      leaf leads with the batch axis the engine does not need it for prompts longer than
-      16 tokens: it prefills a fresh cache of R rows at the prompt's width bucket and
-      copies the rows; otherwise it calls ``prefill_into`` at the padded width.
+      other rows untouched, for `generate_many`'s slot refills without
+      ``decode_refill``. With a cache whose every leaf leads with the batch axis the
+      engine does not need it for prompts longer than 16 tokens: it prefills a fresh
+      cache of R rows at the prompt's width bucket and copies the rows; otherwise it
+      calls ``prefill_into`` at the padded width.
     """
 
     vocab_size: int

@@ -5,16 +5,19 @@ takes the next prompt at once, inside the same jitted loop, without waiting for 
 others and without a trip to the host:
 
     device, one chunk (`_chunk`, a `lax.while_loop` of up to `chunk_size` steps):
-        fill:     admit the next request into every free slot   (`_admit`: prefill at the
-                                                                  prompt's width bucket into
-                                                                  the slot's cache rows,
-                                                                  sampler state from its own
-                                                                  prompt, generated index 0)
-        step:     one decode step of every slot                  (the shared `DecodeStep`)
-        harvest:  move every finished row into the chunk's       (`_harvest`: F = 3 * slots
-                  finished-rows buffer and free its slot          rows at most; the chunk
-                                                                  ends before it could overflow)
-        (fill, step, harvest, fill, step, harvest, ...: one fill in the program)
+      with model.decode_refill (`_admit_and_step`; every `models` decoder):
+        admit + step: the next request into a free slot (sampler state from its own
+                      prompt, generated index 0) and one decode step of every slot, in
+                      ONE model pass (`decode_refill`: the step's tokens and the prompt at
+                      its prefill width read the weights once); the pick samples the
+                      new row's first token with the others' next ones
+      without it (or with prompt_logprobs; `_fill` + the shared `DecodeStep`):
+        fill:         admit the next request into every free slot (`_admit`: a prefill
+                      at the prompt's width bucket copied into the slot's cache rows,
+                      its first token), then one decode step of every slot
+      then harvest:   move every finished row into the chunk's finished-rows buffer
+                      (F = 3 * slots rows at most; the chunk ends before it could
+                      overflow) and free its slot
     host: dispatch chunk k + 1, then read chunk k's finished rows back (the one
           device -> host transfer of a chunk, overlapped with chunk k + 1) and hand them out
 
@@ -24,16 +27,19 @@ chunks; it stops once a chunk reports every request done. Admitting the longest 
 shortens the tail where the last rows run in a batch of idle slots (on the engine
 benchmark 228 -> 205 steps for 8 slots, the ideal).
 
-Every slot runs `generate`'s own decode step (:class:`jaxsample._decoding.loop.DecodeStep`)
-at its own generated index and position, with its request's key, sampler values and
-limit, so a row's tokens are those `generate` gives it, whatever the schedule: its
+Every slot samples with `generate`'s own pick (:meth:`jaxsample._decoding.loop.DecodeStep.pick`:
+the sampler and the one emit rule) at its own generated index and position, with its
+request's key, sampler values and limit, so a row's tokens are those `generate` gives
+it, whatever the schedule: its
 randomness depends only on its key and generated index, and the model's rows are
 independent (attention masks every other position exactly). Its logits agree with
 `generate`'s to float32 rounding, not bit for bit: XLA rounds a matmul row differently
 with the number of rows (docs/engine.md).
 
 A refill prefills its prompt at the first of its prefill widths (``prefill_widths``,
-by default `prompt_widths(P)`) that holds it (one `lax.switch` branch per width), so a
+by default `prompt_widths(P)`) that holds it (one model pass per width in the program,
+only the chosen one runs: a 0-or-1-trip `lax.while_loop` each with ``decode_refill``,
+which updates the slots' cache in place, a `lax.switch` on a fresh cache without), so a
 short prompt in a batch padded for a long one costs what its own length needs. Shapes
 are fixed by (slots, P, N): admitting a new prompt, a new chunk or a new call with
 prompts of the same padded shape never recompiles (two programs: the empty slots and the
@@ -150,6 +156,7 @@ class _Config:
     return_stats: bool
     sample_fn: Callable
     widths: tuple[int, ...]  #: the prefill widths of a refill, ascending, P last ((P,) without buckets)
+    decode_refill: bool = False  #: refills run in the decode step's pass (``model.decode_refill``)
 
     @property
     def finished_rows(self) -> int:
@@ -308,6 +315,62 @@ def _fill(model, slots: _Slots, fin: _Finished, req: _Requests, cfg: _Config) ->
     return jax.lax.while_loop(can, admit_one, (slots, fin))
 
 
+def _run_if(pred: Array, fn: Callable, carry):
+    """``fn(carry)`` where ``pred`` holds, else ``carry``: a `lax.while_loop` of 0 or 1 trips,
+    whose carry (the slots' cache) XLA updates in place, where a `lax.cond` would copy it."""
+    return jax.lax.while_loop(lambda c: c[0], lambda c: (jnp.asarray(False), fn(c[1])), (pred, carry))[1]
+
+
+def _admit_and_step(model, slots: _Slots, fin: _Finished, req: _Requests,
+                    cfg: _Config) -> tuple[_Slots, _Finished, Array]:
+    """One decode step of every slot that also admits the next request into a free slot,
+    in one pass of the model (``model.decode_refill``: its prompt at its prefill width and
+    the step's tokens read the weights once), then the harvest.
+
+    The admitted row's sampler state comes from its own prompt and its generated index is
+    0: the step's pick samples its first token from the prompt's logits, the other rows'
+    next tokens from theirs. Rows that are done (free slots, the admitted one) decode at
+    position -1, which writes nothing into their cache rows (a slot row holds only keys
+    its occupants' real tokens wrote). At most one request is admitted a step; one that
+    waits for the next step leaves its slot idle for that step. Returns (slots, fin,
+    whether any slot was live in the step)."""
+    free = slots.owner < 0
+    admit = jnp.any(free) & (slots.next < cfg.rows) & (fin.count < 2 * cfg.slots)
+    at = jnp.where(admit, jnp.argmax(free), cfg.slots).reshape(1)  # S (no slot): every write below is dropped
+    r = jnp.reshape(req.order[jnp.minimum(slots.next, cfg.rows - 1)], (1,))
+    tokens = jnp.take(req.tokens, r // cfg.n, axis=0)  # [1, P]
+    lengths = jnp.take(req.lengths, r // cfg.n, axis=0)  # [1]
+    row_sampler = take_rows(req.sampler, r, cfg.rows)
+    state = init_state(row_sampler, tokens, lengths, model.vocab_size, max_new_tokens=cfg.max_new_tokens)
+    put = lambda dst, src: dst.at[at].set(src.astype(dst.dtype), mode="drop")
+    s = jax.tree.map(put, slots.state._replace(cache=()), initial_state((), state, lengths, req.pad_id))
+    outputs = jax.tree.map(put, slots.outputs, Outputs.empty(1, cfg.max_new_tokens, req.pad_id,
+                                                             top_logprobs=cfg.top_logprobs,
+                                                             return_stats=cfg.return_stats))
+    slots = _Slots(s._replace(cache=slots.state.cache), outputs, put(slots.keys, req.keys[r]),
+                   put(slots.limit, req.limit[r]), None, put_rows(slots.sampler, at, row_sampler, cfg.slots),
+                   put(slots.owner, r), slots.next + admit.astype(jnp.int32))
+    s = slots.state
+    positions = jnp.where(s.done | (jnp.arange(cfg.slots) == at[0]), -1, s.position)
+
+    # one model pass: decode + the prompt at the first width that holds it, or decode alone
+    width = jnp.minimum(jnp.searchsorted(jnp.asarray(cfg.widths), lengths[0]), len(cfg.widths) - 1)
+    branch = jnp.where(admit, width, len(cfg.widths))
+    carry = (jnp.zeros((cfg.slots, model.vocab_size), jnp.float32), s.cache)
+    for j, w in enumerate(cfg.widths):
+        def refill(c, w=w):
+            logits, first, cache = model.decode_refill(s.token, positions, tokens[:, :w], lengths, at, c[1])
+            return jnp.where((jnp.arange(cfg.slots) == at[0])[:, None], first, logits), cache
+        carry = _run_if(branch == j, refill, carry)
+    carry = _run_if(branch == len(cfg.widths), lambda c: model.decode(s.token, positions, c[1]), carry)
+    logits, cache = carry
+
+    step = DecodeStep(model, slots.sampler, slots.keys, req.stops, req.pad_id, slots.limit, cfg.sample_fn,
+                      cfg.top_logprobs, cfg.return_stats)
+    s, outputs = step.pick(logits, s._replace(cache=cache), slots.outputs)
+    return *_harvest(slots._replace(state=s, outputs=outputs), fin, cfg), jnp.any(slots.owner >= 0)
+
+
 def _chunk(model, slots: _Slots, req: _Requests, *, cfg: _Config) -> tuple[_Slots, _Finished, Array, Array]:
     """Up to ``cfg.chunk_size`` decode steps of every slot, refilling a slot as soon as its
     row finishes: (slots, the rows finished, steps run, whether every request is done).
@@ -332,6 +395,9 @@ def _chunk(model, slots: _Slots, req: _Requests, *, cfg: _Config) -> tuple[_Slot
 
     def body(carry):
         i, steps, slots, fin = carry
+        if cfg.decode_refill:
+            slots, fin, live = _admit_and_step(model, slots, fin, req, cfg)
+            return i + 1, steps + live.astype(jnp.int32), slots, fin
         slots, fin = _fill(model, slots, fin, req, cfg)
         step = DecodeStep(model, slots.sampler, slots.keys, req.stops, req.pad_id, slots.limit, cfg.sample_fn,
                           cfg.top_logprobs, cfg.return_stats)
@@ -400,14 +466,15 @@ def _prepare(model, prompt_tokens, prompt_lengths, keys, *, slots, max_new_token
                       prompt_len=int(prompts.tokens.shape[1]), prompt_logprobs=sampling.prompt_logprobs,
                       extra_bytes=finished, memory_limit=memory_limit)
     batch_leading = core.batch_leading_cache(model, 1, min(slots, rows), prompts.cache_size)
+    merged = callable(getattr(model, "decode_refill", None)) and not sampling.prompt_logprobs
     if sampling.prompt_logprobs and not batch_leading:
         raise ValueError(f"{fn}: prompt_logprobs=True refills a slot by copying a prefilled cache's rows: "
                          f"{type(model).__name__}'s cache needs every leaf to lead with the batch axis")
-    if len(widths) > 1 and prefill_widths is not None and not batch_leading:
+    if len(widths) > 1 and prefill_widths is not None and not (batch_leading or merged):
         raise ValueError(f"{fn}: prefill_widths={prefill_widths!r} refills at a width by copying a prefilled "
                          f"cache's rows: {type(model).__name__}'s cache needs every leaf to lead with the batch "
                          f"axis (its refills run at the padded width {widths[-1]}: pass prefill_widths=None)")
-    if not callable(getattr(model, "prefill_into", None)) and not batch_leading:
+    if not (merged or callable(getattr(model, "prefill_into", None)) or batch_leading):
         raise ValueError(f"{fn}: refilling a slot writes a prefilled cache into that slot's rows: "
                          f"{type(model).__name__} needs prefill_into(tokens, lengths, rows, cache), or a cache "
                          f"whose every leaf leads with the batch axis")
@@ -415,7 +482,7 @@ def _prepare(model, prompt_tokens, prompt_lengths, keys, *, slots, max_new_token
                   prompt_len=int(prompts.tokens.shape[1]), cache_size=prompts.cache_size, chunk_size=chunk_size,
                   top_logprobs=sampling.top_logprobs, prompt_logprobs=sampling.prompt_logprobs,
                   return_stats=bool(return_stats), sample_fn=sample_fn,
-                  widths=widths if batch_leading else widths[-1:])
+                  widths=widths if batch_leading or merged else widths[-1:], decode_refill=merged)
     return prompts, sampling, limit, cfg
 
 
@@ -527,10 +594,13 @@ def generate_many(model: LanguageModel, prompt_tokens: Any, prompt_lengths: Any,
     row differently with the batch shape; docs/engine.md).
 
     Args:
-      model: a `LanguageModel`. When every cache leaf leads with the batch axis and the
-        prompts are padded past 16 tokens, a refill prefills a fresh cache at its prompt's
-        width bucket and copies its rows into the slot; otherwise it uses the model's
-        optional ``prefill_into(tokens, lengths, rows, cache)`` at the padded width (with
+      model: a `LanguageModel`. With the optional ``decode_refill`` (every `models`
+        decoder has it) a refill runs in the decode step's model pass, at its prompt's
+        width, one admission a step. Without it, or with ``prompt_logprobs``, a refill is
+        a prefill before the step: when every cache leaf leads with the batch axis and
+        the prompts are padded past 16 tokens, of a fresh cache at its prompt's width
+        bucket whose rows are copied into the slot; otherwise the model's optional
+        ``prefill_into(tokens, lengths, rows, cache)`` at the padded width (with
         ``prompt_logprobs``, which ``prefill_into`` does not give, the cache must lead
         with the batch axis).
       prompt_tokens, prompt_lengths, keys, sampler, stop_ids, pad_id, cache_size, n,
@@ -546,8 +616,8 @@ def generate_many(model: LanguageModel, prompt_tokens: Any, prompt_lengths: Any,
       prefill_widths: the prompt widths a refill may prefill at, static (as JetStream's
         prefill lengths): a refill runs at the first that holds its prompt, and the padded
         width P is always the last (widths at or above P are not needed; widths below it
-        need a cache whose every leaf leads with the batch axis). Each width is a
-        prefill in the chunk program: fewer compile faster, and cost short prompts more
+        need ``decode_refill`` or a cache whose every leaf leads with the batch axis). Each
+        width is a model pass in the chunk program: fewer compile faster, and cost short prompts more
         positions; ``()`` refills every prompt at P. None (the default): `prompt_widths(P)`,
         the powers of two from 16 and the midpoints between them (docs/engine.md).
 
