@@ -336,21 +336,25 @@ def _admit_and_step(model, slots: _Slots, fin: _Finished, req: _Requests,
     whether any slot was live in the step)."""
     free = slots.owner < 0
     admit = jnp.any(free) & (slots.next < cfg.rows) & (fin.count < 2 * cfg.slots)
-    at = jnp.where(admit, jnp.argmax(free), cfg.slots).reshape(1)  # S (no slot): every write below is dropped
+    at = jnp.where(admit, jnp.argmax(free), cfg.slots).reshape(1)  # S (no slot): nothing is admitted
     r = jnp.reshape(req.order[jnp.minimum(slots.next, cfg.rows - 1)], (1,))
     tokens = jnp.take(req.tokens, r // cfg.n, axis=0)  # [1, P]
     lengths = jnp.take(req.lengths, r // cfg.n, axis=0)  # [1]
-    row_sampler = take_rows(req.sampler, r, cfg.rows)
-    state = init_state(row_sampler, tokens, lengths, model.vocab_size, max_new_tokens=cfg.max_new_tokens)
-    put = lambda dst, src: dst.at[at].set(src.astype(dst.dtype), mode="drop")
-    s = jax.tree.map(put, slots.state._replace(cache=()), initial_state((), state, lengths, req.pad_id))
-    outputs = jax.tree.map(put, slots.outputs, Outputs.empty(1, cfg.max_new_tokens, req.pad_id,
-                                                             top_logprobs=cfg.top_logprobs,
-                                                             return_stats=cfg.return_stats))
-    slots = _Slots(s._replace(cache=slots.state.cache), outputs, put(slots.keys, req.keys[r]),
-                   put(slots.limit, req.limit[r]), None, put_rows(slots.sampler, at, row_sampler, cfg.slots),
-                   put(slots.owner, r), slots.next + admit.astype(jnp.int32))
-    s = slots.state
+
+    def take_slot(slots: _Slots) -> _Slots:  # request r into slot `at` (run only when admitting)
+        row_sampler = take_rows(req.sampler, r, cfg.rows)
+        state = init_state(row_sampler, tokens, lengths, model.vocab_size, max_new_tokens=cfg.max_new_tokens)
+        put = lambda dst, src: dst.at[at].set(src.astype(dst.dtype), mode="drop")
+        empty = Outputs.empty(1, cfg.max_new_tokens, req.pad_id, top_logprobs=cfg.top_logprobs,
+                              return_stats=cfg.return_stats)
+        return _Slots(jax.tree.map(put, slots.state, initial_state((), state, lengths, req.pad_id)),
+                      jax.tree.map(put, slots.outputs, empty), put(slots.keys, req.keys[r]),
+                      put(slots.limit, req.limit[r]), None, put_rows(slots.sampler, at, row_sampler, cfg.slots),
+                      put(slots.owner, r), slots.next + 1)
+
+    cache = slots.state.cache
+    slots = _run_if(admit, take_slot, slots._replace(state=slots.state._replace(cache=())))
+    s = slots.state._replace(cache=cache)
     positions = jnp.where(s.done | (jnp.arange(cfg.slots) == at[0]), -1, s.position)
 
     # one model pass: decode + the prompt at the first width that holds it, or decode alone
