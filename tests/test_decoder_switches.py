@@ -117,13 +117,13 @@ def test_decode_refill_is_a_decode_step_and_a_prefill_in_one_pass(changes):
     and its row then decodes as a freshly prefilled one (the row's earlier entries, from
     a previous occupant, are never read); a row at position -1 writes nothing."""
     lm = _lm(**changes)
-    cache = lm.init_cache(4, 40)
+    cache = lm.init_cache(4, 160)  # > 128: decode attention walks blocks (attend_filled)
     _, cache = jax.jit(lm.prefill)(_tokens(4, 30, seed=4), jnp.array([30, 26, 20, 7], jnp.int32), cache)  # occupied
     tokens, positions = _tokens(4, 1, seed=7)[:, 0], jnp.array([30, 26, -1, 7], jnp.int32)
     prompt, length, row = _tokens(1, 16, seed=5), jnp.array([9], jnp.int32), jnp.array([1], jnp.int32)
     logits, first, new = jax.jit(lm.decode_refill)(tokens, positions, prompt, length, row, cache)
     ref_logits, ref = jax.jit(lm.decode)(tokens, positions.at[1].set(-1), cache)
-    ref_first, fresh = jax.jit(lm.prefill)(prompt, length, lm.init_cache(1, 40))
+    ref_first, fresh = jax.jit(lm.prefill)(prompt, length, lm.init_cache(1, 160))
     np.testing.assert_allclose(np.asarray(logits)[[0, 3]], np.asarray(ref_logits)[[0, 3]], atol=2e-5, rtol=0)
     assert np.isnan(np.asarray(logits)[[1, 2]]).all()  # the refilled row and the row at -1 decode nothing
     np.testing.assert_allclose(np.asarray(first), np.asarray(ref_first), atol=2e-5, rtol=0)
@@ -138,8 +138,8 @@ def test_decode_refill_is_a_decode_step_and_a_prefill_in_one_pass(changes):
         token = jnp.argmax(want, axis=-1).astype(jnp.int32)
     if "sliding_window_layers" not in changes and "sliding_window" in changes:
         return  # every layer a ring: any width fits
-    with pytest.raises(ValueError, match=r"decode_refill: prompts of width 41 do not fit layer [01]'s cache of 40 positions"):
-        lm.decode_refill(tokens, positions, _tokens(1, 41), length, row, cache)
+    with pytest.raises(ValueError, match=r"decode_refill: prompts of width 161 do not fit layer [01]'s cache of 160 positions"):
+        lm.decode_refill(tokens, positions, _tokens(1, 161), length, row, cache)
 
 
 def test_generate_many_with_ring_and_moe_equals_generate():

@@ -72,8 +72,10 @@ class LanguageModel(Protocol):
       prompt prefills into cache rows ``rows`` in one pass (the weights read once), for
       `generate_many`'s slot refills: a decode row at a position outside the cache (-1)
       and a refilled row write nothing of their decode entry; the prompt's logits are
-      at its last real token. The fallback (and the path with ``prompt_logprobs``) is a
-      prefill before the step, below.
+      at its last real token; a refilled row must then decode as a freshly prefilled
+      one (every key it reads written by its own prompt or steps). With it the engine
+      also calls ``decode`` at position -1 for free slots (nothing may be written). The
+      fallback (and the path with ``prompt_logprobs``) is a prefill before the step, below.
     * ``prefill_into(tokens [R, P], lengths [R], rows [R], cache) -> (logits [R, V],
       cache)``: prefill R prompts into the given rows of an existing cache, leaving the
       other rows untouched, for `generate_many`'s slot refills without

@@ -25,7 +25,7 @@ Requests are admitted longest limit first (per-row `max_new_tokens`; equal limit
 input order), by a device counter over that order, so the host supplies nothing between
 chunks; it stops once a chunk reports every request done. Admitting the longest first
 shortens the tail where the last rows run in a batch of idle slots (on the engine
-benchmark 228 -> 205 steps for 8 slots, the ideal).
+benchmark 228 -> 205 steps for 8 slots with prefills before the step, the ideal).
 
 Every slot samples with `generate`'s own pick (:meth:`jaxsample._decoding.loop.DecodeStep.pick`:
 the sampler and the one emit rule) at its own generated index and position, with its
@@ -330,8 +330,8 @@ def _admit_and_step(model, slots: _Slots, fin: _Finished, req: _Requests,
     The admitted row's sampler state comes from its own prompt and its generated index is
     0: the step's pick samples its first token from the prompt's logits, the other rows'
     next tokens from theirs. Rows that are done (free slots, the admitted one) decode at
-    position -1, which writes nothing into their cache rows (a slot row holds only keys
-    its occupants' real tokens wrote). At most one request is admitted a step; one that
+    position -1, which writes nothing into their cache rows (every key a query of a slot
+    reads was written by that slot's current occupant: its prompt's pass, then its steps). At most one request is admitted a step; one that
     waits for the next step leaves its slot idle for that step. Returns (slots, fin,
     whether any slot was live in the step)."""
     free = slots.owner < 0
@@ -364,9 +364,14 @@ def _admit_and_step(model, slots: _Slots, fin: _Finished, req: _Requests,
     for j, w in enumerate(cfg.widths):
         def refill(c, w=w):
             logits, first, cache = model.decode_refill(s.token, positions, tokens[:, :w], lengths, at, c[1])
-            return jnp.where((jnp.arange(cfg.slots) == at[0])[:, None], first, logits), cache
+            logits = jnp.where((jnp.arange(cfg.slots) == at[0])[:, None], first, logits)
+            return logits.astype(jnp.float32), cache
+
+        def decode(c):
+            logits, cache = model.decode(s.token, positions, c[1])
+            return logits.astype(jnp.float32), cache
         carry = _run_if(branch == j, refill, carry)
-    carry = _run_if(branch == len(cfg.widths), lambda c: model.decode(s.token, positions, c[1]), carry)
+    carry = _run_if(branch == len(cfg.widths), decode, carry)
     logits, cache = carry
 
     step = DecodeStep(model, slots.sampler, slots.keys, req.stops, req.pad_id, slots.limit, cfg.sample_fn,
@@ -379,10 +384,12 @@ def _chunk(model, slots: _Slots, req: _Requests, *, cfg: _Config) -> tuple[_Slot
     """Up to ``cfg.chunk_size`` decode steps of every slot, refilling a slot as soon as its
     row finishes: (slots, the rows finished, steps run, whether every request is done).
 
-    Each iteration fills the free slots, then steps (the refill is traced once: one copy
-    of the prefill branches in the program). The chunk stops early when no request is
-    left to run, or once more than S rows finished in it: the refills stop at 2S, a step
-    finishes S at most, so the buffer of F = 3S rows never overflows."""
+    Each iteration is one step: with ``decode_refill``, admit at most one request and
+    step every slot in one model pass (`_admit_and_step`); otherwise fill the free slots,
+    then step (the refill is traced once: one copy of the prefill branches in the
+    program). The chunk stops early when no request is left to run, or once more than S
+    rows finished in it: refills stop at 2S finished rows, a step finishes S at most, so
+    the buffer of F = 3S rows never overflows."""
     f = cfg.finished_rows
     empty = Outputs.empty(f, cfg.max_new_tokens, req.pad_id, top_logprobs=cfg.top_logprobs,
                           return_stats=cfg.return_stats)
