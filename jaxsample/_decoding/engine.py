@@ -218,6 +218,11 @@ def prefill_widths_for(prefill_widths: Sequence[int] | None, prompt_len: int) ->
     return tuple(sorted(w for w in widths if w < prompt_len)) + (prompt_len,)
 
 
+def _width_index(widths: tuple[int, ...], lengths: Array) -> Array:
+    """The index of the first of ``widths`` (ascending, P last) that holds every prompt of ``lengths``."""
+    return jnp.minimum(jnp.searchsorted(jnp.asarray(widths), jnp.max(lengths)), len(widths) - 1)
+
+
 def _prefill_bucketed(model, tokens, lengths, rows, cache, cache_size, prompt_logprobs, widths):
     """`_prefill_rows` of G prompts [G, P], at the first of ``widths`` (ascending, P last)
     that holds the longest (a traced choice: one program holds every width, only the
@@ -239,8 +244,7 @@ def _prefill_bucketed(model, tokens, lengths, rows, cache, cache_size, prompt_lo
             return logits, fresh, prompt_lp
         return run
 
-    width = jnp.minimum(jnp.searchsorted(jnp.asarray(widths), jnp.max(lengths)), len(widths) - 1)
-    logits, fresh, prompt_lp = jax.lax.switch(width, [at(w) for w in widths])
+    logits, fresh, prompt_lp = jax.lax.switch(_width_index(widths, lengths), [at(w) for w in widths])
     return logits, _copy_rows(cache, fresh, rows), prompt_lp
 
 
@@ -277,10 +281,20 @@ def _admit(model, slots: _Slots, req: _Requests, slot: Array, cfg: _Config) -> _
     s, out = step.pick(logits, initial_state((), state, lengths, req.pad_id),
                        Outputs.empty(1, cfg.max_new_tokens, req.pad_id, top_logprobs=cfg.top_logprobs,
                                      return_stats=cfg.return_stats))
+    seated = _seat(slots._replace(state=slots.state._replace(cache=())), req, r, at, s._replace(cache=()), out,
+                   prompt_lp, row_sampler, cfg)
+    return seated._replace(state=seated.state._replace(cache=cache))
+
+
+def _seat(slots: _Slots, req: _Requests, r: Array, at: Array, state: DecodeState, outputs: Outputs,
+          prompt_lp: Array | None, row_sampler: Chain, cfg: _Config) -> _Slots:
+    """``slots`` (its state without the cache) with request ``r`` [1] in slot ``at`` [1]: its
+    carry ``state`` and ``outputs`` (1 row each), key, limit, prompt log-probs, sampler
+    values and owner; one more request admitted."""
     put = lambda dst, src: dst.at[at].set(src.astype(dst.dtype), mode="drop")
-    new_state = jax.tree.map(put, slots.state._replace(cache=()), s._replace(cache=()))._replace(cache=cache)
-    return _Slots(new_state, jax.tree.map(put, slots.outputs, out), put(slots.keys, req.keys[r]),
-                  put(slots.limit, req.limit[r]), None if prompt_lp is None else put(slots.prompt_logprobs, prompt_lp),
+    return _Slots(jax.tree.map(put, slots.state, state), jax.tree.map(put, slots.outputs, outputs),
+                  put(slots.keys, req.keys[r]), put(slots.limit, req.limit[r]),
+                  None if prompt_lp is None else put(slots.prompt_logprobs, prompt_lp),
                   put_rows(slots.sampler, at, row_sampler, cfg.slots), put(slots.owner, r), slots.next + 1)
 
 
@@ -331,8 +345,9 @@ def _admit_and_step(model, slots: _Slots, fin: _Finished, req: _Requests,
     0: the step's pick samples its first token from the prompt's logits, the other rows'
     next tokens from theirs. Rows that are done (free slots, the admitted one) decode at
     position -1, which writes nothing into their cache rows (every key a query of a slot
-    reads was written by that slot's current occupant: its prompt's pass, then its steps). At most one request is admitted a step; one that
-    waits for the next step leaves its slot idle for that step. Returns (slots, fin,
+    reads was written by that slot's current occupant: its prompt's pass, then its
+    steps). At most one request is admitted a step; one that waits for the next step
+    leaves its slot idle for that step. Returns (slots, fin,
     whether any slot was live in the step)."""
     free = slots.owner < 0
     admit = jnp.any(free) & (slots.next < cfg.rows) & (fin.count < 2 * cfg.slots)
@@ -344,13 +359,9 @@ def _admit_and_step(model, slots: _Slots, fin: _Finished, req: _Requests,
     def take_slot(slots: _Slots) -> _Slots:  # request r into slot `at` (run only when admitting)
         row_sampler = take_rows(req.sampler, r, cfg.rows)
         state = init_state(row_sampler, tokens, lengths, model.vocab_size, max_new_tokens=cfg.max_new_tokens)
-        put = lambda dst, src: dst.at[at].set(src.astype(dst.dtype), mode="drop")
         empty = Outputs.empty(1, cfg.max_new_tokens, req.pad_id, top_logprobs=cfg.top_logprobs,
                               return_stats=cfg.return_stats)
-        return _Slots(jax.tree.map(put, slots.state, initial_state((), state, lengths, req.pad_id)),
-                      jax.tree.map(put, slots.outputs, empty), put(slots.keys, req.keys[r]),
-                      put(slots.limit, req.limit[r]), None, put_rows(slots.sampler, at, row_sampler, cfg.slots),
-                      put(slots.owner, r), slots.next + 1)
+        return _seat(slots, req, r, at, initial_state((), state, lengths, req.pad_id), empty, None, row_sampler, cfg)
 
     cache = slots.state.cache
     slots = _run_if(admit, take_slot, slots._replace(state=slots.state._replace(cache=())))
@@ -358,19 +369,18 @@ def _admit_and_step(model, slots: _Slots, fin: _Finished, req: _Requests,
     positions = jnp.where(s.done | (jnp.arange(cfg.slots) == at[0]), -1, s.position)
 
     # one model pass: decode + the prompt at the first width that holds it, or decode alone
-    width = jnp.minimum(jnp.searchsorted(jnp.asarray(cfg.widths), lengths[0]), len(cfg.widths) - 1)
-    branch = jnp.where(admit, width, len(cfg.widths))
+    branch = jnp.where(admit, _width_index(cfg.widths, lengths), len(cfg.widths))
     carry = (jnp.zeros((cfg.slots, model.vocab_size), jnp.float32), s.cache)
     for j, w in enumerate(cfg.widths):
         def refill(c, w=w):
             logits, first, cache = model.decode_refill(s.token, positions, tokens[:, :w], lengths, at, c[1])
             logits = jnp.where((jnp.arange(cfg.slots) == at[0])[:, None], first, logits)
             return logits.astype(jnp.float32), cache
-
-        def decode(c):
-            logits, cache = model.decode(s.token, positions, c[1])
-            return logits.astype(jnp.float32), cache
         carry = _run_if(branch == j, refill, carry)
+
+    def decode(c):
+        logits, cache = model.decode(s.token, positions, c[1])
+        return logits.astype(jnp.float32), cache
     carry = _run_if(branch == len(cfg.widths), decode, carry)
     logits, cache = carry
 
